@@ -1,0 +1,177 @@
+"""Plain PyTorch attention with statistics and edits: the meaning of ``spec.py`` in code.
+
+``attend_block`` handles one block of queries against one slice of keys and is written to be read,
+not to be fast: it materialises the block's probabilities ``[batch, head, query, key]``.
+``attention`` calls it once for all queries (the eager reference the tests hold every fast path
+to); ``chunked.attention`` calls it per query block so no N×N matrix exists for all heads at once.
+Everything here is differentiable, so gates and offsets can be trained through it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .spec import LayerEdits, Redistribution, Span, StatRequest
+
+
+def _span_mask(pos: torch.Tensor, spans: tuple[Span, ...]) -> torch.Tensor:
+    """pos [B, Kb] int64 positions -> [B, Kb] bool, True where pos falls in any half-open span."""
+    m = torch.zeros_like(pos, dtype=torch.bool)
+    for a, b in spans:
+        m |= (pos >= a) & (pos < b)
+    return m
+
+
+def _redistribute(p: torch.Tensor, r: Redistribution, key_pos: torch.Tensor) -> torch.Tensor:
+    """Apply one ``Redistribution`` (ACT / VAR) to probabilities p [B, H, Qb, Kb]."""
+    src = _span_mask(key_pos, r.source)[:, None, None, :]                      # [B, 1, 1, Kb]
+    tgt = (_span_mask(key_pos, r.target)[:, None, None, :] if r.target is not None
+           else torch.ones_like(src))
+    heads = list(r.heads)
+    ph = p[:, heads]                                                             # [B, h, Qb, Kb]
+    m_src = (ph * src).sum(-1, keepdim=True)                                     # [B, h, Qb, 1]
+    rest = tgt & ~src
+    m_rest = (ph * rest).sum(-1, keepdim=True)
+    freed = (1.0 - r.factor) * m_src
+    gain = torch.where(m_rest > 0, freed / m_rest.clamp_min(1e-30), torch.zeros_like(m_rest))
+    new = torch.where(src, ph * r.factor, torch.where(rest, ph * (1.0 + gain), ph))
+    keep = m_rest > 0                                                            # [B, h, Qb, 1]
+    if r.max_ratio is not None:                                                  # VAR row rule
+        m_tgt = (ph * tgt).sum(-1, keepdim=True)
+        m_src_in_tgt = (ph * (src & tgt)).sum(-1, keepdim=True)
+        ratio = m_src_in_tgt / m_tgt.clamp_min(1e-30)
+        keep = keep & (ratio <= r.max_ratio) & (m_tgt >= r.min_target)
+    new = torch.where(keep, new, ph)
+    out = p.clone()
+    out[:, heads] = new
+    return out
+
+
+def visibility(q_idx: torch.Tensor, k_idx: torch.Tensor, *, causal: bool, sliding_window: int | None,
+               key_padding: torch.Tensor | None) -> torch.Tensor:
+    """Which keys each query may see. q_idx [Qb], k_idx [Kb] cache indices -> [B or 1, Qb, Kb] bool.
+    Causal: s <= t. Sliding window (HF convention): t - s < window. Padding: key_padding[b, s]."""
+    diff = q_idx[:, None] - k_idx[None, :]                                       # [Qb, Kb] = t - s
+    vis = torch.ones_like(diff, dtype=torch.bool)
+    if causal:
+        vis &= diff >= 0
+    if sliding_window is not None:
+        vis &= diff < sliding_window
+    vis = vis[None]
+    if key_padding is not None:
+        vis = vis & key_padding[:, None, :].bool()
+    return vis
+
+
+def attend_block(q, k, v, *, scaling: float, q_start: int, k_start: int, causal: bool = True,
+                 sliding_window: int | None = None, key_padding: torch.Tensor | None = None,
+                 softcap: float | None = None, key_pos0: torch.Tensor | None = None,
+                 stats: StatRequest | None = None, edits: LayerEdits | None = None,
+                 want_probs: bool = False, score_hook=None, pattern_hook=None):
+    """One block of queries against one slice of keys.
+
+    q [B, H, Qb, d] are the queries at cache indices q_start..q_start+Qb; k, v [B, G, Kb, d] the keys
+    at cache indices k_start..k_start+Kb (G divides H: query head h reads KV head h // (H // G)).
+    ``key_padding`` [B, Kb] (True = real token) covers the same slice. ``key_pos0`` [B]: position of
+    cache index 0. ``score_hook`` / ``pattern_hook`` may replace the scores / probabilities.
+
+    Returns (out [B, H, Qb, d] in q's dtype, row_stats dict, column dict, probs or None), where
+    column dict holds the block's ``received_sum`` [B, H, Kb] and ``received_count`` [B, Kb].
+    """
+    B, H, Qb, d = q.shape
+    G, Kb = k.shape[1], k.shape[2]
+    r = H // G
+    dev = q.device
+    if key_pos0 is None:
+        key_pos0 = torch.zeros(B, dtype=torch.long, device=dev)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    if edits is not None and edits.q_scale is not None:
+        qf = qf * edits.q_scale.float().view(1, H, 1, 1)
+
+    # scores [B, H, Qb, Kb]; query heads grouped over their KV head (GQA)
+    s = torch.matmul(qf.reshape(B, G, r * Qb, d), kf.transpose(-1, -2)).view(B, H, Qb, Kb) * scaling
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    q_idx = torch.arange(q_start, q_start + Qb, device=dev)
+    k_idx = torch.arange(k_start, k_start + Kb, device=dev)
+    vis = visibility(q_idx, k_idx, causal=causal, sliding_window=sliding_window,
+                     key_padding=key_padding)[:, None]                            # [B|1, 1, Qb, Kb]
+    s = s.masked_fill(~vis, float("-inf"))
+    if score_hook is not None:
+        s = score_hook(s)
+    lse = torch.logsumexp(s, dim=-1)                                             # [B, H, Qb]
+    finite = torch.isfinite(lse)
+    p = torch.where(finite[..., None], torch.exp(s - torch.where(finite, lse, 0.0)[..., None]), 0.0)
+
+    key_pos = key_pos0[:, None] + k_idx[None, :]                                 # [B, Kb] positions s
+    if edits is not None:
+        for red in edits.redistributions:
+            p = _redistribute(p, red, key_pos)
+    if pattern_hook is not None:
+        p = pattern_hook(p)
+
+    # ---- statistics, fp32, from the final probabilities ----
+    rows: dict[str, torch.Tensor] = {}
+    cols: dict[str, torch.Tensor] = {}
+    if stats is not None:
+        rows["lse"] = lse
+        dist = (q_idx[:, None] - k_idx[None, :]).float().clamp_min(0)            # [Qb, Kb] t - s
+        if stats.sink_k:
+            rows["sink_mass"] = (p * (key_pos < stats.sink_k)[:, None, None, :]).sum(-1)
+        if stats.spans:
+            masks = torch.stack([(key_pos >= a) & (key_pos < b) for a, b in stats.spans], -1)  # [B, Kb, S]
+            rows["span_mass"] = torch.einsum("bhqk,bks->bhqs", p, masks.float())
+        if stats.entropy:
+            rows["entropy"] = -(torch.where(p > 0, p * torch.log(p.clamp_min(1e-45)), 0.0)).sum(-1)
+        if stats.distance:
+            rows["distance"] = (p * dist).sum(-1)
+        if stats.window_distance:
+            rows["window_distance"] = (p * dist.clamp_max(stats.window_distance)).sum(-1)
+        if stats.argmax:
+            mp, am = p.max(-1)
+            rows["max_prob"] = mp
+            rows["argmax"] = (am + k_start) + key_pos0[:, None, None]
+        if stats.received:
+            sel = vis[:, 0]                                                       # [B|1, Qb, Kb]
+            if stats.received_window is not None:
+                a, b = stats.received_window
+                diff = q_idx[:, None] - k_idx[None, :]
+                sel = sel & ((diff >= a) & (diff <= b))[None]
+            cols["received_sum"] = (p * sel[:, None]).sum(-2)                     # [B, H, Kb]
+            cols["received_count"] = sel.sum(-2).expand(B, Kb).to(torch.float32)  # [B, Kb]
+
+    out = torch.matmul(p.view(B, G, r * Qb, Kb), vf).view(B, H, Qb, d)           # [B, H, Qb, d]
+
+    if edits is not None:
+        if edits.gate is not None:
+            diff = q_idx[:, None] - k_idx[None, :]
+            stream = (key_pos < edits.gate_sink)[:, None, :] | (diff < edits.gate_recent)[None]
+            ss = s.masked_fill(~stream[:, None], float("-inf"))
+            ls = torch.logsumexp(ss, -1, keepdim=True)
+            ps = torch.where(torch.isfinite(ls), torch.exp(ss - torch.where(torch.isfinite(ls), ls, 0.0)), 0.0)
+            out_s = torch.matmul(ps.view(B, G, r * Qb, Kb), vf).view(B, H, Qb, d)
+            a = edits.gate.float().view(1, H, 1, 1)
+            out = (1 - a) * out_s + a * out
+        if edits.replace_mask is not None:
+            val = edits.replace_value.float().view(1, H, 1, d)
+            out = torch.where(edits.replace_mask.view(1, H, 1, 1), val.expand_as(out), out)
+        if edits.out_scale is not None:
+            out = out * (1 + edits.out_scale.float().view(1, H, 1, d))
+        if edits.out_bias is not None:
+            out = out + edits.out_bias.float().view(1, H, 1, d)
+    return out.to(q.dtype), rows, cols, (p if want_probs else None)
+
+
+def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
+              key_padding: torch.Tensor | None = None, softcap: float | None = None,
+              key_pos0: torch.Tensor | None = None, stats: StatRequest | None = None,
+              edits: LayerEdits | None = None, want_probs: bool = False,
+              score_hook=None, pattern_hook=None):
+    """Eager reference over all queries: q [B, H, Q, d], k, v [B, G, K, d] with Q <= K (the queries
+    are the last Q keys). Returns (out [B, H, Q, d], stats dict, probs [B, H, Q, K] or None)."""
+    Q, K = q.shape[2], k.shape[2]
+    out, rows, cols, p = attend_block(q, k, v, scaling=scaling, q_start=K - Q, k_start=0, causal=causal,
+                                      sliding_window=sliding_window, key_padding=key_padding,
+                                      softcap=softcap, key_pos0=key_pos0, stats=stats, edits=edits,
+                                      want_probs=want_probs, score_hook=score_hook,
+                                      pattern_hook=pattern_hook)
+    return out, {**rows, **cols}, p

@@ -1,0 +1,131 @@
+"""What a kernel is asked to compute (statistics) and change (edits), as plain data.
+
+Every kernel in this package (the PyTorch block path in ``reference.py``, the chunked CPU loop in
+``chunked.py``, the Triton kernels) takes these objects and must give the same answer; the
+definitions below are the contract and ``reference.attend_block`` is their executable meaning.
+
+Positions. Keys are indexed by cache index ``j`` in ``[0, K)``; queries are the last ``Q`` keys, so
+query ``i`` sits at cache index ``K - Q + i``. Token *positions* (what sinks, spans and argmax speak
+about) are ``key_pos0[b] + j``: ``key_pos0`` is the position of cache index 0 (0 for an unpadded
+prompt without a sliding cache; negative for left padding, so that the first real token is 0).
+Distances ``t - s`` never depend on ``key_pos0``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+Span = tuple[int, int]  # half-open [start, end) in token positions
+
+
+@dataclass(frozen=True)
+class StatRequest:
+    """Per-head statistics wanted from one attention call. All are computed in fp32 from the
+    final (edited) attention probabilities ``p[b, h, t, s]``.
+
+    Outputs (names of the dict a kernel returns):
+      ``sink_mass``       [B, H, Q]    sum of p over the first ``sink_k`` positions (s < sink_k)
+      ``span_mass``       [B, H, Q, S] sum of p over each span in ``spans``
+      ``entropy``         [B, H, Q]    -sum p log p (nats)
+      ``distance``        [B, H, Q]    sum p (t - s)
+      ``window_distance`` [B, H, Q]    sum p min(t - s, W)           (W = ``window_distance``)
+      ``argmax``          [B, H, Q]    position s of the most-attended key (int64; first on ties)
+      ``max_prob``        [B, H, Q]    that key's probability
+      ``received_sum``    [B, H, K]    sum over queries of p[t, s]   (column sums)
+      ``received_count``  [B, K]       how many queries could see key s (and fall in the window)
+      ``lse``             [B, H, Q]    natural-log log-sum-exp of the (edited-query) scores
+    ``received_window=(a, b)`` restricts column sums to queries with a <= t - s <= b (FAI).
+    """
+
+    sink_k: int = 0
+    spans: tuple[Span, ...] = ()
+    entropy: bool = False
+    distance: bool = False
+    window_distance: int | None = None
+    argmax: bool = False
+    received: bool = False
+    received_window: tuple[int, int] | None = None
+
+    def merge(self, other: "StatRequest") -> "StatRequest":
+        """The union of two requests (what two probes on one layer need together)."""
+        if self.sink_k and other.sink_k and self.sink_k != other.sink_k:
+            raise ValueError(f"two probes ask for different sink sizes ({self.sink_k}, {other.sink_k}) on one layer")
+        if self.window_distance and other.window_distance and self.window_distance != other.window_distance:
+            raise ValueError("two probes ask for different distance windows on one layer")
+        if self.received_window and other.received_window and self.received_window != other.received_window:
+            raise ValueError("two probes ask for different received windows on one layer")
+        spans = tuple(dict.fromkeys(self.spans + other.spans))
+        return StatRequest(
+            sink_k=self.sink_k or other.sink_k,
+            spans=spans,
+            entropy=self.entropy or other.entropy,
+            distance=self.distance or other.distance,
+            window_distance=self.window_distance or other.window_distance,
+            argmax=self.argmax or other.argmax,
+            received=self.received or other.received,
+            received_window=self.received_window or other.received_window,
+        )
+
+    @property
+    def any_row(self) -> bool:
+        return bool(self.sink_k or self.spans or self.entropy or self.distance
+                    or self.window_distance or self.argmax)
+
+
+@dataclass(frozen=True)
+class Redistribution:
+    """Scale attention on source keys and give the freed mass back in proportion (ACT, VAR).
+
+    For every selected row of every head in ``heads``:
+      p'[s] = factor * p[s]                      for s in source
+      p'[s] = p[s] * (1 + freed / mass(T))       for s in T = target minus source
+      p'[s] = p[s]                               otherwise
+    with freed = (1 - factor) * mass(source) and T defaulting to every key not in source.
+    Rows sum to 1 afterwards (if mass(T) == 0 the row is left unchanged).
+    Rows are selected when ``max_ratio`` is None, or (VAR, Kang et al. 2025) when
+    mass(source ∩ target) / mass(target) <= max_ratio and mass(target) >= min_target.
+    """
+
+    heads: tuple[int, ...]
+    factor: float
+    source: tuple[Span, ...]
+    target: tuple[Span, ...] | None = None
+    max_ratio: float | None = None
+    min_target: float = 0.0
+
+
+@dataclass
+class LayerEdits:
+    """All edits of one layer, gathered per head (built by ``headscope.probe.edits``).
+
+    Applied in this order:
+      1. ``q_scale[h]`` multiplies the query (uniform attention when ~0; Wu et al. 2024,
+         Zhou et al. 2025).
+      2. softmax, then each ``Redistribution`` in order.
+      3. statistics are taken here; out = p @ v.
+      4. ``gate`` (DuoAttention, Xiao et al. 2024): out = (1 - a[h]) * streaming + a[h] * out, where
+         streaming attention sees only positions s < gate_sink or t - s < gate_recent.
+      5. ``replace_mask[h]``: out[h] = replace_value[h] (zero or mean ablation).
+      6. ``out_scale`` / ``out_bias`` (LoFiT, Yin et al. 2024): out = (1 + a) * out + v.
+    Tensors are [H] or [H, d] and may require grad (gates, LoFiT offsets train through here).
+    """
+
+    q_scale: torch.Tensor | None = None          # [H]
+    redistributions: tuple[Redistribution, ...] = ()
+    gate: torch.Tensor | None = None             # [H]
+    gate_sink: int = 0
+    gate_recent: int = 0
+    replace_mask: torch.Tensor | None = None     # [H] bool
+    replace_value: torch.Tensor | None = None    # [H, d]
+    out_scale: torch.Tensor | None = None        # [H, d]
+    out_bias: torch.Tensor | None = None         # [H, d]
+
+    @property
+    def empty(self) -> bool:
+        return (self.q_scale is None and not self.redistributions and self.gate is None
+                and self.replace_mask is None and self.out_scale is None and self.out_bias is None)
+
+
+ROW_STATS = ("sink_mass", "span_mass", "entropy", "distance", "window_distance", "argmax", "max_prob", "lse")
+COLUMN_STATS = ("received_sum", "received_count")
