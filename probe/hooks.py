@@ -1,0 +1,82 @@
+"""TransformerLens hook names, parsed; the hook object handed to hook functions; the cache.
+
+Names (layer l):
+  blocks.{l}.hook_resid_pre / hook_resid_mid / hook_resid_post   [batch, pos, d_model]
+  blocks.{l}.attn.hook_q                                         [batch, pos, head, d_head]  (after RoPE)
+  blocks.{l}.attn.hook_k / hook_v                                [batch, pos, kv_head, d_head] (GQA: KV heads)
+  blocks.{l}.attn.hook_attn_scores                               [batch, head, query_pos, key_pos] (-inf masked)
+  blocks.{l}.attn.hook_pattern                                   [batch, head, query_pos, key_pos]
+  blocks.{l}.attn.hook_z                                         [batch, pos, head, d_head]
+  blocks.{l}.attn.hook_result                                    [batch, pos, head, d_model]
+q and k are taken where the attention function sees them, after rotary embeddings (TransformerLens
+calls these hook_rot_q / hook_rot_k; both names are accepted). Under a KV cache, k and v cover every
+cached position and q only the new ones.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+ATTN_KINDS = ("q", "k", "v", "attn_scores", "pattern", "z", "result")
+RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
+_ALIASES = {"rot_q": "q", "rot_k": "k", "scores": "attn_scores"}
+_NAME = re.compile(r"^blocks\.(\d+)\.(?:attn\.)?hook_(\w+)$")
+
+
+def hook_name(kind: str, layer: int) -> str:
+    kind = _ALIASES.get(kind, kind)
+    if kind in RESID_KINDS:
+        return f"blocks.{layer}.hook_{kind}"
+    if kind in ATTN_KINDS:
+        return f"blocks.{layer}.attn.hook_{kind}"
+    raise KeyError(f"unknown hook kind {kind!r}; known: {ATTN_KINDS + RESID_KINDS}")
+
+
+def parse(name: str, n_layers: int) -> tuple[int, str]:
+    """'blocks.3.attn.hook_pattern' -> (3, 'pattern'), with a clear error for anything else."""
+    m = _NAME.match(name)
+    if not m:
+        raise ValueError(f"unknown hook name {name!r}: expected e.g. 'blocks.0.attn.hook_pattern' "
+                         f"or 'blocks.0.hook_resid_pre'")
+    layer, kind = int(m.group(1)), _ALIASES.get(m.group(2), m.group(2))
+    if kind not in ATTN_KINDS + RESID_KINDS:
+        raise ValueError(f"unknown hook {name!r}: kinds are {ATTN_KINDS + RESID_KINDS}")
+    if ("attn." in name) != (kind in ATTN_KINDS):
+        raise ValueError(f"hook {name!r}: did you mean {hook_name(kind, layer)!r}?")
+    if not 0 <= layer < n_layers:
+        raise IndexError(f"hook {name!r}: layer {layer} out of range, the model has {n_layers} layers")
+    return layer, kind
+
+
+def all_names(n_layers: int) -> list[str]:
+    return [hook_name(k, l) for l in range(n_layers) for k in RESID_KINDS[:1] + ATTN_KINDS + RESID_KINDS[1:]]
+
+
+@dataclass
+class Hook:
+    """What a hook function receives as ``hook`` (TransformerLens' HookPoint, reduced)."""
+
+    name: str
+
+    def layer(self) -> int:
+        return int(self.name.split(".")[1])
+
+
+class ActivationCache(dict):
+    """Name -> tensor, indexable TransformerLens-style: ``cache["pattern", 3]``, ``cache["z", 0]``."""
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            kind, layer = key
+            key = hook_name(kind, layer)
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            raise KeyError(f"{key!r} was not cached; cached names: {sorted(self)[:8]}…") from None
+
+    def stack(self, kind: str) -> torch.Tensor:
+        """All cached layers of one kind stacked on a new first (layer) axis."""
+        layers = sorted(int(n.split(".")[1]) for n in self if n == hook_name(kind, int(n.split(".")[1])))
+        return torch.stack([self[kind, l] for l in layers])

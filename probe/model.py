@@ -1,0 +1,350 @@
+"""``HookedModel``: a Hugging Face causal LM running through headscope's attention path, with a
+TransformerLens-style API (``run_with_cache``, ``run_with_hooks``) and headscope's own contexts
+(``record`` for O(N) statistics, ``edit`` for head edits).
+
+Nothing here re-implements attention or patches a model class: at load time the model is switched
+to the registered "headscope" attention function, each attention module gets a reference to the
+shared ``ProbeState``, and plain PyTorch forward hooks on the decoder layers and output projections
+serve the residual-stream and ``hook_result`` names.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..kernels.spec import StatRequest
+from . import attention as _attention
+from .edits import compile_edits
+from .hooks import ATTN_KINDS, ActivationCache, Hook, hook_name, parse
+from .record import Recorder
+from .state import ProbeState
+
+_OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")                  # attention output projection
+_PRE_MLP_NORM = ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm")  # input = resid_mid
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    max_ctx: int
+    vocab_size: int
+    windows: tuple            # per layer: sliding window size or None (full attention)
+    arch: str = ""
+
+    def to_dict(self):
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _decoder_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if not lists:
+        raise TypeError(f"cannot find the {n_layers} decoder layers of {type(model).__name__}")
+    return lists[0]
+
+
+def _attention_module(layer: nn.Module) -> nn.Module:
+    for m in layer.modules():
+        if m is not layer and "Attention" in type(m).__name__ and hasattr(m, "layer_idx"):
+            return m
+    raise TypeError(f"no attention module found in {type(layer).__name__}")
+
+
+def _info(model, name: str) -> ModelInfo:
+    c = model.config
+    c = c.get_text_config() if hasattr(c, "get_text_config") else c
+    n_heads = c.num_attention_heads
+    d_model = c.hidden_size
+    d_head = getattr(c, "head_dim", None) or d_model // n_heads
+    n_kv = getattr(c, "num_key_value_heads", None) or n_heads
+    n_layers = c.num_hidden_layers
+    lt = getattr(c, "layer_types", None)
+    sw = getattr(c, "sliding_window", None)
+    if lt is not None:
+        windows = tuple(sw if t == "sliding_attention" else None for t in lt)
+    else:
+        windows = tuple([sw] * n_layers) if sw else tuple([None] * n_layers)
+    max_ctx = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
+    return ModelInfo(name, n_layers, n_heads, n_kv, d_head, d_model, int(max_ctx), c.vocab_size, windows,
+                     type(model).__name__)
+
+
+class HookedModel(nn.Module):
+    """Wraps an HF causal LM. ``model(tokens)`` returns logits [batch, pos, vocab]."""
+
+    def __init__(self, hf_model: nn.Module, tokenizer=None, name: str | None = None):
+        super().__init__()
+        self.model = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.cfg = _info(hf_model, name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
+        self.state = ProbeState(self.cfg.n_layers)
+        self.model.set_attn_implementation(_attention.NAME)
+        self.layers = _decoder_layers(hf_model, self.cfg.n_layers)
+        self.attn = [_attention_module(l) for l in self.layers]
+        for i, a in enumerate(self.attn):
+            a._headscope = self.state          # read by the attention function
+            a._headscope_layer = i
+        self._install_torch_hooks()
+
+    # ---------------------------------------------------------------- permanent torch hooks
+    def _install_torch_hooks(self):
+        st = self.state
+
+        def run(layer, kind, t):
+            for fn in st.hooks.get((layer, kind), ()):
+                r = fn(t, hook=Hook(hook_name(kind, layer)))
+                if r is not None:
+                    t = r
+            return t
+
+        for i, layer in enumerate(self.layers):
+            def pre(mod, args, kwargs, i=i):
+                if not st.hooks.get((i, "resid_pre")):
+                    return None
+                if args:
+                    return (run(i, "resid_pre", args[0]),) + tuple(args[1:]), kwargs
+                kwargs["hidden_states"] = run(i, "resid_pre", kwargs["hidden_states"])
+                return args, kwargs
+
+            def post(mod, args, kwargs, output, i=i):
+                if not st.hooks.get((i, "resid_post")):
+                    return None
+                if isinstance(output, tuple):
+                    return (run(i, "resid_post", output[0]),) + tuple(output[1:])
+                return run(i, "resid_post", output)
+
+            layer.register_forward_pre_hook(pre, with_kwargs=True)
+            layer.register_forward_hook(post, with_kwargs=True)
+            norm = next((getattr(layer, n) for n in _PRE_MLP_NORM if hasattr(layer, n)), None)
+            if norm is not None:
+                def mid(mod, args, i=i):
+                    if not st.hooks.get((i, "resid_mid")):
+                        return None
+                    return (run(i, "resid_mid", args[0]),) + tuple(args[1:])
+                norm.register_forward_pre_hook(mid)
+            proj = next((getattr(self.attn[i], n) for n in _OUT_PROJ if hasattr(self.attn[i], n)), None)
+            if proj is not None:
+                def result(mod, args, output, i=i, proj=proj):
+                    if not st.hooks.get((i, "result")):
+                        return None
+                    z = args[0]                                               # [B, pos, H*d]
+                    W = proj.weight if isinstance(proj, nn.Linear) else proj.weight.T  # [d_model, H*d]
+                    H, d = self.cfg.n_heads, self.cfg.d_head
+                    W = W.view(W.shape[0], H, d)
+                    res = torch.einsum("bphd,mhd->bphm", z.view(*z.shape[:-1], H, d), W)  # [B, pos, H, d_model]
+                    new = run(i, "result", res)
+                    if new is res:
+                        return None
+                    return output + (new - res).sum(-2)
+                proj.register_forward_hook(result)
+
+    # ---------------------------------------------------------------- tokens
+    def to_tokens(self, text, prepend_bos: bool = True, chat: bool = False) -> torch.Tensor:
+        """Text (or a list of texts, left-padded) -> token ids [batch, pos]."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids instead of text")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or any(not t for t in texts):
+            raise ValueError("empty prompt: give at least one non-empty string")
+        if chat:
+            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                        add_generation_prompt=True) for t in texts]
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=prepend_bos and not chat)
+        return enc["input_ids"]
+
+    def to_string(self, tokens) -> str | list[str]:
+        if tokens.dim() == 1:
+            return self.tokenizer.decode(tokens)
+        return [self.tokenizer.decode(t) for t in tokens]
+
+    def _inputs(self, tokens, attention_mask=None):
+        if isinstance(tokens, (str, list)) and (isinstance(tokens, str) or isinstance(tokens[0], str)):
+            texts = [tokens] if isinstance(tokens, str) else tokens
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids instead of text")
+            self.tokenizer.padding_side = "left"
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            if any(not t for t in texts):
+                raise ValueError("empty prompt: give at least one non-empty string")
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+            tokens, attention_mask = enc["input_ids"], enc["attention_mask"]
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.numel() == 0 or tokens.shape[-1] == 0:
+            raise ValueError("empty prompt: tokens has no positions")
+        if tokens.shape[-1] > self.cfg.max_ctx:
+            raise ValueError(f"the input is {tokens.shape[-1]} tokens but {self.cfg.name} allows at most "
+                             f"{self.cfg.max_ctx}: shorten the prompt or pick a model with a longer context")
+        if int(tokens.max()) >= self.cfg.vocab_size or int(tokens.min()) < 0:
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}); got {int(tokens.min())}.."
+                             f"{int(tokens.max())}")
+        dev = self.device
+        tokens = tokens.to(dev)
+        kw = {}
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask).to(dev)
+            if attention_mask.shape != tokens.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens {tuple(tokens.shape)}")
+            kw["attention_mask"] = attention_mask
+            # positions count real tokens only (what generate() does), so left padding is harmless
+            kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return tokens, kw
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    # ---------------------------------------------------------------- running
+    def forward(self, tokens, attention_mask=None, **kwargs) -> torch.Tensor:
+        tokens, kw = self._inputs(tokens, attention_mask)
+        return self.model(input_ids=tokens, use_cache=False, **kw, **kwargs).logits
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks=()):
+        """Add (name or name-filter, fn) hooks for the duration of the block."""
+        added = []
+        try:
+            for name, fn in fwd_hooks:
+                names = [name] if isinstance(name, str) else [n for n in self.hook_names() if name(n)]
+                for n in names:
+                    layer, kind = parse(n, self.cfg.n_layers)
+                    self.state.hooks.setdefault((layer, kind), []).append(fn)
+                    added.append((layer, kind, fn))
+            yield self
+        finally:
+            for layer, kind, fn in added:
+                self.state.hooks[(layer, kind)].remove(fn)
+                if not self.state.hooks[(layer, kind)]:
+                    del self.state.hooks[(layer, kind)]
+
+    def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, **kwargs):
+        with self.hooks(fwd_hooks):
+            return self(tokens, attention_mask=attention_mask, **kwargs)
+
+    def hook_names(self) -> list[str]:
+        from .hooks import all_names
+        return all_names(self.cfg.n_layers)
+
+    def pattern_bytes(self, batch: int, n_tokens: int, n_layers: int) -> int:
+        return 4 * batch * self.cfg.n_heads * n_tokens * n_tokens * n_layers
+
+    def run_with_cache(self, tokens, names_filter=None, attention_mask=None, max_bytes: int | None = None,
+                       **kwargs):
+        """(logits, ActivationCache). ``names_filter``: None (all), a name, a list of names or a
+        predicate. Patterns cost batch·heads·N²·4 bytes a layer: this refuses up front, with a
+        pointer to ``record``, when that exceeds ``max_bytes`` (default: half the free memory)."""
+        if names_filter is None:
+            names = self.hook_names()
+        elif isinstance(names_filter, str):
+            names = [names_filter]
+        elif callable(names_filter):
+            names = [n for n in self.hook_names() if names_filter(n)]
+        else:
+            names = list(names_filter)
+        parsed = [parse(n, self.cfg.n_layers) for n in names]
+        toks, _ = self._inputs(tokens, attention_mask)
+        B, N = toks.shape
+        n_quadratic = sum(k in ("pattern", "attn_scores") for _, k in parsed)
+        need = self.pattern_bytes(B, N, n_quadratic)
+        budget = max_bytes if max_bytes is not None else _free_bytes(self.device) // 2
+        if need > budget:
+            raise MemoryError(
+                f"caching {n_quadratic} attention patterns/scores of {N} tokens needs {need / 2**30:.1f} GiB, over "
+                f"the {budget / 2**30:.1f} GiB budget. Record O(N) statistics instead, e.g. "
+                "`with model.record(Stats(sink_k=4, entropy=True, argmax=True)) as rec: model(tokens)`, "
+                "or cache fewer layers (names_filter), or pass max_bytes= to override.")
+        cache = ActivationCache()
+
+        def saver(name):
+            def fn(t, hook):
+                cache[name] = t.detach()
+            return fn
+
+        with self.hooks([(n, saver(hook_name(k, l))) for n, (l, k) in zip(names, parsed)]):
+            logits = self(tokens, attention_mask=attention_mask, **kwargs)
+        return logits, cache
+
+    @contextlib.contextmanager
+    def record(self, stats: StatRequest | None = None, layers=None, heads=None, **kw):
+        """Record O(N) per-head statistics while the block runs: ``stats`` is a ``Stats`` (=
+        ``kernels.StatRequest``) or its fields as keywords. Yields a ``Recorder``."""
+        request = stats if stats is not None else StatRequest(**kw)
+        if stats is not None and kw:
+            raise TypeError("give either stats=Stats(...) or keyword fields, not both")
+        layers = list(range(self.cfg.n_layers)) if layers is None else [int(l) for l in
+                                                                       ([layers] if isinstance(layers, int) else layers)]
+        for l in layers:
+            if not 0 <= l < self.cfg.n_layers:
+                raise IndexError(f"layer {l} out of range, the model has {self.cfg.n_layers} layers")
+        if heads is not None:
+            heads = [heads] if isinstance(heads, int) else list(heads)
+            for h in heads:
+                if not 0 <= h < self.cfg.n_heads:
+                    raise IndexError(f"head {h} out of range, the model has {self.cfg.n_heads} heads per layer")
+        for a, b in request.spans:
+            if b <= a:
+                raise ValueError(f"span ({a}, {b}) is empty: spans are half-open [start, end) with end > start")
+        rec = Recorder(request, layers, heads)
+        self.state.recorders.append(rec)
+        try:
+            yield rec
+        finally:
+            self.state.recorders.remove(rec)
+
+    @contextlib.contextmanager
+    def edit(self, edits):
+        """Apply head edits (``Ablate``, ``ScaleKeys``, ``HeadAffine``, ``StreamingGate``) while the
+        block runs; nested blocks compose."""
+        edits = [edits] if hasattr(edits, "add_to") else list(edits)
+        compiled = compile_edits(edits, self.cfg.n_layers, self.cfg.n_heads, self.cfg.d_head, self.device)
+        self.state.edit_sets.append(compiled)
+        try:
+            yield self
+        finally:
+            self.state.edit_sets.remove(compiled)
+
+    @torch.no_grad()
+    def generate(self, tokens, max_new_tokens: int = 32, attention_mask=None, do_sample: bool = False,
+                 **kwargs) -> torch.Tensor:
+        """HF generate (KV cache on) through the headscope path; probes and edits stay active.
+        Returns prompt + new tokens [batch, pos]."""
+        toks, kw = self._inputs(tokens, attention_mask)
+        kw.pop("position_ids", None)
+        if "attention_mask" not in kw:
+            kw["attention_mask"] = torch.ones_like(toks)
+        if toks.shape[-1] + max_new_tokens > self.cfg.max_ctx:
+            raise ValueError(f"prompt ({toks.shape[-1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's context of {self.cfg.max_ctx}")
+        pad = None
+        if self.tokenizer is not None:
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return self.model.generate(input_ids=toks, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                   pad_token_id=pad, **kw, **kwargs)
+
+    @torch.no_grad()
+    def mean_z(self, tokens, layer: int, attention_mask=None) -> torch.Tensor:
+        """Mean head output z over batch and positions: [head, d_head] (for mean ablation)."""
+        _, cache = self.run_with_cache(tokens, names_filter=hook_name("z", layer), attention_mask=attention_mask)
+        return cache["z", layer].float().mean((0, 1))
+
+
+def _free_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+        return psutil.virtual_memory().available
+    except ImportError:
+        return 8 << 30
