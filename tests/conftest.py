@@ -1,0 +1,27 @@
+"""Shared fixtures: each real model is loaded once per test run (converted weights are cached in
+$HEADSCOPE_CACHE, default ~/.cache/headscope)."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import headscope as hs
+    return hs.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    import headscope as hs
+    return hs.load("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    import headscope as hs
+    return hs.load("tiny-llama")
