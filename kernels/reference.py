@@ -126,6 +126,8 @@ def attend_block(q, k, v, *, scaling: float, q_start: int, k_start: int, causal:
             rows["distance"] = (p * dist).sum(-1)
         if stats.window_distance:
             rows["window_distance"] = (p * dist.clamp_max(stats.window_distance)).sum(-1)
+        if stats.recent:
+            rows["recent_mass"] = (p * (dist < stats.recent)).sum(-1)
         if stats.argmax:
             mp, am = p.max(-1)
             rows["max_prob"] = mp

@@ -30,6 +30,7 @@ class StatRequest:
       ``entropy``         [B, H, Q]    -sum p log p (nats)
       ``distance``        [B, H, Q]    sum p (t - s)
       ``window_distance`` [B, H, Q]    sum p min(t - s, W)           (W = ``window_distance``)
+      ``recent_mass``     [B, H, Q]    sum of p over keys with t - s < ``recent`` (local window)
       ``argmax``          [B, H, Q]    position s of the most-attended key (int64; first on ties)
       ``max_prob``        [B, H, Q]    that key's probability
       ``received_sum``    [B, H, K]    sum over queries of p[t, s]   (column sums)
@@ -43,6 +44,7 @@ class StatRequest:
     entropy: bool = False
     distance: bool = False
     window_distance: int | None = None
+    recent: int | None = None
     argmax: bool = False
     received: bool = False
     received_window: tuple[int, int] | None = None
@@ -53,6 +55,8 @@ class StatRequest:
             raise ValueError(f"two probes ask for different sink sizes ({self.sink_k}, {other.sink_k}) on one layer")
         if self.window_distance and other.window_distance and self.window_distance != other.window_distance:
             raise ValueError("two probes ask for different distance windows on one layer")
+        if self.recent and other.recent and self.recent != other.recent:
+            raise ValueError("two probes ask for different recent windows on one layer")
         if self.received_window and other.received_window and self.received_window != other.received_window:
             raise ValueError("two probes ask for different received windows on one layer")
         spans = tuple(dict.fromkeys(self.spans + other.spans))
@@ -62,6 +66,7 @@ class StatRequest:
             entropy=self.entropy or other.entropy,
             distance=self.distance or other.distance,
             window_distance=self.window_distance or other.window_distance,
+            recent=self.recent or other.recent,
             argmax=self.argmax or other.argmax,
             received=self.received or other.received,
             received_window=self.received_window or other.received_window,
@@ -70,7 +75,7 @@ class StatRequest:
     @property
     def any_row(self) -> bool:
         return bool(self.sink_k or self.spans or self.entropy or self.distance
-                    or self.window_distance or self.argmax)
+                    or self.window_distance or self.recent or self.argmax)
 
 
 @dataclass(frozen=True)
@@ -127,5 +132,5 @@ class LayerEdits:
                 and self.replace_mask is None and self.out_scale is None and self.out_bias is None)
 
 
-ROW_STATS = ("sink_mass", "span_mass", "entropy", "distance", "window_distance", "argmax", "max_prob", "lse")
+ROW_STATS = ("sink_mass", "span_mass", "entropy", "distance", "window_distance", "recent_mass", "argmax", "max_prob", "lse")
 COLUMN_STATS = ("received_sum", "received_count")
