@@ -1,1 +1,1 @@
-"""app"""
+"""The faces of headscope: the `headscope` CLI (`app.cli`), HTML reports (`app.report`)."""
