@@ -260,7 +260,7 @@ def razor_retrieval_set(induction, echo, induction_frac: float = 0.14, echo_frac
     def top(hs_, frac):
         s = hs_.extra["kv_max"] if level == "kv" else hs_.scores
         s = torch.as_tensor(s)
-        k = max(1, math.ceil(frac * s.numel()))
+        k = max(1, math.ceil(frac * s.numel() - 1e-9))
         idx = s.flatten().topk(k).indices
         return {(int(i) // s.shape[1], int(i) % s.shape[1]) for i in idx}
 
