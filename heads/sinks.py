@@ -241,6 +241,16 @@ def find_hidden_sinks(model, data=None, n_samples: int = 8, n_tokens: int = 128,
         raise ValueError(f"rule must be 'mean' or 'alpha_over_n', got {rule!r}")
     toks, ds = text_samples(model, data, n_samples, n_tokens, prepend_bos)
     a = received_importance(model, toks, batch_size, progress, desc="hidden sinks")     # [S, L, H, T]
+    return hidden_sinks_from_importance(model, toks, a, threshold, rule, alpha, min_queries, dataset=ds)
+
+
+def hidden_sinks_from_importance(model, toks: torch.Tensor, a: torch.Tensor, threshold: float = 0.1,
+                                 rule: str = "mean", alpha: float = 5.0, min_queries: int = 1,
+                                 dataset: str = "tokens") -> HiddenSinkResult:
+    """``find_hidden_sinks`` on an already computed importance a [S, L, H, T] of tokens [S, T]."""
+    if rule not in ("mean", "alpha_over_n"):
+        raise ValueError(f"rule must be 'mean' or 'alpha_over_n', got {rule!r}")
+    ds = dataset
     S, L, H, T = a.shape
     thr = threshold if rule == "mean" else alpha / T
     seen_by = torch.arange(T, 0, -1)                                                     # queries per key
@@ -318,7 +328,8 @@ def main(argv=None):
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--hidden-samples", type=int, default=8)
     p.add_argument("--hidden-tokens", type=int, default=128)
-    p.add_argument("--min-queries", type=int, default=1)
+    p.add_argument("--min-queries", type=int, default=16,
+                   help="also report hidden sinks among keys seen by >= this many queries (1 = ACT's rule)")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--out", default=None, help="folder to save the HeadScores in")
     p.add_argument("--threads", type=int, default=None)
@@ -339,9 +350,22 @@ def main(argv=None):
     print(f"bottom {min(a.top, 5)} heads by alpha_1: " + ", ".join(f"L{l}H{h} {v:.3f}" for l, h, v in
                                                                 sk.top(min(a.top, 5), largest=False)))
     hsk = HiddenSinks(n_samples=a.hidden_samples, n_tokens=a.hidden_tokens, min_queries=a.min_queries)
-    r = hsk.find(m, progress=False)
+    htoks, hds = text_samples(m, None, a.hidden_samples, a.hidden_tokens)
+    imp = received_importance(m, htoks, progress=False)
+    for mq in sorted({1, a.min_queries}):
+        r = hidden_sinks_from_importance(m, htoks, imp, min_queries=mq, dataset=hds)
+        _print_hidden(m, r, a, mq)
+    sc = hsk.from_result(m, r, time.time())
+    print("heads with most hidden sinks: " + ", ".join(f"L{l}H{h} {v:.2f}" for l, h, v in sc.top(a.top)))
+    if a.out:
+        sk.save(Path(a.out) / f"sinks_{a.model}")
+        sc.save(Path(a.out) / f"hidden_sinks_{a.model}")
+    return sk, r
+
+
+def _print_hidden(m, r, a, mq):
     S = r.count.shape[0]
-    print(f"\n## hidden sinks (ACT, a_j > {r.params['threshold']:.3g}, min_queries {a.min_queries}, "
+    print(f"\n## hidden sinks (ACT, a_j > {r.params['threshold']:.3g}, min_queries {mq}, "
           f"{S} samples x {a.hidden_tokens} tokens)")
     print(f"first-found sink is position 0 in {100 * float((r.first == 0).float().mean()):.1f}% of (sample, head); "
           f"heads with >= 1 hidden sink: {100 * float((r.count > 0).float().mean()):.1f}%; "
@@ -353,12 +377,6 @@ def main(argv=None):
         ctx = m.to_string(r.tokens[s.sample, max(0, s.position - 6):s.position + 1]) if m.tokenizer else ""
         print(f"  sample {s.sample} L{s.layer}H{s.head} pos {s.position} token {s.token!r} a={s.score:.3f} "
               f"context …{ctx!r}")
-    sc = hsk.from_result(m, r, time.time())
-    print("heads with most hidden sinks: " + ", ".join(f"L{l}H{h} {v:.2f}" for l, h, v in sc.top(a.top)))
-    if a.out:
-        sk.save(Path(a.out) / f"sinks_{a.model}")
-        sc.save(Path(a.out) / f"hidden_sinks_{a.model}")
-    return sk, r
 
 
 if __name__ == "__main__":
