@@ -1,41 +1,254 @@
 """Exact attention on the CPU (or any device) in query blocks: never an N×N matrix for all heads.
 
-Memory is O(block · N) per layer instead of O(N²): each block of ``block`` queries sees only the keys
-it can attend to (causal: keys up to its last query; sliding window: from its first query's window
-start), so causal attention also skips the upper triangle. Same arguments and results as
-``reference.attention``, which defines them.
+Same arguments and results as ``reference.attention`` (which defines them), but built for speed in
+plain PyTorch:
+- each block of ``block`` queries only sees the keys it can attend to (causal: up to its last
+  query; sliding window: from its first query's window start), so causal attention skips the upper
+  triangle and memory is O(block · N) per layer;
+- without statistics or probability edits the block runs fused SDPA with the block's mask;
+- with them, the probabilities of the block are formed once (one softmax) and every statistic is a
+  single reduction: linear column statistics (sink, spans, positions for the mean distance) are one
+  matmul with an indicator matrix, the log-sum-exp comes from the max (lse = s_max − log p_max),
+  entropy = lse − Σ p·s is one batched dot, and the band statistics (recent mass, windowed distance,
+  windowed column sums) only touch the band of keys near the diagonal.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .reference import attend_block
+from .reference import _redistribute, attend_block, visibility
 from .spec import LayerEdits, StatRequest
+
+NEG = -1e30  # finite "minus infinity": exp underflows to exactly 0 and 0 · NEG stays 0
+
+
+def _default_block(H: int, K: int) -> int:
+    # keep one block's probabilities [H, block, K] around 16 MB: fewer trips to memory
+    b = (1 << 22) // max(1, H * K)
+    return int(min(512, max(32, 1 << max(0, b.bit_length() - 1))))
+
+
+def _post_edits(out, edits: LayerEdits | None, H: int, d: int):
+    """Steps 5 and 6 of LayerEdits: replacement (ablation) and the LoFiT affine. out [B, H, Qb, d] fp32."""
+    if edits is None:
+        return out
+    if edits.replace_mask is not None:
+        out = torch.where(edits.replace_mask.view(1, H, 1, 1), edits.replace_value.float().view(1, H, 1, d), out)
+    if edits.out_scale is not None:
+        out = out * (1 + edits.out_scale.float().view(1, H, 1, d))
+    if edits.out_bias is not None:
+        out = out + edits.out_bias.float().view(1, H, 1, d)
+    return out
+
+
+def _sdpa_block(q, k, v, vis, scaling, edits, key_pos, q_idx, k_idx):
+    """Plain block through fused SDPA (plus the gate's streaming branch). vis [B|1, Qb, Kb] bool."""
+    B, H, Qb, d = q.shape
+    gqa = k.shape[1] != H
+    mask = vis[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa).float()
+    dead = ~vis.any(-1)                                                        # fully masked queries
+    if dead.any():
+        out = out.masked_fill(dead[:, None, :, None], 0.0)
+    if edits is not None and edits.gate is not None:
+        diff = q_idx[:, None] - k_idx[None, :]
+        stream = vis & ((key_pos < edits.gate_sink)[:, None, :] | (diff < edits.gate_recent)[None])
+        out_s = F.scaled_dot_product_attention(q, k, v, attn_mask=stream[:, None], scale=scaling,
+                                               enable_gqa=gqa).float()
+        out_s = out_s.masked_fill(~stream.any(-1)[:, None, :, None], 0.0)
+        a = edits.gate.float().view(1, H, 1, 1)
+        out = (1 - a) * out_s + a * out
+    return out
+
+
+def _structural_regions(q_idx, k_idx, causal: bool, window: int | None):
+    """Column ranges of a block where the causal or window mask is not all-True, with their masks:
+    [(c0, c1, visible [Qb, c1 - c0] bool)]. Everything outside them is visible to every query."""
+    Kb = k_idx.numel()
+    t0, t1, k0 = int(q_idx[0]), int(q_idx[-1]), int(k_idx[0])
+    regions = []
+    if causal and t0 + 1 - k0 < Kb:                                   # keys after the first query
+        c0 = max(0, t0 + 1 - k0)
+        regions.append((c0, Kb))
+    if window is not None and t1 - window + 1 - k0 > 0:               # keys before the last window
+        regions.append((0, min(Kb, t1 - window + 1 - k0)))
+    regions.sort()
+    merged = []
+    for c0, c1 in regions:                                           # overlapping ranges -> one
+        if merged and c0 <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(c1, merged[-1][1]))
+        else:
+            merged.append((c0, c1))
+    out = []
+    for c0, c1 in merged:
+        diff = q_idx[:, None] - k_idx[None, c0:c1]                    # t - s
+        m = torch.ones_like(diff, dtype=torch.bool)
+        if causal:
+            m &= diff >= 0
+        if window is not None:
+            m &= diff < window
+        out.append((c0, c1, m))
+    return out
+
+
+def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k_idx, regions, kp):
+    """Block with probabilities formed once; returns (out fp32, rows, cols).
+    ``vis`` is the full [B|1, Qb, Kb] mask only when padding is present, else None (``regions``
+    then say where the structural masks apply)."""
+    B, H, Qb, d = q.shape
+    G, Kb = k.shape[1], k.shape[2]
+    r = H // G
+    qf = q.float() * scaling
+    s = torch.matmul(qf.reshape(B, G, r * Qb, d), k.float().transpose(-1, -2)).view(B, H, Qb, Kb)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if vis is not None:
+        s.masked_fill_(~vis[:, None], NEG)
+        alive = vis.any(-1)[:, None]                                           # [B, 1, Qb]
+    else:
+        for c0, c1, m in regions:
+            s[..., c0:c1].masked_fill_(~m, NEG)
+        alive = None                                                           # every query sees itself
+    gate_s = s.clone() if edits is not None and edits.gate is not None else None
+    p = torch.softmax(s, -1)
+    if alive is not None and not bool(alive.all()):
+        p = p * alive[..., None]
+    if edits is not None:
+        for red in edits.redistributions:
+            p = _redistribute(p, red, key_pos)
+    if alive is None:
+        alive = torch.ones(1, 1, Qb, dtype=torch.bool, device=q.device)
+
+    rows, cols = {}, {}
+    if stats is not None:
+        mp, am = p.max(-1)                                                     # [B, H, Qb]
+        s_max = torch.gather(s, -1, am[..., None])[..., 0]
+        lse = s_max - torch.log(mp.clamp_min(1e-45))
+        if edits is not None and edits.redistributions:                        # p is no softmax of s now
+            lse = torch.logsumexp(s, -1)
+        rows["lse"] = torch.where(alive.expand_as(lse), lse, float("-inf"))
+        # linear column statistics in one matmul: p @ [sink | spans... | key index]
+        feats = []
+        if stats.sink_k:
+            feats.append(key_pos < stats.sink_k)
+        feats += [(key_pos >= a) & (key_pos < b) for a, b in stats.spans]
+        feats.append(k_idx.expand(key_pos.shape))
+        C = torch.stack([f.float() for f in feats], -1)                        # [B, Kb, F]
+        lin = torch.matmul(p.reshape(B, H * Qb, Kb), C).view(B, H, Qb, -1)     # [B, H, Qb, F]
+        i = 0
+        if stats.sink_k:
+            rows["sink_mass"] = lin[..., 0]
+            i = 1
+        if stats.spans:
+            rows["span_mass"] = lin[..., i:i + len(stats.spans)]
+        mass = p.sum(-1) if (edits is not None and edits.redistributions) else alive.float().expand(B, H, Qb)
+        if stats.distance:
+            rows["distance"] = q_idx.float() * mass - lin[..., -1]
+        if stats.entropy:
+            if edits is not None and edits.redistributions:                    # p is no softmax of s now
+                plogp = torch.special.xlogy(p, p).sum(-1)
+            else:
+                plogp = torch.einsum("bhqk,bhqk->bhq", p, s) - lse * mass      # sum p (s - lse)
+            rows["entropy"] = torch.where(alive.expand_as(plogp), -plogp, 0.0)
+        band = max(stats.window_distance or 0, stats.recent or 0)
+        if band:
+            c0 = max(0, int(q_idx[0]) - band + 1 - int(k_idx[0]))             # first key any band reaches
+            pb = p[..., c0:]
+            diff = (q_idx[:, None] - k_idx[None, c0:]).float()                 # [Qb, Kb'] = t - s
+            if stats.window_distance:
+                W = stats.window_distance
+                rows["window_distance"] = W * mass - (pb * (W - diff).clamp(0, W)).sum(-1)
+            if stats.recent:
+                rows["recent_mass"] = (pb * ((diff < stats.recent) & (diff >= 0))).sum(-1)
+        if stats.argmax:
+            rows["max_prob"] = mp
+            rows["argmax"] = am + key_pos[:, :1, None]                         # position of the top key
+        if stats.received:
+            if stats.received_window is not None:
+                a, b = stats.received_window
+                lo = max(0, int(q_idx[0]) - b - int(k_idx[0]))
+                hi = max(lo, min(Kb, int(q_idx[-1]) - a + 1 - int(k_idx[0])))
+                diff = q_idx[:, None] - k_idx[None, lo:hi]
+                sel = ((diff >= a) & (diff <= b))[None]
+                if vis is not None:
+                    sel = sel & vis[:, :, lo:hi]
+                else:
+                    for c0, c1, m in regions:                              # structural masks in range
+                        x0, x1 = max(c0, lo), min(c1, hi)
+                        if x0 < x1:
+                            sel[:, :, x0 - lo:x1 - lo] &= m[:, x0 - c0:x1 - c0]
+                rs = torch.zeros(B, H, Kb)
+                rs[..., lo:hi] = torch.einsum("bhqk,bqk->bhk", p[..., lo:hi], sel.float().expand(B, -1, -1))
+                rc = torch.zeros(B, Kb)
+                rc[:, lo:hi] = sel.sum(-2).float().expand(B, -1)
+            else:
+                rs = p.sum(-2)
+                if vis is not None:
+                    rc = vis.sum(-2).float().expand(B, Kb)
+                else:
+                    rc = torch.full((Kb,), float(Qb), device=q.device)
+                    for c0, c1, m in regions:
+                        rc[c0:c1] = m.sum(0).float()
+                    rc = rc.expand(B, Kb)
+            cols["received_sum"], cols["received_count"] = rs, rc
+
+    out = torch.matmul(p.view(B, G, r * Qb, Kb), v.float()).view(B, H, Qb, d)
+    if gate_s is not None:
+        diff = q_idx[:, None] - k_idx[None, :]
+        if vis is None:
+            vis = torch.ones(1, Qb, Kb, dtype=torch.bool, device=q.device)
+            for c0, c1, m in regions:
+                vis[:, :, c0:c1] = m
+        stream = vis & ((key_pos < edits.gate_sink)[:, None, :] | (diff < edits.gate_recent)[None])
+        ps = torch.softmax(gate_s.masked_fill(~stream[:, None], NEG), -1) * stream.any(-1)[:, None, :, None]
+        out_s = torch.matmul(ps.view(B, G, r * Qb, Kb), v.float()).view(B, H, Qb, d)
+        a = edits.gate.float().view(1, H, 1, 1)
+        out = (1 - a) * out_s + a * out
+    return out, rows, cols
 
 
 def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
               key_padding: torch.Tensor | None = None, softcap: float | None = None,
               key_pos0: torch.Tensor | None = None, stats: StatRequest | None = None,
-              edits: LayerEdits | None = None, block: int = 256):
+              edits: LayerEdits | None = None, block: int | None = None):
     """q [B, H, Q, d], k, v [B, G, K, d] -> (out [B, H, Q, d], stats dict)."""
     B, H, Q, d = q.shape
     K = k.shape[2]
-    off = K - Q                                    # cache index of query 0
-    outs, rows = [], {}
+    off = K - Q                                                                 # cache index of query 0
+    dev = q.device
+    if key_pos0 is None:
+        key_pos0 = torch.zeros(B, dtype=torch.long, device=dev)
+    if edits is not None and edits.q_scale is not None:
+        q = q * edits.q_scale.to(q.dtype).view(1, H, 1, 1)
+    block = block or _default_block(H, K)
+    need_p = stats is not None or (edits is not None and bool(edits.redistributions)) or softcap is not None
     received = stats is not None and stats.received
     if received:
-        rec_sum = q.new_zeros(B, H, K, dtype=torch.float32)
-        rec_cnt = q.new_zeros(B, K, dtype=torch.float32)
+        rec_sum = torch.zeros(B, H, K, device=dev)
+        rec_cnt = torch.zeros(B, K, device=dev)
+    outs, rows = [], {}
     for q0 in range(0, Q, block):
         q1 = min(Q, q0 + block)
         k_hi = off + q1 if causal else K
         k_lo = max(0, off + q0 - sliding_window + 1) if sliding_window is not None else 0
+        q_idx = torch.arange(off + q0, off + q1, device=dev)
+        k_idx = torch.arange(k_lo, k_hi, device=dev)
         kp = key_padding[:, k_lo:k_hi] if key_padding is not None else None
-        out, r, c, _ = attend_block(q[:, :, q0:q1], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], scaling=scaling,
-                                    q_start=off + q0, k_start=k_lo, causal=causal,
-                                    sliding_window=sliding_window, key_padding=kp, softcap=softcap,
-                                    key_pos0=key_pos0, stats=stats, edits=edits)
-        outs.append(out)
+        if kp is not None and bool(kp.all()):
+            kp = None
+        key_pos = key_pos0[:, None] + k_idx[None, :]                            # [B, Kb]
+        qb, kb, vb = q[:, :, q0:q1], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi]
+        if need_p:
+            regions = _structural_regions(q_idx, k_idx, causal, sliding_window)
+            vis = None if kp is None else visibility(q_idx, k_idx, causal=causal,
+                                                     sliding_window=sliding_window, key_padding=kp)
+            out, r, c = _stats_block(qb, kb, vb, vis, scaling, softcap, stats, edits, key_pos, q_idx, k_idx,
+                                     regions, kp)
+        else:
+            vis = visibility(q_idx, k_idx, causal=causal, sliding_window=sliding_window, key_padding=kp)
+            out, r, c = _sdpa_block(qb, kb, vb, vis, scaling, edits, key_pos, q_idx, k_idx), {}, {}
+        outs.append(_post_edits(out, edits, H, d).to(q.dtype))
         for name, t in r.items():
             rows.setdefault(name, []).append(t)
         if received:
