@@ -43,7 +43,7 @@ import torch
 
 from ..kernels.spec import StatRequest
 from .base import Analyzer, register
-from .sinks import text_samples
+from .sinks import run_quietly, text_samples
 
 PATTERN_MAX_TOKENS = 2048
 
@@ -137,7 +137,7 @@ def diagonal_mass(model, tokens: torch.Tensor, diagonals: dict[int, tuple[int, i
     if method == "stats":
         for D, (lo, hi) in tqdm(sorted(diagonals.items()), disable=not progress, desc="diagonals"):
             with torch.no_grad(), model.record(StatRequest(received=True, received_window=(D, D))) as rec:
-                model(tokens)
+                run_quietly(model, tokens)
             out[D] = torch.stack([rec["received_sum", l].float()[:, :, lo:hi].sum((0, 2)).cpu() for l in range(L)])
         return out
     acc = {D: torch.zeros(L, model.cfg.n_heads) for D in diagonals}
@@ -149,7 +149,7 @@ def diagonal_mass(model, tokens: torch.Tensor, diagonals: dict[int, tuple[int, i
             acc[D][l] = d[..., lo:hi].float().sum((0, 2)).cpu()
 
     with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("attn.hook_pattern"), hook)])
+        run_quietly(model, tokens, fwd_hooks=[(lambda n: n.endswith("attn.hook_pattern"), hook)])
     return acc
 
 
@@ -318,7 +318,7 @@ def duplicate_token_scores(model, tokens: torch.Tensor, progress: bool = True) -
         acc[hook.layer()] = (p.detach().float() * same_d[:, None]).sum((0, 2, 3)).cpu()
 
     with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("attn.hook_pattern"), hook)])
+        run_quietly(model, tokens, fwd_hooks=[(lambda n: n.endswith("attn.hook_pattern"), hook)])
     return acc / n_q
 
 

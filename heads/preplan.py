@@ -97,15 +97,16 @@ class PreplanResult:
                              "delta": self.delta.tolist(), "fai": self.fai.tolist(),
                              "preplan": self.preplan.tolist(), "anchor": self.anchor.tolist()})
 
-    def coupling(self, max_gap: int = 1) -> float:
-        """Share of preplan tokens followed by (or coinciding with) an anchor within ``max_gap`` tokens
-        (the paper's preplan -> anchor coupling)."""
-        p = torch.nonzero(self.preplan).flatten().tolist()
-        if not p:
+    def coupling(self, max_gap: int = 1, preplan: bool = True) -> float:
+        """Share of preplan tokens that coincide with or are followed by an anchor within ``max_gap``
+        tokens (the paper's preplan -> anchor coupling). ``preplan=False`` gives the same share for
+        the other tokens (the baseline to compare with). Tokens without an FAI in reach are skipped."""
+        ok = torch.isfinite(self.fai)
+        idx = [t for t in range(len(self.tokens)) if bool(self.preplan[t]) == preplan and bool(ok[t])]
+        if not idx:
             return float("nan")
-        a = self.anchor
-        hit = sum(bool(a[t:t + max_gap + 1].any()) for t in p)
-        return hit / len(p)
+        hit = sum(bool(self.anchor[t:t + max_gap + 1].any()) for t in idx)
+        return hit / len(idx)
 
     def plot(self, title: str | None = None):
         """Plotly figure: WAAD (preplan tokens marked) and FAI (anchor tokens marked) over the response."""
@@ -324,8 +325,9 @@ def main(argv=None):
     print("response:", repr(r.response))
     print("preplan:", [f"{i}:{r.tokens[i]!r}" for i in torch.nonzero(r.preplan).flatten().tolist()])
     print("anchor:", [f"{i}:{r.tokens[i]!r}" for i in torch.nonzero(r.anchor).flatten().tolist()])
-    print(f"preplan followed by an anchor within 1 token: {r.coupling(1):.3f}; "
-          f"share of anchors overall: {float(r.anchor.float().mean()):.3f}")
+    print(f"anchor at t or t+1: after preplan tokens {r.coupling(1):.3f}, after other tokens "
+          f"{r.coupling(1, preplan=False):.3f}; anchors {int(r.anchor.sum())}/{int(torch.isfinite(r.fai).sum())} "
+          f"tokens with an FAI, preplan {int(r.preplan.sum())}/{len(r.tokens) - 1}")
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)

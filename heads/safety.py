@@ -205,7 +205,7 @@ class _Ablator:
     def _forward(self):
         out = self.model.model(input_ids=self.tokens, use_cache=False, output_hidden_states=True,
                                logits_to_keep=self.last[:, None])
-        logits = out.logits[:, 0].float()                                              # [B, V]
+        logits = out.logits[:, 0].double()                                             # [B, V]
         hidden = out.hidden_states[-1].gather(1, self.last[:, None, None].expand(-1, 1, out.hidden_states[-1].shape[-1]))
         return torch.log_softmax(logits, -1), hidden[:, 0].float()
 

@@ -98,6 +98,17 @@ def text_samples(model, data=None, n_samples: int = 20, n_tokens: int = 64,
     return torch.tensor(rows, dtype=torch.long), name
 
 
+def run_quietly(model, tokens, fwd_hooks=()):
+    """Forward pass for statistics only: asks the HF model for the last position's logits alone
+    (``logits_to_keep=1``; Gemma-3's 262k-word head otherwise costs more than its layers)."""
+    try:
+        return model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, logits_to_keep=1)
+    except TypeError as e:                       # an architecture without logits_to_keep
+        if "logits_to_keep" not in str(e):
+            raise
+        return model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+
+
 def received_importance(model, tokens: torch.Tensor, batch_size: int = 16, progress: bool = True,
                         desc: str = "received") -> torch.Tensor:
     """alpha[sample, layer, head, key]: mean attention each key receives from the queries that can
@@ -109,7 +120,7 @@ def received_importance(model, tokens: torch.Tensor, batch_size: int = 16, progr
     for b0 in tqdm(range(0, tokens.shape[0], batch_size), disable=not progress, desc=desc):
         toks = tokens[b0:b0 + batch_size]
         with torch.no_grad(), model.record(StatRequest(received=True)) as rec:
-            model(toks)
+            run_quietly(model, toks)
         out.append(torch.stack([rec.received_mean(l).float().cpu() for l in range(L)], 1))  # [b, L, H, T]
     return torch.cat(out, 0)
 

@@ -153,6 +153,10 @@ class HookedModel(nn.Module):
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or any(not t for t in texts):
             raise ValueError("empty prompt: give at least one non-empty string")
+        if chat and not getattr(self.tokenizer, "chat_template", None):
+            import warnings
+            warnings.warn(f"{self.cfg.name}'s tokenizer has no chat template; using the plain text")
+            chat = False
         if chat:
             texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                                         add_generation_prompt=True) for t in texts]
