@@ -1,0 +1,105 @@
+"""End-to-end on one GPU (issue #3): a Llama-3-8B-shaped model with random weights (32 layers,
+H=32, G=8, d=128, bf16) at N tokens: full head census (every statistic on every layer, through the
+headscope attention path and its Triton kernels) versus the same model's plain SDPA forward, and
+HF eager attention with output_attentions=True (what TransformerLens and nnsight rely on).
+
+    python benchmarks/e2e_gpu.py --n 32768 --layers 32
+
+Weights do not matter for speed; the final norm output is used (no 128k-vocab logits).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def build(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      max_position_embeddings=131072, rope_theta=500000.0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def timed(fn, reps=3):
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, nargs="+", default=[32768])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    import headscope as hs
+    model = build(a.layers)
+    rows = []
+    for n in a.n:
+        toks = torch.randint(0, 128256, (1, n), device="cuda")
+        base = model.model
+        res = {"n": n, "layers": a.layers, "device": torch.cuda.get_device_name()}
+        with torch.no_grad():
+            model.set_attn_implementation("sdpa")
+            torch.cuda.reset_peak_memory_stats()
+            res["sdpa_s"] = timed(lambda: base(input_ids=toks, use_cache=False))
+            res["sdpa_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            hm = hs.load(model)                                     # switches to the headscope path
+            st = hs.Stats(sink_k=4, spans=((0, 64), (1000, 2000)), entropy=True, distance=True,
+                          window_distance=10, recent=256, argmax=True, received=True)
+
+            def census():
+                with hm.record(st) as rec:
+                    base(input_ids=toks, use_cache=False)
+                return rec
+            torch.cuda.reset_peak_memory_stats()
+            res["census_s"] = timed(census)
+            res["census_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            rec = census()
+            res["census_ratio"] = res["census_s"] / res["sdpa_s"]
+            res["entropy_finite"] = bool(torch.isfinite(rec.stack("entropy")).all())
+            res["sink_mass_l0_mean"] = float(rec["sink_mass", 0].mean())
+            # plain headscope path with nothing recorded (should be the SDPA fast path)
+            res["headscope_plain_s"] = timed(lambda: base(input_ids=toks, use_cache=False))
+            model.set_attn_implementation("eager")
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                base(input_ids=toks, use_cache=False, output_attentions=True)
+                torch.cuda.synchronize()
+                res["eager_output_attentions"] = f"{time.perf_counter() - t0:.1f}s"
+            except torch.OutOfMemoryError as e:
+                res["eager_output_attentions"] = "out of memory: " + str(e).split(".")[0][:120]
+            torch.cuda.empty_cache()
+            model.set_attn_implementation("sdpa")
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+    lines = ["| N | layers | SDPA forward (s) | census, all stats all layers (s) | ratio | census peak GB | "
+             "eager + output_attentions |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['n']} | {r['layers']} | {r['sdpa_s']:.2f} | {r['census_s']:.2f} | "
+                     f"{r['census_ratio']:.2f}× | {r['census_peak_gb']:.1f} | {r['eager_output_attentions']} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(a.out, "e2e_gpu.md"), "w") as f:
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
