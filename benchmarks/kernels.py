@@ -1,0 +1,287 @@
+"""Benchmark of the Triton attention kernels (a benchmark, not a test).
+
+    python benchmarks/kernels.py                 # Llama-3-8B (H=32, G=8, d=128) 4k..128k, SmolLM2 (H=9, G=3, d=64) 4k..32k
+    python benchmarks/kernels.py --sweep         # time tile configurations at 16k and print the best
+    python benchmarks/kernels.py --sizes 4096 16384 --no-small
+    python benchmarks/kernels.py --dry           # tiny sizes, any machine (TRITON_INTERPRET=1 on CPU)
+
+Causal, bf16, B=1. Columns: PyTorch SDPA (flash backend), our kernel plain, + all row statistics,
++ column sums (received), + both, and eager attention that materialises the probabilities (until
+it runs out of memory). Median time of ``triton.testing.do_bench``; TFLOP/s counts useful FLOPs
+only, 4 * N^2 * d * H / 2 for causal attention (the statistics' extra work is not counted). The
+markdown table is printed and written to $OUT/kernels_bench.md (and $OUT/kernels_bench.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from kernels import triton_attention as ta  # noqa: E402
+from kernels.spec import StatRequest  # noqa: E402
+
+
+def row_request(N: int) -> StatRequest:
+    """'All' row statistics: sink (4), two spans (system prompt-like 64 tokens, 256 in the middle),
+    entropy, distance, window distance (W=128), recent mass (R=64), argmax/max prob."""
+    return StatRequest(sink_k=4, spans=((4, 68), (N // 2, N // 2 + 256)), entropy=True, distance=True,
+                       window_distance=128, recent=64, argmax=True)
+
+
+VARIANTS = {
+    "plain": lambda N: None,
+    "rows": row_request,
+    "cols": lambda N: StatRequest(received=True),
+    "rows+cols": lambda N: StatRequest(**{**row_request(N).__dict__, "received": True}),
+}
+
+
+def flops(N, H, d):
+    return 4 * N * N * d * H / 2
+
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make(N, H, G, d, dev=None, dtype=torch.bfloat16, seed=0):
+    dev = dev or DEV
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q = torch.randn(1, H, N, d, device=dev, dtype=dtype, generator=g)
+    k = torch.randn(1, G, N, d, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(1, G, N, d, device=dev, dtype=dtype, generator=g)
+    return q, k, v
+
+
+def sdpa_fn(q, k, v):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    H, G = q.shape[1], k.shape[1]
+    if not q.is_cuda:   # --dry on a CPU
+        return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)), "cpu (dry run)"
+
+    def gqa():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    try:
+        gqa()
+        return gqa, "flash, enable_gqa"
+    except RuntimeError:
+        ke, ve = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
+
+        def rep():
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                return F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
+        rep()
+        return rep, "flash, KV repeated outside the timing"
+
+
+def eager_fn(q, k, v):
+    """HF-style eager attention: scores, mask, fp32 softmax, probabilities in q's dtype, PV."""
+    H, G, N, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    ke, ve = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
+    mask = torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1)
+
+    def run():
+        s = torch.matmul(q, ke.transpose(-1, -2)) * d ** -0.5
+        s.masked_fill_(mask, float("-inf"))
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        del s
+        return torch.matmul(p, ve)
+    return run
+
+
+def bench(fn, dry=False):
+    if dry:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _warm_one(task):
+    """Compile (and run once) one kernel variant in a worker process: fills Triton's disk cache."""
+    variant, N, H, G, d, fwd_cfg, recv_cfg = task
+    if fwd_cfg:
+        for kind in ("plain", "stats"):
+            ta.FWD_CONFIGS[kind][d] = tuple(fwd_cfg)
+    if recv_cfg:
+        ta.RECV_CONFIGS[d] = tuple(recv_cfg)
+    q, k, v = make(N, H, G, d)
+    t0 = time.perf_counter()
+    ta.attention(q, k, v, scaling=d ** -0.5, stats=VARIANTS[variant](N))
+    torch.cuda.synchronize()
+    return variant, d, fwd_cfg, recv_cfg, time.perf_counter() - t0
+
+
+def precompile(tasks, workers):
+    if workers <= 1 or not tasks:
+        return
+    import multiprocessing as mp
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        for r in ex.map(_warm_one, tasks):
+            pass
+    print(f"precompiled {len(tasks)} kernel variants in {time.perf_counter() - t0:.1f} s ({workers} processes)",
+          flush=True)
+
+
+def fmt_ms(ms):
+    return "OOM" if ms is None else (f"{ms:.2f}" if ms < 100 else f"{ms:.0f}")
+
+
+def run_table(shape_name, H, G, d, sizes, args, out_rows):
+    print(f"\n### {shape_name}: B=1, H={H}, G={G}, d={d}, causal, bf16\n", flush=True)
+    header = ("| N | SDPA flash ms (TFLOP/s) | ours plain ms (TFLOP/s, ×SDPA) | + row stats | + column sums "
+              "| + rows + columns | eager (materialised P) |")
+    lines = [header, "|" + "---|" * 7]
+    print(header, flush=True)
+    print(lines[1], flush=True)
+    eager_oom = [None]
+    for N in sizes:
+        torch.cuda.empty_cache()
+        q, k, v = make(N, H, G, d)
+        f = flops(N, H, d)
+        res = {"shape": shape_name, "N": N, "H": H, "G": G, "d": d}
+        sd, how = sdpa_fn(q, k, v)
+        res["sdpa_backend"] = how
+        t_sdpa = bench(sd, args.dry)
+        res["sdpa_ms"] = t_sdpa
+        # correctness spot check against SDPA (fresh random inputs, bf16 tolerance)
+        ours, _ = ta.attention(q, k, v, scaling=d ** -0.5)
+        ref = sd()
+        res["max_abs_err_vs_sdpa"] = (ours.float() - ref.float()).abs().max().item()
+        cells = [f"{fmt_ms(t_sdpa)} ({f / t_sdpa / 1e9:.0f})"]
+        for name in VARIANTS:
+            req = VARIANTS[name](N)
+            t = bench(lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=req), args.dry)
+            res[f"{name}_ms"] = t
+            cells.append(f"{fmt_ms(t)} ({f / t / 1e9:.0f}, {t_sdpa / t:.2f}×)")
+        t_eager = None
+        if args.no_eager:
+            cells.append("not run")
+        elif eager_oom[0] is not None:
+            cells.append(f"OOM (already at {eager_oom[0] // 1024}k, not retried)")
+        else:
+            e = None
+            try:
+                e = eager_fn(q, k, v)
+                t_eager = bench(e, args.dry)
+            except torch.OutOfMemoryError:
+                eager_oom[0] = N
+            e = None
+            torch.cuda.empty_cache()
+            cells.append(f"{fmt_ms(t_eager)}" + (f" ({t_eager / t_sdpa:.1f}× SDPA time)" if t_eager else ""))
+        res["eager_ms"] = t_eager
+        line = (f"| {N // 1024}k | " if N >= 1024 else f"| {N} | ") + " | ".join(cells) + " |"
+        print(line, flush=True)
+        lines.append(line)
+        out_rows.append(res)
+        del q, k, v
+    return "\n".join(lines)
+
+
+def sweep(args):
+    """Time tile configurations at N=16k for each kernel kind; print the fastest."""
+    N = args.sweep_n
+    cands = {
+        128: {"fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+              "recv": [(64, 128, 8, 3), (128, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)]},
+        64: {"fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+             "recv": [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)]},
+    }
+    shapes = {128: (32, 8), 64: (9, 3)}
+    tasks = []
+    for d, c in cands.items():
+        H, G = shapes[d]
+        for cfg in c["fwd"]:
+            tasks += [("plain", 4096, H, G, d, cfg, None), ("rows", 4096, H, G, d, cfg, None)]
+        for cfg in c["recv"]:
+            tasks.append(("cols", 4096, H, G, d, None, cfg))
+    precompile(tasks, args.workers)
+    best = {}
+    for d, c in cands.items():
+        H, G = shapes[d]
+        q, k, v = make(N, H, G, d)
+        f = flops(N, H, d)
+        sd, _ = sdpa_fn(q, k, v)
+        t_sdpa = bench(sd)
+        print(f"\nd={d} H={H} G={G} N={N}: SDPA {t_sdpa:.3f} ms ({f / t_sdpa / 1e9:.0f} TFLOP/s)", flush=True)
+        for kind in ("plain", "rows"):
+            for cfg in c["fwd"]:
+                ta.FWD_CONFIGS["plain"][d] = ta.FWD_CONFIGS["stats"][d] = cfg
+                req = VARIANTS[kind](N)
+                t = bench(lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=req))
+                print(f"  {kind:5s} fwd {cfg}: {t:.3f} ms  {f / t / 1e9:.0f} TFLOP/s  {t_sdpa / t:.2f}x SDPA", flush=True)
+                if t < best.get((d, kind), (1e9,))[0]:
+                    best[(d, kind)] = (t, cfg)
+        ta.FWD_CONFIGS["plain"][d] = best[(d, "plain")][1]
+        t_plain = best[(d, "plain")][0]
+        for cfg in c["recv"]:
+            ta.RECV_CONFIGS[d] = cfg
+            req = VARIANTS["cols"](N)
+            t = bench(lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=req))
+            print(f"  cols  recv {cfg}: {t:.3f} ms total, received pass {t - t_plain:.3f} ms, {t_sdpa / t:.2f}x SDPA",
+                  flush=True)
+            if t < best.get((d, "cols"), (1e9,))[0]:
+                best[(d, "cols")] = (t, cfg)
+        del q, k, v
+        torch.cuda.empty_cache()
+    print("\nbest:", {f"d{d} {kind}": cfg for (d, kind), (t, cfg) in best.items()}, flush=True)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="*", default=[4096, 16384, 32768, 65536, 131072])
+    ap.add_argument("--small-sizes", type=int, nargs="*", default=[4096, 16384, 32768])
+    ap.add_argument("--no-small", action="store_true", help="skip the d=64 (SmolLM2) table")
+    ap.add_argument("--no-large", action="store_true", help="skip the d=128 (Llama-3-8B) table")
+    ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-n", type=int, default=16384)
+    ap.add_argument("--workers", type=int, default=8, help="processes that precompile the kernels")
+    ap.add_argument("--dry", action="store_true", help="tiny sizes, wall-clock timing (CPU interpreter OK)")
+    args = ap.parse_args()
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dry:
+        if dev == "cpu":
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.sizes, args.small_sizes, args.workers = [64], [48], 1
+    if dev == "cuda":
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+              f"triton {__import__('triton').__version__}", flush=True)
+    if args.sweep:
+        sweep(args)
+        return
+    tasks = []
+    for (H, G, d, sizes, skip) in ((32, 8, 128, args.sizes, args.no_large), (9, 3, 64, args.small_sizes, args.no_small)):
+        if not skip and sizes:
+            tasks += [(name, 4096, H, G, d, None, None) for name in VARIANTS]
+    if dev == "cuda":
+        precompile(tasks, args.workers)
+    rows, tables = [], []
+    if not args.no_large:
+        tables.append(run_table("Llama-3-8B", 32, 8, 128, args.sizes, args, rows))
+    if not args.no_small:
+        tables.append(run_table("SmolLM2-135M", 9, 3, 64, args.small_sizes, args, rows))
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "kernels_bench.md"), "w") as f:
+            f.write("\n\n".join(tables) + "\n")
+        with open(os.path.join(out, "kernels_bench.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
