@@ -23,8 +23,9 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+# this file is named kernels.py: keep its folder off the path so that `kernels` is the package
+sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in (HERE, ROOT)]
 
 from kernels import triton_attention as ta  # noqa: E402
 from kernels.spec import StatRequest  # noqa: E402

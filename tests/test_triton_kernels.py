@@ -293,7 +293,8 @@ def test_matches_sdpa_and_chunked_contract():
 
     req = StatRequest(**ALL_ROW, received=True, received_window=(0, 9))
     _, got = ta.attention(**prob, stats=req, block=BLOCK)
-    _, want = chunked.attention(**prob, stats=req, block=16)
+    cpu = {n: (t.cpu() if torch.is_tensor(t) else t) for n, t in prob.items()}   # chunked is the CPU path
+    _, want = chunked.attention(**cpu, stats=req, block=16)
     assert {n: (tuple(t.shape), t.dtype) for n, t in got.items()} == \
         {n: (tuple(t.shape), t.dtype) for n, t in want.items()}
 
