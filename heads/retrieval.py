@@ -58,13 +58,17 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 def _stem(w: str) -> str:
     """A light suffix stripper standing in for the Porter stemmer that rouge_score uses
-    (``use_stemmer=True`` in the reference): plural/verb endings only."""
+    (``use_stemmer=True`` in the reference): plural and verb endings, with Porter's undoubling
+    (sitting -> sit)."""
     if len(w) <= 3:
         return w
     for suf, rep in (("sses", "ss"), ("ies", "y"), ("ing", ""), ("edly", ""), ("ed", ""), ("ly", ""),
                      ("es", ""), ("s", "")):
         if w.endswith(suf) and len(w) - len(suf) >= 3:
-            return w[: len(w) - len(suf)] + rep
+            w = w[: len(w) - len(suf)] + rep
+            if suf in ("ing", "ed", "edly") and len(w) > 3 and w[-1] == w[-2] and w[-1] not in "aeiouylsz":
+                w = w[:-1]
+            return w
     return w
 
 
@@ -190,8 +194,14 @@ class _Builder:
 
 
 def _stop_ids(model) -> list[int]:
+    """The model's EOS ids (tokenizer and generation config), its end-of-turn token and the newline
+    token (the reference stops decoding at a newline)."""
     tok = model.tokenizer
     out = []
+    gc = getattr(model.model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None)
+    if eos is not None:
+        out += [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
     if tok is not None:
         if tok.eos_token_id is not None:
             out.append(int(tok.eos_token_id))
@@ -309,6 +319,7 @@ class Retrieval(Analyzer):
     n_lengths: int = 20                  # paper grid when lengths is None
     chat: bool | None = None             # None: use the chat template when the tokenizer has one
     batch_size: int = 3                  # prompts decoded together (left-padded); 1 = the reference's loop
+    generate_kwargs: dict | None = None  # passed on to model.generate (e.g. a logits_processor)
 
     @classmethod
     def paper_config(cls, **kw) -> "Retrieval":
@@ -367,11 +378,12 @@ class Retrieval(Analyzer):
         L, H = model.cfg.n_layers, model.cfg.n_heads
         per_test = torch.zeros(len(tests), L, H)
         recall = torch.zeros(len(tests))
-        stop = _stop_ids(model) if model.tokenizer is not None else None
+        stop = _stop_ids(model)
         outputs = [None] * len(tests)
         bar = tqdm(total=len(tests), desc="retrieval NIAH", disable=not progress)
         for idx in _batches(tests, self.batch_size):
-            got = decode(model, [tests[i].prompt for i in idx], self.max_new_tokens, stop_ids=stop, record=True)
+            got = decode(model, [tests[i].prompt for i in idx], self.max_new_tokens, stop_ids=stop, record=True,
+                         **(self.generate_kwargs or {}))
             for i, (new, am) in zip(idx, got):
                 t = tests[i]
                 per_test[i] = retrieval_step_scores(am, torch.cat([t.prompt.cpu(), new]), new, t.span)
@@ -441,14 +453,15 @@ def random_heads(n_layers: int, n_heads: int, k: int, exclude=(), seed: int = 0)
 
 
 def niah_accuracy(model, tests: list[NeedleTest], heads=(), max_new_tokens: int = 24, progress: bool = False,
-                  desc: str = "NIAH", batch_size: int = 3) -> tuple[float, list[float], list]:
+                  desc: str = "NIAH", batch_size: int = 3, **generate_kw) -> tuple[float, list[float], list]:
     """Mean ROUGE-1 recall over ``tests`` with ``heads`` made uniform while decoding."""
     edits = _ablations(heads) if heads else ()
-    stop = _stop_ids(model) if model.tokenizer is not None else None
+    stop = _stop_ids(model)
     rec, outs = [0.0] * len(tests), [None] * len(tests)
     bar = tqdm(total=len(tests), desc=desc, disable=not progress)
     for idx in _batches(tests, batch_size):
-        got = decode(model, [tests[i].prompt for i in idx], max_new_tokens, stop_ids=stop, edits=edits)
+        got = decode(model, [tests[i].prompt for i in idx], max_new_tokens, stop_ids=stop, edits=edits,
+                     **generate_kw)
         for i, (new, _) in zip(idx, got):
             outs[i] = _output_text(model, new, tests[i].answer)
             rec[i] = rouge1_recall(tests[i].answer, outs[i])
@@ -485,11 +498,13 @@ def masking_experiment(model, scores, k: int = 20, n_random: int = 3, seed: int 
         n_ex = max(k, exclude_top)
     excluded = order[:n_ex]
     draws = [random_heads(L, H, k, excluded, seed + j) for j in range(n_random)]
-    base, base_r, base_o = niah_accuracy(model, tests, (), an.max_new_tokens, progress, "NIAH no mask", an.batch_size)
+    gk = an.generate_kwargs or {}
+    base, base_r, base_o = niah_accuracy(model, tests, (), an.max_new_tokens, progress, "NIAH no mask",
+                                         an.batch_size, **gk)
     topk, top_r, top_o = niah_accuracy(model, tests, top, an.max_new_tokens, progress, f"NIAH top-{k} masked",
-                                          an.batch_size)
-    rand = [niah_accuracy(model, tests, d, an.max_new_tokens, progress, f"NIAH random-{k} #{j}", an.batch_size)
-            for j, d in enumerate(draws)]
+                                       an.batch_size, **gk)
+    rand = [niah_accuracy(model, tests, d, an.max_new_tokens, progress, f"NIAH random-{k} #{j}", an.batch_size,
+                          **gk) for j, d in enumerate(draws)]
     rand_acc = [r[0] for r in rand]
     mean = sum(rand_acc) / len(rand_acc) if rand_acc else float("nan")
     sd = (math.sqrt(sum((x - mean) ** 2 for x in rand_acc) / (len(rand_acc) - 1)) if len(rand_acc) > 1 else 0.0)
