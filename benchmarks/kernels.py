@@ -109,9 +109,15 @@ def bench(fn, dry=False):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _set_globals(glob):
+    for name, val in (glob or {}).items():
+        setattr(ta, name, val)
+
+
 def _warm_one(task):
     """Compile (and run once) one kernel variant in a worker process: fills Triton's disk cache."""
-    variant, N, H, G, d, fwd_cfg, recv_cfg = task
+    variant, N, H, G, d, fwd_cfg, recv_cfg, glob = (tuple(task) + (None,))[:8]
+    _set_globals(glob)
     if fwd_cfg:
         for kind in ("plain", "stats"):
             ta.FWD_CONFIGS[kind][d] = tuple(fwd_cfg)
@@ -191,53 +197,70 @@ def run_table(shape_name, H, G, d, sizes, args, out_rows):
     return "\n".join(lines)
 
 
+SWEEP = {   # d: (H, G, plain configs, row-stat configs, received configs)
+    128: ((32, 8), [(128, 128, 8, 3)], [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+          [(128, 128, 8, 3), (64, 128, 8, 3)]),
+    64: ((9, 3), [(64, 64, 4, 3)], [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+         [(64, 64, 4, 3), (64, 128, 8, 3)]),
+    256: ((8, 4), [(64, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)], [(64, 32, 8, 2), (64, 32, 4, 2)],
+          [(32, 64, 8, 2), (64, 64, 8, 2)]),
+}
+ARGMAX_MODES = (1, 2)
+SPLITS = (4, 0)   # RECV_MIN_PROGRAMS_PER_SM: split GQA heads over programs for short sequences, or never
+
+
 def sweep(args):
-    """Time tile configurations at N=16k for each kernel kind; print the fastest."""
-    N = args.sweep_n
-    cands = {
-        128: {"fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
-              "recv": [(64, 128, 8, 3), (128, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)]},
-        64: {"fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-             "recv": [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)]},
-    }
-    shapes = {128: (32, 8), 64: (9, 3)}
+    """Time tile configurations (and the argmax / head-split variants) per head dim and size."""
     tasks = []
-    for d, c in cands.items():
-        H, G = shapes[d]
-        for cfg in c["fwd"]:
-            tasks += [("plain", 4096, H, G, d, cfg, None), ("rows", 4096, H, G, d, cfg, None)]
-        for cfg in c["recv"]:
-            tasks.append(("cols", 4096, H, G, d, None, cfg))
+    for d, ((H, G), plain, rows, recv) in SWEEP.items():
+        for cfg in plain:
+            tasks.append(("plain", 4096, H, G, d, cfg, None, None))
+        for cfg in rows:
+            for am in ARGMAX_MODES:
+                tasks.append(("rows", 4096, H, G, d, cfg, None, {"ARGMAX_MODE": am}))
+        for cfg in recv:
+            for sp in SPLITS:
+                tasks.append(("cols", 4096, H, G, d, plain[0], cfg, {"RECV_MIN_PROGRAMS_PER_SM": sp}))
     precompile(tasks, args.workers)
     best = {}
-    for d, c in cands.items():
-        H, G = shapes[d]
-        q, k, v = make(N, H, G, d)
-        f = flops(N, H, d)
-        sd, _ = sdpa_fn(q, k, v)
-        t_sdpa = bench(sd)
-        print(f"\nd={d} H={H} G={G} N={N}: SDPA {t_sdpa:.3f} ms ({f / t_sdpa / 1e9:.0f} TFLOP/s)", flush=True)
-        for kind in ("plain", "rows"):
-            for cfg in c["fwd"]:
-                ta.FWD_CONFIGS["plain"][d] = ta.FWD_CONFIGS["stats"][d] = cfg
+    for d, ((H, G), plain, rows, recv) in SWEEP.items():
+        for N in (args.sweep_sizes if d != 256 else args.sweep_sizes[-1:]):
+            q, k, v = make(N, H, G, d)
+            f = flops(N, H, d)
+            sd, _ = sdpa_fn(q, k, v)
+            t_sdpa = bench(sd)
+            print(f"\nd={d} H={H} G={G} N={N}: SDPA {t_sdpa:.3f} ms ({f / t_sdpa / 1e9:.0f} TFLOP/s)", flush=True)
+
+            def run(kind, label, key):
                 req = VARIANTS[kind](N)
                 t = bench(lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=req))
-                print(f"  {kind:5s} fwd {cfg}: {t:.3f} ms  {f / t / 1e9:.0f} TFLOP/s  {t_sdpa / t:.2f}x SDPA", flush=True)
-                if t < best.get((d, kind), (1e9,))[0]:
-                    best[(d, kind)] = (t, cfg)
-        ta.FWD_CONFIGS["plain"][d] = best[(d, "plain")][1]
-        t_plain = best[(d, "plain")][0]
-        for cfg in c["recv"]:
-            ta.RECV_CONFIGS[d] = cfg
-            req = VARIANTS["cols"](N)
-            t = bench(lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=req))
-            print(f"  cols  recv {cfg}: {t:.3f} ms total, received pass {t - t_plain:.3f} ms, {t_sdpa / t:.2f}x SDPA",
-                  flush=True)
-            if t < best.get((d, "cols"), (1e9,))[0]:
-                best[(d, "cols")] = (t, cfg)
-        del q, k, v
-        torch.cuda.empty_cache()
-    print("\nbest:", {f"d{d} {kind}": cfg for (d, kind), (t, cfg) in best.items()}, flush=True)
+                print(f"  {kind:5s} {label}: {t:.3f} ms  {f / t / 1e9:.0f} TFLOP/s  {t_sdpa / t:.2f}x SDPA", flush=True)
+                if t < best.get(key, (1e9,))[0]:
+                    best[key] = (t, label)
+                return t
+            t_plain, best_plain = 1e9, plain[0]
+            for cfg in plain:
+                ta.FWD_CONFIGS["plain"][d] = cfg
+                t = run("plain", f"fwd {cfg}", (d, N, "plain"))
+                if t < t_plain:
+                    t_plain, best_plain = t, cfg
+            ta.FWD_CONFIGS["plain"][d] = best_plain
+            for cfg in rows:
+                for am in ARGMAX_MODES:
+                    ta.FWD_CONFIGS["stats"][d], ta.ARGMAX_MODE = cfg, am
+                    run("rows", f"fwd {cfg} argmax={am}", (d, N, "rows"))
+            ta.ARGMAX_MODE = 1
+            for cfg in recv:
+                for sp in SPLITS:
+                    ta.RECV_CONFIGS[d], ta.RECV_MIN_PROGRAMS_PER_SM = cfg, sp
+                    t = run("cols", f"recv {cfg} split<{sp}/SM", (d, N, "cols"))
+                    print(f"        received pass alone ~{t - t_plain:.3f} ms", flush=True)
+            ta.RECV_MIN_PROGRAMS_PER_SM = 4
+            del q, k, v
+            torch.cuda.empty_cache()
+    print("\nbest:", flush=True)
+    for (d, N, kind), (t, label) in best.items():
+        print(f"  d={d} N={N} {kind}: {label} {t:.3f} ms", flush=True)
     return best
 
 
@@ -249,7 +272,7 @@ def main():
     ap.add_argument("--no-large", action="store_true", help="skip the d=128 (Llama-3-8B) table")
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--sweep-n", type=int, default=16384)
+    ap.add_argument("--sweep-sizes", type=int, nargs="*", default=[4096, 16384])
     ap.add_argument("--workers", type=int, default=8, help="processes that precompile the kernels")
     ap.add_argument("--dry", action="store_true", help="tiny sizes, wall-clock timing (CPU interpreter OK)")
     args = ap.parse_args()

@@ -16,7 +16,7 @@ plain FlashAttention loop. ``MODE`` says which pass this is:
   LSE), distance as ``(t - s0) * sum e - sum e * j`` per key block (keys at ``s0 + j``), window
   distance and recent mass per key block (a block wholly beyond or within the window costs one row
   sum; only blocks that straddle it are done element-wise), the argmax from the running max of the
-  scores (the index is searched only in blocks where some row's max moved), ``max_prob = 1 / l``.
+  scores (``ARGMAX=1``: the index is searched only in blocks where some row's max moved; ``2``: always), ``max_prob = 1 / l``.
   Sink and span masses are *not* in the main loop: once ``m`` and ``l`` are final, a short second
   loop recomputes the scores of only the key blocks inside each span (the sink is span
   ``[-inf, sink_k)``) and sums the exact probabilities. That costs a QK^T over the span's keys
@@ -286,7 +286,7 @@ def _attn_fwd(
                     else:
                         rblk = tl.sum(tl.where((t[:, None] - offs_n[None, :]) < recent_r, p, 0.0), 1)
                     recent = recent * alpha + rblk
-                if ARGMAX:
+                if ARGMAX == 1:     # search the index only when some row's max moved (block-uniform branch)
                     if MODE == 0:
                         upd = m_blk > m_i
                         if tl.max(upd.to(tl.int32), 0) > 0:
@@ -299,6 +299,15 @@ def _attn_fwd(
                             idx = tl.min(tl.where(p == pb[:, None], offs_n[None, :], IDX_BIG), 1)
                             amax = tl.where(upd, idx, amax)
                             pmax = tl.where(upd, pb, pmax)
+                elif ARGMAX == 2:   # always search (no block-wide reduction for the branch)
+                    if MODE == 0:
+                        idx = tl.min(tl.where(x2 == m_blk[:, None], offs_n[None, :], IDX_BIG), 1)
+                        amax = tl.where(m_blk > m_i, idx, amax)
+                    else:
+                        pb = tl.max(p, 1)
+                        idx = tl.min(tl.where(p == pb[:, None], offs_n[None, :], IDX_BIG), 1)
+                        amax = tl.where(pb > pmax, idx, amax)
+                        pmax = tl.maximum(pmax, pb)
 
                 # ---- output ----
                 if phase != 1:
@@ -424,7 +433,7 @@ def _attn_fwd(
             if MODE == 0:
                 recent = recent / l_safe
             tl.store(Rows + SLOT_RECENT * n_rows + rows, recent, mask=row_mask)
-        if ARGMAX:
+        if ARGMAX > 0:
             if MODE == 0:
                 pmax = tl.where(l_pos, 1.0 / l_safe, 0.0)
             tl.store(Rows + SLOT_MAXP * n_rows + rows, pmax, mask=row_mask)

@@ -1,7 +1,10 @@
 """Triton column sums: attention *received* by each key, from the LSE the forward kernel saved.
 
 One program per (key block, batch, KV head) holds its keys' K tile and loops over the query heads of
-its GQA group and, for each, over the query blocks that can see its keys (causal: from the key on;
+its GQA group and, for each, over the query blocks that can see its keys. When that gives too few
+programs to fill the GPU (short sequences: causal work is lopsided, the first key blocks have the
+most queries) the group's heads are split over ``R / HEADS_PER_PROG`` programs; each (key, head)
+sum still has exactly one owner (causal: from the key on;
 sliding window: up to ``window`` after it; ``received_window=(a, b)``: queries with a <= t - s <= b).
 For each tile it recomputes the scores, turns them into probabilities with the saved LSE
 (``p = exp2(x * log2 e - lse * log2 e)``; times the per-row redistribution coefficients of
@@ -26,7 +29,7 @@ from .flash_stats import LOG2E, _key_classes
 def _received_kernel(
     Q, K, Lse, Coef, Recv,
     sqb, sqh, sqm, skb, skh, skn, srb, srh,
-    H, G, NQ, NK, n_rows,
+    H, G, NQ, NK, n_rows, HEADS_PER_PROG,
     scaling, softcap, window, ra, rb,
     QScale, KPos0, Pad, spb, RdHasTgt, RdSrc, RdTgt,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -35,10 +38,12 @@ def _received_kernel(
     NSRC: tl.constexpr, NTGT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bg = tl.program_id(1)
+    R = H // G
+    n_split = R // HEADS_PER_PROG                      # programs sharing one (key block, batch, KV head)
+    bg = tl.program_id(1) // n_split
+    j0 = (tl.program_id(1) % n_split) * HEADS_PER_PROG
     b = bg // G
     g = bg % G
-    R = H // G
     s0 = pid_n * BLOCK_N
     offs_n = s0 + tl.arange(0, BLOCK_N)                 # key cache indices
     offs_d = tl.arange(0, BLOCK_D)
@@ -84,7 +89,7 @@ def _received_kernel(
     if HAS_PAD:
         kp = tl.load(Pad + b64 * spb + offs_n, mask=nmask, other=0) != 0
 
-    for j in range(R):
+    for j in range(j0, j0 + HEADS_PER_PROG):
         h = g * R + j
         sm_scale = scaling
         if HAS_QSCALE:

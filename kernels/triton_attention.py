@@ -58,18 +58,23 @@ def available(x: torch.Tensor | torch.device | str | None = None) -> bool:
 # "stats": row statistics; "edit": redistribution passes / gate (more accumulators live at once).
 # Chosen on an H100 with benchmarks/kernels.py --sweep (see BENCHMARKS.md).
 FWD_CONFIGS = {
-    "plain": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3),
+    "plain": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 128, 8, 3),
               256: (64, 32, 8, 2)},
-    "stats": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3),
+    "stats": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
               256: (64, 32, 8, 2)},
     "edit": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2),
              256: (32, 32, 8, 2)},
 }
 # received kernel: (BLOCK_M = query block of the inner loop, BLOCK_N = key block, warps, stages)
-RECV_CONFIGS = {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 8, 3), 128: (64, 128, 8, 3),
+RECV_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 128, 8, 3),
                 256: (32, 64, 8, 2)}
 # fp32 inputs: "ieee" dots run on the FMA units; small tiles keep them out of local memory
 FP32_CONFIG = (32, 32, 4, 2)
+# argmax search in the forward loop: 1 = only in key blocks where some row's max moved, 2 = always
+ARGMAX_MODE = 1
+# received kernel: split a GQA group's heads over programs while there are fewer than this many
+# programs per SM (short sequences)
+RECV_MIN_PROGRAMS_PER_SM = 4
 INTERPRET_BLOCK = 16   # interpreter: small tiles keep the numpy emulation quick
 
 _BIG_POS = 2 ** 62
@@ -148,6 +153,22 @@ def _check(q, k, v, key_padding, key_pos0, edits, block):
                 seen[hh] = i
         if edits.replace_mask is not None and edits.replace_value is None:
             raise Unsupported("replace_mask without replace_value")
+
+
+_SM_COUNT: dict = {}
+
+
+def _heads_per_program(n_programs: int, R: int, dev) -> int:
+    """Largest divisor of the GQA ratio R that still gives RECV_MIN_PROGRAMS_PER_SM programs per SM."""
+    if dev.type != "cuda":   # interpreter: exercise both the split and the multi-head loop
+        return R // 2 if R % 2 == 0 else R
+    if dev not in _SM_COUNT:
+        _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    target = RECV_MIN_PROGRAMS_PER_SM * _SM_COUNT[dev]
+    for hpp in sorted((x for x in range(1, R + 1) if R % x == 0), reverse=True):
+        if n_programs * (R // hpp) >= target:
+            return hpp
+    return 1
 
 
 def _received_count(B, Q, K, *, causal, sliding_window, received_window, key_padding, device):
@@ -297,7 +318,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
             NSPAN=nspan if s else 0, NSPAN_P=max(2, _pow2(nspan)),
             ENTROPY=bool(s and s.entropy), DISTANCE=bool(s and s.distance),
             WDIST=bool(s and s.window_distance), RECENT=bool(s and getattr(s, "recent", None)),
-            ARGMAX=bool(s and s.argmax), NSRC=nsrc, NTGT=ntgt,
+            ARGMAX=ARGMAX_MODE if (s and s.argmax) else 0, NSRC=nsrc, NTGT=ntgt,
             GATE=with_stats and ed is not None and ed.gate is not None,
             REPLACE=with_stats and ed is not None and ed.replace_mask is not None,
             OSCALE=with_stats and ed is not None and ed.out_scale is not None,
@@ -334,10 +355,12 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     if received:
         recv = torch.empty(B, H, K, dtype=f32, device=dev)
         rw = st.received_window
-        _received_kernel[(triton.cdiv(K, RBN), B * G)](
+        R = H // G
+        hpp = _heads_per_program(triton.cdiv(K, RBN) * B * G, R, dev)
+        _received_kernel[(triton.cdiv(K, RBN), B * G * (R // hpp))](
             q, k, lse, coef, recv,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            recv.stride(0), recv.stride(1), **common,
+            recv.stride(0), recv.stride(1), **common, HEADS_PER_PROG=hpp,
             ra=int(rw[0]) if rw else 0, rb=int(rw[1]) if rw else 0, **rd_args,
             BLOCK_M=RBM, BLOCK_N=RBN, **flags, RWIN=rw is not None, NSRC=nsrc, NTGT=ntgt,
             num_warps=rwarps, num_stages=rstages,
