@@ -266,6 +266,19 @@ def _batches(ids, size):
         yield ids[i:i + size]
 
 
+def ships_of(model, heads, data=None, n: int | None = 8, template: str | None = "chat", system: str | None = None,
+             how: str = "uniform", eps: float = 1e-4, batch_size: int = 16) -> torch.Tensor:
+    """Ships of the listed heads [(layer, head), ...] only, each ablated alone, on ``data`` (default:
+    the shipped harmful requests; pass ``load_requests("harmless")`` for a control): [queries, heads]."""
+    _, ids = _encode(model, data, template, system, n)
+    heads = [(int(l), int(h)) for l, h in heads]
+    out = []
+    for chunk in _batches(ids, batch_size):
+        ab = _Ablator(model, chunk, how, eps)
+        out.append(torch.stack([kl_smoothed(ab.base_logp, ab.run([x])[0]).float().cpu() for x in heads], -1))
+    return torch.cat(out)
+
+
 # ------------------------------------------------------------------------------------------------
 # Ships
 
@@ -474,9 +487,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Safety heads: Ships and Sahara (Zhou et al. 2025) + ASR check.")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--queries", type=int, default=4, help="harmful requests for Ships (quick 4)")
-    p.add_argument("--sahara-queries", type=int, default=8)
+    p.add_argument("--sahara-queries", type=int, default=8, help="harmful requests for Sahara (quick 8)")
+    p.add_argument("--max-layers", type=int, default=10, help="evenly spaced layers scored (quick 10; 0 = all)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--candidates", type=int, default=16)
+    p.add_argument("--candidates", type=int, default=16, help="heads tried after round 1 (0 = all)")
     p.add_argument("--system", default=None, help="system prompt for the chat template (default: template's)")
     p.add_argument("--asr-queries", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -491,32 +505,51 @@ def main(argv=None):
     skip = set(filter(None, a.skip.split(",")))
     m = hs.load(a.model)
     out = Path(a.out) if a.out else None
-    top = None
+    max_layers = a.max_layers or None
+    heads = {}
     if "ships" not in skip:
-        r = Ships(n_queries=a.queries, system=a.system).score(m)
-        print(f"Ships ({r.seconds:.1f}s, {r.dataset}) top heads:")
+        r = Ships(n_queries=a.queries, system=a.system, max_layers=max_layers).score(m)
+        print(f"Ships ({r.seconds:.1f}s, {r.dataset}, layers scored "
+              f"{torch.nonzero(r.extra['scored_layers'][:, 0]).flatten().tolist()}) top heads:")
         for l, h, s in r.top(10):
-            print(f"  L{l} H{h}  mean KL {s:.4f}  in top-10 of {int(r.extra['top_count'][l, h])} queries")
-        top = r.top(1)[0][:2]
+            print(f"  L{l} H{h}  mean KL {s:.4f}  in top-10 of {int(r.extra['top_count'][l, h])}/{len(r.extra['per_query'])} queries")
+        heads["ships top"] = r.top(1)[0][:2]
         if out:
             r.save(out / "ships")
     if "sahara" not in skip:
-        r = Sahara(n_queries=a.sahara_queries, rounds=a.rounds, candidates=a.candidates).score(m)
+        r = Sahara(n_queries=a.sahara_queries, rounds=a.rounds, candidates=a.candidates or None,
+                   max_layers=max_layers).score(m)
         print(f"Sahara ({r.seconds:.1f}s, {r.dataset}) first-round top heads:")
         for l, h, s in r.top(10):
             print(f"  L{l} H{h}  angle {s:.2f} deg")
         print("  greedy set: " + ", ".join(f"L{l}H{h} ({ang:.2f} deg)" for (l, h), ang in r.greedy))
-        if top is None:
-            top = r.top(1)[0][:2]
+        heads["sahara top"] = r.greedy[0][0]
+        if len(r.greedy) > 1:
+            heads["sahara set"] = [x for x, _ in r.greedy]
         if out:
             r.save(out / "sahara")
-    if "asr" not in skip and top is not None:
+    if "asr" not in skip:
         t0 = time.time()
-        res = safety_check(m, top, seed=a.seed, n=a.asr_queries, max_new_tokens=a.max_new_tokens,
-                           system=a.system)
-        print(f"ASR check ({time.time() - t0:.0f}s, {a.asr_queries} requests, {a.max_new_tokens} new tokens):")
-        for k, v in res.items():
-            print(f"  {k:6s} heads={v['heads']}  ASR {v['asr']:.3f}")
+        L, H = m.cfg.n_layers, m.cfg.n_heads
+        rng = random.Random(a.seed)
+        conds = {"none": []}
+        for k, v in heads.items():
+            conds[k] = list(v) if isinstance(v, list) else [tuple(v)]
+        used = {tuple(x) for v in conds.values() for x in v}
+        while True:
+            rand = (rng.randrange(L), rng.randrange(H))
+            if rand not in used:
+                break
+        conds[f"random (seed {a.seed})"] = [rand]
+        res, seen = {}, set()
+        for k, hs_ in conds.items():
+            if tuple(hs_) in seen:          # e.g. Sahara's first head is Ships' top head
+                continue
+            seen.add(tuple(hs_))
+            res[k] = attack_success_rate(m, heads=hs_, n=a.asr_queries, max_new_tokens=a.max_new_tokens,
+                                         system=a.system)
+            print(f"  ASR {k:16s} heads={res[k]['heads']}  {res[k]['asr']:.3f}", flush=True)
+        print(f"ASR check took {time.time() - t0:.0f}s ({a.asr_queries} requests, {a.max_new_tokens} new tokens)")
         if out:
             out.mkdir(parents=True, exist_ok=True)
             (out / "asr.json").write_text(json.dumps(res, indent=1))
