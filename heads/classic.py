@@ -204,7 +204,7 @@ class _RazorBase(Analyzer):
     _which = "induction"
 
     @classmethod
-    def paper(cls, **kw):
+    def paper_config(cls, **kw):
         """RazorAttention's probe: BOS + 2500 random tokens x 4 (10001 tokens: more than SmolLM2's 8192
         context; the O(N) "stats" method)."""
         return cls(**{"block_len": 2500, "n_repeats": 4, "method": "stats", **kw})

@@ -159,7 +159,7 @@ class Sinks(Analyzer):
             raise ValueError(f"k must be in [1, n_tokens={self.n_tokens}], got {self.k}")
 
     @classmethod
-    def paper(cls, **kw) -> "Sinks":
+    def paper_config(cls, **kw) -> "Sinks":
         """The paper's configuration: 100 samples of 64 tokens, eps 0.3, k 1."""
         return cls(**{"n_samples": 100, "n_tokens": 64, "eps": 0.3, "k": 1, **kw})
 
