@@ -244,21 +244,26 @@ def top1_angle(M1: torch.Tensor, M2: torch.Tensor) -> float:
     return math.degrees(math.acos(c))
 
 
-def _layers(model, layers, max_layers=None):
-    """The layers to score: ``layers`` if given, else ``max_layers`` evenly spaced ones (first and
-    last included), else all."""
+def _layers(model, layers):
     L = model.cfg.n_layers
     if layers is None:
-        if max_layers is None or max_layers >= L:
-            return list(range(L))
-        if max_layers < 1:
-            raise ValueError("max_layers must be >= 1")
-        return sorted({int(round(x)) for x in torch.linspace(0, L - 1, max_layers).tolist()})
+        return list(range(L))
     out = sorted({int(l) for l in layers})
+    if not out:
+        raise ValueError("layers is empty")
     for l in out:
         if not 0 <= l < L:
             raise IndexError(f"layer {l} out of range, the model has {L} layers")
     return out
+
+
+def _screen(layers, score_layer, keep, progress, desc):
+    """Quick-mode layer screen (headscope's shortcut, not in the paper): score each layer with all
+    its heads ablated at once, keep the ``keep`` best layers. Returns (kept layers, [L] scores)."""
+    from tqdm.auto import tqdm
+    vals = {l: score_layer(l) for l in tqdm(layers, desc=desc, disable=not progress)}
+    kept = sorted(sorted(vals, key=lambda l: -vals[l])[:keep])
+    return kept, vals
 
 
 def _batches(ids, size):
@@ -288,8 +293,11 @@ class Ships(Analyzer):
     """Ships (Zhou et al. 2025 §3.1 eq. 3-4): KL(p || p_ablated) of the next-token distribution at
     the last prompt token of harmful queries when one head's attention is made uniform.
 
-    Quick default: the first 4 shipped harmful requests in the chat template, every layer. Paper:
-    ``Ships.paper()`` (every shipped request; the paper uses AdvBench/MaliciousInstruct/JailbreakBench).
+    Quick default: the first 4 shipped harmful requests in the chat template; a layer screen (each
+    layer's heads ablated together, ranked by the same KL) keeps the 4 layers with the largest KL
+    and only their heads are scored (the others get 0; ``extra["scored_layers"]``). The screen is a
+    headscope shortcut, not in the paper. ``Ships.paper_config()``: every shipped request, every
+    head (the paper uses AdvBench / MaliciousInstruct / JailbreakBench).
     """
 
     name = "ships"
@@ -307,33 +315,37 @@ class Ships(Analyzer):
     eps: float = 1e-4
     top_k: int = 10
     layers: tuple | None = None
-    max_layers: int | None = 10
+    screen_layers: int | None = 4
     batch_size: int = 16
     reuse_prefix: bool = True
 
     @classmethod
     def paper_config(cls, **kw) -> "Ships":
-        return cls(**{"n_queries": None, "max_layers": None, **kw})
+        """Every shipped request, every head of every layer."""
+        return cls(**{"n_queries": None, "screen_layers": None, **kw})
 
     def score(self, model, data=None, progress: bool = True):
         from tqdm.auto import tqdm
         t0 = time.time()
         queries, ids = _encode(model, data, self.template, self.system, self.n_queries)
+        if self.how not in ("uniform", "zero", "mean"):
+            raise ValueError(f"how must be 'uniform', 'zero' or 'mean', got {self.how!r}")
         L, H = model.cfg.n_layers, model.cfg.n_heads
-        layers = _layers(model, self.layers, self.max_layers)
+        layers = _layers(model, self.layers)
+        abs_ = [_Ablator(model, c, self.how, self.eps, self.reuse_prefix) for c in _batches(ids, self.batch_size)]
+
+        def ships(heads):                                                        # [Q]
+            return torch.cat([kl_smoothed(ab.base_logp, ab.run(heads)[0]).float().cpu() for ab in abs_])
+
+        screen = torch.zeros(L)
+        if self.screen_layers is not None and self.screen_layers < len(layers):
+            layers, vals = _screen(layers, lambda l: float(ships([(l, h) for h in range(H)]).mean()),
+                                   self.screen_layers, progress, "ships layer screen")
+            for l, v in vals.items():
+                screen[l] = v
         per_query = torch.zeros(len(ids), L, H)
-        n_fwd = len(layers) * H * math.ceil(len(ids) / self.batch_size)
-        bar = tqdm(total=n_fwd, desc="ships", disable=not progress)
-        row = 0
-        for chunk in _batches(ids, self.batch_size):
-            ab = _Ablator(model, chunk, self.how, self.eps, self.reuse_prefix)
-            for l in layers:
-                for h in range(H):
-                    logq, _ = ab.run([(l, h)])
-                    per_query[row:row + len(chunk), l, h] = kl_smoothed(ab.base_logp, logq).float().cpu()
-                    bar.update(1)
-            row += len(chunk)
-        bar.close()
+        for l, h in tqdm([(l, h) for l in layers for h in range(H)], desc="ships", disable=not progress):
+            per_query[:, l, h] = ships([(l, h)])
         flat = per_query.flatten(1)                                              # [Q, L*H]
         k = min(self.top_k, len(layers) * H)
         in_top = torch.zeros_like(flat)
@@ -342,8 +354,10 @@ class Ships(Analyzer):
         scored[layers] = True
         ds = (f"{len(ids)} harmful requests ({'shipped heads/data/harmful.txt' if data is None else 'user data'}), "
               f"template {self.template!r}")
+        if self.screen_layers is not None and not bool(screen.eq(0).all()):
+            ds += f"; heads of the {len(layers)} layers that won the layer screen: {layers}"
         res = self._result(model, per_query.mean(0), dataset=ds, started=t0, per_query=per_query,
-                           top_count=in_top.view(-1, L, H).sum(0), scored_layers=scored)
+                           top_count=in_top.view(-1, L, H).sum(0), scored_layers=scored, layer_screen=screen)
         res.queries = queries
         return res
 
@@ -358,9 +372,11 @@ class Sahara(Analyzer):
     rotates the dominant direction (top-1 left singular vector) of the harmful queries' last-layer,
     last-token hidden states the most.
 
-    Quick default: 8 shipped harmful requests, 2 greedy rounds, rounds after the first only try the
-    16 best heads of round 1 (``candidates``). Paper: ``Sahara.paper_config()`` (every request, every
-    head in every round, 3 rounds, eps 1e-5 as the reference ``default_search_cfg``).
+    Quick default: 8 shipped harmful requests; a layer screen (each layer's heads ablated together)
+    keeps the 4 layers that rotate the direction most, and only their heads are scored; 2 greedy
+    rounds, the second trying the 8 best heads of round 1 (``candidates``). Paper:
+    ``Sahara.paper_config()`` (every request, every head in every round, 3 rounds; eps 1e-5 as the
+    reference ``default_search_cfg``).
     """
 
     name = "sahara"
@@ -375,16 +391,16 @@ class Sahara(Analyzer):
     template: str | None = SAHARA_TEMPLATE
     system: str | None = None
     rounds: int = 2
-    candidates: int | None = 16
+    candidates: int | None = 8
     how: str = "uniform"
     eps: float = 1e-5
     layers: tuple | None = None
-    max_layers: int | None = 10
+    screen_layers: int | None = 4
     reuse_prefix: bool = True
 
     @classmethod
     def paper_config(cls, **kw) -> "Sahara":
-        return cls(**{"n_queries": None, "max_layers": None, "rounds": 3, "candidates": None, **kw})
+        return cls(**{"n_queries": None, "screen_layers": None, "rounds": 3, "candidates": None, **kw})
 
     def score(self, model, data=None, progress: bool = True):
         from tqdm.auto import tqdm
@@ -395,9 +411,15 @@ class Sahara(Analyzer):
         if self.rounds < 1:
             raise ValueError("rounds must be >= 1")
         L, H = model.cfg.n_layers, model.cfg.n_heads
-        layers = _layers(model, self.layers, self.max_layers)
+        layers = _layers(model, self.layers)
         ab = _Ablator(model, ids, self.how, self.eps, self.reuse_prefix)
         M0 = ab.base_hidden
+        screen = torch.zeros(L)
+        if self.screen_layers is not None and self.screen_layers < len(layers):
+            layers, vals = _screen(layers, lambda l: top1_angle(M0, ab.run([(l, h) for h in range(H)])[1]),
+                                   self.screen_layers, progress, "sahara layer screen")
+            for l, v in vals.items():
+                screen[l] = v
         pool = [(l, h) for l in layers for h in range(H)]
         chosen: list[tuple[int, int]] = []
         chosen_angle: list[float] = []
@@ -405,8 +427,7 @@ class Sahara(Analyzer):
         for r in range(self.rounds):
             cands = [x for x in pool if x not in chosen]
             if r > 0 and self.candidates is not None:
-                order = sorted(cands, key=lambda x: -float(first[x[0], x[1]]))
-                cands = order[:self.candidates]
+                cands = sorted(cands, key=lambda x: -float(first[x[0], x[1]]))[:self.candidates]
             if not cands:
                 break
             best, best_a = None, -1.0
@@ -420,9 +441,13 @@ class Sahara(Analyzer):
             chosen_angle.append(best_a)
         ds = (f"{len(ids)} harmful requests ({'shipped heads/data/harmful.txt' if data is None else 'user data'}), "
               f"template {self.template!r}")
+        if not bool(screen.eq(0).all()):
+            ds += f"; heads of the {len(layers)} layers that won the layer screen: {layers}"
+        scored = torch.zeros(L, H, dtype=torch.bool)
+        scored[layers] = True
         res = self._result(model, first, dataset=ds, started=t0,
                            greedy_heads=torch.tensor(chosen, dtype=torch.long).view(-1, 2),
-                           greedy_angles=torch.tensor(chosen_angle))
+                           greedy_angles=torch.tensor(chosen_angle), scored_layers=scored, layer_screen=screen)
         res.greedy = list(zip(chosen, chosen_angle))
         res.queries = queries
         return res
@@ -488,9 +513,10 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2")
     p.add_argument("--queries", type=int, default=4, help="harmful requests for Ships (quick 4)")
     p.add_argument("--sahara-queries", type=int, default=8, help="harmful requests for Sahara (quick 8)")
-    p.add_argument("--max-layers", type=int, default=10, help="evenly spaced layers scored (quick 10; 0 = all)")
+    p.add_argument("--screen-layers", type=int, default=4,
+                   help="quick layer screen: score heads of this many layers only (0 = every layer, the paper)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--candidates", type=int, default=16, help="heads tried after round 1 (0 = all)")
+    p.add_argument("--candidates", type=int, default=8, help="heads tried after round 1 (0 = all)")
     p.add_argument("--system", default=None, help="system prompt for the chat template (default: template's)")
     p.add_argument("--asr-queries", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -505,10 +531,10 @@ def main(argv=None):
     skip = set(filter(None, a.skip.split(",")))
     m = hs.load(a.model)
     out = Path(a.out) if a.out else None
-    max_layers = a.max_layers or None
+    screen = a.screen_layers or None
     heads = {}
     if "ships" not in skip:
-        r = Ships(n_queries=a.queries, system=a.system, max_layers=max_layers).score(m)
+        r = Ships(n_queries=a.queries, system=a.system, screen_layers=screen).score(m)
         print(f"Ships ({r.seconds:.1f}s, {r.dataset}, layers scored "
               f"{torch.nonzero(r.extra['scored_layers'][:, 0]).flatten().tolist()}) top heads:")
         for l, h, s in r.top(10):
@@ -518,7 +544,7 @@ def main(argv=None):
             r.save(out / "ships")
     if "sahara" not in skip:
         r = Sahara(n_queries=a.sahara_queries, rounds=a.rounds, candidates=a.candidates or None,
-                   max_layers=max_layers).score(m)
+                   screen_layers=screen).score(m)
         print(f"Sahara ({r.seconds:.1f}s, {r.dataset}) first-round top heads:")
         for l, h, s in r.top(10):
             print(f"  L{l} H{h}  angle {s:.2f} deg")

@@ -81,7 +81,7 @@ def _second_over_first(scores):
 def test_ships_finds_planted_head(fixture, how, request):
     m = request.getfixturevalue(fixture)
     data = queries()
-    r = Ships(how=how, n_queries=None, max_layers=None).score(m, data, progress=False)
+    r = Ships(how=how, n_queries=None, screen_layers=None).score(m, data, progress=False)
     assert r.shape == (m.cfg.n_layers, m.cfg.n_heads)
     assert r.top(1)[0][:2] == PLANT
     assert _second_over_first(r.scores) < 0.2
@@ -95,7 +95,7 @@ def test_ships_finds_planted_head(fixture, how, request):
 @pytest.mark.parametrize("how", ["uniform", "zero"])
 def test_sahara_finds_planted_head(planted_llama, how):
     m = planted_llama
-    r = Sahara(how=how, n_queries=None, rounds=2, candidates=None, max_layers=None).score(m, queries(), progress=False)
+    r = Sahara(how=how, n_queries=None, rounds=2, candidates=None, screen_layers=None).score(m, queries(), progress=False)
     assert r.top(1)[0][:2] == PLANT
     assert _second_over_first(r.scores) < 0.2
     assert r.greedy[0][0] == PLANT
@@ -108,7 +108,7 @@ def test_ships_equals_kl_through_probe(planted_llama):
     """Ships of one head = KL computed with hs.Ablate through the plain HookedModel forward."""
     m = planted_llama
     data = queries(3, seed=1)
-    r = Ships(max_layers=None).score(m, data, progress=False)
+    r = Ships(screen_layers=None).score(m, data, progress=False)
     for i, x in enumerate(data):
         p = torch.log_softmax(m(x[None])[0, -1].double(), -1)
         for (l, h) in [PLANT, (0, 1), (2, 3)]:
@@ -196,11 +196,16 @@ def test_errors(planted_llama):
         Ships().score(m, [torch.ones(600, dtype=torch.long)], progress=False)
 
 
-def test_quick_layers_and_paper_config(planted_llama):
-    r = Ships(max_layers=2).score(planted_llama, queries(2), progress=False)
-    assert r.extra["scored_layers"][:, 0].tolist() == [True, False, True]
-    assert (r.scores[1] == 0).all()
-    assert Ships.paper_config().max_layers is None and Sahara.paper_config().candidates is None
+@pytest.mark.parametrize("how", ["uniform", "zero"])
+def test_layer_screen_keeps_planted_layer(planted_llama, how):
+    m = planted_llama
+    r = Ships(how=how, n_queries=None, screen_layers=1).score(m, queries(), progress=False)
+    assert r.extra["scored_layers"][:, 0].tolist() == [False, True, False]
+    assert (r.scores[0] == 0).all() and (r.scores[2] == 0).all() and r.top(1)[0][:2] == PLANT
+    assert int(r.extra["layer_screen"].argmax()) == PLANT[0]
+    s = Sahara(how=how, n_queries=None, screen_layers=1, rounds=1).score(m, queries(), progress=False)
+    assert s.extra["scored_layers"][:, 0].tolist() == [False, True, False] and s.greedy[0][0] == PLANT
+    assert Ships.paper_config().screen_layers is None and Sahara.paper_config().candidates is None
 
 
 @pytest.mark.slow
