@@ -9,7 +9,9 @@ Causal, bf16, B=1. Columns: PyTorch SDPA (flash backend), our kernel plain, + al
 + column sums (received), + both, and eager attention that materialises the probabilities (until
 it runs out of memory). Median time of ``triton.testing.do_bench``; TFLOP/s counts useful FLOPs
 only, 4 * N^2 * d * H / 2 for causal attention (the statistics' extra work is not counted). The
-markdown table is printed and written to $OUT/kernels_bench.md (and $OUT/kernels_bench.json).
+markdown table is printed and written, row by row, to $OUT/kernels_bench.md (numbers also to
+$OUT/kernels_bench.json). ``--ab-argmax`` first times the two argmax search modes of the forward
+kernel on the row-statistics variant and keeps the faster for the tables.
 """
 from __future__ import annotations
 
@@ -146,13 +148,22 @@ def fmt_ms(ms):
     return "OOM" if ms is None else (f"{ms:.2f}" if ms < 100 else f"{ms:.0f}")
 
 
+def emit(line=""):
+    """Print a line and append it to $OUT/kernels_bench.md at once (a cut-off run keeps its rows)."""
+    print(line, flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "kernels_bench.md"), "a") as f:
+            f.write(line + "\n")
+
+
 def run_table(shape_name, H, G, d, sizes, args, out_rows):
-    print(f"\n### {shape_name}: B=1, H={H}, G={G}, d={d}, causal, bf16\n", flush=True)
+    emit(f"\n### {shape_name}: B=1, H={H}, G={G}, d={d}, causal, bf16\n")
     header = ("| N | SDPA flash ms (TFLOP/s) | ours plain ms (TFLOP/s, ×SDPA) | + row stats | + column sums "
               "| + rows + columns | eager (materialised P) |")
     lines = [header, "|" + "---|" * 7]
-    print(header, flush=True)
-    print(lines[1], flush=True)
+    emit(header)
+    emit(lines[1])
     eager_oom = [None]
     for N in sizes:
         torch.cuda.empty_cache()
@@ -190,7 +201,7 @@ def run_table(shape_name, H, G, d, sizes, args, out_rows):
             cells.append(f"{fmt_ms(t_eager)}" + (f" ({t_eager / t_sdpa:.1f}× SDPA time)" if t_eager else ""))
         res["eager_ms"] = t_eager
         line = (f"| {N // 1024}k | " if N >= 1024 else f"| {N} | ") + " | ".join(cells) + " |"
-        print(line, flush=True)
+        emit(line)
         lines.append(line)
         out_rows.append(res)
         del q, k, v
@@ -264,6 +275,26 @@ def sweep(args):
     return best
 
 
+def ab_argmax(args):
+    """A/B of the argmax search modes (2: search every block, 3: fused max-with-index reduction) on
+    the row-statistics kernel; keeps the faster (summed over the shapes) for the tables."""
+    modes, shapes, sizes = (2, 3), ((32, 8, 128), (9, 3, 64)), (4096, 16384)
+    precompile([("rows", 4096, H, G, d, None, None, {"ARGMAX_MODE": m}) for m in modes for H, G, d in shapes],
+               args.workers)
+    total = {m: 0.0 for m in modes}
+    for H, G, d in shapes:
+        for N in sizes:
+            q, k, v = make(N, H, G, d)
+            req = VARIANTS["rows"](N)
+            for m in modes:
+                ta.ARGMAX_MODE = m
+                t = bench(lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=req))
+                total[m] += t
+                print(f"  argmax mode {m}: d={d} N={N} rows {t:.3f} ms", flush=True)
+    ta.ARGMAX_MODE = min(total, key=total.get)
+    print(f"argmax A/B: total {total} -> mode {ta.ARGMAX_MODE}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[4096, 16384, 32768, 65536, 131072])
@@ -272,6 +303,7 @@ def main():
     ap.add_argument("--no-large", action="store_true", help="skip the d=128 (Llama-3-8B) table")
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--ab-argmax", action="store_true", help="A/B the argmax search modes first, keep the faster")
     ap.add_argument("--sweep-sizes", type=int, nargs="*", default=[4096, 16384])
     ap.add_argument("--workers", type=int, default=8, help="processes that precompile the kernels")
     ap.add_argument("--dry", action="store_true", help="tiny sizes, wall-clock timing (CPU interpreter OK)")
@@ -288,10 +320,16 @@ def main():
     if args.sweep:
         sweep(args)
         return
+    if os.environ.get("OUT"):
+        open(os.path.join(os.environ["OUT"], "kernels_bench.md"), "w").close()
+    if args.ab_argmax and dev == "cuda":
+        ab_argmax(args)
+    print(f"configs: fwd {ta.FWD_CONFIGS}, received {ta.RECV_CONFIGS}, argmax mode {ta.ARGMAX_MODE}, "
+          f"received head split below {ta.RECV_MIN_PROGRAMS_PER_SM} programs/SM", flush=True)
     tasks = []
     for (H, G, d, sizes, skip) in ((32, 8, 128, args.sizes, args.no_large), (9, 3, 64, args.small_sizes, args.no_small)):
         if not skip and sizes:
-            tasks += [(name, 4096, H, G, d, None, None) for name in VARIANTS]
+            tasks += [(name, 4096, H, G, d, None, None, {"ARGMAX_MODE": ta.ARGMAX_MODE}) for name in VARIANTS]
     if dev == "cuda":
         precompile(tasks, args.workers)
     rows, tables = [], []
@@ -301,8 +339,6 @@ def main():
         tables.append(run_table("SmolLM2-135M", 9, 3, 64, args.small_sizes, args, rows))
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, "kernels_bench.md"), "w") as f:
-            f.write("\n\n".join(tables) + "\n")
         with open(os.path.join(out, "kernels_bench.json"), "w") as f:
             json.dump(rows, f, indent=1)
 

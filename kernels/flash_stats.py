@@ -16,7 +16,8 @@ plain FlashAttention loop. ``MODE`` says which pass this is:
   LSE), distance as ``(t - s0) * sum e - sum e * j`` per key block (keys at ``s0 + j``), window
   distance and recent mass per key block (a block wholly beyond or within the window costs one row
   sum; only blocks that straddle it are done element-wise), the argmax from the running max of the
-  scores (``ARGMAX=1``: the index is searched only in blocks where some row's max moved; ``2``: always), ``max_prob = 1 / l``.
+  scores (``ARGMAX=1``: the index is searched only in blocks where some row's max moved; ``2``: in
+  every block; ``3``: from a fused max-with-index reduction), ``max_prob = 1 / l``.
   Sink and span masses are *not* in the main loop: once ``m`` and ``l`` are final, a short second
   loop recomputes the scores of only the key blocks inside each span (the sink is span
   ``[-inf, sink_k)``) and sums the exact probabilities. That costs a QK^T over the span's keys
@@ -237,7 +238,13 @@ def _attn_fwd(
                 alpha = 1.0
                 m_new = m_i
             else:
-                m_blk = tl.max(x2, 1)
+                if ARGMAX == 3:
+                    if MODE == 0:   # max and its first index in one reduction
+                        m_blk, i_blk = tl.max(x2, 1, return_indices=True, return_indices_tie_break_left=True)
+                    else:
+                        m_blk = tl.max(x2, 1)
+                else:
+                    m_blk = tl.max(x2, 1)
                 m_new = tl.maximum(m_i, m_blk)
                 alpha = tl.exp2(m_i - m_new)
                 qk2 = x2 - m_new[:, None]
@@ -299,6 +306,14 @@ def _attn_fwd(
                             idx = tl.min(tl.where(p == pb[:, None], offs_n[None, :], IDX_BIG), 1)
                             amax = tl.where(upd, idx, amax)
                             pmax = tl.where(upd, pb, pmax)
+                elif ARGMAX == 3:   # index from the fused max reduction above
+                    if MODE == 0:
+                        amax = tl.where(m_blk > m_i, start_n + i_blk, amax)
+                    else:
+                        pb = tl.max(p, 1)
+                        idx = tl.min(tl.where(p == pb[:, None], offs_n[None, :], IDX_BIG), 1)
+                        amax = tl.where(pb > pmax, idx, amax)
+                        pmax = tl.maximum(pmax, pb)
                 elif ARGMAX == 2:   # always search (no block-wide reduction for the branch)
                     if MODE == 0:
                         idx = tl.min(tl.where(x2 == m_blk[:, None], offs_n[None, :], IDX_BIG), 1)

@@ -59,19 +59,20 @@ def available(x: torch.Tensor | torch.device | str | None = None) -> bool:
 # Chosen on an H100 with benchmarks/kernels.py --sweep (see BENCHMARKS.md).
 FWD_CONFIGS = {
     "plain": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 128, 8, 3),
-              256: (64, 32, 8, 2)},
+              256: (64, 32, 4, 2)},
     "stats": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
-              256: (64, 32, 8, 2)},
+              256: (64, 32, 4, 2)},
     "edit": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2),
-             256: (32, 32, 8, 2)},
+             256: (32, 32, 4, 2)},
 }
 # received kernel: (BLOCK_M = query block of the inner loop, BLOCK_N = key block, warps, stages)
-RECV_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 128, 8, 3),
+RECV_CONFIGS = {16: (64, 128, 8, 3), 32: (64, 128, 8, 3), 64: (64, 128, 8, 3), 128: (64, 128, 8, 3),
                 256: (32, 64, 8, 2)}
 # fp32 inputs: "ieee" dots run on the FMA units; small tiles keep them out of local memory
 FP32_CONFIG = (32, 32, 4, 2)
-# argmax search in the forward loop: 1 = only in key blocks where some row's max moved, 2 = always
-ARGMAX_MODE = 1
+# argmax search in the forward loop: 1 = only in key blocks where some row's max moved (a block-wide
+# branch), 2 = in every block, 3 = fused max-with-index reduction. 2 beat 1 on the H100 sweep.
+ARGMAX_MODE = 2
 # received kernel: split a GQA group's heads over programs while there are fewer than this many
 # programs per SM (short sequences)
 RECV_MIN_PROGRAMS_PER_SM = 4
@@ -155,6 +156,54 @@ def _check(q, k, v, key_padding, key_pos0, edits, block):
             raise Unsupported("replace_mask without replace_value")
 
 
+def _redistribution_tables(reds, H, dev):
+    """Per-head redistribution tables for the kernels (heads without one get factor 1, no spans)."""
+    f32, i64 = torch.float32, torch.int64
+    nsrc = max(1, max(len(r.source) for r in reds))
+    ntgt = 0
+    if any(r.target is not None for r in reds):
+        ntgt = max(1, max(len(r.target) for r in reds if r.target is not None))
+    fac, mr, mt, ht = [1.0] * H, [math.inf] * H, [-math.inf] * H, [0] * H
+    src = [[(0, 0)] * nsrc for _ in range(H)]
+    tgt = [[(0, 0)] * max(ntgt, 1) for _ in range(H)]
+    for r in reds:
+        for h in r.heads:
+            h %= H
+            fac[h] = float(r.factor)
+            if r.max_ratio is not None:
+                mr[h], mt[h] = float(r.max_ratio), float(r.min_target)
+            for j, (a, b) in enumerate(r.source):
+                src[h][j] = (int(a), int(b))
+            if r.target is not None:
+                ht[h] = 1
+                for j, (a, b) in enumerate(r.target):
+                    tgt[h][j] = (int(a), int(b))
+    return (nsrc, ntgt, torch.tensor(fac, dtype=f32, device=dev), torch.tensor(mr, dtype=f32, device=dev),
+            torch.tensor(mt, dtype=f32, device=dev), torch.tensor(ht, dtype=torch.int32, device=dev),
+            torch.tensor(src, dtype=i64, device=dev).reshape(-1), torch.tensor(tgt, dtype=i64, device=dev).reshape(-1))
+
+
+# small device tensors built from Python values (dummies, span tables, zero positions, counts): made
+# once per device and value, so a call costs no host-to-device copies after the first layer
+_CACHE: dict = {}
+
+
+def _cached(key, make):
+    t = _CACHE.get(key)
+    if t is None:
+        if len(_CACHE) > 512:
+            _CACHE.clear()
+        t = _CACHE[key] = make()
+    return t
+
+
+def _dummies(dev):
+    return _cached(("dummies", dev), lambda: (torch.zeros(1, dtype=torch.float32, device=dev),
+                                             torch.zeros(2, dtype=torch.int64, device=dev),
+                                             torch.zeros(1, dtype=torch.int32, device=dev),
+                                             torch.zeros(1, dtype=torch.uint8, device=dev)))
+
+
 _SM_COUNT: dict = {}
 
 
@@ -173,6 +222,14 @@ def _heads_per_program(n_programs: int, R: int, dev) -> int:
 
 def _received_count(B, Q, K, *, causal, sliding_window, received_window, key_padding, device):
     """How many queries may see key s (and fall in the received window): closed form, [B, K] fp32."""
+    base = _cached(("count", device, B, Q, K, bool(causal), sliding_window, received_window),
+                   lambda: _count_base(B, Q, K, causal, sliding_window, received_window, device))
+    if key_padding is None:
+        return base.clone()
+    return base * key_padding.to(device=device, dtype=torch.float32)
+
+
+def _count_base(B, Q, K, causal, sliding_window, received_window, device):
     s = torch.arange(K, device=device)
     lo = torch.full_like(s, K - Q)
     hi = torch.full_like(s, K - 1)
@@ -184,10 +241,7 @@ def _received_count(B, Q, K, *, causal, sliding_window, received_window, key_pad
         a, b = received_window
         lo = torch.maximum(lo, s + a)
         hi = torch.minimum(hi, s + b)
-    cnt = (hi - lo + 1).clamp_min(0).to(torch.float32).expand(B, K)
-    if key_padding is not None:
-        cnt = cnt * key_padding.to(device=device, dtype=torch.float32)
-    return cnt.contiguous()
+    return (hi - lo + 1).clamp_min(0).to(torch.float32).expand(B, K).contiguous()
 
 
 def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
@@ -210,10 +264,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     BD = max(16, _pow2(D))
     f32, i64 = torch.float32, torch.int64
-    dummy_f = torch.zeros(1, dtype=f32, device=dev)
-    dummy_i = torch.zeros(2, dtype=i64, device=dev)
-    dummy_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
-    dummy_u8 = torch.zeros(1, dtype=torch.uint8, device=dev)
+    dummy_f, dummy_i, dummy_i32, dummy_u8 = _dummies(dev)
     n_rows = B * H * Q
 
     st = stats
@@ -223,15 +274,19 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
     # ---- per-call tables ----
     kpos0 = (key_pos0.to(device=dev, dtype=i64).contiguous() if key_pos0 is not None
-             else torch.zeros(B, dtype=i64, device=dev))
-    pad = key_padding.to(device=dev).bool().to(torch.uint8).contiguous() if key_padding is not None else None
+             else _cached(("pos0", dev, B), lambda: torch.zeros(B, dtype=i64, device=dev)))
+    pad = None
+    if key_padding is not None:
+        pad = key_padding.to(device=dev)
+        pad = (pad.view(torch.uint8) if pad.dtype == torch.bool else (pad != 0).view(torch.uint8)).contiguous()
     span_list = []
     if st is not None:
         if st.sink_k:
             span_list.append((-_BIG_POS, int(st.sink_k)))
         span_list += [(int(a), int(b)) for a, b in st.spans]
     nspan = len(span_list)
-    spans = torch.tensor(span_list, dtype=i64, device=dev).reshape(-1) if nspan else dummy_i
+    spans = (_cached(("spans", dev, tuple(span_list)),
+                     lambda: torch.tensor(span_list, dtype=i64, device=dev).reshape(-1)) if nspan else dummy_i)
 
     def f32h(x, shape):
         return x.detach().to(device=dev, dtype=f32).reshape(shape).contiguous()
@@ -249,31 +304,8 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     rd_hastgt = dummy_i32
     rd_src = rd_tgt = dummy_i
     if redist:
-        reds = ed.redistributions
-        nsrc = max(1, max(len(r.source) for r in reds))
-        if any(r.target is not None for r in reds):
-            ntgt = max(1, max(len(r.target) for r in reds if r.target is not None))
-        fac, mr, mt, ht = [1.0] * H, [math.inf] * H, [-math.inf] * H, [0] * H
-        src = [[(0, 0)] * nsrc for _ in range(H)]
-        tgt = [[(0, 0)] * max(ntgt, 1) for _ in range(H)]
-        for r in reds:
-            for h in r.heads:
-                h %= H
-                fac[h] = float(r.factor)
-                if r.max_ratio is not None:
-                    mr[h], mt[h] = float(r.max_ratio), float(r.min_target)
-                for j, (a, b) in enumerate(r.source):
-                    src[h][j] = (int(a), int(b))
-                if r.target is not None:
-                    ht[h] = 1
-                    for j, (a, b) in enumerate(r.target):
-                        tgt[h][j] = (int(a), int(b))
-        rd_factor = torch.tensor(fac, dtype=f32, device=dev)
-        rd_maxr = torch.tensor(mr, dtype=f32, device=dev)
-        rd_mint = torch.tensor(mt, dtype=f32, device=dev)
-        rd_hastgt = torch.tensor(ht, dtype=torch.int32, device=dev)
-        rd_src = torch.tensor(src, dtype=i64, device=dev).reshape(-1)
-        rd_tgt = torch.tensor(tgt, dtype=i64, device=dev).reshape(-1)
+        (nsrc, ntgt, rd_factor, rd_maxr, rd_mint, rd_hastgt, rd_src, rd_tgt) = _cached(
+            ("redist", dev, H, ed.redistributions), lambda: _redistribution_tables(ed.redistributions, H, dev))
 
     # ---- buffers ----
     out = torch.empty(B, H, Q, D, dtype=q.dtype, device=dev)
