@@ -29,6 +29,10 @@ a causal mask real tokens never see the padding after them, and the unedited lay
 path), only the last position's logits are computed, and the layers below the first ablated layer
 are not run again: their output is the unablated one, cached once (``_start_at``). ``_start_at``
 is a local workaround (the probe has no ``start_at_layer``); tests hold it to a full forward.
+Even so, all 270 heads take minutes on 2 CPU cores, so the quick defaults (what ``headscope report``
+runs) first screen the layers (each layer's heads ablated together) and score the heads of the 4
+best layers only. This screen is a headscope shortcut, not the paper's; ``paper_config()`` scores
+every head. It finds Ships' top head on SmolLM2 but misses Sahara's (reports/safety.md).
 
 Run: ``python -m headscope.heads.safety --model smollm2`` (see ``main``).
 """

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import headscope as hs
+from headscope.heads import HeadScores
 from headscope.heads.preplan import Preplan, PreplanResult, _top_frac, middle_layers
 
 P, T, CH = 6, 40, 5                     # prompt length, response length, chunk length
@@ -119,7 +120,7 @@ def test_rendering(planted):
     assert 0.0 <= r.coupling(1) <= 1.0 and 0.0 <= r.coupling(1, preplan=False) <= 1.0
 
 
-def test_score_and_errors(planted):
+def test_score_and_errors(planted, tmp_path):
     m, ids = planted
     with m.hooks([("blocks.1.attn.hook_pattern", planted_pattern)]):
         res = Preplan().score(m, [(ids[:P], ids[P:])], progress=False)
@@ -127,6 +128,9 @@ def test_score_and_errors(planted):
     assert bool(res.extra["local_heads"][1, 0]) and bool(res.extra["global_heads"][1, 1])
     assert int(res.extra["local_heads"].sum()) == 1 and res.extra["waad"].shape == (T,)
     assert isinstance(res.details[0], PreplanResult)
+    back = HeadScores.load(res.save(tmp_path / "preplan"))
+    torch.testing.assert_close(back.extra["fai"], res.extra["fai"], equal_nan=True)
+    assert back.extra["preplan"].dtype == torch.bool
     with pytest.raises(ValueError, match="FAI needs"):
         Preplan().analyze(m, ids[:P], ids[P:P + 8])
     with pytest.raises(ValueError, match="no prompts"):

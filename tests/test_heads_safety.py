@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import headscope as hs
+from headscope.heads import HeadScores
 from headscope.heads.safety import (REFUSAL_PHRASES, Sahara, Ships, _Ablator, _start_at, attack_success_rate,
                                     is_refusal, kl_smoothed, load_requests, top1_angle)
 
@@ -197,7 +198,7 @@ def test_errors(planted_llama):
 
 
 @pytest.mark.parametrize("how", ["uniform", "zero"])
-def test_layer_screen_keeps_planted_layer(planted_llama, how):
+def test_layer_screen_keeps_planted_layer(planted_llama, how, tmp_path):
     m = planted_llama
     r = Ships(how=how, n_queries=None, screen_layers=1).score(m, queries(), progress=False)
     assert r.extra["scored_layers"][:, 0].tolist() == [False, True, False]
@@ -205,6 +206,8 @@ def test_layer_screen_keeps_planted_layer(planted_llama, how):
     assert int(r.extra["layer_screen"].argmax()) == PLANT[0]
     s = Sahara(how=how, n_queries=None, screen_layers=1, rounds=1).score(m, queries(), progress=False)
     assert s.extra["scored_layers"][:, 0].tolist() == [False, True, False] and s.greedy[0][0] == PLANT
+    back = HeadScores.load(s.save(tmp_path / "sahara"))
+    assert back.extra["greedy_heads"].tolist()[0] == list(PLANT) and back.method == "sahara"
     assert Ships.paper_config().screen_layers is None and Sahara.paper_config().candidates is None
 
 
