@@ -245,7 +245,8 @@ def decode(model, prompts, max_new_tokens: int, stop_ids=None, record: bool = Fa
     with torch.no_grad():
         pre = dict(attention_mask=mask[:, :-1], position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp_min(0)) \
             if padded else {}
-        cache = model.model(input_ids=ids[:, :-1], use_cache=True, **pre).past_key_values
+        # logits_to_keep=1: the prefill needs only the cache, not N x vocab logits (Gemma: 262k vocab)
+        cache = model.model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **pre).past_key_values
     rec_ctx = model.record(argmax=True) if record else contextlib.nullcontext()
     edit_ctx = model.edit(list(edits)) if edits else contextlib.nullcontext()
     with edit_ctx, rec_ctx as rec:
@@ -298,7 +299,7 @@ class Retrieval(Analyzer):
     ``lengths`` are haystack + needle tokens (the question and chat template come on top); None =
     the paper's 20 lengths from 1000 to the model's context minus ``buffer``. ``depths`` in percent.
     ``needles``: how many of the shipped needles to use (or None = all). The quick default (3 lengths
-    × 3 depths × 1 needle, 24 new tokens) runs in about 30 s on SmolLM2 on 2 CPU cores;
+    × 3 depths × 1 needle, 24 new tokens) needs about 45 s of one CPU core on SmolLM2;
     ``Retrieval.paper()`` is the reference grid (20 lengths × 10 depths, all needles, 50 tokens).
     """
 
@@ -309,7 +310,7 @@ class Retrieval(Analyzer):
                    "the needle token being generated; mean over needle tests answered with ROUGE-1 recall > 50%")
     threshold = 0.1
 
-    lengths: tuple | None = (256, 512, 1024)
+    lengths: tuple | None = (200, 400, 800)
     depths: tuple = (0.0, 50.0, 100.0)
     needles: int | None = 1
     max_new_tokens: int = 24
@@ -472,7 +473,7 @@ def niah_accuracy(model, tests: list[NeedleTest], heads=(), max_new_tokens: int 
 
 def masking_experiment(model, scores, k: int = 20, n_random: int = 3, seed: int = 0, data=None,
                        analyzer: Retrieval | None = None, exclude_top: int | None = None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, baseline: tuple | None = None) -> dict:
     """Wu et al. 2024 §4 (needle test with heads masked): NIAH accuracy (mean ROUGE-1 recall) with
     the top-k heads by ``scores`` made uniform during decoding vs ``n_random`` draws of k random heads
     (seeds seed..seed+n_random-1) and vs no masking.
@@ -499,8 +500,8 @@ def masking_experiment(model, scores, k: int = 20, n_random: int = 3, seed: int 
     excluded = order[:n_ex]
     draws = [random_heads(L, H, k, excluded, seed + j) for j in range(n_random)]
     gk = an.generate_kwargs or {}
-    base, base_r, base_o = niah_accuracy(model, tests, (), an.max_new_tokens, progress, "NIAH no mask",
-                                         an.batch_size, **gk)
+    base, base_r, base_o = baseline if baseline is not None else niah_accuracy(
+        model, tests, (), an.max_new_tokens, progress, "NIAH no mask", an.batch_size, **gk)
     topk, top_r, top_o = niah_accuracy(model, tests, top, an.max_new_tokens, progress, f"NIAH top-{k} masked",
                                        an.batch_size, **gk)
     rand = [niah_accuracy(model, tests, d, an.max_new_tokens, progress, f"NIAH random-{k} #{j}", an.batch_size,
@@ -512,6 +513,7 @@ def masking_experiment(model, scores, k: int = 20, n_random: int = 3, seed: int 
             "random_mean": mean, "random_std": sd, "top_heads": top, "random_heads": draws,
             "excluded_from_random": n_ex, "baseline_recall": base_r, "top_k_recall": top_r,
             "random_recall": [r[1] for r in rand], "outputs": {"baseline": base_o, "top_k": top_o},
+            "baseline_run": (base, base_r, base_o),
             "masked_during": "decoding only (prefill of prompt[:-1] unedited)"}
 
 
@@ -530,6 +532,8 @@ def _main(argv=None):
     p.add_argument("--paper", action="store_true", help="the reference grid (20 lengths x 10 depths, all needles)")
     p.add_argument("--mask-k", type=int, nargs="*", default=[], help="run the masking experiment with these k")
     p.add_argument("--n-random", type=int, default=3)
+    p.add_argument("--mask-lengths", type=int, nargs="+", default=None, help="masking grid (default: the scoring grid)")
+    p.add_argument("--mask-depths", type=float, nargs="+", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--save", default=None, help="write the HeadScores here (PATH.json + PATH.safetensors)")
@@ -572,11 +576,20 @@ def _main(argv=None):
     print(res.extra["grid_recall"])
     print("prompt tokens:", res.extra["test_prompt_tokens"].tolist())
     print("outputs:", res.params["outputs"])
+    man = an
+    if a.mask_lengths or a.mask_depths:
+        from dataclasses import replace
+        man = replace(an, lengths=tuple(a.mask_lengths) if a.mask_lengths else an.lengths,
+                      depths=tuple(a.mask_depths) if a.mask_depths else an.depths)
+    base = None
     for k in a.mask_k:
-        r = masking_experiment(m, res, k=k, n_random=a.n_random, seed=a.seed, analyzer=an)
+        r = masking_experiment(m, res, k=k, n_random=a.n_random, seed=a.seed, analyzer=man, baseline=base)
+        base = r["baseline_run"]
         print(f"masking k={k}: no mask {r['baseline']:.3f} | top-{k} retrieval heads {r['top_k']:.3f} | "
               f"random {k} heads {r['random_mean']:.3f} ± {r['random_std']:.3f} ({', '.join(f'{x:.3f}' for x in r['random'])})")
         print("  top heads:", r["top_heads"])
+        print(f"  {r['n_tests']} tests; recall per test: no mask {[round(x, 2) for x in r['baseline_recall']]}, "
+              f"top-k {[round(x, 2) for x in r['top_k_recall']]}")
         print("  top-k outputs:", r["outputs"]["top_k"])
 
 
