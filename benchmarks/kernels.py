@@ -1,6 +1,6 @@
 """Benchmark of the Triton attention kernels (a benchmark, not a test).
 
-    python benchmarks/kernels.py                 # Llama-3-8B (H=32, G=8, d=128) 4k..128k, SmolLM2 (H=9, G=3, d=64) 4k..32k
+    python benchmarks/kernels.py                 # Llama-3-8B 4k..128k and SmolLM2 4k..32k tables
     python benchmarks/kernels.py --sweep         # time tile configurations at 16k and print the best
     python benchmarks/kernels.py --sizes 4096 16384 --no-small
     python benchmarks/kernels.py --dry           # tiny sizes, any machine (TRITON_INTERPRET=1 on CPU)
@@ -327,7 +327,8 @@ def main():
     print(f"configs: fwd {ta.FWD_CONFIGS}, received {ta.RECV_CONFIGS}, argmax mode {ta.ARGMAX_MODE}, "
           f"received head split below {ta.RECV_MIN_PROGRAMS_PER_SM} programs/SM", flush=True)
     tasks = []
-    for (H, G, d, sizes, skip) in ((32, 8, 128, args.sizes, args.no_large), (9, 3, 64, args.small_sizes, args.no_small)):
+    for (H, G, d, sizes, skip) in ((32, 8, 128, args.sizes, args.no_large),
+                                   (9, 3, 64, args.small_sizes, args.no_small)):
         if not skip and sizes:
             tasks += [(name, 4096, H, G, d, None, None, {"ARGMAX_MODE": ta.ARGMAX_MODE}) for name in VARIANTS]
     if dev == "cuda":

@@ -329,7 +329,8 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     )
     flags = dict(HEAD_D=D, BLOCK_D=BD, CAUSAL=bool(causal), HAS_WINDOW=sliding_window is not None,
                  HAS_PAD=pad is not None, HAS_SOFTCAP=softcap is not None,
-                 HAS_QSCALE=ed is not None and ed.q_scale is not None, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                 HAS_QSCALE=ed is not None and ed.q_scale is not None,
+                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
                  DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16)
     rd_args = dict(RdHasTgt=rd_hastgt, RdSrc=rd_src, RdTgt=rd_tgt)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -160,7 +160,9 @@ def _check_stats(prob, got, want, probs, K):
     if "argmax" in want:
         g, w = got["argmax"], want["argmax"]
         assert g.dtype == torch.int64 and g.shape == w.shape
-        pos0 = prob["key_pos0"] if prob["key_pos0"] is not None else torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
+        pos0 = prob["key_pos0"]
+        if pos0 is None:
+            pos0 = torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
         idx = (g - pos0.view(-1, 1, 1)).clamp(0, K - 1)
         at = probs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)       # reference p at the kernel's argmax
         _close("p[argmax]", at, want["max_prob"], atol=tol)
