@@ -178,9 +178,9 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
                         x0, x1 = max(c0, lo), min(c1, hi)
                         if x0 < x1:
                             sel[:, :, x0 - lo:x1 - lo] &= m[:, x0 - c0:x1 - c0]
-                rs = torch.zeros(B, H, Kb)
+                rs = torch.zeros(B, H, Kb, device=q.device)
                 rs[..., lo:hi] = torch.einsum("bhqk,bqk->bhk", p[..., lo:hi], sel.float().expand(B, -1, -1))
-                rc = torch.zeros(B, Kb)
+                rc = torch.zeros(B, Kb, device=q.device)
                 rc[:, lo:hi] = sel.sum(-2).float().expand(B, -1)
             else:
                 rs = p.sum(-2)
