@@ -143,21 +143,25 @@ class _Builder:
         if not haystack.strip():
             raise ValueError("the haystack is empty")
         self.hay = tok.encode(haystack, add_special_tokens=False)
+        self._base = list(self.hay)
         ends = {}
         for t in set(self.hay):
             ends[t] = tok.decode([t]).strip().endswith(SENTENCE_END)
         self.is_end = [ends[t] for t in self.hay]
+        self._base_end = list(self.is_end)
 
     def context(self, needle: str, length: int, depth: float) -> str:
-        """Reference ``insert_needle``: trim the haystack to length - len(needle) tokens, insert the
-        needle at depth% after the closest preceding sentence end."""
-        nt = self.tok.encode(needle, add_special_tokens=False)
+        """Reference ``insert_needle``: trim the haystack to length - len(needle) tokens (repeating the
+        haystack when it is too short, as the reference does), insert the needle at depth% after the
+        closest preceding sentence end."""
+        nt = self.tok.encode(" " + needle.strip(), add_special_tokens=False)
         n_hay = length - len(nt)
         if n_hay <= 0:
             raise ValueError(f"length {length} is shorter than the needle ({len(nt)} tokens)")
-        if n_hay > len(self.hay):
-            raise ValueError(f"length {length} needs {n_hay} haystack tokens but the haystack has only "
-                             f"{len(self.hay)}: pass a longer haystack (data={{'haystack': ...}})")
+        while n_hay > len(self.hay):     # the reference repeats its haystack files until long enough
+            sep = self.tok.encode("\n\n", add_special_tokens=False)
+            self.is_end = self.is_end + [True] * len(sep) + self._base_end
+            self.hay = self.hay + sep + self._base
         hay = self.hay[:n_hay]
         if depth >= 100:
             ids = hay + nt

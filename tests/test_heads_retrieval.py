@@ -208,6 +208,22 @@ def test_bad_input():
 
 # ------------------------------------------------------------------------------- real model
 @pytest.mark.slow
+def test_needle_placement(smollm2):
+    from headscope.heads.retrieval import _Builder
+    b = _Builder(smollm2, "One two three. Four five six. Seven eight.", chat=None)
+    assert b.chat                                                      # SmolLM2 has a chat template
+    text = b.context("The needle is here.", 40, 50.0)                  # longer than the haystack: repeated
+    assert text.count("One two three.") >= 3
+    assert "six. The needle is here. Seven" in text or "three. The needle is here. Four" in text
+    assert b.context("The needle is here.", 12, 0.0).startswith(" The needle is here.")
+    assert b.context("The needle is here.", 12, 100.0).endswith("The needle is here.")
+    tests = Retrieval(lengths=(60,), depths=(50.0,)).tests(smollm2)
+    t = tests[0]
+    span_text = smollm2.tokenizer.decode(t.prompt[t.span[0]:t.span[1]])
+    assert "sandwich and sit in Dolores Park" in span_text
+
+
+@pytest.mark.slow
 def test_smollm2_needle(smollm2):
     an = Retrieval(lengths=(150,), depths=(50.0,), max_new_tokens=24)
     res = an.score(smollm2, progress=False)
