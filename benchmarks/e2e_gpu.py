@@ -7,6 +7,13 @@ HF eager attention with output_attentions=True (what TransformerLens and nnsight
 
 Weights do not matter for speed; the final norm output is used (no 128k-vocab logits).
 """
+import os as _os
+import sys as _sys
+
+# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder
+# off sys.path
+_sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _os.path.dirname(_os.path.abspath(__file__))]
+
 from __future__ import annotations
 
 import argparse

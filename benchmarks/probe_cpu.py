@@ -9,6 +9,13 @@ so an out-of-memory case fails alone and is reported as OOM. Run:
 
     python benchmarks/probe_cpu.py --sizes 1024 2048 4096 8192 --out BENCH_probe_cpu.md
 """
+import os as _os
+import sys as _sys
+
+# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder
+# off sys.path
+_sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _os.path.dirname(_os.path.abspath(__file__))]
+
 from __future__ import annotations
 
 import argparse
