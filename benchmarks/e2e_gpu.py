@@ -12,9 +12,9 @@ import sys as _sys
 
 # benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder
 # off sys.path
-_sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _os.path.dirname(_os.path.abspath(__file__))]
+_here = _os.path.dirname(_os.path.realpath(__file__))
+_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
 
-from __future__ import annotations
 
 import argparse
 import json
