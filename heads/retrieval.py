@@ -209,9 +209,10 @@ def _stop_ids(model) -> list[int]:
     if tok is not None:
         if tok.eos_token_id is not None:
             out.append(int(tok.eos_token_id))
-        nl = tok.encode("\n", add_special_tokens=False)
-        if len(nl) == 1:
-            out.append(int(nl[0]))                      # the reference stops at a newline
+        for nl in ("\n", "\n\n"):                      # the reference stops at a newline
+            ids = tok.encode(nl, add_special_tokens=False)
+            if len(ids) == 1:
+                out.append(int(ids[0]))
         for s in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
             i = tok.convert_tokens_to_ids(s) if s in tok.get_vocab() else None
             if i is not None:
