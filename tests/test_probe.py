@@ -313,3 +313,29 @@ def test_smollm2_matches_eager_and_answers(smollm2):
     assert (lh - lr).abs().max() < 1e-4
     out = m.generate(toks, max_new_tokens=8)
     assert "Paris" in m.to_string(out[0, toks.shape[1]:])
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_gemma3_sliding_window_matches_eager(gemma3):
+    """Gemma-3-270M beyond its 512-token window: the sliding layers must use the window (without the
+    registered mask function it is silently dropped and logits drift by ~18 at 700 tokens), and the
+    window must show in the statistics: no sliding-layer query attends further back than 511."""
+    import copy
+    m = gemma3
+    assert m.cfg.windows[5] is None and m.cfg.windows[0] == 512
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(1000, 20000, (1, 700), generator=g)
+    toks[0, 0] = 2                                                   # <bos>
+    ref = copy.deepcopy(m.model)
+    ref.set_attn_implementation("eager")
+    for a in ref.modules():
+        if hasattr(a, "_headscope"):
+            del a._headscope
+    lr = ref(input_ids=toks, logits_to_keep=50).logits
+    with m.record(hs.Stats(argmax=True, distance=True), layers=[0, 5]) as rec:
+        lh = m(toks, logits_to_keep=50)
+    assert (lh - lr).abs().max() < 1e-3 * max(1.0, lr.abs().max().item())
+    t = torch.arange(700)
+    assert (t - rec["argmax", 0][0]).max() < 512                      # sliding layer: within the window
+    assert (t - rec["argmax", 5][0]).max() >= 512                     # full layer: the BOS sink, far back
