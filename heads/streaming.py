@@ -86,18 +86,20 @@ def expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def split(kv_scores: torch.Tensor, sparsity: float, n_heads: int | None = None):
-    """DuoAttention deployment: threshold = quantile(kv_scores, sparsity); KV heads below it become
-    streaming. Returns (threshold, streaming mask [L, G] or [L, n_heads] if given)."""
+    """DuoAttention deployment (reference ``sparsify_attention_heads``): threshold =
+    quantile(kv_scores, sparsity); KV heads below it become streaming. Returns (threshold, streaming
+    mask [L, G] or [L, n_heads] if given)."""
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
-    flat = kv_scores.flatten().float()
+    # like the reference, break ties (e.g. many heads at exactly 0) with noise in [0, 1e-6) (seeded)
+    noisy = kv_scores.float() + torch.rand(kv_scores.shape, generator=torch.Generator().manual_seed(0)) * 1e-6
     if sparsity >= 1:
         thr = float("inf")
     elif sparsity <= 0:
         thr = float("-inf")
     else:
-        thr = float(torch.quantile(flat, sparsity))
-    stream = kv_scores < thr
+        thr = float(torch.quantile(noisy.flatten(), sparsity))
+    stream = noisy < thr
     if n_heads is not None:
         stream = expand_kv(stream, n_heads)
     return thr, stream

@@ -79,8 +79,10 @@ def test_planted_proxy_heads():
 def test_split_and_kv_helpers():
     kv = torch.tensor([[0.1, 0.9], [0.5, 0.3]])
     thr, st = split(kv, 0.5)
-    assert thr == pytest.approx(0.4)
+    assert thr == pytest.approx(0.4, abs=1e-5)
     assert st.tolist() == [[True, False], [False, True]]
+    zeros = torch.zeros(4, 3)                                          # ties are broken: half stream
+    assert int(split(zeros, 0.5)[1].sum()) == 6
     assert split(kv, 0.0)[1].sum() == 0 and split(kv, 1.0)[1].all()
     assert torch.equal(expand_kv(kv, 4), torch.tensor([[0.1, 0.1, 0.9, 0.9], [0.5, 0.5, 0.3, 0.3]]))
     assert kv_group_max(torch.tensor([[1.0, 2.0, 0.0, 3.0]]), 2).tolist() == [[2.0, 3.0]]
