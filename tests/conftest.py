@@ -1,6 +1,13 @@
 """Shared fixtures: each real model is loaded once per test run (converted weights are cached in
 $HEADSCOPE_CACHE, default ~/.cache/headscope)."""
 import os
+import shutil
+
+# Triton reads TRITON_INTERPRET when it is first imported, and importing headscope (through
+# transformers) already imports it: without a GPU, set it before anything else so the Triton
+# kernel tests run in the interpreter whatever order the test modules load in.
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
