@@ -57,21 +57,33 @@ def _prefix_ids(tok) -> list[int]:
 
 
 def haystack_batch(model, n_texts: int, length: int, text: str | None = None) -> torch.Tensor:
-    """``n_texts`` equal-length [length] token windows of the haystack (no padding), each starting
-    with the tokenizer's BOS if it has one. Errors clearly when the text is too short."""
+    """``n_texts`` consecutive equal-length [length] token windows of the haystack (no padding; the
+    text is repeated when too short), each starting with the tokenizer's BOS if it has one."""
     tok = model.tokenizer
     if tok is None:
         raise ValueError("this model has no tokenizer: pass token ids [batch, pos] as data")
     text = load_haystack() if text is None else text
     if not text.strip():
         raise ValueError("the haystack text is empty")
-    ids = tok.encode(text, add_special_tokens=False)
     pre = _prefix_ids(tok)
     n = length - len(pre)
-    if n_texts * n > len(ids):
-        raise ValueError(f"{n_texts} texts of {length} tokens need {n_texts * n} haystack tokens; the text has "
-                         f"{len(ids)}: use fewer or shorter texts")
+    if n <= 0 or n_texts <= 0:
+        raise ValueError(f"need at least one text of more than {len(pre)} tokens")
+    ids = _repeated(tok, text, n_texts * n)
     return torch.tensor([pre + ids[i * n:(i + 1) * n] for i in range(n_texts)])
+
+
+def _repeated(tok, text: str, n: int) -> list[int]:
+    """The text's tokens, repeated (joined by a blank line) until there are at least n: the reference
+    NIAH code repeats its haystack the same way when a context is longer than the essays."""
+    base = tok.encode(text, add_special_tokens=False)
+    if not base:
+        raise ValueError("the haystack text is empty")
+    ids = list(base)
+    sep = tok.encode("\n\n", add_special_tokens=False)
+    while len(ids) < n:
+        ids += sep + base
+    return ids
 
 
 def kv_group_max(scores: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -211,7 +223,7 @@ def passkey_samples(model, n_samples: int, length_min: int, length_max: int, num
         raise ValueError("this model has no tokenizer: pass samples as dicts with input_ids and label_mask")
     if not 1 <= num_passkeys <= len(ORDINALS):
         raise ValueError(f"num_passkeys must be in 1..{len(ORDINALS)}")
-    hay = tok.encode(load_haystack() if text is None else text, add_special_tokens=False)
+    hay = _repeated(tok, load_haystack() if text is None else text, int(length_max))
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     sep = enc("\n\n")
     p1 = _prefix_ids(tok) + enc("This is a very long story book: <book> ")
@@ -234,8 +246,6 @@ def passkey_samples(model, n_samples: int, length_min: int, length_max: int, num
         if n_hay < num_passkeys:
             raise ValueError(f"length {n} is too short for {num_passkeys} passkeys of {passkey_length} words "
                              f"({other} tokens without haystack)")
-        if n_hay > len(hay):
-            raise ValueError(f"length {n} needs {n_hay} haystack tokens; the haystack has {len(hay)}")
         h = hay[:n_hay]
         depths = depths_all[torch.randperm(depth_intervals, generator=gen)[:num_passkeys]].sort().values
         ctx, last = [], 0
