@@ -18,7 +18,8 @@ from ..heads.scores import _atomic_write
 
 
 def run_analyzers(model, names=None, params: dict | None = None, progress: bool = True, log=print):
-    """Run the named analyzers (default: all registered) with their quick defaults.
+    """Run the named analyzers (default: all registered) with their quick defaults (``quick()``
+    where an analyzer has one, e.g. the DuoAttention gates).
     Returns ({name: HeadScores}, {name: error message})."""
     names = list(ANALYZERS) if not names else list(names)
     unknown = [n for n in names if n not in ANALYZERS]
@@ -29,7 +30,10 @@ def run_analyzers(model, names=None, params: dict | None = None, progress: bool 
         t0 = time.time()
         log(f"[{i + 1}/{len(names)}] {name} …")
         try:
-            an = ANALYZERS[name](**(params or {}).get(name, {}))
+            cls = ANALYZERS[name]
+            kw = (params or {}).get(name, {})
+            # analyzers whose defaults train or sweep for minutes offer a quick() preset for reports
+            an = cls.quick(**kw) if hasattr(cls, "quick") else cls(**kw)
             results[name] = an.score(model, progress=progress)
             log(f"[{i + 1}/{len(names)}] {name} done in {time.time() - t0:.1f}s")
         except Exception as e:  # one failing analyzer must not sink the whole report
