@@ -90,20 +90,11 @@ def repeated_random_tokens(model, block_len: int = 200, n_repeats: int = 4, n_sa
 # ------------------------------------------------------------------------------------------------
 # exact diagonal masses: Σ_b Σ_{s in [lo, hi)} A[l, h][s + D, s]
 
-def _free_bytes(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        import psutil
-        return psutil.virtual_memory().available
-    except ImportError:
-        return 8 << 30
-
 
 def pattern_fits(model, batch: int, n_tokens: int) -> bool:
     """Whether one layer's attention pattern (and the reference path's few temporaries of that
     size) fits in half the free memory."""
-    return model.pattern_bytes(batch, n_tokens, 6) <= _free_bytes(model.device) // 2
+    return model.patterns_fit(batch, n_tokens, 6)
 
 
 def _pick_method(model, method: str, batch: int, n_tokens: int) -> str:

@@ -244,6 +244,10 @@ class HookedModel(nn.Module):
     def pattern_bytes(self, batch: int, n_tokens: int, n_layers: int) -> int:
         return 4 * batch * self.cfg.n_heads * n_tokens * n_tokens * n_layers
 
+    def patterns_fit(self, batch: int, n_tokens: int, n_layers: int = 1) -> bool:
+        """Would ``n_layers`` fp32 patterns fit in half the free memory (run_with_cache's budget)?"""
+        return self.pattern_bytes(batch, n_tokens, n_layers) <= free_bytes(self.device) // 2
+
     def run_with_cache(self, tokens, names_filter=None, attention_mask=None, max_bytes: int | None = None,
                        **kwargs):
         """(logits, ActivationCache). ``names_filter``: None (all), a name, a list of names or a
@@ -262,7 +266,7 @@ class HookedModel(nn.Module):
         B, N = toks.shape
         n_quadratic = sum(k in ("pattern", "attn_scores") for _, k in parsed)
         need = self.pattern_bytes(B, N, n_quadratic)
-        budget = max_bytes if max_bytes is not None else _free_bytes(self.device) // 2
+        budget = max_bytes if max_bytes is not None else free_bytes(self.device) // 2
         if need > budget:
             raise MemoryError(
                 f"caching {n_quadratic} attention patterns/scores of {N} tokens needs {need / 2**30:.1f} GiB, over "
@@ -344,7 +348,8 @@ class HookedModel(nn.Module):
         return cache["z", layer].float().mean((0, 1))
 
 
-def _free_bytes(device) -> int:
+def free_bytes(device) -> int:
+    """Free memory on ``device`` in bytes (GPU: cudaMemGetInfo; CPU: available RAM)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
