@@ -44,15 +44,16 @@ def run_analyzers(model, names=None, params: dict | None = None, progress: bool 
 
 
 def combined_map(results: dict[str, HeadScores]):
-    """One layer × head map: each head coloured by the analyzer where it stands out most
-    (score divided by that analyzer's largest score); hover lists every analyzer's score."""
+    """One layer × head map: each head coloured by the analyzer where it stands out most (the
+    largest z-score of its score among that analyzer's heads, so a score most heads share counts
+    for little); hover lists every analyzer's score."""
     import plotly.graph_objects as go
     names = list(results)
     if not names:
         return None
     S = torch.stack([r.scores for r in results.values()])                    # [M, L, H]
-    denom = S.abs().flatten(1).max(-1).values.clamp_min(1e-12)[:, None, None]
-    rel = S / denom
+    flat = S.flatten(1)
+    rel = (S - flat.mean(-1)[:, None, None]) / flat.std(-1).clamp_min(1e-12)[:, None, None]
     best = rel.argmax(0)                                                      # [L, H]
     L, H = best.shape
     text = [[("<br>".join(f"{n}: {float(S[m, l, h]):.3f}" for m, n in enumerate(names)))
