@@ -1,4 +1,5 @@
-"""Attention math only: the eager reference, the chunked CPU path and the Triton kernels.
+"""Attention math only: the eager reference, the chunked CPU path (with its fused C row pass,
+``cpu_rows.c``, built on first use) and the Triton kernels.
 
 Imports torch (and triton, lazily), nothing else of headscope. ``spec`` says what a kernel computes.
 """

@@ -1,10 +1,13 @@
 """The chunked CPU path equals the eager reference: outputs, every statistic, every edit, over
 random shapes (odd lengths, GQA ratios, windows, padding, the decode case Q < K) and dtypes."""
+import os
+import shutil
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from headscope.kernels import LayerEdits, Redistribution, StatRequest, chunked, reference
+from headscope.kernels import LayerEdits, Redistribution, StatRequest, chunked, cpu_native, reference
 
 ALL = StatRequest(sink_k=3, spans=((4, 9), (0, 1)), entropy=True, distance=True, window_distance=5,
                   recent=7, argmax=True, received=True)
@@ -47,15 +50,32 @@ def check(a, b, tol, what):
        K=st.integers(1, 70), dq=st.integers(0, 9), d=st.sampled_from([8, 16]),
        window=st.sampled_from([None, 3, 16]), pad=st.integers(0, 4), block=st.sampled_from([None, 8, 13]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), use_edits=st.booleans(),
-       seed=st.integers(0, 10_000), rwin=st.sampled_from([None, (2, 9)]))
-def test_chunked_equals_reference(B, G, ratio, K, dq, d, window, pad, block, dtype, use_edits, seed, rwin):
+       seed=st.integers(0, 10_000), rwin=st.sampled_from([None, (2, 9)]), native=st.booleans(),
+       causal=st.sampled_from([True, True, False]))
+def test_chunked_equals_reference(B, G, ratio, K, dq, d, window, pad, block, dtype, use_edits, seed, rwin,
+                                  native, causal):
+    """``native`` switches the fused C row pass (cpu_rows.c) on or off: both must equal the reference."""
+    old = os.environ.get("HEADSCOPE_NATIVE")
+    os.environ["HEADSCOPE_NATIVE"] = "1" if native else "0"
+    try:
+        _compare(B, G, ratio, K, dq, d, window, pad, block, dtype, use_edits, seed, rwin, causal)
+    finally:
+        if old is None:
+            os.environ.pop("HEADSCOPE_NATIVE")
+        else:
+            os.environ["HEADSCOPE_NATIVE"] = old
+
+
+def _compare(B, G, ratio, K, dq, d, window, pad, block, dtype, use_edits, seed, rwin, causal):
     H = G * ratio
+    if not causal:
+        dq = 0                      # non-causal attention comes with Q == K (encoder-style)
     Q = max(1, K - dq)
     pad = min(pad, K - 1)
     q, k, v, kp, kpos = make(B, H, G, Q, K, d, dtype, seed, pad)
     stats = StatRequest(**{**ALL.__dict__, "received_window": rwin})
     ed = edits_for(H, d, seed) if use_edits else None
-    kw = dict(scaling=d ** -0.5, sliding_window=window, key_padding=kp, key_pos0=kpos, edits=ed)
+    kw = dict(scaling=d ** -0.5, sliding_window=window, key_padding=kp, key_pos0=kpos, edits=ed, causal=causal)
     o_ref, s_ref, _ = reference.attention(q, k, v, stats=stats, **kw)
     o_chk, s_chk = chunked.attention(q, k, v, stats=stats, block=block, **kw)
     tol = TOL[dtype]
@@ -80,11 +100,48 @@ def test_chunked_equals_reference(B, G, ratio, K, dq, d, window, pad, block, dty
     check(o_plain.transpose(1, 2)[real], o_ref.transpose(1, 2)[real], tol * 4, "plain out")
 
 
+def test_native_row_kernel_builds_and_matches_torch():
+    """Where a C compiler exists (CI has gcc) the fused row pass is built and used, and on long rows
+    (vector loops, the 32-wide max, every statistic) it equals the plain PyTorch block path."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.fail("no C compiler: the CPU fast path cannot be built (install gcc)")
+    assert cpu_native.available()
+    g = torch.Generator().manual_seed(0)
+    B, H, G, N = 2, 6, 2, 301
+    q, k, v = (torch.randn(B, h, N, 32, generator=g) * 2 for h in (H, G, G))
+    kp = torch.ones(B, N, dtype=torch.bool)
+    kp[1, :5] = False
+    kp[1, 200] = False
+    stats = StatRequest(sink_k=4, spans=((10, 90), (0, 1)), entropy=True, distance=True, window_distance=20,
+                        recent=64, argmax=True, received=True)
+    for key_padding, window, rwin in ((None, None, None), (kp, None, None), (None, 100, (3, 40)), (kp, 77, None)):
+        kw = dict(scaling=32 ** -0.5, stats=StatRequest(**{**stats.__dict__, "received_window": rwin}),
+                  key_padding=key_padding, sliding_window=window, block=64)
+        o_n, s_n = chunked.attention(q, k, v, **kw)
+        os.environ["HEADSCOPE_NATIVE"] = "0"
+        try:
+            o_t, s_t = chunked.attention(q, k, v, **kw)
+        finally:
+            os.environ.pop("HEADSCOPE_NATIVE")
+        real = torch.ones(B, N, dtype=torch.bool) if key_padding is None else key_padding
+        check(o_n.transpose(1, 2)[real], o_t.transpose(1, 2)[real], 2e-5, "out")
+        assert s_n.keys() == s_t.keys()
+        for name in s_t:
+            a, b = s_n[name], s_t[name]
+            if name in ("received_sum", "received_count"):
+                check(a, b, 1e-4, name)
+            elif name == "argmax":
+                assert torch.equal(a.transpose(1, 2)[real], b.transpose(1, 2)[real])
+            else:
+                check(a.transpose(1, 2)[real], b.transpose(1, 2)[real], 2e-4 if name == "distance" else 2e-5, name)
+
+
 def test_block_default_and_memory_is_linear():
     """A 4096-token call never allocates an N×N tensor for all heads: peak temporary memory stays
     near heads · block · N floats."""
     import tracemalloc
     assert chunked._default_block(9, 8192) <= 64
+    assert chunked._default_block(9, 8192, native=True) == 64
     H, N = 4, 4096
     q = torch.randn(1, H, N, 16)
     k = torch.randn(1, 1, N, 16)
