@@ -5,7 +5,8 @@
   (c) TransformerLens 4.x TransformerBridge.run_with_cache of all attention patterns
 
 Each (mode, N) runs in its own subprocess (peak RSS is per process) under an address-space limit,
-so an out-of-memory case fails alone and is reported as OOM. Run:
+so an out-of-memory case fails alone and is reported as OOM. One warm-up, then ``--repeats`` timed
+forwards (median reported; TransformerLens once). Run:
 
     python benchmarks/probe_cpu.py --sizes 1024 2048 4096 8192 --out BENCH_probe_cpu.md
 """
@@ -38,7 +39,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def child(mode: str, n: int) -> dict:
+def child(mode: str, n: int, repeats: int = 1) -> dict:
     import torch
     os.environ["HF_HUB_OFFLINE"] = "1"
     torch.set_num_threads(os.cpu_count() or 1)
@@ -66,11 +67,15 @@ def child(mode: str, n: int) -> dict:
     with torch.no_grad():
         run(toks[:, :64])                               # warm-up (allocator, first-call paths)
         base = rss_mb()
-        t0 = time.perf_counter()
-        run(toks)
-        dt = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(toks)
+            times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": mode, "n": n, "seconds": dt, "peak_mb": peak, "base_mb": base}
+    times.sort()
+    return {"mode": mode, "n": n, "seconds": times[len(times) // 2], "all_seconds": times, "peak_mb": peak,
+            "base_mb": base}
 
 
 def main():
@@ -78,6 +83,7 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     ap.add_argument("--modes", nargs="+", default=["sdpa", "headscope", "transformerlens"])
     ap.add_argument("--mem-limit-gb", type=float, default=22.0)
+    ap.add_argument("--repeats", type=int, default=3, help="timed forwards per (mode, N); the median is reported")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", nargs=2, default=None)
     a = ap.parse_args()
@@ -85,7 +91,7 @@ def main():
         lim = int(a.mem_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
         try:
-            print(json.dumps(child(a.child[0], int(a.child[1]))))
+            print(json.dumps(child(a.child[0], int(a.child[1]), a.repeats)))
         except (MemoryError, RuntimeError) as e:
             if "memory" not in str(e).lower() and not isinstance(e, MemoryError):
                 raise
@@ -94,24 +100,27 @@ def main():
     rows = []
     for n in a.sizes:
         for mode in a.modes:
+            reps = 1 if mode == "transformerlens" else a.repeats     # TL is 2-5x slower: one run tells
             p = subprocess.run([sys.executable, __file__, "--child", mode, str(n), "--mem-limit-gb",
-                                str(a.mem_limit_gb)], capture_output=True, text=True)
+                                str(a.mem_limit_gb), "--repeats", str(reps)], capture_output=True, text=True)
             line = [l for l in p.stdout.splitlines() if l.startswith("{")]
             r = json.loads(line[-1]) if line else {"mode": mode, "n": n,
                                                     "oom": f"exit {p.returncode}: {p.stderr.strip()[-200:]}"}
             rows.append(r)
             print(r, flush=True)
     by = {(r["mode"], r["n"]): r for r in rows}
-    lines = ["| N | mode | time (s) | × sdpa | peak RSS (GB) | peak − model (GB) |", "|---|---|---|---|---|---|"]
+    lines = ["| N | mode | time (s), median | runs (s) | × sdpa | peak RSS (GB) | peak − model (GB) |",
+             "|---|---|---|---|---|---|---|"]
     for n in a.sizes:
         base = by.get(("sdpa", n), {}).get("seconds")
         for mode in a.modes:
             r = by[(mode, n)]
             if "oom" in r:
-                lines.append(f"| {n} | {mode} | failed: {r['oom'][:60]} | | | |")
+                lines.append(f"| {n} | {mode} | failed: {r['oom'][:60]} | | | | |")
                 continue
             ratio = f"{r['seconds'] / base:.2f}" if base else ""
-            lines.append(f"| {n} | {mode} | {r['seconds']:.1f} | {ratio} | {r['peak_mb'] / 1024:.2f} | "
+            runs = " / ".join(f"{x:.1f}" for x in r.get("all_seconds", [r["seconds"]]))
+            lines.append(f"| {n} | {mode} | {r['seconds']:.1f} | {runs} | {ratio} | {r['peak_mb'] / 1024:.2f} | "
                          f"{(r['peak_mb'] - r['base_mb']) / 1024:.2f} |")
     table = "\n".join(lines)
     print(table)

@@ -27,8 +27,8 @@ Cost. Both scores need one forward per head (L x H per query batch; 270 on SmolL
 savings keep the quick defaults small: prompts are right-padded and run without a padding mask (under
 a causal mask real tokens never see the padding after them, and the unedited layers keep the fast
 path), only the last position's logits are computed, and the layers below the first ablated layer
-are not run again: their output is the unablated one, cached once (``_start_at``). ``_start_at``
-is a local workaround (the probe has no ``start_at_layer``); tests hold it to a full forward.
+are not run again: their output is the unablated one, cached once, and the probe's
+``model.start_at(layer, resid_pre)`` starts the forward there; tests hold it to a full forward.
 Even so, all 270 heads take minutes on 2 CPU cores, so the quick defaults (what ``headscope report``
 runs) first screen the layers (each layer's heads ablated together) and score the heads of the 4
 best layers only. This screen is a headscope shortcut, not the paper's; ``paper_config()`` scores
@@ -150,32 +150,6 @@ def _right_pad(ids: list[torch.Tensor], model):
 # ------------------------------------------------------------------------------------------------
 # running with ablations, reusing the unablated prefix
 
-@contextlib.contextmanager
-def _start_at(model, layer: int, resid: torch.Tensor):
-    """LOCAL WORKAROUND (the probe has no ``start_at_layer``): while active, decoder layers
-    ``< layer`` are not computed; layer ``layer - 1`` returns ``resid`` (the cached input of
-    ``layer``, [B, N, d]) and the ones below it pass their input through. Exact when nothing edits
-    those layers. Instance attributes only, removed on exit."""
-    if layer <= 0:
-        yield
-        return
-    layers = model.layers
-
-    def identity(hidden_states, *a, **k):
-        return hidden_states
-
-    def inject(hidden_states, *a, **k):
-        return resid
-
-    try:
-        for i in range(layer):
-            layers[i].forward = inject if i == layer - 1 else identity
-        yield
-    finally:
-        for i in range(layer):
-            layers[i].__dict__.pop("forward", None)
-
-
 class _Ablator:
     """One batch of prompts, run unablated once (caching every layer's input) and then with any set
     of heads ablated, returning the last-token next-token log-probs and last-layer hidden states."""
@@ -227,7 +201,7 @@ class _Ablator:
         if not heads:
             return self.base_logp, self.base_hidden
         start = min(int(l) for l, _ in heads) if self.reuse else 0
-        ctx = _start_at(self.model, start, self.resid[start]) if start > 0 else contextlib.nullcontext()
+        ctx = self.model.start_at(start, self.resid[start]) if start > 0 else contextlib.nullcontext()
         with ctx, self.model.edit(self.edits(heads)):
             return self._forward()
 

@@ -211,9 +211,51 @@ class HookedModel(nn.Module):
         return next(self.model.parameters()).device
 
     # ---------------------------------------------------------------- running
-    def forward(self, tokens, attention_mask=None, **kwargs) -> torch.Tensor:
+    def forward(self, tokens, attention_mask=None, *, start_at_layer: int | None = None,
+                resid_pre: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Logits [batch, pos, vocab]. With ``start_at_layer=l`` and ``resid_pre`` (the residual
+        stream ``blocks.{l}.hook_resid_pre``, [batch, pos, d_model]) layers below ``l`` are not
+        run: see ``start_at``."""
         tokens, kw = self._inputs(tokens, attention_mask)
-        return self.model(input_ids=tokens, use_cache=False, **kw, **kwargs).logits
+        ctx = self.start_at(start_at_layer, resid_pre) if start_at_layer else contextlib.nullcontext()
+        with ctx:
+            return self.model(input_ids=tokens, use_cache=False, **kw, **kwargs).logits
+
+    @contextlib.contextmanager
+    def start_at(self, layer: int, resid_pre: torch.Tensor):
+        """Within the block, forward passes start at decoder layer ``layer`` from ``resid_pre``
+        ([batch, pos, d_model], what ``blocks.{layer}.hook_resid_pre`` saw on the same tokens), like
+        TransformerLens' ``start_at_layer``: the tokens still give positions and the padding mask,
+        layers below ``layer`` are skipped (layer ``layer - 1`` hands ``resid_pre`` on, the others
+        pass their input through). Exact when nothing would change those layers, which is what
+        ablation sweeps use it for (the unablated prefix is computed once). Hooks and probes on the
+        skipped layers see nothing meaningful. The decoder layers' ``forward`` is swapped on the
+        instances only for the duration of the block."""
+        if not 0 <= int(layer) < self.cfg.n_layers:
+            raise ValueError(f"start_at_layer={layer} is outside 0..{self.cfg.n_layers - 1}")
+        if layer == 0:
+            yield self
+            return
+        if resid_pre is None or resid_pre.dim() != 3 or resid_pre.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"start_at_layer needs resid_pre [batch, pos, {self.cfg.d_model}] "
+                             f"(blocks.{layer}.hook_resid_pre of the same tokens)")
+
+        def passthrough(hidden_states, *a, **k):
+            return hidden_states
+
+        def inject(hidden_states, *a, **k):
+            if hidden_states.shape[:2] != resid_pre.shape[:2]:
+                raise ValueError(f"resid_pre covers {tuple(resid_pre.shape[:2])} (batch, pos) but the tokens "
+                                 f"are {tuple(hidden_states.shape[:2])}")
+            return resid_pre.to(hidden_states.dtype)
+
+        try:
+            for i in range(layer):
+                self.layers[i].forward = inject if i == layer - 1 else passthrough
+            yield self
+        finally:
+            for i in range(layer):
+                self.layers[i].__dict__.pop("forward", None)
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks=()):

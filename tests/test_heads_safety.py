@@ -5,7 +5,7 @@ import torch
 
 import headscope as hs
 from headscope.heads import HeadScores
-from headscope.heads.safety import (REFUSAL_PHRASES, Sahara, Ships, _Ablator, _start_at, attack_success_rate,
+from headscope.heads.safety import (REFUSAL_PHRASES, Sahara, Ships, _Ablator, attack_success_rate,
                                     is_refusal, kl_smoothed, load_requests, top1_angle)
 
 TRIGGER, TARGET, A, B = 5, 77, 0, 1      # trigger token, "refusal" token; residual dims: trigger flag, constant
@@ -148,16 +148,6 @@ def test_right_padding_matches_single_sequences():
         torch.testing.assert_close(ab.run([(1, 0)])[0][i].float(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_start_at_restores_layers_on_error():
-    m = hs.load("tiny-llama")
-    x = torch.randint(1, 128, (1, 6))
-    with pytest.raises(RuntimeError):
-        with _start_at(m, 2, torch.zeros(1, 6, m.cfg.d_model)):
-            raise RuntimeError("boom")
-    assert all("forward" not in layer.__dict__ for layer in m.layers)
-    torch.testing.assert_close(m(x), m(x))
-
-
 def test_top1_angle():
     g = torch.Generator().manual_seed(0)
     M = torch.randn(6, 16, generator=g)
@@ -231,3 +221,32 @@ def test_smollm2_ships_and_asr(smollm2):
     res = attack_success_rate(m, n=2, max_new_tokens=8, heads=[(l, h)])
     assert len(res["answers"]) == 2 and 0.0 <= res["asr"] <= 1.0
     assert all(isinstance(a, str) and a for a in res["answers"])
+
+
+def test_refusal_tuning_split_and_finetune():
+    """The refusal test bed (heads/refusal_tuning.py): a seeded split with disjoint halves, and
+    fine-tuning that lowers the answer-token loss (prompt tokens carry no loss)."""
+    from headscope.heads.refusal_tuning import finetune, split_requests
+    s = split_requests(seed=0, n_train=25)
+    assert s == split_requests(seed=0, n_train=25) and s != split_requests(seed=1, n_train=25)
+    for kind in ("harmful", "harmless"):
+        assert len(s[f"{kind}_train"]) == 25 and not set(s[f"{kind}_train"]) & set(s[f"{kind}_test"])
+    with pytest.raises(ValueError, match="n_train"):
+        split_requests(n_train=0)
+    m = hs.load("tiny-llama")
+    g = torch.Generator().manual_seed(0)
+    examples = [(torch.randint(1, 128, (12,), generator=g), 8) for _ in range(4)]
+
+    def answer_loss():
+        with torch.no_grad():
+            total = 0.0
+            for ids, start in examples:
+                logp = torch.log_softmax(m.model(input_ids=ids[None]).logits[0, :-1].float(), -1)
+                total += -logp[start - 1:].gather(1, ids[start:, None]).mean().item()
+            return total / len(examples)
+
+    before = answer_loss()
+    losses = finetune(m, examples, epochs=8, lr=3e-3, batch_size=2, progress=False)
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert answer_loss() < 0.5 * before
+    assert not m.model.training

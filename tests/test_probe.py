@@ -339,3 +339,31 @@ def test_gemma3_sliding_window_matches_eager(gemma3):
     t = torch.arange(700)
     assert (t - rec["argmax", 0][0]).max() < 512                      # sliding layer: within the window
     assert (t - rec["argmax", 5][0]).max() >= 512                     # full layer: the BOS sink, far back
+
+
+def test_start_at_layer_is_exact_and_restores_layers():
+    """``model(tokens, start_at_layer=l, resid_pre=r)`` with r = blocks.l.hook_resid_pre equals the
+    full forward (also with an edit above l), and the layers' forward is restored, even on error."""
+    m = hs.load("tiny-llama")
+    x = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    full, cache = m.run_with_cache(x, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    for l in range(m.cfg.n_layers):
+        torch.testing.assert_close(m(x, start_at_layer=l, resid_pre=cache[f"blocks.{l}.hook_resid_pre"]), full,
+                                   atol=1e-5, rtol=1e-5)
+    last = m.cfg.n_layers - 1
+    with m.edit(hs.Ablate(last, 0)):
+        edited = m(x)
+        torch.testing.assert_close(m(x, start_at_layer=last, resid_pre=cache[f"blocks.{last}.hook_resid_pre"]),
+                                   edited, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(edited, full)
+    with pytest.raises(RuntimeError):
+        with m.start_at(1, cache["blocks.1.hook_resid_pre"]):
+            raise RuntimeError("boom")
+    assert all("forward" not in layer.__dict__ for layer in m.layers)
+    torch.testing.assert_close(m(x), full)
+    with pytest.raises(ValueError, match="outside"):
+        m(x, start_at_layer=m.cfg.n_layers, resid_pre=cache["blocks.1.hook_resid_pre"])
+    with pytest.raises(ValueError, match="resid_pre"):
+        m(x, start_at_layer=1)
+    with pytest.raises(ValueError, match="covers"):
+        m(x[:1], start_at_layer=1, resid_pre=cache["blocks.1.hook_resid_pre"])
