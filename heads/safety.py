@@ -34,7 +34,8 @@ runs) first screen the layers (each layer's heads ablated together) and score th
 best layers only. This screen is a headscope shortcut, not the paper's; ``paper_config()`` scores
 every head. It finds Ships' top head on SmolLM2 but misses Sahara's (reports/safety.md).
 
-Run: ``python -m headscope.heads.safety --model smollm2`` (see ``main``).
+Run: ``python -m headscope.heads.safety --model smollm2`` (see ``main``). SmolLM2-135M-Instruct
+hardly refuses, so the ASR check is run on a refusal-tuned copy: ``heads/refusal_tuning.py``.
 """
 from __future__ import annotations
 

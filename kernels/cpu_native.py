@@ -44,6 +44,23 @@ def _compiler() -> str | None:
     return cc
 
 
+def _cpu_id() -> bytes:
+    """What -march=native depends on: a library built for one CPU must not be loaded on another
+    (a cache folder shared over NFS would otherwise hand out illegal instructions)."""
+    import platform
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    ident += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return ident.encode()
+
+
 def _build() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
@@ -51,7 +68,7 @@ def _build() -> ctypes.CDLL | None:
         return None
     src = _SRC.read_bytes()
     for flags in (["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"]):
-        key = hashlib.sha256(src + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
+        key = hashlib.sha256(src + cc.encode() + " ".join(flags).encode() + _cpu_id()).hexdigest()[:16]
         out = _cache_dir() / f"cpu_rows-{key}.so"
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
