@@ -1,4 +1,5 @@
-"""``headscope`` command line: ``report`` (every analyzer), ``score`` (one), ``list``."""
+"""``headscope`` command line: ``report`` (every analyzer), ``score`` (one), ``list``, ``explore``
+(the Streamlit explorer)."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,17 @@ def main(argv=None) -> int:
     s.add_argument("--top", type=int, default=10)
     s.add_argument("--device", default=None)
     sub.add_parser("list", help="list the analyzers")
+    e = sub.add_parser("explore", help="open the Streamlit explorer (a saved report, or a model live)")
+    e.add_argument("--report", default="", help="a folder written by `headscope report`")
+    e.add_argument("--model", default="smollm2", help="model for the live view")
+    e.add_argument("--port", type=int, default=8501)
     a = ap.parse_args(argv)
+    if a.cmd == "explore":
+        import subprocess
+        script = Path(__file__).with_name("explorer.py")
+        cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(a.port),
+               "--browser.gatherUsageStats", "false", "--", "--report", a.report, "--model", a.model]
+        return subprocess.call(cmd)
 
     from .. import load
     from ..heads import ANALYZERS

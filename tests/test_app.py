@@ -1,0 +1,152 @@
+"""The Streamlit explorer (app/explorer.py, app/views.py): its functions, the app through
+Streamlit's AppTest, and the app served by `streamlit run` in a real headless Chromium."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import headscope as hs
+from headscope.app import views
+from headscope.app.report import write_report
+from headscope.heads import ANALYZERS
+
+EXPLORER = str(Path(views.__file__).with_name("explorer.py"))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A real report folder: two analyzers run on tiny-llama with random token data."""
+    m = hs.load("tiny-llama")
+    x = torch.randint(1, 128, (4, 40), generator=torch.Generator().manual_seed(0))
+    results = {n: ANALYZERS[n]().score(m, data=x, progress=False) for n in ("sinks", "previous_token")}
+    out = tmp_path_factory.mktemp("report")
+    write_report(m, results, {}, out)
+    return out, results
+
+
+def test_load_report_and_errors(report, tmp_path):
+    folder, results = report
+    summary, loaded = views.load_report(folder)
+    assert summary["model"]["name"] == "tiny-llama" and list(loaded) == list(results)
+    for n in results:
+        torch.testing.assert_close(loaded[n].scores, results[n].scores)
+    with pytest.raises(FileNotFoundError, match="headscope report"):
+        views.load_report(tmp_path / "nothing")
+    (tmp_path / "scores.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        views.load_report(tmp_path)
+    (tmp_path / "scores.json").write_text(json.dumps({"analyzers": {"sinks": {}}}))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        views.load_report(tmp_path)
+
+
+def test_parse_heads():
+    assert views.parse_heads("L12H4, l3h0 5.2", 30, 9) == [(12, 4), (3, 0), (5, 2)]
+    assert views.parse_heads("", 30, 9) == []
+    with pytest.raises(ValueError, match="out of range"):
+        views.parse_heads("L30H0", 30, 9)
+    with pytest.raises(ValueError, match="L12H4"):
+        views.parse_heads("head-three", 30, 9)
+
+
+def test_live_views_on_smollm2(smollm2):
+    """The live statistics equal what the full attention pattern gives; the pattern view refuses
+    long prompts; ablating nothing changes nothing."""
+    text = "The capital of France is Paris. The capital of Italy is"
+    stats, words = views.live_stats(smollm2, text, chat=False)
+    L, H = smollm2.cfg.n_layers, smollm2.cfg.n_heads
+    assert set(stats) == set(views.LIVE_STATS) and all(v.shape == (L, H) for v in stats.values())
+    toks = smollm2.to_tokens(text)
+    assert len(words) == toks.shape[1]
+    _, cache = smollm2.run_with_cache(toks, names_filter="blocks.7.attn.hook_pattern")
+    p = cache["pattern", 7][0].float()                                         # [head, q, k]
+    torch.testing.assert_close(stats["sink_mass"][7], p[..., 0].mean(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats["max_prob"][7], p.max(-1).values.mean(-1), atol=1e-5, rtol=1e-5)
+    fig = views.pattern_figure(smollm2, text, 7, 2, chat=False)
+    torch.testing.assert_close(torch.tensor(fig.data[0].z, dtype=torch.float32), p[2], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="at most 8"):
+        views.pattern_figure(smollm2, text, 7, 2, chat=False, max_tokens=8)
+    with pytest.raises(ValueError, match="out of range"):
+        views.pattern_figure(smollm2, text, L, 0)
+    base, same = views.ablation_compare(smollm2, text, [], max_new_tokens=6, chat=False)
+    assert base == same and base
+
+
+def test_explorer_apptest(report):
+    from streamlit.testing.v1 import AppTest
+    folder, _ = report
+    os.environ["HEADSCOPE_REPORT"] = str(folder)
+    try:
+        at = AppTest.from_file(EXPLORER, default_timeout=180)
+        at.run()
+        assert not at.exception
+        assert at.subheader[0].value == "Report — tiny-llama"
+        assert at.radio(key="analyzer").options == ["sinks", "previous_token"]
+        at.radio(key="analyzer").set_value("previous_token").run()
+        assert not at.exception and any("previous_token" in m.value for m in at.markdown)
+        at.text_input(key="report").set_value(str(folder / "missing")).run()
+        assert any("no scores.json" in e.value for e in at.error)
+        at.radio(key="view").set_value("Live model").run()         # loads SmolLM2 (cached weights)
+        assert not at.exception and not at.error
+        assert len(at.get("plotly_chart")) == 2                     # statistics + one head's pattern
+        at.text_input(key="heads").set_value("L99H0").run()
+        at.button(key="generate").click().run()
+        assert any("out of range" in e.value for e in at.error)
+        at.text_input(key="model").set_value("no-such-model").run()
+        assert any("cannot load" in e.value for e in at.error)
+    finally:
+        os.environ.pop("HEADSCOPE_REPORT", None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_explorer_in_headless_chromium(report, tmp_path):
+    """`streamlit run` serves the explorer; Debian's Chromium (headless, driven by playwright)
+    renders the report, switches analyzer by clicking, and shows no Streamlit exception."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Chromium is not installed: `apt-get install chromium` (.ci/setup does it)")
+    from playwright.sync_api import sync_playwright
+    folder, _ = report
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", EXPLORER, "--server.headless", "true", "--server.port", str(port),
+         "--browser.gatherUsageStats", "false", "--", "--report", str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            for _ in range(60):                                      # wait for the server to listen
+                try:
+                    page.goto(f"http://127.0.0.1:{port}", timeout=5000)
+                    break
+                except Exception:
+                    time.sleep(1)
+            page.get_by_text("Report — tiny-llama").wait_for(timeout=90_000)
+            page.get_by_text("Combined head map").first.wait_for(timeout=30_000)
+            assert page.get_by_text("Gu et al. 2024").count() >= 1
+            page.locator("[data-testid=stRadio] label").filter(has_text="previous_token").first.click()
+            page.get_by_text("Wang et al. 2022").first.wait_for(timeout=60_000)
+            page.get_by_text("previous_token — tiny-llama").first.wait_for(timeout=60_000)   # its heatmap
+            assert page.locator(".stException").count() == 0
+            page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
+            browser.close()
+        assert (tmp_path / "explorer.png").stat().st_size > 10_000
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
