@@ -82,7 +82,7 @@ void hs_rows(float *s, int64_t r0, int64_t r1, int64_t H, int64_t Qb, int64_t Kb
              float *spans, float *max_prob, int64_t *argmax, float *colsum /* [B*H, Kb] */,
              float *inv_z /* [rows] 1 / Z, 0 for a dead row */)
 {
-    const float NEG_INF = -INFINITY;
+    const float NEG_INF = -INFINITY, MASKED = -1e30f;
     for (int64_t r = r0; r < r1; r++) {
         const int64_t bh = r / Qb, qi = r % Qb, b = bh / H;
         float *row = s + r * Kb;
@@ -91,13 +91,15 @@ void hs_rows(float *s, int64_t r0, int64_t r1, int64_t H, int64_t Qb, int64_t Kb
         if (l < 0) l = 0;
         if (h > Kb) h = Kb;
         const int64_t t = tq[qi];
+        if (kv)                        /* padding: masked keys get a finite -1e30 (exp -> 0, 0 * x = 0) */
+            for (int64_t j = l; j < h; j++) row[j] = kv[j] ? row[j] : MASKED;
 
         /* pass 1: max over visible keys */
         float m = NEG_INF;
         if (l < h) {
             v8f mv = {NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF};
             int64_t j = l;
-            if (!kv) {                 /* four independent maxima: no loop-carried latency chain */
+            {                          /* four independent maxima: no loop-carried latency chain */
                 v8f m1 = mv, m2 = mv, m3 = mv;
                 for (; j + 32 <= h; j += 32) {
                     v8f x0 = load8(row + j), x1 = load8(row + j + 8);
@@ -109,9 +111,9 @@ void hs_rows(float *s, int64_t r0, int64_t r1, int64_t H, int64_t Qb, int64_t Kb
                 mv = vsel(m1 > mv, m1, mv); m2 = vsel(m3 > m2, m3, m2); mv = vsel(m2 > mv, m2, mv);
             }
             for (int k = 0; k < 8; k++) m = mv[k] > m ? mv[k] : m;
-            for (; j < h; j++) if ((!kv || kv[j]) && row[j] > m) m = row[j];
+            for (; j < h; j++) if (row[j] > m) m = row[j];
         }
-        if (m == NEG_INF) {                                    /* no visible key: a dead row */
+        if (m <= MASKED) {                                     /* no visible key: a dead row */
             memset(row, 0, (size_t)Kb * sizeof(float));
             if (lse) lse[r] = NEG_INF;
             if (ent) ent[r] = 0.f;
@@ -127,7 +129,7 @@ void hs_rows(float *s, int64_t r0, int64_t r1, int64_t H, int64_t Qb, int64_t Kb
         }
         if (want_argmax) {                                     /* first key reaching the max */
             int64_t a = l;
-            for (; a < h; a++) if (row[a] == m && (!kv || kv[a])) break;
+            for (; a < h; a++) if (row[a] == m) break;
             argmax[r] = a;
         }
 
@@ -140,7 +142,7 @@ void hs_rows(float *s, int64_t r0, int64_t r1, int64_t H, int64_t Qb, int64_t Kb
         v8f jf = {0, 1, 2, 3, 4, 5, 6, 7};                     /* j - l, as floats */
         const v8f eight = {8, 8, 8, 8, 8, 8, 8, 8};
         int64_t j = l;
-        if (!kv) {
+        {
             for (; j + 16 <= h; j += 16) {
                 v8f x0 = load8(row + j) - mv, x1 = load8(row + j + 8) - mv;
                 v8f e0 = vexp(x0), e1 = vexp(x1);
@@ -162,7 +164,6 @@ void hs_rows(float *s, int64_t r0, int64_t r1, int64_t H, int64_t Qb, int64_t Kb
         zv += zw; sv += sw; jv += jw;
         float Z = hsum8(zv), SES = hsum8(sv), SEJ = hsum8(jv) + (float)l * Z;
         for (; j < h; j++) {
-            if (kv && !kv[j]) { row[j] = 0.f; continue; }
             float x = row[j] - m, e = sexp(x);
             row[j] = e; Z += e; SES += e * x; SEJ += e * (float)j;
         }
