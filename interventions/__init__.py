@@ -1,1 +1,4 @@
-"""interventions"""
+"""Interventions: change a model by editing a few heads, through the probe's edits.
+
+``act``: ACT attention calibration (Yu et al. 2024).
+"""
