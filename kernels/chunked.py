@@ -10,7 +10,12 @@ plain PyTorch:
   single reduction: linear column statistics (sink, spans, positions for the mean distance) are one
   matmul with an indicator matrix, the log-sum-exp comes from the max (lse = s_max − log p_max),
   entropy = lse − Σ p·s is one batched dot, and the band statistics (recent mass, windowed distance,
-  windowed column sums) only touch the band of keys near the diagonal.
+  windowed column sums) only touch the band of keys near the diagonal;
+- on the CPU, where a C compiler exists, that row work (softmax, every row statistic, column sums)
+  runs fused in ``cpu_rows.c`` instead (``_native_block``): three passes per row while it sits in
+  cache, e·V scaled by 1/Z. The PyTorch version above stays for probability edits
+  (redistribution, gates), autograd, other devices and ``HEADSCOPE_NATIVE=0``; tests hold both to
+  the reference.
 """
 from __future__ import annotations
 
