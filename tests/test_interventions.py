@@ -68,3 +68,46 @@ def test_harm_task(smollm2):
     assert [e.label for e in ex] == [0, 1] and ex[0].choices == ex[1].choices and len(set(ex[0].choices)) == 2
     with pytest.raises(ValueError, match="no examples"):
         act.harm_task(smollm2, [], [])
+
+
+def test_var_sinks_and_edits_on_smollm2(smollm2):
+    """VAR (interventions/var.py): the massive dimension and sink tokens follow the tau = 20 rule on
+    the normalised hidden states; the edits cover layers 2..L-2 and only sinks inside the target;
+    under them, a row that passes the row rule has its in-target sink attention scaled by 0.6 with the
+    freed mass on the target's other tokens, and a row that fails it is unchanged."""
+    from headscope.interventions import var
+    toks = smollm2.to_tokens("The quick brown fox jumps over the lazy dog. It was a sunny day in the park, "
+                             "and the children played by the old oak tree until the evening.")[0]
+    dims = var.massive_dims(smollm2, toks)
+    assert dims, "SmolLM2 has a massive-activation dimension (507)"
+    _, cache = smollm2.run_with_cache(toks[None], names_filter=lambda n: n.endswith("hook_resid_pre"))
+    sinks = var.sink_tokens(smollm2, toks, dims)
+    L = smollm2.cfg.n_layers
+    for l in (2, 10, L - 1):
+        h = cache[f"blocks.{l}.hook_resid_pre"][0].float()
+        x = (h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())[:, dims].abs().amax(-1)
+        assert sinks[l] == torch.nonzero(x > 20).flatten().tolist()
+    assert 0 in sinks[5]                                                     # the first token
+    N = toks.shape[0]
+    target = [(0, N)]
+    edits = var.var_edits(smollm2, sinks, target)
+    assert edits and all(2 <= e.layer <= L - 2 for e in edits)
+    assert not var.var_edits(smollm2, sinks, [(N, N + 5)])                   # no sink inside: no edit
+    with pytest.raises(ValueError, match="target"):
+        var.var_edits(smollm2, sinks, [])
+    e = edits[0]
+    l = e.layer
+    name = f"blocks.{l}.attn.hook_pattern"
+    _, c0 = smollm2.run_with_cache(toks[None], names_filter=name)
+    with smollm2.edit([e]):
+        _, c1 = smollm2.run_with_cache(toks[None], names_filter=name)
+    p0, p1 = c0[name][0].double(), c1[name][0].double()                     # [head, q, k]
+    S = torch.zeros(N, dtype=torch.bool)
+    for a, b in e.keys:
+        S[a:b] = True
+    ratio = p0[..., S].sum(-1)                                               # target = everything here
+    passed = ratio <= 0.5                                                    # [head, q]
+    assert passed.any() and (~passed).any()
+    torch.testing.assert_close(p1[passed][:, S], 0.6 * p0[passed][:, S], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(p1[~passed], p0[~passed], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(p1.sum(-1), torch.ones_like(p1.sum(-1)), atol=1e-5, rtol=0)
