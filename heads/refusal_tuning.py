@@ -165,6 +165,7 @@ def main(argv=None):
     import argparse
     import headscope as hs
     from .safety import Ships, attack_success_rate, safety_check
+    from .scores import write_json
 
     p = argparse.ArgumentParser(description="Refusal-tune SmolLM2, then find and ablate its safety heads.")
     p.add_argument("--seed", type=int, default=0)
@@ -200,9 +201,8 @@ def main(argv=None):
     print(json.dumps({k: v for k, v in res.items() if k != "answers"}, indent=1))
     if a.out:
         out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
         ships.save(out / "ships_tuned")
-        (out / "results.json").write_text(json.dumps(res, indent=1))
+        write_json(out / "results.json", res)
     return res
 
 

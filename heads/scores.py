@@ -32,6 +32,13 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def write_json(path, obj) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1, default=str)))
+    return path
+
+
 @dataclass
 class HeadScores:
     scores: torch.Tensor                      # [layer, head]

@@ -150,6 +150,7 @@ def main(argv=None):
 
     import headscope as hs
     from ..heads.refusal_tuning import split_requests
+    from ..heads.scores import write_json
 
     p = argparse.ArgumentParser(description="ACT on SmolLM2: harmful-request classification (Yes/No).")
     p.add_argument("--model", default="smollm2")
@@ -175,8 +176,7 @@ def main(argv=None):
     res["top_gains"] = [(l, h, float(sel.gain[l, h])) for l, h in sel.heads[:20]]
     print(json.dumps(res, indent=1))
     if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "act.json").write_text(json.dumps(res, indent=1))
+        write_json(Path(a.out) / "act.json", res)
     return res
 
 

@@ -89,6 +89,7 @@ def main(argv=None):
 
     import headscope as hs
     from ..heads.retrieval import Retrieval, _output_text, _stop_ids, decode, rouge1_recall
+    from ..heads.scores import write_json
 
     p = argparse.ArgumentParser(description="VAR on the needle-in-a-haystack test (Retrieval's quick grid).")
     p.add_argument("--model", default="smollm2")
@@ -115,8 +116,7 @@ def main(argv=None):
     print(json.dumps({k: v for k, v in res.items() if k != "tests"}))
     if a.out:
         from pathlib import Path
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "var_niah.json").write_text(json.dumps(res, indent=1))
+        write_json(Path(a.out) / "var_niah.json", res)
     return res
 
 

@@ -273,13 +273,7 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
                 rc[:, lo:hi] = sel.sum(-2).float().expand(B, -1)
             else:
                 rs = p.sum(-2)
-                if vis is not None:
-                    rc = vis.sum(-2).float().expand(B, Kb)
-                else:
-                    rc = torch.full((Kb,), float(Qb), device=q.device)
-                    for c0, c1, m in regions:
-                        rc[c0:c1] = m.sum(0).float()
-                    rc = rc.expand(B, Kb)
+                rc = _received_count(vis, regions, Qb, Kb, B, q.device)
             cols["received_sum"], cols["received_count"] = rs, rc
 
     out = torch.matmul(p.view(B, G, r * Qb, Kb), v.float()).view(B, H, Qb, d)

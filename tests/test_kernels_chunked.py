@@ -1,5 +1,6 @@
 """The chunked CPU path equals the eager reference: outputs, every statistic, every edit, over
 random shapes (odd lengths, GQA ratios, windows, padding, the decode case Q < K) and dtypes."""
+import contextlib
 import os
 import shutil
 
@@ -40,6 +41,20 @@ def edits_for(H, d, seed):
                       out_scale=torch.randn(H, d, generator=g) * 0.1, out_bias=torch.randn(H, d, generator=g) * 0.1)
 
 
+@contextlib.contextmanager
+def native_rows(on: bool):
+    """HEADSCOPE_NATIVE=1/0 for the block: the fused C row pass on or off."""
+    old = os.environ.get("HEADSCOPE_NATIVE")
+    os.environ["HEADSCOPE_NATIVE"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HEADSCOPE_NATIVE")
+        else:
+            os.environ["HEADSCOPE_NATIVE"] = old
+
+
 def check(a, b, tol, what):
     assert a.shape == b.shape, what
     assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol), (what, (a.float() - b.float()).abs().max())
@@ -55,49 +70,38 @@ def check(a, b, tol, what):
 def test_chunked_equals_reference(B, G, ratio, K, dq, d, window, pad, block, dtype, use_edits, seed, rwin,
                                   native, causal):
     """``native`` switches the fused C row pass (cpu_rows.c) on or off: both must equal the reference."""
-    old = os.environ.get("HEADSCOPE_NATIVE")
-    os.environ["HEADSCOPE_NATIVE"] = "1" if native else "0"
-    try:
-        _compare(B, G, ratio, K, dq, d, window, pad, block, dtype, use_edits, seed, rwin, causal)
-    finally:
-        if old is None:
-            os.environ.pop("HEADSCOPE_NATIVE")
-        else:
-            os.environ["HEADSCOPE_NATIVE"] = old
-
-
-def _compare(B, G, ratio, K, dq, d, window, pad, block, dtype, use_edits, seed, rwin, causal):
-    H = G * ratio
-    if not causal:
-        dq = 0                      # non-causal attention comes with Q == K (encoder-style)
-    Q = max(1, K - dq)
-    pad = min(pad, K - 1)
-    q, k, v, kp, kpos = make(B, H, G, Q, K, d, dtype, seed, pad)
-    stats = StatRequest(**{**ALL.__dict__, "received_window": rwin})
-    ed = edits_for(H, d, seed) if use_edits else None
-    kw = dict(scaling=d ** -0.5, sliding_window=window, key_padding=kp, key_pos0=kpos, edits=ed, causal=causal)
-    o_ref, s_ref, _ = reference.attention(q, k, v, stats=stats, **kw)
-    o_chk, s_chk = chunked.attention(q, k, v, stats=stats, block=block, **kw)
-    tol = TOL[dtype]
-    # rows of fully padded queries are undefined in HF too: compare real queries only
-    real = torch.ones(B, Q, dtype=torch.bool) if kp is None else kp[:, K - Q:]
-    check(o_chk.transpose(1, 2)[real], o_ref.transpose(1, 2)[real], tol * 4, "out")
-    for name in s_ref:
-        a, b = s_chk[name], s_ref[name]
-        if name in ("received_sum", "received_count"):
-            check(a, b, tol * 4, name)
-            continue
-        a, b = a.transpose(1, 2)[real], b.transpose(1, 2)[real]
-        if name == "argmax":       # ties in low precision may pick another key of equal weight
-            if dtype == torch.float32:
-                assert torch.equal(a, b), name
-            continue
-        if name == "lse" and use_edits:
-            continue                # lse is of the scores, compared below without redistribution
-        check(a, b, tol * 4 if name != "distance" else tol * 4 * K, name)
-    # plain (no statistics) path: SDPA per block
-    o_plain, _ = chunked.attention(q, k, v, block=block, **kw)
-    check(o_plain.transpose(1, 2)[real], o_ref.transpose(1, 2)[real], tol * 4, "plain out")
+    with native_rows(native):
+        H = G * ratio
+        if not causal:
+            dq = 0                      # non-causal attention comes with Q == K (encoder-style)
+        Q = max(1, K - dq)
+        pad = min(pad, K - 1)
+        q, k, v, kp, kpos = make(B, H, G, Q, K, d, dtype, seed, pad)
+        stats = StatRequest(**{**ALL.__dict__, "received_window": rwin})
+        ed = edits_for(H, d, seed) if use_edits else None
+        kw = dict(scaling=d ** -0.5, sliding_window=window, key_padding=kp, key_pos0=kpos, edits=ed, causal=causal)
+        o_ref, s_ref, _ = reference.attention(q, k, v, stats=stats, **kw)
+        o_chk, s_chk = chunked.attention(q, k, v, stats=stats, block=block, **kw)
+        tol = TOL[dtype]
+        # rows of fully padded queries are undefined in HF too: compare real queries only
+        real = torch.ones(B, Q, dtype=torch.bool) if kp is None else kp[:, K - Q:]
+        check(o_chk.transpose(1, 2)[real], o_ref.transpose(1, 2)[real], tol * 4, "out")
+        for name in s_ref:
+            a, b = s_chk[name], s_ref[name]
+            if name in ("received_sum", "received_count"):
+                check(a, b, tol * 4, name)
+                continue
+            a, b = a.transpose(1, 2)[real], b.transpose(1, 2)[real]
+            if name == "argmax":       # ties in low precision may pick another key of equal weight
+                if dtype == torch.float32:
+                    assert torch.equal(a, b), name
+                continue
+            if name == "lse" and use_edits:
+                continue                # lse is of the scores, compared below without redistribution
+            check(a, b, tol * 4 if name != "distance" else tol * 4 * K, name)
+        # plain (no statistics) path: SDPA per block
+        o_plain, _ = chunked.attention(q, k, v, block=block, **kw)
+        check(o_plain.transpose(1, 2)[real], o_ref.transpose(1, 2)[real], tol * 4, "plain out")
 
 
 def test_native_row_kernel_builds_and_matches_torch():
@@ -118,11 +122,8 @@ def test_native_row_kernel_builds_and_matches_torch():
         kw = dict(scaling=32 ** -0.5, stats=StatRequest(**{**stats.__dict__, "received_window": rwin}),
                   key_padding=key_padding, sliding_window=window, block=64)
         o_n, s_n = chunked.attention(q, k, v, **kw)
-        os.environ["HEADSCOPE_NATIVE"] = "0"
-        try:
+        with native_rows(False):
             o_t, s_t = chunked.attention(q, k, v, **kw)
-        finally:
-            os.environ.pop("HEADSCOPE_NATIVE")
         real = torch.ones(B, N, dtype=torch.bool) if key_padding is None else key_padding
         check(o_n.transpose(1, 2)[real], o_t.transpose(1, 2)[real], 2e-5, "out")
         assert s_n.keys() == s_t.keys()
