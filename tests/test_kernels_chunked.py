@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from headscope.kernels import LayerEdits, Redistribution, StatRequest, chunked, cpu_native, reference
 
@@ -60,7 +60,9 @@ def check(a, b, tol, what):
     assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol), (what, (a.float() - b.float()).abs().max())
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
+@example(B=2, G=1, ratio=1, K=43, dq=0, d=8, window=3, pad=0, block=None, dtype=torch.float32, use_edits=True,
+         seed=10000, rwin=None, native=True, causal=False)   # near-uniform rows (q_scale 1e-4): argmax ties
 @given(B=st.integers(1, 2), G=st.sampled_from([1, 2]), ratio=st.sampled_from([1, 2, 4, 8]),
        K=st.integers(1, 70), dq=st.integers(0, 9), d=st.sampled_from([8, 16]),
        window=st.sampled_from([None, 3, 16]), pad=st.integers(0, 4), block=st.sampled_from([None, 8, 13]),
@@ -80,7 +82,7 @@ def test_chunked_equals_reference(B, G, ratio, K, dq, d, window, pad, block, dty
         stats = StatRequest(**{**ALL.__dict__, "received_window": rwin})
         ed = edits_for(H, d, seed) if use_edits else None
         kw = dict(scaling=d ** -0.5, sliding_window=window, key_padding=kp, key_pos0=kpos, edits=ed, causal=causal)
-        o_ref, s_ref, _ = reference.attention(q, k, v, stats=stats, **kw)
+        o_ref, s_ref, p_ref = reference.attention(q, k, v, stats=stats, want_probs=True, **kw)
         o_chk, s_chk = chunked.attention(q, k, v, stats=stats, block=block, **kw)
         tol = TOL[dtype]
         # rows of fully padded queries are undefined in HF too: compare real queries only
@@ -92,9 +94,14 @@ def test_chunked_equals_reference(B, G, ratio, K, dq, d, window, pad, block, dty
                 check(a, b, tol * 4, name)
                 continue
             a, b = a.transpose(1, 2)[real], b.transpose(1, 2)[real]
-            if name == "argmax":       # ties in low precision may pick another key of equal weight
+            if name == "argmax":
+                # Near-ties are decided by rounding (e.g. q_scale=1e-4 makes rows almost uniform), so
+                # compare only rows whose top two probabilities differ by more than the dtype's
+                # tolerance; in low precision any key of (nearly) equal weight may win.
+                top2 = p_ref.float().topk(min(2, K), dim=-1).values.transpose(1, 2)[real]
+                clear = (top2[..., 0] - top2[..., -1] > tol) if K > 1 else torch.ones_like(top2[..., 0], dtype=torch.bool)
                 if dtype == torch.float32:
-                    assert torch.equal(a, b), name
+                    assert torch.equal(a[clear], b[clear]), name
                 continue
             if name == "lse" and use_edits:
                 continue                # lse is of the scores, compared below without redistribution
