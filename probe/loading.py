@@ -219,7 +219,7 @@ def cached_folder(emb: Embedded) -> Path:
     entry = f"{emb.name}-v{CACHE_FORMAT}"
     target = root / entry
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{entry}.lock"):
+    with _locked(root / f"{entry}.lock"):
         remove_stale_temp(root, entry, emb.name)
         why = check_entry(target, gguf)
         if why is None:

@@ -42,7 +42,7 @@ def tiny_folder(tmp_path_factory):
 
 
 def _leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob(".*") if not p.name.endswith(".lock")]
+    return [p for p in root.rglob(".*")]
 
 
 # ------------------------------------------------------------------ model names and folders
