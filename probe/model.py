@@ -17,10 +17,10 @@ from torch import nn
 
 from ..kernels.spec import StatRequest
 from . import attention as _attention
-from .edits import compile_edits
+from .edits import EDIT_TYPES, OutputEdit, compile_edits
 from .hooks import ATTN_KINDS, ActivationCache, Hook, hook_name, parse
 from .record import Recorder
-from .state import EditSet, ProbeState
+from .state import ProbeState
 
 _OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")                  # attention output projection
 _PRE_MLP_NORM = ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm")  # input = resid_mid
@@ -363,11 +363,15 @@ class HookedModel(nn.Module):
 
     @contextlib.contextmanager
     def edit(self, edits):
-        """Apply head edits (``Ablate``, ``ScaleKeys``, ``HeadAffine``, ``StreamingGate``) while the
-        block runs; nested blocks compose."""
-        edits = [edits] if hasattr(edits, "add_to") else list(edits)
-        compiled = compile_edits(edits, self.cfg.n_layers, self.cfg.n_heads, self.cfg.d_head, self.device)
-        handle = self.state.push(edit_sets=[EditSet(compiled, {})])
+        """Apply head edits (``Ablate``, ``ScaleKeys``, ``HeadAffine``, ``AddToHead``,
+        ``StreamingGate``) while the block runs, for this call only (other threads do not see
+        them); nested blocks compose."""
+        if isinstance(edits, OutputEdit) or hasattr(edits, "add_to"):
+            edits = [edits]
+        elif not hasattr(edits, "__iter__") or isinstance(edits, (str, bytes)):
+            raise TypeError(f"model.edit takes an edit or a list of edits ({EDIT_TYPES}), got {edits!r}")
+        compiled = compile_edits(list(edits), self.cfg.n_layers, self.cfg.n_heads, self.cfg.d_head, self.device)
+        handle = self.state.push(edit_sets=[compiled])
         try:
             yield self
         finally:

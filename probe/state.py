@@ -58,33 +58,6 @@ class Frame:
         return self._hook_map[0]
 
 
-def _merge_edits(a: LayerEdits, b: LayerEdits) -> LayerEdits:
-    """Two edit sets on one layer (nested ``model.edit`` blocks): b applies after a."""
-    import torch
-    out = LayerEdits(**{k: getattr(a, k) for k in a.__dataclass_fields__})
-    if b.q_scale is not None:
-        out.q_scale = b.q_scale if a.q_scale is None else a.q_scale * b.q_scale
-    out.redistributions = a.redistributions + b.redistributions
-    if b.gate is not None:
-        if a.gate is not None:
-            raise ValueError("two StreamingGate edit sets on one layer: put them in one model.edit([...])")
-        out.gate, out.gate_sink, out.gate_recent = b.gate, b.gate_sink, b.gate_recent
-    if b.replace_mask is not None:
-        if a.replace_mask is None:
-            out.replace_mask, out.replace_value = b.replace_mask, b.replace_value
-        else:
-            out.replace_mask = a.replace_mask | b.replace_mask
-            out.replace_value = torch.where(b.replace_mask[:, None], b.replace_value, a.replace_value)
-    if b.out_scale is not None or b.out_bias is not None:
-        a0 = a.out_scale if a.out_scale is not None else 0.0
-        v0 = a.out_bias if a.out_bias is not None else 0.0
-        a1 = b.out_scale if b.out_scale is not None else 0.0
-        v1 = b.out_bias if b.out_bias is not None else 0.0
-        out.out_scale = (1 + a1) * (1 + a0) - 1
-        out.out_bias = (1 + a1) * v0 + v1
-    return out
-
-
 _EMPTY = Frame()
 _ids = itertools.count()
 
@@ -134,9 +107,9 @@ class ProbeState:
         out_edits: list = []
         for es in f.edit_sets:
             if layer in es.prob:
-                edits = es.prob[layer] if edits is None else _merge_edits(edits, es.prob[layer])
+                edits = es.prob[layer] if edits is None else edits.merge(es.prob[layer])
             out_edits += es.out.get(layer, ())
-        out_edits.sort(key=lambda e: e.stage)  # noqa          # stable: replacements, then affine edits
+        out_edits.sort(key=lambda e: e.stage)          # stable: replacements, then affine edits
         hooks = {kind: fns for (l, kind), fns in f.hook_map().items() if l == layer and fns}
         plan = None
         if stats is not None or edits is not None or out_edits or hooks:

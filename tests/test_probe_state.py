@@ -199,3 +199,67 @@ def test_generate_sees_the_callers_edits(m):
         step = m(edited[:, :-1])
     assert torch.equal(step[:, x.shape[1] - 1:].argmax(-1), edited[:, x.shape[1]:])
     assert edited.shape == plain.shape
+
+
+# ---------------------------------------------------------------- output-space edits
+def test_add_to_head_equals_the_same_change_in_a_hook_z_hook(m):
+    x = toks(m, B=2)
+    d = m.cfg.d_head
+    g = torch.Generator().manual_seed(1)
+    vec = torch.randn(d, generator=g)
+    per_example = torch.randn(2, d, generator=g)
+    per_pos = torch.randn(2, x.shape[1], 2, d, generator=g)          # two heads: [B, Q, n, d]
+
+    def add(layer_vals):
+        def fn(z, hook):
+            z = z.clone()
+            for h, v in layer_vals:
+                z[:, :, h] += v if v.dim() != 2 else v[:, None]
+            return z
+        return fn
+
+    with torch.no_grad():
+        plain = m(x)
+        for edit, hooked in [
+            (hs.AddToHead(1, 2, vec), add([(2, vec)])),
+            (hs.AddToHead(1, 3, per_example), add([(3, per_example)])),
+            (hs.AddToHead(1, [0, 2], per_pos), add([(0, per_pos[:, :, 0]), (2, per_pos[:, :, 1])])),
+        ]:
+            with m.edit(edit):
+                a = m(x)
+            b = m.run_with_hooks(x, fwd_hooks=[("blocks.1.attn.hook_z", hooked)])
+            assert (a - b).abs().max() < 1e-5
+            assert (a - plain).abs().max() > 1e-3
+        # hook_z sees z after the edit
+        seen = {}
+        with m.edit(hs.AddToHead(1, 2, vec)):
+            m.run_with_hooks(x, fwd_hooks=[("blocks.1.attn.hook_z", lambda z, hook: seen.setdefault("z", z))])
+        _, cache = m.run_with_cache(x, names_filter="blocks.1.attn.hook_z")
+        torch.testing.assert_close(seen["z"][:, :, 2], cache["z", 1][:, :, 2] + vec)
+    with pytest.raises(ValueError, match="per-example/per-position"):
+        with torch.no_grad(), m.edit(hs.AddToHead(1, 2, per_example)):
+            m(toks(m, B=3))
+
+
+def test_gradients_flow_to_output_edit_tensors(m):
+    x = toks(m)
+    d = m.cfg.d_head
+    vec = torch.zeros(d, requires_grad=True)
+    scale = torch.zeros(2, d, requires_grad=True)
+    bias = torch.zeros(2, d, requires_grad=True)
+    with m.edit([hs.AddToHead(0, 1, vec), hs.HeadAffine(1, [0, 3], scale=scale, bias=bias)]):
+        loss = m(x)[0, -1].logsumexp(-1)
+    loss.backward()
+    for t in (vec, scale, bias):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+    # the gradient wrt the steering vector equals the gradient wrt z's head slice (summed over pos)
+    zs = {}
+
+    def grab(z, hook):
+        z.retain_grad()
+        zs["z"] = z
+        return z
+    with m.hooks([("blocks.0.attn.hook_z", grab)]):
+        loss2 = m(x)[0, -1].logsumexp(-1)
+    loss2.backward()
+    torch.testing.assert_close(vec.grad, zs["z"].grad[0, :, 1].sum(0), atol=1e-5, rtol=1e-4)
