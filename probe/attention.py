@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from ..kernels import chunked, reference
+from .edits import apply_output_edits
 
 NAME = "headscope"
 log = logging.getLogger("headscope")
@@ -122,14 +123,31 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
     pattern_hook = (lambda p: call("pattern", p)) if "pattern" in hooks else None
 
     key_pos0 = _key_pos0(position_ids, B, K, query.device)
-    out, stats = _instrumented(module, query, key, value, key_padding, scaling, sliding_window, softcap,
-                               causal, key_pos0, plan.stats, plan.edits, score_hook, pattern_hook)
-    for rec in plan.recorders:
-        rec.add(layer, stats)
+    if plan.edits is not None and plan.edits.redistributions:
+        _check_spans(plan.edits, key_pos0, K, layer)
+    if plan.stats is None and plan.edits is None and score_hook is None and pattern_hook is None:
+        out = _fast(module, query, key, value, key_padding, scaling, sliding_window, softcap, causal)
+    else:
+        out, stats = _instrumented(module, query, key, value, key_padding, scaling, sliding_window, softcap,
+                                   causal, key_pos0, plan.stats, plan.edits, score_hook, pattern_hook)
+        for rec in plan.recorders:
+            rec.add(layer, stats)
     out = out.transpose(1, 2)                                   # [B, Q, H, d]
+    if plan.out_edits:                                          # output-space edits, once, in PyTorch
+        out = apply_output_edits(out, plan.out_edits)
     if "z" in hooks:
         out = call("z", out)
     return out.contiguous(), None
+
+
+def _check_spans(edits, key_pos0, K: int, layer: int) -> None:
+    """A redistribution span that reaches beyond the longest sequence is an error, not a no-op."""
+    n = int((key_pos0 + K).max())                               # positions 0..n-1 exist
+    for r in edits.redistributions:
+        for a, b in r.source + (r.target or ()):
+            if b > n:
+                raise ValueError(f"ScaleKeys on layer {layer}: span ({a}, {b}) reaches beyond the sequence "
+                                 f"({n} positions, 0..{n - 1}); give spans inside the prompt")
 
 
 def register() -> None:
