@@ -99,13 +99,17 @@ def _received_count(vis, regions, Qb, Kb, B, device, window=None, q_idx=None, k_
     return vis.sum(-2).float().expand(B, Kb)
 
 
-def _native_ok(q, edits) -> bool:
-    """The fused C row pass applies: CPU, no probability edits, nothing to differentiate."""
+def _native_ok(q, edits, k=None, v=None) -> bool:
+    """The fused C row pass applies: CPU, no probability edits, nothing to differentiate (it has
+    no backward pass)."""
     if q.device.type != "cpu" or not cpu_native.available():
         return False
     if edits is not None and (edits.redistributions or edits.gate is not None):
         return False
-    return not (torch.is_grad_enabled() and q.requires_grad)
+    if torch.is_grad_enabled():
+        ts = [q, k, v] + (edits.tensors() if edits is not None else [])
+        return not any(t is not None and t.requires_grad for t in ts)
+    return True
 
 
 def _native_block(s, v, stats, key_pos, q_idx, k_idx, kp, vis, regions, causal, window):
@@ -172,7 +176,7 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
     s = torch.matmul(qf.reshape(B, G, r * Qb, d), k.float().transpose(-1, -2)).view(B, H, Qb, Kb)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    if _native_ok(q, edits):
+    if _native_ok(q, edits, k, v):
         return _native_block(s, v, stats, key_pos, q_idx, k_idx, kp, vis, regions, causal, window)
     if vis is not None:
         s.masked_fill_(~vis[:, None], NEG)

@@ -60,6 +60,22 @@ def _fast(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal
                          None, None, None)[0]
 
 
+def _warn_once(module, msg: str) -> None:
+    state = getattr(module, "_headscope", None)
+    seen = state.fallback_warned if state is not None else set()
+    if msg not in seen:
+        seen.add(msg)
+        log.warning("headscope: %s", msg)
+
+
+def _needs_grad(q, k, v, edits) -> bool:
+    """Autograd will want gradients through this call (inputs or edit tensors require grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    ts = [q, k, v] + (edits.tensors() if edits is not None else [])
+    return any(t.requires_grad for t in ts)
+
+
 def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal,
                   key_pos0, stats, edits, score_hook=None, pattern_hook=None):
     kw = dict(scaling=scaling, causal=causal, sliding_window=sliding_window, key_padding=key_padding,
@@ -67,16 +83,22 @@ def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap
     if score_hook is not None or pattern_hook is not None:
         out, st, _ = reference.attention(q, k, v, score_hook=score_hook, pattern_hook=pattern_hook, **kw)
         return out, st
+    if _needs_grad(q, k, v, edits):
+        # Triton and the fused C row pass have no backward: the chunked PyTorch path is differentiable
+        if q.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON") != "1" and _triton_module() is not None:
+            _warn_once(module, "gradients are needed, so the Triton kernel is skipped; using the "
+                               "differentiable chunked PyTorch path (use torch.no_grad() for inference)")
+        elif q.device.type == "cpu" and chunked.cpu_native.available():
+            _warn_once(module, "gradients are needed, so the fused C row pass is skipped; using the "
+                               "differentiable chunked PyTorch path (use torch.no_grad() for inference)")
+        return chunked.attention(q, k, v, **kw)
     if q.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON") != "1":
         ta = _triton_module()
         if ta is not None:
             try:
                 return ta.attention(q, k, v, **kw)
             except ta.Unsupported as e:
-                state = getattr(module, "_headscope", None)
-                if state is not None and str(e) not in state.fallback_warned:
-                    state.fallback_warned.add(str(e))
-                    log.warning("headscope: Triton kernel cannot do this (%s); using the chunked path", e)
+                _warn_once(module, f"Triton kernel cannot do this ({e}); using the chunked path")
     return chunked.attention(q, k, v, **kw)
 
 

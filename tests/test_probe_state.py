@@ -263,3 +263,42 @@ def test_gradients_flow_to_output_edit_tensors(m):
         loss2 = m(x)[0, -1].logsumexp(-1)
     loss2.backward()
     torch.testing.assert_close(vec.grad, zs["z"].grad[0, :, 1].sum(0), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- gradients through the probe
+def test_gradients_through_instrumented_path_equal_plain_gradients(m, caplog):
+    """d loss / d resid_pre[0] with hook_z + a recorder (chunked path; the fused C row pass has no
+    backward) and with a pattern hook (reference path) equals the plain SDPA gradient."""
+    x = toks(m, B=2, N=10)
+
+    def grad_with(extra_hooks=(), record=False):
+        leaf = {}
+
+        def embed(t, hook):
+            leaf["e"] = t.detach().clone().requires_grad_(True)
+            return leaf["e"]
+
+        hooks = [("blocks.0.hook_resid_pre", embed)] + list(extra_hooks)
+        with m.hooks(hooks):
+            if record:
+                with m.record(hs.Stats(sink_k=1, entropy=True)) as rec:
+                    loss = m(x)[:, -3:].logsumexp(-1).sum()
+                assert rec["entropy", 1].shape == (2, m.cfg.n_heads, x.shape[1])
+            else:
+                loss = m(x)[:, -3:].logsumexp(-1).sum()
+        loss.backward()
+        return leaf["e"].grad
+
+    plain = grad_with()
+    m.state.fallback_warned.clear()
+    with caplog.at_level("WARNING", logger="headscope"):
+        via_chunked = grad_with([("blocks.1.attn.hook_z", lambda z, hook: z)], record=True)
+        grad_with([("blocks.1.attn.hook_z", lambda z, hook: z)], record=True)
+    via_reference = grad_with([("blocks.0.attn.hook_pattern", lambda p, hook: p)])
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(via_chunked, plain, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(via_reference, plain, atol=1e-5, rtol=1e-4)
+    from headscope.kernels import cpu_native
+    if cpu_native.available():                  # declining the C row pass is said once
+        msgs = [r.getMessage() for r in caplog.records if "gradients are needed" in r.getMessage()]
+        assert len(msgs) == 1 and "fused C row pass" in msgs[0]
