@@ -11,7 +11,7 @@ The names below come from ``headscope.probe`` and are imported on first use (PEP
 """
 __version__ = "0.1.0"
 _SUBPACKAGES = ("probe", "heads", "circuits", "interventions", "app", "kernels")
-__all__ = ["Ablate", "ActivationCache", "HeadAffine", "HookedModel", "ModelInfo", "ModelNotFound",
+__all__ = ["Ablate", "ActivationCache", "AddToHead", "HeadAffine", "HookedModel", "ModelInfo", "ModelNotFound",
            "Recorder", "ScaleKeys", "Stats", "StreamingGate", "hook_name", "load"]
 
 
