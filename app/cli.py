@@ -367,6 +367,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (nothing was written)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
