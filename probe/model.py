@@ -17,6 +17,7 @@ from torch import nn
 
 from ..kernels.spec import StatRequest
 from . import attention as _attention
+from .checks import as_indices, check_range
 from .edits import EDIT_TYPES, OutputEdit, compile_edits
 from .hooks import ATTN_KINDS, ActivationCache, Hook, hook_name, parse
 from .record import Recorder
@@ -272,6 +273,8 @@ class HookedModel(nn.Module):
                 names = [name]
             elif callable(name):
                 names = [n for n in self.hook_names() if name(n)]
+                if not names:
+                    raise ValueError(f"hook filter {name!r} matched no hook name; see model.hook_names()")
             else:
                 raise TypeError(f"hook name must be a string or a predicate on names, got {name!r}")
             for n in names:
@@ -309,8 +312,16 @@ class HookedModel(nn.Module):
             names = [names_filter]
         elif callable(names_filter):
             names = [n for n in self.hook_names() if names_filter(n)]
-        else:
+            if not names:
+                raise ValueError("names_filter matched no hook name; see model.hook_names()")
+        elif isinstance(names_filter, (list, tuple, set, frozenset)):
             names = list(names_filter)
+            bad = [n for n in names if not isinstance(n, str)]
+            if bad:
+                raise TypeError(f"names_filter lists hook names (strings), got {bad[:3]!r}")
+        else:
+            raise TypeError("names_filter is None, a hook name, a list of names or a predicate on names; "
+                            f"got {type(names_filter).__name__}")
         parsed = [parse(n, self.cfg.n_layers) for n in names]
         toks, _ = self._inputs(tokens, attention_mask)
         B, N = toks.shape
@@ -338,22 +349,19 @@ class HookedModel(nn.Module):
     def record(self, stats: StatRequest | None = None, layers=None, heads=None, **kw):
         """Record O(N) per-head statistics while the block runs: ``stats`` is a ``Stats`` (=
         ``kernels.StatRequest``) or its fields as keywords. Yields a ``Recorder``."""
-        request = stats if stats is not None else StatRequest(**kw)
         if stats is not None and kw:
             raise TypeError("give either stats=Stats(...) or keyword fields, not both")
-        layers = list(range(self.cfg.n_layers)) if layers is None else [int(l) for l in
-                                                                       ([layers] if isinstance(layers, int) else layers)]
+        if stats is not None and not isinstance(stats, StatRequest):
+            raise TypeError(f"record(stats=...) takes a headscope.Stats, got {type(stats).__name__}")
+        request = stats if stats is not None else StatRequest(**kw)
+        n_layers, n_heads = self.cfg.n_layers, self.cfg.n_heads
+        layers = list(range(n_layers)) if layers is None else list(as_indices(layers, "record layers"))
         for l in layers:
-            if not 0 <= l < self.cfg.n_layers:
-                raise IndexError(f"layer {l} out of range, the model has {self.cfg.n_layers} layers")
+            check_range(l, n_layers, "layer", f"{self.cfg.name} has {n_layers} layers")
         if heads is not None:
-            heads = [heads] if isinstance(heads, int) else list(heads)
+            heads = list(as_indices(heads, "record heads"))
             for h in heads:
-                if not 0 <= h < self.cfg.n_heads:
-                    raise IndexError(f"head {h} out of range, the model has {self.cfg.n_heads} heads per layer")
-        for a, b in request.spans:
-            if b <= a:
-                raise ValueError(f"span ({a}, {b}) is empty: spans are half-open [start, end) with end > start")
+                check_range(h, n_heads, "head", f"{self.cfg.name} has {n_heads} heads per layer")
         rec = Recorder(request, layers, heads)
         handle = self.state.push(recorders=[rec])
         try:
