@@ -73,6 +73,11 @@ class ProbeState:
                                                                           default=_EMPTY)
         self.fallback_warned: set = set()      # fast-path refusals already logged (once per model)
 
+    def __deepcopy__(self, memo):
+        """A deep copy of the HF model (e.g. ``copy.deepcopy(model.model)``) gets a fresh, empty
+        state: a ContextVar cannot be copied, and the copy must not see the original's contexts."""
+        return ProbeState(self.n_layers)
+
     # ---------------------------------------------------------------- read
     @property
     def frame(self) -> Frame:
