@@ -196,5 +196,4 @@ class LayerEdits:
                           gate=gate, gate_sink=gs, gate_recent=gr)
 
 
-ROW_STATS = ("sink_mass", "span_mass", "entropy", "distance", "window_distance", "recent_mass", "argmax", "max_prob", "lse")
 COLUMN_STATS = ("received_sum", "received_count")

@@ -10,7 +10,7 @@ serve the residual-stream and ``hook_result`` names.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from ..kernels.spec import StatRequest
 from . import attention as _attention
 from .checks import as_indices, check_range
 from .edits import EDIT_TYPES, OutputEdit, compile_edits
-from .hooks import ATTN_KINDS, ActivationCache, Hook, hook_name, parse
+from .hooks import ActivationCache, Hook, hook_name, parse
 from .record import Recorder
 from .state import ProbeState
 
