@@ -92,7 +92,26 @@ class HookedModel(nn.Module):
         for i, a in enumerate(self.attn):
             a._headscope = self.state          # read by the attention function
             a._headscope_layer = i
+        self._check_dispatch()
         self._install_torch_hooks()
+
+    def _check_dispatch(self):
+        """Run two tokens and refuse the model unless every layer's attention module went through
+        the registered attention function: a model class whose attention does not dispatch through
+        transformers' ``AttentionInterface`` (e.g. Falcon in transformers 5) would otherwise load,
+        run its own attention and silently ignore every hook, statistic and edit."""
+        with torch.no_grad(), _attention.watch_calls(self.attn) as seen:
+            self.model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.device), use_cache=False)
+        missing = [i for i in range(len(self.attn)) if i not in seen]
+        if missing:
+            cls = type(self.attn[missing[0]]).__name__
+            raise TypeError(
+                f"{type(self.model).__name__} cannot run through headscope: its attention modules ({cls}, "
+                f"layers {missing}) do not call transformers' attention interface (ALL_ATTENTION_FUNCTIONS), "
+                "so headscope's attention function would never run and every hook, statistic and edit "
+                "would be silently ignored. Use a model class whose attention dispatches through "
+                "AttentionInterface (Llama, Qwen2/3, Mistral, Gemma, GPT-2, GPT-NeoX, OPT, ...; e.g. convert "
+                "the checkpoint to one), or run this model without headscope.")
 
     # ---------------------------------------------------------------- permanent torch hooks
     def _install_torch_hooks(self):
