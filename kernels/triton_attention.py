@@ -41,8 +41,7 @@ class Unsupported(Exception):
 # asks before calling and falls back to the chunked path with one message when it declines).
 SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_distance", "recent", "argmax",
                              "received", "received_window"})
-SUPPORTED_EDITS = frozenset({"q_scale", "redistributions", "gate", "gate_sink", "gate_recent", "replace_mask",
-                             "replace_value", "out_scale", "out_bias"})
+SUPPORTED_EDITS = frozenset({"q_scale", "redistributions", "gate", "gate_sink", "gate_recent"})
 
 
 def supports(stats: StatRequest | None, edits: LayerEdits | None, *, sinks: bool = False) -> str | None:
