@@ -35,6 +35,13 @@ def resolve_template(model, template: str | None) -> str | None:
     return template
 
 
+def template_name(model, template: str | None) -> str:
+    """What a template setting means on this model, for a result's params: "chat" (the tokenizer's chat
+    template), the ``{q}`` string used (e.g. ``PLAIN_TEMPLATE`` on a base model), or "none"."""
+    t = resolve_template(model, template)
+    return "none" if t is None else t
+
+
 def apply_template(model, queries: list[str], template: str | None = "chat", system: str | None = None) -> list[str]:
     """Wrap queries: ``template="chat"`` uses the tokenizer's chat template (``system`` None keeps the
     template's default system prompt, a string sets one), a string with ``{q}`` formats, None keeps
