@@ -11,6 +11,7 @@ import contextlib
 import random
 
 import torch
+from einops import reduce, repeat
 
 from ..probe import Stats
 
@@ -247,13 +248,12 @@ def random_heads(n_layers: int, n_heads: int, k: int, exclude=(), seed: int = 0,
 
 def kv_group_max(scores: torch.Tensor, n_kv: int) -> torch.Tensor:
     """[L, H] -> [L, G]: max over the query heads that share each KV head (GQA)."""
-    from einops import reduce
     return reduce(torch.as_tensor(scores), "l (g r) -> l g", "max", g=n_kv)
 
 
 def expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[L, G] -> [L, H]: each KV head's value for every query head of its group."""
-    return kv.repeat_interleave(n_heads // kv.shape[1], dim=1)
+    return repeat(kv, "l g -> l (g r)", r=n_heads // kv.shape[1])
 
 
 def batches(items, size: int, key=None) -> list[list[int]]:

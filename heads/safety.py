@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 
 from ..probe import Ablate
 from .base import Analyzer, register
@@ -291,7 +292,7 @@ class Ships(Analyzer):
         per_query = torch.zeros(len(ids), L, H)
         for l, h in tqdm([(l, h) for l in layers for h in range(H)], desc="ships", disable=not progress):
             per_query[:, l, h] = ships([(l, h)])
-        flat = per_query.flatten(1)                                              # [Q, L*H]
+        flat = rearrange(per_query, "q l h -> q (l h)")
         k = min(self.top_k, len(layers) * H)
         in_top = torch.zeros_like(flat)
         in_top.scatter_(1, flat.topk(k, dim=1).indices, 1.0)
@@ -302,7 +303,7 @@ class Ships(Analyzer):
         if self.screen_layers is not None and not bool(screen.eq(0).all()):
             ds += f"; heads of the {len(layers)} layers that won the layer screen: {layers}"
         res = self._result(model, per_query.mean(0), dataset=ds, started=t0, per_query=per_query,
-                           top_count=in_top.view(-1, L, H).sum(0), scored_layers=scored, layer_screen=screen,
+                           top_count=rearrange(in_top, "q (l h) -> q l h", l=L).sum(0), scored_layers=scored, layer_screen=screen,
                            params=dict(template_used=template_name(model, self.template)),
                            info=dict(queries=queries))
         return res

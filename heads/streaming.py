@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from tqdm.auto import tqdm
 
 from ..probe import StreamingGate, Stats
@@ -150,7 +151,7 @@ class StreamingProxy(Analyzer):
         scores = out.mean(1)
         kv = kv_group_max(scores, model.cfg.n_kv_heads)
         thr, stream = split(kv, self.sparsity, model.cfg.n_heads)
-        res = self._result(model, scores, dataset=dataset, started=t0, per_text=out.permute(1, 0, 2),
+        res = self._result(model, scores, dataset=dataset, started=t0, per_text=rearrange(out, "l b h -> b l h"),
                            sink_mass=sink_m.mean(1), recent_mass=(1 - sink_m - out).mean(1), kv_scores=kv,
                            streaming=stream.to(torch.uint8), threshold=thr,
                            params=dict(split_threshold=thr, per_kv_head="kv_scores = max over the query heads of "
