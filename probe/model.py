@@ -18,6 +18,7 @@ from torch import nn
 from ..kernels.spec import StatRequest
 from . import attention as _attention
 from .edits import compile_edits
+from . import module_hooks
 from .hooks import ATTN_KINDS, ActivationCache, Hook, hook_name, parse
 from .record import Recorder
 from .state import ProbeState
@@ -144,6 +145,7 @@ class HookedModel(nn.Module):
                         return None
                     return output + (new - res).sum(-2)
                 proj.register_forward_hook(result)
+        module_hooks.install(self)          # hook_embed, hook_attn_out, hook_mlp_in, hook_mlp_out
 
     # ---------------------------------------------------------------- tokens
     def to_tokens(self, text, prepend_bos: bool = True, chat: bool = False) -> torch.Tensor:
@@ -258,14 +260,16 @@ class HookedModel(nn.Module):
                 self.layers[i].__dict__.pop("forward", None)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks=()):
-        """Add (name or name-filter, fn) hooks for the duration of the block."""
+    def hooks(self, fwd_hooks=(), bwd_hooks=()):
+        """Add (name or name-filter, fn) hooks for the duration of the block; ``bwd_hooks`` get the
+        gradient of the hooked tensor (TransformerLens), see ``module_hooks.as_forward``."""
         added = []
         try:
-            for name, fn in fwd_hooks:
+            for name, fn in list(fwd_hooks) + module_hooks.as_forward(bwd_hooks):
                 names = [name] if isinstance(name, str) else [n for n in self.hook_names() if name(n)]
                 for n in names:
                     layer, kind = parse(n, self.cfg.n_layers)
+                    module_hooks.check(self, layer, kind)
                     self.state.hooks.setdefault((layer, kind), []).append(fn)
                     added.append((layer, kind, fn))
             yield self
@@ -275,8 +279,8 @@ class HookedModel(nn.Module):
                 if not self.state.hooks[(layer, kind)]:
                     del self.state.hooks[(layer, kind)]
 
-    def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, **kwargs):
-        with self.hooks(fwd_hooks):
+    def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, bwd_hooks=(), **kwargs):
+        with self.hooks(fwd_hooks, bwd_hooks):
             return self(tokens, attention_mask=attention_mask, **kwargs)
 
     def hook_names(self) -> list[str]:
@@ -291,9 +295,10 @@ class HookedModel(nn.Module):
         return self.pattern_bytes(batch, n_tokens, n_layers) <= free_bytes(self.device) // 2
 
     def run_with_cache(self, tokens, names_filter=None, attention_mask=None, max_bytes: int | None = None,
-                       **kwargs):
+                       incl_bwd: bool = False, bwd_metric=None, **kwargs):
         """(logits, ActivationCache). ``names_filter``: None (all), a name, a list of names or a
-        predicate. Patterns cost batch·heads·N²·4 bytes a layer: this refuses up front, with a
+        predicate. ``incl_bwd``: also back-propagate ``bwd_metric(logits)`` (default: the mean
+        next-token loss, TransformerLens' return_type="loss") and cache ``name + "_grad"``. Patterns cost batch·heads·N²·4 bytes a layer: this refuses up front, with a
         pointer to ``record``, when that exceeds ``max_bytes`` (default: half the free memory)."""
         if names_filter is None:
             names = self.hook_names()
@@ -322,8 +327,11 @@ class HookedModel(nn.Module):
                 cache[name] = t.detach()
             return fn
 
-        with self.hooks([(n, saver(hook_name(k, l))) for n, (l, k) in zip(names, parsed)]):
+        grads = module_hooks.grad_savers([hook_name(k, l) for l, k in parsed], cache) if incl_bwd else []
+        with self.hooks([(n, saver(hook_name(k, l))) for n, (l, k) in zip(names, parsed)] + grads):
             logits = self(tokens, attention_mask=attention_mask, **kwargs)
+        if incl_bwd:
+            (bwd_metric(logits) if bwd_metric else module_hooks.next_token_loss(logits, toks)).backward()
         return logits, cache
 
     @contextlib.contextmanager
