@@ -8,7 +8,8 @@ constant, 40-55 the output slot read by the unembedding; the rest carries small 
 - L1H2 (KV group 1) is an induction head: q reads the current token, k reads the previous-token slot,
   both into the slow rotary pairs 8-15 (rotation < 0.02 rad over the sequence: position-free
   content matching); v copies the token, o writes it to the output slot.
-Every other head and both MLPs have small random weights. On "t0..t7 t0..t4" the model predicts t5.
+Attention is peaked but not saturated (match scores ~4-6), so gradients are informative. Every
+other head and both MLPs have small random weights. On "t0..t7 t0..t4" the model predicts t5.
 """
 import random
 
@@ -38,9 +39,9 @@ def planted_model(seed: int = 0):
         E = m.model.embed_tokens.weight
         E.zero_()
         E[:, :16] = torch.eye(16)
-        E[:, 32] = 1.0
+        E[:, 32] = 4.0                                     # a large constant: RMS norms barely move
         E[:, 64:] = 0.01 * torch.randn(16, 64)
-        a0 = 1.5
+        a0 = 0.7
         l0 = m.model.layers[0].self_attn
         l0.q_proj.weight[32:64] = 0
         l0.k_proj.weight[0:32] = 0
@@ -50,7 +51,7 @@ def planted_model(seed: int = 0):
             l0.k_proj.weight[i, 32] = a0 * torch.cos(torch.tensor(theta[i]))
             l0.k_proj.weight[i + 16, 32] = a0 * torch.sin(torch.tensor(theta[i]))
         for j in range(16):
-            l0.v_proj.weight[j, j] = 1 / 8
+            l0.v_proj.weight[j, j] = 1 / 2.74
         l0.o_proj.weight[:, 32:64] = 0
         for j in range(16):
             l0.o_proj.weight[16 + j, 32 + j] = 1.0
@@ -60,9 +61,9 @@ def planted_model(seed: int = 0):
         l1.k_proj.weight[32:64] = 0
         l1.v_proj.weight[32:64] = 0
         for j in range(16):                                 # induction head L1H2 (KV group 1)
-            l1.q_proj.weight[64 + idx[j], j] = 2.0
-            l1.k_proj.weight[32 + idx[j], 16 + j] = 2.0
-            l1.v_proj.weight[32 + j, j] = 1 / 6.5
+            l1.q_proj.weight[64 + idx[j], j] = 1.8
+            l1.k_proj.weight[32 + idx[j], 16 + j] = 1.8
+            l1.v_proj.weight[32 + j, j] = 1 / 2.67
         l1.o_proj.weight[:, 64:96] = 0
         for j in range(16):
             l1.o_proj.weight[40 + j, 64 + j] = 1.0
