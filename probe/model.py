@@ -17,6 +17,7 @@ from torch import nn
 
 from ..kernels.spec import StatRequest
 from . import attention as _attention
+from . import module_hooks
 from .checks import as_indices, check_range
 from .edits import EDIT_TYPES, OutputEdit, compile_edits
 from .hooks import ActivationCache, Hook, hook_name, parse
@@ -164,6 +165,7 @@ class HookedModel(nn.Module):
                         return None
                     return output + (new - res).sum(-2)
                 proj.register_forward_hook(result)
+        module_hooks.install(self)          # hook_embed, hook_attn_out, hook_mlp_in, hook_mlp_out
 
     # ---------------------------------------------------------------- tokens
     def to_tokens(self, text, prepend_bos: bool = True, chat: bool = False) -> torch.Tensor:
@@ -278,11 +280,12 @@ class HookedModel(nn.Module):
                 self.layers[i].__dict__.pop("forward", None)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks=()):
+    def hooks(self, fwd_hooks=(), bwd_hooks=()):
         """Add (name or name-filter, fn) hooks for the duration of the block (for this call only:
-        other threads do not see them)."""
+        other threads do not see them); ``bwd_hooks`` get the gradient of the hooked tensor
+        (TransformerLens), see ``module_hooks.as_forward``."""
         added = []
-        for entry in fwd_hooks:
+        for entry in list(fwd_hooks) + module_hooks.as_forward(bwd_hooks):
             if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
                 raise TypeError(f"fwd_hooks entries are (name or name-filter, fn) pairs, got {entry!r}")
             name, fn = entry
@@ -298,6 +301,7 @@ class HookedModel(nn.Module):
                 raise TypeError(f"hook name must be a string or a predicate on names, got {name!r}")
             for n in names:
                 layer, kind = parse(n, self.cfg.n_layers)
+                module_hooks.check(self, layer, kind)
                 added.append((layer, kind, fn))
         handle = self.state.push(hooks=added)
         try:
@@ -305,8 +309,8 @@ class HookedModel(nn.Module):
         finally:
             self.state.pop(handle)
 
-    def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, **kwargs):
-        with self.hooks(fwd_hooks):
+    def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, bwd_hooks=(), **kwargs):
+        with self.hooks(fwd_hooks, bwd_hooks):
             return self(tokens, attention_mask=attention_mask, **kwargs)
 
     def hook_names(self) -> list[str]:
@@ -321,9 +325,10 @@ class HookedModel(nn.Module):
         return self.pattern_bytes(batch, n_tokens, n_layers) <= free_bytes(self.device) // 2
 
     def run_with_cache(self, tokens, names_filter=None, attention_mask=None, max_bytes: int | None = None,
-                       **kwargs):
+                       incl_bwd: bool = False, bwd_metric=None, **kwargs):
         """(logits, ActivationCache). ``names_filter``: None (all), a name, a list of names or a
-        predicate. Patterns cost batch·heads·N²·4 bytes a layer: this refuses up front, with a
+        predicate. ``incl_bwd``: also back-propagate ``bwd_metric(logits)`` (default: the mean
+        next-token loss, TransformerLens' return_type="loss") and cache ``name + "_grad"``. Patterns cost batch·heads·N²·4 bytes a layer: this refuses up front, with a
         pointer to ``record``, when that exceeds ``max_bytes`` (default: half the free memory)."""
         if names_filter is None:
             names = self.hook_names()
@@ -360,8 +365,11 @@ class HookedModel(nn.Module):
                 cache[name] = t.detach()
             return fn
 
-        with self.hooks([(n, saver(hook_name(k, l))) for n, (l, k) in zip(names, parsed)]):
+        grads = module_hooks.grad_savers([hook_name(k, l) for l, k in parsed], cache) if incl_bwd else []
+        with self.hooks([(n, saver(hook_name(k, l))) for n, (l, k) in zip(names, parsed)] + grads):
             logits = self(tokens, attention_mask=attention_mask, **kwargs)
+        if incl_bwd:
+            (bwd_metric(logits) if bwd_metric else module_hooks.next_token_loss(logits, toks)).backward()
         return logits, cache
 
     @contextlib.contextmanager
