@@ -7,6 +7,7 @@ complete. ``model.edit(load_edits(path))`` re-applies what ``save_edits`` stored
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,11 +33,36 @@ def _jsonable(v):
     return v
 
 
-def save_edits(path, edits, meta: dict | None = None) -> Path:
-    """Write ``edits`` (a list of headscope edits) and ``meta`` (JSON-able) to the folder ``path``."""
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield a new temporary folder beside ``path``; when the block ends without error it becomes
+    ``path`` (an existing folder there is replaced only then), otherwise it is removed."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_edits(folder, edits, meta: dict | None = None) -> None:
+    """Write ``edits.json`` + ``edits.safetensors`` into the existing ``folder`` (not atomic on
+    its own: use ``save_edits``, or ``atomic_folder`` to write more files beside them)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
+    folder = Path(folder)
     types = _edit_types()
     records, tensors = [], {}
     for i, ed in enumerate(edits):
@@ -54,23 +80,16 @@ def save_edits(path, edits, meta: dict | None = None) -> Path:
                 rec["fields"][f.name] = _jsonable(v)
         records.append(rec)
     doc = {"format": FORMAT, "edits": records, "meta": meta or {}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        (tmp / "edits.json").write_text(json.dumps(doc, indent=1, default=str), encoding="utf-8")
-        save_file(tensors, str(tmp / "edits.safetensors"))
-        os.chmod(tmp, 0o755)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return path
+    (folder / "edits.json").write_text(json.dumps(doc, indent=1, default=str), encoding="utf-8")
+    save_file(tensors, str(folder / "edits.safetensors"))
+
+
+def save_edits(path, edits, meta: dict | None = None) -> Path:
+    """Write ``edits`` (a list of headscope edits) and ``meta`` (JSON-able) to the folder ``path``,
+    atomically (a temporary folder renamed into place)."""
+    with atomic_folder(path) as tmp:
+        write_edits(tmp, edits, meta)
+    return Path(path)
 
 
 def _tuples(v):

@@ -215,3 +215,47 @@ def fold(model, edits) -> nn.Module:
                                          requires_grad=False)
             proj.bias.add_(shift)
     return model.model
+
+
+@dataclass
+class LoFiTComparison:
+    result: LoFiTResult                    # the task-selected edit
+    rows: list                             # controls.Row: base, top-K, random-K, other-task
+    other_heads: list[tuple[int, int]] | None
+    random_sets: list[list[tuple[int, int]]]
+    seconds: float = 0.0
+
+
+def compare(model, train: list[Example], test: list[Example], cfg: LoFiTConfig = LoFiTConfig(),
+            other_train: list[Example] | None = None, n_random: int = 10, batch_size: int = 16,
+            progress: bool = True, dataset: str = "") -> LoFiTComparison:
+    """LoFiT with its controls (Yin et al. 2024, §5.2), all on the held-out ``test``:
+    the base model; offsets on the top-K heads by ||A||; offsets on ``n_random`` random sets of K
+    heads; offsets on the top-K heads selected (step 1) on ``other_train``, a different task. Every
+    condition trains v the same way (same examples, epochs, learning rate, seed)."""
+    from .controls import Row, random_head_sets
+    from .tasks import score_examples
+    t0 = time.time()
+    d = model.cfg.d_head
+    ok, loss = score_examples(model, test, (), batch_size)
+    rows = [Row("base", ok, loss)]
+    res = lofit(model, train, cfg, progress, dataset)
+    ok, loss = score_examples(model, test, res.edits(), batch_size)
+    rows.append(Row(f"LoFiT top-{cfg.k}", ok, loss, res.n_params, cfg.k, res.heads))
+    sets = random_head_sets(model.cfg.n_layers, model.cfg.n_heads, cfg.k, n_random, cfg.seed)
+    oks, losses = [], []
+    for i, heads in enumerate(sets):
+        v, _ = train_offsets(model, train, heads, cfg, progress)
+        ok, loss = score_examples(model, test, offset_edits(heads, v), batch_size)
+        oks.append(ok)
+        losses.append(loss)
+    if sets:
+        rows.append(Row(f"random-{cfg.k}", torch.stack(oks), torch.stack(losses), cfg.k * d, cfg.k, sets))
+    other = None
+    if other_train:
+        A, _ = train_scales(model, other_train, cfg, progress)
+        other = top_heads(scale_norms(model, A), cfg.k)
+        v, _ = train_offsets(model, train, other, cfg, progress)
+        ok, loss = score_examples(model, test, offset_edits(other, v), batch_size)
+        rows.append(Row(f"other-task top-{cfg.k}", ok, loss, cfg.k * d, cfg.k, other))
+    return LoFiTComparison(res, rows, other, sets, time.time() - t0)
