@@ -136,3 +136,23 @@ def test_decode_eligibility():
     assert "spans" in td.eligible(q, k, stats=StatRequest(spans=tuple((i, i + 1) for i in range(9))), min_k=1)
     big_q = torch.zeros(1, 8, 17, 32, device=DEV)
     assert "decode path" in td.eligible(big_q, k, min_k=1)
+
+
+def test_triton_attention_dispatches_decode(monkeypatch):
+    """triton_attention.attention sends an eligible call (few queries, enough keys) to the decode
+    kernels, and a call with column sums or an explicit block to flash_stats; both match."""
+    prob = _problem(Q=2, dtype=torch.bfloat16, seed=5)
+    req = StatRequest(**ALL_ROW)
+    calls = []
+    orig = td.attention
+    monkeypatch.setattr(td, "attention", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    monkeypatch.setattr(td, "DECODE_MIN_K", 1)
+    out, got = ta.attention(**prob, stats=req)
+    assert calls == [1]
+    _check(prob, out, got, req)
+    ta.attention(**prob, stats=StatRequest(received=True))
+    ta.attention(**prob, stats=req, block=16)
+    assert calls == [1]
+    monkeypatch.setattr(td, "DECODE_MIN_K", 10 ** 9)
+    ta.attention(**prob, stats=req)
+    assert calls == [1]
