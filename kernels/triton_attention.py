@@ -12,7 +12,9 @@ dtypes of ``chunked.attention``: argmax int64, received_count float32, everythin
 is the *natural-log* log-sum-exp of the (q_scale-edited) scores, -inf for rows that see no key).
 
 Kernels: ``flash_stats._attn_fwd`` (forward, row statistics, edits) and
-``received._received_kernel`` (column sums from the saved LSE). A head with a redistribution
+``received._received_kernel`` (column sums from the saved LSE); calls with few queries against many
+keys (decoding) go to ``triton_decode`` (key splits merged through their partial LSEs) when
+``triton_decode.eligible`` accepts them. A head with a redistribution
 (ACT / VAR) costs two forward passes: the first finds each row's class masses and coefficients,
 the second computes the edited output and statistics from exact probabilities.
 
@@ -273,6 +275,10 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     if reason is not None:
         raise Unsupported(reason)
     _check(q, k, v, key_padding, key_pos0, edits, block)
+    from . import triton_decode as td
+    if block is None and td.eligible(q, k, stats=stats, edits=edits) is None:   # few queries, many keys
+        return td.attention(q, k, v, scaling=scaling, causal=causal, sliding_window=sliding_window,
+                            key_padding=key_padding, softcap=softcap, key_pos0=key_pos0, stats=stats, edits=edits)
     import triton
 
     from . import flash_stats as fs
