@@ -18,16 +18,18 @@ from torch import nn
 from ..kernels.spec import StatRequest
 from . import attention as _attention
 from .edits import compile_edits
-from .hooks import ATTN_KINDS, ActivationCache, Hook, hook_name, parse
+from .cache import ActivationCache
+from .hooks import ATTN_KINDS, Hook, hook_name, parse
 from .record import Recorder
 from .state import ProbeState
+from .tl_idioms import TLConfigNames, TLIdioms
 
 _OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")                  # attention output projection
 _PRE_MLP_NORM = ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm")  # input = resid_mid
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ModelInfo(TLConfigNames):
     name: str
     n_layers: int
     n_heads: int
@@ -76,7 +78,7 @@ def _info(model, name: str) -> ModelInfo:
                      type(model).__name__)
 
 
-class HookedModel(nn.Module):
+class HookedModel(TLIdioms, nn.Module):
     """Wraps an HF causal LM. ``model(tokens)`` returns logits [batch, pos, vocab]."""
 
     def __init__(self, hf_model: nn.Module, tokenizer=None, name: str | None = None):
@@ -315,7 +317,7 @@ class HookedModel(nn.Module):
                 f"the {budget / 2**30:.1f} GiB budget. Record O(N) statistics instead, e.g. "
                 "`with model.record(Stats(sink_k=4, entropy=True, argmax=True)) as rec: model(tokens)`, "
                 "or cache fewer layers (names_filter), or pass max_bytes= to override.")
-        cache = ActivationCache()
+        cache = ActivationCache(model=self)
 
         def saver(name):
             def fn(t, hook):
