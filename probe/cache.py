@@ -24,6 +24,8 @@ import torch
 
 from . import hooks
 
+logger = logging.getLogger(__name__)
+
 _LN_NAME = re.compile(r"^(?:ln_final|blocks\.(\d+)\.ln([12]))\.hook_scale$")
 _TL_ATTN = ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores")
 _TL_MLP = ("pre", "post", "mid", "pre_linear")
@@ -132,7 +134,7 @@ class ActivationCache(hooks.ActivationCache):
     def remove_batch_dim(self) -> "ActivationCache":
         """Drop the batch dimension of a batch-1 cache (in place; returns the cache)."""
         if not self.has_batch_dim:
-            logging.warning("Tried removing batch dimension after already having removed it.")
+            logger.warning("Tried removing batch dimension after already having removed it.")
             return self
         sizes = {v.shape[0] for v in self.values() if v.dim() > 0}
         if sizes - {1}:
@@ -340,6 +342,15 @@ class ActivationCache(hooks.ActivationCache):
         comps.append(b_O.to(heads.dtype).expand(1, *heads.shape[1:]))
         labels.append("bias")
         stack = torch.cat(comps)
+        target = f"blocks.{layer - 1}.hook_resid_post" if not mlp_input else f"blocks.{layer}.hook_resid_mid"
+        if layer > 0 and dict.__contains__(self, target):
+            want = apply_slice(self[target], pos_slice, -2)
+            err = (stack.sum(0) - want).abs().max().item()
+            if err > 1e-3 * max(1.0, want.abs().max().item()):
+                logger.warning("get_full_resid_decomposition: the components miss %s by up to %.3g. On models that "
+                               "normalise the attention output again before adding it (post-attention norm, e.g. "
+                               "Gemma) per-head results are not additive terms of the residual stream; use "
+                               "decompose_resid for whole-layer terms.", target, err)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
