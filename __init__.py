@@ -6,9 +6,9 @@
         model("The capital of France is")
     rec.stack("sink_mass")            # [layer, batch, head, query]
 """
-from .probe import (Ablate, ActivationCache, HeadAffine, HookedModel, ModelInfo, ModelNotFound, Recorder,
+from .probe import (Ablate, ActivationCache, AddToHead, HeadAffine, HookedModel, ModelInfo, ModelNotFound, Recorder,
                     ScaleKeys, Stats, StreamingGate, hook_name, load)
 
 __version__ = "0.1.0"
-__all__ = ["Ablate", "ActivationCache", "HeadAffine", "HookedModel", "ModelInfo", "ModelNotFound",
+__all__ = ["Ablate", "ActivationCache", "AddToHead", "HeadAffine", "HookedModel", "ModelInfo", "ModelNotFound",
            "Recorder", "ScaleKeys", "Stats", "StreamingGate", "hook_name", "load"]

@@ -102,7 +102,11 @@ class Redistribution:
 
 @dataclass
 class LayerEdits:
-    """All edits of one layer, gathered per head (built by ``headscope.probe.edits``).
+    """The probability-space edits of one layer, gathered per head (built by
+    ``headscope.probe.edits``). They change attention itself, so every kernel applies them; their
+    meaning is the small functions of ``reference.py`` (``scale_queries``, ``redistribute``,
+    ``streaming_gate``). Output-space edits (ablation by replacement, LoFiT's affine, steering
+    vectors) are not here: the probe applies them to the kernel's output z afterwards.
 
     Applied in this order:
       1. ``q_scale[h]`` multiplies the query (uniform attention when ~0; Wu et al. 2024,
@@ -111,9 +115,8 @@ class LayerEdits:
       3. statistics are taken here; out = p @ v.
       4. ``gate`` (DuoAttention, Xiao et al. 2024): out = (1 - a[h]) * streaming + a[h] * out, where
          streaming attention sees only positions s < gate_sink or t - s < gate_recent.
-      5. ``replace_mask[h]``: out[h] = replace_value[h] (zero or mean ablation).
-      6. ``out_scale`` / ``out_bias`` (LoFiT, Yin et al. 2024): out = (1 + a) * out + v.
-    Tensors are [H] or [H, d] and may require grad (gates, LoFiT offsets train through here).
+    (The probe then applies output-space edits: replacements, then affine edits.)
+    Tensors are [H] and may require grad (gates train through here).
     """
 
     q_scale: torch.Tensor | None = None          # [H]
@@ -121,15 +124,26 @@ class LayerEdits:
     gate: torch.Tensor | None = None             # [H]
     gate_sink: int = 0
     gate_recent: int = 0
-    replace_mask: torch.Tensor | None = None     # [H] bool
-    replace_value: torch.Tensor | None = None    # [H, d]
-    out_scale: torch.Tensor | None = None        # [H, d]
-    out_bias: torch.Tensor | None = None         # [H, d]
 
     @property
     def empty(self) -> bool:
-        return (self.q_scale is None and not self.redistributions and self.gate is None
-                and self.replace_mask is None and self.out_scale is None and self.out_bias is None)
+        return self.q_scale is None and not self.redistributions and self.gate is None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The edit tensors (for device moves and requires-grad checks)."""
+        return [t for t in (self.q_scale, self.gate) if t is not None]
+
+    def merge(self, other: "LayerEdits") -> "LayerEdits":
+        """Two edit sets on one layer (nested ``model.edit`` blocks): ``other`` applies after this."""
+        q = other.q_scale if self.q_scale is None else (
+            self.q_scale if other.q_scale is None else self.q_scale * other.q_scale)
+        gate, gs, gr = self.gate, self.gate_sink, self.gate_recent
+        if other.gate is not None:
+            if self.gate is not None:
+                raise ValueError("two StreamingGate edit sets on one layer: put them in one model.edit([...])")
+            gate, gs, gr = other.gate, other.gate_sink, other.gate_recent
+        return LayerEdits(q_scale=q, redistributions=self.redistributions + other.redistributions,
+                          gate=gate, gate_sink=gs, gate_recent=gr)
 
 
 ROW_STATS = ("sink_mass", "span_mass", "entropy", "distance", "window_distance", "recent_mass", "argmax", "max_prob", "lse")

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..kernels.spec import StatRequest
 from . import attention as _attention
-from .edits import compile_edits
+from .edits import EDIT_TYPES, OutputEdit, compile_edits
 from .cache import ActivationCache
 from .hooks import ATTN_KINDS, Hook, hook_name, parse
 from .record import Recorder
@@ -261,21 +261,29 @@ class HookedModel(TLIdioms, nn.Module):
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks=()):
-        """Add (name or name-filter, fn) hooks for the duration of the block."""
+        """Add (name or name-filter, fn) hooks for the duration of the block (for this call only:
+        other threads do not see them)."""
         added = []
+        for entry in fwd_hooks:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+                raise TypeError(f"fwd_hooks entries are (name or name-filter, fn) pairs, got {entry!r}")
+            name, fn = entry
+            if not callable(fn):
+                raise TypeError(f"hook for {name!r} is not callable: {fn!r}")
+            if isinstance(name, str):
+                names = [name]
+            elif callable(name):
+                names = [n for n in self.hook_names() if name(n)]
+            else:
+                raise TypeError(f"hook name must be a string or a predicate on names, got {name!r}")
+            for n in names:
+                layer, kind = parse(n, self.cfg.n_layers)
+                added.append((layer, kind, fn))
+        handle = self.state.push(hooks=added)
         try:
-            for name, fn in fwd_hooks:
-                names = [name] if isinstance(name, str) else [n for n in self.hook_names() if name(n)]
-                for n in names:
-                    layer, kind = parse(n, self.cfg.n_layers)
-                    self.state.hooks.setdefault((layer, kind), []).append(fn)
-                    added.append((layer, kind, fn))
             yield self
         finally:
-            for layer, kind, fn in added:
-                self.state.hooks[(layer, kind)].remove(fn)
-                if not self.state.hooks[(layer, kind)]:
-                    del self.state.hooks[(layer, kind)]
+            self.state.pop(handle)
 
     def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, **kwargs):
         with self.hooks(fwd_hooks):
@@ -349,23 +357,27 @@ class HookedModel(TLIdioms, nn.Module):
             if b <= a:
                 raise ValueError(f"span ({a}, {b}) is empty: spans are half-open [start, end) with end > start")
         rec = Recorder(request, layers, heads)
-        self.state.recorders.append(rec)
+        handle = self.state.push(recorders=[rec])
         try:
             yield rec
         finally:
-            self.state.recorders.remove(rec)
+            self.state.pop(handle)
 
     @contextlib.contextmanager
     def edit(self, edits):
-        """Apply head edits (``Ablate``, ``ScaleKeys``, ``HeadAffine``, ``StreamingGate``) while the
-        block runs; nested blocks compose."""
-        edits = [edits] if hasattr(edits, "add_to") else list(edits)
-        compiled = compile_edits(edits, self.cfg.n_layers, self.cfg.n_heads, self.cfg.d_head, self.device)
-        self.state.edit_sets.append(compiled)
+        """Apply head edits (``Ablate``, ``ScaleKeys``, ``HeadAffine``, ``AddToHead``,
+        ``StreamingGate``) while the block runs, for this call only (other threads do not see
+        them); nested blocks compose."""
+        if isinstance(edits, OutputEdit) or hasattr(edits, "add_to"):
+            edits = [edits]
+        elif not hasattr(edits, "__iter__") or isinstance(edits, (str, bytes)):
+            raise TypeError(f"model.edit takes an edit or a list of edits ({EDIT_TYPES}), got {edits!r}")
+        compiled = compile_edits(list(edits), self.cfg.n_layers, self.cfg.n_heads, self.cfg.d_head, self.device)
+        handle = self.state.push(edit_sets=[compiled])
         try:
             yield self
         finally:
-            self.state.edit_sets.remove(compiled)
+            self.state.pop(handle)
 
     @torch.no_grad()
     def generate(self, tokens, max_new_tokens: int = 32, attention_mask=None, do_sample: bool = False,
