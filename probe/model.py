@@ -20,16 +20,18 @@ from . import attention as _attention
 from . import module_hooks
 from .checks import as_indices, check_range
 from .edits import EDIT_TYPES, OutputEdit, compile_edits
-from .hooks import ActivationCache, Hook, hook_name, parse
+from .cache import ActivationCache
+from .hooks import Hook, hook_name, parse
 from .record import Recorder
 from .state import ProbeState
+from .tl_idioms import TLConfigNames, TLIdioms
 
 _OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")                  # attention output projection
 _PRE_MLP_NORM = ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm")  # input = resid_mid
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ModelInfo(TLConfigNames):
     name: str
     n_layers: int
     n_heads: int
@@ -78,7 +80,7 @@ def _info(model, name: str) -> ModelInfo:
                      type(model).__name__)
 
 
-class HookedModel(nn.Module):
+class HookedModel(TLIdioms, nn.Module):
     """Wraps an HF causal LM. ``model(tokens)`` returns logits [batch, pos, vocab]."""
 
     def __init__(self, hf_model: nn.Module, tokenizer=None, name: str | None = None):
@@ -358,7 +360,7 @@ class HookedModel(nn.Module):
                 f"the {budget / 2**30:.1f} GiB budget. Record O(N) statistics instead, e.g. "
                 "`with model.record(Stats(sink_k=4, entropy=True, argmax=True)) as rec: model(tokens)`, "
                 "or cache fewer layers (names_filter), or pass max_bytes= to override.")
-        cache = ActivationCache()
+        cache = ActivationCache(model=self)
 
         def saver(name):
             def fn(t, hook):
