@@ -209,13 +209,16 @@ def _one_line(e: BaseException) -> str:
 def _load(name, device, prog):
     """Load the model; (model, None) or (None, exit code) after one line on stderr."""
     from .. import load
-    from ..probe.loading import ModelNotFound
+    from ..probe.loading import ModelLoadError, ModelNotFound
 
     t0 = time.time()
     try:
         model = load(name, device=device)
+    except ModelLoadError as e:          # the folder exists but is broken: a failure, not a usage error
+        print(f"{prog}: error: cannot load model {name!r}: {' '.join(str(e).split())}", file=sys.stderr)
+        return None, EXIT_FAILED
     except ModelNotFound as e:
-        print(f"{prog}: error: cannot load model {name!r}: {e}", file=sys.stderr)
+        print(f"{prog}: error: cannot load model {name!r}: {' '.join(str(e).split())}", file=sys.stderr)
         return None, EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - one line, no traceback (HEADSCOPE_DEBUG=1 shows it)
         if os.environ.get("HEADSCOPE_DEBUG"):
@@ -365,6 +368,11 @@ def _cmd_intervene(a) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     intervene_cli.add_parser(sub)
     args = ap.parse_args(["intervene", *a.rest])
+    from .atomic import OutputError, check_out_folder
+    try:
+        check_out_folder(args.out, marker="results.json")    # before the model loads, like report
+    except OutputError as e:
+        raise UsageError(str(e)) from None
     try:
         return args.func(args)
     except SystemExit as e:

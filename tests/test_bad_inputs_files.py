@@ -407,6 +407,25 @@ def test_score_out_full_disk_writes_neither_file(capsys, tmp_path, monkeypatch):
     assert code == 1 and not list(tmp_path.glob("t.*")) and not [p for p in tmp_path.rglob(".*")]
 
 
+def test_broken_model_folder_exit_1_one_line(capsys, tmp_path, tiny_folder):
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder, folder)
+    (folder / "tokenizer.json").write_text("{broken")
+    code, _, err = _run(capsys, ["score", "previous_token", "--model", str(folder)])
+    assert code == 1 and "do not load" in err and str(folder) in err and "Traceback" not in err
+    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and "Loading weights" not in l]
+    assert len(lines) == 1, lines                  # (transformers' own progress bar aside)
+
+
+def test_intervene_out_checked_before_loading(capsys, no_load, tmp_path):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "a.txt").write_text("x")
+    code, _, err = _run(capsys, ["intervene", "lofit", "--out", str(mine)])
+    assert code == 2 and "holds no results.json" in err
+
+
 def test_unknown_model_and_missing_path_exit_2(capsys, tmp_path):
     code, _, err = _run(capsys, ["score", "previous_token", "--model", "no-such-model"])
     assert code == 2 and "unknown model 'no-such-model'" in err and len(err.strip().splitlines()) == 1
