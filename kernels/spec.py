@@ -51,6 +51,20 @@ class StatRequest:
     needs ``received=True``. Counts (``sink_k``, ``window_distance``, ``recent``, span ends, the
     window) are non-negative integers; 0 or None switches a statistic off. Spans are half-open
     ``(start, end)`` with 0 <= start < end. Malformed values raise at construction.
+
+    Learned attention sinks (``sinks`` [H], transformers' ``s_aux``; GPT-OSS, Xiao et al. 2024
+    "Efficient Streaming Language Models with Attention Sinks", Sec. 3.3 "sink token" as a learned
+    logit): each head's sink logit joins the softmax denominator but has no value vector,
+    p[t, s] = exp(score[t, s]) / (sum_s' exp(score[t, s']) + exp(sink[h])). Every statistic above is
+    then taken over the real keys only, from these p: rows sum to 1 - (the sink's share), so
+    ``sink_mass`` etc. are fractions of the whole row including the sink, ``entropy`` is
+    -sum over keys of p log p (the sink's own term left out), ``distance`` is sum p (t - s) without
+    renormalising, ``argmax``/``max_prob`` are over keys, and ``lse`` is the log of the whole
+    denominator (sink included), so p = exp(score - lse) holds on every path.
+
+    NaN / inf. A row whose scores hold a NaN or +inf (a NaN or inf in q or k) is NaN throughout, as in
+    eager attention: its output and every float statistic are NaN (``argmax`` is then unspecified).
+    No path turns such a row into finite numbers.
     """
 
     sink_k: int = 0
@@ -197,3 +211,49 @@ class LayerEdits:
 
 
 COLUMN_STATS = ("received_sum", "received_count")
+
+
+def active(obj) -> frozenset[str]:
+    """Names of the fields of a ``StatRequest`` or ``LayerEdits`` that ask for something (not None,
+    not False / 0 / empty). None -> empty set."""
+    if obj is None:
+        return frozenset()
+    out = set()
+    for name in obj.__dataclass_fields__:
+        v = getattr(obj, name)
+        if isinstance(v, torch.Tensor) or (v is not None and v is not False and v != 0 and v != ()):
+            out.add(name)
+    return frozenset(out)
+
+
+def expected_keys(stats: StatRequest | None) -> frozenset[str]:
+    """The keys of the statistics dict every path returns for ``stats`` (the reference's keys)."""
+    if stats is None:
+        return frozenset()
+    keys = {"lse"}
+    if stats.sink_k:
+        keys.add("sink_mass")
+    if stats.spans:
+        keys.add("span_mass")
+    for flag, name in ((stats.entropy, "entropy"), (stats.distance, "distance"),
+                       (stats.window_distance, "window_distance"), (stats.recent, "recent_mass")):
+        if flag:
+            keys.add(name)
+    if stats.argmax:
+        keys |= {"argmax", "max_prob"}
+    if stats.received:
+        keys |= {"received_sum", "received_count"}
+    return frozenset(keys)
+
+
+def decline_reason(path: str, supported_stats: frozenset[str], supported_edits: frozenset[str],
+                   stats: StatRequest | None, edits: "LayerEdits | None") -> str | None:
+    """Why ``path`` cannot do this request (a sentence), or None when it can: every requested
+    statistic field and every active edit field must be in the path's declared sets."""
+    missing = sorted(active(stats) - supported_stats)
+    if missing:
+        return f"{path} does not compute the statistic field(s) {missing}"
+    missing = sorted(active(edits) - supported_edits)
+    if missing:
+        return f"{path} does not apply the edit field(s) {missing}"
+    return None
