@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_native
-from .reference import _redistribute, attend_block, visibility
+from .reference import redistribute, scale_queries, streaming_gate, streaming_visible, visibility
 from .spec import LayerEdits, StatRequest
 
 NEG = -1e30  # finite "minus infinity": exp underflows to exactly 0 and 0 · NEG stays 0
@@ -38,19 +38,6 @@ def _default_block(H: int, K: int, native: bool = False) -> int:
     return int(min(512, max(64 if native else 32, 1 << max(0, b.bit_length() - 1))))
 
 
-def _post_edits(out, edits: LayerEdits | None, H: int, d: int):
-    """Steps 5 and 6 of LayerEdits: replacement (ablation) and the LoFiT affine. out [B, H, Qb, d] fp32."""
-    if edits is None:
-        return out
-    if edits.replace_mask is not None:
-        out = torch.where(edits.replace_mask.view(1, H, 1, 1), edits.replace_value.float().view(1, H, 1, d), out)
-    if edits.out_scale is not None:
-        out = out * (1 + edits.out_scale.float().view(1, H, 1, d))
-    if edits.out_bias is not None:
-        out = out + edits.out_bias.float().view(1, H, 1, d)
-    return out
-
-
 def _sdpa_block(q, k, v, vis, scaling, edits, key_pos, q_idx, k_idx):
     """Plain block through fused SDPA (plus the gate's streaming branch). vis [B|1, Qb, Kb] bool."""
     B, H, Qb, d = q.shape
@@ -61,13 +48,11 @@ def _sdpa_block(q, k, v, vis, scaling, edits, key_pos, q_idx, k_idx):
     if dead.any():
         out = out.masked_fill(dead[:, None, :, None], 0.0)
     if edits is not None and edits.gate is not None:
-        diff = q_idx[:, None] - k_idx[None, :]
-        stream = vis & ((key_pos < edits.gate_sink)[:, None, :] | (diff < edits.gate_recent)[None])
+        stream = vis & streaming_visible(key_pos, q_idx, k_idx, edits.gate_sink, edits.gate_recent)
         out_s = F.scaled_dot_product_attention(q, k, v, attn_mask=stream[:, None], scale=scaling,
                                                enable_gqa=gqa).float()
         out_s = out_s.masked_fill(~stream.any(-1)[:, None, :, None], 0.0)
-        a = edits.gate.float().view(1, H, 1, 1)
-        out = (1 - a) * out_s + a * out
+        out = streaming_gate(out, out_s, edits.gate)
     return out
 
 
@@ -114,12 +99,14 @@ def _received_count(vis, regions, Qb, Kb, B, device, window=None, q_idx=None, k_
     return vis.sum(-2).float().expand(B, Kb)
 
 
-def _native_ok(q, stats, edits, sinks, native: bool | None) -> bool:
+def _native_ok(q, stats, edits, sinks, native: bool | None, k=None, v=None) -> bool:
     """The fused C row pass applies: CPU, built, allowed by the caller (``native``), and
-    ``cpu_native.supports`` the request (no probability edits, no sinks, nothing to differentiate)."""
+    ``cpu_native.supports`` the request (no probability edits, no sinks, nothing to differentiate:
+    it has no backward pass)."""
     if native is False or q.device.type != "cpu" or not cpu_native.available():
         return False
-    grad = torch.is_grad_enabled() and q.requires_grad
+    ts = [q, k, v] + (edits.tensors() if edits is not None else [])
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
     return cpu_native.supports(stats, edits, sinks=sinks is not None, grad=grad) is None
 
 
@@ -193,7 +180,7 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
     s = torch.matmul(qf.reshape(B, G, r * Qb, d), k.float().transpose(-1, -2)).view(B, H, Qb, Kb)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    if _native_ok(q, stats, edits, sinks, native):
+    if _native_ok(q, stats, edits, sinks, native, k, v):
         return _native_block(s, v, stats, key_pos, q_idx, k_idx, kp, vis, regions, causal, window)
     if vis is not None:
         s.masked_fill_(~vis[:, None], NEG)
@@ -211,7 +198,7 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
         p = p * alive[..., None]
     if edits is not None:
         for red in edits.redistributions:
-            p = _redistribute(p, red, key_pos)
+            p = redistribute(p, red, key_pos)
     if alive is None:
         alive = torch.ones(1, 1, Qb, dtype=torch.bool, device=q.device)
 
@@ -299,19 +286,17 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
 
     out = torch.matmul(p.view(B, G, r * Qb, Kb), v.float()).view(B, H, Qb, d)
     if gate_s is not None:
-        diff = q_idx[:, None] - k_idx[None, :]
         if vis is None:
             vis = torch.ones(1, Qb, Kb, dtype=torch.bool, device=q.device)
             for c0, c1, m in regions:
                 vis[:, :, c0:c1] = m
-        stream = vis & ((key_pos < edits.gate_sink)[:, None, :] | (diff < edits.gate_recent)[None])
+        stream = vis & streaming_visible(key_pos, q_idx, k_idx, edits.gate_sink, edits.gate_recent)
         gs = gate_s.masked_fill(~stream[:, None], NEG)
         ps = torch.softmax(gs, -1) * stream.any(-1)[:, None, :, None]
         if sinks is not None:
             ps = ps * _sink_scale(gs, sinks)
         out_s = torch.matmul(ps.view(B, G, r * Qb, Kb), v.float()).view(B, H, Qb, d)
-        a = edits.gate.float().view(1, H, 1, 1)
-        out = (1 - a) * out_s + a * out
+        out = streaming_gate(out, out_s, edits.gate)
     return out, rows, cols
 
 
@@ -331,8 +316,8 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     dev = q.device
     if key_pos0 is None:
         key_pos0 = torch.zeros(B, dtype=torch.long, device=dev)
-    if edits is not None and edits.q_scale is not None:
-        q = q * edits.q_scale.to(q.dtype).view(1, H, 1, 1)
+    if edits is not None:
+        q = scale_queries(q, edits.q_scale)
     block = block or _default_block(H, K, native=q.device.type == "cpu" and cpu_native.available())
     need_p = (stats is not None or (edits is not None and bool(edits.redistributions)) or softcap is not None
               or sinks is not None)
@@ -363,7 +348,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
         else:
             vis = visibility(q_idx, k_idx, causal=causal, sliding_window=sliding_window, key_padding=kp)
             out, r, c = _sdpa_block(qb, kb, vb, vis, scaling, edits, key_pos, q_idx, k_idx), {}, {}
-        outs.append(_post_edits(out, edits, H, d).to(q.dtype))
+        outs.append(out.to(q.dtype))
         for name, t in r.items():
             rows.setdefault(name, []).append(t)
         if received:

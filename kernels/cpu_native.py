@@ -42,7 +42,7 @@ _ARGTYPES = [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I,
 # before the scores, replacement and the LoFiT affine after e @ V) -- the probability edits
 # (redistribution, the streaming gate) need the PyTorch block.
 SUPPORTED_STATS = frozenset(StatRequest.__dataclass_fields__)
-SUPPORTED_EDITS = frozenset({"q_scale", "replace_mask", "replace_value", "out_scale", "out_bias"})
+SUPPORTED_EDITS = frozenset({"q_scale"})
 
 
 def supports(stats: StatRequest | None, edits: LayerEdits | None, *, sinks: bool = False,

@@ -21,8 +21,17 @@ def _span_mask(pos: torch.Tensor, spans: tuple[Span, ...]) -> torch.Tensor:
     return m
 
 
-def _redistribute(p: torch.Tensor, r: Redistribution, key_pos: torch.Tensor) -> torch.Tensor:
-    """Apply one ``Redistribution`` (ACT / VAR) to probabilities p [B, H, Qb, Kb]."""
+# ---- probability-space edits, one small function each (steps of ``spec.LayerEdits``) ----------
+def scale_queries(q: torch.Tensor, q_scale: torch.Tensor | None) -> torch.Tensor:
+    """Step 1: q [B, H, Qb, d] times ``q_scale`` [H] (uniform attention when ~0)."""
+    if q_scale is None:
+        return q
+    return q * q_scale.to(q.dtype).view(1, -1, 1, 1)
+
+
+def redistribute(p: torch.Tensor, r: Redistribution, key_pos: torch.Tensor) -> torch.Tensor:
+    """Step 2: apply one ``Redistribution`` (ACT / VAR) to probabilities p [B, H, Qb, Kb];
+    key_pos [B, Kb] are the keys' token positions."""
     src = _span_mask(key_pos, r.source)[:, None, None, :]                      # [B, 1, 1, Kb]
     tgt = (_span_mask(key_pos, r.target)[:, None, None, :] if r.target is not None
            else torch.ones_like(src))
@@ -44,6 +53,20 @@ def _redistribute(p: torch.Tensor, r: Redistribution, key_pos: torch.Tensor) -> 
     out = p.clone()
     out[:, heads] = new
     return out
+
+
+def streaming_visible(key_pos: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, sink: int,
+                      recent: int) -> torch.Tensor:
+    """Step 4's streaming branch (DuoAttention): the keys a streaming head sees, [B, Qb, Kb] bool:
+    positions s < sink or cache distance t - s < recent (combined with the visibility mask)."""
+    diff = q_idx[:, None] - k_idx[None, :]                                       # [Qb, Kb] t - s
+    return (key_pos < sink)[:, None, :] | (diff < recent)[None]
+
+
+def streaming_gate(out: torch.Tensor, out_streaming: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Step 4: out = (1 - a[h]) * streaming + a[h] * full; out, out_streaming [B, H, Qb, d] fp32."""
+    a = gate.float().view(1, -1, 1, 1)
+    return (1 - a) * out_streaming + a * out
 
 
 def _lse(s: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
@@ -103,8 +126,8 @@ def attend_block(q, k, v, *, scaling: float, q_start: int, k_start: int, causal:
     if key_pos0 is None:
         key_pos0 = torch.zeros(B, dtype=torch.long, device=dev)
     qf, kf, vf = q.float(), k.float(), v.float()
-    if edits is not None and edits.q_scale is not None:
-        qf = qf * edits.q_scale.float().view(1, H, 1, 1)
+    if edits is not None:
+        qf = scale_queries(qf, edits.q_scale)
 
     # scores [B, H, Qb, Kb]; query heads grouped over their KV head (GQA)
     s = torch.matmul(qf.reshape(B, G, r * Qb, d), kf.transpose(-1, -2)).view(B, H, Qb, Kb) * scaling
@@ -123,7 +146,7 @@ def attend_block(q, k, v, *, scaling: float, q_start: int, k_start: int, causal:
     key_pos = key_pos0[:, None] + k_idx[None, :]                                 # [B, Kb] positions s
     if edits is not None:
         for red in edits.redistributions:
-            p = _redistribute(p, red, key_pos)
+            p = redistribute(p, red, key_pos)
     if pattern_hook is not None:
         p = pattern_hook(p)
 
@@ -161,22 +184,12 @@ def attend_block(q, k, v, *, scaling: float, q_start: int, k_start: int, causal:
 
     out = torch.matmul(p.view(B, G, r * Qb, Kb), vf).view(B, H, Qb, d)           # [B, H, Qb, d]
 
-    if edits is not None:
-        if edits.gate is not None:
-            diff = q_idx[:, None] - k_idx[None, :]
-            stream = (key_pos < edits.gate_sink)[:, None, :] | (diff < edits.gate_recent)[None]
-            ss = s.masked_fill(~stream[:, None], float("-inf"))
-            ps = _probs(ss, _lse(ss, sinks))
-            out_s = torch.matmul(ps.view(B, G, r * Qb, Kb), vf).view(B, H, Qb, d)
-            a = edits.gate.float().view(1, H, 1, 1)
-            out = (1 - a) * out_s + a * out
-        if edits.replace_mask is not None:
-            val = edits.replace_value.float().view(1, H, 1, d)
-            out = torch.where(edits.replace_mask.view(1, H, 1, 1), val.expand_as(out), out)
-        if edits.out_scale is not None:
-            out = out * (1 + edits.out_scale.float().view(1, H, 1, d))
-        if edits.out_bias is not None:
-            out = out + edits.out_bias.float().view(1, H, 1, d)
+    if edits is not None and edits.gate is not None:
+        stream = streaming_visible(key_pos, q_idx, k_idx, edits.gate_sink, edits.gate_recent)  # [B, Qb, Kb]
+        ss = s.masked_fill(~stream[:, None], float("-inf"))
+        ps = _probs(ss, _lse(ss, sinks))
+        out_s = torch.matmul(ps.view(B, G, r * Qb, Kb), vf).view(B, H, Qb, d)
+        out = streaming_gate(out, out_s, edits.gate)
     return out.to(q.dtype), rows, cols, (p if want_probs else None)
 
 

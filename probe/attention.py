@@ -37,6 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from ..kernels import chunked, cpu_native, reference
 from ..kernels.spec import expected_keys
+from .edits import apply_output_edits
 
 NAME = "headscope"
 log = logging.getLogger("headscope")
@@ -128,6 +129,22 @@ def _fast(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal
                          None, None, None, sinks=sinks)[0]
 
 
+def _warn_once(module, msg: str) -> None:
+    state = getattr(module, "_headscope", None)
+    seen = state.fallback_warned if state is not None else set()
+    if msg not in seen:
+        seen.add(msg)
+        log.warning("headscope: %s", msg)
+
+
+def _needs_grad(q, k, v, edits) -> bool:
+    """Autograd will want gradients through this call (inputs or edit tensors require grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    ts = [q, k, v] + (edits.tensors() if edits is not None else [])
+    return any(t.requires_grad for t in ts)
+
+
 def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal,
                   key_pos0, stats, edits, score_hook=None, pattern_hook=None, sinks=None):
     """Pick the path for one instrumented call: the reference when a hook wants scores/patterns,
@@ -139,6 +156,15 @@ def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap
     if score_hook is not None or pattern_hook is not None:
         out, st, _ = reference.attention(q, k, v, score_hook=score_hook, pattern_hook=pattern_hook, **kw)
         return out, st
+    if _needs_grad(q, k, v, edits):
+        # Triton and the fused C row pass have no backward: the chunked PyTorch path is differentiable
+        if q.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON") != "1" and _triton_module() is not None:
+            _warn_once(module, "gradients are needed, so the Triton kernel is skipped; using the "
+                               "differentiable chunked PyTorch path (use torch.no_grad() for inference)")
+        elif q.device.type == "cpu" and chunked.cpu_native.available():
+            _warn_once(module, "gradients are needed, so the fused C row pass is skipped; using the "
+                               "differentiable chunked PyTorch path (use torch.no_grad() for inference)")
+        return chunked.attention(q, k, v, native=False, **kw)
     if q.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON") != "1":
         ta = _triton_module()
         if ta is not None:
@@ -157,8 +183,7 @@ def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap
     need_rows = stats is not None or sinks is not None or softcap is not None or \
         (edits is not None and bool(edits.redistributions))
     if need_rows and q.device.type == "cpu" and cpu_native.available():
-        grad = torch.is_grad_enabled() and q.requires_grad
-        reason = cpu_native.supports(stats, edits, sinks=sinks is not None, grad=grad)
+        reason = cpu_native.supports(stats, edits, sinks=sinks is not None)
         if reason is not None:
             decline_once(reason, "the chunked path's PyTorch row pass")
             native = False
@@ -222,14 +247,31 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
     pattern_hook = (lambda p: call("pattern", p)) if "pattern" in hooks else None
 
     key_pos0 = _key_pos0(position_ids, B, K, query.device)
-    out, stats = _instrumented(module, query, key, value, key_padding, scaling, sliding_window, softcap,
-                               causal, key_pos0, plan.stats, plan.edits, score_hook, pattern_hook, sinks)
-    for rec in plan.recorders:
-        rec.add(layer, stats)
+    if plan.edits is not None and plan.edits.redistributions:
+        _check_spans(plan.edits, key_pos0, K, layer)
+    if plan.stats is None and plan.edits is None and score_hook is None and pattern_hook is None:
+        out = _fast(module, query, key, value, key_padding, scaling, sliding_window, softcap, causal, sinks)
+    else:
+        out, stats = _instrumented(module, query, key, value, key_padding, scaling, sliding_window, softcap,
+                                   causal, key_pos0, plan.stats, plan.edits, score_hook, pattern_hook, sinks)
+        for rec in plan.recorders:
+            rec.add(layer, stats)
     out = out.transpose(1, 2)                                   # [B, Q, H, d]
+    if plan.out_edits:                                          # output-space edits, once, in PyTorch
+        out = apply_output_edits(out, plan.out_edits)
     if "z" in hooks:
         out = call("z", out)
     return out.contiguous(), None
+
+
+def _check_spans(edits, key_pos0, K: int, layer: int) -> None:
+    """A redistribution span that reaches beyond the longest sequence is an error, not a no-op."""
+    n = int((key_pos0 + K).max())                               # positions 0..n-1 exist
+    for r in edits.redistributions:
+        for a, b in r.source + (r.target or ()):
+            if b > n:
+                raise ValueError(f"ScaleKeys on layer {layer}: span ({a}, {b}) reaches beyond the sequence "
+                                 f"({n} positions, 0..{n - 1}); give spans inside the prompt")
 
 
 def register() -> None:

@@ -107,10 +107,10 @@ def test_float_layer_and_head_indices_are_refused(tiny_llama):
         with pytest.raises(TypeError, match="must be an integer"):
             with m.start_at(bad, resid):
                 pass
-    with pytest.raises(TypeError, match="layer must be an integer"):
+    with pytest.raises(TypeError, match="layers must be an integer"):
         with m.record(entropy=True, layers=[0, 1.0]):
             pass
-    with pytest.raises(TypeError, match="head must be an integer"):
+    with pytest.raises(TypeError, match="heads must be an integer"):
         with m.record(entropy=True, heads=2.0):
             pass
     with pytest.raises(IndexError, match="head 4 out of range"):
