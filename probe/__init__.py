@@ -1,7 +1,8 @@
 """The one attention path: loading, the registered attention function, hooks, statistics, edits."""
 from ..kernels.spec import StatRequest as Stats
 from .edits import AddToHead, Ablate, HeadAffine, OutputEdit, ScaleKeys, StreamingGate
-from .hooks import ActivationCache, hook_name
+from .cache import ActivationCache
+from .hooks import hook_name
 from .loading import ModelNotFound
 from .model import HookedModel, ModelInfo
 from .record import Recorder
