@@ -129,7 +129,8 @@ def test_sae_circuit_ranks_planted_heads_first(planted):
     m, task = planted
     c = C.sae_circuit(m, task, epochs=300)
     assert set(c.top_nodes(2)) == PLANTED_NODES
-    assert c.tensors["codes"].shape == (20, 8)
+    assert c.tensors["codes"].shape == (32, 8)                    # codes on all 16 + 16 prompts
+    assert c.top_edges(1) == ["L0H1->L1H2"]
     assert sum(c.edges.values()) == pytest.approx(1.0)
 
 
