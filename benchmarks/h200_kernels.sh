@@ -19,7 +19,10 @@ for step in "$@"; do
       export PYTHONPATH=$PYTHONPATH:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages
       python3 -c "from flash_attn.cute import flash_attn_func; print('FA4 import ok')" 2>&1 | tail -3 ;;
     tests)
-      python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_triton_kernels.py 2>&1 | tee $OUT/tests.log | tail -15
+      # pytest maps the repo root (it has an __init__.py) to a package named after its folder
+      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
+      (cd /tmp/hs/headscope && PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider \
+         tests/test_kernels_decode.py tests/test_triton_kernels.py 2>&1 | tee $OUT/tests.log | tail -15)
       python3 benchmarks/cuda_probe_check.py 2>&1 | tee $OUT/probe_check.log | tail -15 ;;
     decode)
       python3 benchmarks/kernels.py --decode-sweep --decode 2>&1 | tee $OUT/decode.log | grep -v "^$" | tail -30 ;;

@@ -91,6 +91,7 @@ def decode_partial_kernel(
     amax = tl.zeros([BLOCK_M], dtype=tl.int32)
     cols = tl.arange(0, 8)
     span_acc = tl.zeros([BLOCK_M, 8], dtype=tl.float32)    # up to 8 spans (sink included)
+    jf = tl.arange(0, BLOCK_N).to(tl.float32)
 
     kt_ptrs = k_base + n_lo.to(tl.int64) * skn + (tl.arange(0, BLOCK_N)[None, :] * skn + offs_d[:, None])
     v_ptrs = v_base + n_lo.to(tl.int64) * svn + (tl.arange(0, BLOCK_N)[:, None] * svn + offs_d[None, :])
@@ -127,24 +128,46 @@ def decode_partial_kernel(
         rs = tl.sum(p, 1)
         if ENTROPY:
             ent = alpha * (ent + l_i * (m_i - m_new)) + tl.sum(p * qk2, 1)
-        dpos = tl.maximum(diff, 0)
+        # block-uniform shortcuts: t - s over this tile lies in [dmin, dmax] for every row
+        dmin = NK - NQ - (start_n + BLOCK_N - 1)
+        dmax = NK - 1 - start_n
+        if DISTANCE or WDIST:
+            if dmin >= 0:        # every key at or before every query: sum p (t - s0) - sum p j
+                dblk = (t - start_n).to(tl.float32) * rs - tl.sum(p * jf[None, :], 1)
+            else:
+                dblk = tl.sum(p * tl.maximum(diff, 0).to(tl.float32), 1)
         if DISTANCE:
-            dist = dist * alpha + tl.sum(p * dpos.to(tl.float32), 1)
+            dist = dist * alpha + dblk
         if WDIST:
-            wdist = wdist * alpha + tl.sum(p * tl.minimum(dpos, wdist_w).to(tl.float32), 1)
+            if dmin >= wdist_w:
+                wblk = rs * wdist_w
+            elif (dmax < wdist_w) & (dmin >= 0):
+                wblk = dblk
+            else:
+                wblk = tl.sum(p * tl.minimum(tl.maximum(diff, 0), wdist_w).to(tl.float32), 1)
+            wdist = wdist * alpha + wblk
         if RECENT:
-            recent = recent * alpha + tl.sum(tl.where(dpos < recent_r, p, 0.0), 1)
+            if dmin >= recent_r:
+                rblk = rs * 0.0
+            elif dmax < recent_r:
+                rblk = rs
+            else:
+                rblk = tl.sum(tl.where(diff < recent_r, p, 0.0), 1)
+            recent = recent * alpha + rblk
         if NSPAN > 0:
             kpos = pos0 + offs_n
             span_acc = span_acc * alpha[:, None]
             for j in tl.static_range(NSPAN):
                 a = tl.load(Spans + 2 * j)
                 e = tl.load(Spans + 2 * j + 1)
-                sm = tl.sum(tl.where(((kpos >= a) & (kpos < e))[None, :], p, 0.0), 1)
-                span_acc = span_acc + tl.where(cols[None, :] == j, sm[:, None], 0.0)
+                if (pos0 + start_n < e) & (pos0 + start_n + BLOCK_N > a):   # the tile meets the span
+                    sm = tl.sum(tl.where(((kpos >= a) & (kpos < e))[None, :], p, 0.0), 1)
+                    span_acc = span_acc + tl.where(cols[None, :] == j, sm[:, None], 0.0)
         if ARGMAX:
-            idx = tl.min(tl.where(x2 == m_blk[:, None], offs_n[None, :], IDX_BIG), 1)
-            amax = tl.where(m_blk > m_i, idx, amax)
+            upd = m_blk > m_i
+            if tl.max(upd.to(tl.int32), 0) > 0:    # search the index only where some row's max moved
+                idx = tl.min(tl.where(x2 == m_blk[:, None], offs_n[None, :], IDX_BIG), 1)
+                amax = tl.where(upd, idx, amax)
         if DOT_UPCAST:
             pc = p.to(V.dtype.element_ty).to(tl.float32)
         else:
