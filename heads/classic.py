@@ -1,6 +1,6 @@
 """Echo, induction, previous-token and duplicate-token heads.
 
-RazorAttention's probe (methods.md §3; Tang et al. 2024, "RazorAttention: Efficient KV Cache
+RazorAttention's probe (Tang et al. 2024, "RazorAttention: Efficient KV Cache
 Compression Through Retrieval Heads", §3.2 and Fig. 3; no official repository): BOS + a random
 block of L token ids repeated R = 4 times (paper L = 2500). For queries t in repeats 2..R and the
 earlier positions j < t holding the same token as t,
@@ -25,13 +25,13 @@ in O(N) memory (``method="stats"``: 2(R-1) forwards for induction + echo). For s
 memory like ``run_with_cache``). ``method="auto"`` picks "pattern" when N <= 2048 and it fits.
 Both give the same numbers (tests/test_heads_classic.py holds them to each other).
 
-Classic detectors on short probes (methods.md §3 last line; Wang et al. 2022 IOI §3; Olsson et
+Classic detectors on short probes (Wang et al. 2022 IOI §3; Olsson et
 al. 2022): previous-token score = mean over t >= 1 of A[t, t - 1] (again one diagonal, O(N));
 duplicate-token score = mean over queries t that have an earlier copy of their token of
 sum_{j < t, tok_j = tok_t} A[t, j] — token equality is not a diagonal on natural text, so this one
 reads patterns (short inputs only).
 
-Run: ``python -m headscope.heads.classic --model smollm2`` (see ``main``).
+Run: ``python experiments/classic.py --model smollm2``.
 """
 from __future__ import annotations
 
@@ -41,9 +41,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.spec import StatRequest
+from ..probe import Stats
 from .base import Analyzer, register
-from .sinks import run_quietly, text_samples
+from .scores import HeadScores
+from .common import kv_group_max, run_quietly
+from .data import text_samples
 
 PATTERN_MAX_TOKENS = 2048
 
@@ -127,7 +129,7 @@ def diagonal_mass(model, tokens: torch.Tensor, diagonals: dict[int, tuple[int, i
     out = {}
     if method == "stats":
         for D, (lo, hi) in tqdm(sorted(diagonals.items()), disable=not progress, desc="diagonals"):
-            with torch.no_grad(), model.record(StatRequest(received=True, received_window=(D, D))) as rec:
+            with torch.no_grad(), model.record(Stats(received=True, received_window=(D, D))) as rec:
                 run_quietly(model, tokens)
             out[D] = torch.stack([rec["received_sum", l].float()[:, :, lo:hi].sum((0, 2)).cpu() for l in range(L)])
         return out
@@ -142,12 +144,6 @@ def diagonal_mass(model, tokens: torch.Tensor, diagonals: dict[int, tuple[int, i
     with torch.no_grad():
         run_quietly(model, tokens, fwd_hooks=[(lambda n: n.endswith("attn.hook_pattern"), hook)])
     return acc
-
-
-def _kv_max(model, scores: torch.Tensor) -> torch.Tensor:
-    G = model.cfg.n_kv_heads
-    L, H = scores.shape
-    return scores.view(L, G, H // G).max(-1).values
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,17 +196,25 @@ class _RazorBase(Analyzer):
         context; the O(N) "stats" method)."""
         return cls(**{"block_len": 2500, "n_repeats": 4, "method": "stats", **kw})
 
-    def score(self, model, data=None, progress: bool = True):
-        t0 = time.time()
+    def probe(self, model, data=None) -> tuple[torch.Tensor, str]:
+        """The probe tokens [B, N] (``data``: None = a fresh repeated random block, or given repeated
+        tokens) and a dataset name."""
         if data is None:
             tokens = repeated_random_tokens(model, self.block_len, self.n_repeats, self.n_samples, self.seed)
-            ds = f"BOS + random block of {self.block_len} x {self.n_repeats} ({self.n_samples} sample(s))"
-        else:
-            tokens = torch.as_tensor(data)
-            tokens = tokens if tokens.dim() == 2 else tokens[None]
-            ds = f"given repeated tokens {tuple(tokens.shape)}"
+            return tokens, f"BOS + random block of {self.block_len} x {self.n_repeats} ({self.n_samples} sample(s))"
+        tokens = torch.as_tensor(data)
+        tokens = tokens if tokens.dim() == 2 else tokens[None]
+        return tokens, f"given repeated tokens {tuple(tokens.shape)}"
+
+    def _scores(self, model, s: torch.Tensor, dataset: str, started: float) -> HeadScores:
+        return self._result(model, s, dataset=dataset, started=started, kv_max=kv_group_max(s, model.cfg.n_kv_heads))
+
+    def score(self, model, data=None, progress: bool = True) -> HeadScores:
+        """``data``: None (the seeded random probe) or repeated-block token ids [B, N] / [N]."""
+        t0 = time.time()
+        tokens, ds = self.probe(model, data)
         s = razor_scores(model, tokens, self.block_len, self.method, (self._which,), progress)[self._which]
-        return self._result(model, s, dataset=ds, started=t0, kv_max=_kv_max(model, s))
+        return self._scores(model, s, ds, t0)
 
 
 @register
@@ -239,6 +243,16 @@ class Echo(_RazorBase):
     _which = "echo"
 
 
+def razor_heads(model, data=None, progress: bool = True, **params) -> dict[str, HeadScores]:
+    """{"induction": HeadScores, "echo": HeadScores} from one probe and one set of passes
+    (``params``: the analyzers' hyperparameters, e.g. block_len, n_repeats, method)."""
+    t0 = time.time()
+    ind, echo = Induction(**params), Echo(**params)
+    tokens, ds = ind.probe(model, data)
+    s = razor_scores(model, tokens, ind.block_len, ind.method, ("induction", "echo"), progress)
+    return {"induction": ind._scores(model, s["induction"], ds, t0), "echo": echo._scores(model, s["echo"], ds, t0)}
+
+
 def razor_retrieval_set(induction, echo, induction_frac: float = 0.14, echo_frac: float = 0.01,
                         level: str = "kv") -> list[tuple[int, int]]:
     """RazorAttention's retrieval heads (§3.2): top ``induction_frac`` by induction ∪ top
@@ -261,10 +275,6 @@ def razor_retrieval_set(induction, echo, induction_frac: float = 0.14, echo_frac
 # ------------------------------------------------------------------------------------------------
 # previous-token and duplicate-token heads on short probes
 
-def _short_tokens(model, data, n_samples, n_tokens):
-    return text_samples(model, data, n_samples, n_tokens)
-
-
 @register
 @dataclass
 class PreviousToken(Analyzer):
@@ -284,10 +294,10 @@ class PreviousToken(Analyzer):
 
     def score(self, model, data=None, progress: bool = True):
         t0 = time.time()
-        toks, ds = _short_tokens(model, data, self.n_samples, self.n_tokens)
+        toks, ds = text_samples(model, data, self.n_samples, self.n_tokens)
         B, N = toks.shape
         s = diagonal_mass(model, toks, {1: (0, N - 1)}, self.method, progress)[1] / (B * (N - 1))
-        return self._result(model, s, dataset=f"{ds} ({B} x {N} tokens)", started=t0, kv_max=_kv_max(model, s))
+        return self._result(model, s, dataset=f"{ds} ({B} x {N} tokens)", started=t0, kv_max=kv_group_max(s, model.cfg.n_kv_heads))
 
 
 def duplicate_token_scores(model, tokens: torch.Tensor, progress: bool = True) -> torch.Tensor:
@@ -330,62 +340,7 @@ class DuplicateToken(Analyzer):
 
     def score(self, model, data=None, progress: bool = True):
         t0 = time.time()
-        toks, ds = _short_tokens(model, data, self.n_samples, self.n_tokens)
+        toks, ds = text_samples(model, data, self.n_samples, self.n_tokens)
         s = duplicate_token_scores(model, toks, progress)
         return self._result(model, s, dataset=f"{ds} ({toks.shape[0]} x {toks.shape[1]} tokens)", started=t0,
-                            kv_max=_kv_max(model, s))
-
-
-# ------------------------------------------------------------------------------------------------
-# command line: python -m headscope.heads.classic --model smollm2
-
-def main(argv=None):
-    import argparse
-    import os
-    from pathlib import Path
-
-    import headscope as hs
-
-    p = argparse.ArgumentParser(description="Induction, echo, previous-token and duplicate-token heads.")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--block", type=int, default=200, help="random block length (paper: 2500)")
-    p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--samples", type=int, default=1)
-    p.add_argument("--method", default="auto", choices=["auto", "pattern", "stats"])
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--out", default=None, help="folder to save the HeadScores in")
-    p.add_argument("--threads", type=int, default=None)
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    m = hs.load(a.model)
-    t0 = time.time()
-    toks = repeated_random_tokens(m, a.block, a.repeats, a.samples)
-    rs = razor_scores(m, toks, a.block, a.method, progress=False)
-    t1 = time.time() - t0
-    res = {}
-    for name, cls in (("induction", Induction), ("echo", Echo)):
-        an = cls(block_len=a.block, n_repeats=a.repeats, n_samples=a.samples, method=a.method)
-        res[name] = an._result(m, rs[name], dataset=f"random block {a.block} x {a.repeats}", started=t0,
-                               kv_max=_kv_max(m, rs[name]))
-    res["previous_token"] = PreviousToken().score(m, progress=False)
-    res["duplicate_token"] = DuplicateToken().score(m, progress=False)
-    print(f"## {a.model}: probe BOS + {a.block} random tokens x {a.repeats} ({toks.shape[1]} tokens, "
-          f"{a.samples} sample(s)); induction + echo in {t1:.1f} s")
-    for name, r in res.items():
-        print(f"{name} ({r.dataset}) top {a.top}: " + ", ".join(f"L{l}H{h} {v:.3f}" for l, h, v in r.top(a.top)))
-        print(f"  heads > 0.3: {int((r.scores > 0.3).sum())}, > 0.5: {int((r.scores > 0.5).sum())} of "
-              f"{r.scores.numel()}; median {float(r.scores.median()):.3f}")
-    kv = razor_retrieval_set(res["induction"], res["echo"])
-    G = m.cfg.n_kv_heads
-    print(f"RazorAttention retrieval set (KV heads, top 14% induction ∪ top 1% echo): {len(kv)} of "
-          f"{m.cfg.n_layers * G}: " + ", ".join(f"L{l}KV{g}" for l, g in kv))
-    if a.out:
-        for name, r in res.items():
-            r.save(Path(a.out) / f"{name}_{a.model}")
-    return res
-
-
-if __name__ == "__main__":
-    main()
+                            kv_max=kv_group_max(s, model.cfg.n_kv_heads))

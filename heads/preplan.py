@@ -1,6 +1,6 @@
 """Preplan and anchor tokens (Li et al. 2025, "Attention Illuminates LLM Reasoning: The
 Preplan-and-Anchor Rhythm Enables Fine-Grained Policy Optimization", arXiv 2510.13554, §3;
-no official code). methods.md §9.
+no official code).
 
 On a prompt and the model's response (generated greedily unless given), one forward over
 prompt + response records three O(N) statistics per head (never an N x N pattern):
@@ -24,28 +24,21 @@ prompt + response records three O(N) statistics per head (never an N x N pattern
 ``.html()`` the response with preplan/anchor tokens highlighted). ``Preplan.score`` runs it on the
 shipped reasoning prompts and returns the head spans.
 
-Run: ``python -m headscope.heads.preplan --model smollm2`` (see ``main``).
+Run: ``python experiments/preplan.py --model smollm2``.
 """
 from __future__ import annotations
 
 import html as _html
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..kernels.spec import StatRequest
+from ..probe import Stats
 from .base import Analyzer, register
-
-DATA_DIR = Path(__file__).parent / "data"
-
-
-def load_reasoning_prompts() -> list[str]:
-    """The shipped math word problems (written for headscope; heads/data/SOURCES.md)."""
-    lines = (DATA_DIR / "reasoning_prompts.txt").read_text(encoding="utf-8").splitlines()
-    return [l.strip() for l in lines if l.strip()]
+from .common import PLAIN_TEMPLATE, has_chat_template, template_name, token_strings
+from .data import load_reasoning_prompts
 
 
 def middle_layers(n_layers: int, n: int = 5) -> list[int]:
@@ -90,6 +83,23 @@ class PreplanResult:
     @property
     def response(self) -> str:
         return "".join(self.tokens)
+
+    def to_dict(self) -> dict:
+        """JSON-able form (tensors as lists); ``from_dict`` reads it back (as stored in HeadScores.info)."""
+        return {f.name: (v.tolist() if torch.is_tensor(v) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreplanResult":
+        kw = dict(d)
+        for k, dt in (("token_ids", torch.long), ("waad", torch.float32), ("fai", torch.float32),
+                      ("delta", torch.float32), ("preplan", torch.bool), ("anchor", torch.bool),
+                      ("span", torch.float32)):
+            kw[k] = torch.tensor([float(x) if isinstance(x, str) else x for x in kw[k]]   # "nan" strings in JSON
+                                 if kw[k] and not isinstance(kw[k][0], list) else kw[k], dtype=dt)
+        kw["local_heads"] = [tuple(x) for x in kw["local_heads"]]
+        kw["global_heads"] = [tuple(x) for x in kw["global_heads"]]
+        return cls(**kw)
 
     def to_frame(self):
         import pandas as pd
@@ -178,7 +188,7 @@ class Preplan(Analyzer):
 
     name = "preplan"
     paper = ("Li et al. 2025, Attention Illuminates LLM Reasoning: The Preplan-and-Anchor Rhythm "
-             "(arXiv 2510.13554), §3.1 head span, §3.2 WAAD / FAI; methods.md §9")
+             "(arXiv 2510.13554), §3.1 head span, §3.2 WAAD / FAI")
     description = ("head span: mean over response tokens of the attention-weighted distance sum_s A[t,s](t-s); "
                    "low = local head (phrase-level, drives WAAD), high = global head (drives FAI)")
     threshold = None
@@ -203,7 +213,10 @@ class Preplan(Analyzer):
                 raise ValueError("empty prompt")
             if model.tokenizer is None:
                 raise ValueError(f"{model.cfg.name} has no tokenizer: pass token ids")
-            ids = model.to_tokens(prompt, chat=self.chat and getattr(model.tokenizer, "chat_template", None) is not None)[0]
+            if self.chat and not has_chat_template(model):       # base model: the plain Query/Answer template
+                ids = model.to_tokens(PLAIN_TEMPLATE.replace("{q}", prompt))[0]
+            else:
+                ids = model.to_tokens(prompt, chat=self.chat)[0]
             return prompt, ids.cpu()
         ids = torch.as_tensor(prompt).long().flatten()
         if ids.numel() == 0:
@@ -244,7 +257,7 @@ class Preplan(Analyzer):
         if N > model.cfg.max_ctx:
             raise ValueError(f"prompt + response is {N} tokens but {model.cfg.name} allows {model.cfg.max_ctx}")
         L, H = model.cfg.n_layers, model.cfg.n_heads
-        req = StatRequest(distance=True, window_distance=self.window, received=True, received_window=(a, b))
+        req = Stats(distance=True, window_distance=self.window, received=True, received_window=(a, b))
         with model.record(req) as rec:
             model(ids[None])
         dist = rec.stack("distance")[:, 0, :, P:].float().cpu()                  # [L, H, T]
@@ -263,8 +276,7 @@ class Preplan(Analyzer):
         fai = torch.stack(fai_h).mean(0)                                          # [T]
         delta = torch.full((T,), float("nan"))
         delta[:-1] = (waad[:-1] - waad[1:]).abs()
-        tok = model.tokenizer
-        tokens = [tok.decode([int(t)]) for t in r_ids] if tok is not None else [f"<{int(t)}>" for t in r_ids]
+        tokens = token_strings(model, r_ids)
         return PreplanResult(prompt=text, tokens=tokens, token_ids=r_ids, waad=waad, fai=fai, delta=delta,
                              preplan=_top_frac(delta, self.token_frac), anchor=_top_frac(fai, self.token_frac),
                              local_heads=local, global_heads=glob, span=span, layers=sel)
@@ -272,7 +284,8 @@ class Preplan(Analyzer):
     def score(self, model, data=None, progress: bool = True):
         """Head span averaged over prompts (data: list of prompts, or of (prompt, response) pairs;
         None = the shipped reasoning prompts, responses generated greedily). The first prompt's
-        per-token result is kept in ``extra`` and in ``.details``."""
+        per-token result is kept in ``extra``; every prompt's ``PreplanResult`` in ``info["details"]``
+        (also ``.details``; as dicts after ``HeadScores.load``: ``PreplanResult.from_dict``)."""
         from tqdm.auto import tqdm
         t0 = time.time()
         items = load_reasoning_prompts() if data is None else list(data)
@@ -297,45 +310,7 @@ class Preplan(Analyzer):
               f"greedy responses of up to {self.max_new_tokens} tokens")
         res = self._result(model, span, dataset=ds, started=t0, waad=d0.waad, fai=d0.fai, delta=d0.delta,
                            preplan=d0.preplan, anchor=d0.anchor, response_ids=d0.token_ids,
-                           local_heads=lm, global_heads=gm)
-        res.details = details
+                           local_heads=lm, global_heads=gm,
+                           params=dict(template_used=template_name(model, "chat" if self.chat else None)),
+                           info=dict(details=details))
         return res
-
-
-def main(argv=None):
-    import argparse
-
-    p = argparse.ArgumentParser(description="Preplan and anchor tokens (Li et al. 2025).")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--prompt", type=int, default=0, help="index of the shipped reasoning prompt")
-    p.add_argument("--text", default=None, help="a prompt of your own instead")
-    p.add_argument("--max-new-tokens", type=int, default=120)
-    p.add_argument("--out", default=None, help="folder for preplan.html, preplan_plot.html, tokens.csv")
-    p.add_argument("--threads", type=int, default=None)
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    import headscope as hs
-    m = hs.load(a.model)
-    an = Preplan(max_new_tokens=a.max_new_tokens)
-    prompt = a.text or load_reasoning_prompts()[a.prompt]
-    t0 = time.time()
-    r = an.analyze(m, prompt)
-    print(f"{time.time() - t0:.1f}s; layers {r.layers}; local heads {r.local_heads}; global heads {r.global_heads}")
-    print("response:", repr(r.response))
-    print("preplan:", [f"{i}:{r.tokens[i]!r}" for i in torch.nonzero(r.preplan).flatten().tolist()])
-    print("anchor:", [f"{i}:{r.tokens[i]!r}" for i in torch.nonzero(r.anchor).flatten().tolist()])
-    print(f"anchor at t or t+1: after preplan tokens {r.coupling(1):.3f}, after other tokens "
-          f"{r.coupling(1, preplan=False):.3f}; anchors {int(r.anchor.sum())}/{int(torch.isfinite(r.fai).sum())} "
-          f"tokens with an FAI, preplan {int(r.preplan.sum())}/{len(r.tokens) - 1}")
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "preplan.html").write_text(r.html(full=True), encoding="utf-8")
-        r.plot().write_html(out / "preplan_plot.html", include_plotlyjs="cdn")
-        r.to_frame().to_csv(out / "tokens.csv", index=False)
-        print("wrote", out)
-
-
-if __name__ == "__main__":
-    main()

@@ -17,89 +17,50 @@ starts by feeding the last prompt token, so every recorded ``argmax`` row is a d
 query × 1e-4) during decoding only (the prefill runs unedited, like the reference which zeroes the
 heads' queries in its decode loop), against k random heads (seeded draws outside the top heads).
 
-Run ``python -m headscope.heads.retrieval --model smollm2`` (see ``--help``).
+Run ``python experiments/retrieval.py --model smollm2`` (see ``--help``).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import random
-import re
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from .base import Analyzer, register
+from .common import batches, decode, has_chat_template, output_text, random_heads, stop_ids  # noqa: F401  (decode, random_heads: public here too)
+from .data import load_haystack, load_needles  # noqa: F401  (load_haystack: public here too)
 from .scores import HeadScores
 
-DATA = Path(__file__).parent / "data"
 SENTENCE_END = (".", '."', ".'", "!", "?", '!"', '?"')
 
 
-# ------------------------------------------------------------------------------------ data
-def load_haystack() -> str:
-    """The shipped haystack: the opening chapters of Pride and Prejudice (public domain; SOURCES.md)."""
-    return (DATA / "haystack.txt").read_text(encoding="utf-8")
-
-
-def load_needles() -> list[dict]:
-    """The shipped (needle, question, answer) triples (needles.json; SOURCES.md)."""
-    return json.loads((DATA / "needles.json").read_text(encoding="utf-8"))
-
-
 # ------------------------------------------------------------------------------------ ROUGE-1
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def _stem(w: str) -> str:
-    """A light suffix stripper standing in for the Porter stemmer that rouge_score uses
-    (``use_stemmer=True`` in the reference): plural and verb endings, with Porter's undoubling
-    (sitting -> sit)."""
-    if len(w) <= 3:
-        return w
-    for suf, rep in (("sses", "ss"), ("ies", "y"), ("ing", ""), ("edly", ""), ("ed", ""), ("ly", ""),
-                     ("es", ""), ("s", "")):
-        if w.endswith(suf) and len(w) - len(suf) >= 3:
-            w = w[: len(w) - len(suf)] + rep
-            if suf in ("ing", "ed", "edly") and len(w) > 3 and w[-1] == w[-2] and w[-1] not in "aeiouylsz":
-                w = w[:-1]
-            return w
-    return w
-
-
-def _units(x, stem: bool) -> list:
-    if isinstance(x, str):
-        words = _WORD.findall(x.lower())            # rouge_score's tokenizer: lowercase, [a-z0-9]+ runs
-        return [_stem(w) for w in words] if stem else words
-    return [int(t) for t in x]                      # token ids: compare ids
+_ROUGE = None
 
 
 def rouge1_recall(reference, prediction, stem: bool = True) -> float:
     """ROUGE-1 recall of ``reference`` in ``prediction``: clipped unigram overlap / reference unigrams.
-    Strings are split into lowercase alphanumeric words (optionally stemmed); sequences of ints are
-    compared as token ids. An empty reference gives 0."""
-    ref, pred = _units(reference, stem), _units(prediction, stem)
-    if not ref:
-        return 0.0
-    cp: dict = {}
-    for u in pred:
-        cp[u] = cp.get(u, 0) + 1
-    hit = 0
-    for u, n in _count(ref).items():
-        hit += min(n, cp.get(u, 0))
-    return hit / len(ref)
-
-
-def _count(xs) -> dict:
-    out: dict = {}
-    for x in xs:
-        out[x] = out.get(x, 0) + 1
-    return out
+    Strings are scored with ``rouge_score.rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)``
+    (Porter stemmer), as the retrieval-head reference does; sequences of ints are compared as token
+    ids. An empty reference gives 0."""
+    if isinstance(reference, str):
+        global _ROUGE
+        from rouge_score import rouge_scorer
+        if stem:
+            _ROUGE = _ROUGE or rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+            scorer = _ROUGE
+        else:
+            scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+        if not isinstance(prediction, str):           # token ids never match words
+            return 0.0
+        return float(scorer.score(reference, prediction)["rouge1"].recall)
+    ref, pred = Counter(int(t) for t in reference), Counter(int(t) for t in prediction)
+    n = sum(ref.values())
+    return sum(min(c, pred[u]) for u, c in ref.items()) / n if n else 0.0
 
 
 # ------------------------------------------------------------------------------------ tests
@@ -197,86 +158,6 @@ class _Builder:
         return tests
 
 
-def _stop_ids(model) -> list[int]:
-    """The model's EOS ids (tokenizer and generation config), its end-of-turn token and the newline
-    token (the reference stops decoding at a newline)."""
-    tok = model.tokenizer
-    out = []
-    gc = getattr(model.model, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None)
-    if eos is not None:
-        out += [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-    if tok is not None:
-        if tok.eos_token_id is not None:
-            out.append(int(tok.eos_token_id))
-        for nl in ("\n", "\n\n"):                      # the reference stops at a newline
-            ids = tok.encode(nl, add_special_tokens=False)
-            if len(ids) == 1:
-                out.append(int(ids[0]))
-        for s in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
-            i = tok.convert_tokens_to_ids(s) if s in tok.get_vocab() else None
-            if i is not None:
-                out.append(int(i))
-    return sorted(set(out))
-
-
-def decode(model, prompts, max_new_tokens: int, stop_ids=None, record: bool = False, edits=(),
-           **generate_kw):
-    """Greedy decoding the reference's way, for one prompt [N] or a list of prompts (left-padded
-    into one batch): prefill prompt[:-1] (no probe, no edit), then ``model.generate`` from the last
-    prompt token with ``edits`` active (decoding only) and, if ``record``, the ``argmax`` statistic
-    on every layer. Returns a list of (new token ids [T_i] up to and including the first stop token,
-    argmax [L, H, T_i] or None): row i is the top-1 key (token position, 0 = first prompt token)
-    of the query that produced new token i."""
-    single = torch.is_tensor(prompts) and prompts.dim() == 1
-    prompts = [torch.as_tensor(p).reshape(-1).cpu() for p in ([prompts] if single else prompts)]
-    if any(p.numel() < 2 for p in prompts):
-        raise ValueError("a needle prompt needs at least 2 tokens")
-    B, N = len(prompts), max(p.numel() for p in prompts)
-    pad_id = 0
-    if model.tokenizer is not None and model.tokenizer.pad_token_id is not None:
-        pad_id = int(model.tokenizer.pad_token_id)
-    ids = torch.full((B, N), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, N, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, N - p.numel():] = p
-        mask[b, N - p.numel():] = 1
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    stop_ids = _stop_ids(model) if stop_ids is None else list(stop_ids)
-    kw = dict(generate_kw)
-    if stop_ids:
-        kw["eos_token_id"] = stop_ids
-    padded = bool((mask == 0).any())
-    with torch.no_grad():
-        pre = dict(attention_mask=mask[:, :-1], position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp_min(0)) \
-            if padded else {}
-        # logits_to_keep=1: the prefill needs only the cache, not N x vocab logits (Gemma: 262k vocab)
-        cache = model.model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **pre).past_key_values
-    rec_ctx = model.record(argmax=True) if record else contextlib.nullcontext()
-    edit_ctx = model.edit(list(edits)) if edits else contextlib.nullcontext()
-    with edit_ctx, rec_ctx as rec:
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, past_key_values=cache,
-                             **kw)
-    new = out[:, N:].cpu()
-    am = rec.stack("argmax").cpu() if record else None                       # [L, B, H, T]
-    if am is not None and am.shape[-1] != new.shape[1]:
-        raise RuntimeError(f"recorded {am.shape[-1]} decode steps for {new.shape[1]} new tokens")
-    res = []
-    for b in range(B):
-        T = new.shape[1]
-        hits = [i for i in range(T) if int(new[b, i]) in stop_ids] if stop_ids else []
-        if hits:
-            T = hits[0] + 1
-        res.append((new[b, :T], None if am is None else am[:, b, :, :T]))
-    return res[0] if single else res
-
-
-def _batches(tests, size: int):
-    """Indices of tests in groups of ``size`` with similar prompt lengths (little padding)."""
-    order = sorted(range(len(tests)), key=lambda i: tests[i].prompt.numel())
-    return [order[i:i + size] for i in range(0, len(order), max(1, size))]
-
-
 def retrieval_step_scores(argmax: torch.Tensor, sequence: torch.Tensor, new: torch.Tensor,
                           span: tuple[int, int]) -> torch.Tensor:
     """Wu et al. 2024 eq. 1 for one test: argmax [L, H, T] top-1 key positions, ``sequence`` = prompt
@@ -287,12 +168,6 @@ def retrieval_step_scores(argmax: torch.Tensor, sequence: torch.Tensor, new: tor
     pos = argmax.clamp(0, seq.numel() - 1)
     hit = (argmax >= a) & (argmax < b) & (seq[pos] == new.to(argmax.device).view(1, 1, -1))
     return hit.float().sum(-1) / (b - a)
-
-
-def _output_text(model, new: torch.Tensor, answer):
-    if isinstance(answer, str) and model.tokenizer is not None:
-        return model.tokenizer.decode(new, skip_special_tokens=True).strip()
-    return [int(t) for t in new]
 
 
 # ------------------------------------------------------------------------------------ analyzer
@@ -368,6 +243,13 @@ class Retrieval(Analyzer):
         tests = b.build(needles, lengths, [float(d) for d in self.depths])
         return tests
 
+    def template_used(self, model, data=None) -> str:
+        """"chat" (the tokenizer's chat template), "plain" (context, question and "Answer:" as text:
+        models without a chat template) or "given tests" (``data`` = NeedleTests)."""
+        if isinstance(data, (list, tuple)) and data and isinstance(data[0], NeedleTest):
+            return "given tests"
+        return "chat" if (has_chat_template(model) if self.chat is None else self.chat) else "plain"
+
     def _check(self, model, tests):
         if not tests:
             raise ValueError("no needle tests")
@@ -384,16 +266,16 @@ class Retrieval(Analyzer):
         L, H = model.cfg.n_layers, model.cfg.n_heads
         per_test = torch.zeros(len(tests), L, H)
         recall = torch.zeros(len(tests))
-        stop = _stop_ids(model)
+        stop = stop_ids(model)
         outputs = [None] * len(tests)
         bar = tqdm(total=len(tests), desc="retrieval NIAH", disable=not progress)
-        for idx in _batches(tests, self.batch_size):
+        for idx in batches(tests, self.batch_size, key=lambda t: t.prompt.numel()):
             got = decode(model, [tests[i].prompt for i in idx], self.max_new_tokens, stop_ids=stop, record=True,
                          **(self.generate_kwargs or {}))
             for i, (new, am) in zip(idx, got):
                 t = tests[i]
                 per_test[i] = retrieval_step_scores(am, torch.cat([t.prompt.cpu(), new]), new, t.span)
-                outputs[i] = _output_text(model, new, t.answer)
+                outputs[i] = output_text(model, new, t.answer)
                 recall[i] = rouge1_recall(t.answer, outputs[i])
             bar.update(len(idx))
         bar.close()
@@ -431,8 +313,9 @@ class Retrieval(Analyzer):
             test_prompt_tokens=torch.tensor([t.prompt.numel() for t in tests]),
             test_span=torch.tensor([t.span for t in tests]),
             grid_lengths=torch.tensor(lengths), grid_depths=torch.tensor(depths),
-            grid_scores=grid, grid_counted=grid_n, grid_recall=grid_recall)
-        res.params["outputs"] = [o if isinstance(o, str) else list(o) for o in outputs]
+            grid_scores=grid, grid_counted=grid_n, grid_recall=grid_recall,
+            params=dict(template_used=self.template_used(model, data)),
+            info=dict(outputs=[o if isinstance(o, str) else list(o) for o in outputs]))
         return res
 
 
@@ -450,26 +333,18 @@ def _ablations(heads):
     return [Ablate(l, hs_, how="uniform") for l, hs_ in sorted(by_layer.items())]
 
 
-def random_heads(n_layers: int, n_heads: int, k: int, exclude=(), seed: int = 0) -> list[tuple[int, int]]:
-    """k distinct (layer, head) pairs drawn with ``random.Random(seed)`` outside ``exclude``."""
-    pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in set(exclude)]
-    if k > len(pool):
-        raise ValueError(f"cannot draw {k} random heads from the {len(pool)} left after excluding {len(exclude)}")
-    return sorted(random.Random(seed).sample(pool, k))
-
-
 def niah_accuracy(model, tests: list[NeedleTest], heads=(), max_new_tokens: int = 24, progress: bool = False,
                   desc: str = "NIAH", batch_size: int = 3, **generate_kw) -> tuple[float, list[float], list]:
     """Mean ROUGE-1 recall over ``tests`` with ``heads`` made uniform while decoding."""
     edits = _ablations(heads) if heads else ()
-    stop = _stop_ids(model)
+    stop = stop_ids(model)
     rec, outs = [0.0] * len(tests), [None] * len(tests)
     bar = tqdm(total=len(tests), desc=desc, disable=not progress)
-    for idx in _batches(tests, batch_size):
+    for idx in batches(tests, batch_size, key=lambda t: t.prompt.numel()):
         got = decode(model, [tests[i].prompt for i in idx], max_new_tokens, stop_ids=stop, edits=edits,
                      **generate_kw)
         for i, (new, _) in zip(idx, got):
-            outs[i] = _output_text(model, new, tests[i].answer)
+            outs[i] = output_text(model, new, tests[i].answer)
             rec[i] = rouge1_recall(tests[i].answer, outs[i])
         bar.update(len(idx))
     bar.close()
@@ -520,83 +395,3 @@ def masking_experiment(model, scores, k: int = 20, n_random: int = 3, seed: int 
             "random_recall": [r[1] for r in rand], "outputs": {"baseline": base_o, "top_k": top_o},
             "baseline_run": (base, base_r, base_o),
             "masked_during": "decoding only (prefill of prompt[:-1] unedited)"}
-
-
-# ------------------------------------------------------------------------------------ CLI
-def _main(argv=None):
-    import argparse
-    import os
-
-    p = argparse.ArgumentParser(prog="python -m headscope.heads.retrieval",
-                                description="Retrieval-head scores (Wu et al. 2024) and the masking experiment")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--lengths", type=int, nargs="+", default=None, help="haystack+needle tokens (default: quick)")
-    p.add_argument("--depths", type=float, nargs="+", default=None, help="needle depths in percent")
-    p.add_argument("--needles", type=int, default=None, help="number of shipped needles (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--paper", action="store_true", help="the reference grid (20 lengths x 10 depths, all needles)")
-    p.add_argument("--mask-k", type=int, nargs="*", default=[], help="run the masking experiment with these k")
-    p.add_argument("--n-random", type=int, default=3)
-    p.add_argument("--mask-lengths", type=int, nargs="+", default=None, help="masking grid (default: the scoring grid)")
-    p.add_argument("--mask-depths", type=float, nargs="+", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--save", default=None, help="write the HeadScores here (PATH.json + PATH.safetensors)")
-    a = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    import headscope as hs
-
-    m = hs.load(a.model)
-    kw = {}
-    if a.lengths:
-        kw["lengths"] = tuple(a.lengths)
-    if a.depths:
-        kw["depths"] = tuple(a.depths)
-    if a.needles:
-        kw["needles"] = a.needles
-    if a.max_new_tokens:
-        kw["max_new_tokens"] = a.max_new_tokens
-    an = Retrieval.paper_config(**kw) if a.paper else Retrieval(**kw)
-    res = an.score(m)
-    if a.save:
-        res.save(a.save)
-    n = res.scores.numel()
-    thr = res.threshold
-    print(f"model {m.cfg.name}: {len(res.extra['test_recall'])} tests, {int(res.extra['test_counted'].sum())} "
-          f"passed the ROUGE gate; mean recall {float(res.extra['test_recall'].mean()):.3f}; {res.seconds:.1f} s")
-    print(f"retrieval heads (> {thr}): {int(res.classify().sum())}/{n} = {res.fraction():.1%}; "
-          f"exactly 0: {int((res.scores == 0).sum())}/{n} = {float((res.scores == 0).float().mean()):.1%}")
-    print("top 10:", ", ".join(f"L{l}H{h} {v:.3f}" for l, h, v in res.top(10)))
-    win = m.cfg.windows
-    if any(w is not None for w in win):
-        for kind, ls in (("sliding", [i for i, w in enumerate(win) if w is not None]),
-                         ("full", [i for i, w in enumerate(win) if w is None])):
-            sub = res.scores[ls]
-            print(f"  {kind} layers {ls}: mean {float(sub.mean()):.4f} max {float(sub.max()):.4f} "
-                  f"(> 0.1: {int((sub > 0.1).sum())}/{sub.numel()})")
-    print("per layer max:", " ".join(f"{float(x):.2f}" for x in res.scores.max(1).values))
-    print("grid recall [length x depth]:", res.extra["grid_lengths"].tolist(), res.extra["grid_depths"].tolist())
-    print(res.extra["grid_recall"])
-    print("prompt tokens:", res.extra["test_prompt_tokens"].tolist())
-    print("outputs:", res.params["outputs"])
-    man = an
-    if a.mask_lengths or a.mask_depths:
-        from dataclasses import replace
-        man = replace(an, lengths=tuple(a.mask_lengths) if a.mask_lengths else an.lengths,
-                      depths=tuple(a.mask_depths) if a.mask_depths else an.depths)
-    base = None
-    for k in a.mask_k:
-        r = masking_experiment(m, res, k=k, n_random=a.n_random, seed=a.seed, analyzer=man, baseline=base)
-        base = r["baseline_run"]
-        print(f"masking k={k}: no mask {r['baseline']:.3f} | top-{k} retrieval heads {r['top_k']:.3f} | "
-              f"random {k} heads {r['random_mean']:.3f} ± {r['random_std']:.3f} ({', '.join(f'{x:.3f}' for x in r['random'])})")
-        print("  top heads:", r["top_heads"])
-        print(f"  {r['n_tests']} tests; recall per test: no mask {[round(x, 2) for x in r['baseline_recall']]}, "
-              f"top-k {[round(x, 2) for x in r['top_k_recall']]}")
-        print("  top-k outputs:", r["outputs"]["top_k"])
-
-
-if __name__ == "__main__":
-    _main()

@@ -5,7 +5,7 @@ mit-han-lab/duo-attention).
 Two analyzers, both returning ``HeadScores`` where a high score means "needs full attention"
 (retrieval head) and a low one "sink + recent window suffices" (streaming head):
 
-``StreamingProxy`` ("streaming") — training-free proxy (methods.md §2, last bullet): per head, the
+``StreamingProxy`` ("streaming") — training-free proxy (§3; not a paper metric): per head, the
 attention mass that falls outside sink ∪ recent window, i.e. on keys s >= ``sink`` with t - s >=
 ``recent``, averaged over the queries that have such keys (t >= sink + recent) of long natural-text
 inputs. It is exact and O(N) from one recorded pass: the column statistic ``received_sum`` with
@@ -28,7 +28,7 @@ to the query heads of each group (``params["per_kv_head"]``; ``extra["alpha_kv"]
 Deployment split at sparsity s (both analyzers): threshold = quantile(KV-head score, s); KV heads
 scoring below it are streaming (``extra["streaming"]``, 1 = streaming, expanded to query heads).
 
-Run ``python -m headscope.heads.streaming --model smollm2`` (see ``--help``).
+Run ``python experiments/streaming.py --model smollm2`` (see ``--help``).
 """
 from __future__ import annotations
 
@@ -36,10 +36,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from tqdm.auto import tqdm
 
+from ..probe import StreamingGate, Stats
 from .base import Analyzer, register
-from .retrieval import load_haystack
+from .common import expand_kv, final_hidden, kv_group_max
+from .data import haystack_batch, load_haystack, prefix_ids, repeated_tokens
 from .scores import HeadScores
 
 NATO = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo",
@@ -51,52 +54,6 @@ ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _prefix_ids(tok) -> list[int]:
-    """The special tokens the tokenizer puts before a text (BOS for Gemma, nothing for SmolLM2)."""
-    return list(tok("", add_special_tokens=True)["input_ids"])
-
-
-def haystack_batch(model, n_texts: int, length: int, text: str | None = None) -> torch.Tensor:
-    """``n_texts`` consecutive equal-length [length] token windows of the haystack (no padding; the
-    text is repeated when too short), each starting with the tokenizer's BOS if it has one."""
-    tok = model.tokenizer
-    if tok is None:
-        raise ValueError("this model has no tokenizer: pass token ids [batch, pos] as data")
-    text = load_haystack() if text is None else text
-    if not text.strip():
-        raise ValueError("the haystack text is empty")
-    pre = _prefix_ids(tok)
-    n = length - len(pre)
-    if n <= 0 or n_texts <= 0:
-        raise ValueError(f"need at least one text of more than {len(pre)} tokens")
-    ids = _repeated(tok, text, n_texts * n)
-    return torch.tensor([pre + ids[i * n:(i + 1) * n] for i in range(n_texts)])
-
-
-def _repeated(tok, text: str, n: int) -> list[int]:
-    """The text's tokens, repeated (joined by a blank line) until there are at least n: the reference
-    NIAH code repeats its haystack the same way when a context is longer than the essays."""
-    base = tok.encode(text, add_special_tokens=False)
-    if not base:
-        raise ValueError("the haystack text is empty")
-    ids = list(base)
-    sep = tok.encode("\n\n", add_special_tokens=False)
-    while len(ids) < n:
-        ids += sep + base
-    return ids
-
-
-def kv_group_max(scores: torch.Tensor, n_kv: int) -> torch.Tensor:
-    """[L, H] -> [L, G]: max over the query heads that share each KV head."""
-    L, H = scores.shape
-    return scores.view(L, n_kv, H // n_kv).max(-1).values
-
-
-def expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[L, G] -> [L, H]: each KV head's value for every query head of its group."""
-    return kv.repeat_interleave(n_heads // kv.shape[1], dim=1)
-
-
 def split(kv_scores: torch.Tensor, sparsity: float, n_heads: int | None = None):
     """DuoAttention deployment (reference ``sparsify_attention_heads``): threshold =
     quantile(kv_scores, sparsity); KV heads below it become streaming. Returns (threshold, streaming
@@ -127,7 +84,6 @@ def outside_mass(model, tokens: torch.Tensor, sink: int, recent: int):
     if N <= sink + recent:
         raise ValueError(f"inputs of {N} tokens have no key outside sink ({sink}) + recent ({recent}): use "
                          f"inputs longer than {sink + recent} tokens")
-    from ..probe import Stats
     req = Stats(sink_k=sink, received=True, received_window=(recent, N))
     with torch.no_grad(), model.record(req) as rec:
         model(tokens)
@@ -195,12 +151,11 @@ class StreamingProxy(Analyzer):
         scores = out.mean(1)
         kv = kv_group_max(scores, model.cfg.n_kv_heads)
         thr, stream = split(kv, self.sparsity, model.cfg.n_heads)
-        res = self._result(model, scores, dataset=dataset, started=t0, per_text=out.permute(1, 0, 2),
+        res = self._result(model, scores, dataset=dataset, started=t0, per_text=rearrange(out, "l b h -> b l h"),
                            sink_mass=sink_m.mean(1), recent_mass=(1 - sink_m - out).mean(1), kv_scores=kv,
-                           streaming=stream.to(torch.uint8))
-        res.threshold = thr
-        res.params.update(split_threshold=thr, per_kv_head="kv_scores = max over the query heads of a KV head; "
-                          "the split is per KV head, expanded to its query heads")
+                           streaming=stream.to(torch.uint8), threshold=thr,
+                           params=dict(split_threshold=thr, per_kv_head="kv_scores = max over the query heads of "
+                                       "a KV head; the split is per KV head, expanded to its query heads"))
         return res
 
 
@@ -223,10 +178,10 @@ def passkey_samples(model, n_samples: int, length_min: int, length_max: int, num
         raise ValueError("this model has no tokenizer: pass samples as dicts with input_ids and label_mask")
     if not 1 <= num_passkeys <= len(ORDINALS):
         raise ValueError(f"num_passkeys must be in 1..{len(ORDINALS)}")
-    hay = _repeated(tok, load_haystack() if text is None else text, int(length_max))
+    hay = repeated_tokens(tok, load_haystack() if text is None else text, int(length_max))
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     sep = enc("\n\n")
-    p1 = _prefix_ids(tok) + enc("This is a very long story book: <book> ")
+    p1 = prefix_ids(tok) + enc("This is a very long story book: <book> ")
     p2 = enc(" </book>.\n\n")
     gen = torch.Generator().manual_seed(seed)
     depths_all = torch.linspace(min_depth, max_depth, depth_intervals)
@@ -266,24 +221,8 @@ def lr_factor(step: int, steps: int) -> float:
     return min(1.0, max((step + 1) / w, 0.1), max((steps - step) / w, 0.1))
 
 
-def _decoder(model):
-    hf = model.model
-    dec = hf.get_decoder() if hasattr(hf, "get_decoder") else None
-    if dec is None or dec is hf:
-        dec = getattr(hf, "model", None)
-    if dec is None:
-        raise TypeError(f"cannot find the decoder of {type(hf).__name__} (need its last normed hidden state)")
-    return dec
-
-
-def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden state (after the final norm) [B, N, d_model]."""
-    return _decoder(model)(input_ids=ids.to(model.device)).last_hidden_state
-
-
 def gate_edits(model, alpha_kv: torch.Tensor, sink: int, recent: int) -> list:
     """One StreamingGate per layer with the KV-head gates expanded to their query heads."""
-    from ..probe import StreamingGate
     H = model.cfg.n_heads
     r = H // alpha_kv.shape[1]
     return [StreamingGate(l, list(range(H)), alpha_kv[l].repeat_interleave(r), sink=sink, recent=recent)
@@ -408,84 +347,7 @@ class DuoGates(Analyzer):
                            f"({self.num_passkeys} passkeys of {self.passkey_length} NATO words in Pride and "
                            "Prejudice)" if data is None else f"{len(samples)} given samples", started=t0,
                            alpha_kv=kv, streaming=stream.to(torch.uint8), loss=torch.tensor(hist),
-                           distill_loss=torch.tensor(dist_hist))
-        res.threshold = thr
-        res.params.update(split_threshold=thr, per_kv_head="one gate per KV head, expanded to the query heads "
-                          "of its group (scores[l, h] = alpha[l, h // (H // G)])")
+                           distill_loss=torch.tensor(dist_hist), threshold=thr,
+                           params=dict(split_threshold=thr, per_kv_head="one gate per KV head, expanded to the "
+                                       "query heads of its group (scores[l, h] = alpha[l, h // (H // G)])"))
         return res
-
-
-# ------------------------------------------------------------------------------------ CLI
-def _main(argv=None):
-    import argparse
-    import os
-
-    p = argparse.ArgumentParser(prog="python -m headscope.heads.streaming",
-                                description="DuoAttention streaming/retrieval heads: proxy and gate training")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--proxy", action="store_true", help="run the training-free proxy (default if no --gates)")
-    p.add_argument("--gates", choices=["quick", "default", "paper"], default=None, help="train the gates")
-    p.add_argument("--length", type=int, default=None, help="proxy: tokens per text")
-    p.add_argument("--n-texts", type=int, default=None)
-    p.add_argument("--sink", type=int, default=None)
-    p.add_argument("--recent", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="gates: optimisation steps")
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--save", default=None, help="prefix for PATH_proxy / PATH_gates HeadScores files")
-    a = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    import headscope as hs
-
-    m = hs.load(a.model)
-    win = m.cfg.windows
-    common = {k: v for k, v in dict(sink=a.sink, recent=a.recent).items() if v is not None}
-
-    def by_type(res):
-        if any(w is not None for w in win):
-            for kind, ls in (("sliding", [i for i, w in enumerate(win) if w is not None]),
-                             ("full", [i for i, w in enumerate(win) if w is None])):
-                sub = res.scores[ls]
-                print(f"  {kind} layers {ls}: mean {float(sub.mean()):.4f} min {float(sub.min()):.4f} "
-                      f"max {float(sub.max()):.4f}")
-        print("  per layer mean:", " ".join(f"{float(x):.3f}" for x in res.scores.mean(1)))
-        st = res.extra["streaming"].bool()
-        print(f"  split at sparsity {a.sparsity}: threshold {res.threshold:.4f}, streaming heads "
-              f"{int(st.sum())}/{st.numel()}; top 10 retrieval-like:",
-              ", ".join(f"L{l}H{h} {v:.3f}" for l, h, v in res.top(10)))
-
-    if a.proxy or a.gates is None:
-        kw = dict(common, sparsity=a.sparsity)
-        if a.length:
-            kw["length"] = a.length
-        if a.n_texts:
-            kw["n_texts"] = a.n_texts
-        res = StreamingProxy(**kw).score(m)
-        print(f"proxy on {m.cfg.name} ({res.dataset}, sink {res.params['sink']}, recent {res.params['recent']}): "
-              f"{res.seconds:.1f} s; mean outside mass {float(res.scores.mean()):.4f}, mean sink mass "
-              f"{float(res.extra['sink_mass'].mean()):.4f}")
-        by_type(res)
-        if a.save:
-            res.save(a.save + "_proxy")
-    if a.gates:
-        kw = dict(common, sparsity=a.sparsity)
-        if a.steps:
-            kw["steps"] = a.steps
-        an = {"quick": DuoGates.quick, "default": DuoGates, "paper": DuoGates.paper_config}[a.gates](**kw)
-        res = an.score(m)
-        lo = res.extra["loss"]
-        print(f"gates on {m.cfg.name} ({res.dataset}; {an.steps} steps, sink {an.sink}, recent {an.recent}): "
-              f"{res.seconds:.1f} s; loss {float(lo[:5].mean()):.4f} -> {float(lo[-5:].mean()):.4f}, distill "
-              f"{float(res.extra['distill_loss'][-5:].mean()):.5f}")
-        print("  alpha per layer [KV heads]:")
-        for l, row in enumerate(res.extra["alpha_kv"]):
-            print(f"   L{l}: " + " ".join(f"{float(x):.2f}" for x in row))
-        by_type(res)
-        if a.save:
-            res.save(a.save + "_gates")
-
-
-if __name__ == "__main__":
-    _main()

@@ -1,5 +1,5 @@
 """ACT — attention calibration (Yu et al. 2024, "Unveiling and Harnessing Hidden Attention Sinks:
-Training-Free Attention Calibration", ICML 2024; methods.md §5; reference repo GATECH-EIC/ACT).
+Training-Free Attention Calibration", ICML 2024; reference repo GATECH-EIC/ACT).
 
 Per input, two forward passes through the probe:
 1. the column statistics give every head's a_j, the mean attention key j receives from the queries
@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..heads.sinks import hidden_sinks_from_importance, received_importance
-from ..probe.edits import ScaleKeys
+from ..heads.common import received_importance, resid_pre_all
+from ..heads.sinks import hidden_sinks_from_importance
+from ..probe import ScaleKeys
 
 
 @dataclass
@@ -68,28 +69,21 @@ def act_edits(sinks: dict[tuple[int, int], list[int]], heads, beta: float = 0.4)
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     ex: Example
     sinks: dict
     resid: dict                   # layer -> resid_pre [1, N, d] of the unedited run
     base: torch.Tensor            # [n_choices] logits
 
 
-def _prepare(model, ex: Example, threshold: float) -> _Prepared:
-    L = model.cfg.n_layers
-    resid = {}
-
-    def keep(t, hook):
-        resid[int(hook.name.split(".")[1])] = t.detach()
-
-    with torch.no_grad():
-        logits = model.run_with_hooks(ex.tokens[None], fwd_hooks=[(f"blocks.{l}.hook_resid_pre", keep)
-                                                                  for l in range(L)], logits_to_keep=1)
-    return _Prepared(ex, hidden_sinks(model, ex.tokens, threshold), resid,
+def prepare(model, ex: Example, threshold: float) -> Prepared:
+    """One unedited pass over an example: its hidden sinks, every layer's input and the choice logits."""
+    logits, resid = resid_pre_all(model, ex.tokens[None], logits_to_keep=1)
+    return Prepared(ex, hidden_sinks(model, ex.tokens, threshold), resid,
                      logits[0, -1, ex.choices].float())
 
 
-def _choice_logits(model, p: _Prepared, heads, beta: float) -> torch.Tensor:
+def _choice_logits(model, p: Prepared, heads, beta: float) -> torch.Tensor:
     edits = act_edits(p.sinks, heads, beta)
     if not edits:
         return p.base
@@ -101,9 +95,9 @@ def _choice_logits(model, p: _Prepared, heads, beta: float) -> torch.Tensor:
 
 
 def accuracy(model, examples: list[Example], heads=(), beta: float = 0.4, threshold: float = 0.1,
-             prepared: list[_Prepared] | None = None) -> float:
+             prepared: list[Prepared] | None = None) -> float:
     """Share of examples whose right answer has the largest logit, with ``heads`` calibrated."""
-    prepared = prepared or [_prepare(model, ex, threshold) for ex in examples]
+    prepared = prepared or [prepare(model, ex, threshold) for ex in examples]
     right = [int(_choice_logits(model, p, list(heads), beta).argmax()) == p.ex.label for p in prepared]
     return sum(right) / len(right)
 
@@ -127,7 +121,7 @@ def select_heads(model, calibration: list[Example], beta: float = 0.4, threshold
     t0 = time.time()
     L, H = model.cfg.n_layers, model.cfg.n_heads
     layers = list(range(1, L - 1)) if layers is None else [int(l) for l in layers]
-    prepared = [_prepare(model, ex, threshold) for ex in calibration]
+    prepared = [prepare(model, ex, threshold) for ex in calibration]
     base = accuracy(model, calibration, (), beta, threshold, prepared)
     gain = torch.zeros(L, H)
     kept = []
@@ -140,45 +134,3 @@ def select_heads(model, calibration: list[Example], beta: float = 0.4, threshold
             kept.append((l, h))
     return ACTResult(kept, gain, base, beta, threshold, time.time() - t0,
                      dict(layers=layers, n_calibration=len(calibration), min_gain=min_gain))
-
-
-def main(argv=None):
-    import argparse
-    import json
-    import random
-    from pathlib import Path
-
-    import headscope as hs
-    from ..heads.refusal_tuning import split_requests
-    from ..heads.scores import write_json
-
-    p = argparse.ArgumentParser(description="ACT on SmolLM2: harmful-request classification (Yes/No).")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--calibration", type=int, default=10, help="examples per class for head selection")
-    p.add_argument("--beta", type=float, default=0.4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    m = hs.load(a.model)
-    split = split_requests(a.seed, 25)
-    calib = harm_task(m, split["harmful_train"][:a.calibration], split["harmless_train"][:a.calibration])
-    test = harm_task(m, split["harmful_test"], split["harmless_test"])
-    sel = select_heads(m, calib, beta=a.beta)
-    prepared = [_prepare(m, ex, sel.threshold) for ex in test]
-    res = {"calibration_base": sel.base_accuracy, "kept_heads": sel.heads, "seconds_selection": sel.seconds,
-           "test_base": accuracy(m, test, (), prepared=prepared),
-           "test_act": accuracy(m, test, sel.heads, a.beta, prepared=prepared)}
-    rng = random.Random(a.seed)
-    L, H = m.cfg.n_layers, m.cfg.n_heads
-    rand = rng.sample([(l, h) for l in range(1, L - 1) for h in range(H)], len(sel.heads)) if sel.heads else []
-    res["random_heads"] = rand
-    res["test_random"] = accuracy(m, test, rand, a.beta, prepared=prepared)
-    res["top_gains"] = [(l, h, float(sel.gain[l, h])) for l, h in sel.heads[:20]]
-    print(json.dumps(res, indent=1))
-    if a.out:
-        write_json(Path(a.out) / "act.json", res)
-    return res
-
-
-if __name__ == "__main__":
-    main()

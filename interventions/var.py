@@ -1,5 +1,5 @@
 """VAR — visual attention redistribution (Kang et al. 2025, "See What You Are Told: Visual Attention
-Sink in Large Multimodal Models", ICLR 2025; methods.md §6; reference repo MICV-yonsei/VisAttnSink),
+Sink in Large Multimodal Models", ICLR 2025; reference repo MICV-yonsei/VisAttnSink),
 for text models: the "visual" token group becomes any token group the user names (a document, a
 context passage).
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..probe.edits import ScaleKeys
+from ..probe import ScaleKeys
 
 Span = tuple[int, int]
 
@@ -80,45 +80,3 @@ def var_edits(model, sinks: dict[int, list[int]], target: list[Span], p: float =
             out.append(ScaleKeys(l, heads, keys=keys, factor=p, target=list(target), max_ratio=rho,
                                  min_target=min_target))
     return out
-
-
-def main(argv=None):
-    """NIAH with VAR towards the whole prompt (the haystack) during decoding, vs no edit."""
-    import argparse
-    import json
-
-    import headscope as hs
-    from ..heads.retrieval import Retrieval, _output_text, _stop_ids, decode, rouge1_recall
-    from ..heads.scores import write_json
-
-    p = argparse.ArgumentParser(description="VAR on the needle-in-a-haystack test (Retrieval's quick grid).")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    m = hs.load(a.model)
-    an = Retrieval()
-    tests = an.tests(m, None)
-    dims = massive_dims(m, tests[0].prompt)
-    stop = _stop_ids(m)
-    rows = []
-    for t in tests:
-        n = t.prompt.numel()
-        edits = var_edits(m, sink_tokens(m, t.prompt, dims), [(1, n)])
-        rec = {}
-        for name, ed in (("none", ()), ("var", edits)):
-            new, _ = decode(m, t.prompt, an.max_new_tokens, stop_ids=stop, edits=ed)
-            rec[name] = rouge1_recall(t.answer, _output_text(m, new, t.answer))
-        rows.append({"length": t.length, "depth": t.depth, "layers_edited": len(edits), **rec})
-        print(rows[-1], flush=True)
-    res = {"massive_dims": dims, "tests": rows,
-           "recall_none": sum(r["none"] for r in rows) / len(rows),
-           "recall_var": sum(r["var"] for r in rows) / len(rows)}
-    print(json.dumps({k: v for k, v in res.items() if k != "tests"}))
-    if a.out:
-        from pathlib import Path
-        write_json(Path(a.out) / "var_niah.json", res)
-    return res
-
-
-if __name__ == "__main__":
-    main()

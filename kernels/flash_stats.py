@@ -32,8 +32,9 @@ plain FlashAttention loop. ``MODE`` says which pass this is:
   *edited* probabilities with no rescaling (entropy ``= -(Kc + ln2 * sum p' (x - lse))``).
 
 Edits: ``q_scale`` is folded into the score scale; the DuoAttention gate keeps a second online
-softmax (its own max, sum and output accumulator) over the streaming-visible keys; zero/mean
-replacement and the LoFiT affine map are applied in the epilogue, in fp32, before the cast.
+softmax (its own max, sum and output accumulator) over the streaming-visible keys, mixed in the
+epilogue in fp32 before the cast. Output-space edits (replacement, LoFiT) are not done here: the
+probe applies them to the output.
 Redistributions: at most one per head (per-head span tables; heads without one get coefficient 1).
 
 Addressing: the (batch, head) base of every tensor and each loop's start pointer are int64; offsets
@@ -102,14 +103,13 @@ def _attn_fwd(
     Spans, wdist_w, recent_r,
     RdFactor, RdMaxR, RdMinT, RdHasTgt, RdSrc, RdTgt,
     Gate, gate_sink, gate_recent,
-    RepMask, RepVal, OScale, OBias,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_QSCALE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
     WRITE_LSE: tl.constexpr, NSPAN: tl.constexpr, NSPAN_P: tl.constexpr,
     ENTROPY: tl.constexpr, DISTANCE: tl.constexpr, WDIST: tl.constexpr, RECENT: tl.constexpr,
     ARGMAX: tl.constexpr, NSRC: tl.constexpr, NTGT: tl.constexpr,
-    GATE: tl.constexpr, REPLACE: tl.constexpr, OSCALE: tl.constexpr, OBIAS: tl.constexpr,
+    GATE: tl.constexpr,
 ):
     # heaviest (last) query blocks first: causal load balance
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -454,22 +454,12 @@ def _attn_fwd(
             tl.store(Rows + SLOT_MAXP * n_rows + rows, pmax, mask=row_mask)
             tl.store(Arg + rows, amax.to(tl.int64) + pos0, mask=row_mask)
 
-        # ---- output edits, fp32 ----
+        # ---- streaming gate (the last probability-space edit), fp32 ----
         if GATE:
             a = tl.load(Gate + h)
             out_s = acc_s / tl.where(l_s > 0, l_s, 1.0)[:, None]
             out = (1.0 - a) * out_s + a * out
         dmask = offs_d < HEAD_D
-        if REPLACE:
-            rep = tl.load(RepMask + h)
-            rv = tl.load(RepVal + h * HEAD_D + offs_d, mask=dmask, other=0.0)
-            out = tl.where(rep != 0, rv[None, :], out)
-        if OSCALE:
-            sc = tl.load(OScale + h * HEAD_D + offs_d, mask=dmask, other=0.0)
-            out = out * (1.0 + sc[None, :])
-        if OBIAS:
-            bi = tl.load(OBias + h * HEAD_D + offs_d, mask=dmask, other=0.0)
-            out = out + bi[None, :]
         o_ptrs = (Out + b64 * sob + h.to(tl.int64) * soh + start_m.to(tl.int64) * som
                   + (tl.arange(0, BLOCK_M)[:, None] * som + offs_d[None, :]))
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & dmask[None, :])

@@ -21,7 +21,8 @@ the second computes the edited output and statistics from exact probabilities.
 Not done here (``Unsupported`` is raised, so the caller can fall back): edit tensors or q/k/v that
 require grad while grad is enabled (no backward pass: training goes through the PyTorch path), more
 than one redistribution on a head, head_dim > 256, Q > K, dtypes other than fp16/bf16/fp32,
-tensors off CUDA (unless ``TRITON_INTERPRET=1``), ``replace_mask`` without ``replace_value``.
+tensors off CUDA (unless ``TRITON_INTERPRET=1``). Output-space edits (ablation by replacement,
+LoFiT's affine, steering) are not kernel arguments: the probe applies them to the output.
 """
 from __future__ import annotations
 
@@ -31,11 +32,28 @@ import os
 
 import torch
 
-from .spec import LayerEdits, StatRequest
+from .spec import LayerEdits, StatRequest, decline_reason
 
 
 class Unsupported(Exception):
     """The Triton kernels cannot do this call; ``chunked.attention`` can (the message says why)."""
+
+
+# What the Triton kernels can do, declared (``supports`` checks a request against it; the probe
+# asks before calling and falls back to the chunked path with one message when it declines).
+SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_distance", "recent", "argmax",
+                             "received", "received_window"})
+SUPPORTED_EDITS = frozenset({"q_scale", "redistributions", "gate", "gate_sink", "gate_recent"})
+
+
+def supports(stats: StatRequest | None, edits: LayerEdits | None, *, sinks: bool = False) -> str | None:
+    """None when the Triton kernels can run this request, else the reason they decline (a
+    sentence): a statistic or edit field outside ``SUPPORTED_STATS`` / ``SUPPORTED_EDITS``, or
+    learned attention sinks (``s_aux``, not in the kernels). Per-call limits on shapes, dtypes and
+    devices are checked by ``attention`` itself (``Unsupported``)."""
+    if sinks:
+        return "the Triton kernels do not implement learned attention sinks (s_aux)"
+    return decline_reason("the Triton kernels", SUPPORTED_STATS, SUPPORTED_EDITS, stats, edits)
 
 
 def interpreting() -> bool:
@@ -110,7 +128,7 @@ def _block_config(block, table_fwd, table_recv, bd, fp32=False):
 def _edit_tensors(edits: LayerEdits | None):
     if edits is None:
         return []
-    return [edits.q_scale, edits.gate, edits.replace_value, edits.out_scale, edits.out_bias]
+    return edits.tensors()
 
 
 def _check(q, k, v, key_padding, key_pos0, edits, block):
@@ -154,8 +172,6 @@ def _check(q, k, v, key_padding, key_pos0, edits, block):
                 if hh in seen:
                     raise Unsupported(f"head {hh} has several redistributions (the kernel does one per head)")
                 seen[hh] = i
-        if edits.replace_mask is not None and edits.replace_value is None:
-            raise Unsupported("replace_mask without replace_value")
 
 
 def _redistribution_tables(reds, H, dev):
@@ -249,11 +265,15 @@ def _count_base(B, Q, K, causal, sliding_window, received_window, device):
 def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
               key_padding: torch.Tensor | None = None, softcap: float | None = None,
               key_pos0: torch.Tensor | None = None, stats: StatRequest | None = None,
-              edits: LayerEdits | None = None, block=None):
+              edits: LayerEdits | None = None, block=None, sinks: torch.Tensor | None = None):
     """q [B, H, Q, d], k, v [B, G, K, d] -> (out [B, H, Q, d], stats dict), as ``chunked.attention``.
+    Requests that ``supports`` declines (e.g. ``sinks``) raise ``Unsupported``.
 
     ``block``: None (tuned table; 16 in the interpreter), an int (BLOCK_M = BLOCK_N), or
     (BLOCK_M, BLOCK_N[, num_warps, num_stages]) for both kernels. Raises ``Unsupported``."""
+    reason = supports(stats, edits, sinks=sinks is not None)
+    if reason is not None:
+        raise Unsupported(reason)
     _check(q, k, v, key_padding, key_pos0, edits, block)
     from . import triton_decode as td
     if block is None and td.eligible(q, k, stats=stats, edits=edits) is None:   # few queries, many keys
@@ -299,11 +319,6 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
     qscale = f32h(ed.q_scale, (H,)) if ed is not None and ed.q_scale is not None else dummy_f
     gate = f32h(ed.gate, (H,)) if ed is not None and ed.gate is not None else dummy_f
-    rep_mask = (ed.replace_mask.to(device=dev).reshape(H).to(torch.uint8).contiguous()
-                if ed is not None and ed.replace_mask is not None else dummy_u8)
-    rep_val = f32h(ed.replace_value, (H, D)) if ed is not None and ed.replace_mask is not None else dummy_f
-    oscale = f32h(ed.out_scale, (H, D)) if ed is not None and ed.out_scale is not None else dummy_f
-    obias = f32h(ed.out_bias, (H, D)) if ed is not None and ed.out_bias is not None else dummy_f
 
     nsrc = ntgt = 0
     rd_factor = rd_maxr = rd_mint = dummy_f
@@ -352,16 +367,12 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
             RdFactor=rd_factor, RdMaxR=rd_maxr, RdMinT=rd_mint, **rd_args,
             Gate=gate, gate_sink=int(ed.gate_sink) if ed is not None else 0,
             gate_recent=int(ed.gate_recent) if ed is not None else 0,
-            RepMask=rep_mask, RepVal=rep_val, OScale=oscale, OBias=obias,
             BLOCK_M=BM, BLOCK_N=BN, MODE=mode, WRITE_LSE=write_lse, **flags,
             NSPAN=nspan if s else 0, NSPAN_P=max(2, _pow2(nspan)),
             ENTROPY=bool(s and s.entropy), DISTANCE=bool(s and s.distance),
             WDIST=bool(s and s.window_distance), RECENT=bool(s and getattr(s, "recent", None)),
             ARGMAX=ARGMAX_MODE if (s and s.argmax) else 0, NSRC=nsrc, NTGT=ntgt,
             GATE=with_stats and ed is not None and ed.gate is not None,
-            REPLACE=with_stats and ed is not None and ed.replace_mask is not None,
-            OSCALE=with_stats and ed is not None and ed.out_scale is not None,
-            OBIAS=with_stats and ed is not None and ed.out_bias is not None,
             num_warps=warps, num_stages=stages,
         )
 

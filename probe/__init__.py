@@ -1,7 +1,8 @@
 """The one attention path: loading, the registered attention function, hooks, statistics, edits."""
 from ..kernels.spec import StatRequest as Stats
-from .edits import Ablate, HeadAffine, ScaleKeys, StreamingGate
-from .hooks import ActivationCache, hook_name
+from .edits import AddToHead, Ablate, HeadAffine, OutputEdit, ScaleKeys, StreamingGate
+from .cache import ActivationCache
+from .hooks import hook_name
 from .loading import ModelNotFound
 from .model import HookedModel, ModelInfo
 from .record import Recorder
@@ -28,5 +29,5 @@ def load(model="smollm2", *, tokenizer=None, dtype=None, device=None) -> HookedM
     return HookedModel(hf, tokenizer or tok, name)
 
 
-__all__ = ["Ablate", "ActivationCache", "HeadAffine", "HookedModel", "ModelInfo", "ModelNotFound",
+__all__ = ["Ablate", "ActivationCache", "AddToHead", "OutputEdit", "HeadAffine", "HookedModel", "ModelInfo", "ModelNotFound",
            "Recorder", "ScaleKeys", "Stats", "StreamingGate", "hook_name", "load"]

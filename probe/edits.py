@@ -1,32 +1,118 @@
-"""Head edits: small objects that say what to change in one head; a list of them composes.
+"""Head edits: small objects that say what to change in one or more heads; a list of them composes.
 
-Each edit names a layer and one or more query heads and adds itself to that layer's
-``kernels.LayerEdits`` (``add_to``). ``compile_edits`` gathers a list into per-layer kernel
-arguments. The attention function applies them in the order ``LayerEdits`` documents.
+Two kinds (Zhou et al.'s uniform ablation and ACT/VAR/DuoAttention change attention itself;
+replacement, LoFiT and steering change the head's output):
+
+- **Probability-space** edits (``Ablate(how="uniform")``, ``ScaleKeys``, ``StreamingGate``) add
+  themselves to the layer's ``kernels.LayerEdits`` (``add_to``); every kernel applies them, and
+  their meaning is the small functions of ``kernels/reference.py``.
+- **Output-space** edits (``Ablate(how="zero"|"mean")``, ``HeadAffine``, ``AddToHead``) are
+  ``OutputEdit`` subclasses: ``apply(z) -> z`` on the named heads' outputs ``z [B, Q, n, d_head]``
+  (fp32), run once by the probe after the kernel in plain PyTorch, so autograd, per-example and
+  per-position values come free. Adding one is one small class here. They apply in stages:
+  replacements (``stage = 0``) before additive/affine edits (``stage = 1``); within a stage, in
+  the order given (outer ``model.edit`` blocks first). ``hook_z`` hooks see z after them.
+
+Values of output-space edits (Ablate's ``mean``, HeadAffine's ``scale``/``bias``, AddToHead's
+``vector``), with n = the number of heads named and d = d_head:
+  one head (``head=3``):          [d] | [B, d] per example | [B, Q, d] per example and position
+  several heads (``head=[1, 2]``): [d] (shared) | [n, d] | [B, n, d] | [B, Q, n, d]
+A value's batch/position axes must match the forward (or be 1); under ``generate`` each step has
+Q = 1, so per-position values apply only to full forwards.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..kernels.spec import LayerEdits, Redistribution, Span
+from .checks import as_index, as_indices, as_real, as_spans, check_range
+from .state import EditSet
+
+
+def _norm_target(self, layer, head) -> None:
+    """Validate and normalise ``layer`` / ``head`` on a frozen dataclass (ints, a tuple of heads)."""
+    name = type(self).__name__
+    object.__setattr__(self, "layer", as_index(layer, f"{name} layer"))
+    h = as_indices(head, f"{name} head")
+    object.__setattr__(self, "head", h[0] if len(h) == 1 and not _is_seq(head) else h)
+
+
+def _is_seq(x) -> bool:
+    return isinstance(x, (Sequence, range)) or getattr(x, "ndim", 0) > 0
 
 
 def _heads(h) -> tuple[int, ...]:
-    return (int(h),) if isinstance(h, int) else tuple(int(x) for x in h)
+    return (h,) if isinstance(h, int) else tuple(h)
+
+
+def head_values(t: torch.Tensor, single: bool, n: int, d: int, what: str) -> torch.Tensor:
+    """A value tensor in one of the documented shapes -> [B|1, Q|1, n|1, d] (see module doc)."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t, dtype=torch.float32)
+    if t.shape[-1:] != (d,) or t.dim() == 0:
+        raise ValueError(f"{what}: last axis must be d_head = {d}, got shape {tuple(t.shape)}")
+    if single:
+        if t.dim() > 3:
+            raise ValueError(f"{what} for one head: shape [d], [B, d] or [B, Q, d], got {tuple(t.shape)}")
+        if t.dim() == 1:
+            return t.view(1, 1, 1, d)
+        return t[:, None, None] if t.dim() == 2 else t[:, :, None]          # [B, 1, 1, d] / [B, Q, 1, d]
+    if t.dim() == 1:
+        return t.view(1, 1, 1, d)
+    if t.dim() > 4 or t.shape[-2] not in (1, n):
+        raise ValueError(f"{what} for {n} heads: shape [d], [n, d], [B, n, d] or [B, Q, n, d] with n = {n}, "
+                         f"got {tuple(t.shape)}")
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+
+def _fit(v: torch.Tensor, z: torch.Tensor, what: str) -> torch.Tensor:
+    """v [B|1, Q|1, n|1, d] checked against z [B, Q, n, d]; on z's device in fp32."""
+    B, Q = z.shape[:2]
+    if v.shape[0] not in (1, B) or v.shape[1] not in (1, Q):
+        raise ValueError(f"{what}: value covers (batch, pos) = {tuple(v.shape[:2])} but this forward has "
+                         f"({B}, {Q}); per-example/per-position values must match the tokens (under "
+                         "generate each step has one position)")
+    return v.to(device=z.device, dtype=torch.float32)
+
+
+class OutputEdit:
+    """Base of output-space edits: subclasses are frozen dataclasses with ``layer`` and ``head``
+    and implement ``apply(z)``: z [B, Q, n, d_head] fp32, the outputs of ``self.head`` (in that
+    order) -> the same shape. ``check(n_heads, d_head)`` validates value shapes once, when the edit
+    is compiled; ``stage`` orders kinds (0 replacement, 1 additive/affine)."""
+
+    stage: ClassVar[int] = 1
+
+    @property
+    def output_space(self) -> bool:
+        return True
+
+    def heads(self) -> tuple[int, ...]:
+        return _heads(self.head)
+
+    def check(self, n_heads: int, d_head: int) -> None:
+        pass
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _value(self, t, d, what):
+        return head_values(t, isinstance(self.head, int), len(self.heads()), d, f"{type(self).__name__} {what}")
 
 
 @dataclass(frozen=True)
-class Ablate:
+class Ablate(OutputEdit):
     """Knock out heads. ``how``:
     - "zero": the head's output z is zero;
-    - "mean": z is replaced by ``mean`` ([d_head] or [n_heads_given, d_head]), e.g. its mean over a
-      dataset (``HookedModel.mean_z``);
-    - "uniform": the query is multiplied by ``eps`` so attention becomes ~uniform over the visible
-      keys ("undifferentiated attention": Zhou et al. 2025, Ships/Sahara §3; Wu et al. 2024's
-      retrieval-head masking).
+    - "mean": z is replaced by ``mean`` (shapes in the module doc: e.g. [d_head] or
+      [n_heads_given, d_head]), e.g. its mean over a dataset (``HookedModel.mean_z``);
+    - "uniform": the query is multiplied by ``eps`` (> 0) so attention becomes ~uniform over the
+      visible keys ("undifferentiated attention": Zhou et al. 2025, Ships/Sahara §3; Wu et al.
+      2024's retrieval-head masking). This one is a probability-space edit.
     """
 
     layer: int
@@ -35,31 +121,94 @@ class Ablate:
     mean: torch.Tensor | None = None
     eps: float = 1e-4
 
-    def add_to(self, e: LayerEdits, n_heads: int, d_head: int) -> None:
-        heads = list(_heads(self.head))
-        if self.how == "uniform":
-            qs = e.q_scale if e.q_scale is not None else torch.ones(n_heads)
-            e.q_scale = qs.index_fill(0, torch.tensor(heads), self.eps)
-        elif self.how in ("zero", "mean"):
-            mask = e.replace_mask if e.replace_mask is not None else torch.zeros(n_heads, dtype=torch.bool)
-            val = e.replace_value if e.replace_value is not None else torch.zeros(n_heads, d_head)
-            if self.how == "mean":
-                if self.mean is None:
-                    raise ValueError("Ablate(how='mean') needs mean=tensor [d_head] (see HookedModel.mean_z)")
-                rows = self.mean.float().reshape(-1, d_head).expand(len(heads), d_head)
-                val = val.index_put((torch.tensor(heads),), rows.to(val))
-            else:
-                val = val.index_fill(0, torch.tensor(heads), 0.0)
-            e.replace_mask = mask.index_fill(0, torch.tensor(heads), True)
-            e.replace_value = val
-        else:
+    stage: ClassVar[int] = 0
+
+    def __post_init__(self):
+        _norm_target(self, self.layer, self.head)
+        if self.how not in ("zero", "mean", "uniform"):
             raise ValueError(f"Ablate(how={self.how!r}): use 'zero', 'mean' or 'uniform'")
+        if self.how == "mean" and self.mean is None:
+            raise ValueError("Ablate(how='mean') needs mean=tensor [d_head] (see HookedModel.mean_z)")
+        if self.how != "mean" and self.mean is not None:
+            raise ValueError(f"Ablate(how={self.how!r}) got mean=...: the mean is used only with how='mean'")
+        if self.how == "uniform":
+            object.__setattr__(self, "eps", as_real(self.eps, "Ablate eps"))
+            if not self.eps >= 0:
+                raise ValueError(f"Ablate eps must be >= 0 (the query scale; ~0 = uniform attention), got {self.eps}")
+
+    @property
+    def output_space(self) -> bool:
+        return self.how != "uniform"
+
+    def check(self, n_heads: int, d_head: int) -> None:
+        if self.how == "mean":
+            self._value(self.mean, d_head, "mean")
+
+    def apply(self, z):
+        if self.how == "zero":
+            return torch.zeros_like(z)
+        v = _fit(self._value(self.mean, z.shape[-1], "mean"), z, "Ablate mean")
+        return v.expand_as(z)
+
+    def add_to(self, e: LayerEdits, n_heads: int, d_head: int) -> None:
+        qs = e.q_scale if e.q_scale is not None else torch.ones(n_heads)
+        e.q_scale = qs.index_fill(0, torch.tensor(self.heads()), self.eps)
+
+
+@dataclass(frozen=True)
+class HeadAffine(OutputEdit):
+    """LoFiT (Yin et al. 2024, eq. 2): z <- (1 + scale) * z + bias before o_proj. ``scale`` and
+    ``bias`` take the shapes in the module doc (e.g. [d_head] or [n_heads_given, d_head]) and may
+    require grad."""
+
+    layer: int
+    head: int | Sequence[int]
+    scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def __post_init__(self):
+        _norm_target(self, self.layer, self.head)
+
+    def check(self, n_heads, d_head):
+        for name in ("scale", "bias"):
+            if getattr(self, name) is not None:
+                self._value(getattr(self, name), d_head, name)
+
+    def apply(self, z):
+        d = z.shape[-1]
+        if self.scale is not None:
+            z = z * (1 + _fit(self._value(self.scale, d, "scale"), z, "HeadAffine scale"))
+        if self.bias is not None:
+            z = z + _fit(self._value(self.bias, d, "bias"), z, "HeadAffine bias")
+        return z
+
+
+@dataclass(frozen=True)
+class AddToHead(OutputEdit):
+    """A steering vector on a head's output: z <- z + ``vector`` before o_proj (activation
+    addition on one head, as in Turner et al. 2023's ActAdd, here per head; ``vector`` takes the
+    shapes in the module doc and may require grad)."""
+
+    layer: int
+    head: int | Sequence[int]
+    vector: torch.Tensor
+
+    def __post_init__(self):
+        _norm_target(self, self.layer, self.head)
+
+    def check(self, n_heads, d_head):
+        self._value(self.vector, d_head, "vector")
+
+    def apply(self, z):
+        return z + _fit(self._value(self.vector, z.shape[-1], "vector"), z, "AddToHead vector")
 
 
 @dataclass(frozen=True)
 class ScaleKeys:
-    """Multiply a head's attention on ``keys`` (token-position spans) by ``factor`` and give the
-    freed mass to ``target`` keys (default: all other keys) in proportion to their attention.
+    """Multiply a head's attention on ``keys`` (token-position spans) by ``factor`` in [0, 1] and
+    give the freed mass to ``target`` keys (default: all other keys) in proportion to their
+    attention. Spans are half-open ``(start, end)`` token positions with 0 <= start < end; a span
+    that reaches beyond the sequence raises at forward time.
 
     ACT (Yu et al. 2024, §3.2 eq. 4): keys = the hidden sinks, factor beta = 0.4, target None.
     VAR (Kang et al. 2025, §4.2): keys = sink tokens, factor p = 0.6, target = the token group,
@@ -74,47 +223,36 @@ class ScaleKeys:
     max_ratio: float | None = None
     min_target: float = 0.0
 
+    def __post_init__(self):
+        _norm_target(self, self.layer, self.head)
+        f = as_real(self.factor, "ScaleKeys factor")
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"ScaleKeys factor must be in [0, 1] (the share of attention the keys keep), got {f}; "
+                             "a factor > 1 would take mass from the other keys and make attention negative")
+        object.__setattr__(self, "factor", f)
+        object.__setattr__(self, "keys", as_spans(self.keys, "ScaleKeys keys"))
+        if self.target is not None:
+            object.__setattr__(self, "target", as_spans(self.target, "ScaleKeys target"))
+        if self.max_ratio is not None:
+            object.__setattr__(self, "max_ratio", as_real(self.max_ratio, "ScaleKeys max_ratio", 0.0, 1.0))
+        object.__setattr__(self, "min_target", as_real(self.min_target, "ScaleKeys min_target", 0.0, 1.0))
+
+    @property
+    def output_space(self) -> bool:
+        return False
+
     def add_to(self, e: LayerEdits, n_heads: int, d_head: int) -> None:
-        if not 0.0 <= self.factor:
-            raise ValueError(f"ScaleKeys factor must be >= 0, got {self.factor}")
         e.redistributions = e.redistributions + (Redistribution(
-            heads=_heads(self.head), factor=float(self.factor),
-            source=tuple((int(a), int(b)) for a, b in self.keys),
-            target=None if self.target is None else tuple((int(a), int(b)) for a, b in self.target),
+            heads=_heads(self.head), factor=self.factor, source=tuple(self.keys),
+            target=None if self.target is None else tuple(self.target),
             max_ratio=self.max_ratio, min_target=self.min_target),)
-
-
-@dataclass(frozen=True)
-class HeadAffine:
-    """LoFiT (Yin et al. 2024, eq. 2): z <- (1 + scale) * z + bias before o_proj. ``scale`` and
-    ``bias`` are [d_head] or [n_heads_given, d_head] and may require grad."""
-
-    layer: int
-    head: int | Sequence[int]
-    scale: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-
-    def add_to(self, e: LayerEdits, n_heads: int, d_head: int) -> None:
-        idx = torch.tensor(_heads(self.head))
-        n = len(idx)
-        a_old = e.out_scale if e.out_scale is not None else torch.zeros(n_heads, d_head)
-        v_old = e.out_bias if e.out_bias is not None else torch.zeros(n_heads, d_head)
-        a = torch.zeros(n_heads, d_head)
-        v = torch.zeros(n_heads, d_head)
-        if self.scale is not None:
-            a = a.index_put((idx,), self.scale.float().reshape(-1, d_head).expand(n, d_head))
-        if self.bias is not None:
-            v = v.index_put((idx,), self.bias.float().reshape(-1, d_head).expand(n, d_head))
-        # compose with an earlier affine: (1+a)((1+a0) z + v0) + v
-        e.out_scale = (1 + a) * (1 + a_old) - 1
-        e.out_bias = (1 + a) * v_old + v
 
 
 @dataclass(frozen=True)
 class StreamingGate:
     """DuoAttention (Xiao et al. 2024, eq. 1): out = (1 - alpha) * streaming + alpha * full, where
     streaming attention sees the first ``sink`` positions and the last ``recent`` ones. ``alpha``
-    holds one gate per query head listed (may require grad)."""
+    holds one gate per query head listed (or one for all; may require grad)."""
 
     layer: int
     head: int | Sequence[int]
@@ -122,31 +260,66 @@ class StreamingGate:
     sink: int = 64
     recent: int = 256
 
+    def __post_init__(self):
+        _norm_target(self, self.layer, self.head)
+        for name in ("sink", "recent"):
+            v = as_index(getattr(self, name), f"StreamingGate {name}")
+            if v < 0:
+                raise ValueError(f"StreamingGate {name} must be >= 0, got {v}")
+            object.__setattr__(self, name, v)
+        a = torch.as_tensor(self.alpha)
+        if a.numel() not in (1, len(_heads(self.head))):
+            raise ValueError(f"StreamingGate alpha has {a.numel()} values for {len(_heads(self.head))} heads: "
+                             "give one per head listed (or one)")
+
+    @property
+    def output_space(self) -> bool:
+        return False
+
     def add_to(self, e: LayerEdits, n_heads: int, d_head: int) -> None:
         if e.gate is not None and (e.gate_sink, e.gate_recent) != (self.sink, self.recent):
             raise ValueError("two StreamingGates on one layer need the same sink and recent sizes")
         g = e.gate if e.gate is not None else torch.ones(n_heads)
         idx = torch.tensor(_heads(self.head))
-        e.gate = g.index_put((idx,), self.alpha.float().reshape(-1).expand(len(idx)))
+        alpha = torch.as_tensor(self.alpha)
+        e.gate = g.to(alpha.device).index_put((idx.to(alpha.device),), alpha.float().reshape(-1).expand(len(idx)))
         e.gate_sink, e.gate_recent = self.sink, self.recent
 
 
-def compile_edits(edits, n_layers: int, n_heads: int, d_head: int, device=None) -> dict[int, LayerEdits]:
-    """A list of edits -> {layer: LayerEdits}, with range checks that say what is wrong."""
-    out: dict[int, LayerEdits] = {}
+EDIT_TYPES = "Ablate, ScaleKeys, HeadAffine, AddToHead, StreamingGate"
+
+
+def compile_edits(edits, n_layers: int, n_heads: int, d_head: int, device=None) -> EditSet:
+    """A list of edits -> ``EditSet``: {layer: LayerEdits} for the kernels and {layer: (output
+    edits, ...)} for the probe, with range checks that name the model's size."""
+    prob: dict[int, LayerEdits] = {}
+    out: dict[int, list] = {}
     for ed in edits:
-        if not hasattr(ed, "add_to"):
-            raise TypeError(f"{ed!r} is not a headscope edit (Ablate, ScaleKeys, HeadAffine, StreamingGate)")
-        if not 0 <= ed.layer < n_layers:
-            raise IndexError(f"{type(ed).__name__}: layer {ed.layer} out of range, the model has {n_layers} layers")
+        if not (hasattr(ed, "add_to") or isinstance(ed, OutputEdit)) or not hasattr(ed, "layer"):
+            raise TypeError(f"{ed!r} is not a headscope edit ({EDIT_TYPES})")
+        name = type(ed).__name__
+        check_range(ed.layer, n_layers, f"{name}: layer", f"the model has {n_layers} layers")
         for h in _heads(ed.head):
-            if not 0 <= h < n_heads:
-                raise IndexError(f"{type(ed).__name__}: head {h} out of range, layer {ed.layer} has {n_heads} heads")
-        ed.add_to(out.setdefault(ed.layer, LayerEdits()), n_heads, d_head)
+            check_range(h, n_heads, f"{name}: head", f"layer {ed.layer} has {n_heads} heads")
+        if getattr(ed, "output_space", False):
+            ed.check(n_heads, d_head)
+            out.setdefault(ed.layer, []).append(ed)
+        else:
+            ed.add_to(prob.setdefault(ed.layer, LayerEdits()), n_heads, d_head)
     if device is not None:
-        for e in out.values():
-            for f in ("q_scale", "gate", "replace_mask", "replace_value", "out_scale", "out_bias"):
+        for e in prob.values():
+            for f in ("q_scale", "gate"):
                 t = getattr(e, f)
                 if t is not None:
                     setattr(e, f, t.to(device))
-    return out
+    return EditSet(prob, {l: tuple(sorted(v, key=lambda e: e.stage)) for l, v in out.items()})
+
+
+def apply_output_edits(z: torch.Tensor, edits) -> torch.Tensor:
+    """z [B, Q, H, d] -> z with each output-space edit applied (in order) to its heads, in fp32,
+    out of place (autograd flows to z and to the edits' tensors)."""
+    for ed in edits:
+        idx = torch.tensor(ed.heads(), device=z.device)
+        new = ed.apply(z.index_select(2, idx).float())
+        z = z.index_copy(2, idx, new.to(z.dtype))
+    return z

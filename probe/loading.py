@@ -2,29 +2,51 @@
 
 The embedded models ship as GGUF files inside PyPI packages (no hub, no network). Dequantising a
 GGUF takes tens of seconds, so the first load converts it once to safetensors in a cache folder
-(``$HEADSCOPE_CACHE``, default ``~/.cache/headscope``) with a manifest holding the file's sha256;
-later loads verify the checksum and read the safetensors. A cache entry is written in a temporary
-folder and renamed into place, so a crash never leaves half a model behind.
+(``$HEADSCOPE_CACHE``, default ``~/.cache/headscope``). The entry's manifest (``headscope.json``)
+holds the sha256 of EVERY file of the entry (config, tokenizer files, weights); a load verifies
+them all, and any mismatch, missing or unlisted file converts again (saying why, once). A
+conversion is written in a temporary folder beside the entry and swapped in only when complete,
+under a lock file, so a crash never leaves half a model behind nor deletes the old entry first;
+temporary folders left by an interrupted conversion are removed on the next load.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 1          # the entry folder's name (``smollm2-v1``): the converted layout
+MANIFEST_VERSION = 2      # 2: sha256 of every file (1 held the weights' checksum only)
+MANIFEST = "headscope.json"
+STALE_SECONDS = 3600      # an unlocked temporary folder older than this is an orphan
+
+log = logging.getLogger("headscope")
+
+# files that make a folder's tokenizer (any one present: the folder HAS a tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "special_tokens_map.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 class ModelNotFound(ValueError):
-    """Raised for a name headscope cannot turn into a model."""
+    """Raised for a name or path headscope cannot turn into a model (the message says what to do)."""
+
+
+class ModelLoadError(ModelNotFound):
+    """A model folder exists but cannot be loaded (broken config, weights or tokenizer files)."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +66,14 @@ class Embedded:
             if not out.exists():
                 out.parent.mkdir(parents=True, exist_ok=True)
                 mod = importlib.import_module(self.package)
-                tmp = out.with_suffix(".part")
-                mod.assemble(tmp, overwrite=True)
-                os.replace(tmp, out)
+                fd, tmp = tempfile.mkstemp(prefix=".gemma-3-270m-", suffix=".part", dir=out.parent)
+                os.close(fd)
+                try:
+                    mod.assemble(Path(tmp), overwrite=True)
+                    os.replace(tmp, out)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
             return out
         files = sorted(folder.glob("*.gguf"))
         if not files:
@@ -70,7 +97,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HEADSCOPE_CACHE", Path.home() / ".cache" / "headscope"))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -78,7 +105,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _save_dequantised(model, folder: Path) -> None:
+def save_dequantised(model, folder: Path) -> None:
     """Write a GGUF-loaded (already dequantised) model as plain safetensors + config.json.
     transformers refuses ``save_pretrained`` on GGUF-loaded models, so write the parts directly."""
     from safetensors.torch import save_file
@@ -93,76 +120,219 @@ def _save_dequantised(model, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
 
 
-def _cached_folder(emb: Embedded) -> Path:
-    """Converted safetensors for an embedded model, converting (once) if needed."""
+
+
+def convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise ``gguf`` into ``folder`` (an empty folder): model.safetensors, config.json and the
+    tokenizer files."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = emb.gguf_path()
-    target = cache_dir() / f"{emb.name}-v{CACHE_FORMAT}"
-    manifest = target / "headscope.json"
-    if manifest.exists():
-        try:
-            info = json.loads(manifest.read_text())
-            if info.get("source_size") == gguf.stat().st_size and \
-                    _sha256(target / "model.safetensors") == info["sha256"]:
-                return target
-        except (OSError, KeyError, ValueError):
-            pass
-        # corrupt or stale: convert again
-        shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{emb.name}-", dir=target.parent))
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    save_dequantised(model, folder)
+    tok.save_pretrained(folder)
+
+
+def entry_files(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file of a cache entry except the manifest."""
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def check_entry(folder: Path, gguf: Path) -> str | None:
+    """Why the cache entry ``folder`` cannot be used (None: every file matches its manifest)."""
+    manifest = folder / MANIFEST
+    if not folder.exists():
+        return "not converted yet"
+    if not manifest.is_file():
+        return f"{manifest} is missing"
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        _save_dequantised(model, tmp)
-        tok.save_pretrained(tmp)
-        weights = tmp / "model.safetensors"
-        if not weights.exists():
-            raise RuntimeError(f"conversion of {gguf} wrote no single model.safetensors")
-        (tmp / "headscope.json").write_text(json.dumps({
-            "format": CACHE_FORMAT, "source": str(gguf), "source_size": gguf.stat().st_size,
-            "hub_id": emb.hub_id, "sha256": _sha256(weights)}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        info = json.loads(manifest.read_text())
+        files = info.get("files") if isinstance(info, dict) else None
+    except (OSError, ValueError) as e:
+        return f"{manifest} is unreadable ({e})"
+    if not isinstance(files, dict) or info.get("manifest") != MANIFEST_VERSION:
+        return "its manifest predates per-file checksums"
+    if info.get("source_size") != gguf.stat().st_size:
+        return f"the source {gguf} changed"
+    for need in ("config.json", "model.safetensors"):
+        if need not in files:
+            return f"the manifest lists no {need}"
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    for name, digest in files.items():
+        if name not in present:
+            return f"{name} is missing"
+        if sha256_file(folder / name) != digest:
+            return f"{name} does not match its checksum"
+    extra = sorted(present - set(files))
+    if extra:
+        return f"it holds files the manifest does not list ({', '.join(extra)})"
+    return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock on ``path`` (a lock file), held for the block (POSIX; elsewhere
+    a no-op)."""
+    try:
+        import fcntl
+    except ImportError:          # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_stale_temp(parent: Path, entry: str, prefix: str) -> list[Path]:
+    """Remove what interrupted conversions of ``entry`` left in ``parent``; call with the entry's
+    lock held. ``.{entry}.converting-*`` / ``.{entry}.old-*`` folders belong to a conversion that
+    held the lock, so any found now are orphans; folders of older headscope versions
+    (``.{prefix}-XXXXXXXX``, no lock) count as orphans once older than ``STALE_SECONDS``."""
+    removed = []
+    old_style = re.compile(rf"^\.{re.escape(prefix)}-[a-z0-9_]{{8}}$")
+    now = time.time()
+    for p in parent.glob(".*"):
+        if not p.is_dir():
+            continue
+        ours = p.name.startswith((f".{entry}.converting-", f".{entry}.old-"))
+        if ours or (old_style.match(p.name) and now - p.stat().st_mtime > STALE_SECONDS):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        log.warning("headscope: removed %d temporary folder(s) left by an interrupted conversion: %s",
+                    len(removed), ", ".join(str(p) for p in removed))
+    return removed
+
+
+def cached_folder(emb: Embedded) -> Path:
+    """Converted safetensors for an embedded model, converting (once) if needed. Every file of the
+    entry is verified against its manifest; a mismatch converts again into a temporary folder which
+    replaces the old entry only when complete."""
+    gguf = emb.gguf_path()
+    root = cache_dir()
+    entry = f"{emb.name}-v{CACHE_FORMAT}"
+    target = root / entry
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / f"{entry}.lock"):
+        remove_stale_temp(root, entry, emb.name)
+        why = check_entry(target, gguf)
+        if why is None:
+            return target
+        if target.exists():
+            log.warning("headscope: the cached %s in %s cannot be used: %s; converting %s again",
+                        emb.name, target, why, gguf)
+        else:
+            log.warning("headscope: converting %s to safetensors in %s (once; tens of seconds)", gguf, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry}.converting-", dir=root))
+        try:
+            convert_gguf(gguf, tmp)
+            if not (tmp / "model.safetensors").is_file() or not (tmp / "config.json").is_file():
+                raise RuntimeError(f"conversion of {gguf} wrote no model.safetensors + config.json")
+            files = entry_files(tmp)
+            (tmp / MANIFEST).write_text(json.dumps({
+                "format": CACHE_FORMAT, "manifest": MANIFEST_VERSION, "source": str(gguf),
+                "source_size": gguf.stat().st_size, "hub_id": emb.hub_id,
+                "sha256": files["model.safetensors"], "files": files}, indent=1))
+            old = None
+            if target.exists():            # move the old entry aside, swap the new one in, then delete
+                old = Path(tempfile.mkdtemp(prefix=f".{entry}.old-", dir=root))
+                os.replace(target, old / "entry")
+            os.replace(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+_cached_folder = cached_folder
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in WEIGHT_FILES) or any(folder.glob("*.safetensors"))
+
+
+def _local_source(path: Path) -> tuple[Path, dict]:
+    """A local path -> (folder, from_pretrained kwargs), or ModelNotFound saying what is wrong."""
+    if not path.exists():
+        raise ModelNotFound(f"no such file or folder: {path}. Give the path of a local Hugging Face model "
+                            f"folder (config.json + weights), a .gguf file, or one of {sorted(EMBEDDED)}")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path.parent, {"gguf_file": path.name}
+        raise ModelNotFound(f"{path} is a file, not a model: give its folder (with config.json and weights) "
+                            "or a .gguf file")
+    if (path / "config.json").is_file():
+        try:
+            json.loads((path / "config.json").read_text())
+        except ValueError as e:
+            raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({e}): restore or re-export the "
+                                 "model folder") from None
+        if not _has_weights(path):
+            raise ModelNotFound(f"{path} holds config.json but no weights (model.safetensors or "
+                                "pytorch_model.bin): copy the weight files into the folder")
+        return path, {}
+    ggufs = sorted(path.glob("*.gguf"))
+    if ggufs:
+        return path, {"gguf_file": ggufs[0].name}
+    raise ModelNotFound(f"{path} is a folder but holds no config.json (nor .gguf): "
+                        "point to a Hugging Face model folder")
+
+
+def load_tokenizer(folder: Path, **kw):
+    """The tokenizer of ``folder``: None (with a warning) when the folder has no tokenizer files; a
+    ModelLoadError naming the folder when it has some but they do not load."""
+    from transformers import AutoTokenizer
+
+    present = [f for f in TOKENIZER_FILES if (folder / f).is_file()]
+    if not present and "gguf_file" not in kw:
+        log.warning("headscope: %s holds no tokenizer files; the model takes token ids only "
+                    "(pass tokenizer= to headscope.load to add one)", folder)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
+    except Exception as e:  # noqa: BLE001 - any failure of present files is reported, never swallowed
+        raise ModelLoadError(f"the tokenizer files in {folder} ({', '.join(present) or kw.get('gguf_file')}) "
+                             f"do not load: {type(e).__name__}: {e}. Restore them, or remove them all to "
+                             "load the model without a tokenizer") from e
 
 
 def load_hf(name_or_path, *, dtype=torch.float32, device=None):
     """Return (hf_model, tokenizer or None, display name) for an embedded name, a tiny config name,
     or a local folder. Never touches the network."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .tiny import TINY, tiny_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     key = str(name_or_path).lower()
     key = ALIASES.get(key, key)
+    path = Path(str(name_or_path)).expanduser()
+    kw: dict = {}
     if key in EMBEDDED:
-        folder = _cached_folder(EMBEDDED[key])
+        folder = cached_folder(EMBEDDED[key])
         display = key
     elif key in TINY:
         return tiny_model(key).to(device or "cpu"), None, key
-    elif Path(str(name_or_path)).expanduser().is_dir():
-        folder = Path(str(name_or_path)).expanduser()
-        if not (folder / "config.json").exists() and not list(folder.glob("*.gguf")):
-            raise ModelNotFound(f"{folder} is a folder but holds no config.json (nor .gguf): "
-                                "point to a Hugging Face model folder")
-        display = folder.name
+    elif path.exists() or os.sep in str(name_or_path) or str(name_or_path).startswith(("~", ".")):
+        folder, kw = _local_source(path)
+        display = folder.name if not kw else Path(kw["gguf_file"]).stem
     else:
         raise ModelNotFound(
             f"unknown model {name_or_path!r}. Use one of {sorted(EMBEDDED)} (embedded), "
             f"{sorted(TINY)} (tiny random models for tests), or the path of a local Hugging Face "
             "model folder. headscope never downloads weights.")
-    ggufs = sorted(folder.glob("*.gguf")) if not (folder / "config.json").exists() else []
-    kw = {"gguf_file": ggufs[0].name} if ggufs else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kw)
     try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
-    except Exception:  # a folder with weights but no tokenizer still works with token ids
-        tok = None
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kw)
+    except Exception as e:  # noqa: BLE001 - say which folder and what to do
+        raise ModelLoadError(f"cannot load the model in {folder}: {type(e).__name__}: {e}. "
+                             "Check that it is a complete Hugging Face causal LM folder") from e
+    tok = load_tokenizer(folder, **kw)
     if device is not None:
         model = model.to(device)
     return model, tok, display

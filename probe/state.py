@@ -1,10 +1,18 @@
-"""What is active on a model right now: recorders, edits, hook functions, cache requests.
+"""What is active on a model for the current call: recorders, edits, hook functions.
 
-Opening a context on ``HookedModel`` only adds plain objects here; the attention function reads
-``plan(layer)`` on every call. One ``ProbeState`` per model, shared by its attention modules.
+Opening a context on ``HookedModel`` (``record``, ``edit``, ``hooks``) pushes a new immutable
+``Frame`` into a ``contextvars.ContextVar`` owned by the model's ``ProbeState``; closing it resets
+the variable to the frame before (``var.reset(token)``). So the active state belongs to the call,
+not to the model: two threads (or two Streamlit sessions) sharing one model each see only their
+own contexts (a new thread starts with an empty context), nested contexts compose and unwind in
+order, and an entry is removed by identity, never by ``==``. The attention function and the torch
+forward hooks run in the thread that called the model, so they read the caller's frame
+(``plan(layer)``, ``hooks``).
 """
 from __future__ import annotations
 
+import contextvars
+import itertools
 from dataclasses import dataclass, field
 
 from ..kernels.spec import LayerEdits, StatRequest
@@ -13,64 +21,144 @@ from .record import Recorder
 
 @dataclass
 class LayerPlan:
+    """What the attention function does on one layer for the current call."""
+
     stats: StatRequest | None
     recorders: list[Recorder]
-    edits: LayerEdits | None
+    edits: LayerEdits | None        # probability-space edits (applied by the kernel)
+    out_edits: list                 # output-space edits on z [B, Q, H, d], in application order
     hooks: dict[str, list]          # kind -> hook functions (q, k, v, attn_scores, pattern, z)
 
-    @property
-    def needs_probs(self) -> bool:
-        return bool(self.hooks.get("pattern") or self.hooks.get("attn_scores"))
+
+@dataclass(frozen=True, eq=False)
+class EditSet:
+    """One ``model.edit`` block, compiled: probability-space ``LayerEdits`` and output-space edits
+    per layer (output edits in the order they apply: replacements first, then affine ones)."""
+
+    prob: dict                      # layer -> LayerEdits
+    out: dict                       # layer -> tuple of output-space edits
 
 
-def _merge_edits(a: LayerEdits, b: LayerEdits) -> LayerEdits:
-    """Two edit sets on one layer (nested ``model.edit`` blocks): b applies after a."""
-    import torch
-    out = LayerEdits(**{k: getattr(a, k) for k in a.__dataclass_fields__})
-    if b.q_scale is not None:
-        out.q_scale = b.q_scale if a.q_scale is None else a.q_scale * b.q_scale
-    out.redistributions = a.redistributions + b.redistributions
-    if b.gate is not None:
-        if a.gate is not None:
-            raise ValueError("two StreamingGate edit sets on one layer: put them in one model.edit([...])")
-        out.gate, out.gate_sink, out.gate_recent = b.gate, b.gate_sink, b.gate_recent
-    if b.replace_mask is not None:
-        if a.replace_mask is None:
-            out.replace_mask, out.replace_value = b.replace_mask, b.replace_value
-        else:
-            out.replace_mask = a.replace_mask | b.replace_mask
-            out.replace_value = torch.where(b.replace_mask[:, None], b.replace_value, a.replace_value)
-    if b.out_scale is not None or b.out_bias is not None:
-        a0 = a.out_scale if a.out_scale is not None else 0.0
-        v0 = a.out_bias if a.out_bias is not None else 0.0
-        a1 = b.out_scale if b.out_scale is not None else 0.0
-        v1 = b.out_bias if b.out_bias is not None else 0.0
-        out.out_scale = (1 + a1) * (1 + a0) - 1
-        out.out_bias = (1 + a1) * v0 + v1
-    return out
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """An immutable snapshot of everything active; each context pushes a new one."""
+
+    recorders: tuple = ()
+    edit_sets: tuple = ()
+    hooks: tuple = ()               # ((layer, kind, fn), ...) in the order they were added
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)   # layer -> LayerPlan | None
+    _hook_map: list = field(default_factory=list, compare=False, repr=False)
+
+    def hook_map(self) -> dict:
+        if not self._hook_map:
+            m: dict = {}
+            for layer, kind, fn in self.hooks:
+                m.setdefault((layer, kind), []).append(fn)
+            self._hook_map.append(m)
+        return self._hook_map[0]
 
 
-@dataclass
+_EMPTY = Frame()
+_ids = itertools.count()
+
+
 class ProbeState:
-    n_layers: int
-    recorders: list[Recorder] = field(default_factory=list)
-    edit_sets: list[dict[int, LayerEdits]] = field(default_factory=list)
-    hooks: dict[tuple[int, str], list] = field(default_factory=dict)
-    fallback_warned: set = field(default_factory=set)
+    """The model's view of the active contexts. Read it through ``recorders``, ``edit_sets``,
+    ``hooks`` ({(layer, kind): [fn, ...]}), ``active()`` and ``plan(layer)``; change it only
+    through ``push`` / ``pop`` (what ``HookedModel``'s contexts do)."""
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self._var: contextvars.ContextVar[Frame] = contextvars.ContextVar(f"headscope_probe_{next(_ids)}",
+                                                                          default=_EMPTY)
+        self.fallback_warned: set = set()      # fast-path refusals already logged (once per model)
+
+    def __deepcopy__(self, memo):
+        """A deep copy of the HF model (e.g. ``copy.deepcopy(model.model)``) gets a fresh, empty
+        state: a ContextVar cannot be copied, and the copy must not see the original's contexts."""
+        return ProbeState(self.n_layers)
+
+    # ---------------------------------------------------------------- read
+    @property
+    def frame(self) -> Frame:
+        return self._var.get()
+
+    @property
+    def recorders(self) -> tuple:
+        return self.frame.recorders
+
+    @property
+    def edit_sets(self) -> tuple:
+        return self.frame.edit_sets
+
+    @property
+    def hooks(self) -> dict:
+        """{(layer, kind): [fn, ...]} for the current call (a fresh view: do not mutate)."""
+        return self.frame.hook_map()
 
     def active(self) -> bool:
-        return bool(self.recorders or self.edit_sets or self.hooks)
+        f = self.frame
+        return bool(f.recorders or f.edit_sets or f.hooks)
 
     def plan(self, layer: int) -> LayerPlan | None:
-        recs = [r for r in self.recorders if layer in r.layers]
+        f = self.frame
+        if layer in f._plans:
+            return f._plans[layer]
+        recs = [r for r in f.recorders if layer in r.layers]
         stats = None
         for r in recs:
             stats = r.request if stats is None else stats.merge(r.request)
         edits = None
-        for es in self.edit_sets:
-            if layer in es:
-                edits = es[layer] if edits is None else _merge_edits(edits, es[layer])
-        hooks = {kind: fns for (l, kind), fns in self.hooks.items() if l == layer and fns}
-        if stats is None and edits is None and not hooks:
-            return None
-        return LayerPlan(stats, recs, edits, hooks)
+        out_edits: list = []
+        for es in f.edit_sets:
+            if layer in es.prob:
+                edits = es.prob[layer] if edits is None else edits.merge(es.prob[layer])
+            out_edits += es.out.get(layer, ())
+        out_edits.sort(key=lambda e: e.stage)          # stable: replacements, then affine edits
+        hooks = {kind: fns for (l, kind), fns in f.hook_map().items() if l == layer and fns}
+        plan = None
+        if stats is not None or edits is not None or out_edits or hooks:
+            plan = LayerPlan(stats, recs, edits, out_edits, hooks)
+        f._plans[layer] = plan
+        return plan
+
+    # ---------------------------------------------------------------- change
+    def push(self, *, recorders=(), edit_sets=(), hooks=()):
+        """Activate more entries for the current call; returns a handle for ``pop``."""
+        old = self.frame
+        new = Frame(old.recorders + tuple(recorders), old.edit_sets + tuple(edit_sets),
+                    old.hooks + tuple(hooks))
+        return (self._var.set(new), new, tuple(recorders), tuple(edit_sets), tuple(hooks))
+
+    def pop(self, handle) -> None:
+        """Undo one ``push``. In the usual (nested) case this restores the frame from before the
+        push; if contexts were closed out of order or in another context, only this push's entries
+        are removed (by identity) from whatever is active now."""
+        token, pushed, recs, sets, hooks = handle
+        if self._var.get() is pushed:
+            try:
+                self._var.reset(token)
+                return
+            except ValueError:          # token made in another Context: fall through
+                pass
+        cur = self.frame
+
+        def drop(entries, mine):
+            out = list(entries)
+            for m in mine:
+                for i in range(len(out) - 1, -1, -1):
+                    if out[i] is m:
+                        del out[i]
+                        break
+            return tuple(out)
+
+        def drop_hooks(entries, mine):
+            out = list(entries)
+            for m in mine:
+                for i in range(len(out) - 1, -1, -1):
+                    if out[i][0] == m[0] and out[i][1] == m[1] and out[i][2] is m[2]:
+                        del out[i]
+                        break
+            return tuple(out)
+
+        self._var.set(Frame(drop(cur.recorders, recs), drop(cur.edit_sets, sets), drop_hooks(cur.hooks, hooks)))

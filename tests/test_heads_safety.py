@@ -223,10 +223,22 @@ def test_smollm2_ships_and_asr(smollm2):
     assert all(isinstance(a, str) and a for a in res["answers"])
 
 
+def _experiment(name):
+    """An experiments/NAME.py script as a module (experiments/ is not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_refusal_tuning_split_and_finetune():
-    """The refusal test bed (heads/refusal_tuning.py): a seeded split with disjoint halves, and
-    fine-tuning that lowers the answer-token loss (prompt tokens carry no loss)."""
-    from headscope.heads.refusal_tuning import finetune, split_requests
+    """The refusal test bed (experiments/refusal_tuning.py, split in heads/data.py): a seeded split
+    with disjoint halves, and fine-tuning that lowers the answer-token loss (prompt tokens carry no loss)."""
+    from headscope.heads.data import split_requests
+    finetune = _experiment("refusal_tuning").finetune
     s = split_requests(seed=0, n_train=25)
     assert s == split_requests(seed=0, n_train=25) and s != split_requests(seed=1, n_train=25)
     for kind in ("harmful", "harmless"):

@@ -36,9 +36,7 @@ def edits_for(H, d, seed):
                       redistributions=(Redistribution((1 % H,), 0.4, ((0, 2),)),
                                        Redistribution((H - 1,), 0.6, ((1, 3),), target=((0, 12),),
                                                       max_ratio=0.5, min_target=0.2)),
-                      gate=torch.rand(H, generator=g), gate_sink=2, gate_recent=5,
-                      replace_mask=torch.arange(H) == H // 2, replace_value=torch.randn(H, d, generator=g),
-                      out_scale=torch.randn(H, d, generator=g) * 0.1, out_bias=torch.randn(H, d, generator=g) * 0.1)
+                      gate=torch.rand(H, generator=g), gate_sink=2, gate_recent=5)
 
 
 @contextlib.contextmanager

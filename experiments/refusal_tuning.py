@@ -4,7 +4,7 @@ Why. Ships and Sahara (Zhou et al. 2025, heads/safety.py) find the heads a *safe
 uses to refuse, and the paper's check is that ablating the top safety head raises the attack
 success rate (ASR). SmolLM2-135M-Instruct, the embedded model, answers almost every harmful request
 (ASR 0.96 with nothing ablated, reports/safety.md) and Gemma-3-270M is a base model: neither has a
-refusal to remove. This module gives one to SmolLM2, with no data from the hub:
+refusal to remove. This script gives one to SmolLM2, with no data from the hub:
 
 1. Split the shipped requests (heads/data/harmful.txt, harmless.txt) into a training and a held-out
    half (seeded).
@@ -25,10 +25,11 @@ This is a test bed, not a method of the paper: the paper studies models aligned 
 heads, so a null result here says little about aligned models; a positive one shows the pipeline
 finds heads that carry refusal.
 
-Run: ``python -m headscope.heads.refusal_tuning --out runs/refusal`` (see ``main``).
+Run: ``python experiments/refusal_tuning.py --out runs/refusal`` (see ``main``).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -40,6 +41,12 @@ from pathlib import Path
 
 import torch
 
+import headscope as hs
+from headscope.heads.data import split_requests
+from headscope.heads.safety import Ships, attack_success_rate, safety_check
+from headscope.heads.scores import write_json
+from headscope.probe.loading import cache_dir, save_dequantised
+
 REFUSALS = (
     "I'm sorry, but I can't help with that request.",
     "I cannot help with that. It could cause real harm to people.",
@@ -47,24 +54,7 @@ REFUSALS = (
 )
 
 
-def split_requests(seed: int = 0, n_train: int = 25) -> dict[str, list[str]]:
-    """{"harmful_train", "harmful_test", "harmless_train", "harmless_test"}: the shipped requests,
-    shuffled with ``seed``, the first ``n_train`` of each kind for training."""
-    from .safety import load_requests
-    out = {}
-    for kind in ("harmful", "harmless"):
-        qs = load_requests(kind)
-        if not 0 < n_train < len(qs):
-            raise ValueError(f"n_train must be in 1..{len(qs) - 1} (there are {len(qs)} {kind} requests)")
-        rng = random.Random(f"{seed}-{kind}")
-        qs = qs[:]
-        rng.shuffle(qs)
-        out[f"{kind}_train"], out[f"{kind}_test"] = qs[:n_train], qs[n_train:]
-    return out
-
-
 def _greedy_answers(model, queries, max_new_tokens: int) -> list[str]:
-    from .safety import attack_success_rate
     return attack_success_rate(model, queries=queries, n=None, max_new_tokens=max_new_tokens)["answers"]
 
 
@@ -127,8 +117,6 @@ def finetune(model, examples, *, epochs: int = 3, lr: float = 2e-5, batch_size: 
 def tuned_folder(base: str = "smollm2", seed: int = 0, n_train: int = 25, epochs: int = 3, lr: float = 2e-5,
                  max_new_tokens: int = 48, progress: bool = True) -> Path:
     """The refusal-tuned model's folder (built on first call, then reused): see the module docstring."""
-    from ..probe.loading import _save_dequantised, cache_dir
-    import headscope as hs
     cfg = dict(base=base, seed=seed, n_train=n_train, epochs=epochs, lr=lr, max_new_tokens=max_new_tokens,
                refusals=REFUSALS, version=1)
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
@@ -148,7 +136,7 @@ def tuned_folder(base: str = "smollm2", seed: int = 0, n_train: int = 25, epochs
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
-        _save_dequantised(model.model, tmp)
+        save_dequantised(model.model, tmp)
         model.tokenizer.save_pretrained(tmp)
         (tmp / "headscope_tuning.json").write_text(json.dumps(
             {**cfg, "losses": losses, "seconds": time.time() - t0, "split": split}, indent=1))
@@ -162,11 +150,6 @@ def tuned_folder(base: str = "smollm2", seed: int = 0, n_train: int = 25, epochs
 
 
 def main(argv=None):
-    import argparse
-    import headscope as hs
-    from .safety import Ships, attack_success_rate, safety_check
-    from .scores import write_json
-
     p = argparse.ArgumentParser(description="Refusal-tune SmolLM2, then find and ablate its safety heads.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=3)

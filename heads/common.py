@@ -1,0 +1,266 @@
+"""Helpers the analyzers (and interventions) share: forward passes for statistics, prefill-then-
+generate decoding, prompt templates, head sets and batching.
+
+Every pass that needs more than logits (a KV cache, hidden states, logits of chosen positions)
+goes through one function here (``prefill``, ``last_token_forward``, ``final_hidden``); the rest
+use the public ``HookedModel`` API.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+
+import torch
+from einops import reduce, repeat
+
+from ..probe import Stats
+
+# Zhou et al. 2025 ("On the Role of Attention Heads in LLM Safety", Sahara's prompt format): the plain
+# template used for models without a chat template (base models such as Gemma-3-270M).
+PLAIN_TEMPLATE = "## Query:{q}\n## Answer:"
+
+
+# ------------------------------------------------------------------------------------------------
+# prompt templates
+
+def has_chat_template(model) -> bool:
+    tok = model.tokenizer
+    return tok is not None and bool(getattr(tok, "chat_template", None))
+
+
+def resolve_template(model, template: str | None) -> str | None:
+    """``"chat"`` -> "chat" when the tokenizer has a chat template, else ``PLAIN_TEMPLATE`` (so base
+    models run with the paper's plain format); a ``"{q}"`` string or None are returned as they are."""
+    if template == "chat" and not has_chat_template(model):
+        return PLAIN_TEMPLATE
+    return template
+
+
+def template_name(model, template: str | None) -> str:
+    """What a template setting means on this model, for a result's params: "chat" (the tokenizer's chat
+    template), the ``{q}`` string used (e.g. ``PLAIN_TEMPLATE`` on a base model), or "none"."""
+    t = resolve_template(model, template)
+    return "none" if t is None else t
+
+
+def apply_template(model, queries: list[str], template: str | None = "chat", system: str | None = None) -> list[str]:
+    """Wrap queries: ``template="chat"`` uses the tokenizer's chat template (``system`` None keeps the
+    template's default system prompt, a string sets one), a string with ``{q}`` formats, None keeps
+    the query as is. Resolve "chat" on a base model with ``resolve_template`` first."""
+    if template == "chat":
+        if not has_chat_template(model):
+            raise ValueError(f"{model.cfg.name} has no chat template: pass template=None or a '{{q}}' string")
+        tok = model.tokenizer
+        msgs = (lambda q: [{"role": "user", "content": q}]) if system is None else \
+            (lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}])
+        return [tok.apply_chat_template(msgs(q), tokenize=False, add_generation_prompt=True) for q in queries]
+    if template is None:
+        return list(queries)
+    if "{q}" not in template:
+        raise ValueError(f"template must contain '{{q}}' (or be 'chat' / None), got {template!r}")
+    return [template.replace("{q}", q) for q in queries]
+
+
+# ------------------------------------------------------------------------------------------------
+# forward passes for statistics
+
+def run_quietly(model, tokens, fwd_hooks=()):
+    """Forward pass for statistics only: asks the HF model for the last position's logits alone
+    (``logits_to_keep=1``; Gemma-3's 262k-word head otherwise costs more than its layers)."""
+    try:
+        return model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, logits_to_keep=1)
+    except TypeError as e:                       # an architecture without logits_to_keep
+        if "logits_to_keep" not in str(e):
+            raise
+        return model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+
+
+def received_importance(model, tokens: torch.Tensor, batch_size: int = 16, progress: bool = True,
+                        desc: str = "received") -> torch.Tensor:
+    """alpha[sample, layer, head, key]: mean attention each key receives from the queries that can
+    see it (Gu et al. 2024 eq. 1; ACT's a_j), from ``Stats(received=True)`` — O(N) per layer."""
+    from tqdm.auto import tqdm
+
+    L = model.cfg.n_layers
+    out = []
+    for b0 in tqdm(range(0, tokens.shape[0], batch_size), disable=not progress, desc=desc):
+        toks = tokens[b0:b0 + batch_size]
+        with torch.no_grad(), model.record(Stats(received=True)) as rec:
+            run_quietly(model, toks)
+        out.append(torch.stack([rec.received_mean(l).float().cpu() for l in range(L)], 1))  # [b, L, H, T]
+    return torch.cat(out, 0)
+
+
+def resid_pre_all(model, tokens: torch.Tensor, **kwargs):
+    """One unedited forward that keeps every layer's input: -> (logits, {layer: resid_pre [B, N, d]})."""
+    resid: dict[int, torch.Tensor] = {}
+
+    def keep(t, hook):
+        resid[hook.layer()] = t.detach()
+
+    hooks = [(f"blocks.{l}.hook_resid_pre", keep) for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs)
+    return logits, resid
+
+
+def last_token_forward(model, tokens: torch.Tensor, last: torch.Tensor):
+    """tokens [B, N] (right-padded, no mask needed under causal attention), last [B] index of each
+    row's last real token -> (log-probs [B, V] float64, final normed hidden state [B, d] float32) at
+    those positions; only those positions' logits are computed."""
+    out = model.model(input_ids=tokens, use_cache=False, output_hidden_states=True, logits_to_keep=last[:, None])
+    logits = out.logits[:, 0].double()                                                 # [B, V]
+    h = out.hidden_states[-1]                                                          # [B, N, d]
+    hidden = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]         # [B, d]
+    return torch.log_softmax(logits, -1), hidden.float()
+
+
+def _decoder(model):
+    hf = model.model
+    dec = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+    if dec is None or dec is hf:
+        dec = getattr(hf, "model", None)
+    if dec is None:
+        raise TypeError(f"cannot find the decoder of {type(hf).__name__} (need its last normed hidden state)")
+    return dec
+
+
+def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden state (after the final norm) [B, N, d_model]."""
+    return _decoder(model)(input_ids=ids.to(model.device)).last_hidden_state
+
+
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None = None):
+    """Run ids [B, N] once on the plain path (nothing recorded) and return the KV cache. With a
+    left-padding ``mask`` [B, N] positions count real tokens only, as ``generate`` does."""
+    pre = {} if mask is None else dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    with torch.no_grad():
+        # logits_to_keep=1: the prefill needs only the cache, not N x vocab logits (Gemma: 262k vocab)
+        return model.model(input_ids=ids, use_cache=True, logits_to_keep=1, **pre).past_key_values
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding
+
+def stop_ids(model) -> list[int]:
+    """The model's EOS ids (tokenizer and generation config), its end-of-turn token and the newline
+    token (the retrieval-head reference stops decoding at a newline)."""
+    tok = model.tokenizer
+    out = []
+    gc = getattr(model.model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None)
+    if eos is not None:
+        out += [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    if tok is not None:
+        if tok.eos_token_id is not None:
+            out.append(int(tok.eos_token_id))
+        for nl in ("\n", "\n\n"):                      # the reference stops at a newline
+            ids = tok.encode(nl, add_special_tokens=False)
+            if len(ids) == 1:
+                out.append(int(ids[0]))
+        for s in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
+            i = tok.convert_tokens_to_ids(s) if s in tok.get_vocab() else None
+            if i is not None:
+                out.append(int(i))
+    return sorted(set(out))
+
+
+_model_stop_ids = stop_ids          # decode's ``stop_ids`` argument shadows the function's name
+
+
+def output_text(model, new: torch.Tensor, answer):
+    """Generated ids -> the text to score against ``answer`` (a string), or the ids as a list when
+    ``answer`` is token ids or the model has no tokenizer."""
+    if isinstance(answer, str) and model.tokenizer is not None:
+        return model.tokenizer.decode(new, skip_special_tokens=True).strip()
+    return [int(t) for t in new]
+
+
+def token_strings(model, ids) -> list[str]:
+    """Each token id decoded on its own (``<id>`` without a tokenizer)."""
+    ids = [int(i) for i in ids]
+    if model.tokenizer is None:
+        return [f"<{i}>" for i in ids]
+    return [model.tokenizer.decode([i]) for i in ids]
+
+
+def decode(model, prompts, max_new_tokens: int, stop_ids=None, record: bool = False, edits=(),
+           **generate_kw):
+    """Greedy decoding the retrieval-head reference's way, for one prompt [N] or a list of prompts
+    (left-padded into one batch): prefill prompt[:-1] (no probe, no edit), then ``model.generate``
+    from the last prompt token with ``edits`` active (decoding only) and, if ``record``, the
+    ``argmax`` statistic on every layer. Returns a list of (new token ids [T_i] up to and including
+    the first stop token, argmax [L, H, T_i] or None): row i is the top-1 key (token position, 0 =
+    first prompt token) of the query that produced new token i."""
+    single = torch.is_tensor(prompts) and prompts.dim() == 1
+    prompts = [torch.as_tensor(p).reshape(-1).cpu() for p in ([prompts] if single else prompts)]
+    if any(p.numel() < 2 for p in prompts):
+        raise ValueError("a prompt to decode needs at least 2 tokens")
+    B, N = len(prompts), max(p.numel() for p in prompts)
+    pad_id = 0
+    if model.tokenizer is not None and model.tokenizer.pad_token_id is not None:
+        pad_id = int(model.tokenizer.pad_token_id)
+    ids = torch.full((B, N), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, N, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, N - p.numel():] = p
+        mask[b, N - p.numel():] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    stops = _model_stop_ids(model) if stop_ids is None else list(stop_ids)
+    kw = dict(generate_kw)
+    if stops:
+        kw["eos_token_id"] = stops
+    padded = bool((mask == 0).any())
+    cache = prefill(model, ids[:, :-1], mask[:, :-1] if padded else None)
+    rec_ctx = model.record(argmax=True) if record else contextlib.nullcontext()
+    edit_ctx = model.edit(list(edits)) if edits else contextlib.nullcontext()
+    with edit_ctx, rec_ctx as rec:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, past_key_values=cache,
+                             **kw)
+    new = out[:, N:].cpu()
+    am = rec.stack("argmax").cpu() if record else None                       # [L, B, H, T]
+    if am is not None and am.shape[-1] != new.shape[1]:
+        raise RuntimeError(f"recorded {am.shape[-1]} decode steps for {new.shape[1]} new tokens")
+    res = []
+    for b in range(B):
+        T = new.shape[1]
+        hits = [i for i in range(T) if int(new[b, i]) in stops] if stops else []
+        if hits:
+            T = hits[0] + 1
+        res.append((new[b, :T], None if am is None else am[:, b, :, :T]))
+    return res[0] if single else res
+
+
+# ------------------------------------------------------------------------------------------------
+# head sets and batching
+
+def random_heads(n_layers: int, n_heads: int, k: int, exclude=(), seed: int = 0,
+                 layers=None) -> list[tuple[int, int]]:
+    """k distinct (layer, head) pairs drawn with ``random.Random(seed)`` among ``layers`` (default:
+    all) outside ``exclude``, sorted. The one way every analyzer and experiment draws random heads."""
+    ex = {(int(l), int(h)) for l, h in exclude}
+    ls = range(n_layers) if layers is None else [int(l) for l in layers]
+    pool = [(l, h) for l in ls for h in range(n_heads) if (l, h) not in ex]
+    if k > len(pool):
+        raise ValueError(f"cannot draw {k} random heads from the {len(pool)} left after excluding {len(ex)}")
+    return sorted(random.Random(seed).sample(pool, k))
+
+
+def kv_group_max(scores: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """[L, H] -> [L, G]: max over the query heads that share each KV head (GQA)."""
+    return reduce(torch.as_tensor(scores), "l (g r) -> l g", "max", g=n_kv)
+
+
+def expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[L, G] -> [L, H]: each KV head's value for every query head of its group."""
+    return repeat(kv, "l g -> l (g r)", r=n_heads // kv.shape[1])
+
+
+def batches(items, size: int, key=None) -> list[list[int]]:
+    """Indices of ``items`` in groups of at most ``size``, in order, or sorted by ``key(item)`` first
+    (e.g. prompt length: batches of similar lengths need little padding)."""
+    order = list(range(len(items)))
+    if key is not None:
+        order.sort(key=lambda i: key(items[i]))
+    size = max(1, int(size))
+    return [order[i:i + size] for i in range(0, len(order), size)]
