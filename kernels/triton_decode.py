@@ -27,6 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .spec import decline_reason
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NEG_BIG = tl.constexpr(-1.0e30)
@@ -123,7 +125,8 @@ def decode_partial_kernel(
         alpha = tl.exp2(m_i - m_new)
         qk2 = x2 - m_new[:, None]
         if ENTROPY:
-            qk2 = tl.maximum(qk2, NEG_BIG)           # masked: 0 * -inf would be NaN
+            # masked: 0 * -inf would be NaN; a NaN score stays NaN (its row is NaN, as in eager)
+            qk2 = tl.maximum(qk2, NEG_BIG, propagate_nan=tl.PropagateNan.ALL)
         p = tl.exp2(qk2)
         rs = tl.sum(p, 1)
         if ENTROPY:
@@ -266,7 +269,7 @@ def decode_merge_kernel(
         if ARGMAX:
             first = tl.minimum(first, tl.min(tl.where(sm & (m == M) & (lj > 0), ss, IDX_BIG), 0))
 
-    l_pos = L > 0
+    l_pos = L != 0                                   # a NaN row stays NaN (not "no key")
     l_safe = tl.where(l_pos, L, 1.0)
     inv = tl.where(l_pos, 1.0 / l_safe, 0.0)
     out = acc * inv
@@ -295,6 +298,10 @@ def decode_merge_kernel(
 # ------------------------------------------------------------------------------------------------
 # Host side
 # ------------------------------------------------------------------------------------------------
+# What the decode kernels can do, declared (as ``triton_attention.SUPPORTED_*``): every row statistic,
+# no column sums (they need every query of the sequence), and of the edits only the query scale.
+SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_distance", "recent", "argmax"})
+SUPPORTED_EDITS = frozenset({"q_scale"})
 DECODE_MAX_Q = 16          # queries per call taken by the decode path (more: flash_stats)
 DECODE_MAX_ROWS = 64       # query rows per KV head (R * Q) held by one program
 DECODE_MIN_K = 1024        # fewer visible keys: flash_stats' one program per query block is enough
@@ -328,27 +335,23 @@ def _const(key, make):
 
 
 def eligible(q, k, *, stats=None, edits=None, min_k: int | None = None) -> str | None:
-    """None when the decode path can take this call, else the reason it cannot (a short phrase).
+    """None when the decode path can take this call, else the reason it cannot (a short phrase;
+    ``triton_attention.attention`` then uses flash_stats, so nothing is lost but speed).
 
     q [B, H, Q, d], k [B, G, K, d]. Takes few queries (Q <= DECODE_MAX_Q, R * Q <= DECODE_MAX_ROWS)
-    against many keys (K >= ``min_k``, default DECODE_MIN_K), any row statistic, no column sums,
-    no edit other than ``q_scale``."""
+    against many keys (K >= ``min_k``, default DECODE_MIN_K), the statistics and edits declared in
+    ``SUPPORTED_STATS`` / ``SUPPORTED_EDITS`` (every row statistic; no column sums; ``q_scale``)."""
     B, H, Q, D = q.shape
     G, K = k.shape[1], k.shape[2]
     if Q > DECODE_MAX_Q or (H // max(G, 1)) * Q > DECODE_MAX_ROWS:
         return f"{Q} queries per KV head group of {H // max(G, 1)} heads is beyond the decode path"
     if K < (DECODE_MIN_K if min_k is None else min_k):
         return f"{K} keys are too few for a key split"
-    if stats is not None:
-        if stats.received:
-            return "column sums (received) need the full query range"
-        if (1 if stats.sink_k else 0) + len(stats.spans) > MAX_SPANS:
-            return f"more than {MAX_SPANS} spans (sink included)"
-    if edits is not None and not edits.empty:
-        others = (edits.redistributions or edits.gate is not None
-                  or any(getattr(edits, n, None) is not None for n in ("replace_mask", "out_scale", "out_bias")))
-        if others:
-            return "edits other than q_scale"
+    reason = decline_reason("the decode kernels", SUPPORTED_STATS, SUPPORTED_EDITS, stats, edits)
+    if reason is not None:
+        return reason
+    if stats is not None and (1 if stats.sink_k else 0) + len(stats.spans) > MAX_SPANS:
+        return f"more than {MAX_SPANS} spans (sink included)"
     return None
 
 
