@@ -112,6 +112,13 @@ class ActivationCache(hooks.ActivationCache):
             full = tl_act_name(key)
             if full != key:
                 return self[full]
+            try:                                   # an alias: hook_rot_q / hook_rot_k are stored as hook_q / hook_k
+                layer, kind = hooks.parse(key, self.n_layers if self.model is not None else 1 << 30)
+                canonical = hooks.hook_name(kind, layer)
+            except (ValueError, KeyError, IndexError):
+                canonical = key
+            if canonical != key and dict.__contains__(self, canonical):
+                return dict.__getitem__(self, canonical)
             return super().__getitem__(key)        # KeyError listing what was cached
         if not isinstance(key, tuple) or not 1 <= len(key) <= 3:
             raise KeyError(f"cache keys are names or (name, layer[, sublayer]) tuples, got {key!r}")

@@ -173,6 +173,7 @@ def test_cache_indexing_and_batch_dim(tiny):
     _, cache = tiny.run_with_cache(toks)
     L = tiny.cfg.n_layers
     assert cache["pattern", -1] is cache["pattern", L - 1]
+    assert cache["blocks.1.attn.hook_rot_k"] is cache["k", 1] and cache["rot_q", 2] is cache["q", 2]
     assert cache["z", 0, "attn"] is cache["blocks.0.attn.hook_z"] and cache["resid_pre", -3] is cache["resid_pre", 0]
     assert cache.stack_activation("pattern").shape == (L, 1, tiny.cfg.n_heads, 6, 6)
     assert cache.stack_activation("resid_pre", layer=2).shape == (2, 1, 6, tiny.cfg.d_model)
