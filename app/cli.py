@@ -1,85 +1,372 @@
 """``headscope`` command line: ``report`` (every analyzer), ``score`` (one), ``list``, ``explore``
-(the Streamlit explorer)."""
+(the Streamlit explorer).
+
+Every argument is parsed and checked before a model is loaded (analyzer names, ``--param`` values
+against the analyzer's parameters and their types, output paths): a bad value prints one line on
+stderr and exits 2. Output is written whole or not at all (``app/atomic.py``). A failed analyzer
+makes the command exit 1 and is listed. This module imports nothing heavy at its top, so
+``headscope --help`` answers at once; torch and transformers are imported when a command runs.
+"""
 from __future__ import annotations
 
 import argparse
 import ast
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
+EXIT_FAILED = 1          # a command ran but something failed (an analyzer, a write)
+EXIT_USAGE = 2           # a bad argument (argparse's code): nothing was run
 
-def _params(items):
+
+class UsageError(Exception):
+    """A bad command-line value, found after argparse (unknown analyzer, bad --param, bad --out)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``headscope score: error: ...``) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _port(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {s!r}") from None
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {s!r}")
+    return v
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="headscope", description="What does each attention head do?")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{report,score,list,explore}")
+    r = sub.add_parser("report", help="run every analyzer and write report.html, scores.json, raw/",
+                       description="Run analyzers on a model and write a report folder (whole: a temporary "
+                       "folder beside --out is renamed into place at the end). Exit 1 if an analyzer failed.")
+    r.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, tiny-*, or a local HF folder")
+    r.add_argument("--out", required=True, help="output folder (new, empty, or an earlier report: replaced whole)")
+    r.add_argument("--only", default="", help="comma-separated analyzer names (default: all)")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    s = sub.add_parser("score", help="run one analyzer",
+                       description="Run one analyzer and print its top heads. Parameters: `headscope list -v`.")
+    s.add_argument("method", help="analyzer name (`headscope list`)")
+    s.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, tiny-*, or a local HF folder")
+    s.add_argument("--out", default=None, help="save HeadScores here (PATH.json + PATH.safetensors, written whole)")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="analyzer hyperparameter, checked against its type (repeatable)")
+    s.add_argument("--top", type=_positive_int, default=10, help="how many heads to print")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    ls = sub.add_parser("list", help="list the analyzers")
+    ls.add_argument("-v", "--verbose", action="store_true", help="also list each analyzer's parameters")
+    e = sub.add_parser("explore", help="open the Streamlit explorer (a saved report, or a model live)",
+                       description="Serve the explorer with Streamlit until this command is stopped "
+                       "(Ctrl-C or SIGTERM stop the server too).")
+    e.add_argument("--report", default="", help="a folder written by `headscope report`")
+    e.add_argument("--model", default="smollm2", help="model for the live view")
+    e.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves every interface)")
+    e.add_argument("--port", type=_port, default=8501)
+    e.add_argument("--headless", action="store_true", help="do not open a browser")
+    return ap
+
+
+# ------------------------------------------------------------------ --param values
+def _type_name(t) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def convert_param(raw: str, hint, key: str):
+    """The string ``raw`` of ``--param key=raw`` as a value of the annotated type ``hint``
+    (int, float, bool, str, tuple, list, dict, ``X | None``); ValueError saying what was expected."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+    else:
+        options = (hint,)
+    if type(None) in options and raw.strip().lower() in ("none", "null"):
+        return None
+    try:
+        lit = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        lit = raw
+    for t in options:
+        if t is type(None):
+            continue
+        base = typing.get_origin(t) or t
+        if base is bool:
+            low = raw.strip().lower()
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+        elif base is int:
+            if isinstance(lit, int) and not isinstance(lit, bool):
+                return lit
+        elif base is float:
+            try:
+                v = float(raw)
+            except ValueError:
+                continue
+            if math.isfinite(v):
+                return v
+        elif base is str:
+            return lit if isinstance(lit, str) else raw
+        elif base in (tuple, list):
+            if isinstance(lit, (tuple, list)):
+                return base(lit)
+            if isinstance(lit, (int, float)) and not isinstance(lit, bool):
+                return base([lit])
+        elif base is dict:
+            if isinstance(lit, dict):
+                return lit
+        elif t is typing.Any:
+            return lit
+    expected = " or ".join(_type_name(t) for t in options)
+    raise ValueError(f"--param {key}={raw}: expected {expected}")
+
+
+def analyzer_params(cls) -> dict:
+    """{parameter: annotated type} of an analyzer class (its dataclass fields)."""
+    import dataclasses
+    import typing
+
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: accept any literal
+        hints = {}
+    return {f.name: hints.get(f.name, typing.Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def parse_params(cls, items) -> dict:
+    """``--param k=v`` strings -> {k: typed value}, checked against the analyzer's parameters."""
+    known = analyzer_params(cls)
     out = {}
     for it in items or []:
         if "=" not in it:
-            raise SystemExit(f"--param expects key=value, got {it!r}")
+            raise UsageError(f"--param expects KEY=VALUE, got {it!r}")
         k, v = it.split("=", 1)
+        k = k.strip()
+        if k not in known:
+            raise UsageError(f"unknown parameter {k!r} for {cls.name}; its parameters: "
+                             f"{', '.join(known) or '(none)'}")
         try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
+            out[k] = convert_param(v, known[k], k)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="headscope", description="What does each attention head do?")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("report", help="run every analyzer and write report.html, scores.json, raw/")
-    r.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, tiny-*, or a local HF folder")
-    r.add_argument("--out", required=True, help="output folder")
-    r.add_argument("--only", default="", help="comma-separated analyzer names (default: all)")
-    r.add_argument("--device", default=None)
-    s = sub.add_parser("score", help="run one analyzer")
-    s.add_argument("method")
-    s.add_argument("--model", default="smollm2")
-    s.add_argument("--out", default=None, help="save HeadScores here (PATH.json + PATH.safetensors)")
-    s.add_argument("--param", action="append", help="analyzer hyperparameter key=value (repeatable)")
-    s.add_argument("--top", type=int, default=10)
-    s.add_argument("--device", default=None)
-    sub.add_parser("list", help="list the analyzers")
-    e = sub.add_parser("explore", help="open the Streamlit explorer (a saved report, or a model live)")
-    e.add_argument("--report", default="", help="a folder written by `headscope report`")
-    e.add_argument("--model", default="smollm2", help="model for the live view")
-    e.add_argument("--port", type=int, default=8501)
-    a = ap.parse_args(argv)
-    if a.cmd == "explore":
-        import subprocess
-        script = Path(__file__).with_name("explorer.py")
-        cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(a.port),
-               "--browser.gatherUsageStats", "false", "--", "--report", a.report, "--model", a.model]
-        return subprocess.call(cmd)
+def make_analyzer(cls, kw: dict, quick: bool = False):
+    """Construct the analyzer now (its own checks run in __init__), so bad values stop the command
+    before a model is loaded."""
+    try:
+        return cls.quick(**kw) if quick and hasattr(cls, "quick") else cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{cls.name}: {e}") from None
 
+
+def _check_device(device):
+    if device is None:
+        return
+    import torch
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {device!r} is not a device ({e})") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+# ------------------------------------------------------------------ commands
+def _load(name, device, prog):
+    """Load the model; (model, None) or (None, exit code) after one line on stderr."""
     from .. import load
-    from ..heads import ANALYZERS
-    if a.cmd == "list":
-        for n, cls in sorted(ANALYZERS.items()):
-            print(f"{n:18s} {cls.paper}")
-        return 0
-    if a.cmd == "score" and a.method not in ANALYZERS:
-        print(f"unknown analyzer {a.method!r}; available: {', '.join(sorted(ANALYZERS))}", file=sys.stderr)
-        return 2
+    from ..probe.loading import ModelNotFound
+
     t0 = time.time()
     try:
-        model = load(a.model, device=a.device)
-    except Exception as e:
-        print(f"headscope: cannot load model {a.model!r}: {e}", file=sys.stderr)
-        return 2
+        model = load(name, device=device)
+    except ModelNotFound as e:
+        print(f"{prog}: error: cannot load model {name!r}: {e}", file=sys.stderr)
+        return None, EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - one line, no traceback (HEADSCOPE_DEBUG=1 shows it)
+        if os.environ.get("HEADSCOPE_DEBUG"):
+            raise
+        print(f"{prog}: error: cannot load model {name!r}: {_one_line(e)}", file=sys.stderr)
+        return None, EXIT_FAILED
     print(f"loaded {model.cfg.name}: {model.cfg.n_layers} layers × {model.cfg.n_heads} heads "
           f"({time.time() - t0:.1f}s)")
-    if a.cmd == "score":
-        res = ANALYZERS[a.method](**_params(a.param)).score(model)
-        for l, h, v in res.top(a.top):
-            print(f"L{l:<3d} H{h:<3d} {v:.4f}")
-        if a.out:
-            print("saved", res.save(a.out))
-        return 0
+    return model, None
+
+
+def _cmd_list(a) -> int:
+    from ..heads import ANALYZERS
+    for n, cls in sorted(ANALYZERS.items()):
+        print(f"{n:18s} {cls.paper}")
+        if a.verbose:
+            for k, t in analyzer_params(cls).items():
+                print(f"{'':20s}--param {k}=…  ({_type_name(t)})")
+    return 0
+
+
+def _cmd_score(a) -> int:
+    from ..heads import ANALYZERS
+    from .atomic import OutputError, check_out_files
+    from .report import save_scores, score_paths
+
+    prog = "headscope score"
+    if a.method not in ANALYZERS:
+        raise UsageError(f"unknown analyzer {a.method!r}; available: {', '.join(sorted(ANALYZERS))}")
+    cls = ANALYZERS[a.method]
+    analyzer = make_analyzer(cls, parse_params(cls, a.param))
+    if a.out:
+        try:
+            check_out_files(score_paths(a.out))
+        except OutputError as e:
+            raise UsageError(str(e)) from None
+    _check_device(a.device)
+    model, code = _load(a.model, a.device, prog)
+    if model is None:
+        return code
+    try:
+        res = analyzer.score(model)
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("HEADSCOPE_DEBUG"):
+            raise
+        print(f"{prog}: error: {a.method} failed: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    for l, h, v in res.top(a.top):
+        print(f"L{l:<3d} H{h:<3d} {v:.4f}")
+    if a.out:
+        try:
+            print("saved", save_scores(res, a.out))
+        except OSError as e:
+            print(f"{prog}: error: cannot write {a.out}: {_one_line(e)} (nothing was written)", file=sys.stderr)
+            return EXIT_FAILED
+    return 0
+
+
+def _cmd_report(a) -> int:
+    from ..heads import ANALYZERS
+    from .atomic import OutputError, check_out_folder
+
+    prog = "headscope report"
+    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(ANALYZERS)
+    unknown = [n for n in names if n not in ANALYZERS]
+    if unknown:
+        raise UsageError(f"unknown analyzer(s) {', '.join(unknown)} in --only; available: "
+                         f"{', '.join(sorted(ANALYZERS))}")
+    try:
+        out = check_out_folder(a.out)
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    _check_device(a.device)
+    t0 = time.time()
+    model, code = _load(a.model, a.device, prog)
+    if model is None:
+        return code
     from .report import run_analyzers, write_report
-    names = [n for n in a.only.split(",") if n] or None
     results, errors = run_analyzers(model, names)
-    path = write_report(model, results, errors, Path(a.out))
+    try:
+        path = write_report(model, results, errors, out)
+    except (OSError, OutputError) as e:
+        print(f"{prog}: error: cannot write the report to {out}: {_one_line(e)} (nothing was written; "
+              "an earlier report there is unchanged)", file=sys.stderr)
+        return EXIT_FAILED
     print(f"report: {path} ({len(results)} analyzers, {len(errors)} failed, {time.time() - t0:.0f}s total)")
-    return 1 if errors and not results else 0
+    if errors:
+        print(f"{prog}: {len(errors)} of {len(names)} analyzers failed (listed in report.html):", file=sys.stderr)
+        for n, err in errors.items():
+            print(f"  {n}: {' '.join(err.split())}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _die_with_parent():  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGTERM when its parent dies, even by SIGKILL."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the signal handlers below still stop the server
+        pass
+
+
+def _cmd_explore(a) -> int:
+    """Run ``streamlit run app/explorer.py`` as a child and stop it when this process ends
+    (normally, Ctrl-C, SIGTERM, SIGHUP; on Linux also SIGKILL, through PR_SET_PDEATHSIG)."""
+    import signal
+    import subprocess
+
+    script = Path(__file__).with_name("explorer.py")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", a.host,
+           "--server.port", str(a.port), "--browser.gatherUsageStats", "false"]
+    if a.headless:
+        cmd += ["--server.headless", "true"]
+    cmd += ["--", "--report", a.report, "--model", a.model]
+    kw = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+    proc = subprocess.Popen(cmd, **kw)
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    handled = [s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, stop) for s in handled}
+    print(f"headscope explore: serving on http://{a.host}:{a.port} (streamlit pid {proc.pid}); "
+          "Ctrl-C stops it", file=sys.stderr, flush=True)
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    prog = f"headscope {a.cmd}"
+    try:
+        if a.cmd == "explore":
+            return _cmd_explore(a)
+        if a.cmd == "list":
+            return _cmd_list(a)
+        if a.cmd == "score":
+            return _cmd_score(a)
+        return _cmd_report(a)
+    except UsageError as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

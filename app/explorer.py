@@ -9,6 +9,12 @@ Two views:
   O(N) memory, the attention pattern of one head, and a greedy continuation with chosen heads
   ablated next to the unedited one.
 The figures and computations live in ``views.py``; this file is only layout.
+
+State: nothing mutable is shared between sessions or reruns except the loaded model
+(``st.cache_resource``, one per model name and server). That is safe because the probe's records and
+edits belong to the call (a context variable), not to the model: two sessions, or an old rerun still
+finishing while a new one starts, each see only their own. Per-session values (widgets, the last
+generation) live in ``st.session_state``.
 """
 from __future__ import annotations
 
@@ -36,8 +42,10 @@ def _model(name: str):
     return hs.load(name)
 
 
-@st.cache_data(show_spinner=False)
-def _report(folder: str):
+@st.cache_data(show_spinner=False, max_entries=8)
+def _report(folder: str, signature: tuple):
+    """The parsed report; ``signature`` (scores.json's path, mtime, size) makes a re-written report
+    load again. st.cache_data hands each caller its own copy."""
     return views.load_report(folder)
 
 
@@ -46,11 +54,11 @@ def report_view(folder: str):
         st.info("Give the folder of a report written by `headscope report --model smollm2 --out DIR`.")
         return
     try:
-        summary, results = _report(folder)
-    except (FileNotFoundError, ValueError) as e:
+        summary, results = _report(folder, views.report_signature(folder))
+    except (OSError, ValueError) as e:      # a malformed folder: say what is wrong, never a traceback
         st.error(str(e))
         return
-    m = summary.get("model", {})
+    m = summary.get("model") if isinstance(summary.get("model"), dict) else {}
     st.subheader(f"Report — {m.get('name', '?')}")
     st.caption(f"{m.get('n_layers')} layers × {m.get('n_heads')} heads ({m.get('n_kv_heads')} KV heads); "
                f"created {summary.get('created', '?')}; {len(results)} analyzers")
@@ -109,21 +117,27 @@ def live_view(model_name: str):
             st.error(str(e))
     with tab_edit:
         heads_text = st.text_input("heads to ablate (e.g. L3H0, L5H2)", "", key="heads")
-        how = st.selectbox("ablation", ["zero", "uniform"], help="zero: the head's output is 0; uniform: its "
+        how = st.selectbox("ablation", ["zero", "uniform"], key="how", help="zero: the head's output is 0; uniform: its "
                            "query is scaled by 1e-4, so it attends evenly to all visible keys")
-        tokens = st.slider("new tokens", 4, 64, 24)
+        tokens = st.slider("new tokens", 4, 64, 24, key="new_tokens")
+        request = (model_name, text, chat, heads_text, how, tokens)
         if st.button("generate", key="generate"):
+            st.session_state.pop("generation", None)
             try:
                 heads = views.parse_heads(heads_text, cfg.n_layers, cfg.n_heads)
                 base, edited = views.ablation_compare(model, text, heads, how, tokens, chat)
             except ValueError as e:
                 st.error(str(e))
             else:
-                a, b = st.columns(2)
-                a.markdown("**unedited**")
-                a.write(base)
-                b.markdown(f"**ablated: {', '.join(f'L{l}H{h}' for l, h in heads) or 'nothing'} ({how})**")
-                b.write(edited)
+                st.session_state["generation"] = {"request": request, "heads": heads, "base": base,
+                                                  "edited": edited}
+        gen = st.session_state.get("generation")
+        if gen is not None and gen["request"] == request:      # this session's last result, kept on reruns
+            a, b = st.columns(2)
+            a.markdown("**unedited**")
+            a.write(gen["base"])
+            b.markdown(f"**ablated: {', '.join(f'L{l}H{h}' for l, h in gen['heads']) or 'nothing'} ({how})**")
+            b.write(gen["edited"])
 
 
 def main():

@@ -1,7 +1,8 @@
 """The head report: run analyzers on a model and write report.html, scores.json and raw tensors.
 
-Every file is written to a temporary name in the output folder and renamed into place, so an
-interrupted run never leaves a half-written report.
+The whole report is written into a temporary folder beside the output folder and renamed into
+place at the end (``app/atomic.py``): an interrupted run or a full disk leaves the earlier report
+untouched and nothing half-written, and a re-run replaces the earlier report whole.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..heads import ANALYZERS, HeadScores
-from ..heads.scores import _atomic_write
+from .atomic import check_out_folder, staged_files, staged_folder
 
 
 def run_analyzers(model, names=None, params: dict | None = None, progress: bool = True, log=print):
@@ -88,21 +89,21 @@ def _section(r: HeadScores) -> str:
 
 
 def write_report(model, results: dict[str, HeadScores], errors: dict[str, str], out: Path) -> Path:
+    """Write report.html, scores.json and raw/NAME.{json,safetensors} into the folder ``out``, whole
+    or not at all: ``out`` must be new, empty, or an earlier report (which is replaced whole).
+    Analyzers in ``errors`` are listed as failed in report.html and scores.json."""
     import plotly.offline
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, r in results.items():
-        r.save(out / "raw" / name)
+    out = check_out_folder(out)
     summary = {"model": model.cfg.to_dict(), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                "analyzers": {n: r.meta() for n, r in results.items()}, "errors": errors}
-    _atomic_write(out / "scores.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1, default=str)))
     cm = combined_map(results)
     parts = [f"<h1>headscope report — {html.escape(model.cfg.name)}</h1>",
              f"<p>{model.cfg.n_layers} layers × {model.cfg.n_heads} heads ({model.cfg.n_kv_heads} KV heads), "
              f"d_head {model.cfg.d_head}, context {model.cfg.max_ctx}. Generated {summary['created']}.</p>",
-             "<ul>" + "".join(f"<li><a href='#{n}'>{n}</a></li>" for n in results) + "</ul>"]
+             "<ul>" + "".join(f"<li><a href='#{n}'>{n}</a></li>" for n in results)
+             + "".join(f"<li>{html.escape(n)} — FAILED</li>" for n in errors) + "</ul>"]
     if errors:
-        parts.append("<h2>Failed analyzers</h2><ul>" + "".join(
+        parts.append("<h2 id='failed'>Failed analyzers</h2><ul>" + "".join(
             f"<li>{html.escape(n)}: {html.escape(e)}</li>" for n, e in errors.items()) + "</ul>")
     if cm is not None:
         parts.append(cm.to_html(full_html=False, include_plotlyjs=False))
@@ -112,5 +113,25 @@ def write_report(model, results: dict[str, HeadScores], errors: dict[str, str], 
            f"<script>{js}</script><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}"
            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>"
            + "\n".join(parts) + "</body></html>")
-    _atomic_write(out / "report.html", lambda p: Path(p).write_text(doc))
+    with staged_folder(out) as tmp:
+        for name, r in results.items():
+            r.save(tmp / "raw" / name)
+        (tmp / "scores.json").write_text(json.dumps(summary, indent=1, default=str))
+        (tmp / "report.html").write_text(doc, encoding="utf-8")
     return out / "report.html"
+
+
+def score_paths(path) -> tuple[Path, Path]:
+    """Where ``HeadScores.save(path)`` writes: (PATH.json, PATH.safetensors)."""
+    base = Path(path).expanduser().absolute()
+    base = base.with_suffix("") if base.suffix in (".json", ".safetensors") else base
+    return base.with_suffix(".json"), base.with_suffix(".safetensors")
+
+
+def save_scores(result: HeadScores, path) -> Path:
+    """``result.save(path)`` written whole: PATH.json and PATH.safetensors both appear (renamed from
+    a temporary folder beside them, after both were written) or neither changes. Returns the json path."""
+    js, st = score_paths(path)
+    with staged_files([st, js]) as tmp:
+        result.save(tmp / js.name)
+    return js

@@ -20,23 +20,48 @@ LIVE_STATS = {
 }
 
 
+class ReportError(ValueError):
+    """A report folder that cannot be shown (the message says what is wrong and what to do)."""
+
+
+def report_signature(folder) -> tuple:
+    """(path, mtime_ns, size) of the folder's scores.json, or () when it has none: a cache key that
+    changes when the report is written again (``headscope report`` replaces the folder whole)."""
+    p = Path(folder).expanduser() / "scores.json"
+    try:
+        st = p.stat()
+    except OSError:
+        return ()
+    return (str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
 def load_report(folder) -> tuple[dict, dict[str, HeadScores]]:
-    """A folder written by ``headscope report`` -> (scores.json summary, {analyzer: HeadScores})."""
+    """A folder written by ``headscope report`` -> (scores.json summary, {analyzer: HeadScores}).
+    A malformed folder (no scores.json, bad JSON, a missing or unreadable analyzer file) raises
+    ``ReportError`` (a ValueError; FileNotFoundError for a missing scores.json) saying which file."""
     folder = Path(folder).expanduser()
     summary_path = folder / "scores.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{folder} has no scores.json: make one with "
                                 f"`headscope report --model smollm2 --out {folder}`")
     try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{summary_path} is not valid JSON ({e}); re-run `headscope report`") from None
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{summary_path} is not valid JSON ({e}); re-run `headscope report`") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("analyzers", {}), dict) \
+            or not isinstance(summary.get("errors", {}), dict):
+        raise ReportError(f"{summary_path} is not a headscope report summary (expected an object with "
+                          "'analyzers' and 'errors'); re-run `headscope report`")
     results = {}
     for name in summary.get("analyzers", {}):
         path = folder / "raw" / f"{name}.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing (scores.json lists {name!r}); re-run `headscope report`")
-        results[name] = HeadScores.load(path)
+        try:
+            results[name] = HeadScores.load(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file becomes one message naming it
+            raise ReportError(f"cannot read {name!r} from {path.with_suffix('')}.{{json,safetensors}}: "
+                              f"{type(e).__name__}: {e}; re-run `headscope report`") from None
     return summary, results
 
 

@@ -4,6 +4,15 @@
     python benchmarks/kernels.py --sweep         # time tile configurations at 16k and print the best
     python benchmarks/kernels.py --sizes 4096 16384 --no-small
     python benchmarks/kernels.py --dry           # tiny sizes, any machine (TRITON_INTERPRET=1 on CPU)
+    python benchmarks/kernels.py --compare       # FA4 / cuDNN / SDPA flash / Flex / ours, d64 d128 d256
+    python benchmarks/kernels.py --decode        # Q=1 decode, Llama-3-8B shapes, B=1 and 8, K=8k..128k
+
+``--compare`` puts our kernels beside FlashAttention-4 (``flash_attn.cute.flash_attn_func``, when
+importable), PyTorch SDPA's cuDNN and flash backends and FlexAttention (torch.compile'd), all timed
+in the same run, with ratios to FA4 (rows to $OUT/kernels_compare.md). ``--decode`` times one query
+against K cached keys: default SDPA, FA4, our split-key decode path plain / + argmax / + all row
+statistics, the one-program-per-query-block forward it replaced, and the K/V read floor; times are
+``do_bench`` medians and, in brackets, CUDA-graph replays (no Python launch overhead).
 
 Causal, bf16, B=1. Columns: PyTorch SDPA (flash backend), our kernel plain, + all row statistics,
 + column sums (received), + both, and eager attention that materialises the probabilities (until
@@ -209,14 +218,16 @@ def run_table(shape_name, H, G, d, sizes, args, out_rows):
 
 
 SWEEP = {   # d: (H, G, plain configs, row-stat configs, received configs)
-    128: ((32, 8), [(128, 128, 8, 3)], [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+    128: ((32, 8), [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3)],
+          [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
           [(128, 128, 8, 3), (64, 128, 8, 3)]),
     64: ((9, 3), [(64, 64, 4, 3)], [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
          [(64, 64, 4, 3), (64, 128, 8, 3)]),
-    256: ((8, 4), [(64, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)], [(64, 32, 8, 2), (64, 32, 4, 2)],
+    256: ((8, 4), [(64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2)],
+          [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
           [(32, 64, 8, 2), (64, 64, 8, 2)]),
 }
-ARGMAX_MODES = (1, 2)
+ARGMAX_MODES = (2,)
 SPLITS = (4, 0)   # RECV_MIN_PROGRAMS_PER_SM: split GQA heads over programs for short sequences, or never
 
 
@@ -233,7 +244,7 @@ def sweep(args):
             for sp in SPLITS:
                 tasks.append(("cols", 4096, H, G, d, plain[0], cfg, {"RECV_MIN_PROGRAMS_PER_SM": sp}))
     precompile(tasks, args.workers)
-    best = {}
+    best, chosen = {}, {}
     for d, ((H, G), plain, rows, recv) in SWEEP.items():
         for N in (args.sweep_sizes if d != 256 else args.sweep_sizes[-1:]):
             q, k, v = make(N, H, G, d)
@@ -242,33 +253,37 @@ def sweep(args):
             t_sdpa = bench(sd)
             print(f"\nd={d} H={H} G={G} N={N}: SDPA {t_sdpa:.3f} ms ({f / t_sdpa / 1e9:.0f} TFLOP/s)", flush=True)
 
-            def run(kind, label, key):
+            def run(kind, label, key, cfg=None):
                 req = VARIANTS[kind](N)
                 t = bench(lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=req))
                 print(f"  {kind:5s} {label}: {t:.3f} ms  {f / t / 1e9:.0f} TFLOP/s  {t_sdpa / t:.2f}x SDPA", flush=True)
                 if t < best.get(key, (1e9,))[0]:
                     best[key] = (t, label)
+                    chosen[f"{kind} {d}"] = list(cfg) if cfg else None
                 return t
             t_plain, best_plain = 1e9, plain[0]
             for cfg in plain:
                 ta.FWD_CONFIGS["plain"][d] = cfg
-                t = run("plain", f"fwd {cfg}", (d, N, "plain"))
+                t = run("plain", f"fwd {cfg}", (d, N, "plain"), cfg)
                 if t < t_plain:
                     t_plain, best_plain = t, cfg
             ta.FWD_CONFIGS["plain"][d] = best_plain
             for cfg in rows:
                 for am in ARGMAX_MODES:
                     ta.FWD_CONFIGS["stats"][d], ta.ARGMAX_MODE = cfg, am
-                    run("rows", f"fwd {cfg} argmax={am}", (d, N, "rows"))
-            ta.ARGMAX_MODE = 1
+                    run("rows", f"fwd {cfg} argmax={am}", (d, N, "rows"), cfg)
+            ta.ARGMAX_MODE = 2
             for cfg in recv:
                 for sp in SPLITS:
                     ta.RECV_CONFIGS[d], ta.RECV_MIN_PROGRAMS_PER_SM = cfg, sp
-                    t = run("cols", f"recv {cfg} split<{sp}/SM", (d, N, "cols"))
+                    t = run("cols", f"recv {cfg} split<{sp}/SM", (d, N, "cols"), cfg if sp == 4 else None)
                     print(f"        received pass alone ~{t - t_plain:.3f} ms", flush=True)
             ta.RECV_MIN_PROGRAMS_PER_SM = 4
             del q, k, v
             torch.cuda.empty_cache()
+    if os.environ.get("KERNELS_BEST"):      # the tables of a later run (--compare) start from these
+        with open(os.environ["KERNELS_BEST"], "w") as fh:
+            json.dump(chosen, fh)
     print("\nbest:", flush=True)
     for (d, N, kind), (t, label) in best.items():
         print(f"  d={d} N={N} {kind}: {label} {t:.3f} ms", flush=True)
@@ -295,6 +310,240 @@ def ab_argmax(args):
     print(f"argmax A/B: total {total} -> mode {ta.ARGMAX_MODE}", flush=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# --compare: the best kernels on this machine beside ours
+def fa4_fn(q, k, v, causal=True):
+    """FlashAttention-4 (CuTe DSL) on [B, N, H, d] copies made outside the timing; None if absent."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as e:  # noqa: BLE001  (not installed, or no GPU it supports)
+        print(f"FA4 not available: {type(e).__name__}: {e}", flush=True)
+        return None
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    d = q.shape[-1]
+
+    def run():
+        return flash_attn_func(qt, kt, vt, softmax_scale=d ** -0.5, causal=causal)
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001
+        print(f"FA4 failed on {tuple(q.shape)}: {type(e).__name__}: {e}", flush=True)
+        return None
+    return run
+
+
+def sdpa_backend_fn(q, k, v, backend, causal=True):
+    """PyTorch SDPA restricted to one backend (None = PyTorch's default choice)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    H, G = q.shape[1], k.shape[1]
+    bk = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}.get(backend)
+
+    def call(kk, vv, gqa):
+        if bk is None:
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, enable_gqa=gqa)
+        with sdpa_kernel([bk]):
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, enable_gqa=gqa)
+    try:
+        call(k, v, True)
+        return lambda: call(k, v, True)
+    except RuntimeError:
+        ke, ve = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
+        try:
+            call(ke, ve, False)
+        except RuntimeError as e:
+            print(f"SDPA {backend} failed: {e}", flush=True)
+            return None
+        return lambda: call(ke, ve, False)
+
+
+def flex_fn(q, k, v):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        N = q.shape[2]
+        bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, N, N, device=q.device)
+        fx = torch.compile(flex_attention)
+        run = lambda: fx(q, k, v, block_mask=bm, enable_gqa=True)  # noqa: E731
+        run()
+        return run
+    except Exception as e:  # noqa: BLE001
+        print(f"FlexAttention failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+
+
+COMPARE_SHAPES = [  # name, H, G, d, sizes
+    ("Llama-3-8B", 32, 8, 128, [16384, 32768, 65536, 131072]),
+    ("Qwen2.5-7B", 28, 4, 128, [24576]),
+    ("SmolLM2", 9, 3, 64, [32768]),
+    ("Gemma-3 (d256)", 8, 4, 256, [32768]),
+]
+
+
+def load_best():
+    """Apply the tile choices a --sweep run wrote to $KERNELS_BEST (if any), and say which."""
+    path = os.environ.get("KERNELS_BEST")
+    if not path or not os.path.exists(path):
+        return
+    with open(path) as fh:
+        chosen = json.load(fh)
+    for key, cfg in chosen.items():
+        kind, d = key.split()
+        if cfg is None:
+            continue
+        if kind == "plain":
+            ta.FWD_CONFIGS["plain"][int(d)] = tuple(cfg)
+        elif kind == "rows":
+            ta.FWD_CONFIGS["stats"][int(d)] = tuple(cfg)
+        elif kind == "cols":
+            ta.RECV_CONFIGS[int(d)] = tuple(cfg)
+    print(f"configs from {path}: fwd {ta.FWD_CONFIGS}, received {ta.RECV_CONFIGS}", flush=True)
+
+
+def compare(args):
+    load_best()
+    out = os.environ.get("OUT")
+    path = os.path.join(out, "kernels_compare.md") if out else None
+
+    def put(line):
+        print(line, flush=True)
+        if path:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+    put(f"\n### bf16 causal B=1: ms (TFLOP/s, ×FA4); {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+    put("| shape | N | FA4 | cuDNN SDPA | SDPA flash | Flex | ours plain | ours + rows | ours + rows + cols | max err vs FA4 |")
+    put("|" + "---|" * 10)
+    res = []
+    for name, H, G, d, sizes in COMPARE_SHAPES:
+        if args.compare_only and name.split()[0] not in args.compare_only:
+            continue
+        for N in sizes:
+            torch.cuda.empty_cache()
+            q, k, v = make(N, H, G, d)
+            f = flops(N, H, d)
+            fns = {"fa4": fa4_fn(q, k, v), "cudnn": sdpa_backend_fn(q, k, v, "cudnn"),
+                   "flash": sdpa_backend_fn(q, k, v, "flash"), "flex": flex_fn(q, k, v) if args.flex and N <= 32768 else None}
+            for var in ("plain", "rows", "rows+cols"):
+                req = VARIANTS[var](N)
+                fns[var] = (lambda r: lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=r))(req)
+            t = {n: (bench(fn) if fn is not None else None) for n, fn in fns.items()}
+            base = t["fa4"]
+            err = None
+            if fns["fa4"] is not None:
+                r = fns["fa4"]()
+                r = r[0] if isinstance(r, (tuple, list)) else r
+                err = (fns["plain"]()[0].transpose(1, 2).float() - r.float()).abs().max().item()
+
+            def cell(x):
+                if x is None:
+                    return "n/a"
+                r = f", {base / x:.2f}×" if base else ""
+                return f"{x:.2f} ({f / x / 1e9:.0f}{r})"
+            put(f"| {name} H{H} G{G} d{d} | {N // 1024}k | " + " | ".join(cell(t[n]) for n in
+                ("fa4", "cudnn", "flash", "flex", "plain", "rows", "rows+cols")) + f" | {err} |")
+            res.append({"shape": name, "N": N, "H": H, "G": G, "d": d, **{f"{n}_ms": x for n, x in t.items()}})
+            del q, k, v, fns
+    if out:
+        with open(os.path.join(out, "kernels_compare.json"), "w") as fh:
+            json.dump(res, fh, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# --decode: one query against K cached keys
+def decode(args):
+    from kernels import triton_decode as td
+    import triton.testing
+    out = os.environ.get("OUT")
+    path = os.path.join(out, "kernels_decode.md") if out else None
+
+    def put(line):
+        print(line, flush=True)
+        if path:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+    H, G, d = 32, 8, 128
+    put(f"\n### decode Q=1, H={H} G={G} d={d}, bf16: µs, do_bench median [CUDA graph]; ×SDPA from graphs\n")
+    put("| B, K | default SDPA | FA4 | ours plain | ours + argmax | ours + all rows | old fwd + argmax | K/V floor |")
+    put("|" + "---|" * 8)
+    res = []
+    for B in args.decode_batches:
+        for K in args.decode_sizes:
+            torch.cuda.empty_cache()
+            g = torch.Generator(device="cuda").manual_seed(1)
+            q = torch.randn(B, H, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            k = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            v = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            sd = sdpa_backend_fn(q, k, v, None, causal=False)
+            fns = {"sdpa": sd, "fa4": fa4_fn(q, k, v, causal=False)}
+            for name, req in (("plain", None), ("argmax", StatRequest(argmax=True)), ("rows", row_request(K))):
+                fns[name] = (lambda r: lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=r))(req)
+            old_min = td.DECODE_MIN_K
+
+            def old():
+                td.DECODE_MIN_K = 1 << 40
+                try:
+                    return ta.attention(q, k, v, scaling=d ** -0.5, stats=StatRequest(argmax=True))
+                finally:
+                    td.DECODE_MIN_K = old_min
+            fns["old"] = old
+            # correctness: decode path vs SDPA output (bf16) and vs the old kernel's statistics
+            o_new, s_new = ta.attention(q, k, v, scaling=d ** -0.5, stats=row_request(K))
+            td.DECODE_MIN_K = 1 << 40
+            o_old, s_old = ta.attention(q, k, v, scaling=d ** -0.5, stats=row_request(K))
+            td.DECODE_MIN_K = old_min
+            errs = {"out_vs_sdpa": (o_new.float() - sd().float()).abs().max().item()}
+            errs.update({n: (s_new[n].float() - s_old[n].float()).abs().max().item() for n in s_new})
+            print(f"B={B} K={K} max abs diff: {errs}", flush=True)
+            t, tg = {}, {}
+            for n, fn in fns.items():
+                if fn is None:
+                    t[n] = tg[n] = None
+                    continue
+                t[n] = bench(fn) * 1e3
+                try:
+                    tg[n] = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+                except Exception as e:  # noqa: BLE001
+                    print(f"cudagraph {n}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    tg[n] = None
+            floor = B * G * K * d * 2 * 2 / 4.3e12 * 1e6
+            base = tg["sdpa"] or t["sdpa"]
+
+            def cell(n):
+                if t[n] is None:
+                    return "n/a"
+                ref = tg[n] if tg[n] is not None else t[n]
+                return f"{t[n]:.0f} [{tg[n]:.0f}] {ref / base:.2f}×" if tg[n] else f"{t[n]:.0f} {t[n] / base:.2f}×"
+            put(f"| {B}, {K // 1024}k | " + " | ".join(cell(n) for n in ("sdpa", "fa4", "plain", "argmax", "rows", "old"))
+                + f" | {floor:.0f} |")
+            res.append({"B": B, "K": K, "us": t, "graph_us": tg, "floor_us": floor, "errs": errs})
+            del q, k, v
+    if out:
+        with open(os.path.join(out, "kernels_decode.json"), "w") as fh:
+            json.dump(res, fh, indent=1)
+
+
+def decode_sweep(args):
+    """Time the decode kernel's (BLOCK_N, warps, stages) and programs-per-SM choices at B=1 and 8, 32k."""
+    from kernels import triton_decode as td
+    H, G, d = 32, 8, 128
+    best = {}
+    for B in (1, 8):
+        for K in (8192, 32768):
+            g = torch.Generator(device="cuda").manual_seed(1)
+            q = torch.randn(B, H, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            k = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            v = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            req = row_request(K)
+            for cfg in ((64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 3)):
+                for pps in (2, 4, 8):
+                    td.DECODE_PROGRAMS_PER_SM = pps
+                    tt = bench(lambda: td.attention(q, k, v, scaling=d ** -0.5, stats=req, config=cfg)) * 1e3
+                    best.setdefault((B, K), []).append((tt, cfg, pps))
+            best[(B, K)].sort()
+            print(f"decode sweep B={B} K={K}: " + ", ".join(f"{c}/{p}: {x:.0f}us" for x, c, p in best[(B, K)][:5]),
+                  flush=True)
+    td.DECODE_PROGRAMS_PER_SM = 4
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[4096, 16384, 32768, 65536, 131072])
@@ -307,6 +556,13 @@ def main():
     ap.add_argument("--sweep-sizes", type=int, nargs="*", default=[4096, 16384])
     ap.add_argument("--workers", type=int, default=8, help="processes that precompile the kernels")
     ap.add_argument("--dry", action="store_true", help="tiny sizes, wall-clock timing (CPU interpreter OK)")
+    ap.add_argument("--compare", action="store_true", help="FA4 / cuDNN / flash / Flex / ours, d64 d128 d256")
+    ap.add_argument("--compare-only", nargs="*", default=None, help="shape names (first word) to run")
+    ap.add_argument("--no-flex", dest="flex", action="store_false")
+    ap.add_argument("--decode", action="store_true", help="Q=1 decode table")
+    ap.add_argument("--decode-sweep", action="store_true")
+    ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--decode-sizes", type=int, nargs="*", default=[8192, 32768, 131072])
     args = ap.parse_args()
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -319,6 +575,14 @@ def main():
               f"triton {__import__('triton').__version__}", flush=True)
     if args.sweep:
         sweep(args)
+        return
+    if args.decode_sweep:
+        decode_sweep(args)
+    if args.decode:
+        decode(args)
+    if args.compare:
+        compare(args)
+    if args.decode or args.compare or args.decode_sweep:
         return
     if os.environ.get("OUT"):
         open(os.path.join(os.environ["OUT"], "kernels_bench.md"), "w").close()

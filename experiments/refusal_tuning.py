@@ -45,7 +45,7 @@ import headscope as hs
 from headscope.heads.data import split_requests
 from headscope.heads.safety import Ships, attack_success_rate, safety_check
 from headscope.heads.scores import write_json
-from headscope.probe.loading import cache_dir
+from headscope.probe.loading import cache_dir, save_dequantised
 
 REFUSALS = (
     "I'm sorry, but I can't help with that request.",
@@ -114,21 +114,6 @@ def finetune(model, examples, *, epochs: int = 3, lr: float = 2e-5, batch_size: 
     return losses
 
 
-def save_plain(model, folder: Path) -> None:
-    """Write a (GGUF-loaded, already dequantised) HF model as safetensors + config.json: transformers
-    refuses ``save_pretrained`` on GGUF-loaded models, so the parts are written directly."""
-    from safetensors.torch import save_file
-
-    sd = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    (folder / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
-
-
 def tuned_folder(base: str = "smollm2", seed: int = 0, n_train: int = 25, epochs: int = 3, lr: float = 2e-5,
                  max_new_tokens: int = 48, progress: bool = True) -> Path:
     """The refusal-tuned model's folder (built on first call, then reused): see the module docstring."""
@@ -151,7 +136,7 @@ def tuned_folder(base: str = "smollm2", seed: int = 0, n_train: int = 25, epochs
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
-        save_plain(model.model, tmp)
+        save_dequantised(model.model, tmp)
         model.tokenizer.save_pretrained(tmp)
         (tmp / "headscope_tuning.json").write_text(json.dumps(
             {**cfg, "losses": losses, "seconds": time.time() - t0, "split": split}, indent=1))

@@ -11,6 +11,7 @@ import contextlib
 import random
 
 import torch
+from einops import reduce, repeat
 
 from ..probe import Stats
 
@@ -33,6 +34,13 @@ def resolve_template(model, template: str | None) -> str | None:
     if template == "chat" and not has_chat_template(model):
         return PLAIN_TEMPLATE
     return template
+
+
+def template_name(model, template: str | None) -> str:
+    """What a template setting means on this model, for a result's params: "chat" (the tokenizer's chat
+    template), the ``{q}`` string used (e.g. ``PLAIN_TEMPLATE`` on a base model), or "none"."""
+    t = resolve_template(model, template)
+    return "none" if t is None else t
 
 
 def apply_template(model, queries: list[str], template: str | None = "chat", system: str | None = None) -> list[str]:
@@ -240,13 +248,12 @@ def random_heads(n_layers: int, n_heads: int, k: int, exclude=(), seed: int = 0,
 
 def kv_group_max(scores: torch.Tensor, n_kv: int) -> torch.Tensor:
     """[L, H] -> [L, G]: max over the query heads that share each KV head (GQA)."""
-    from einops import reduce
     return reduce(torch.as_tensor(scores), "l (g r) -> l g", "max", g=n_kv)
 
 
 def expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[L, G] -> [L, H]: each KV head's value for every query head of its group."""
-    return kv.repeat_interleave(n_heads // kv.shape[1], dim=1)
+    return repeat(kv, "l g -> l (g r)", r=n_heads // kv.shape[1])
 
 
 def batches(items, size: int, key=None) -> list[list[int]]:

@@ -31,13 +31,13 @@ from __future__ import annotations
 import html as _html
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from ..probe import Stats
 from .base import Analyzer, register
-from .common import token_strings
+from .common import PLAIN_TEMPLATE, has_chat_template, template_name, token_strings
 from .data import load_reasoning_prompts
 
 
@@ -83,6 +83,23 @@ class PreplanResult:
     @property
     def response(self) -> str:
         return "".join(self.tokens)
+
+    def to_dict(self) -> dict:
+        """JSON-able form (tensors as lists); ``from_dict`` reads it back (as stored in HeadScores.info)."""
+        return {f.name: (v.tolist() if torch.is_tensor(v) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreplanResult":
+        kw = dict(d)
+        for k, dt in (("token_ids", torch.long), ("waad", torch.float32), ("fai", torch.float32),
+                      ("delta", torch.float32), ("preplan", torch.bool), ("anchor", torch.bool),
+                      ("span", torch.float32)):
+            kw[k] = torch.tensor([float(x) if isinstance(x, str) else x for x in kw[k]]   # "nan" strings in JSON
+                                 if kw[k] and not isinstance(kw[k][0], list) else kw[k], dtype=dt)
+        kw["local_heads"] = [tuple(x) for x in kw["local_heads"]]
+        kw["global_heads"] = [tuple(x) for x in kw["global_heads"]]
+        return cls(**kw)
 
     def to_frame(self):
         import pandas as pd
@@ -196,7 +213,10 @@ class Preplan(Analyzer):
                 raise ValueError("empty prompt")
             if model.tokenizer is None:
                 raise ValueError(f"{model.cfg.name} has no tokenizer: pass token ids")
-            ids = model.to_tokens(prompt, chat=self.chat and getattr(model.tokenizer, "chat_template", None) is not None)[0]
+            if self.chat and not has_chat_template(model):       # base model: the plain Query/Answer template
+                ids = model.to_tokens(PLAIN_TEMPLATE.replace("{q}", prompt))[0]
+            else:
+                ids = model.to_tokens(prompt, chat=self.chat)[0]
             return prompt, ids.cpu()
         ids = torch.as_tensor(prompt).long().flatten()
         if ids.numel() == 0:
@@ -264,7 +284,8 @@ class Preplan(Analyzer):
     def score(self, model, data=None, progress: bool = True):
         """Head span averaged over prompts (data: list of prompts, or of (prompt, response) pairs;
         None = the shipped reasoning prompts, responses generated greedily). The first prompt's
-        per-token result is kept in ``extra`` and in ``.details``."""
+        per-token result is kept in ``extra``; every prompt's ``PreplanResult`` in ``info["details"]``
+        (also ``.details``; as dicts after ``HeadScores.load``: ``PreplanResult.from_dict``)."""
         from tqdm.auto import tqdm
         t0 = time.time()
         items = load_reasoning_prompts() if data is None else list(data)
@@ -289,6 +310,7 @@ class Preplan(Analyzer):
               f"greedy responses of up to {self.max_new_tokens} tokens")
         res = self._result(model, span, dataset=ds, started=t0, waad=d0.waad, fai=d0.fai, delta=d0.delta,
                            preplan=d0.preplan, anchor=d0.anchor, response_ids=d0.token_ids,
-                           local_heads=lm, global_heads=gm)
-        res.details = details
+                           local_heads=lm, global_heads=gm,
+                           params=dict(template_used=template_name(model, "chat" if self.chat else None)),
+                           info=dict(details=details))
         return res

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import Analyzer, register
-from .common import batches, decode, output_text, random_heads, stop_ids  # noqa: F401  (decode, random_heads: public here too)
+from .common import batches, decode, has_chat_template, output_text, random_heads, stop_ids  # noqa: F401  (decode, random_heads: public here too)
 from .data import load_haystack, load_needles  # noqa: F401  (load_haystack: public here too)
 from .scores import HeadScores
 
@@ -243,6 +243,13 @@ class Retrieval(Analyzer):
         tests = b.build(needles, lengths, [float(d) for d in self.depths])
         return tests
 
+    def template_used(self, model, data=None) -> str:
+        """"chat" (the tokenizer's chat template), "plain" (context, question and "Answer:" as text:
+        models without a chat template) or "given tests" (``data`` = NeedleTests)."""
+        if isinstance(data, (list, tuple)) and data and isinstance(data[0], NeedleTest):
+            return "given tests"
+        return "chat" if (has_chat_template(model) if self.chat is None else self.chat) else "plain"
+
     def _check(self, model, tests):
         if not tests:
             raise ValueError("no needle tests")
@@ -306,8 +313,9 @@ class Retrieval(Analyzer):
             test_prompt_tokens=torch.tensor([t.prompt.numel() for t in tests]),
             test_span=torch.tensor([t.span for t in tests]),
             grid_lengths=torch.tensor(lengths), grid_depths=torch.tensor(depths),
-            grid_scores=grid, grid_counted=grid_n, grid_recall=grid_recall)
-        res.params["outputs"] = [o if isinstance(o, str) else list(o) for o in outputs]
+            grid_scores=grid, grid_counted=grid_n, grid_recall=grid_recall,
+            params=dict(template_used=self.template_used(model, data)),
+            info=dict(outputs=[o if isinstance(o, str) else list(o) for o in outputs]))
         return res
 
 

@@ -45,10 +45,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 
 from ..probe import Ablate
 from .base import Analyzer, register
-from .common import PLAIN_TEMPLATE, apply_template, batches, last_token_forward, random_heads, resolve_template
+from .common import (PLAIN_TEMPLATE, apply_template, batches, last_token_forward, random_heads, resolve_template,
+                     template_name)
 from .data import load_requests  # noqa: F401  (public here too)
 
 SAHARA_TEMPLATE = PLAIN_TEMPLATE
@@ -290,7 +292,7 @@ class Ships(Analyzer):
         per_query = torch.zeros(len(ids), L, H)
         for l, h in tqdm([(l, h) for l in layers for h in range(H)], desc="ships", disable=not progress):
             per_query[:, l, h] = ships([(l, h)])
-        flat = per_query.flatten(1)                                              # [Q, L*H]
+        flat = rearrange(per_query, "q l h -> q (l h)")
         k = min(self.top_k, len(layers) * H)
         in_top = torch.zeros_like(flat)
         in_top.scatter_(1, flat.topk(k, dim=1).indices, 1.0)
@@ -301,8 +303,9 @@ class Ships(Analyzer):
         if self.screen_layers is not None and not bool(screen.eq(0).all()):
             ds += f"; heads of the {len(layers)} layers that won the layer screen: {layers}"
         res = self._result(model, per_query.mean(0), dataset=ds, started=t0, per_query=per_query,
-                           top_count=in_top.view(-1, L, H).sum(0), scored_layers=scored, layer_screen=screen)
-        res.queries = queries
+                           top_count=rearrange(in_top, "q (l h) -> q l h", l=L).sum(0), scored_layers=scored, layer_screen=screen,
+                           params=dict(template_used=template_name(model, self.template)),
+                           info=dict(queries=queries))
         return res
 
 
@@ -391,9 +394,9 @@ class Sahara(Analyzer):
         scored[layers] = True
         res = self._result(model, first, dataset=ds, started=t0,
                            greedy_heads=torch.tensor(chosen, dtype=torch.long).view(-1, 2),
-                           greedy_angles=torch.tensor(chosen_angle), scored_layers=scored, layer_screen=screen)
-        res.greedy = list(zip(chosen, chosen_angle))
-        res.queries = queries
+                           greedy_angles=torch.tensor(chosen_angle), scored_layers=scored, layer_screen=screen,
+                           params=dict(template_used=template_name(model, self.template)),
+                           info=dict(greedy=list(zip(chosen, chosen_angle)), queries=queries))
         return res
 
 

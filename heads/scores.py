@@ -1,8 +1,12 @@
 """``HeadScores``: the one result type of every head analyzer.
 
 A ``[layer, head]`` float tensor plus metadata (method, paper, hyperparameters, model, dataset,
-time) and optional extra tensors (e.g. per-length scores). Saved as ``NAME.json`` (metadata and
-scores as lists) + ``NAME.safetensors`` (all tensors), both written to temporary files and renamed.
+time), optional extra tensors (e.g. per-length scores) and ``info``, JSON-able results that are not
+tensors (the model's outputs, the queries, a chosen head set). Everything is given at construction
+and survives ``save``/``load``. Saved as ``NAME.json`` (metadata and scores as lists) +
+``NAME.safetensors`` (all tensors), both written to temporary files and renamed. Scores must be
+finite; non-finite floats in the metadata are written as the strings "inf", "-inf", "nan" (never
+JSON's non-standard ``Infinity``/``NaN``).
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ from pathlib import Path
 import torch
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -32,10 +38,39 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+_atomic_write = atomic_write   # temporary alias: app/report.py still imports the old private name
+
+
+def _default(o):
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON-able")
+
+
+def finite_json(obj):
+    """``obj`` with non-finite floats replaced by the strings "inf", "-inf", "nan" (valid JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj, indent: int | None = 1, strict: bool = True) -> str:
+    """Standard JSON text (no Infinity/NaN); objects with ``to_dict()`` and tensors are converted;
+    anything else raises TypeError (``strict=False``: written as its ``str``)."""
+    default = _default if strict else (lambda o: _default(o) if hasattr(o, "to_dict") or torch.is_tensor(o) else str(o))
+    return json.dumps(finite_json(json.loads(json.dumps(obj, default=default))), indent=indent, allow_nan=False)
+
+
 def write_json(path, obj) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically (temporary file, then rename)."""
     path = Path(path)
-    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1, default=str)))
+    atomic_write(path, lambda p: Path(p).write_text(dumps(obj, strict=False)))
     return path
 
 
@@ -50,6 +85,7 @@ class HeadScores:
     description: str = ""                      # what a high score means
     threshold: float | None = None             # the paper's cut-off, if it has one
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)   # JSON-able non-tensor results; also readable as attributes
     created: float = field(default_factory=time.time)
     seconds: float = 0.0
 
@@ -61,6 +97,25 @@ class HeadScores:
             bad = torch.nonzero(torch.isnan(self.scores))[:5].tolist()
             raise ValueError(f"{self.method}: NaN scores at (layer, head) {bad}; the analyzer saw no valid "
                              "data for these heads (too short inputs? all tests gated out?)")
+        if torch.isinf(self.scores).any():
+            bad = torch.nonzero(torch.isinf(self.scores))[:5].tolist()
+            raise ValueError(f"{self.method}: infinite scores at (layer, head) {bad}; scores must be finite "
+                             "(an overflow or a division by zero in the analyzer: check its inputs)")
+        for name in ("params", "model", "info"):
+            try:
+                dumps(getattr(self, name), indent=None)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{self.method}: HeadScores.{name} must be JSON-able (plain values, lists, "
+                                 f"dicts, tensors or objects with to_dict()): {e}") from None
+
+    def __getattr__(self, name):
+        # info entries read as attributes (r.greedy, r.queries); only called when normal lookup fails
+        if name.startswith("__") or name == "info":
+            raise AttributeError(name)
+        info = self.__dict__.get("info") or {}
+        if name in info:
+            return info[name]
+        raise AttributeError(f"HeadScores has no attribute or info entry {name!r}")
 
     @property
     def shape(self):
@@ -109,7 +164,7 @@ class HeadScores:
         return {"method": self.method, "paper": self.paper, "params": self.params, "model": self.model,
                 "dataset": self.dataset, "description": self.description, "threshold": self.threshold,
                 "created": self.created, "seconds": self.seconds, "scores": self.scores.tolist(),
-                "extra": sorted(self.extra)}
+                "extra": sorted(self.extra), "info": self.info}
 
     def save(self, path) -> Path:
         """Write PATH.json and PATH.safetensors (PATH without suffix); returns the json path."""
@@ -118,9 +173,8 @@ class HeadScores:
         base = base.with_suffix("") if base.suffix in (".json", ".safetensors") else base
         tensors = {"scores": self.scores.contiguous(),
                    **{f"extra.{k}": torch.as_tensor(v).detach().cpu().contiguous() for k, v in self.extra.items()}}
-        _atomic_write(base.with_suffix(".safetensors"), lambda p: save_file(tensors, p))
-        _atomic_write(base.with_suffix(".json"),
-                      lambda p: Path(p).write_text(json.dumps(self.meta(), indent=1, default=str)))
+        atomic_write(base.with_suffix(".safetensors"), lambda p: save_file(tensors, p))
+        atomic_write(base.with_suffix(".json"), lambda p: Path(p).write_text(dumps(self.meta())))
         return base.with_suffix(".json")
 
     @classmethod
@@ -133,5 +187,9 @@ class HeadScores:
         extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
         return cls(scores=tensors["scores"], method=meta["method"], paper=meta["paper"], params=meta["params"],
                    model=meta["model"], dataset=meta["dataset"], description=meta.get("description", ""),
-                   threshold=meta.get("threshold"), extra=extra, created=meta["created"],
-                   seconds=meta.get("seconds", 0.0))
+                   threshold=_float(meta.get("threshold")), extra=extra, info=meta.get("info", {}),
+                   created=meta["created"], seconds=meta.get("seconds", 0.0))
+
+
+def _float(x):
+    return float(x) if isinstance(x, str) else x

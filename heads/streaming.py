@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from tqdm.auto import tqdm
 
 from ..probe import StreamingGate, Stats
@@ -150,12 +151,11 @@ class StreamingProxy(Analyzer):
         scores = out.mean(1)
         kv = kv_group_max(scores, model.cfg.n_kv_heads)
         thr, stream = split(kv, self.sparsity, model.cfg.n_heads)
-        res = self._result(model, scores, dataset=dataset, started=t0, per_text=out.permute(1, 0, 2),
+        res = self._result(model, scores, dataset=dataset, started=t0, per_text=rearrange(out, "l b h -> b l h"),
                            sink_mass=sink_m.mean(1), recent_mass=(1 - sink_m - out).mean(1), kv_scores=kv,
-                           streaming=stream.to(torch.uint8))
-        res.threshold = thr
-        res.params.update(split_threshold=thr, per_kv_head="kv_scores = max over the query heads of a KV head; "
-                          "the split is per KV head, expanded to its query heads")
+                           streaming=stream.to(torch.uint8), threshold=thr,
+                           params=dict(split_threshold=thr, per_kv_head="kv_scores = max over the query heads of "
+                                       "a KV head; the split is per KV head, expanded to its query heads"))
         return res
 
 
@@ -347,8 +347,7 @@ class DuoGates(Analyzer):
                            f"({self.num_passkeys} passkeys of {self.passkey_length} NATO words in Pride and "
                            "Prejudice)" if data is None else f"{len(samples)} given samples", started=t0,
                            alpha_kv=kv, streaming=stream.to(torch.uint8), loss=torch.tensor(hist),
-                           distill_loss=torch.tensor(dist_hist))
-        res.threshold = thr
-        res.params.update(split_threshold=thr, per_kv_head="one gate per KV head, expanded to the query heads "
-                          "of its group (scores[l, h] = alpha[l, h // (H // G)])")
+                           distill_loss=torch.tensor(dist_hist), threshold=thr,
+                           params=dict(split_threshold=thr, per_kv_head="one gate per KV head, expanded to the "
+                                       "query heads of its group (scores[l, h] = alpha[l, h // (H // G)])"))
         return res

@@ -99,17 +99,15 @@ def _received_count(vis, regions, Qb, Kb, B, device, window=None, q_idx=None, k_
     return vis.sum(-2).float().expand(B, Kb)
 
 
-def _native_ok(q, edits, k=None, v=None) -> bool:
-    """The fused C row pass applies: CPU, no probability edits, nothing to differentiate (it has
-    no backward pass)."""
-    if q.device.type != "cpu" or not cpu_native.available():
+def _native_ok(q, stats, edits, sinks, native: bool | None, k=None, v=None) -> bool:
+    """The fused C row pass applies: CPU, built, allowed by the caller (``native``), and
+    ``cpu_native.supports`` the request (no probability edits, no sinks, nothing to differentiate:
+    it has no backward pass)."""
+    if native is False or q.device.type != "cpu" or not cpu_native.available():
         return False
-    if edits is not None and (edits.redistributions or edits.gate is not None):
-        return False
-    if torch.is_grad_enabled():
-        ts = [q, k, v] + (edits.tensors() if edits is not None else [])
-        return not any(t is not None and t.requires_grad for t in ts)
-    return True
+    ts = [q, k, v] + (edits.tensors() if edits is not None else [])
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    return cpu_native.supports(stats, edits, sinks=sinks is not None, grad=grad) is None
 
 
 def _native_block(s, v, stats, key_pos, q_idx, k_idx, kp, vis, regions, causal, window):
@@ -164,8 +162,14 @@ def _native_block(s, v, stats, key_pos, q_idx, k_idx, kp, vis, regions, causal, 
     return out * res["inv_z"][..., None], rows, cols
 
 
+def _sink_scale(s, sinks):
+    """Share of each row's softmax that stays on the keys when the learned sink logits sinks [H]
+    join the denominator: sigmoid(logsumexp(s) - sink) [B, H, Qb, 1] (s masked with NEG)."""
+    return torch.sigmoid(torch.logsumexp(s, -1, keepdim=True) - sinks.float().view(1, -1, 1, 1))
+
+
 def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k_idx, regions, kp,
-                 causal=True, window=None):
+                 causal=True, window=None, sinks=None, native=None):
     """Block with probabilities formed once; returns (out fp32, rows, cols).
     ``vis`` is the full [B|1, Qb, Kb] mask only when padding is present, else None (``regions``
     then say where the structural masks apply)."""
@@ -176,7 +180,7 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
     s = torch.matmul(qf.reshape(B, G, r * Qb, d), k.float().transpose(-1, -2)).view(B, H, Qb, Kb)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    if _native_ok(q, edits, k, v):
+    if _native_ok(q, stats, edits, sinks, native, k, v):
         return _native_block(s, v, stats, key_pos, q_idx, k_idx, kp, vis, regions, causal, window)
     if vis is not None:
         s.masked_fill_(~vis[:, None], NEG)
@@ -185,8 +189,11 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
         for c0, c1, m in regions:
             s[..., c0:c1].masked_fill_(~m, NEG)
         alive = None                                                           # every query sees itself
+    s.clamp_min_(NEG)              # -inf scores (an inf in k) -> NEG: 0 · s stays 0; NaN stays NaN
     gate_s = s.clone() if edits is not None and edits.gate is not None else None
     p = torch.softmax(s, -1)
+    if sinks is not None:                                  # the sink takes its share of each row
+        p = p * _sink_scale(s, sinks)
     if alive is not None and not bool(alive.all()):
         p = p * alive[..., None]
     if edits is not None:
@@ -202,7 +209,11 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
         lse = s_max - torch.log(mp.clamp_min(1e-45))
         if edits is not None and edits.redistributions:                        # p is no softmax of s now
             lse = torch.logsumexp(s, -1)
-        rows["lse"] = torch.where(alive.expand_as(lse), lse, float("-inf"))
+            if sinks is not None:
+                lse = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+        dead_lse = (sinks.float().view(1, -1, 1).expand_as(lse) if sinks is not None   # a row with no key:
+                    else torch.full_like(lse, float("-inf")))                          # only the sink
+        rows["lse"] = torch.where(alive.expand_as(lse), lse, dead_lse)
         # linear column statistics in one matmul: p @ [sink | spans... | key index]
         feats = []
         if stats.sink_k:
@@ -217,7 +228,8 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
             i = 1
         if stats.spans:
             rows["span_mass"] = lin[..., i:i + len(stats.spans)]
-        mass = p.sum(-1) if (edits is not None and edits.redistributions) else alive.float().expand(B, H, Qb)
+        mass = (p.sum(-1) if (edits is not None and edits.redistributions) or sinks is not None
+                else alive.float().expand(B, H, Qb))
         if stats.distance:
             rows["distance"] = q_idx.float() * mass - lin[..., -1]
             if not causal:                                                     # keys after t count 0
@@ -242,6 +254,13 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
         if stats.argmax:
             rows["max_prob"] = mp
             rows["argmax"] = am + key_pos[:, :1, None]                         # position of the top key
+        if stats.received and bool(mp.isnan().any()):        # a NaN row reaches only the keys it sees
+            full = vis
+            if full is None:
+                full = torch.ones(1, Qb, Kb, dtype=torch.bool, device=q.device)
+                for c0, c1, m in regions:
+                    full[:, :, c0:c1] = m
+            p = torch.where(full[:, None], p, 0.0)
         if stats.received:
             if stats.received_window is not None:
                 a, b = stats.received_window
@@ -257,7 +276,7 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
                         if x0 < x1:
                             sel[:, :, x0 - lo:x1 - lo] &= m[:, x0 - c0:x1 - c0]
                 rs = torch.zeros(B, H, Kb, device=q.device)
-                rs[..., lo:hi] = torch.einsum("bhqk,bqk->bhk", p[..., lo:hi], sel.float().expand(B, -1, -1))
+                rs[..., lo:hi] = torch.where(sel[:, None], p[..., lo:hi], 0.0).sum(-2)
                 rc = torch.zeros(B, Kb, device=q.device)
                 rc[:, lo:hi] = sel.sum(-2).float().expand(B, -1)
             else:
@@ -272,7 +291,10 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
             for c0, c1, m in regions:
                 vis[:, :, c0:c1] = m
         stream = vis & streaming_visible(key_pos, q_idx, k_idx, edits.gate_sink, edits.gate_recent)
-        ps = torch.softmax(gate_s.masked_fill(~stream[:, None], NEG), -1) * stream.any(-1)[:, None, :, None]
+        gs = gate_s.masked_fill(~stream[:, None], NEG)
+        ps = torch.softmax(gs, -1) * stream.any(-1)[:, None, :, None]
+        if sinks is not None:
+            ps = ps * _sink_scale(gs, sinks)
         out_s = torch.matmul(ps.view(B, G, r * Qb, Kb), v.float()).view(B, H, Qb, d)
         out = streaming_gate(out, out_s, edits.gate)
     return out, rows, cols
@@ -281,8 +303,13 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
 def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
               key_padding: torch.Tensor | None = None, softcap: float | None = None,
               key_pos0: torch.Tensor | None = None, stats: StatRequest | None = None,
-              edits: LayerEdits | None = None, block: int | None = None):
-    """q [B, H, Q, d], k, v [B, G, K, d] -> (out [B, H, Q, d], stats dict)."""
+              edits: LayerEdits | None = None, block: int | None = None,
+              sinks: torch.Tensor | None = None, native: bool | None = None):
+    """q [B, H, Q, d], k, v [B, G, K, d] -> (out [B, H, Q, d], stats dict).
+
+    ``sinks`` [H]: learned sink logits (transformers' ``s_aux``, see ``spec.StatRequest``).
+    ``native``: None uses the fused C row pass wherever ``cpu_native.supports`` the call, False
+    never (the caller has declined it and said why)."""
     B, H, Q, d = q.shape
     K = k.shape[2]
     off = K - Q                                                                 # cache index of query 0
@@ -292,7 +319,8 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     if edits is not None:
         q = scale_queries(q, edits.q_scale)
     block = block or _default_block(H, K, native=q.device.type == "cpu" and cpu_native.available())
-    need_p = stats is not None or (edits is not None and bool(edits.redistributions)) or softcap is not None
+    need_p = (stats is not None or (edits is not None and bool(edits.redistributions)) or softcap is not None
+              or sinks is not None)
     if need_p:                      # block slices of [B, H, N, d] views would be strided matmul inputs
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     received = stats is not None and stats.received
@@ -316,7 +344,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
             vis = None if kp is None else visibility(q_idx, k_idx, causal=causal,
                                                      sliding_window=sliding_window, key_padding=kp)
             out, r, c = _stats_block(qb, kb, vb, vis, scaling, softcap, stats, edits, key_pos, q_idx, k_idx,
-                                     regions, kp, causal, sliding_window)
+                                     regions, kp, causal, sliding_window, sinks, native)
         else:
             vis = visibility(q_idx, k_idx, causal=causal, sliding_window=sliding_window, key_padding=kp)
             out, r, c = _sdpa_block(qb, kb, vb, vis, scaling, edits, key_pos, q_idx, k_idx), {}, {}

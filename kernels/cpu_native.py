@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .spec import LayerEdits, StatRequest, decline_reason
+
 log = logging.getLogger("headscope")
 _SRC = Path(__file__).with_name("cpu_rows.c")
 _lib = None          # ctypes library, False once building failed
@@ -33,6 +35,26 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _ARGTYPES = [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I,
              _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P]
+
+
+# What the fused row pass can do, declared (``supports`` checks a request against it). It computes
+# every StatRequest field; of the edits, only those applied outside the row pass (the query scale
+# before the scores, replacement and the LoFiT affine after e @ V) -- the probability edits
+# (redistribution, the streaming gate) need the PyTorch block.
+SUPPORTED_STATS = frozenset(StatRequest.__dataclass_fields__)
+SUPPORTED_EDITS = frozenset({"q_scale"})
+
+
+def supports(stats: StatRequest | None, edits: LayerEdits | None, *, sinks: bool = False,
+             grad: bool = False) -> str | None:
+    """None when the fused row pass can run this call, else the reason it declines (a sentence):
+    a statistic or edit outside ``SUPPORTED_STATS`` / ``SUPPORTED_EDITS``, learned attention sinks
+    (``s_aux``: not in the C code), or autograd (the C pass has no backward)."""
+    if sinks:
+        return "the fused CPU row pass does not implement learned attention sinks (s_aux)"
+    if grad:
+        return "the fused CPU row pass has no backward pass (an input requires grad)"
+    return decline_reason("the fused CPU row pass", SUPPORTED_STATS, SUPPORTED_EDITS, stats, edits)
 
 
 def _cache_dir() -> Path:

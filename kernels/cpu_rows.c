@@ -20,6 +20,10 @@
  * Range statistics (sink, spans, recent mass, windowed distance) sum e over their key ranges
  * only, between passes 2 and 3.
  *
+ * NaN / inf (kernels/spec.py): a row with a visible NaN or +inf score is NaN throughout (e, inv_z
+ * and every float statistic; argmax 0), as eager attention's softmax gives; -inf scores (an inf in
+ * k) are keys with probability 0.
+ *
  * Portable C with GCC/Clang vector extensions (8 float lanes: AVX2 ymm, 2x NEON, ...); rows are
  * split over threads with OpenMP (hs_rows_par).
  */
@@ -38,6 +42,7 @@ static inline v8f vsel(v8i m, v8f a, v8f b) {             /* m ? a : b, lane by 
     ri = (ai & m) | (bi & ~m);
     v8f r; memcpy(&r, &ri, sizeof r); return r;
 }
+static inline v8f vmax(v8f a, v8f b) { return vsel(a > b, a, b); }
 static inline float hsum8(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
@@ -94,10 +99,12 @@ void hs_rows(float *s, int64_t r0, int64_t r1, int64_t H, int64_t Qb, int64_t Kb
         if (kv)                        /* padding: masked keys get a finite -1e30 (exp -> 0, 0 * x = 0) */
             for (int64_t j = l; j < h; j++) row[j] = kv[j] ? row[j] : MASKED;
 
-        /* pass 1: max over visible keys */
+        /* pass 1: max over visible keys, and whether any is NaN (x != x) */
         float m = NEG_INF;
+        int nan_row = 0;
         if (l < h) {
             v8f mv = {NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF};
+            v8i nv = {0};
             int64_t j = l;
             {                          /* four independent maxima: no loop-carried latency chain */
                 v8f m1 = mv, m2 = mv, m3 = mv;
@@ -106,12 +113,37 @@ void hs_rows(float *s, int64_t r0, int64_t r1, int64_t H, int64_t Qb, int64_t Kb
                     v8f x2 = load8(row + j + 16), x3 = load8(row + j + 24);
                     mv = vsel(x0 > mv, x0, mv); m1 = vsel(x1 > m1, x1, m1);
                     m2 = vsel(x2 > m2, x2, m2); m3 = vsel(x3 > m3, x3, m3);
+                    nv |= (x0 != x0) | (x1 != x1) | (x2 != x2) | (x3 != x3);
                 }
-                for (; j + 8 <= h; j += 8) { v8f x = load8(row + j); mv = vsel(x > mv, x, mv); }
+                for (; j + 8 <= h; j += 8) { v8f x = load8(row + j); mv = vsel(x > mv, x, mv); nv |= x != x; }
                 mv = vsel(m1 > mv, m1, mv); m2 = vsel(m3 > m2, m3, m2); mv = vsel(m2 > mv, m2, mv);
             }
-            for (int k = 0; k < 8; k++) m = mv[k] > m ? mv[k] : m;
-            for (; j < h; j++) if (row[j] > m) m = row[j];
+            for (int k = 0; k < 8; k++) { m = mv[k] > m ? mv[k] : m; nan_row |= nv[k] != 0; }
+            for (; j < h; j++) { if (row[j] > m) m = row[j]; nan_row |= row[j] != row[j]; }
+        }
+        if (nan_row || m == INFINITY) {                        /* NaN or +inf score: a NaN row */
+            const float qnan = NAN;
+            for (int64_t k = 0; k < Kb; k++) row[k] = qnan;
+            if (lse) lse[r] = qnan;
+            if (ent) ent[r] = qnan;
+            if (dist) dist[r] = qnan;
+            if (wdist) wdist[r] = qnan;
+            if (recent) recent[r] = qnan;
+            if (sink) sink[r] = qnan;
+            for (int64_t k = 0; k < nspans; k++) spans[r * nspans + k] = qnan;
+            if (max_prob) max_prob[r] = qnan;
+            if (argmax) argmax[r] = 0;
+            inv_z[r] = qnan;
+            float *c = colsum ? colsum + bh * Kb : NULL;       /* NaN reaches the keys it could see */
+            if (c) {
+                int64_t c0 = l, c1 = h;
+                if (recv_mode == 2) {
+                    if (t - recv_b > c0) c0 = t - recv_b;
+                    if (t - recv_a + 1 < c1) c1 = t - recv_a + 1;
+                }
+                for (int64_t k = c0; k < c1; k++) if (!kv || kv[k]) c[k] = qnan;
+            }
+            continue;
         }
         if (m <= MASKED) {                                     /* no visible key: a dead row */
             memset(row, 0, (size_t)Kb * sizeof(float));
@@ -139,12 +171,13 @@ void hs_rows(float *s, int64_t r0, int64_t r1, int64_t H, int64_t Qb, int64_t Kb
         /* two sets of accumulators (16 keys a step) halve the add-latency chains */
         v8f zv = {0}, sv = {0}, jv = {0}, zw = {0}, sw = {0}, jw = {0};
         const v8f mv = {m, m, m, m, m, m, m, m};
+        const v8f fl = {-88.f, -88.f, -88.f, -88.f, -88.f, -88.f, -88.f, -88.f};   /* exp -> 0, e*x -> 0 */
         v8f jf = {0, 1, 2, 3, 4, 5, 6, 7};                     /* j - l, as floats */
         const v8f eight = {8, 8, 8, 8, 8, 8, 8, 8};
         int64_t j = l;
         {
             for (; j + 16 <= h; j += 16) {
-                v8f x0 = load8(row + j) - mv, x1 = load8(row + j + 8) - mv;
+                v8f x0 = vmax(load8(row + j) - mv, fl), x1 = vmax(load8(row + j + 8) - mv, fl);
                 v8f e0 = vexp(x0), e1 = vexp(x1);
                 store8(row + j, e0);
                 store8(row + j + 8, e1);
@@ -154,7 +187,7 @@ void hs_rows(float *s, int64_t r0, int64_t r1, int64_t H, int64_t Qb, int64_t Kb
                 jf += eight + eight;
             }
             for (; j + 8 <= h; j += 8) {
-                v8f x = load8(row + j) - mv;
+                v8f x = vmax(load8(row + j) - mv, fl);
                 v8f e = vexp(x);
                 store8(row + j, e);
                 zv += e; sv += e * x; jv += e * jf;
@@ -164,7 +197,7 @@ void hs_rows(float *s, int64_t r0, int64_t r1, int64_t H, int64_t Qb, int64_t Kb
         zv += zw; sv += sw; jv += jw;
         float Z = hsum8(zv), SES = hsum8(sv), SEJ = hsum8(jv) + (float)l * Z;
         for (; j < h; j++) {
-            float x = row[j] - m, e = sexp(x);
+            float x = row[j] - m < -88.f ? -88.f : row[j] - m, e = sexp(x);
             row[j] = e; Z += e; SES += e * x; SEJ += e * (float)j;
         }
         const float invZ = 1.0f / Z;

@@ -69,6 +69,22 @@ def streaming_gate(out: torch.Tensor, out_streaming: torch.Tensor, gate: torch.T
     return (1 - a) * out_streaming + a * out
 
 
+def _lse(s: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Log of each row's softmax denominator: s [B, H, Qb, Kb] -> [B, H, Qb], with the learned sink
+    logit sinks [H] added to the denominator when given (GPT-OSS, transformers' ``s_aux``)."""
+    lse = torch.logsumexp(s, dim=-1)
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+    return lse.masked_fill(lse == float("inf"), float("nan"))        # a +inf score: a NaN row
+
+
+def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """p = exp(s - lse); 0 on rows that see no key (lse = -inf). A row with a NaN or +inf score has
+    lse NaN and is NaN throughout (as eager attention's softmax), never zeros."""
+    dead = lse == float("-inf")
+    return torch.where(dead[..., None], 0.0, torch.exp(s - lse.masked_fill(dead, 0.0)[..., None]))
+
+
 def visibility(q_idx: torch.Tensor, k_idx: torch.Tensor, *, causal: bool, sliding_window: int | None,
                key_padding: torch.Tensor | None) -> torch.Tensor:
     """Which keys each query may see. q_idx [Qb], k_idx [Kb] cache indices -> [B or 1, Qb, Kb] bool.
@@ -89,13 +105,16 @@ def attend_block(q, k, v, *, scaling: float, q_start: int, k_start: int, causal:
                  sliding_window: int | None = None, key_padding: torch.Tensor | None = None,
                  softcap: float | None = None, key_pos0: torch.Tensor | None = None,
                  stats: StatRequest | None = None, edits: LayerEdits | None = None,
-                 want_probs: bool = False, score_hook=None, pattern_hook=None):
+                 want_probs: bool = False, score_hook=None, pattern_hook=None,
+                 sinks: torch.Tensor | None = None):
     """One block of queries against one slice of keys.
 
     q [B, H, Qb, d] are the queries at cache indices q_start..q_start+Qb; k, v [B, G, Kb, d] the keys
     at cache indices k_start..k_start+Kb (G divides H: query head h reads KV head h // (H // G)).
     ``key_padding`` [B, Kb] (True = real token) covers the same slice. ``key_pos0`` [B]: position of
     cache index 0. ``score_hook`` / ``pattern_hook`` may replace the scores / probabilities.
+    ``sinks`` [H]: learned sink logits (transformers' ``s_aux``), one more term in each row's softmax
+    denominator with no value (see ``spec.StatRequest``).
 
     Returns (out [B, H, Qb, d] in q's dtype, row_stats dict, column dict, probs or None), where
     column dict holds the block's ``received_sum`` [B, H, Kb] and ``received_count`` [B, Kb].
@@ -121,9 +140,8 @@ def attend_block(q, k, v, *, scaling: float, q_start: int, k_start: int, causal:
     s = s.masked_fill(~vis, float("-inf"))
     if score_hook is not None:
         s = score_hook(s)
-    lse = torch.logsumexp(s, dim=-1)                                             # [B, H, Qb]
-    finite = torch.isfinite(lse)
-    p = torch.where(finite[..., None], torch.exp(s - torch.where(finite, lse, 0.0)[..., None]), 0.0)
+    lse = _lse(s, sinks)                                                         # [B, H, Qb]
+    p = _probs(s, lse)
 
     key_pos = key_pos0[:, None] + k_idx[None, :]                                 # [B, Kb] positions s
     if edits is not None:
@@ -144,7 +162,7 @@ def attend_block(q, k, v, *, scaling: float, q_start: int, k_start: int, causal:
             masks = torch.stack([(key_pos >= a) & (key_pos < b) for a, b in stats.spans], -1)  # [B, Kb, S]
             rows["span_mass"] = torch.einsum("bhqk,bks->bhqs", p, masks.float())
         if stats.entropy:
-            rows["entropy"] = -(torch.where(p > 0, p * torch.log(p.clamp_min(1e-45)), 0.0)).sum(-1)
+            rows["entropy"] = -torch.special.xlogy(p, p).sum(-1)                 # 0 log 0 = 0, NaN stays
         if stats.distance:
             rows["distance"] = (p * dist).sum(-1)
         if stats.window_distance:
@@ -161,7 +179,7 @@ def attend_block(q, k, v, *, scaling: float, q_start: int, k_start: int, causal:
                 a, b = stats.received_window
                 diff = q_idx[:, None] - k_idx[None, :]
                 sel = sel & ((diff >= a) & (diff <= b))[None]
-            cols["received_sum"] = (p * sel[:, None]).sum(-2)                     # [B, H, Kb]
+            cols["received_sum"] = torch.where(sel[:, None], p, 0.0).sum(-2)      # [B, H, Kb]
             cols["received_count"] = sel.sum(-2).expand(B, Kb).to(torch.float32)  # [B, Kb]
 
     out = torch.matmul(p.view(B, G, r * Qb, Kb), vf).view(B, H, Qb, d)           # [B, H, Qb, d]
@@ -169,8 +187,7 @@ def attend_block(q, k, v, *, scaling: float, q_start: int, k_start: int, causal:
     if edits is not None and edits.gate is not None:
         stream = streaming_visible(key_pos, q_idx, k_idx, edits.gate_sink, edits.gate_recent)  # [B, Qb, Kb]
         ss = s.masked_fill(~stream[:, None], float("-inf"))
-        ls = torch.logsumexp(ss, -1, keepdim=True)
-        ps = torch.where(torch.isfinite(ls), torch.exp(ss - torch.where(torch.isfinite(ls), ls, 0.0)), 0.0)
+        ps = _probs(ss, _lse(ss, sinks))
         out_s = torch.matmul(ps.view(B, G, r * Qb, Kb), vf).view(B, H, Qb, d)
         out = streaming_gate(out, out_s, edits.gate)
     return out.to(q.dtype), rows, cols, (p if want_probs else None)
@@ -180,7 +197,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
               key_padding: torch.Tensor | None = None, softcap: float | None = None,
               key_pos0: torch.Tensor | None = None, stats: StatRequest | None = None,
               edits: LayerEdits | None = None, want_probs: bool = False,
-              score_hook=None, pattern_hook=None):
+              score_hook=None, pattern_hook=None, sinks: torch.Tensor | None = None):
     """Eager reference over all queries: q [B, H, Q, d], k, v [B, G, K, d] with Q <= K (the queries
     are the last Q keys). Returns (out [B, H, Q, d], stats dict, probs [B, H, Q, K] or None)."""
     Q, K = q.shape[2], k.shape[2]
@@ -188,5 +205,5 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
                                       sliding_window=sliding_window, key_padding=key_padding,
                                       softcap=softcap, key_pos0=key_pos0, stats=stats, edits=edits,
                                       want_probs=want_probs, score_hook=score_hook,
-                                      pattern_hook=pattern_hook)
+                                      pattern_hook=pattern_hook, sinks=sinks)
     return out, {**rows, **cols}, p

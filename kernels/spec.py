@@ -12,11 +12,22 @@ Distances ``t - s`` never depend on ``key_pos0``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import numbers
+from dataclasses import dataclass
 
 import torch
 
 Span = tuple[int, int]  # half-open [start, end) in token positions
+
+
+def _count(x, what: str) -> int:
+    """A non-negative integer (int, numpy integer, 0-d integer tensor); floats and bools refused."""
+    if isinstance(x, bool) or not (isinstance(x, numbers.Integral) or (
+            isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point() and x.dtype != torch.bool)):
+        raise TypeError(f"StatRequest {what} must be an integer, got {x!r}")
+    if int(x) < 0:
+        raise ValueError(f"StatRequest {what} must be >= 0, got {int(x)}")
+    return int(x)
 
 
 @dataclass(frozen=True)
@@ -36,7 +47,24 @@ class StatRequest:
       ``received_sum``    [B, H, K]    sum over queries of p[t, s]   (column sums)
       ``received_count``  [B, K]       how many queries could see key s (and fall in the window)
       ``lse``             [B, H, Q]    natural-log log-sum-exp of the (edited-query) scores
-    ``received_window=(a, b)`` restricts column sums to queries with a <= t - s <= b (FAI).
+    ``received_window=(a, b)`` restricts column sums to queries with a <= t - s <= b (FAI); it
+    needs ``received=True``. Counts (``sink_k``, ``window_distance``, ``recent``, span ends, the
+    window) are non-negative integers; 0 or None switches a statistic off. Spans are half-open
+    ``(start, end)`` with 0 <= start < end. Malformed values raise at construction.
+
+    Learned attention sinks (``sinks`` [H], transformers' ``s_aux``; GPT-OSS, Xiao et al. 2024
+    "Efficient Streaming Language Models with Attention Sinks", Sec. 3.3 "sink token" as a learned
+    logit): each head's sink logit joins the softmax denominator but has no value vector,
+    p[t, s] = exp(score[t, s]) / (sum_s' exp(score[t, s']) + exp(sink[h])). Every statistic above is
+    then taken over the real keys only, from these p: rows sum to 1 - (the sink's share), so
+    ``sink_mass`` etc. are fractions of the whole row including the sink, ``entropy`` is
+    -sum over keys of p log p (the sink's own term left out), ``distance`` is sum p (t - s) without
+    renormalising, ``argmax``/``max_prob`` are over keys, and ``lse`` is the log of the whole
+    denominator (sink included), so p = exp(score - lse) holds on every path.
+
+    NaN / inf. A row whose scores hold a NaN or +inf (a NaN or inf in q or k) is NaN throughout, as in
+    eager attention: its output and every float statistic are NaN (``argmax`` is then unspecified).
+    No path turns such a row into finite numbers.
     """
 
     sink_k: int = 0
@@ -48,6 +76,42 @@ class StatRequest:
     argmax: bool = False
     received: bool = False
     received_window: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        """Refuse malformed requests here, once, with a message (ints are never truncated)."""
+        set_ = object.__setattr__
+        set_(self, "sink_k", _count(self.sink_k, "sink_k"))
+        for name in ("window_distance", "recent"):
+            if getattr(self, name) is not None:
+                set_(self, name, _count(getattr(self, name), name))
+        for name in ("entropy", "distance", "argmax", "received"):
+            v = getattr(self, name)
+            if not isinstance(v, (bool, int)) or isinstance(v, int) and v not in (0, 1):
+                raise TypeError(f"StatRequest {name} is a flag: True or False, got {v!r}")
+            set_(self, name, bool(v))
+        spans = []
+        for sp in self.spans:
+            try:
+                a, b = sp
+            except (TypeError, ValueError):
+                raise TypeError(f"StatRequest spans are (start, end) pairs, e.g. spans=((0, 4),); got {sp!r}") from None
+            a, b = _count(a, "span start"), _count(b, "span end")
+            if b <= a:
+                raise ValueError(f"span ({a}, {b}) is {'reversed' if b < a else 'empty'}: spans are half-open "
+                                 "[start, end) with end > start")
+            spans.append((a, b))
+        set_(self, "spans", tuple(spans))
+        if self.received_window is not None:
+            try:
+                a, b = self.received_window
+            except (TypeError, ValueError):
+                raise TypeError(f"received_window is a pair (a, b) of distances, got {self.received_window!r}") from None
+            a, b = _count(a, "received_window a"), _count(b, "received_window b")
+            if a > b:
+                raise ValueError(f"received_window ({a}, {b}): need a <= b (queries with a <= t - s <= b)")
+            if not self.received:
+                raise ValueError("received_window restricts the column sums: set received=True as well")
+            set_(self, "received_window", (a, b))
 
     def merge(self, other: "StatRequest") -> "StatRequest":
         """The union of two requests (what two probes on one layer need together)."""
@@ -146,5 +210,50 @@ class LayerEdits:
                           gate=gate, gate_sink=gs, gate_recent=gr)
 
 
-ROW_STATS = ("sink_mass", "span_mass", "entropy", "distance", "window_distance", "recent_mass", "argmax", "max_prob", "lse")
 COLUMN_STATS = ("received_sum", "received_count")
+
+
+def active(obj) -> frozenset[str]:
+    """Names of the fields of a ``StatRequest`` or ``LayerEdits`` that ask for something (not None,
+    not False / 0 / empty). None -> empty set."""
+    if obj is None:
+        return frozenset()
+    out = set()
+    for name in obj.__dataclass_fields__:
+        v = getattr(obj, name)
+        if isinstance(v, torch.Tensor) or (v is not None and v is not False and v != 0 and v != ()):
+            out.add(name)
+    return frozenset(out)
+
+
+def expected_keys(stats: StatRequest | None) -> frozenset[str]:
+    """The keys of the statistics dict every path returns for ``stats`` (the reference's keys)."""
+    if stats is None:
+        return frozenset()
+    keys = {"lse"}
+    if stats.sink_k:
+        keys.add("sink_mass")
+    if stats.spans:
+        keys.add("span_mass")
+    for flag, name in ((stats.entropy, "entropy"), (stats.distance, "distance"),
+                       (stats.window_distance, "window_distance"), (stats.recent, "recent_mass")):
+        if flag:
+            keys.add(name)
+    if stats.argmax:
+        keys |= {"argmax", "max_prob"}
+    if stats.received:
+        keys |= {"received_sum", "received_count"}
+    return frozenset(keys)
+
+
+def decline_reason(path: str, supported_stats: frozenset[str], supported_edits: frozenset[str],
+                   stats: StatRequest | None, edits: "LayerEdits | None") -> str | None:
+    """Why ``path`` cannot do this request (a sentence), or None when it can: every requested
+    statistic field and every active edit field must be in the path's declared sets."""
+    missing = sorted(active(stats) - supported_stats)
+    if missing:
+        return f"{path} does not compute the statistic field(s) {missing}"
+    missing = sorted(active(edits) - supported_edits)
+    if missing:
+        return f"{path} does not apply the edit field(s) {missing}"
+    return None

@@ -12,7 +12,9 @@ dtypes of ``chunked.attention``: argmax int64, received_count float32, everythin
 is the *natural-log* log-sum-exp of the (q_scale-edited) scores, -inf for rows that see no key).
 
 Kernels: ``flash_stats._attn_fwd`` (forward, row statistics, edits) and
-``received._received_kernel`` (column sums from the saved LSE). A head with a redistribution
+``received._received_kernel`` (column sums from the saved LSE); calls with few queries against many
+keys (decoding) go to ``triton_decode`` (key splits merged through their partial LSEs) when
+``triton_decode.eligible`` accepts them. A head with a redistribution
 (ACT / VAR) costs two forward passes: the first finds each row's class masses and coefficients,
 the second computes the edited output and statistics from exact probabilities.
 
@@ -30,11 +32,28 @@ import os
 
 import torch
 
-from .spec import LayerEdits, StatRequest
+from .spec import LayerEdits, StatRequest, decline_reason
 
 
 class Unsupported(Exception):
     """The Triton kernels cannot do this call; ``chunked.attention`` can (the message says why)."""
+
+
+# What the Triton kernels can do, declared (``supports`` checks a request against it; the probe
+# asks before calling and falls back to the chunked path with one message when it declines).
+SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_distance", "recent", "argmax",
+                             "received", "received_window"})
+SUPPORTED_EDITS = frozenset({"q_scale", "redistributions", "gate", "gate_sink", "gate_recent"})
+
+
+def supports(stats: StatRequest | None, edits: LayerEdits | None, *, sinks: bool = False) -> str | None:
+    """None when the Triton kernels can run this request, else the reason they decline (a
+    sentence): a statistic or edit field outside ``SUPPORTED_STATS`` / ``SUPPORTED_EDITS``, or
+    learned attention sinks (``s_aux``, not in the kernels). Per-call limits on shapes, dtypes and
+    devices are checked by ``attention`` itself (``Unsupported``)."""
+    if sinks:
+        return "the Triton kernels do not implement learned attention sinks (s_aux)"
+    return decline_reason("the Triton kernels", SUPPORTED_STATS, SUPPORTED_EDITS, stats, edits)
 
 
 def interpreting() -> bool:
@@ -246,12 +265,20 @@ def _count_base(B, Q, K, causal, sliding_window, received_window, device):
 def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
               key_padding: torch.Tensor | None = None, softcap: float | None = None,
               key_pos0: torch.Tensor | None = None, stats: StatRequest | None = None,
-              edits: LayerEdits | None = None, block=None):
+              edits: LayerEdits | None = None, block=None, sinks: torch.Tensor | None = None):
     """q [B, H, Q, d], k, v [B, G, K, d] -> (out [B, H, Q, d], stats dict), as ``chunked.attention``.
+    Requests that ``supports`` declines (e.g. ``sinks``) raise ``Unsupported``.
 
     ``block``: None (tuned table; 16 in the interpreter), an int (BLOCK_M = BLOCK_N), or
     (BLOCK_M, BLOCK_N[, num_warps, num_stages]) for both kernels. Raises ``Unsupported``."""
+    reason = supports(stats, edits, sinks=sinks is not None)
+    if reason is not None:
+        raise Unsupported(reason)
     _check(q, k, v, key_padding, key_pos0, edits, block)
+    from . import triton_decode as td
+    if block is None and td.eligible(q, k, stats=stats, edits=edits) is None:   # few queries, many keys
+        return td.attention(q, k, v, scaling=scaling, causal=causal, sliding_window=sliding_window,
+                            key_padding=key_padding, softcap=softcap, key_pos0=key_pos0, stats=stats, edits=edits)
     import triton
 
     from . import flash_stats as fs

@@ -9,23 +9,91 @@ statistics to the recorders and tensors to hook functions, and applies the activ
 
 The mask function registered beside it is transformers' ``flash_attention_mask``: no mask at all
 without padding, a compact [batch, k_len] bool mask with it; the window comes as ``sliding_window``.
+
+Keyword arguments. Every argument that changes the attention math is implemented or refused:
+``scaling``, ``sliding_window``, ``softcap`` (Gemma-2), ``is_causal`` and the learned sink logits
+``s_aux`` (GPT-OSS) are implemented; ``dropout`` > 0 on a module in training mode is refused
+(attention dropout is not implemented: call ``model.eval()``). Arguments in ``IGNORED_KWARGS`` do not
+change the math and are ignored; any other argument is refused unless it is None (a None says the
+feature is off), so a new transformers feature never runs silently wrong.
+
+Fast paths. The Triton kernels and the fused C row pass each declare what they can do
+(``supports(stats, edits, ...)`` in ``kernels/triton_attention.py`` and ``kernels/cpu_native.py``);
+a request they decline runs on the chunked PyTorch path, which does everything, and the reason is
+logged once per process (``logging.getLogger("headscope")``, level WARNING). The result always holds
+every statistic the request asks for (``kernels.spec.expected_keys``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from ..kernels import chunked, reference
+from ..kernels import chunked, cpu_native, reference
+from ..kernels.spec import expected_keys
 from .edits import apply_output_edits
 
 NAME = "headscope"
 log = logging.getLogger("headscope")
 _triton = None
+
+# Attention kwargs transformers passes that do not change the attention math (cache and bookkeeping
+# arguments, varlen metadata of flash kernels only when it is None -- see ``_check_kwargs``).
+IGNORED_KWARGS = frozenset({"cache_position", "past_key_values", "past_key_value", "use_cache",
+                            "output_attentions", "output_hidden_states", "return_dict", "deterministic",
+                            "layer_idx", "token_type_ids", "layer_type", "attention_type",
+                            "output_router_logits", "num_items_in_batch", "logits_to_keep"})
+_declined: set[str] = set()
+_declined_lock = threading.Lock()
+
+
+def decline_once(reason: str, fallback: str = "the chunked PyTorch path") -> None:
+    """Log, once per process and reason, that a fast path declined a call and what runs instead."""
+    with _declined_lock:
+        if reason in _declined:
+            return
+        _declined.add(reason)
+    log.warning("headscope: %s; using %s instead (same results, slower)", reason, fallback)
+
+
+@contextlib.contextmanager
+def watch_calls(modules):
+    """Within the block, collect in the yielded set the indices of ``modules`` whose attention ran
+    through ``headscope_attention`` (what ``HookedModel`` uses to refuse models that bypass it).
+    The mark is an attribute on the module, not a module-level variable, so it also works when
+    this file is imported twice under two package names (pytest's rootdir import does that)."""
+    for m in modules:
+        m.__dict__["_headscope_seen"] = False
+    seen: set[int] = set()
+    try:
+        yield seen
+    finally:
+        for i, m in enumerate(modules):
+            if m.__dict__.pop("_headscope_seen", False):
+                seen.add(i)
+
+
+def _check_kwargs(module, dropout, kwargs) -> None:
+    """Refuse what would change the math without being implemented (see the module docstring)."""
+    if dropout and getattr(module, "training", False):
+        raise NotImplementedError(
+            f"{type(module).__name__} asks for attention dropout p={dropout} (the module is in training "
+            "mode); headscope's attention does not implement dropout. Call model.eval() (or set the "
+            "config's attention_dropout to 0 to train without it).")
+    bad = {k: v for k, v in kwargs.items() if k not in IGNORED_KWARGS and v is not None}
+    if bad:
+        names = ", ".join(f"{k}={type(v).__name__}" for k, v in bad.items())
+        raise NotImplementedError(
+            f"{type(module).__name__} passed attention argument(s) {names} that headscope's attention "
+            "does not implement; running without them would give wrong results. Supported: scaling, "
+            "dropout (0 or eval mode), sliding_window, softcap, is_causal, position_ids, s_aux (learned "
+            f"sinks); ignored: {sorted(IGNORED_KWARGS)}.")
 
 
 def _triton_module():
@@ -49,15 +117,16 @@ def _key_pos0(position_ids, B: int, K: int, device) -> torch.Tensor:
     return (last + 1 - K).expand(B) if last.shape[0] == 1 else last + 1 - K
 
 
-def _fast(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal):
+def _fast(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal, sinks=None):
     """Plain attention, nothing recorded: SDPA when it is exact, else the plain chunked/Triton path."""
     Q, K = q.shape[2], k.shape[2]
     window_irrelevant = sliding_window is None or sliding_window >= K
-    if key_padding is None and window_irrelevant and softcap is None and (Q == K or Q == 1 or not causal):
+    if (key_padding is None and window_irrelevant and softcap is None and sinks is None
+            and (Q == K or Q == 1 or not causal)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Q > 1, scale=scaling,
                                               enable_gqa=k.shape[1] != q.shape[1])
     return _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal,
-                         None, None, None)[0]
+                         None, None, None, sinks=sinks)[0]
 
 
 def _warn_once(module, msg: str) -> None:
@@ -77,9 +146,13 @@ def _needs_grad(q, k, v, edits) -> bool:
 
 
 def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal,
-                  key_pos0, stats, edits, score_hook=None, pattern_hook=None):
+                  key_pos0, stats, edits, score_hook=None, pattern_hook=None, sinks=None):
+    """Pick the path for one instrumented call: the reference when a hook wants scores/patterns,
+    Triton on CUDA when it ``supports`` the request, else the chunked path (with the fused C row
+    pass when ``cpu_native.supports`` it). Returns (out [B, H, Q, d], stats dict)."""
     kw = dict(scaling=scaling, causal=causal, sliding_window=sliding_window, key_padding=key_padding,
-              softcap=softcap, key_pos0=key_pos0, stats=stats, edits=edits)
+              softcap=softcap, key_pos0=key_pos0, stats=stats, edits=edits, sinks=sinks)
+    want = expected_keys(stats)
     if score_hook is not None or pattern_hook is not None:
         out, st, _ = reference.attention(q, k, v, score_hook=score_hook, pattern_hook=pattern_hook, **kw)
         return out, st
@@ -95,21 +168,51 @@ def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap
     if q.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON") != "1":
         ta = _triton_module()
         if ta is not None:
-            try:
-                return ta.attention(q, k, v, **kw)
-            except ta.Unsupported as e:
-                _warn_once(module, f"Triton kernel cannot do this ({e}); using the chunked path")
-    return chunked.attention(q, k, v, **kw)
+            reason = ta.supports(stats, edits, sinks=sinks is not None)
+            if reason is None:
+                try:
+                    out, st = ta.attention(q, k, v, **kw)
+                    missing = want - set(st)
+                    if not missing:
+                        return out, st
+                    reason = f"the Triton kernels returned no {sorted(missing)}"
+                except ta.Unsupported as e:
+                    reason = f"the Triton kernels cannot do this call ({e})"
+            decline_once(reason)
+    native = None
+    need_rows = stats is not None or sinks is not None or softcap is not None or \
+        (edits is not None and bool(edits.redistributions))
+    if need_rows and q.device.type == "cpu" and cpu_native.available():
+        grad = _needs_grad(q, k, v, edits)
+        reason = cpu_native.supports(stats, edits, sinks=sinks is not None, grad=grad)
+        if reason is not None:
+            decline_once(reason, "the chunked path's PyTorch row pass")
+            native = False
+    out, st = chunked.attention(q, k, v, native=native, **kw)
+    missing = want - set(st)
+    if missing:  # the chunked path is the complete one: a gap here is a bug, not a fallback
+        raise RuntimeError(f"headscope: the chunked attention path returned no {sorted(missing)} for {stats}")
+    return out, st
 
 
 def headscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                        sliding_window=None, softcap=None, position_ids=None, **kwargs):
-    """q [B, H, Q, d], k/v [B, G, K, d], attention_mask None or [B, K] bool -> ([B, Q, H, d], None)."""
+                        sliding_window=None, softcap=None, position_ids=None, is_causal=None, s_aux=None,
+                        **kwargs):
+    """q [B, H, Q, d], k/v [B, G, K, d], attention_mask None or [B, K] bool -> ([B, Q, H, d], None).
+    ``s_aux`` [H]: learned sink logits (GPT-OSS), one more softmax term per head with no value."""
+    if module.__dict__.get("_headscope_seen") is False:          # HookedModel's load-time check
+        module.__dict__["_headscope_seen"] = True
+    _check_kwargs(module, dropout, kwargs)
     B, H, Q, d = query.shape
     K = key.shape[2]
     if scaling is None:
         scaling = d ** -0.5
-    causal = getattr(module, "is_causal", True)
+    causal = bool(is_causal) if is_causal is not None else getattr(module, "is_causal", True)
+    sinks = None
+    if s_aux is not None:
+        sinks = torch.as_tensor(s_aux).to(device=query.device).reshape(-1)
+        if sinks.numel() != H:
+            raise ValueError(f"s_aux has {sinks.numel()} values for {H} query heads: expected one sink logit per head")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise RuntimeError("headscope attention expects the compact [batch, k_len] padding mask; "
                            "load the model through headscope.load so its mask function is registered")
@@ -121,7 +224,7 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
     layer = getattr(module, "_headscope_layer", getattr(module, "layer_idx", 0))
     plan = state.plan(layer) if state is not None and state.active() else None
     if plan is None:
-        out = _fast(module, query, key, value, key_padding, scaling, sliding_window, softcap, causal)
+        out = _fast(module, query, key, value, key_padding, scaling, sliding_window, softcap, causal, sinks)
         return out.transpose(1, 2).contiguous(), None
 
     hooks = plan.hooks
@@ -148,10 +251,10 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
     if plan.edits is not None and plan.edits.redistributions:
         _check_spans(plan.edits, key_pos0, K, layer)
     if plan.stats is None and plan.edits is None and score_hook is None and pattern_hook is None:
-        out = _fast(module, query, key, value, key_padding, scaling, sliding_window, softcap, causal)
+        out = _fast(module, query, key, value, key_padding, scaling, sliding_window, softcap, causal, sinks)
     else:
         out, stats = _instrumented(module, query, key, value, key_padding, scaling, sliding_window, softcap,
-                                   causal, key_pos0, plan.stats, plan.edits, score_hook, pattern_hook)
+                                   causal, key_pos0, plan.stats, plan.edits, score_hook, pattern_hook, sinks)
         for rec in plan.recorders:
             rec.add(layer, stats)
     out = out.transpose(1, 2)                                   # [B, Q, H, d]

@@ -42,9 +42,10 @@ def as_indices(x, what: str) -> tuple[int, ...]:
     return (as_index(x, what),)
 
 
-def check_range(i: int, n: int, what: str, of: str) -> None:
+def check_range(i: int, n: int, what: str, size: str) -> None:
+    """IndexError unless 0 <= i < n; ``size`` says what has n (e.g. "the model has 30 layers")."""
     if not 0 <= i < n:
-        raise IndexError(f"{what} {i} out of range: {of} has {n} (valid: 0..{n - 1})")
+        raise IndexError(f"{what} {i} out of range: {size} (valid: 0..{n - 1})")
 
 
 def as_spans(spans, what: str) -> tuple[tuple[int, int], ...]:

@@ -129,6 +129,8 @@ class Ablate(OutputEdit):
             raise ValueError(f"Ablate(how={self.how!r}): use 'zero', 'mean' or 'uniform'")
         if self.how == "mean" and self.mean is None:
             raise ValueError("Ablate(how='mean') needs mean=tensor [d_head] (see HookedModel.mean_z)")
+        if self.how != "mean" and self.mean is not None:
+            raise ValueError(f"Ablate(how={self.how!r}) got mean=...: the mean is used only with how='mean'")
         if self.how == "uniform":
             object.__setattr__(self, "eps", as_real(self.eps, "Ablate eps"))
             if not self.eps >= 0:
@@ -296,9 +298,9 @@ def compile_edits(edits, n_layers: int, n_heads: int, d_head: int, device=None) 
         if not (hasattr(ed, "add_to") or isinstance(ed, OutputEdit)) or not hasattr(ed, "layer"):
             raise TypeError(f"{ed!r} is not a headscope edit ({EDIT_TYPES})")
         name = type(ed).__name__
-        check_range(ed.layer, n_layers, f"{name}: layer", "the model's layer count")
+        check_range(ed.layer, n_layers, f"{name}: layer", f"the model has {n_layers} layers")
         for h in _heads(ed.head):
-            check_range(h, n_heads, f"{name}: head", f"layer {ed.layer}'s head count")
+            check_range(h, n_heads, f"{name}: head", f"layer {ed.layer} has {n_heads} heads")
         if getattr(ed, "output_space", False):
             ed.check(n_heads, d_head)
             out.setdefault(ed.layer, []).append(ed)

@@ -8,6 +8,14 @@ Names (layer l):
   blocks.{l}.attn.hook_pattern                                   [batch, head, query_pos, key_pos]
   blocks.{l}.attn.hook_z                                         [batch, pos, head, d_head]
   blocks.{l}.attn.hook_result                                    [batch, pos, head, d_model]
+  hook_embed                                                     [batch, pos, d_model] (token embedding as it
+                                                                 enters the residual, scaled where the model scales)
+  blocks.{l}.hook_attn_out                                       [batch, pos, d_model] (attention module output)
+  blocks.{l}.hook_mlp_in / hook_mlp_out                          [batch, pos, d_model] (MLP module input / output)
+Gradients: any name + "_grad" in ``run_with_cache(..., incl_bwd=True)``; ``bwd_hooks`` get d(metric)/d(tensor).
+hook_embed, hook_attn_out, hook_mlp_in and hook_mlp_out are served by ``module_hooks`` (torch hooks on the
+embedding, attention and MLP modules found by type/name search). hook_mlp_in is the MLP module's input, i.e.
+after the pre-MLP norm (TransformerLens hooks it before ln2).
 q and k are taken where the attention function sees them, after rotary embeddings (TransformerLens
 calls these hook_rot_q / hook_rot_k; both names are accepted). Under a KV cache, k and v cover every
 cached position and q only the new ones.
@@ -21,28 +29,35 @@ import torch
 
 ATTN_KINDS = ("q", "k", "v", "attn_scores", "pattern", "z", "result")
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
+MODULE_KINDS = ("attn_out", "mlp_in", "mlp_out")           # block-level, served by probe/module_hooks.py
+EMBED = "embed"                                            # "hook_embed"; stored under layer -1
 _ALIASES = {"rot_q": "q", "rot_k": "k", "scores": "attn_scores"}
 _NAME = re.compile(r"^blocks\.(\d+)\.(?:attn\.)?hook_(\w+)$")
 
 
 def hook_name(kind: str, layer: int) -> str:
     kind = _ALIASES.get(kind, kind)
-    if kind in RESID_KINDS:
+    if kind == EMBED:
+        return "hook_embed"
+    if kind in RESID_KINDS + MODULE_KINDS:
         return f"blocks.{layer}.hook_{kind}"
     if kind in ATTN_KINDS:
         return f"blocks.{layer}.attn.hook_{kind}"
-    raise KeyError(f"unknown hook kind {kind!r}; known: {ATTN_KINDS + RESID_KINDS}")
+    raise KeyError(f"unknown hook kind {kind!r}; known: {ATTN_KINDS + RESID_KINDS + MODULE_KINDS + (EMBED,)}")
 
 
 def parse(name: str, n_layers: int) -> tuple[int, str]:
     """'blocks.3.attn.hook_pattern' -> (3, 'pattern'), with a clear error for anything else."""
+    if name == "hook_embed":
+        return -1, EMBED
     m = _NAME.match(name)
     if not m:
         raise ValueError(f"unknown hook name {name!r}: expected e.g. 'blocks.0.attn.hook_pattern' "
                          f"or 'blocks.0.hook_resid_pre'")
     layer, kind = int(m.group(1)), _ALIASES.get(m.group(2), m.group(2))
-    if kind not in ATTN_KINDS + RESID_KINDS:
-        raise ValueError(f"unknown hook {name!r}: kinds are {ATTN_KINDS + RESID_KINDS}")
+    if kind not in ATTN_KINDS + RESID_KINDS + MODULE_KINDS:
+        raise ValueError(f"unknown hook {name!r}: kinds are {ATTN_KINDS + RESID_KINDS + MODULE_KINDS} "
+                         "(and 'hook_embed')")
     if ("attn." in name) != (kind in ATTN_KINDS):
         raise ValueError(f"hook {name!r}: did you mean {hook_name(kind, layer)!r}?")
     if not 0 <= layer < n_layers:
@@ -51,7 +66,8 @@ def parse(name: str, n_layers: int) -> tuple[int, str]:
 
 
 def all_names(n_layers: int) -> list[str]:
-    return [hook_name(k, l) for l in range(n_layers) for k in RESID_KINDS[:1] + ATTN_KINDS + RESID_KINDS[1:]]
+    per_layer = RESID_KINDS[:1] + ATTN_KINDS + ("attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
+    return ["hook_embed"] + [hook_name(k, l) for l in range(n_layers) for k in per_layer]
 
 
 @dataclass
@@ -70,7 +86,8 @@ class ActivationCache(dict):
     def __getitem__(self, key):
         if isinstance(key, tuple):
             kind, layer = key
-            key = hook_name(kind, layer)
+            grad = kind.endswith("_grad")
+            key = hook_name(kind[:-5] if grad else kind, layer) + ("_grad" if grad else "")
         try:
             return super().__getitem__(key)
         except KeyError:
@@ -78,5 +95,8 @@ class ActivationCache(dict):
 
     def stack(self, kind: str) -> torch.Tensor:
         """All cached layers of one kind stacked on a new first (layer) axis."""
-        layers = sorted(int(n.split(".")[1]) for n in self if n == hook_name(kind, int(n.split(".")[1])))
+        grad = kind.endswith("_grad")
+        base, suffix = (kind[:-5], "_grad") if grad else (kind, "")
+        layers = sorted(int(n.split(".")[1]) for n in self
+                        if n.startswith("blocks.") and n == hook_name(base, int(n.split(".")[1])) + suffix)
         return torch.stack([self[kind, l] for l in layers])

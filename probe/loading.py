@@ -120,7 +120,6 @@ def save_dequantised(model, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
 
 
-_save_dequantised = save_dequantised      # older name, still used by heads/refusal_tuning.py
 
 
 def convert_gguf(gguf: Path, folder: Path) -> None:

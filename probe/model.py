@@ -10,16 +10,18 @@ serve the residual-stream and ``hook_result`` names.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..kernels.spec import StatRequest
 from . import attention as _attention
+from . import module_hooks
+from .checks import as_indices, check_range
 from .edits import EDIT_TYPES, OutputEdit, compile_edits
 from .cache import ActivationCache
-from .hooks import ATTN_KINDS, Hook, hook_name, parse
+from .hooks import Hook, hook_name, parse
 from .record import Recorder
 from .state import ProbeState
 from .tl_idioms import TLConfigNames, TLIdioms
@@ -93,7 +95,26 @@ class HookedModel(TLIdioms, nn.Module):
         for i, a in enumerate(self.attn):
             a._headscope = self.state          # read by the attention function
             a._headscope_layer = i
+        self._check_dispatch()
         self._install_torch_hooks()
+
+    def _check_dispatch(self):
+        """Run two tokens and refuse the model unless every layer's attention module went through
+        the registered attention function: a model class whose attention does not dispatch through
+        transformers' ``AttentionInterface`` (e.g. Falcon in transformers 5) would otherwise load,
+        run its own attention and silently ignore every hook, statistic and edit."""
+        with torch.no_grad(), _attention.watch_calls(self.attn) as seen:
+            self.model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.device), use_cache=False)
+        missing = [i for i in range(len(self.attn)) if i not in seen]
+        if missing:
+            cls = type(self.attn[missing[0]]).__name__
+            raise TypeError(
+                f"{type(self.model).__name__} cannot run through headscope: its attention modules ({cls}, "
+                f"layers {missing}) do not call transformers' attention interface (ALL_ATTENTION_FUNCTIONS), "
+                "so headscope's attention function would never run and every hook, statistic and edit "
+                "would be silently ignored. Use a model class whose attention dispatches through "
+                "AttentionInterface (Llama, Qwen2/3, Mistral, Gemma, GPT-2, GPT-NeoX, OPT, ...; e.g. convert "
+                "the checkpoint to one), or run this model without headscope.")
 
     # ---------------------------------------------------------------- permanent torch hooks
     def _install_torch_hooks(self):
@@ -146,6 +167,7 @@ class HookedModel(TLIdioms, nn.Module):
                         return None
                     return output + (new - res).sum(-2)
                 proj.register_forward_hook(result)
+        module_hooks.install(self)          # hook_embed, hook_attn_out, hook_mlp_in, hook_mlp_out
 
     # ---------------------------------------------------------------- tokens
     def to_tokens(self, text, prepend_bos: bool = True, chat: bool = False) -> torch.Tensor:
@@ -260,11 +282,12 @@ class HookedModel(TLIdioms, nn.Module):
                 self.layers[i].__dict__.pop("forward", None)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks=()):
+    def hooks(self, fwd_hooks=(), bwd_hooks=()):
         """Add (name or name-filter, fn) hooks for the duration of the block (for this call only:
-        other threads do not see them)."""
+        other threads do not see them); ``bwd_hooks`` get the gradient of the hooked tensor
+        (TransformerLens), see ``module_hooks.as_forward``."""
         added = []
-        for entry in fwd_hooks:
+        for entry in list(fwd_hooks) + module_hooks.as_forward(bwd_hooks):
             if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
                 raise TypeError(f"fwd_hooks entries are (name or name-filter, fn) pairs, got {entry!r}")
             name, fn = entry
@@ -274,10 +297,13 @@ class HookedModel(TLIdioms, nn.Module):
                 names = [name]
             elif callable(name):
                 names = [n for n in self.hook_names() if name(n)]
+                if not names:
+                    raise ValueError(f"hook filter {name!r} matched no hook name; see model.hook_names()")
             else:
                 raise TypeError(f"hook name must be a string or a predicate on names, got {name!r}")
             for n in names:
                 layer, kind = parse(n, self.cfg.n_layers)
+                module_hooks.check(self, layer, kind)
                 added.append((layer, kind, fn))
         handle = self.state.push(hooks=added)
         try:
@@ -285,8 +311,8 @@ class HookedModel(TLIdioms, nn.Module):
         finally:
             self.state.pop(handle)
 
-    def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, **kwargs):
-        with self.hooks(fwd_hooks):
+    def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, bwd_hooks=(), **kwargs):
+        with self.hooks(fwd_hooks, bwd_hooks):
             return self(tokens, attention_mask=attention_mask, **kwargs)
 
     def hook_names(self) -> list[str]:
@@ -301,9 +327,10 @@ class HookedModel(TLIdioms, nn.Module):
         return self.pattern_bytes(batch, n_tokens, n_layers) <= free_bytes(self.device) // 2
 
     def run_with_cache(self, tokens, names_filter=None, attention_mask=None, max_bytes: int | None = None,
-                       **kwargs):
+                       incl_bwd: bool = False, bwd_metric=None, **kwargs):
         """(logits, ActivationCache). ``names_filter``: None (all), a name, a list of names or a
-        predicate. Patterns cost batch·heads·N²·4 bytes a layer: this refuses up front, with a
+        predicate. ``incl_bwd``: also back-propagate ``bwd_metric(logits)`` (default: the mean
+        next-token loss, TransformerLens' return_type="loss") and cache ``name + "_grad"``. Patterns cost batch·heads·N²·4 bytes a layer: this refuses up front, with a
         pointer to ``record``, when that exceeds ``max_bytes`` (default: half the free memory)."""
         if names_filter is None:
             names = self.hook_names()
@@ -311,8 +338,16 @@ class HookedModel(TLIdioms, nn.Module):
             names = [names_filter]
         elif callable(names_filter):
             names = [n for n in self.hook_names() if names_filter(n)]
-        else:
+            if not names:
+                raise ValueError("names_filter matched no hook name; see model.hook_names()")
+        elif isinstance(names_filter, (list, tuple, set, frozenset)):
             names = list(names_filter)
+            bad = [n for n in names if not isinstance(n, str)]
+            if bad:
+                raise TypeError(f"names_filter lists hook names (strings), got {bad[:3]!r}")
+        else:
+            raise TypeError("names_filter is None, a hook name, a list of names or a predicate on names; "
+                            f"got {type(names_filter).__name__}")
         parsed = [parse(n, self.cfg.n_layers) for n in names]
         toks, _ = self._inputs(tokens, attention_mask)
         B, N = toks.shape
@@ -332,30 +367,30 @@ class HookedModel(TLIdioms, nn.Module):
                 cache[name] = t.detach()
             return fn
 
-        with self.hooks([(n, saver(hook_name(k, l))) for n, (l, k) in zip(names, parsed)]):
+        grads = module_hooks.grad_savers([hook_name(k, l) for l, k in parsed], cache) if incl_bwd else []
+        with self.hooks([(n, saver(hook_name(k, l))) for n, (l, k) in zip(names, parsed)] + grads):
             logits = self(tokens, attention_mask=attention_mask, **kwargs)
+        if incl_bwd:
+            (bwd_metric(logits) if bwd_metric else module_hooks.next_token_loss(logits, toks)).backward()
         return logits, cache
 
     @contextlib.contextmanager
     def record(self, stats: StatRequest | None = None, layers=None, heads=None, **kw):
         """Record O(N) per-head statistics while the block runs: ``stats`` is a ``Stats`` (=
         ``kernels.StatRequest``) or its fields as keywords. Yields a ``Recorder``."""
-        request = stats if stats is not None else StatRequest(**kw)
         if stats is not None and kw:
             raise TypeError("give either stats=Stats(...) or keyword fields, not both")
-        layers = list(range(self.cfg.n_layers)) if layers is None else [int(l) for l in
-                                                                       ([layers] if isinstance(layers, int) else layers)]
+        if stats is not None and not isinstance(stats, StatRequest):
+            raise TypeError(f"record(stats=...) takes a headscope.Stats, got {type(stats).__name__}")
+        request = stats if stats is not None else StatRequest(**kw)
+        n_layers, n_heads = self.cfg.n_layers, self.cfg.n_heads
+        layers = list(range(n_layers)) if layers is None else list(as_indices(layers, "record layers"))
         for l in layers:
-            if not 0 <= l < self.cfg.n_layers:
-                raise IndexError(f"layer {l} out of range, the model has {self.cfg.n_layers} layers")
+            check_range(l, n_layers, "layer", f"{self.cfg.name} has {n_layers} layers")
         if heads is not None:
-            heads = [heads] if isinstance(heads, int) else list(heads)
+            heads = list(as_indices(heads, "record heads"))
             for h in heads:
-                if not 0 <= h < self.cfg.n_heads:
-                    raise IndexError(f"head {h} out of range, the model has {self.cfg.n_heads} heads per layer")
-        for a, b in request.spans:
-            if b <= a:
-                raise ValueError(f"span ({a}, {b}) is empty: spans are half-open [start, end) with end > start")
+                check_range(h, n_heads, "head", f"{self.cfg.name} has {n_heads} heads per layer")
         rec = Recorder(request, layers, heads)
         handle = self.state.push(recorders=[rec])
         try:

@@ -150,3 +150,168 @@ def test_explorer_in_headless_chromium(report, tmp_path):
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def _malformed_reports(base: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    """Broken copies of a good report folder -> {case: (folder, message fragment)}."""
+    cases = {}
+
+    def copy(name):
+        d = base / name
+        shutil.copytree(good, d)
+        return d
+    d = base / "empty"
+    d.mkdir()
+    cases["no scores.json"] = (d, "has no scores.json")
+    d = copy("badjson")
+    (d / "scores.json").write_text("{not json")
+    cases["bad JSON"] = (d, "not valid JSON")
+    d = copy("notdict")
+    (d / "scores.json").write_text("[1, 2]")
+    cases["not a summary"] = (d, "not a headscope report summary")
+    d = copy("missingraw")
+    (d / "raw" / "previous_token.json").unlink()
+    cases["missing analyzer file"] = (d, "previous_token.json is missing")
+    d = copy("badtensors")
+    (d / "raw" / "sinks.safetensors").write_bytes(b"\x00garbage")
+    cases["unreadable tensors"] = (d, "cannot read 'sinks'")
+    d = copy("badmeta")
+    (d / "raw" / "sinks.json").write_text(json.dumps({"method": "sinks"}))
+    cases["incomplete metadata"] = (d, "cannot read 'sinks'")
+    return cases
+
+
+def test_malformed_report_folders_are_messages(report, tmp_path):
+    """Each malformed folder: views.load_report raises a ValueError/FileNotFoundError naming the
+    problem, and the app shows it as an error message, not an exception."""
+    from streamlit.testing.v1 import AppTest
+    folder, _ = report
+    cases = _malformed_reports(tmp_path, folder)
+    for case, (d, frag) in cases.items():
+        with pytest.raises((ValueError, FileNotFoundError), match=frag):
+            views.load_report(d)
+    at = AppTest.from_file(EXPLORER, default_timeout=120)
+    at.run()
+    for case, (d, frag) in cases.items():
+        at.text_input(key="report").set_value(str(d)).run()
+        assert not at.exception, (case, at.exception)
+        assert any(frag in e.value for e in at.error), (case, [e.value for e in at.error])
+    at.text_input(key="report").set_value(str(folder)).run()      # and a good one still shows
+    assert not at.exception and not at.error and at.subheader[0].value == "Report — tiny-llama"
+
+
+def test_rewritten_report_is_reloaded(report, tmp_path):
+    """The explorer's report cache is keyed on scores.json's mtime: a report written again shows anew."""
+    folder, results = report
+    m = hs.load("tiny-llama")
+    out = tmp_path / "rep"
+    write_report(m, {"sinks": results["sinks"]}, {}, out)
+    sig = views.report_signature(out)
+    time.sleep(0.01)
+    write_report(m, results, {}, out)
+    assert views.report_signature(out) != sig and views.report_signature(tmp_path / "none") == ()
+    assert list(views.load_report(out)[1]) == ["sinks", "previous_token"]
+
+
+def test_views_in_overlapping_sessions_each_get_their_own_result():
+    """Two Streamlit sessions (threads) share one cached model: live statistics on prompts of
+    different lengths and a generation with heads ablated, run at the same time, each give exactly
+    what they give alone (the 'stack expects each tensor to be equal size' crash and ablations
+    bleeding into the unedited output were both shared per-model state)."""
+    import threading
+    m = hs.load("tiny-llama")
+    torch.manual_seed(0)
+    prompts = [torch.randint(1, 128, (1, n)) for n in (7, 23, 41, 13)]
+
+    def stats(toks):
+        with torch.no_grad(), m.record(hs.Stats(sink_k=1, entropy=True)) as rec:
+            m(toks)
+        return rec.stack("entropy").clone()
+
+    def ablated(toks):
+        with torch.no_grad(), m.edit([hs.Ablate(l, h, how="zero") for l in range(3) for h in range(4)]):
+            return m(toks).clone()
+
+    def plain(toks):
+        with torch.no_grad():
+            return m(toks).clone()
+    jobs = [(f, t) for t in prompts for f in (stats, ablated, plain)] * 3
+    expected = [f(t) for f, t in jobs]
+    got = [None] * len(jobs)
+    errors = []
+    start = threading.Barrier(len(jobs))
+
+    def run(i, f, t):
+        try:
+            start.wait()
+            got[i] = f(t)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+    threads = [threading.Thread(target=run, args=(i, f, t)) for i, (f, t) in enumerate(jobs)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for (f, _), e, g in zip(jobs, expected, got):
+        torch.testing.assert_close(g, e, msg=f.__name__)
+    assert not torch.allclose(expected[1], expected[2])           # the ablation does change the logits
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _start_explore(report_dir, port):
+    proc = subprocess.Popen([sys.executable, "-m", "headscope.app.cli", "explore", "--headless", "--port", str(port),
+                             "--report", str(report_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    line = proc.stderr.readline()                     # "headscope explore: serving on ... (streamlit pid N)"
+    assert "serving on http://127.0.0.1:" in line, line
+    child = int(line.split("streamlit pid ")[1].split(")")[0])
+    for _ in range(120):
+        if _listening(port):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the explorer did not start listening within 60 s")
+    return proc, child
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:                                              # a zombie (not yet reaped) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_explore_binds_localhost_and_stops_its_server_with_itself(report, sig):
+    """`headscope explore` binds 127.0.0.1 by default and its Streamlit server ends when the command
+    is killed (SIGTERM: the finally block; SIGKILL: the child's parent-death signal, Linux)."""
+    import signal
+    folder, _ = report
+    port = _free_port()
+    proc, child = _start_explore(folder, port)
+    try:
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[cmdline.index(b"--server.address") + 1] == b"127.0.0.1"
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=30)
+        for _ in range(60):
+            if _gone(child) and not _listening(port):
+                break
+            time.sleep(0.5)
+        assert _gone(child), f"streamlit (pid {child}) still runs after {sig} to `headscope explore`"
+        assert not _listening(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if not _gone(child):
+            os.kill(child, 9)

@@ -215,3 +215,200 @@ def test_stale_temp_folders_are_removed_on_next_load(fake_cache):
     hs.load("fakemodel")
     assert not orphan.exists() and not old_style.exists()
     assert recent.exists() and other.exists()
+
+
+# ------------------------------------------------------------------ the CLI: arguments before the model
+from headscope.app import cli  # noqa: E402
+from headscope.heads import HeadScores  # noqa: E402
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fail the test if the CLI loads a model."""
+    def boom(*a, **k):
+        raise AssertionError("the CLI loaded a model before checking its arguments")
+    monkeypatch.setattr(hs, "load", boom)
+
+
+def _run(capsys, argv):
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:          # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["score", "sinks", "--param", "n_tokens=abc"], "n_tokens=abc: expected int"),
+    (["score", "sinks", "--param", "eps=fast"], "eps=fast: expected float"),
+    (["score", "sinks", "--param", "prepend_bos=maybe"], "expected bool"),
+    (["score", "retrieval", "--param", "lengths=[1,"], "expected tuple or NoneType"),
+    (["score", "sinks", "--param", "no_such=1"], "unknown parameter 'no_such' for sinks; its parameters: eps"),
+    (["score", "sinks", "--param", "n_tokens"], "expects KEY=VALUE"),
+    (["score", "no_such_method"], "unknown analyzer 'no_such_method'; available:"),
+    (["score", "sinks", "--top", "0"], "expected a positive integer"),
+    (["score", "sinks", "--device", "gpu7"], "is not a device"),
+    (["report", "--out", "x", "--only", "sinks,bogus"], "unknown analyzer(s) bogus"),
+    (["explore", "--port", "99999"], "port number"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_argument_is_one_line_exit_2_before_loading(capsys, no_load, tmp_path, monkeypatch, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, argv)
+    assert code == 2
+    assert fragment in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err + out
+    assert not list(tmp_path.iterdir())                       # nothing written
+
+
+def test_param_values_are_typed():
+    from headscope.heads import ANALYZERS
+    p = cli.parse_params(ANALYZERS["retrieval"], ["lengths=200,400", "depths=[0, 50]", "needles=None",
+                                                  "chat=false", "rouge_gate=0.25", "batch_size=2"])
+    assert p == {"lengths": (200, 400), "depths": (0, 50), "needles": None, "chat": False,
+                 "rouge_gate": 0.25, "batch_size": 2}
+    assert cli.parse_params(ANALYZERS["sinks"], ["eps=1"]) == {"eps": 1.0}
+    with pytest.raises(cli.UsageError, match="expected int"):
+        cli.parse_params(ANALYZERS["sinks"], ["n_tokens=2.5"])
+    with pytest.raises(cli.UsageError, match="expected float"):
+        cli.parse_params(ANALYZERS["sinks"], ["eps=inf"])
+
+
+def test_help_is_fast_and_imports_no_torch():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    code = ("import sys, headscope.app.cli as c\n"
+            "heavy = [m for m in ('torch', 'transformers', 'streamlit', 'plotly') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    for argv in (["--help"], ["score", "--help"], ["report", "--help"], ["explore", "--help"]):
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "headscope.app.cli", *argv],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 0 and "usage: headscope" in r.stdout
+        imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines()}
+        assert "torch" not in imported and "transformers" not in imported
+
+
+# ------------------------------------------------------------------ output folders, written whole
+def test_out_is_checked_before_loading(capsys, no_load, tmp_path):
+    afile = tmp_path / "a-file"
+    afile.write_text("keep me")
+    code, _, err = _run(capsys, ["report", "--model", "tiny-llama", "--out", str(afile)])
+    assert code == 2 and "is a file; give a folder" in err
+    mine = tmp_path / "my-notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    code, _, err = _run(capsys, ["report", "--model", "tiny-llama", "--out", str(mine)])
+    assert code == 2 and "is not empty and holds no scores.json" in err
+    code, _, err = _run(capsys, ["report", "--model", "tiny-llama", "--out", str(afile / "sub" / "out")])
+    assert code == 2 and "cannot be made" in err
+    (tmp_path / "x.json").mkdir()
+    code, _, err = _run(capsys, ["score", "sinks", "--model", "tiny-llama", "--out", str(tmp_path / "x")])
+    assert code == 2 and "x.json is a folder; give a file path" in err
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK) and os.geteuid() == 0:   # root writes anyway: a path under /proc instead
+            target = "/proc/headscope-no/out"
+        else:
+            target = str(ro / "out")
+        code, _, err = _run(capsys, ["report", "--model", "tiny-llama", "--out", target])
+        assert code == 2 and "cannot write in" in err
+    finally:
+        ro.chmod(0o700)
+    assert afile.read_text() == "keep me" and [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "my-notes", "read-only", "x.json"]
+    assert not [p for p in tmp_path.rglob(".*")]
+
+
+def _fake_results():
+    return {n: HeadScores(scores=torch.rand(3, 4, generator=torch.Generator().manual_seed(i)), method=n,
+                          model={"name": "tiny-llama"}, paper="a paper", description="what it means")
+            for i, n in enumerate(("sinks", "previous_token"))}
+
+
+def test_report_failed_analyzer_exit_1_listed_and_rerun_replaces_whole(capsys, tmp_path, monkeypatch, tiny_folder):
+    """Real analyzers on a tiny model: previous_token and duplicate_token run; sinks is made to fail."""
+    from headscope.heads import ANALYZERS
+    out = tmp_path / "rep"
+
+    def fails(self, model, data=None, progress=True):
+        raise RuntimeError("sinks broke on purpose")
+    code, _, err = _run(capsys, ["report", "--model", str(tiny_folder), "--out", str(out),
+                                 "--only", "previous_token,duplicate_token"])
+    assert code == 0, err
+    assert (out / "raw" / "duplicate_token.json").exists()
+    monkeypatch.setattr(ANALYZERS["sinks"], "score", fails)
+    code, _, err = _run(capsys, ["report", "--model", str(tiny_folder), "--out", str(out),
+                                 "--only", "previous_token,sinks"])
+    assert code == 1
+    assert "1 of 2 analyzers failed" in err and "sinks: RuntimeError: sinks broke on purpose" in err
+    summary = json.loads((out / "scores.json").read_text())
+    assert set(summary["analyzers"]) == {"previous_token"} and "sinks" in summary["errors"]
+    html = (out / "report.html").read_text()
+    assert "Failed analyzers" in html and "sinks broke on purpose" in html and "sinks — FAILED" in html
+    assert sorted(p.name for p in (out / "raw").iterdir()) == ["previous_token.json", "previous_token.safetensors"]
+    assert not [p for p in tmp_path.rglob(".*")]
+
+
+@pytest.mark.parametrize("where", ["report.html", "safetensors"])
+def test_report_full_disk_leaves_earlier_report_and_no_temp(capsys, tmp_path, monkeypatch, where):
+    import pathlib
+
+    import safetensors.torch
+
+    from headscope.app import report
+    out = tmp_path / "rep"
+    monkeypatch.setattr(report, "run_analyzers", lambda model, names: (_fake_results(), {}))
+    code, _, err = _run(capsys, ["report", "--model", "tiny-llama", "--out", str(out)])
+    assert code == 0, err
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert len(before) == 6
+
+    def enospc(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    if where == "report.html":
+        real = pathlib.Path.write_text
+        monkeypatch.setattr(pathlib.Path, "write_text",
+                            lambda self, *a, **k: enospc() if self.name == "report.html" else real(self, *a, **k))
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", enospc)
+    code, _, err = _run(capsys, ["report", "--model", "tiny-llama", "--out", str(out)])
+    assert code == 1 and "No space left on device" in err and "nothing was written" in err
+    assert len(err.strip().splitlines()) == 1
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.rglob(".*")]
+    new = tmp_path / "new"                                   # and with no earlier report: nothing at all
+    code, _, err = _run(capsys, ["report", "--model", "tiny-llama", "--out", str(new)])
+    assert code == 1 and not new.exists() and not [p for p in tmp_path.rglob(".*")]
+
+
+def test_score_out_full_disk_writes_neither_file(capsys, tmp_path, monkeypatch):
+    import pathlib
+
+    from headscope.heads import ANALYZERS
+    res = _fake_results()["sinks"]
+    monkeypatch.setattr(ANALYZERS["sinks"], "score", lambda self, model, data=None, progress=True: res)
+    code, out, err = _run(capsys, ["score", "sinks", "--model", "tiny-llama", "--out", str(tmp_path / "s")])
+    assert code == 0 and (tmp_path / "s.json").exists() and (tmp_path / "s.safetensors").exists()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = pathlib.Path.write_text
+
+    def full(self, *a, **k):       # the .json is written after the .safetensors: fail there
+        if ".json" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    code, _, err = _run(capsys, ["score", "sinks", "--model", "tiny-llama", "--out", str(tmp_path / "s")])
+    assert code == 1 and "No space left on device" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before      # old pair intact, no temp
+    code, _, err = _run(capsys, ["score", "sinks", "--model", "tiny-llama", "--out", str(tmp_path / "t.json")])
+    assert code == 1 and not list(tmp_path.glob("t.*")) and not [p for p in tmp_path.rglob(".*")]
+
+
+def test_unknown_model_and_missing_path_exit_2(capsys, tmp_path):
+    code, _, err = _run(capsys, ["score", "previous_token", "--model", "no-such-model"])
+    assert code == 2 and "unknown model 'no-such-model'" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, ["score", "previous_token", "--model", str(tmp_path / "gone")])
+    assert code == 2 and "no such file or folder" in err

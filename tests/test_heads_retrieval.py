@@ -227,7 +227,7 @@ def test_needle_placement(smollm2):
 def test_smollm2_needle(smollm2):
     an = Retrieval(lengths=(150,), depths=(50.0,), max_new_tokens=24)
     res = an.score(smollm2, progress=False)
-    assert res.extra["test_recall"][0] > 0.5, res.params["outputs"]     # SmolLM2 finds the needle here
+    assert res.extra["test_recall"][0] > 0.5, res.info["outputs"]     # SmolLM2 finds the needle here
     assert res.scores.shape == (30, 9)
     assert res.scores.max() > 0.5                                      # some head copies most of it
     top_layer = res.top(1)[0][0]

@@ -1,0 +1,31 @@
+#!/bin/bash
+# The kernel measurements of notes/kernels-benchmarks.md, as run on the lent H200 (device tool).
+# Usage (inside the repo copy on the GPU machine): bash benchmarks/h200_kernels.sh STEP...
+#   fa4     install FlashAttention-4 from the wheels in $WHEELS (default .whl) into /tmp/fa4site
+#   tests   GPU tests of the Triton kernels (decode + general) and the probe check
+#   decode  decode sweep + decode table;  compare  prefill sweep + FA4/cuDNN/flash/Flex/ours table
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
+export PYTHONPATH=/tmp/pp:$PWD PYTHONUNBUFFERED=1
+SITE=/tmp/fa4site
+export KERNELS_BEST=${KERNELS_BEST:-$HOME/kernels_best.json}
+if [ -d $SITE/nvidia_cutlass_dsl ]; then export PYTHONPATH=$PYTHONPATH:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages; fi
+for step in "$@"; do
+  case $step in
+    fa4)
+      mkdir -p $SITE
+      for w in ${WHEELS:-.whl}/*.whl; do python3 -m zipfile -e "$w" $SITE; done
+      export PYTHONPATH=$PYTHONPATH:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages
+      python3 -c "from flash_attn.cute import flash_attn_func; print('FA4 import ok')" 2>&1 | tail -3 ;;
+    tests)
+      python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_triton_kernels.py 2>&1 | tee $OUT/tests.log | tail -15
+      python3 benchmarks/cuda_probe_check.py 2>&1 | tee $OUT/probe_check.log | tail -15 ;;
+    decode)
+      python3 benchmarks/kernels.py --decode-sweep --decode 2>&1 | tee $OUT/decode.log | grep -v "^$" | tail -30 ;;
+    sweep)
+      python3 benchmarks/kernels.py --sweep --sweep-sizes 16384 2>&1 | tee $OUT/sweep.log | tail -30 ;;
+    compare)
+      python3 benchmarks/kernels.py --compare 2>&1 | tee $OUT/compare.log | tail -30 ;;
+  esac
+done

@@ -1,0 +1,332 @@
+"""Circuit tasks: clean / corrupted prompt pairs of equal token length and a metric at the last
+position, built for any tokenizer.
+
+- IOI (Wang et al. 2022, "Interpretability in the Wild", §2): "When Mary and John went to the store,
+  John gave a drink to" -> " Mary". ABBA and BABA orders; corrupted prompts replace all three names by
+  other names ("ABC" distribution, §3.1); metric = logit(IO) - logit(S) at the last position.
+- Greater-than (Hanna et al. 2023, "How does GPT-2 compute greater-than?", §2): "The war lasted from
+  the year 17YY to the year 17"; corrupted YY = 01; metric = probability mass on years > YY minus
+  mass on years <= YY. Tokenizers that have every two-digit number as one token get the paper's
+  metric over "00".."99"; tokenizers that split digits (SmolLM2, Gemma-3) predict the tens digit
+  first, so there the metric is P(tens digit > Y_tens) - P(tens digit < Y_tens) (equal tens digits,
+  which need the next token to decide, are left out) and YY is drawn with Y_tens in 2..8.
+- Colored Objects (Merullo et al. 2023, "Circuit Component Reuse Across Tasks", §3): "Q: On the table,
+  I see a blue pencil, a red book and a green cup. What color is the book?\\nA:" -> " red"; the
+  wrong answer is another listed color; corrupted prompts draw three other colors.
+
+Names, places, objects and colors are kept only if they are ONE token (with their leading space) for
+the given tokenizer, so every answer / wrong answer is one token and a clean prompt and its corrupted
+partner have the same length; all prompts of a task have one length (templates are grouped by
+length), so positions line up across the batch (mean ablation "at the same position"). Seeded.
+
+``Task.evaluate(model)`` reports the clean accuracy and metric first; ``Task.check(model)`` raises
+``TaskNotSolved`` when the model cannot do the task (accuracy <= 0.5 or clean metric not above the
+corrupted one), and the circuit methods call it before analysing.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+NAMES = ["Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Kate", "Anna", "Lisa", "Paul", "Mark",
+         "Sarah", "David", "Michael", "Emma", "Jack", "Alice", "Bob", "Peter", "Laura", "Rachel", "Steve", "Chris",
+         "Jane", "Paula", "George", "Frank", "Helen", "Adam", "Ben", "Luke", "Sam", "Max", "Kevin", "Joe", "Tim",
+         "Lucy", "Grace", "Henry", "Jessica", "Daniel", "Robert", "Richard", "Thomas", "Charles", "Andrew"]
+PLACES = ["store", "garden", "restaurant", "school", "hospital", "office", "house", "station", "park", "beach",
+          "market", "library", "church", "bank", "cafe"]
+OBJECTS = ["drink", "ring", "kiss", "bone", "basketball", "computer", "necklace", "apple", "book", "ball",
+           "letter", "gift", "flower", "key", "snack"]
+IOI_TEMPLATES = [
+    "Then, {A} and {B} went to the {PLACE}. {B} gave a {OBJECT} to",
+    "When {A} and {B} got a {OBJECT} at the {PLACE}, {B} decided to give it to",
+    "After {A} and {B} went to the {PLACE}, {B} gave a {OBJECT} to",
+    "While {A} and {B} were working at the {PLACE}, {B} gave a {OBJECT} to",
+    "Friends {A} and {B} went to the {PLACE}. {B} gave a {OBJECT} to",
+    "When {A} and {B} went to the {PLACE}, {B} gave a {OBJECT} to",
+    "Then, {A} and {B} had a long argument, and afterwards {B} said to",
+    "After the lunch, {A} and {B} went to the {PLACE}. {B} gave a {OBJECT} to",
+]
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "purple", "orange", "pink", "gray", "silver",
+          "gold"]
+THINGS = ["pencil", "book", "cup", "ball", "key", "phone", "hat", "shoe", "bag", "box", "pen", "plate", "bowl",
+          "lamp", "clock", "sock", "mug", "chair"]
+NOUNS = ["war", "expedition", "drought", "campaign", "conflict", "reign", "famine", "voyage", "siege", "revolt"]
+
+
+class TaskNotSolved(RuntimeError):
+    """The model does not do the task; its circuit is not analysed."""
+
+
+@dataclass
+class Task:
+    """Clean / corrupted token pairs and the metric.
+
+    clean, corrupt: [batch, pos] token ids (same shape, no padding);
+    answer, wrong: [batch, n] token ids (n >= 1; -1 pads a row);
+    kind: "logit_diff" (mean answer logit - mean wrong logit) or "prob_diff" (answer mass - wrong mass).
+    The metric is read at the last position and averaged over the batch.
+    """
+
+    name: str
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    answer: torch.Tensor
+    wrong: torch.Tensor
+    kind: str = "logit_diff"
+    texts: list = field(default_factory=list)
+    corrupt_texts: list = field(default_factory=list)
+    paper: str = ""
+    report: dict | None = None          # filled by evaluate()
+
+    def __post_init__(self):
+        if self.clean.shape != self.corrupt.shape or self.clean.dim() != 2:
+            raise ValueError(f"clean {tuple(self.clean.shape)} and corrupt {tuple(self.corrupt.shape)} must be "
+                             "[batch, pos] of one shape (pairs of equal token length)")
+        for nm in ("answer", "wrong"):
+            t = getattr(self, nm)
+            t = t[:, None] if t.dim() == 1 else t
+            setattr(self, nm, t.long())
+            if t.shape[0] != self.clean.shape[0]:
+                raise ValueError(f"{nm} has {t.shape[0]} rows for {self.clean.shape[0]} prompts")
+        if self.kind not in ("logit_diff", "prob_diff"):
+            raise ValueError(f"kind must be 'logit_diff' or 'prob_diff', not {self.kind!r}")
+
+    def __len__(self):
+        return self.clean.shape[0]
+
+    def subset(self, idx) -> "Task":
+        idx = torch.as_tensor(idx)
+        return Task(self.name, self.clean[idx], self.corrupt[idx], self.answer[idx], self.wrong[idx], self.kind,
+                    [self.texts[i] for i in idx.tolist()] if self.texts else [],
+                    [self.corrupt_texts[i] for i in idx.tolist()] if self.corrupt_texts else [], self.paper)
+
+    # ------------------------------------------------------------------ metric
+    def per_example(self, logits: torch.Tensor, rows=None) -> torch.Tensor:
+        """logits [batch, pos, vocab] or [batch, vocab] (last position) -> metric per example [batch].
+        ``rows``: which of the task's examples these logits belong to (default: all)."""
+        last = logits[:, -1] if logits.dim() == 3 else logits                    # [B, V]
+        ans, wr = (self.answer, self.wrong) if rows is None else (self.answer[rows], self.wrong[rows])
+        ans, wr = ans.to(last.device), wr.to(last.device)
+        if self.kind == "prob_diff":
+            last = last.float().softmax(-1)
+
+        def pick(ids):
+            m = (ids >= 0).to(last.dtype)                                        # [B, n]
+            v = last.gather(1, ids.clamp_min(0)) * m
+            return v.sum(1) if self.kind == "prob_diff" else v.sum(1) / m.sum(1)
+        return pick(ans) - pick(wr)
+
+    def metric(self, logits: torch.Tensor, rows=None) -> torch.Tensor:
+        return self.per_example(logits, rows).mean()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, model, batch_size: int = 32) -> dict:
+        """Clean accuracy (share of examples with metric > 0) and mean metric on clean and corrupted
+        prompts; stored in ``self.report``."""
+        clean = torch.cat([self.per_example(_last_logits(model, self.clean[i:i + batch_size]), slice(i, i + batch_size))
+                           for i in range(0, len(self), batch_size)])
+        corr = torch.cat([self.per_example(_last_logits(model, self.corrupt[i:i + batch_size]), slice(i, i + batch_size))
+                          for i in range(0, len(self), batch_size)])
+        acc = float((clean > 0).float().mean())
+        solved = acc > 0.5 and float(clean.mean()) > float(corr.mean())
+        self.report = {"task": self.name, "model": model.cfg.name, "n": len(self), "metric": self.kind,
+                       "clean_metric": float(clean.mean()), "corrupt_metric": float(corr.mean()),
+                       "clean_accuracy": acc, "solved": solved}
+        return self.report
+
+    def check(self, model) -> dict:
+        """``evaluate`` (once) and raise ``TaskNotSolved`` if the model cannot do the task."""
+        r = self.report if self.report and self.report.get("model") == model.cfg.name else self.evaluate(model)
+        if not r["solved"]:
+            raise TaskNotSolved(
+                f"{model.cfg.name} does not do {self.name}: clean accuracy {r['clean_accuracy']:.2f}, clean "
+                f"{self.kind} {r['clean_metric']:.3f} vs corrupted {r['corrupt_metric']:.3f}; its circuit is "
+                "not analysed (pass check=False to analyse anyway)")
+        return r
+
+    @classmethod
+    def from_prompts(cls, model, clean, corrupt, answer, wrong, name: str = "custom",
+                     kind: str = "logit_diff") -> "Task":
+        """A user's own task: lists of clean and corrupted prompts (strings or token-id lists), the
+        answer and wrong answer per prompt (strings of ONE token each, with their leading space, or
+        ids). Every pair must tokenize to the same length, and all prompts to one length."""
+        tok = model.tokenizer
+        clean_ids = [_ids(tok, c) for c in clean]
+        corr_ids = [_ids(tok, c) for c in corrupt]
+        if len(clean_ids) != len(corr_ids) or not clean_ids:
+            raise ValueError(f"{len(clean_ids)} clean and {len(corr_ids)} corrupted prompts: give equally many (>0)")
+        lens = {len(c) for c in clean_ids} | {len(c) for c in corr_ids}
+        if len(lens) != 1:
+            bad = [i for i, (a, b) in enumerate(zip(clean_ids, corr_ids)) if len(a) != len(b)]
+            raise ValueError(f"prompts tokenize to lengths {sorted(lens)}; every clean/corrupted prompt must have "
+                             f"the same token length (unequal pairs: {bad[:5]})")
+
+        def one(a):
+            if isinstance(a, int):
+                return [a]
+            if isinstance(a, (list, tuple)) and all(isinstance(x, int) for x in a):
+                return list(a)
+            ids = tok.encode(a, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"answer {a!r} is {len(ids)} tokens for {model.cfg.name}'s tokenizer; answers "
+                                 "must be one token (mind the leading space)")
+            return ids
+        ans = _pad([one(a) for a in answer])
+        wr = _pad([one(w) for w in wrong])
+        return cls(name, torch.tensor(clean_ids), torch.tensor(corr_ids), ans, wr, kind,
+                   [c if isinstance(c, str) else "" for c in clean], [c if isinstance(c, str) else "" for c in corrupt])
+
+
+# ---------------------------------------------------------------------- helpers
+def _last_logits(model, toks):
+    try:
+        return model(toks, logits_to_keep=1)[:, -1]
+    except TypeError:
+        return model(toks)[:, -1]
+
+
+def _bos(tok) -> list:
+    enc = tok("a", add_special_tokens=True)["input_ids"]
+    plain = tok.encode("a", add_special_tokens=False)
+    return enc[:len(enc) - len(plain)] if enc[-len(plain):] == plain else []
+
+
+def _ids(tok, text):
+    if not isinstance(text, str):
+        return list(text)
+    return _bos(tok) + tok.encode(text, add_special_tokens=False)
+
+
+def _pad(rows):
+    n = max(len(r) for r in rows)
+    return torch.tensor([r + [-1] * (n - len(r)) for r in rows])
+
+
+def single_tokens(tok, words, space: bool = True) -> list[str]:
+    """The words that are one token for ``tok`` (with a leading space when ``space``)."""
+    return [w for w in words if len(tok.encode((" " if space else "") + w, add_special_tokens=False)) == 1]
+
+
+def _need(words, n, what, tok):
+    if len(words) < n:
+        raise ValueError(f"only {len(words)} {what} are single tokens for this tokenizer ({type(tok).__name__}); "
+                         f"the task needs {n}")
+    return words
+
+
+def _build(model, name, rows, kind, paper, n):
+    """rows: (clean text, corrupt text, answer ids, wrong ids); keep the most common token length."""
+    tok = model.tokenizer
+    enc = [(_ids(tok, c), _ids(tok, k), a, w) for c, k, a, w in rows]
+    enc = [e for e, r in zip(enc, rows) if len(e[0]) == len(e[1])]
+    length = Counter(len(e[0]) for e in enc).most_common(1)[0][0]
+    keep = [(e, r) for e, r in zip(enc, rows) if len(e[0]) == length][:n]
+    if len(keep) < n:
+        raise ValueError(f"{name}: only {len(keep)} prompts of one token length for this tokenizer (asked {n})")
+    return Task(name, torch.tensor([e[0] for e, _ in keep]), torch.tensor([e[1] for e, _ in keep]),
+                _pad([e[2] for e, _ in keep]), _pad([e[3] for e, _ in keep]), kind,
+                [r[0] for _, r in keep], [r[1] for _, r in keep], paper)
+
+
+def _tid(tok, word):
+    return tok.encode(" " + word, add_special_tokens=False)[0]
+
+
+# ---------------------------------------------------------------------- the tasks
+def ioi(model, n: int = 40, seed: int = 0, templates=None) -> Task:
+    """Indirect object identification (Wang et al. 2022): half ABBA, half BABA; ABC corruption;
+    metric logit(IO) - logit(S)."""
+    tok = model.tokenizer
+    rng = random.Random(seed)
+    names = _need(single_tokens(tok, NAMES), 5, "names", tok)
+    places = _need(single_tokens(tok, PLACES), 1, "places", tok)
+    objects = _need(single_tokens(tok, OBJECTS), 1, "objects", tok)
+    templates = templates or IOI_TEMPLATES
+    # group templates by token length (names/places/objects are single tokens, so the template fixes it)
+    probe = {t: len(_ids(tok, t.format(A=names[0], B=names[1], PLACE=places[0], OBJECT=objects[0])))
+             for t in templates}
+    length = Counter(probe.values()).most_common(1)[0][0]
+    templates = [t for t in templates if probe[t] == length]
+    rows = []
+    for i in range(n * 2):
+        t = rng.choice(templates)
+        a, b, c, d, e = rng.sample(names, 5)
+        place, obj = rng.choice(places), rng.choice(objects)
+        first, second = (a, b) if i % 2 == 0 else (b, a)              # ABBA / BABA
+        clean = _fill_ioi(t, first, second, b, place, obj)
+        corrupt = _fill_ioi(t, c, d, e, place, obj)
+        rows.append((clean, corrupt, [_tid(tok, a)], [_tid(tok, b)]))
+    return _build(model, "ioi", rows, "logit_diff", "Wang et al. 2022, Interpretability in the Wild (IOI)", n)
+
+
+def _fill_ioi(t, first, second, subject, place, obj):
+    """Template with names in order (first, second) and the repeated subject S."""
+    s = t.replace("{A}", first, 1).replace("{B}", second, 1).replace("{B}", subject)
+    return s.replace("{PLACE}", place).replace("{OBJECT}", obj)
+
+
+def greater_than(model, n: int = 40, seed: int = 0) -> Task:
+    """Greater-than (Hanna et al. 2023): "The war lasted from the year 17YY to the year 17";
+    corrupted YY = 01; metric = P(year > YY) - P(year <= YY) (see the module docstring for
+    tokenizers that split digits)."""
+    tok = model.tokenizer
+    rng = random.Random(seed)
+    nouns = _need(single_tokens(tok, NOUNS), 1, "nouns", tok)
+    two = [f"{y:02d}" for y in range(100)]
+    two_digit = all(len(tok.encode(y, add_special_tokens=False)) == 1 for y in two)
+    digits = [tok.encode(str(d), add_special_tokens=False) for d in range(10)]
+    if not two_digit and not all(len(d) == 1 for d in digits):
+        raise ValueError("greater-than needs either every two-digit number or every digit to be one token")
+    rows = []
+    for _ in range(n * 2):
+        noun = rng.choice(nouns)
+        if two_digit:
+            yy = rng.randint(2, 98)
+            ids = [tok.encode(y, add_special_tokens=False)[0] for y in two]
+            ans, wr = ids[yy + 1:], ids[:yy + 1]
+        else:
+            yy = rng.randint(20, 89)
+            t = yy // 10
+            ids = [d[0] for d in digits]
+            ans, wr = ids[t + 1:], ids[:t]
+        clean = f"The {noun} lasted from the year 17{yy:02d} to the year 17"
+        corrupt = f"The {noun} lasted from the year 1701 to the year 17"
+        rows.append((clean, corrupt, ans, wr))
+    return _build(model, "greater-than", rows, "prob_diff", "Hanna et al. 2023, How does GPT-2 compute greater-than?",
+                  n)
+
+
+def colored_objects(model, n: int = 40, seed: int = 0) -> Task:
+    """Colored Objects (Merullo et al. 2023, from BIG-bench's reasoning_about_colored_objects):
+    answer = the asked object's color, wrong = the first other listed color; corrupted prompts use
+    three other colors. Metric logit(answer) - logit(wrong)."""
+    tok = model.tokenizer
+    rng = random.Random(seed)
+    colors = _need(single_tokens(tok, COLORS), 6, "colors", tok)
+    things = _need(single_tokens(tok, THINGS), 3, "objects", tok)
+    rows = []
+    for _ in range(n * 2):
+        c = rng.sample(colors, 6)
+        o = rng.sample(things, 3)
+        q = rng.randrange(3)
+        other = [i for i in range(3) if i != q][0]
+
+        def text(cs):
+            return (f"Q: On the table, I see a {cs[0]} {o[0]}, a {cs[1]} {o[1]} and a {cs[2]} {o[2]}. "
+                    f"What color is the {o[q]}?\nA:")
+        rows.append((text(c[:3]), text(c[3:]), [_tid(tok, c[q])], [_tid(tok, c[other])]))
+    return _build(model, "colored-objects", rows, "logit_diff",
+                  "Merullo et al. 2023, Circuit Component Reuse Across Tasks (Colored Objects)", n)
+
+
+TASKS = {"ioi": ioi, "greater-than": greater_than, "colored-objects": colored_objects}
+
+
+def make_task(name: str, model, n: int = 40, seed: int = 0) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)} or build one with Task.from_prompts")
+    return TASKS[name](model, n=n, seed=seed)

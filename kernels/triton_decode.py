@@ -1,0 +1,474 @@
+"""Split-key decode attention with per-row statistics (flash-decoding, Dao et al. 2023,
+"Flash-Decoding for long-context inference"; the partial-softmax merge of Milakov & Gimelshein 2018,
+"Online normalizer calculation for softmax", §3).
+
+With few queries (Q small: one generated token, a retrieval query) and many keys, one program per
+query block leaves most of the GPU idle. Here the visible key range is cut into ``S`` splits; one
+program per (split, batch * KV head) holds every query row of the KV head's GQA group (``R * Q``
+rows, R = H / G, padded to 16 for the tensor cores), so each key and value block is read once for
+all the heads that share it. Each program runs an online softmax over its split and writes partial
+results in the frame of its own running max ``m_j`` (base 2, scores pre-multiplied by log2 e):
+
+  ``l_j = sum e``, ``acc_j = sum e v``, ``E_j = sum e (x - m_j)`` (entropy), ``sum e (t - s)``
+  (distance), ``sum e min(t - s, W)``, ``sum_{t - s < r} e`` (recent), ``sum_{s in span} e`` (sink
+  and spans), and the first index of the split's max score,
+
+with ``e = exp2(x - m_j)``. A second kernel merges them per row: ``M = max_j m_j``,
+``w_j = exp2(m_j - M)``, ``L = sum w_j l_j``; output and masses are ``sum w_j (.)_j / L``; entropy is
+``ln L - ln2 * sum_j w_j (E_j + l_j (m_j - M)) / L``; the argmax is the index of the first split whose
+max equals M (splits are in key order, so the first index on ties); ``max_prob = 1 / L``;
+``lse = ln2 * (M + log2 L)``.
+
+Supported: everything of ``StatRequest`` except column sums (``received``), and the ``q_scale``
+edit; other edits and column sums go through ``flash_stats`` (``eligible`` says which).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+NEG_BIG = tl.constexpr(-1.0e30)
+IDX_BIG = tl.constexpr(2147483647)
+
+# partial-statistic slots of the ``PStats`` buffer [slot, B*G, S, RQ]; the same order as the
+# ``Rows`` slots of flash_stats (entropy, distance, window distance, recent, max_prob, spans...)
+P_ENT = tl.constexpr(0)
+P_DIST = tl.constexpr(1)
+P_WDIST = tl.constexpr(2)
+P_RECENT = tl.constexpr(3)
+P_SPAN0 = tl.constexpr(5)
+
+
+@triton.jit
+def decode_partial_kernel(
+    Q, K, V, PM, PL, PAcc, PStats, PIdx,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    H, G, NQ, NK, key_lo, split_len, n_splits,
+    scaling, softcap, window,
+    QScale, KPos0, Pad, Spans, wdist_w, recent_r,
+    RQ: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_QSCALE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    NSPAN: tl.constexpr, ENTROPY: tl.constexpr, DISTANCE: tl.constexpr, WDIST: tl.constexpr,
+    RECENT: tl.constexpr, ARGMAX: tl.constexpr,
+):
+    """One key split of one (batch, KV head): partial softmax state and statistics of its RQ rows."""
+    sp = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    R = H // G
+    offs_r = tl.arange(0, BLOCK_M)                   # row r = (head g*R + r // NQ, query r % NQ)
+    row_ok = offs_r < RQ
+    h = g * R + offs_r // NQ                         # [BLOCK_M] query head of each row
+    qi = offs_r % NQ
+    t = NK - NQ + qi                                 # cache index of each row's query
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    q_ptrs = Q + b64 * sqb + h.to(tl.int64)[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_D)[None, :], other=0.0)
+    if DOT_UPCAST:
+        q = q.to(tl.float32)
+    if HAS_QSCALE:
+        sm_scale = scaling * tl.load(QScale + h, mask=row_ok, other=1.0)   # [BLOCK_M]
+    else:
+        sm_scale = scaling + tl.zeros([BLOCK_M], dtype=tl.float32)
+    pos0 = tl.load(KPos0 + b)
+    k_base = K + b64 * skb + g.to(tl.int64) * skh
+    v_base = V + b64 * svb + g.to(tl.int64) * svh
+
+    n_lo = key_lo + sp * split_len
+    n_hi = tl.minimum(n_lo + split_len, NK)
+    m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    ent = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dist = tl.zeros([BLOCK_M], dtype=tl.float32)
+    wdist = tl.zeros([BLOCK_M], dtype=tl.float32)
+    recent = tl.zeros([BLOCK_M], dtype=tl.float32)
+    amax = tl.zeros([BLOCK_M], dtype=tl.int32)
+    cols = tl.arange(0, 8)
+    span_acc = tl.zeros([BLOCK_M, 8], dtype=tl.float32)    # up to 8 spans (sink included)
+
+    kt_ptrs = k_base + n_lo.to(tl.int64) * skn + (tl.arange(0, BLOCK_N)[None, :] * skn + offs_d[:, None])
+    v_ptrs = v_base + n_lo.to(tl.int64) * svn + (tl.arange(0, BLOCK_N)[:, None] * svn + offs_d[None, :])
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_k = offs_n < n_hi
+        kt = tl.load(kt_ptrs, mask=in_k[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)
+        v = tl.load(v_ptrs, mask=in_k[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+        if DOT_UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, kt, input_precision=DOT_PREC)
+        if HAS_SOFTCAP:
+            x2 = (1.0 - 2.0 / (tl.exp(2.0 * qk * (sm_scale[:, None] / softcap)) + 1.0)) * (softcap * LOG2E)
+        else:
+            x2 = qk * (sm_scale * LOG2E)[:, None]
+        diff = t[:, None] - offs_n[None, :]          # t - s
+        vis = in_k[None, :] & row_ok[:, None]
+        if CAUSAL:
+            vis = vis & (diff >= 0)
+        if HAS_WINDOW:
+            vis = vis & (diff < window)
+        if HAS_PAD:
+            kp = tl.load(Pad + b64 * NK + offs_n, mask=in_k, other=0)
+            vis = vis & (kp != 0)[None, :]
+        x2 = tl.where(vis, x2, float("-inf"))
+        m_blk = tl.max(x2, 1)
+        m_new = tl.maximum(m_i, m_blk)
+        alpha = tl.exp2(m_i - m_new)
+        qk2 = x2 - m_new[:, None]
+        if ENTROPY:
+            qk2 = tl.maximum(qk2, NEG_BIG)           # masked: 0 * -inf would be NaN
+        p = tl.exp2(qk2)
+        rs = tl.sum(p, 1)
+        if ENTROPY:
+            ent = alpha * (ent + l_i * (m_i - m_new)) + tl.sum(p * qk2, 1)
+        dpos = tl.maximum(diff, 0)
+        if DISTANCE:
+            dist = dist * alpha + tl.sum(p * dpos.to(tl.float32), 1)
+        if WDIST:
+            wdist = wdist * alpha + tl.sum(p * tl.minimum(dpos, wdist_w).to(tl.float32), 1)
+        if RECENT:
+            recent = recent * alpha + tl.sum(tl.where(dpos < recent_r, p, 0.0), 1)
+        if NSPAN > 0:
+            kpos = pos0 + offs_n
+            span_acc = span_acc * alpha[:, None]
+            for j in tl.static_range(NSPAN):
+                a = tl.load(Spans + 2 * j)
+                e = tl.load(Spans + 2 * j + 1)
+                sm = tl.sum(tl.where(((kpos >= a) & (kpos < e))[None, :], p, 0.0), 1)
+                span_acc = span_acc + tl.where(cols[None, :] == j, sm[:, None], 0.0)
+        if ARGMAX:
+            idx = tl.min(tl.where(x2 == m_blk[:, None], offs_n[None, :], IDX_BIG), 1)
+            amax = tl.where(m_blk > m_i, idx, amax)
+        if DOT_UPCAST:
+            pc = p.to(V.dtype.element_ty).to(tl.float32)
+        else:
+            pc = p.to(V.dtype.element_ty)
+        acc = tl.dot(pc, v, acc * alpha[:, None], input_precision=DOT_PREC)
+        l_i = l_i * alpha + rs
+        m_i = m_new
+        kt_ptrs += BLOCK_N * skn
+        v_ptrs += BLOCK_N * svn
+
+    # ---- partials: [B*G, S, RQ] (+ slot / head-dim axes) ----
+    prow = (bg.to(tl.int64) * n_splits + sp) * RQ + offs_r
+    n_prow = tl.num_programs(1).to(tl.int64) * n_splits * RQ
+    tl.store(PM + prow, m_i, mask=row_ok)
+    tl.store(PL + prow, l_i, mask=row_ok)
+    tl.store(PAcc + prow[:, None] * HEAD_D + offs_d[None, :], acc,
+             mask=row_ok[:, None] & (offs_d < HEAD_D)[None, :])
+    if ENTROPY:
+        tl.store(PStats + P_ENT * n_prow + prow, ent, mask=row_ok)
+    if DISTANCE:
+        tl.store(PStats + P_DIST * n_prow + prow, dist, mask=row_ok)
+    if WDIST:
+        tl.store(PStats + P_WDIST * n_prow + prow, wdist, mask=row_ok)
+    if RECENT:
+        tl.store(PStats + P_RECENT * n_prow + prow, recent, mask=row_ok)
+    for j in tl.static_range(NSPAN):
+        val = tl.sum(tl.where(cols[None, :] == j, span_acc, 0.0), 1)
+        tl.store(PStats + (P_SPAN0 + j) * n_prow + prow, val, mask=row_ok)
+    if ARGMAX:
+        tl.store(PIdx + prow, amax, mask=row_ok)
+
+
+@triton.jit
+def decode_merge_kernel(
+    PM, PL, PAcc, PStats, PIdx, Out, Lse, Rows, Arg,
+    sob, soh, som, H, G, NQ, n_splits, n_rows, KPos0,
+    RQ: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    NSPAN: tl.constexpr, ENTROPY: tl.constexpr, DISTANCE: tl.constexpr, WDIST: tl.constexpr,
+    RECENT: tl.constexpr, ARGMAX: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    """One program per (batch, head, query) row: merge the S partial results of that row."""
+    row = tl.program_id(0)                           # b * H * NQ + h * NQ + i
+    b = row // (H * NQ)
+    hq = row % (H * NQ)
+    h = hq // NQ
+    qi = hq % NQ
+    R = H // G
+    g = h // R
+    r = (h % R) * NQ + qi                            # row inside the GQA group
+    bg = b * G + g
+    n_prow = (tl.num_programs(0) // (H * NQ)).to(tl.int64) * G * n_splits * RQ
+    base = bg.to(tl.int64) * n_splits * RQ + r
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_D
+
+    # pass 1: the global max M (and the first split that holds it)
+    M = tl.max(tl.full([BLOCK_S], NEG_BIG, dtype=tl.float32), 0)
+    for s0 in range(0, n_splits, BLOCK_S):
+        sm = (s0 + offs_s) < n_splits
+        m = tl.load(PM + base + (s0 + offs_s) * RQ, mask=sm, other=NEG_BIG)
+        M = tl.maximum(M, tl.max(m, 0))
+    # pass 2: weighted sums
+    L = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), 0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    ent = L
+    dist = L
+    wdist = L
+    recent = L
+    cols = tl.arange(0, 8)
+    spans = tl.zeros([8], dtype=tl.float32)
+    first = tl.min(tl.full([BLOCK_S], IDX_BIG, dtype=tl.int32), 0)
+    for s0 in range(0, n_splits, BLOCK_S):
+        ss = s0 + offs_s
+        sm = ss < n_splits
+        pr = base + ss * RQ
+        m = tl.load(PM + pr, mask=sm, other=NEG_BIG)
+        lj = tl.load(PL + pr, mask=sm, other=0.0)
+        w = tl.where(sm, tl.exp2(m - M), 0.0)
+        wl = w * lj
+        L += tl.sum(wl, 0)
+        a = tl.load(PAcc + pr[:, None] * HEAD_D + offs_d[None, :], mask=sm[:, None] & dmask[None, :], other=0.0)
+        acc += tl.sum(a * w[:, None], 0)
+        if ENTROPY:
+            e = tl.load(PStats + P_ENT * n_prow + pr, mask=sm, other=0.0)
+            ent += tl.sum(w * e + wl * (m - M), 0)
+        if DISTANCE:
+            dist += tl.sum(w * tl.load(PStats + P_DIST * n_prow + pr, mask=sm, other=0.0), 0)
+        if WDIST:
+            wdist += tl.sum(w * tl.load(PStats + P_WDIST * n_prow + pr, mask=sm, other=0.0), 0)
+        if RECENT:
+            recent += tl.sum(w * tl.load(PStats + P_RECENT * n_prow + pr, mask=sm, other=0.0), 0)
+        for j in tl.static_range(NSPAN):
+            v = tl.sum(w * tl.load(PStats + (P_SPAN0 + j) * n_prow + pr, mask=sm, other=0.0), 0)
+            spans += tl.where(cols == j, v, 0.0)
+        if ARGMAX:
+            first = tl.minimum(first, tl.min(tl.where(sm & (m == M) & (lj > 0), ss, IDX_BIG), 0))
+
+    l_pos = L > 0
+    l_safe = tl.where(l_pos, L, 1.0)
+    inv = tl.where(l_pos, 1.0 / l_safe, 0.0)
+    out = acc * inv
+    tl.store(Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qi.to(tl.int64) * som + offs_d,
+             out.to(Out.dtype.element_ty), mask=dmask)
+    if WRITE_LSE:
+        tl.store(Lse + row, tl.where(l_pos, (M + tl.log2(l_safe)) * LN2, float("-inf")))
+    if ENTROPY:
+        tl.store(Rows + P_ENT * n_rows + row, tl.where(l_pos, tl.log(l_safe) - LN2 * ent * inv, 0.0))
+    if DISTANCE:
+        tl.store(Rows + P_DIST * n_rows + row, dist * inv)
+    if WDIST:
+        tl.store(Rows + P_WDIST * n_rows + row, wdist * inv)
+    if RECENT:
+        tl.store(Rows + P_RECENT * n_rows + row, recent * inv)
+    for j in tl.static_range(NSPAN):
+        tl.store(Rows + (P_SPAN0 + j) * n_rows + row, tl.sum(tl.where(cols == j, spans, 0.0), 0) * inv)
+    if ARGMAX:
+        tl.store(Rows + 4 * n_rows + row, inv)                   # max_prob = exp2(M - M) / L
+        fs = tl.where(first == IDX_BIG, 0, first)
+        idx = tl.load(PIdx + base + fs.to(tl.int64) * RQ)
+        idx = tl.where(l_pos, idx, 0)
+        tl.store(Arg + row, idx.to(tl.int64) + tl.load(KPos0 + b))
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side
+# ------------------------------------------------------------------------------------------------
+DECODE_MAX_Q = 16          # queries per call taken by the decode path (more: flash_stats)
+DECODE_MAX_ROWS = 64       # query rows per KV head (R * Q) held by one program
+DECODE_MIN_K = 1024        # fewer visible keys: flash_stats' one program per query block is enough
+MAX_SPANS = 8              # sink + spans held by the partial kernel
+# (BLOCK_N, num_warps, num_stages) by padded head dim; chosen on the H200 (benchmarks/kernels.py --decode)
+DECODE_CONFIGS = {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
+DECODE_PROGRAMS_PER_SM = 4  # aim for this many partial programs per SM
+MERGE_BLOCK_S = 32
+INTERPRET_BLOCK_N = 16
+
+_SM: dict = {}
+_CONST: dict = {}
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _const(key, make):
+    t = _CONST.get(key)
+    if t is None:
+        if len(_CONST) > 256:
+            _CONST.clear()
+        t = _CONST[key] = make()
+    return t
+
+
+def eligible(q, k, *, stats=None, edits=None, min_k: int | None = None) -> str | None:
+    """None when the decode path can take this call, else the reason it cannot (a short phrase).
+
+    q [B, H, Q, d], k [B, G, K, d]. Takes few queries (Q <= DECODE_MAX_Q, R * Q <= DECODE_MAX_ROWS)
+    against many keys (K >= ``min_k``, default DECODE_MIN_K), any row statistic, no column sums,
+    no edit other than ``q_scale``."""
+    B, H, Q, D = q.shape
+    G, K = k.shape[1], k.shape[2]
+    if Q > DECODE_MAX_Q or (H // max(G, 1)) * Q > DECODE_MAX_ROWS:
+        return f"{Q} queries per KV head group of {H // max(G, 1)} heads is beyond the decode path"
+    if K < (DECODE_MIN_K if min_k is None else min_k):
+        return f"{K} keys are too few for a key split"
+    if stats is not None:
+        if stats.received:
+            return "column sums (received) need the full query range"
+        if (1 if stats.sink_k else 0) + len(stats.spans) > MAX_SPANS:
+            return f"more than {MAX_SPANS} spans (sink included)"
+    if edits is not None and not edits.empty:
+        others = (edits.redistributions or edits.gate is not None
+                  or any(getattr(edits, n, None) is not None for n in ("replace_mask", "out_scale", "out_bias")))
+        if others:
+            return "edits other than q_scale"
+    return None
+
+
+def n_splits_for(B: int, G: int, K_vis: int, block_n: int, device) -> tuple[int, int]:
+    """(number of key splits, keys per split): about DECODE_PROGRAMS_PER_SM programs per SM, each
+    split at least two key blocks long."""
+    import torch
+    if device.type != "cuda":                  # interpreter: several splits on tiny problems
+        split = 2 * block_n
+    else:
+        if device not in _SM:
+            _SM[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        want = max(1, (DECODE_PROGRAMS_PER_SM * _SM[device]) // max(1, B * G))
+        split = max(2 * block_n, -(-K_vis // want))
+        split = -(-split // block_n) * block_n
+    return max(1, -(-K_vis // split)), split
+
+
+def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
+              key_padding=None, softcap: float | None = None, key_pos0=None, stats=None, edits=None,
+              splits: int | None = None, config=None):
+    """Decode attention: q [B, H, Q, d], k, v [B, G, K, d] -> (out [B, H, Q, d], stats dict), the
+    result of ``triton_attention.attention`` for a call that ``eligible`` accepts (the caller checks
+    it and the shared argument checks). ``splits`` forces the number of key splits; ``config`` is
+    (BLOCK_N, num_warps, num_stages)."""
+    import torch
+
+    B, H, Q, D = q.shape
+    G, K = k.shape[1], k.shape[2]
+    R = H // G
+    RQ = R * Q
+    dev = q.device
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    f32, i64 = torch.float32, torch.int64
+    BD = max(16, _pow2(D))
+    BM = max(16, _pow2(RQ))
+    interp = _interpreting()
+    if config is not None:
+        BN, warps, stages = config
+    elif interp:
+        BN, warps, stages = INTERPRET_BLOCK_N, 4, 1
+    else:
+        BN, warps, stages = DECODE_CONFIGS[BD]
+        if q.dtype == torch.float32:
+            BN, stages = min(BN, 32), 2
+
+    # visible key range [key_lo, K): with a window, keys before the first query's window are skipped
+    key_lo = 0
+    if sliding_window is not None:
+        key_lo = max(0, K - Q - int(sliding_window) + 1)
+        key_lo = (key_lo // BN) * BN
+    K_vis = K - key_lo
+    S, split_len = n_splits_for(B, G, K_vis, BN, dev)
+    if splits is not None:
+        S = max(1, min(int(splits), -(-K_vis // BN)))
+        split_len = -(-(-(-K_vis // S)) // BN) * BN
+        S = -(-K_vis // split_len)
+
+    st = stats
+    span_list = []
+    if st is not None:
+        if st.sink_k:
+            span_list.append((-(2 ** 62), int(st.sink_k)))
+        span_list += [(int(a), int(b)) for a, b in st.spans]
+    nspan = len(span_list)
+    dummy_f = _const(("f", dev), lambda: torch.zeros(1, dtype=f32, device=dev))
+    dummy_i = _const(("i", dev), lambda: torch.zeros(2, dtype=i64, device=dev))
+    dummy_i32 = _const(("i32", dev), lambda: torch.zeros(1, dtype=torch.int32, device=dev))
+    dummy_u8 = _const(("u8", dev), lambda: torch.zeros(1, dtype=torch.uint8, device=dev))
+    spans = (_const(("spans", dev, tuple(span_list)),
+                    lambda: torch.tensor(span_list, dtype=i64, device=dev).reshape(-1)) if nspan else dummy_i)
+    kpos0 = (key_pos0.to(device=dev, dtype=i64).contiguous() if key_pos0 is not None
+             else _const(("pos0", dev, B), lambda: torch.zeros(B, dtype=i64, device=dev)))
+    pad = dummy_u8
+    if key_padding is not None:
+        pad = key_padding.to(device=dev)
+        pad = (pad.view(torch.uint8) if pad.dtype == torch.bool else (pad != 0).view(torch.uint8)).contiguous()
+    ed = edits if edits is not None and not edits.empty else None
+    qscale = (ed.q_scale.detach().to(device=dev, dtype=f32).reshape(H).contiguous()
+              if ed is not None and ed.q_scale is not None else dummy_f)
+
+    ent = bool(st and st.entropy)
+    dis = bool(st and st.distance)
+    wd = bool(st and st.window_distance)
+    rec = bool(st and st.recent)
+    am = bool(st and st.argmax)
+    any_row = bool(nspan or ent or dis or wd or rec or am)
+    n_prow = B * G * S * RQ
+    n_rows = B * H * Q
+    # one allocation for the partials: m, l, acc, stats slots (5 + spans if any), idx
+    n_slot = (5 + nspan) if any_row else 0
+    part = torch.empty(n_prow * (2 + D + n_slot), dtype=f32, device=dev)
+    pm, pl = part[:n_prow], part[n_prow:2 * n_prow]
+    pacc = part[2 * n_prow:(2 + D) * n_prow]
+    pstats = part[(2 + D) * n_prow:] if any_row else dummy_f
+    pidx = torch.empty(n_prow, dtype=torch.int32, device=dev) if am else dummy_i32
+
+    out = torch.empty(B, H, Q, D, dtype=q.dtype, device=dev)
+    lse = torch.empty(n_rows, dtype=f32, device=dev) if st is not None else dummy_f
+    rows = torch.empty(5 + nspan, n_rows, dtype=f32, device=dev) if any_row else dummy_f
+    arg = torch.empty(n_rows, dtype=i64, device=dev) if am else dummy_i
+
+    flags = dict(HEAD_D=D, BLOCK_D=BD, NSPAN=nspan, ENTROPY=ent, DISTANCE=dis, WDIST=wd, RECENT=rec, ARGMAX=am)
+    decode_partial_kernel[(S, B * G)](
+        q, k, v, pm, pl, pacc, pstats, pidx,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        H, G, Q, K, key_lo, split_len, S,
+        float(scaling), float(softcap) if softcap is not None else 1.0,
+        int(sliding_window) if sliding_window is not None else 0,
+        qscale, kpos0, pad, spans, int(st.window_distance or 0) if st else 0, int(st.recent or 0) if st else 0,
+        RQ=RQ, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=bool(causal), HAS_WINDOW=sliding_window is not None,
+        HAS_PAD=key_padding is not None, HAS_SOFTCAP=softcap is not None, HAS_QSCALE=qscale is not dummy_f,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_UPCAST=interp and q.dtype == torch.bfloat16, **flags,
+        num_warps=warps, num_stages=stages,
+    )
+    decode_merge_kernel[(n_rows,)](
+        pm, pl, pacc, pstats, pidx, out, lse, rows, arg,
+        out.stride(0), out.stride(1), out.stride(2), H, G, Q, S, n_rows, kpos0,
+        RQ=RQ, BLOCK_S=min(MERGE_BLOCK_S, max(2, _pow2(S))), WRITE_LSE=st is not None, **flags,
+        num_warps=4 if BD >= 128 else 2,
+    )
+
+    res = {}
+    if st is None:
+        return out, res
+    res["lse"] = lse.view(B, H, Q)
+    j = 5
+    if st.sink_k:
+        res["sink_mass"] = rows[j].view(B, H, Q)
+        j += 1
+    if st.spans:
+        res["span_mass"] = rows[j:j + len(st.spans)].view(len(st.spans), B, H, Q).permute(1, 2, 3, 0).contiguous()
+    if ent:
+        res["entropy"] = rows[0].view(B, H, Q)
+    if dis:
+        res["distance"] = rows[1].view(B, H, Q)
+    if wd:
+        res["window_distance"] = rows[2].view(B, H, Q)
+    if rec:
+        res["recent_mass"] = rows[3].view(B, H, Q)
+    if am:
+        res["max_prob"] = rows[4].view(B, H, Q)
+        res["argmax"] = arg.view(B, H, Q)
+    return out, res

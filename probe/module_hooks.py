@@ -1,0 +1,139 @@
+"""Hook points served by plain PyTorch module hooks, found without per-architecture code, and
+backward (gradient) hooks for every hook name.
+
+- ``hook_embed``: output of ``get_input_embeddings()`` ([batch, pos, d_model]; Gemma's embedding
+  module already includes its sqrt(d_model) scale).
+- ``blocks.{l}.hook_attn_out``: output of decoder layer l's attention module ([batch, pos, d_model]).
+- ``blocks.{l}.hook_mlp_in`` / ``hook_mlp_out``: input / output of layer l's MLP module, found as a
+  child named ``mlp``/``feed_forward``/``ffn``/``block_sparse_moe`` or a child whose class name says
+  MLP / FeedForward / MoE. A model without one gets a clear error when these hooks are asked for.
+
+Backward hooks follow TransformerLens: ``bwd_hooks=[(name, fn)]`` call ``fn(grad, hook=...)`` with
+d(whatever is back-propagated)/d(the hooked tensor), same shape as the forward tensor; they are
+implemented as forward hooks that call ``tensor.register_hook`` on the hooked tensor, so they fire
+whenever a backward pass runs through that forward (also after the ``hooks`` block closed).
+
+Hooks are read per call through ``state.hooks.get((layer, kind), ())`` (``hook_embed`` is stored
+under layer -1).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .hooks import EMBED, Hook, hook_name
+
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
+_MLP_TYPES = ("MLP", "FeedForward", "Moe", "MoE")
+
+
+def find_mlp(layer: nn.Module, index: int) -> nn.Module:
+    """The MLP module of one decoder layer (by attribute name, then by class name)."""
+    for n in _MLP_NAMES:
+        m = getattr(layer, n, None)
+        if isinstance(m, nn.Module):
+            return m
+    for n, m in layer.named_children():
+        if any(t in type(m).__name__ for t in _MLP_TYPES):
+            return m
+    kids = ", ".join(f"{n} ({type(m).__name__})" for n, m in layer.named_children())
+    raise TypeError(f"cannot find the MLP module of decoder layer {index} ({type(layer).__name__}); its "
+                    f"children are: {kids}. hook_mlp_in / hook_mlp_out need a child named one of "
+                    f"{_MLP_NAMES} or a class whose name contains one of {_MLP_TYPES}")
+
+
+def _runner(state):
+    def run(layer, kind, t):
+        for fn in state.hooks.get((layer, kind), ()):
+            r = fn(t, hook=Hook(hook_name(kind, layer)))
+            if r is not None:
+                t = r
+        return t
+    return run
+
+
+def install(hm) -> None:
+    """Register the permanent module hooks of a ``HookedModel`` (called once, at construction)."""
+    st = hm.state
+    run = _runner(st)
+    hm.module_hook_errors = {}
+
+    emb = hm.model.get_input_embeddings()
+
+    def embed(mod, args, output):
+        if not st.hooks.get((-1, EMBED)):
+            return None
+        return run(-1, EMBED, output)
+    emb.register_forward_hook(embed)
+
+    for i, layer in enumerate(hm.layers):
+        def attn_out(mod, args, output, i=i):
+            if not st.hooks.get((i, "attn_out")):
+                return None
+            if isinstance(output, tuple):
+                return (run(i, "attn_out", output[0]),) + tuple(output[1:])
+            return run(i, "attn_out", output)
+        hm.attn[i].register_forward_hook(attn_out)
+        try:
+            mlp = find_mlp(layer, i)
+        except TypeError as e:
+            hm.module_hook_errors[i] = str(e)
+            continue
+
+        def mlp_in(mod, args, kwargs, i=i):
+            if not st.hooks.get((i, "mlp_in")):
+                return None
+            if args:
+                return (run(i, "mlp_in", args[0]),) + tuple(args[1:]), kwargs
+            k = next(iter(kwargs))
+            kwargs[k] = run(i, "mlp_in", kwargs[k])
+            return args, kwargs
+
+        def mlp_out(mod, args, output, i=i):
+            if not st.hooks.get((i, "mlp_out")):
+                return None
+            if isinstance(output, tuple):
+                return (run(i, "mlp_out", output[0]),) + tuple(output[1:])
+            return run(i, "mlp_out", output)
+        mlp.register_forward_pre_hook(mlp_in, with_kwargs=True)
+        mlp.register_forward_hook(mlp_out)
+
+
+def check(hm, layer: int, kind: str) -> None:
+    """Raise the module-search error for a hook that this model cannot serve."""
+    if kind in ("mlp_in", "mlp_out") and layer in getattr(hm, "module_hook_errors", {}):
+        raise TypeError(hm.module_hook_errors[layer])
+
+
+def as_forward(bwd_hooks) -> list:
+    """TransformerLens ``bwd_hooks`` [(name or filter, fn(grad, hook))] -> forward hooks that
+    register ``fn`` as a tensor hook on the hooked tensor (``register_hook``)."""
+    out = []
+    for name, fn in bwd_hooks:
+        def fwd(t, hook, fn=fn):
+            if not t.requires_grad:
+                return None
+            if hook.name.endswith("hook_result"):
+                # hook_result is computed beside the output projection; returning a fresh tensor makes
+                # the probe add (new - result) to the output, so the gradient reaches this tensor
+                t = t * 1.0
+                t.register_hook(lambda g: fn(g, hook=hook))
+                return t
+            t.register_hook(lambda g: fn(g, hook=hook))
+            return None
+        out.append((name, fwd))
+    return out
+
+
+def grad_savers(names, cache) -> list:
+    """Backward hooks (as forward hooks) storing d(metric)/d(tensor) as ``cache[name + "_grad"]``."""
+    def saver(n):
+        def fn(g, hook):
+            cache[n + "_grad"] = g.detach()
+        return fn
+    return as_forward([(n, saver(n)) for n in names])
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (TransformerLens' return_type="loss"): logits [B, N, V]."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())

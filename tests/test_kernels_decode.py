@@ -1,0 +1,158 @@
+"""The split-key decode kernels (kernels/triton_decode.py) against the eager reference: output, every
+row statistic and the LSE for few queries against many keys, with the partial results of several
+key splits merged (GQA ratios 1/4/8, windows, padding, softcap, key positions, fp32/bf16/fp16), and
+the automatic choice of the decode path in ``triton_attention.attention``.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) with 16-key blocks and
+32-key splits, so K=75 gives three splits (the last one partial).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+try:
+    from headscope.kernels import reference, triton_attention as ta, triton_decode as td
+    from headscope.kernels.spec import LayerEdits, Redistribution, StatRequest
+except ImportError:  # a bare checkout (the GPU machine): the repo root is on sys.path
+    from kernels import reference, triton_attention as ta, triton_decode as td
+    from kernels.spec import LayerEdits, Redistribution, StatRequest
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+if not CUDA and not ta.interpreting():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is off", allow_module_level=True)
+
+ALL_ROW = dict(sink_k=2, spans=((3, 9), (0, 1), (12, 30)), entropy=True, distance=True,
+               window_distance=5, recent=4, argmax=True)
+OUT_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+K_SCALE = 40 if CUDA else 1          # longer key ranges on the GPU (many splits)
+
+
+def _problem(B=2, H=8, G=2, Q=1, K=75, D=32, dtype=torch.float32, seed=0, pad=False, pos0=False, **kw):
+    g = torch.Generator().manual_seed(seed)
+    K = K * K_SCALE
+    q = torch.randn(B, H, Q, D, generator=g)
+    k = torch.randn(B, G, K, D, generator=g)
+    v = torch.randn(B, G, K, D, generator=g)
+    k[:, :, :2] *= 3                                   # peaky scores on the first keys (sinks)
+    p = dict(q=q.to(DEV, dtype), k=k.to(DEV, dtype), v=v.to(DEV, dtype), scaling=D ** -0.5, causal=True,
+             sliding_window=None, softcap=None, key_padding=None, key_pos0=None)
+    if pad:
+        kp = torch.rand(B, K, generator=g) > 0.25
+        kp[0, :3] = False
+        p["key_padding"] = kp.to(DEV)
+    if pos0:
+        p["key_pos0"] = torch.randint(-5, 6, (B,), generator=g).to(DEV)
+    p.update(kw)
+    return p
+
+
+def _check(prob, out, got, req, edits=None):
+    f = {n: (t.float() if n in "qkv" else t) for n, t in prob.items()}
+    ref, want, probs = reference.attention(**f, stats=req, edits=edits, want_probs=True)
+    tol = OUT_TOL[prob["q"].dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    if req is None:
+        assert got == {}
+        return
+    assert set(got) == set(want)
+    K = prob["k"].shape[2]
+    st_tol = 2e-4 if prob["q"].dtype == torch.float32 else 2e-3
+    for n, w in want.items():
+        if n == "argmax":
+            continue
+        scale = {"distance": K, "window_distance": 5, "lse": 10.0, "entropy": 3.0}.get(n, 1.0)
+        assert got[n].dtype == w.dtype and got[n].shape == w.shape, n
+        torch.testing.assert_close(got[n], w, atol=st_tol * scale, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    if "argmax" in want:
+        g, w = got["argmax"], want["argmax"]
+        assert g.dtype == torch.int64
+        top2 = probs.topk(2, dim=-1).values
+        clear = top2[..., 0] - top2[..., 1] > 1e-3
+        assert clear.any()
+        assert torch.equal(g[clear], w[clear]), "argmax differs where the top key is clear"
+
+
+CASES = [
+    dict(),                                                        # GQA 4, three splits
+    dict(Q=3, H=4, G=4, dtype=torch.bfloat16),                     # MHA, several queries
+    dict(H=8, G=1, sliding_window=40, dtype=torch.float16),        # GQA 8, window skips splits
+    dict(pad=True, pos0=True, K=61),                               # padding, positions, odd K
+    dict(causal=False, softcap=20.0, Q=2, D=80),                   # non-causal, softcap, d not 2^n
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "base")
+def test_decode_matches_reference(case):
+    prob = _problem(**case)
+    req = StatRequest(**ALL_ROW)
+    assert td.eligible(prob["q"], prob["k"], stats=req, min_k=1) is None
+    out, got = td.attention(**prob, stats=req)
+    _check(prob, out, got, req)
+
+
+def test_decode_plain_argmax_only_and_qscale():
+    prob = _problem(B=1, dtype=torch.bfloat16, seed=3)
+    out, got = td.attention(**prob)
+    _check(prob, out, got, None)
+    req = StatRequest(argmax=True)
+    e = LayerEdits(q_scale=(torch.rand(8) + 0.5).to(DEV))
+    out, got = td.attention(**prob, stats=req, edits=e)
+    assert set(got) == {"lse", "argmax", "max_prob"}
+    _check(prob, out, got, req, edits=e)
+
+
+def test_decode_split_count_does_not_change_the_result():
+    """One split (no merge) and many splits agree to rounding; rows that see no key (all padded)
+    give lse -inf, zero output and zero statistics."""
+    prob = _problem(pad=True)
+    prob["key_padding"][1] = False
+    req = StatRequest(**ALL_ROW)
+    o1, g1 = td.attention(**prob, stats=req, splits=1)
+    o2, g2 = td.attention(**prob, stats=req, splits=4)
+    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-5)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-4 * (prob["k"].shape[2] if n == "distance" else 1),
+                                   rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    assert torch.isneginf(g2["lse"][1]).all() and (o2[1] == 0).all() and (g2["entropy"][1] == 0).all()
+    _check(prob, o2, g2, req)
+
+
+def test_decode_eligibility():
+    prob = _problem()
+    q, k = prob["q"], prob["k"]
+    assert td.eligible(q, k, min_k=1) is None
+    assert "too few" in td.eligible(q, k, min_k=10 ** 6)
+    assert "received" in td.eligible(q, k, stats=StatRequest(received=True), min_k=1)
+    r = Redistribution(heads=(0,), factor=0.5, source=((0, 1),))
+    assert "edits" in td.eligible(q, k, edits=LayerEdits(redistributions=(r,)), min_k=1)
+    assert "spans" in td.eligible(q, k, stats=StatRequest(spans=tuple((i, i + 1) for i in range(9))), min_k=1)
+    big_q = torch.zeros(1, 8, 17, 32, device=DEV)
+    assert "decode path" in td.eligible(big_q, k, min_k=1)
+
+
+def test_triton_attention_dispatches_decode(monkeypatch):
+    """triton_attention.attention sends an eligible call (few queries, enough keys) to the decode
+    kernels, and a call with column sums or an explicit block to flash_stats; both match."""
+    prob = _problem(Q=2, dtype=torch.bfloat16, seed=5)
+    req = StatRequest(**ALL_ROW)
+    calls = []
+    orig = td.attention
+    monkeypatch.setattr(td, "attention", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    monkeypatch.setattr(td, "DECODE_MIN_K", 1)
+    out, got = ta.attention(**prob, stats=req)
+    assert calls == [1]
+    _check(prob, out, got, req)
+    ta.attention(**prob, stats=StatRequest(received=True))
+    ta.attention(**prob, stats=req, block=16)
+    assert calls == [1]
+    monkeypatch.setattr(td, "DECODE_MIN_K", 10 ** 9)
+    ta.attention(**prob, stats=req)
+    assert calls == [1]
