@@ -16,19 +16,6 @@ from headscope.probe.tl_idioms import tokenizer_prepends_bos, tokens_with_bos
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
-def components_cached(model, cache):
-    """hook_embed / hook_attn_out / hook_mlp_out as decompose_resid needs them. Where the model does
-    not serve these hook points (yet), they are filled from the residual stream: each block adds its
-    attention output then its MLP output (exact for pre-norm blocks)."""
-    if "hook_embed" in model.hook_names():
-        return cache
-    for l in range(model.cfg.n_layers):
-        cache[f"blocks.{l}.hook_attn_out"] = cache["resid_mid", l] - cache["resid_pre", l]
-        cache[f"blocks.{l}.hook_mlp_out"] = cache["resid_post", l] - cache["resid_mid", l]
-    cache["hook_embed"] = cache["resid_pre", 0]
-    return cache
-
-
 # ------------------------------------------------------------------------------ tokenizers
 def _word_tokenizer(prepends_bos: bool, has_bos: bool = True):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -200,23 +187,26 @@ def test_decompositions_add_up(name, caplog):
     m = load_with_biases(name)
     toks = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
     logits, cache = m.run_with_cache(toks)
-    cache = components_cached(m, cache)
     final = cache["resid_post", -1]
     parts, labels = cache.decompose_resid(return_labels=True)
-    assert labels[:3] == ["embed", "0_attn_out", "0_mlp_out"] and len(labels) == 1 + 2 * m.cfg.n_layers
-    assert torch.allclose(parts.sum(0), final, atol=1e-4)
+    n_embed = 2 if name == "tiny-gpt2" else 1                                  # GPT-2: learned positions
+    assert labels[:n_embed + 2] == ["embed", "pos_embed"][:n_embed] + ["0_attn_out", "0_mlp_out"]
+    assert len(labels) == n_embed + 2 * m.cfg.n_layers
     heads, hl = cache.stack_head_results(return_labels=True, incl_remainder=True)
     assert hl[0] == "L0H0" and hl[-1] == "remainder" and torch.allclose(heads.sum(0), final, atol=1e-4)
     full, fl = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
-    assert fl[-2:] == ["embed", "bias"] and len(fl) == m.cfg.n_layers * (m.cfg.n_heads + 1) + 2
-    if name == "tiny-gemma3":       # attention output is normalised again before it is added: not additive
-        assert not torch.allclose(full.sum(0), final, atol=1e-2)
-        assert "not additive" in caplog.text
-    else:
-        assert torch.allclose(full.sum(0), final, atol=1e-4)
+    assert fl[-1] == "bias" and len(fl) == m.cfg.n_layers * (m.cfg.n_heads + 1) + n_embed + 1
     a, b = 5, 17
-    attrs = cache.logit_attrs(parts, a, incorrect_tokens=b)                    # [component, batch, pos]
     diff = logits[..., a] - logits[..., b]
+    if name == "tiny-gemma3":
+        # attention and MLP outputs are normalised again before they are added: not additive terms
+        assert not torch.allclose(parts.sum(0), final, atol=1e-2)
+        assert caplog.text.count("not additive") == 2                          # decompose + full decomposition
+        parts = final[None]                                                     # the whole stream is additive
+    else:
+        assert torch.allclose(parts.sum(0), final, atol=1e-4) and torch.allclose(full.sum(0), final, atol=1e-4)
+        assert "not additive" not in caplog.text
+    attrs = cache.logit_attrs(parts, a, incorrect_tokens=b)                    # [component, batch, pos]
     bias_term = 0.0
     ln = m.final_norm()
     if ln.bias is not None:
@@ -285,7 +275,7 @@ def tl(smollm2):
 def hs_cache(smollm2, tl):
     with torch.no_grad():
         logits, cache = smollm2.run_with_cache(tl["tokens"])
-    return logits, components_cached(smollm2, cache)
+    return logits, cache
 
 
 def close(a, b, tol=1e-4):
