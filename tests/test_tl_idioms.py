@@ -154,6 +154,26 @@ def test_persistent_hooks_until_reset(tiny):
     assert len(seen) == n
 
 
+def test_persistent_backward_hook(tiny):
+    toks = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(4))
+    grads = []
+    tiny.add_hook("blocks.2.hook_resid_post", lambda g, hook: grads.append((hook.name, g)), dir="bwd")
+    try:
+        tiny(toks)[0, -1, 3].backward()
+        assert len(grads) == 1 and grads[0][0] == "blocks.2.hook_resid_post"
+        g = grads[0][1]
+        # the last layer's output reaches the logit at its own position only
+        assert g.shape == (1, 8, tiny.cfg.d_model) and g[0, -1].abs().sum() > 0 and g[0, :-1].abs().sum() == 0
+    finally:
+        tiny.reset_hooks()
+        tiny.model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        tiny(toks)
+    assert len(grads) == 1
+    with pytest.raises(ValueError, match="dir"):
+        tiny.add_hook("blocks.1.hook_resid_post", lambda g, hook: None, dir="both")
+
+
 @torch.no_grad()
 def test_cache_indexing_and_batch_dim(tiny):
     toks = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(2))
