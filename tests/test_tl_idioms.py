@@ -282,6 +282,8 @@ def tl(smollm2):
         r["heads_12_ln"] = cache.stack_head_results(12, apply_ln=True, pos_slice=-1)
         r["stack_z"] = cache.stack_activation("z")
         r["decomp_ln"] = cache.apply_ln_to_stack(r["decomp"])
+        r["full"], r["full_labels"] = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+        r["string"] = br.to_string(r["tokens"][0])
         # direct logit attribution in TransformerLens' post-processed coordinates (fold_ln); the
         # cache keeps its residual stream and reads the folded unembedding through the Bridge
         br.enable_compatibility_mode(disable_warnings=True, fold_ln=True, center_writing_weights=False,
@@ -313,6 +315,7 @@ def test_tokens_and_config_match_transformerlens(smollm2, tl):
     assert tl["tokens"][0, 0] == m.tokenizer.bos_token_id                       # SmolLM2's tokenizer adds none
     assert torch.equal(tokens_with_bos(m.tokenizer, PROMPT, prepend_bos=False)["input_ids"], tl["tokens_nobos"])
     assert m.to_str_tokens(PROMPT) == tl["str_tokens"]
+    assert m.to_string(tl["tokens"][0]) == tl["string"]
     assert m.to_str_tokens(tl["tokens"][0, 3:]) == tl["str_tokens_ids"]
     assert m.to_single_token(" Mary") == tl["mary"]
     assert (m.get_token_position(" John", PROMPT), m.get_token_position(" John", PROMPT, mode="last")) == tl["pos"]
@@ -351,6 +354,9 @@ def test_cache_helpers_match_transformerlens(tl, hs_cache):
     close(c.stack_head_results(12, apply_ln=True, pos_slice=-1), tl["heads_12_ln"])
     close(c.stack_activation("z"), tl["stack_z"])
     close(c.apply_ln_to_stack(d), tl["decomp_ln"])
+    full, fl = c.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+    assert fl == tl["full_labels"]
+    close(full, tl["full"])
 
 
 @pytest.mark.slow
