@@ -125,10 +125,10 @@ def norm_info(module: nn.Module, d_model: int) -> NormInfo:
     u = u - u.mean()
     u = u / u.pow(2).mean().sqrt()                                   # mean 0, mean square 1
     dt = p.dtype if p is not None else torch.float32
-    with torch.no_grad():
-        f_pos = module(u.to(dt)[None, None]).float()[0, 0]          # [d_model]
-        f_neg = module((-u).to(dt)[None, None]).float()[0, 0]
-        f_shift = module((u + 3.0).to(dt)[None, None]).float()[0, 0]
+    with torch.no_grad():          # .forward: the probe vectors must not reach hooks on the module (resid_mid)
+        f_pos = module.forward(u.to(dt)[None, None]).float()[0, 0]          # [d_model]
+        f_neg = module.forward((-u).to(dt)[None, None]).float()[0, 0]
+        f_shift = module.forward((u + 3.0).to(dt)[None, None]).float()[0, 0]
     centering = bool(torch.allclose(f_shift, f_pos, rtol=1e-3, atol=1e-4 * float(f_pos.abs().max()) + 1e-6))
     weight = (f_pos - f_neg) / 2 * math.sqrt(1.0 + eps) / u           # [d_model]
     bias = (f_pos + f_neg) / 2

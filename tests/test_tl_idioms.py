@@ -189,6 +189,10 @@ def test_cache_indexing_and_batch_dim(tiny):
     assert s.shape == (1, 6, 1) and torch.allclose(s, (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt())
     with pytest.raises(KeyError):
         cache["blocks.0.attn.hook_nothing"]
+    seen = []
+    with tiny.hooks([("blocks.1.hook_resid_mid", lambda t, hook: seen.append(t.shape))]):
+        cache["blocks.1.ln2.hook_scale"]                                        # reads the ln2 module, no hook runs
+    assert seen == []
     cache.remove_batch_dim()
     assert cache["pattern", -1].shape == (tiny.cfg.n_heads, 6, 6) and not cache.has_batch_dim
     stack = cache.accumulated_resid(apply_ln=True)                             # works without the batch dim
