@@ -272,8 +272,11 @@ def _has_weights(folder: Path) -> bool:
 def _local_source(path: Path) -> tuple[Path, dict]:
     """A local path -> (folder, from_pretrained kwargs), or ModelNotFound saying what is wrong."""
     if not path.exists():
+        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
         raise ModelNotFound(f"no such file or folder: {path}. Give the path of a local Hugging Face model "
-                            f"folder (config.json + weights), a .gguf file, or one of {sorted(EMBEDDED)}")
+                            f"folder (config.json + weights), a .gguf file, or one of {sorted(EMBEDDED)}"
+                            + (". If it is a hub id: headscope never downloads weights; download them "
+                               f"yourself (`hf download {path} --local-dir DIR`) and pass DIR" if hub else ""))
     if path.is_file():
         if path.suffix == ".gguf":
             return path.parent, {"gguf_file": path.name}
