@@ -54,7 +54,7 @@ def _port(s: str) -> int:
 
 def build_parser() -> Parser:
     ap = Parser(prog="headscope", description="What does each attention head do?")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{report,score,list,explore}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{report,score,list,explore,intervene}")
     r = sub.add_parser("report", help="run every analyzer and write report.html, scores.json, raw/",
                        description="Run analyzers on a model and write a report folder (whole: a temporary "
                        "folder beside --out is renamed into place at the end). Exit 1 if an analyzer failed.")
@@ -82,6 +82,10 @@ def build_parser() -> Parser:
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves every interface)")
     e.add_argument("--port", type=_port, default=8501)
     e.add_argument("--headless", action="store_true", help="do not open a browser")
+    # its own parser lives in app/intervene_cli.py and imports torch: build it only when it is used
+    i = sub.add_parser("intervene", help="learn/apply a head intervention and evaluate it against controls "
+                       "(`headscope intervene --help`)", add_help=False, prefix_chars="\0")
+    i.add_argument("rest", nargs=argparse.REMAINDER)
     return ap
 
 
@@ -205,13 +209,16 @@ def _one_line(e: BaseException) -> str:
 def _load(name, device, prog):
     """Load the model; (model, None) or (None, exit code) after one line on stderr."""
     from .. import load
-    from ..probe.loading import ModelNotFound
+    from ..probe.loading import ModelLoadError, ModelNotFound
 
     t0 = time.time()
     try:
         model = load(name, device=device)
+    except ModelLoadError as e:          # the folder exists but is broken: a failure, not a usage error
+        print(f"{prog}: error: cannot load model {name!r}: {' '.join(str(e).split())}", file=sys.stderr)
+        return None, EXIT_FAILED
     except ModelNotFound as e:
-        print(f"{prog}: error: cannot load model {name!r}: {e}", file=sys.stderr)
+        print(f"{prog}: error: cannot load model {name!r}: {' '.join(str(e).split())}", file=sys.stderr)
         return None, EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - one line, no traceback (HEADSCOPE_DEBUG=1 shows it)
         if os.environ.get("HEADSCOPE_DEBUG"):
@@ -352,11 +359,35 @@ def _cmd_explore(a) -> int:
             signal.signal(s, h)
 
 
+def _cmd_intervene(a) -> int:
+    """``headscope intervene ...``: handed to app/intervene_cli.py's parser; its argument checks
+    (``SystemExit`` with a message) become one line and exit 2 like the other commands."""
+    from . import intervene_cli
+
+    ap = Parser(prog="headscope")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    intervene_cli.add_parser(sub)
+    args = ap.parse_args(["intervene", *a.rest])
+    from .atomic import OutputError, check_out_folder
+    try:
+        check_out_folder(args.out, marker="results.json")    # before the model loads, like report
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    try:
+        return args.func(args)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            raise UsageError(e.code) from None
+        raise
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     prog = f"headscope {a.cmd}"
     try:
+        if a.cmd == "intervene":
+            return _cmd_intervene(a)
         if a.cmd == "explore":
             return _cmd_explore(a)
         if a.cmd == "list":
@@ -367,6 +398,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (nothing was written)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

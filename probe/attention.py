@@ -164,7 +164,7 @@ def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap
         elif q.device.type == "cpu" and chunked.cpu_native.available():
             _warn_once(module, "gradients are needed, so the fused C row pass is skipped; using the "
                                "differentiable chunked PyTorch path (use torch.no_grad() for inference)")
-        return chunked.attention(q, k, v, **kw)
+        return chunked.attention(q, k, v, native=False, **kw)
     if q.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON") != "1":
         ta = _triton_module()
         if ta is not None:
@@ -183,8 +183,7 @@ def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap
     need_rows = stats is not None or sinks is not None or softcap is not None or \
         (edits is not None and bool(edits.redistributions))
     if need_rows and q.device.type == "cpu" and cpu_native.available():
-        grad = _needs_grad(q, k, v, edits)
-        reason = cpu_native.supports(stats, edits, sinks=sinks is not None, grad=grad)
+        reason = cpu_native.supports(stats, edits, sinks=sinks is not None)
         if reason is not None:
             decline_once(reason, "the chunked path's PyTorch row pass")
             native = False

@@ -302,3 +302,23 @@ def test_gradients_through_instrumented_path_equal_plain_gradients(m, caplog):
     if cpu_native.available():                  # declining the C row pass is said once
         msgs = [r.getMessage() for r in caplog.records if "gradients are needed" in r.getMessage()]
         assert len(msgs) == 1 and "fused C row pass" in msgs[0]
+
+
+def test_state_is_read_only_outside_push_and_pop(m):
+    """Adding hooks by mutating ``state.hooks`` (which would be seen by every thread) fails loudly;
+    push/pop is the way, and what it adds is seen by torch module hooks and the attention function."""
+    with pytest.raises((TypeError, AttributeError)):
+        m.state.hooks.setdefault((0, "z"), []).append(print)
+    with pytest.raises(TypeError):
+        m.state.hooks[(0, "z")] = (print,)
+    seen = []
+    handle = m.state.push(hooks=[(0, "z", lambda z, hook: seen.append(hook.name)),
+                                 (1, "resid_pre", lambda t, hook: seen.append(hook.name))])
+    try:
+        assert set(m.state.hooks) == {(0, "z"), (1, "resid_pre")}
+        with torch.no_grad():
+            m(toks(m))
+    finally:
+        m.state.pop(handle)
+    assert seen == ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre"]
+    assert not m.state.active()
