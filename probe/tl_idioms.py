@@ -435,8 +435,13 @@ class TLIdioms:
             entries.insert(0, entry)
         else:
             entries.append(entry)
-        if "_tl_runner" not in self.__dict__:
-            self._install_persistent_runner()
+        if not self.model.__dict__.get("_headscope_tl_runner"):
+            # the wrapped model's forward enters the persistent hooks; the hooks find this HookedModel
+            # through the module (kept out of the module tree), so a deepcopy's hooks find the copy
+            self.model.__dict__["_headscope_owner"] = self
+            self.model.__dict__["_headscope_tl_runner"] = True
+            self.model.register_forward_pre_hook(_enter_persistent)
+            self.model.register_forward_hook(_leave_persistent, always_call=True)
 
     def reset_hooks(self, including_permanent: bool = False, **_ignored) -> None:
         """Remove hooks added with ``add_hook`` (permanent ones too with ``including_permanent``).
@@ -444,25 +449,23 @@ class TLIdioms:
         entries = self.__dict__.get("_tl_persistent", [])
         entries[:] = [] if including_permanent else [e for e in entries if e[2]]
 
-    def _install_persistent_runner(self) -> None:
-        local = threading.local()
 
-        def enter(mod, args):
-            entries = self.__dict__.get("_tl_persistent", [])
-            stack = local.__dict__.setdefault("stack", [])
-            cm = None
-            if entries:
-                cm = self.hooks(fwd_hooks=[(n, f) for n, f, _, d in entries if d == "fwd"],
-                                bwd_hooks=[(n, f) for n, f, _, d in entries if d == "bwd"])
-            if cm is not None:
-                cm.__enter__()
-            stack.append(cm)
+_persistent = threading.local()        # per thread: the stack of entered ``hooks`` contexts
 
-        def leave(mod, args, output):
-            stack = local.__dict__.get("stack", [])
-            cm = stack.pop() if stack else None
-            if cm is not None:
-                cm.__exit__(None, None, None)
 
-        self.__dict__["_tl_runner"] = (self.model.register_forward_pre_hook(enter),
-                                       self.model.register_forward_hook(leave, always_call=True))
+def _enter_persistent(mod, args):
+    owner = mod.__dict__.get("_headscope_owner")
+    entries = owner.__dict__.get("_tl_persistent", []) if owner is not None else []
+    cm = None
+    if entries:
+        cm = owner.hooks(fwd_hooks=[(n, f) for n, f, _, d in entries if d == "fwd"],
+                         bwd_hooks=[(n, f) for n, f, _, d in entries if d == "bwd"])
+        cm.__enter__()
+    _persistent.__dict__.setdefault("stack", []).append(cm)
+
+
+def _leave_persistent(mod, args, output):
+    stack = _persistent.__dict__.get("stack", [])
+    cm = stack.pop() if stack else None
+    if cm is not None:
+        cm.__exit__(None, None, None)

@@ -154,6 +154,19 @@ def test_persistent_hooks_until_reset(tiny):
     assert len(seen) == n
 
 
+@torch.no_grad()
+def test_persistent_hooks_follow_a_deepcopy():
+    m = hs.load("tiny-llama")
+    toks = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(5))
+    clean = m(toks)
+    m.add_hook("blocks.0.attn.hook_z", lambda z, hook: torch.zeros_like(z))
+    ablated = m(toks)
+    twin = copy.deepcopy(m)
+    assert torch.equal(twin(toks), ablated)                                     # the copy has its own hooks
+    twin.reset_hooks()
+    assert torch.allclose(twin(toks), clean, atol=1e-5) and torch.equal(m(toks), ablated)
+
+
 def test_persistent_backward_hook(tiny):
     toks = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(4))
     grads = []
