@@ -187,6 +187,7 @@ def head_map(results: dict[str, HeadScores], z: float | None = None):
             hovertemplate="L%{y} H%{x}<br>" + f"class: {name}<br>" + "%{text}<extra></extra>"))
     fig.update_layout(title="Head map (click a head to open it)", xaxis_title="head", yaxis_title="layer",
                       yaxis_autorange="reversed", height=max(360, 20 * L + 160), legend_title="stands out in",
+                      xaxis=dict(dtick=1), yaxis=dict(dtick=1),
                       clickmode="event+select")
     return fig, labels
 
