@@ -91,9 +91,6 @@ RECV_CONFIGS = {16: (64, 128, 8, 3), 32: (64, 128, 8, 3), 64: (64, 128, 8, 3), 1
                 256: (32, 64, 8, 2)}
 # fp32 inputs: "ieee" dots run on the FMA units; small tiles keep them out of local memory
 FP32_CONFIG = (32, 32, 4, 2)
-# argmax search in the forward loop: 1 = only in key blocks where some row's max moved (a block-wide
-# branch), 2 = in every block, 3 = fused max-with-index reduction. 2 beat 1 on the H100 sweep.
-ARGMAX_MODE = 2
 # received kernel: split a GQA group's heads over programs while there are fewer than this many
 # programs per SM (short sequences)
 RECV_MIN_PROGRAMS_PER_SM = 4
@@ -334,7 +331,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     need_lse = st is not None or redist
     lse = torch.empty(n_rows, dtype=f32, device=dev) if need_lse else dummy_f
     any_row = st is not None and (nspan or st.entropy or st.distance or st.window_distance
-                                   or getattr(st, "recent", None) or st.argmax)
+                                   or st.recent or st.argmax)
     rows = torch.empty(fs.SLOT_SPAN0.value + nspan, n_rows, dtype=f32, device=dev) if any_row else dummy_f
     arg = torch.empty(n_rows, dtype=i64, device=dev) if st is not None and st.argmax else dummy_i
     coef = torch.empty(3, n_rows, dtype=f32, device=dev) if redist else dummy_f
@@ -364,15 +361,15 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
         fs._attn_fwd[grid](
             q, k, v, out, lse, rows, arg, coef, *strides, **common,
             Spans=spans, wdist_w=int(s.window_distance or 0) if s else 0,
-            recent_r=int(getattr(s, "recent", None) or 0) if s else 0,
+            recent_r=int(s.recent or 0) if s else 0,
             RdFactor=rd_factor, RdMaxR=rd_maxr, RdMinT=rd_mint, **rd_args,
             Gate=gate, gate_sink=int(ed.gate_sink) if ed is not None else 0,
             gate_recent=int(ed.gate_recent) if ed is not None else 0,
             BLOCK_M=BM, BLOCK_N=BN, MODE=mode, WRITE_LSE=write_lse, **flags,
             NSPAN=nspan if s else 0, NSPAN_P=max(2, _pow2(nspan)),
             ENTROPY=bool(s and s.entropy), DISTANCE=bool(s and s.distance),
-            WDIST=bool(s and s.window_distance), RECENT=bool(s and getattr(s, "recent", None)),
-            ARGMAX=ARGMAX_MODE if (s and s.argmax) else 0, NSRC=nsrc, NTGT=ntgt,
+            WDIST=bool(s and s.window_distance), RECENT=bool(s and s.recent),
+            ARGMAX=bool(s and s.argmax), NSRC=nsrc, NTGT=ntgt,
             GATE=with_stats and ed is not None and ed.gate is not None,
             num_warps=warps, num_stages=stages,
         )
@@ -398,7 +395,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
         res["distance"] = rows[fs.SLOT_DISTANCE.value].view(B, H, Q)
     if st.window_distance:
         res["window_distance"] = rows[fs.SLOT_WDIST.value].view(B, H, Q)
-    if getattr(st, "recent", None):
+    if st.recent:
         res["recent_mass"] = rows[fs.SLOT_RECENT.value].view(B, H, Q)
     if st.argmax:
         res["max_prob"] = rows[fs.SLOT_MAXP.value].view(B, H, Q)
