@@ -153,14 +153,19 @@ def _influence(args, model):
     sets = controls.random_head_sets(model.cfg.n_layers, model.cfg.n_heads, len(heads), args.n_random, args.seed,
                                      exclude=heads)
     toks = influence.tokenize(model, [t.text for t in texts], args.max_tokens)
-    rand = []
+    rand, rand_comp = [], []
     for hs_ in sets:
         masked = influence.text_losses(model, toks, influence.mask_edits(hs_, args.how), args.batch_size)
         rand.append((masked - res.loss_ref) / res.loss_ref)
+        rand_comp.append(corpus.composition(kinds, rand[-1].argsort(descending=True).tolist(), 0.2))
     if rand:
         rows.append(controls.Row(f"masked random-{len(heads)}", torch.stack(rand), n_heads=len(heads), heads=sets))
     summ = controls.table(rows, seed=args.seed)
     comp = corpus.composition(kinds, res.ranking(), 0.2)
+    if rand_comp:       # the same ranking made with random heads: mean shares over the sets
+        for part in ("top", "bottom"):
+            comp[f"random_{part}"] = {k: sum(c[part].get(k, 0) for c in rand_comp) / len(rand_comp)
+                                      for k in comp["all"]}
     extra = {"heads": heads, "heads_source": source, "how": args.how, "composition": comp,
              "texts": [{"kind": t.kind, "source": t.source, "score": float(s), "loss_ref": float(a),
                         "loss_masked": float(b), "text": t.text[:200]}
@@ -171,9 +176,13 @@ def _influence(args, model):
 
 def _composition_md(comp: dict) -> str:
     kinds = sorted(comp["all"])
-    lines = [f"| kind | top 20% (n={comp['n']}) | bottom 20% | whole corpus |", "|---|---|---|---|"]
+    rnd = "random_top" in comp
+    lines = [f"| kind | top 20% (n={comp['n']}) | bottom 20% | " +
+             ("top 20%, random heads | bottom 20%, random heads | " if rnd else "") + "whole corpus |",
+             "|---|---|---|" + ("---|---|" if rnd else "") + "---|"]
     for k in kinds:
-        lines.append(f"| {k} | {comp['top'].get(k, 0):.2f} | {comp['bottom'].get(k, 0):.2f} | {comp['all'][k]:.2f} |")
+        r = f"{comp['random_top'].get(k, 0):.2f} | {comp['random_bottom'].get(k, 0):.2f} | " if rnd else ""
+        lines.append(f"| {k} | {comp['top'].get(k, 0):.2f} | {comp['bottom'].get(k, 0):.2f} | {r}{comp['all'][k]:.2f} |")
     return "\n".join(lines)
 
 
