@@ -347,8 +347,11 @@ def _attn_fwd(
         keep = (m_rest > 0) & ((l_sit / l_safe) / tl.maximum(m_tgt, 1e-30) <= max_ratio) & (m_tgt >= min_target)
         cs = tl.where(keep, f, 1.0)
         cr = tl.where(keep, 1.0 + gain, 1.0)
-        kc = (tl.where(cs > 0, m_src * cs * tl.log(tl.where(cs > 0, cs, 1.0)), 0.0)
-              + tl.where(cr > 0, m_rest * cr * tl.log(tl.where(cr > 0, cr, 1.0)), 0.0))
+        # sum_class c M_class ln c, with xlogy's convention as in the reference: a class without mass
+        # or with c = 0 adds 0; a negative coefficient (factor > 1 freeing more mass than the target
+        # holds) makes probabilities negative and the entropy NaN (ln of a negative number)
+        kc = (tl.where((cs != 0) & (m_src > 0), m_src * cs * tl.log(cs), 0.0)
+              + tl.where((cr != 0) & (m_rest > 0), m_rest * cr * tl.log(cr), 0.0))
         tl.store(Coef + rows, cs, mask=row_mask)
         tl.store(Coef + n_rows + rows, cr, mask=row_mask)
         tl.store(Coef + 2 * n_rows + rows, kc, mask=row_mask)
