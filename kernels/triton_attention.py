@@ -76,17 +76,18 @@ def available(x: torch.Tensor | torch.device | str | None = None) -> bool:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim. "plain": no statistics, no edits;
 # "stats": row statistics; "edit": redistribution passes / gate (more accumulators live at once).
-# Chosen on an H100 with benchmarks/kernels.py --sweep (see BENCHMARKS.md).
+# Chosen on an H100 with benchmarks/kernels.py --sweep (see BENCHMARKS.md); d256 plain and the d128
+# received tiles re-chosen on the H200 (2026-12-01, notes/kernels-benchmarks.md).
 FWD_CONFIGS = {
     "plain": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 128, 8, 3),
-              256: (64, 32, 4, 2)},
+              256: (128, 64, 8, 2)},
     "stats": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
               256: (64, 32, 4, 2)},
     "edit": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2),
              256: (32, 32, 4, 2)},
 }
 # received kernel: (BLOCK_M = query block of the inner loop, BLOCK_N = key block, warps, stages)
-RECV_CONFIGS = {16: (64, 128, 8, 3), 32: (64, 128, 8, 3), 64: (64, 128, 8, 3), 128: (64, 128, 8, 3),
+RECV_CONFIGS = {16: (64, 128, 8, 3), 32: (64, 128, 8, 3), 64: (64, 128, 8, 3), 128: (128, 128, 8, 3),
                 256: (32, 64, 8, 2)}
 # fp32 inputs: "ieee" dots run on the FMA units; small tiles keep them out of local memory
 FP32_CONFIG = (32, 32, 4, 2)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+from collections.abc import Mapping
+from types import MappingProxyType
 from dataclasses import dataclass, field
 
 from ..kernels.spec import LayerEdits, StatRequest
@@ -27,7 +29,7 @@ class LayerPlan:
     recorders: list[Recorder]
     edits: LayerEdits | None        # probability-space edits (applied by the kernel)
     out_edits: list                 # output-space edits on z [B, Q, H, d], in application order
-    hooks: dict[str, list]          # kind -> hook functions (q, k, v, attn_scores, pattern, z)
+    hooks: dict[str, tuple]         # kind -> hook functions (q, k, v, attn_scores, pattern, z)
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,12 +51,13 @@ class Frame:
     _plans: dict = field(default_factory=dict, compare=False, repr=False)   # layer -> LayerPlan | None
     _hook_map: list = field(default_factory=list, compare=False, repr=False)
 
-    def hook_map(self) -> dict:
+    def hook_map(self) -> Mapping:
+        """{(layer, kind): (fn, ...)}, read-only (add hooks with ``ProbeState.push``)."""
         if not self._hook_map:
             m: dict = {}
             for layer, kind, fn in self.hooks:
                 m.setdefault((layer, kind), []).append(fn)
-            self._hook_map.append(m)
+            self._hook_map.append(MappingProxyType({key: tuple(fns) for key, fns in m.items()}))
         return self._hook_map[0]
 
 
@@ -64,14 +67,20 @@ _ids = itertools.count()
 
 class ProbeState:
     """The model's view of the active contexts. Read it through ``recorders``, ``edit_sets``,
-    ``hooks`` ({(layer, kind): [fn, ...]}), ``active()`` and ``plan(layer)``; change it only
-    through ``push`` / ``pop`` (what ``HookedModel``'s contexts do)."""
+    ``hooks`` ({(layer, kind): (fn, ...)}), ``active()`` and ``plan(layer)``; change it only
+    through ``push`` / ``pop`` (what ``HookedModel``'s contexts do):
+
+        handle = model.state.push(hooks=[(layer, kind, fn)])   # or recorders=[...], edit_sets=[...]
+        try:
+            ...
+        finally:
+            model.state.pop(handle)
+    """
 
     def __init__(self, n_layers: int):
         self.n_layers = n_layers
         self._var: contextvars.ContextVar[Frame] = contextvars.ContextVar(f"headscope_probe_{next(_ids)}",
                                                                           default=_EMPTY)
-        self.fallback_warned: set = set()      # fast-path refusals already logged (once per model)
 
     def __deepcopy__(self, memo):
         """A deep copy of the HF model (e.g. ``copy.deepcopy(model.model)``) gets a fresh, empty
@@ -92,8 +101,10 @@ class ProbeState:
         return self.frame.edit_sets
 
     @property
-    def hooks(self) -> dict:
-        """{(layer, kind): [fn, ...]} for the current call (a fresh view: do not mutate)."""
+    def hooks(self) -> Mapping:
+        """{(layer, kind): (fn, ...)} for the current call, read-only: hooks are added with
+        ``push(hooks=[(layer, kind, fn), ...])`` and removed with ``pop`` (what
+        ``HookedModel.hooks`` does), so they stay with the call."""
         return self.frame.hook_map()
 
     def active(self) -> bool:
