@@ -159,14 +159,17 @@ class TLConfigNames:
 
     @property
     def d_vocab(self) -> int:
+        """Vocabulary size (``vocab_size``)."""
         return self.vocab_size
 
     @property
     def n_ctx(self) -> int:
+        """Context length (``max_ctx``)."""
         return self.max_ctx
 
     @property
     def n_key_value_heads(self) -> int:
+        """Key/value heads per layer (``n_kv_heads``; = n_heads without GQA)."""
         return self.n_kv_heads
 
 
@@ -456,12 +459,13 @@ _persistent = threading.local()        # per thread: the stack of entered ``hook
 def _enter_persistent(mod, args):
     owner = mod.__dict__.get("_headscope_owner")
     entries = owner.__dict__.get("_tl_persistent", []) if owner is not None else []
-    cm = None
+    stack = _persistent.__dict__.setdefault("stack", [])
+    stack.append(None)               # first, so that _leave_persistent pops this entry even if entering fails
     if entries:
         cm = owner.hooks(fwd_hooks=[(n, f) for n, f, _, d in entries if d == "fwd"],
                          bwd_hooks=[(n, f) for n, f, _, d in entries if d == "bwd"])
         cm.__enter__()
-    _persistent.__dict__.setdefault("stack", []).append(cm)
+        stack[-1] = cm
 
 
 def _leave_persistent(mod, args, output):
