@@ -100,8 +100,8 @@ def check_out_folder(out, marker: str = "scores.json") -> Path:
     if out == Path(out.anchor) or out == Path.home().absolute() or out == Path.cwd():
         raise OutputError(f"--out {out} would replace a whole folder you work in; give a new sub-folder")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
-        raise OutputError(f"--out {out} exists, is not empty and holds no {marker} (not an earlier report); "
-                          "choose a new or empty folder")
+        raise OutputError(f"--out {out} exists, is not empty and holds no {marker} (so it is no earlier "
+                          "output of this command); choose a new or empty folder")
     _check_parent(out, "--out")
     return out
 

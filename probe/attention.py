@@ -129,14 +129,6 @@ def _fast(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal
                          None, None, None, sinks=sinks)[0]
 
 
-def _warn_once(module, msg: str) -> None:
-    state = getattr(module, "_headscope", None)
-    seen = state.fallback_warned if state is not None else set()
-    if msg not in seen:
-        seen.add(msg)
-        log.warning("headscope: %s", msg)
-
-
 def _needs_grad(q, k, v, edits) -> bool:
     """Autograd will want gradients through this call (inputs or edit tensors require grad)."""
     if not torch.is_grad_enabled():
@@ -156,19 +148,13 @@ def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap
     if score_hook is not None or pattern_hook is not None:
         out, st, _ = reference.attention(q, k, v, score_hook=score_hook, pattern_hook=pattern_hook, **kw)
         return out, st
-    if _needs_grad(q, k, v, edits):
-        # Triton and the fused C row pass have no backward: the chunked PyTorch path is differentiable
-        if q.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON") != "1" and _triton_module() is not None:
-            _warn_once(module, "gradients are needed, so the Triton kernel is skipped; using the "
-                               "differentiable chunked PyTorch path (use torch.no_grad() for inference)")
-        elif q.device.type == "cpu" and chunked.cpu_native.available():
-            _warn_once(module, "gradients are needed, so the fused C row pass is skipped; using the "
-                               "differentiable chunked PyTorch path (use torch.no_grad() for inference)")
-        return chunked.attention(q, k, v, native=False, **kw)
+    grad = _needs_grad(q, k, v, edits)        # Triton and the fused C row pass have no backward
     if q.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON") != "1":
         ta = _triton_module()
         if ta is not None:
-            reason = ta.supports(stats, edits, sinks=sinks is not None)
+            reason = ("the Triton kernels have no backward pass (an input or edit tensor requires grad; "
+                      "use torch.no_grad() for inference)") if grad else ta.supports(stats, edits,
+                                                                                    sinks=sinks is not None)
             if reason is None:
                 try:
                     out, st = ta.attention(q, k, v, **kw)
@@ -183,7 +169,7 @@ def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap
     need_rows = stats is not None or sinks is not None or softcap is not None or \
         (edits is not None and bool(edits.redistributions))
     if need_rows and q.device.type == "cpu" and cpu_native.available():
-        reason = cpu_native.supports(stats, edits, sinks=sinks is not None)
+        reason = cpu_native.supports(stats, edits, sinks=sinks is not None, grad=grad)
         if reason is not None:
             decline_once(reason, "the chunked path's PyTorch row pass")
             native = False

@@ -81,7 +81,6 @@ class ProbeState:
         self.n_layers = n_layers
         self._var: contextvars.ContextVar[Frame] = contextvars.ContextVar(f"headscope_probe_{next(_ids)}",
                                                                           default=_EMPTY)
-        self.fallback_warned: set = set()      # fast-path refusals already logged (once per model)
 
     def __deepcopy__(self, memo):
         """A deep copy of the HF model (e.g. ``copy.deepcopy(model.model)``) gets a fresh, empty

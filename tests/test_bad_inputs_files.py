@@ -61,8 +61,11 @@ def test_unknown_model_name():
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(hs.ModelNotFound, match="no such file or folder"):
+    with pytest.raises(hs.ModelNotFound, match="no such file or folder") as e:
         hs.load(str(tmp_path / "not-there"))
+    assert "hub id" not in str(e.value)
+    with pytest.raises(hs.ModelNotFound, match="never downloads weights"):
+        hs.load("HuggingFaceTB/SmolLM2-135M")
 
 
 def test_folder_that_is_not_a_model(tmp_path):

@@ -291,3 +291,34 @@ def test_probe_falls_back_with_one_message_and_every_key(tiny_llama, caplog):
     assert len(msgs) == (1 if cpu_native.available() else 0), msgs
     assert set(rec.names) == set(expected_keys(ALL))
     assert rec["entropy", 0].shape == (1, 4, 20)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_sink_statistics_have_the_sink_in_the_denominator(window):
+    """Learned sinks (GPT-OSS's s_aux): p = softmax over [scores, sink] without the sink column;
+    the reference's statistics are those of this p (spec.StatRequest), and the chunked path's
+    (PyTorch row pass, blocks of 4 queries, left padding) equal the reference's."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    sinks = torch.tensor([1.0, -2.0, 0.0, 3.0])
+    kp = torch.ones(2, 9, dtype=torch.bool)
+    kp[1, :2] = False
+    kw = dict(scaling=0.35, sliding_window=window, key_padding=kp, key_pos0=-(~kp).sum(-1), stats=ALL, sinks=sinks)
+    out_r, st_r, p_r = reference.attention(q, k, v, want_probs=True, **kw)
+    # by hand on the unpadded sequence 0
+    s = q[0] @ k[0].repeat_interleave(2, 0).transpose(-1, -2) * 0.35                      # [H, 9, 9]
+    t = torch.arange(9)
+    vis = (t[:, None] >= t[None, :]) & ((t[:, None] - t[None, :] < window) if window else True)
+    s = s.masked_fill(~vis, float("-inf"))
+    full = torch.cat([s, sinks.view(4, 1, 1).expand(4, 9, 1)], -1)
+    p = torch.softmax(full, -1)[..., :-1]
+    assert torch.allclose(p_r[0], p, atol=1e-6)
+    assert torch.allclose(st_r["lse"][0], torch.logsumexp(full, -1), atol=1e-5)
+    assert torch.allclose(st_r["entropy"][0], -torch.special.xlogy(p, p).sum(-1), atol=1e-5)
+    assert torch.allclose(st_r["sink_mass"][0], p[..., :2].sum(-1), atol=1e-6)
+    assert (p.sum(-1) < 1).all()                                  # the sink keeps its share
+    out_c, st_c = chunked.attention(q, k, v, native=False, block=4, **kw)
+    assert torch.allclose(out_c, out_r, atol=1e-5)
+    assert set(st_c) == set(st_r)
+    for name in st_r:
+        assert torch.allclose(st_c[name].float(), st_r[name].float(), atol=2e-5), name

@@ -2,6 +2,7 @@
 recorders; nested contexts compose and leave nothing behind. Output-space edits (AddToHead,
 HeadAffine, Ablate) act on z once, in PyTorch, with autograd; gradients through hooks equal plain
 gradients."""
+import sys
 import threading
 
 import pytest
@@ -13,6 +14,13 @@ import headscope as hs
 @pytest.fixture(scope="module")
 def m():
     return hs.load("tiny-llama")
+
+
+def live_attention_module():
+    """The module whose ``headscope_attention`` transformers calls (pytest may import the package
+    under a second name; the registered copy is the one that logs)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    return sys.modules[ALL_ATTENTION_FUNCTIONS["headscope"].__module__]
 
 
 def toks(m, seed=0, B=1, N=12):
@@ -290,7 +298,7 @@ def test_gradients_through_instrumented_path_equal_plain_gradients(m, caplog):
         return leaf["e"].grad
 
     plain = grad_with()
-    m.state.fallback_warned.clear()
+    live_attention_module()._declined.clear()
     with caplog.at_level("WARNING", logger="headscope"):
         via_chunked = grad_with([("blocks.1.attn.hook_z", lambda z, hook: z)], record=True)
         grad_with([("blocks.1.attn.hook_z", lambda z, hook: z)], record=True)
@@ -300,8 +308,8 @@ def test_gradients_through_instrumented_path_equal_plain_gradients(m, caplog):
     torch.testing.assert_close(via_reference, plain, atol=1e-5, rtol=1e-4)
     from headscope.kernels import cpu_native
     if cpu_native.available():                  # declining the C row pass is said once
-        msgs = [r.getMessage() for r in caplog.records if "gradients are needed" in r.getMessage()]
-        assert len(msgs) == 1 and "fused C row pass" in msgs[0]
+        msgs = [r.getMessage() for r in caplog.records if "no backward pass" in r.getMessage()]
+        assert len(msgs) == 1 and "row pass" in msgs[0], msgs
 
 
 def test_state_is_read_only_outside_push_and_pop(m):
