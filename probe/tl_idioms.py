@@ -422,10 +422,11 @@ class TLIdioms:
         hook name or a predicate on names, ``hook(tensor, hook=...)``; ``dir="bwd"``: ``hook(grad,
         hook=...)`` during backward passes. It is active in every forward of this model
         (``model(...)``, ``run_with_cache``, ``generate``) in every thread, entered through the
-        probe's ``hooks`` context around the wrapped model's forward. On the same hook point it runs
-        after the hooks of an enclosing ``hooks`` / ``run_with_hooks`` / ``run_with_cache`` context
-        (TransformerLens: in the order added). ``is_permanent`` hooks survive ``reset_hooks()``
-        unless ``including_permanent=True``; ``level`` is accepted and ignored."""
+        probe's ``hooks`` context (``first=True``) around the wrapped model's forward, so on a hook
+        point it runs before the hooks of a ``hooks`` / ``run_with_hooks`` / ``run_with_cache``
+        context, as in TransformerLens (``run_with_cache`` stores the edited value).
+        ``is_permanent`` hooks survive ``reset_hooks()`` unless ``including_permanent=True``;
+        ``level`` is accepted and ignored."""
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', not {dir!r}")
         if not callable(hook):
@@ -463,7 +464,7 @@ def _enter_persistent(mod, args):
     stack.append(None)               # first, so that _leave_persistent pops this entry even if entering fails
     if entries:
         cm = owner.hooks(fwd_hooks=[(n, f) for n, f, _, d in entries if d == "fwd"],
-                         bwd_hooks=[(n, f) for n, f, _, d in entries if d == "bwd"])
+                         bwd_hooks=[(n, f) for n, f, _, d in entries if d == "bwd"], first=True)
         cm.__enter__()
         stack[-1] = cm
 
