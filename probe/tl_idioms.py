@@ -355,8 +355,8 @@ class TLIdioms:
     @property
     def b_U(self) -> torch.Tensor:
         """Unembedding bias [d_vocab] (zeros when the LM head has none)."""
-        head = self.model.get_output_embeddings()
-        return _bias(head, self.cfg.vocab_size, head.weight)
+        W_U = self.W_U                                                         # raises without an LM head
+        return _bias(self.model.get_output_embeddings(), W_U.shape[1], W_U)
 
     @staticmethod
     def _expand_kv(w: torch.Tensor, n_heads: int) -> torch.Tensor:
