@@ -99,6 +99,7 @@ class ActivationCache(hooks.ActivationCache):
 
     @property
     def n_layers(self) -> int:
+        """The model's layer count (what negative layer indices count from)."""
         return self._model("the layer count").cfg.n_layers
 
     def __getitem__(self, key):

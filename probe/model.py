@@ -370,10 +370,12 @@ class HookedModel(TLIdioms, nn.Module):
                 self.layers[i].__dict__.pop("forward", None)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks=(), bwd_hooks=()):
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), *, first: bool = False):
         """Add (name or name-filter, fn) hooks for the duration of the block (for this call only:
         other threads do not see them); ``bwd_hooks`` get the gradient of the hooked tensor
-        (TransformerLens), see ``module_hooks.as_forward``."""
+        (TransformerLens), see ``module_hooks.as_forward``. ``first``: on a hook point these run
+        before the hooks already active (how ``add_hook``'s persistent hooks keep TransformerLens'
+        order)."""
         added = []
         for entry in list(fwd_hooks) + module_hooks.as_forward(bwd_hooks):
             if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
@@ -393,7 +395,7 @@ class HookedModel(TLIdioms, nn.Module):
                 layer, kind = parse(n, self.cfg.n_layers)
                 module_hooks.check(self, layer, kind)
                 added.append((layer, kind, fn))
-        handle = self.state.push(hooks=added)
+        handle = self.state.push(hooks=added, hooks_first=first)
         try:
             yield self
         finally:

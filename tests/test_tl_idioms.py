@@ -137,9 +137,10 @@ def test_persistent_hooks_until_reset(tiny):
     tiny.add_hook(lambda n: n.endswith("hook_pattern"), lambda t, hook: seen.append(hook.name), is_permanent=True)
     try:
         a = tiny(toks)
-        logits, cache = tiny.run_with_cache(toks, names_filter=["blocks.1.hook_resid_post"])
+        logits, cache = tiny.run_with_cache(toks, names_filter=["blocks.1.attn.hook_z"])
         assert not torch.allclose(a, clean, atol=1e-3) and torch.equal(tiny(toks), a)    # active on every call
-        assert torch.equal(logits, a)                                           # ... and in run_with_cache
+        assert torch.equal(logits, a)                                           # ... and in run_with_cache,
+        assert cache["z", 1][:, :, 0].abs().max() == 0                          # before its saver (TL's order)
         with tiny.hooks([("blocks.1.attn.hook_z", zero_head0)]):
             assert torch.equal(tiny(toks), a)                                   # the same edit as a context hook
         assert len(seen) == 4 * tiny.cfg.n_layers                               # one per layer and call
