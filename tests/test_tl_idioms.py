@@ -334,6 +334,8 @@ def test_tokens_and_config_match_transformerlens(smollm2, tl):
     assert torch.equal(tokens_with_bos(m.tokenizer, PROMPT)["input_ids"], tl["tokens"])
     assert tl["tokens"][0, 0] == m.tokenizer.bos_token_id                       # SmolLM2's tokenizer adds none
     assert torch.equal(tokens_with_bos(m.tokenizer, PROMPT, prepend_bos=False)["input_ids"], tl["tokens_nobos"])
+    assert torch.equal(m.to_tokens(PROMPT), tl["tokens"])                       # the model's own to_tokens too
+    assert torch.equal(m.to_tokens(PROMPT, prepend_bos=False), tl["tokens_nobos"])
     assert m.to_str_tokens(PROMPT) == tl["str_tokens"]
     assert m.to_string(tl["tokens"][0]) == tl["string"]
     assert m.to_str_tokens(tl["tokens"][0, 3:]) == tl["str_tokens_ids"]
