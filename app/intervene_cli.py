@@ -38,11 +38,13 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-random", type=int, default=10, help="random head sets of the same size (control)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is fastest on a CPU shared with other jobs)")
     g = p.add_argument_group("lofit")
     g.add_argument("--k", type=int, default=8, help="heads kept (LoFiT step 2)")
     g.add_argument("--other-task", default="harm", help="task whose selected heads are a control ('none' to skip)")
-    g.add_argument("--n-train", type=int, default=64)
-    g.add_argument("--n-test", type=int, default=200)
+    g.add_argument("--n-train", type=int, default=32)
+    g.add_argument("--n-test", type=int, default=100)
     g.add_argument("--epochs", type=int, default=2)
     g.add_argument("--train-batch", type=int, default=8)
     g.add_argument("--lam", type=float, default=5e-4, help="L1 weight on the scales A (step 1)")
@@ -90,6 +92,8 @@ def validate(args) -> None:
             raise SystemExit(f"--other-task {args.other_task!r}: choose one of {', '.join(TASKS)} or 'none'")
         if args.other_task == args.task:
             raise SystemExit("--other-task must differ from --task (it is the other-task control)")
+        if args.threads is not None and args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
         for name in ("k", "n_train", "n_test", "epochs", "train_batch"):
             if getattr(args, name) < 1:
                 raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
@@ -195,6 +199,8 @@ def run(args) -> int:
     from ..interventions.controls import format_table
     from ..interventions.edits_io import atomic_folder, write_edits
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     model = load(args.model, device=args.device)
     if model.tokenizer is None:

@@ -22,6 +22,6 @@ for job in "$@"; do
     influence) python3 -u -m headscope.app.intervene_cli influence --model $HOME/smol --heads $RETR \
              --per-kind 60 --max-tokens 192 --n-random 10 --device cuda --out $OUT/influence_smollm2 ;;
     lofit2) python3 -u -m headscope.app.intervene_cli lofit --model $HOME/smol --task sentiment --other-task harm \
-             --k 8 --n-train 384 --n-test 400 --epochs 3 --lam 1e-3 --n-random 10 --seed 1 --device cuda --out $OUT/lofit2_smollm2 ;;
+             --k 8 --n-train 256 --n-test 400 --epochs 4 --lam 1e-3 --n-random 10 --seed 1 --device cuda --out $OUT/lofit2_smollm2 ;;
   esac
 done

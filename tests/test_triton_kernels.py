@@ -139,7 +139,11 @@ def _ref(prob, **kw):
 def _close(name, got, want, atol, rtol=1e-4):
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=False, msg=lambda m: f"{name}: {m}")
+    # NaN only where the reference has NaN (an edit that drives probabilities negative: xlogy's
+    # entropy is NaN there, spec.StatRequest), nowhere else
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    assert bool(want.isnan().float().mean() < 0.5) if want.is_floating_point() and want.numel() else True, \
+        f"{name}: the reference is mostly NaN: the problem is degenerate"
 
 
 def _check_stats(prob, got, want, probs, K):
