@@ -356,6 +356,9 @@ def _cmd_report(a) -> int:
         print(f"{prog}: error: cannot write the report to {out}: {_one_line(e)} (nothing was written; "
               "an earlier report there is unchanged)", file=sys.stderr)
         return EXIT_FAILED
+    from .report import summary_lines
+    for line in summary_lines(results):
+        print(f"  {line}")
     print(f"report: {path} ({len(results)} analyzers, {len(errors)} failed, {time.time() - t0:.0f}s total)")
     if errors:
         print(f"{prog}: {len(errors)} of {len(names)} analyzers failed (listed in report.html):", file=sys.stderr)
