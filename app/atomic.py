@@ -22,6 +22,51 @@ def _umask_mode(mode: int) -> int:
     return mode & ~umask
 
 
+@contextlib.contextmanager
+def _held(folder: Path):
+    """Hold an exclusive advisory lock on ``folder`` while the block runs (POSIX; elsewhere a
+    no-op): a temporary folder whose lock can be taken belongs to a run that is gone."""
+    try:
+        import fcntl
+    except ImportError:          # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_orphans(parent: Path, name: str) -> list[Path]:
+    """Remove ``.{name}.tmp-*`` / ``.{name}.old-*`` folders in ``parent`` left by a run that was
+    killed (their lock is free); folders of a run still going (locked) are kept."""
+    try:
+        import fcntl
+    except ImportError:          # pragma: no cover - Windows
+        return []
+    removed = []
+    for p in parent.glob(f".{name}.*-*"):
+        if not p.is_dir() or not p.name.startswith((f".{name}.tmp-", f".{name}.old-")):
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue                                   # a live run holds it
+        try:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _nearest_existing(path: Path) -> Path:
     p = path
     while not p.exists() and p != p.parent:
@@ -55,8 +100,8 @@ def check_out_folder(out, marker: str = "scores.json") -> Path:
     if out == Path(out.anchor) or out == Path.home().absolute() or out == Path.cwd():
         raise OutputError(f"--out {out} would replace a whole folder you work in; give a new sub-folder")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
-        raise OutputError(f"--out {out} exists, is not empty and holds no {marker} (not an earlier report); "
-                          "choose a new or empty folder")
+        raise OutputError(f"--out {out} exists, is not empty and holds no {marker} (so it is no earlier "
+                          "output of this command); choose a new or empty folder")
     _check_parent(out, "--out")
     return out
 
@@ -81,23 +126,26 @@ def staged_folder(out):
     raises (a failure, a full disk, Ctrl-C), the temporary folder is removed and ``out`` is untouched."""
     out = Path(out).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out.parent, out.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        yield tmp
-        os.chmod(tmp, _umask_mode(0o777))              # mkdtemp makes 0700; give the usual folder mode
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            try:
-                os.replace(out, old / "previous")
+        with _held(tmp):                               # held through the renames below
+            yield tmp
+            os.chmod(tmp, _umask_mode(0o777))          # mkdtemp makes 0700; give the usual folder mode
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
                 try:
-                    os.replace(tmp, out)
-                except BaseException:
-                    os.replace(old / "previous", out)     # put the earlier output back
-                    raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+                    with _held(old):
+                        os.replace(out, old / "previous")
+                        try:
+                            os.replace(tmp, out)
+                        except BaseException:
+                            os.replace(old / "previous", out)     # put the earlier output back
+                            raise
+                finally:
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -112,15 +160,17 @@ def staged_files(targets):
     if any(t.parent != parent for t in targets):
         raise ValueError("staged_files: all targets must lie in one folder")
     parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(parent, targets[0].name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{targets[0].name}.tmp-", dir=parent))
     try:
-        yield tmp
-        missing = [t.name for t in targets if not (tmp / t.name).exists()]
-        if missing:
-            raise FileNotFoundError(f"nothing was written for {', '.join(missing)}")
-        for t in targets:
-            os.chmod(tmp / t.name, _umask_mode(0o666))
-            os.replace(tmp / t.name, t)
+        with _held(tmp):
+            yield tmp
+            missing = [t.name for t in targets if not (tmp / t.name).exists()]
+            if missing:
+                raise FileNotFoundError(f"nothing was written for {', '.join(missing)}")
+            for t in targets:
+                os.chmod(tmp / t.name, _umask_mode(0o666))
+                os.replace(tmp / t.name, t)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

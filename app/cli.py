@@ -20,6 +20,15 @@ from pathlib import Path
 EXIT_FAILED = 1          # a command ran but something failed (an analyzer, a write)
 EXIT_USAGE = 2           # a bad argument (argparse's code): nothing was run
 
+# commands whose parser lives in another app module: name -> (module, marker file of an earlier
+# output that --out may replace, help)
+DELEGATED = {
+    "intervene": ("intervene_cli", "results.json",
+                  "learn/apply a head intervention and evaluate it against controls"),
+    "circuit": ("circuit_cli", "circuit.json",
+                "find a task's circuit (patching, path, EAP, EAP-IG, ACDC, SAE) or compare two saved circuits"),
+}
+
 
 class UsageError(Exception):
     """A bad command-line value, found after argparse (unknown analyzer, bad --param, bad --out)."""
@@ -54,7 +63,7 @@ def _port(s: str) -> int:
 
 def build_parser() -> Parser:
     ap = Parser(prog="headscope", description="What does each attention head do?")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{report,score,list,explore}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{report,score,list,explore,intervene,circuit}")
     r = sub.add_parser("report", help="run every analyzer and write report.html, scores.json, raw/",
                        description="Run analyzers on a model and write a report folder (whole: a temporary "
                        "folder beside --out is renamed into place at the end). Exit 1 if an analyzer failed.")
@@ -82,6 +91,11 @@ def build_parser() -> Parser:
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves every interface)")
     e.add_argument("--port", type=_port, default=8501)
     e.add_argument("--headless", action="store_true", help="do not open a browser")
+    # their own parsers live in app/intervene_cli.py and app/circuit_cli.py and import torch: they are
+    # built only when the command is used (`headscope intervene --help`, `headscope circuit --help`)
+    for name, what in DELEGATED.items():
+        d = sub.add_parser(name, help=f"{what[2]} (`headscope {name} --help`)", add_help=False, prefix_chars="\0")
+        d.add_argument("rest", nargs=argparse.REMAINDER)
     return ap
 
 
@@ -205,13 +219,16 @@ def _one_line(e: BaseException) -> str:
 def _load(name, device, prog):
     """Load the model; (model, None) or (None, exit code) after one line on stderr."""
     from .. import load
-    from ..probe.loading import ModelNotFound
+    from ..probe.loading import ModelLoadError, ModelNotFound
 
     t0 = time.time()
     try:
         model = load(name, device=device)
+    except ModelLoadError as e:          # the folder exists but is broken: a failure, not a usage error
+        print(f"{prog}: error: cannot load model {name!r}: {' '.join(str(e).split())}", file=sys.stderr)
+        return None, EXIT_FAILED
     except ModelNotFound as e:
-        print(f"{prog}: error: cannot load model {name!r}: {e}", file=sys.stderr)
+        print(f"{prog}: error: cannot load model {name!r}: {' '.join(str(e).split())}", file=sys.stderr)
         return None, EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - one line, no traceback (HEADSCOPE_DEBUG=1 shows it)
         if os.environ.get("HEADSCOPE_DEBUG"):
@@ -352,11 +369,46 @@ def _cmd_explore(a) -> int:
             signal.signal(s, h)
 
 
+def _cmd_delegated(a) -> int:
+    """``headscope intervene|circuit ...``: handed to the module's own parser; its argument checks
+    (``SystemExit`` with a message) become one line and exit 2 like the other commands, ``--out`` is
+    checked before the model loads, and a model that cannot load is one line too."""
+    import importlib
+
+    from ..probe.loading import ModelLoadError, ModelNotFound
+    from .atomic import OutputError, check_out_folder
+
+    module, marker, _ = DELEGATED[a.cmd]
+    mod = importlib.import_module(f"{__package__}.{module}")
+    ap = Parser(prog="headscope")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    mod.add_parser(sub)
+    args = ap.parse_args([a.cmd, *a.rest])
+    if getattr(args, "out", None) and not getattr(args, "compare", None):
+        try:
+            check_out_folder(args.out, marker=marker)
+        except OutputError as e:
+            raise UsageError(str(e)) from None
+    try:
+        return args.func(args)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            raise UsageError(e.code) from None
+        raise
+    except ModelLoadError as e:
+        print(f"headscope {a.cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_FAILED
+    except ModelNotFound as e:
+        raise UsageError(str(e)) from None
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     prog = f"headscope {a.cmd}"
     try:
+        if a.cmd in DELEGATED:
+            return _cmd_delegated(a)
         if a.cmd == "explore":
             return _cmd_explore(a)
         if a.cmd == "list":
@@ -367,6 +419,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (nothing was written)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -67,7 +67,11 @@ def report_view(folder: str):
     if not results:
         st.warning("This report holds no analyzer results.")
         return
-    fig = combined_map(results)
+    try:
+        fig = combined_map(results)
+    except (RuntimeError, ValueError) as e:     # e.g. analyzer files of different models mixed by hand
+        st.warning(f"no combined map: the analyzers' score maps do not fit together ({e})")
+        fig = None
     if fig is not None:
         st.plotly_chart(fig, width="stretch")
     name = st.radio("analyzer", list(results), horizontal=True, key="analyzer")

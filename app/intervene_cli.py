@@ -38,11 +38,13 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-random", type=int, default=10, help="random head sets of the same size (control)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is fastest on a CPU shared with other jobs)")
     g = p.add_argument_group("lofit")
     g.add_argument("--k", type=int, default=8, help="heads kept (LoFiT step 2)")
     g.add_argument("--other-task", default="harm", help="task whose selected heads are a control ('none' to skip)")
-    g.add_argument("--n-train", type=int, default=64)
-    g.add_argument("--n-test", type=int, default=200)
+    g.add_argument("--n-train", type=int, default=32)
+    g.add_argument("--n-test", type=int, default=100)
     g.add_argument("--epochs", type=int, default=2)
     g.add_argument("--train-batch", type=int, default=8)
     g.add_argument("--lam", type=float, default=5e-4, help="L1 weight on the scales A (step 1)")
@@ -90,6 +92,8 @@ def validate(args) -> None:
             raise SystemExit(f"--other-task {args.other_task!r}: choose one of {', '.join(TASKS)} or 'none'")
         if args.other_task == args.task:
             raise SystemExit("--other-task must differ from --task (it is the other-task control)")
+        if args.threads is not None and args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
         for name in ("k", "n_train", "n_test", "epochs", "train_batch"):
             if getattr(args, name) < 1:
                 raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
@@ -153,14 +157,19 @@ def _influence(args, model):
     sets = controls.random_head_sets(model.cfg.n_layers, model.cfg.n_heads, len(heads), args.n_random, args.seed,
                                      exclude=heads)
     toks = influence.tokenize(model, [t.text for t in texts], args.max_tokens)
-    rand = []
+    rand, rand_comp = [], []
     for hs_ in sets:
         masked = influence.text_losses(model, toks, influence.mask_edits(hs_, args.how), args.batch_size)
         rand.append((masked - res.loss_ref) / res.loss_ref)
+        rand_comp.append(corpus.composition(kinds, rand[-1].argsort(descending=True).tolist(), 0.2))
     if rand:
         rows.append(controls.Row(f"masked random-{len(heads)}", torch.stack(rand), n_heads=len(heads), heads=sets))
     summ = controls.table(rows, seed=args.seed)
     comp = corpus.composition(kinds, res.ranking(), 0.2)
+    if rand_comp:       # the same ranking made with random heads: mean shares over the sets
+        for part in ("top", "bottom"):
+            comp[f"random_{part}"] = {k: sum(c[part].get(k, 0) for c in rand_comp) / len(rand_comp)
+                                      for k in comp["all"]}
     extra = {"heads": heads, "heads_source": source, "how": args.how, "composition": comp,
              "texts": [{"kind": t.kind, "source": t.source, "score": float(s), "loss_ref": float(a),
                         "loss_masked": float(b), "text": t.text[:200]}
@@ -171,9 +180,13 @@ def _influence(args, model):
 
 def _composition_md(comp: dict) -> str:
     kinds = sorted(comp["all"])
-    lines = [f"| kind | top 20% (n={comp['n']}) | bottom 20% | whole corpus |", "|---|---|---|---|"]
+    rnd = "random_top" in comp
+    lines = [f"| kind | top 20% (n={comp['n']}) | bottom 20% | " +
+             ("top 20%, random heads | bottom 20%, random heads | " if rnd else "") + "whole corpus |",
+             "|---|---|---|" + ("---|---|" if rnd else "") + "---|"]
     for k in kinds:
-        lines.append(f"| {k} | {comp['top'].get(k, 0):.2f} | {comp['bottom'].get(k, 0):.2f} | {comp['all'][k]:.2f} |")
+        r = f"{comp['random_top'].get(k, 0):.2f} | {comp['random_bottom'].get(k, 0):.2f} | " if rnd else ""
+        lines.append(f"| {k} | {comp['top'].get(k, 0):.2f} | {comp['bottom'].get(k, 0):.2f} | {r}{comp['all'][k]:.2f} |")
     return "\n".join(lines)
 
 
@@ -186,6 +199,8 @@ def run(args) -> int:
     from ..interventions.controls import format_table
     from ..interventions.edits_io import atomic_folder, write_edits
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     model = load(args.model, device=args.device)
     if model.tokenizer is None:

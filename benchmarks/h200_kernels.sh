@@ -3,7 +3,8 @@
 # Usage (inside the repo copy on the GPU machine): bash benchmarks/h200_kernels.sh STEP...
 #   fa4     install FlashAttention-4 from the wheels in $WHEELS (default .whl) into /tmp/fa4site
 #   tests   GPU tests of the Triton kernels (decode + general) and the probe check
-#   decode  decode sweep + decode table;  compare  prefill sweep + FA4/cuDNN/flash/Flex/ours table
+#   decode  decode sweep + decode table;  sweep  prefill tile sweep (16k);  e2e  census vs SDPA at 32k
+#   compare FA4/cuDNN/flash/Flex/ours table (after fa4)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
@@ -19,12 +20,17 @@ for step in "$@"; do
       export PYTHONPATH=$PYTHONPATH:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages
       python3 -c "from flash_attn.cute import flash_attn_func; print('FA4 import ok')" 2>&1 | tail -3 ;;
     tests)
-      python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_triton_kernels.py 2>&1 | tee $OUT/tests.log | tail -15
+      # pytest maps the repo root (it has an __init__.py) to a package named after its folder
+      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
+      (cd /tmp/hs/headscope && PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider \
+         tests/test_kernels_decode.py tests/test_triton_kernels.py 2>&1 | tee $OUT/tests.log | tail -15)
       python3 benchmarks/cuda_probe_check.py 2>&1 | tee $OUT/probe_check.log | tail -15 ;;
     decode)
       python3 benchmarks/kernels.py --decode-sweep --decode 2>&1 | tee $OUT/decode.log | grep -v "^$" | tail -30 ;;
     sweep)
       python3 benchmarks/kernels.py --sweep --sweep-sizes 16384 2>&1 | tee $OUT/sweep.log | tail -30 ;;
+    e2e)
+      python3 benchmarks/e2e_gpu.py --n 32768 --layers ${E2E_LAYERS:-8} --no-eager 2>&1 | tee $OUT/e2e.log | tail -8 ;;
     compare)
       python3 benchmarks/kernels.py --compare 2>&1 | tee $OUT/compare.log | tail -30 ;;
   esac

@@ -56,10 +56,10 @@ def main(argv=None):
         print(f"Sahara ({r.seconds:.1f}s, {r.dataset}) first-round top heads:")
         for l, h, s in r.top(10):
             print(f"  L{l} H{h}  angle {s:.2f} deg")
-        print("  greedy set: " + ", ".join(f"L{l}H{h} ({ang:.2f} deg)" for (l, h), ang in r.greedy))
-        heads["sahara top"] = r.greedy[0][0]
-        if len(r.greedy) > 1:
-            heads["sahara set"] = [x for x, _ in r.greedy]
+        print("  greedy set: " + ", ".join(f"L{l}H{h} ({ang:.2f} deg)" for (l, h), ang in r.info["greedy"]))
+        heads["sahara top"] = r.info["greedy"][0][0]
+        if len(r.info["greedy"]) > 1:
+            heads["sahara set"] = [x for x, _ in r.info["greedy"]]
         if out:
             r.save(out / "sahara")
     if "asr" not in skip:

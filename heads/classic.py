@@ -293,11 +293,13 @@ class PreviousToken(Analyzer):
     method: str = "stats"
 
     def score(self, model, data=None, progress: bool = True):
+        """``data``: None (shipped natural text), a list of strings, or token ids [batch, pos]."""
         t0 = time.time()
         toks, ds = text_samples(model, data, self.n_samples, self.n_tokens)
         B, N = toks.shape
         s = diagonal_mass(model, toks, {1: (0, N - 1)}, self.method, progress)[1] / (B * (N - 1))
-        return self._result(model, s, dataset=f"{ds} ({B} x {N} tokens)", started=t0, kv_max=kv_group_max(s, model.cfg.n_kv_heads))
+        return self._result(model, s, dataset=f"{ds} ({B} x {N} tokens)", started=t0,
+                            kv_max=kv_group_max(s, model.cfg.n_kv_heads))
 
 
 def duplicate_token_scores(model, tokens: torch.Tensor, progress: bool = True) -> torch.Tensor:
@@ -339,6 +341,7 @@ class DuplicateToken(Analyzer):
     n_tokens: int = 128
 
     def score(self, model, data=None, progress: bool = True):
+        """``data``: None (shipped natural text), a list of strings, or token ids [batch, pos] with repeats."""
         t0 = time.time()
         toks, ds = text_samples(model, data, self.n_samples, self.n_tokens)
         s = duplicate_token_scores(model, toks, progress)

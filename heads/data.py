@@ -52,9 +52,10 @@ def text_samples(model, data=None, n_samples: int = 20, n_tokens: int = 64,
     """Equal-length, unpadded token samples [n, n_tokens] and a dataset name.
 
     ``data``: None (the shipped natural text), a list of strings, or token ids [batch, pos]
-    (then cut to at most ``n_samples`` x ``n_tokens``; shorter token data is used as it is). Texts are tokenized one by one with the tokenizer's
-    special-token default (``prepend_bos``), texts shorter than ``n_tokens`` are skipped, and
-    ``n_samples`` of the rest are taken evenly spread over the list (all of them if fewer).
+    (then cut to at most ``n_samples`` x ``n_tokens``; shorter token data is used as it is). Texts
+    are tokenized one by one with the tokenizer's special-token default (``prepend_bos``), texts
+    shorter than ``n_tokens`` are skipped, and ``n_samples`` of the rest are taken evenly spread
+    over the list (all of them if fewer).
     """
     if n_tokens < 2:
         raise ValueError(f"n_tokens must be >= 2, got {n_tokens}")

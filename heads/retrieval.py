@@ -21,7 +21,7 @@ Run ``python experiments/retrieval.py --model smollm2`` (see ``--help``).
 """
 from __future__ import annotations
 
-import math
+import statistics
 import time
 import warnings
 from collections import Counter
@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import Analyzer, register
-from .common import batches, decode, has_chat_template, output_text, random_heads, stop_ids  # noqa: F401  (decode, random_heads: public here too)
+# decode and random_heads stay importable from here
+from .common import batches, decode, has_chat_template, output_text, random_heads, stop_ids  # noqa: F401
 from .data import load_haystack, load_needles  # noqa: F401  (load_haystack: public here too)
 from .scores import HeadScores
 
@@ -260,6 +261,7 @@ class Retrieval(Analyzer):
                              "shorter lengths")
 
     def score(self, model, data=None, progress: bool = True) -> HeadScores:
+        """``data``: None (shipped haystack + needles), a dict with "haystack" / "needles", or a list of NeedleTest."""
         t0 = time.time()
         tests = self.tests(model, data)
         self._check(model, tests)
@@ -387,8 +389,8 @@ def masking_experiment(model, scores, k: int = 20, n_random: int = 3, seed: int 
     rand = [niah_accuracy(model, tests, d, an.max_new_tokens, progress, f"NIAH random-{k} #{j}", an.batch_size,
                           **gk) for j, d in enumerate(draws)]
     rand_acc = [r[0] for r in rand]
-    mean = sum(rand_acc) / len(rand_acc) if rand_acc else float("nan")
-    sd = (math.sqrt(sum((x - mean) ** 2 for x in rand_acc) / (len(rand_acc) - 1)) if len(rand_acc) > 1 else 0.0)
+    mean = statistics.fmean(rand_acc) if rand_acc else float("nan")
+    sd = statistics.stdev(rand_acc) if len(rand_acc) > 1 else 0.0                  # sample std (n - 1)
     return {"k": k, "n_tests": len(tests), "baseline": base, "top_k": topk, "random": rand_acc,
             "random_mean": mean, "random_std": sd, "top_heads": top, "random_heads": draws,
             "excluded_from_random": n_ex, "baseline_recall": base_r, "top_k_recall": top_r,

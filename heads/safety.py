@@ -270,6 +270,7 @@ class Ships(Analyzer):
         return cls(**{"n_queries": None, "screen_layers": None, **kw})
 
     def score(self, model, data=None, progress: bool = True):
+        """``data``: None (shipped harmful requests), a list of requests, or token ids [B, N] / 1-D id tensors."""
         from tqdm.auto import tqdm
         t0 = time.time()
         queries, ids = _encode(model, data, self.template, self.system, self.n_queries)
@@ -303,7 +304,8 @@ class Ships(Analyzer):
         if self.screen_layers is not None and not bool(screen.eq(0).all()):
             ds += f"; heads of the {len(layers)} layers that won the layer screen: {layers}"
         res = self._result(model, per_query.mean(0), dataset=ds, started=t0, per_query=per_query,
-                           top_count=rearrange(in_top, "q (l h) -> q l h", l=L).sum(0), scored_layers=scored, layer_screen=screen,
+                           top_count=rearrange(in_top, "q (l h) -> q l h", l=L).sum(0), scored_layers=scored,
+                           layer_screen=screen,
                            params=dict(template_used=template_name(model, self.template)),
                            info=dict(queries=queries))
         return res
@@ -350,6 +352,7 @@ class Sahara(Analyzer):
         return cls(**{"n_queries": None, "screen_layers": None, "rounds": 3, "candidates": None, **kw})
 
     def score(self, model, data=None, progress: bool = True):
+        """``data``: None (shipped harmful requests), a list of requests, or token ids [B, N] / 1-D id tensors."""
         from tqdm.auto import tqdm
         t0 = time.time()
         queries, ids = _encode(model, data, self.template, self.system, self.n_queries)

@@ -38,7 +38,6 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-_atomic_write = atomic_write   # temporary alias: app/report.py still imports the old private name
 
 
 def _default(o):

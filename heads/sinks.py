@@ -73,6 +73,7 @@ class Sinks(Analyzer):
         return cls(**{"n_samples": 100, "n_tokens": 64, "eps": 0.3, "k": 1, **kw})
 
     def score(self, model, data=None, progress: bool = True):
+        """``data``: None (shipped natural text), a list of strings, or token ids [batch, pos]."""
         t0 = time.time()
         toks, ds = text_samples(model, data, self.n_samples, self.n_tokens, self.prepend_bos)
         if toks.shape[1] < self.k:
@@ -215,6 +216,7 @@ class HiddenSinks(Analyzer):
                                  self.alpha, self.min_queries, self.batch_size, self.prepend_bos, progress)
 
     def score(self, model, data=None, progress: bool = True):
+        """``data``: None (shipped natural text), a list of strings, or token ids [batch, pos]."""
         t0 = time.time()
         return self.from_result(model, self.find(model, data, progress), t0)
 

@@ -126,6 +126,7 @@ class StreamingProxy(Analyzer):
         return cls(**base)
 
     def score(self, model, data=None, progress: bool = True) -> HeadScores:
+        """``data``: None (the shipped haystack), a text (str), or token ids [batch, pos] / [pos]."""
         t0 = time.time()
         if data is None:
             n = self.length if self.length is not None else min(model.cfg.max_ctx, 8192)
@@ -292,6 +293,8 @@ class DuoGates(Analyzer):
         return data
 
     def score(self, model, data=None, progress: bool = True) -> HeadScores:
+        """``data``: None (synthetic passkeys in the shipped haystack), a haystack text, or dicts
+        with input_ids [N] and label_mask [N]."""
         t0 = time.time()
         samples = self.samples(model, data)
         L, H, G = model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads

@@ -24,7 +24,8 @@ FORMAT = "headscope-edits/1"
 
 def _edit_types() -> dict[str, type]:
     return {name: obj for name, obj in vars(_edits).items()
-            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and hasattr(obj, "add_to")}
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj)
+            and (issubclass(obj, _edits.OutputEdit) or hasattr(obj, "add_to"))}
 
 
 def _jsonable(v):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..heads.scores import HeadScores
-from ..probe.edits import HeadAffine, compile_edits
+from ..probe.edits import HeadAffine, apply_output_edits, compile_edits
 from .tasks import Example, batches, pad_id
 
 PAPER = "Yin et al. 2024, LoFiT: Localized Fine-tuning on LLM Representations (NeurIPS), §3"
@@ -112,7 +112,8 @@ def train_scales(model, train: list[Example], cfg: LoFiTConfig = LoFiTConfig(), 
     """Step 1: (A [layer, head, d_head], losses). Only A trains; loss + lam * sum|A|."""
     L, H, d = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
     g = torch.Generator().manual_seed(cfg.seed)
-    A = (torch.randn(L, H, d, generator=g) * cfg.init_std).to(model.device).requires_grad_()
+    # kept on the CPU: compile_edits moves the compiled edit to the model's device (differentiably)
+    A = (torch.randn(L, H, d, generator=g) * cfg.init_std).requires_grad_()
     losses = _train(model, train, [A], lambda: scale_edits(A), cfg.lr_scale, cfg.epochs, cfg.batch_size,
                     cfg.seed, lambda: cfg.lam * A.abs().sum(), "LoFiT step 1 (scales A)", progress)
     return A.detach(), losses
@@ -132,7 +133,7 @@ def train_offsets(model, train: list[Example], heads, cfg: LoFiTConfig = LoFiTCo
     if not heads:
         raise ValueError("train_offsets needs at least one head")
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    v = (torch.randn(len(heads), model.cfg.d_head, generator=g) * cfg.init_std).to(model.device).requires_grad_()
+    v = (torch.randn(len(heads), model.cfg.d_head, generator=g) * cfg.init_std).requires_grad_()
     losses = _train(model, train, [v], lambda: offset_edits(heads, v), cfg.lr_offset, cfg.epochs,
                     cfg.batch_size, cfg.seed + 1, None, "LoFiT step 2 (offsets v)", progress)
     return v.detach(), losses
@@ -187,29 +188,30 @@ def _out_projection(model, layer: int) -> nn.Module:
 
 
 def fold(model, edits) -> nn.Module:
-    """Write output-affine edits (``HeadAffine``: z <- (1 + A) z + v before o_proj) into the
-    attention output projections of ``model`` (a HookedModel; its HF model is changed in place and
-    returned): W_O[:, head] *= (1 + A_head), b_O += W_O v. A projection without a bias gets one.
-    Other edit kinds cannot be folded and raise."""
+    """Write output-space edits into the attention output projections of ``model`` (a HookedModel;
+    its HF model is changed in place and returned), so a plain Hugging Face model reproduces the
+    edited one. The output edits of a layer are elementwise affine in z (``HeadAffine``: (1 + A) z
+    + v, LoFiT eq. 2; ``AddToHead``; ``Ablate`` zero/mean), so together they are z -> m ⊙ z + b with
+    b = f(0) and m = f(1) - f(0); then W_O[:, head] *= m and b_O += W_O b. A projection without a
+    bias gets one. Probability-space edits (``Ablate(how="uniform")``, ``ScaleKeys``,
+    ``StreamingGate``) change attention itself and cannot be folded: they raise."""
     cfg = model.cfg
     compiled = compile_edits(list(edits), cfg.n_layers, cfg.n_heads, cfg.d_head)
+    if compiled.prob:
+        raise ValueError(f"layers {sorted(compiled.prob)}: only output-space edits (HeadAffine, AddToHead, "
+                         "Ablate zero/mean) can be folded into o_proj; attention edits cannot")
     H, d = cfg.n_heads, cfg.d_head
     with torch.no_grad():
-        for layer, e in compiled.items():
-            other = [f for f in ("q_scale", "gate", "replace_mask") if getattr(e, f) is not None]
-            if other or e.redistributions:
-                raise ValueError(f"layer {layer}: only HeadAffine edits can be folded into o_proj "
-                                 f"(found {other + (['redistributions'] if e.redistributions else [])})")
+        for layer, out_edits in compiled.out.items():
+            zero = torch.zeros(1, 1, H, d)
+            b = apply_output_edits(zero, out_edits)[0, 0]                     # [H, d]
+            m = apply_output_edits(zero + 1, out_edits)[0, 0] - b             # [H, d]
             proj = _out_projection(model, layer)
             transposed = not isinstance(proj, nn.Linear)          # GPT-2 Conv1D: weight [in, out]
             W = proj.weight.T if transposed else proj.weight      # view [d_model, H*d]
             W0 = W.detach().clone()
-            a = e.out_scale if e.out_scale is not None else torch.zeros(H, d)
-            v = e.out_bias if e.out_bias is not None else torch.zeros(H, d)
-            a = a.to(W0)
-            v = v.to(W0)
-            W.mul_((1 + a).reshape(1, H * d))
-            shift = W0 @ v.reshape(H * d)                          # [d_model]
+            W.mul_(m.to(W0).reshape(1, H * d))
+            shift = W0 @ b.to(W0).reshape(H * d)                   # [d_model]
             if proj.bias is None:
                 proj.bias = nn.Parameter(torch.zeros(W0.shape[0], dtype=W0.dtype, device=W0.device),
                                          requires_grad=False)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .spec import decline_reason
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NEG_BIG = tl.constexpr(-1.0e30)
@@ -91,6 +93,7 @@ def decode_partial_kernel(
     amax = tl.zeros([BLOCK_M], dtype=tl.int32)
     cols = tl.arange(0, 8)
     span_acc = tl.zeros([BLOCK_M, 8], dtype=tl.float32)    # up to 8 spans (sink included)
+    jf = tl.arange(0, BLOCK_N).to(tl.float32)
 
     kt_ptrs = k_base + n_lo.to(tl.int64) * skn + (tl.arange(0, BLOCK_N)[None, :] * skn + offs_d[:, None])
     v_ptrs = v_base + n_lo.to(tl.int64) * svn + (tl.arange(0, BLOCK_N)[:, None] * svn + offs_d[None, :])
@@ -122,29 +125,52 @@ def decode_partial_kernel(
         alpha = tl.exp2(m_i - m_new)
         qk2 = x2 - m_new[:, None]
         if ENTROPY:
-            qk2 = tl.maximum(qk2, NEG_BIG)           # masked: 0 * -inf would be NaN
+            # masked: 0 * -inf would be NaN; a NaN score stays NaN (its row is NaN, as in eager)
+            qk2 = tl.maximum(qk2, NEG_BIG, propagate_nan=tl.PropagateNan.ALL)
         p = tl.exp2(qk2)
         rs = tl.sum(p, 1)
         if ENTROPY:
             ent = alpha * (ent + l_i * (m_i - m_new)) + tl.sum(p * qk2, 1)
-        dpos = tl.maximum(diff, 0)
+        # block-uniform shortcuts: t - s over this tile lies in [dmin, dmax] for every row
+        dmin = NK - NQ - (start_n + BLOCK_N - 1)
+        dmax = NK - 1 - start_n
+        if DISTANCE or WDIST:
+            if dmin >= 0:        # every key at or before every query: sum p (t - s0) - sum p j
+                dblk = (t - start_n).to(tl.float32) * rs - tl.sum(p * jf[None, :], 1)
+            else:
+                dblk = tl.sum(p * tl.maximum(diff, 0).to(tl.float32), 1)
         if DISTANCE:
-            dist = dist * alpha + tl.sum(p * dpos.to(tl.float32), 1)
+            dist = dist * alpha + dblk
         if WDIST:
-            wdist = wdist * alpha + tl.sum(p * tl.minimum(dpos, wdist_w).to(tl.float32), 1)
+            if dmin >= wdist_w:
+                wblk = rs * wdist_w
+            elif (dmax < wdist_w) & (dmin >= 0):
+                wblk = dblk
+            else:
+                wblk = tl.sum(p * tl.minimum(tl.maximum(diff, 0), wdist_w).to(tl.float32), 1)
+            wdist = wdist * alpha + wblk
         if RECENT:
-            recent = recent * alpha + tl.sum(tl.where(dpos < recent_r, p, 0.0), 1)
+            if dmin >= recent_r:
+                rblk = rs * 0.0
+            elif dmax < recent_r:
+                rblk = rs
+            else:
+                rblk = tl.sum(tl.where(diff < recent_r, p, 0.0), 1)
+            recent = recent * alpha + rblk
         if NSPAN > 0:
             kpos = pos0 + offs_n
             span_acc = span_acc * alpha[:, None]
             for j in tl.static_range(NSPAN):
                 a = tl.load(Spans + 2 * j)
                 e = tl.load(Spans + 2 * j + 1)
-                sm = tl.sum(tl.where(((kpos >= a) & (kpos < e))[None, :], p, 0.0), 1)
-                span_acc = span_acc + tl.where(cols[None, :] == j, sm[:, None], 0.0)
+                if (pos0 + start_n < e) & (pos0 + start_n + BLOCK_N > a):   # the tile meets the span
+                    sm = tl.sum(tl.where(((kpos >= a) & (kpos < e))[None, :], p, 0.0), 1)
+                    span_acc = span_acc + tl.where(cols[None, :] == j, sm[:, None], 0.0)
         if ARGMAX:
-            idx = tl.min(tl.where(x2 == m_blk[:, None], offs_n[None, :], IDX_BIG), 1)
-            amax = tl.where(m_blk > m_i, idx, amax)
+            upd = m_blk > m_i
+            if tl.max(upd.to(tl.int32), 0) > 0:    # search the index only where some row's max moved
+                idx = tl.min(tl.where(x2 == m_blk[:, None], offs_n[None, :], IDX_BIG), 1)
+                amax = tl.where(upd, idx, amax)
         if DOT_UPCAST:
             pc = p.to(V.dtype.element_ty).to(tl.float32)
         else:
@@ -243,7 +269,7 @@ def decode_merge_kernel(
         if ARGMAX:
             first = tl.minimum(first, tl.min(tl.where(sm & (m == M) & (lj > 0), ss, IDX_BIG), 0))
 
-    l_pos = L > 0
+    l_pos = L != 0                                   # a NaN row stays NaN (not "no key")
     l_safe = tl.where(l_pos, L, 1.0)
     inv = tl.where(l_pos, 1.0 / l_safe, 0.0)
     out = acc * inv
@@ -272,13 +298,17 @@ def decode_merge_kernel(
 # ------------------------------------------------------------------------------------------------
 # Host side
 # ------------------------------------------------------------------------------------------------
+# What the decode kernels can do, declared (as ``triton_attention.SUPPORTED_*``): every row statistic,
+# no column sums (they need every query of the sequence), and of the edits only the query scale.
+SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_distance", "recent", "argmax"})
+SUPPORTED_EDITS = frozenset({"q_scale"})
 DECODE_MAX_Q = 16          # queries per call taken by the decode path (more: flash_stats)
 DECODE_MAX_ROWS = 64       # query rows per KV head (R * Q) held by one program
 DECODE_MIN_K = 1024        # fewer visible keys: flash_stats' one program per query block is enough
 MAX_SPANS = 8              # sink + spans held by the partial kernel
 # (BLOCK_N, num_warps, num_stages) by padded head dim; chosen on the H200 (benchmarks/kernels.py --decode)
 DECODE_CONFIGS = {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
-DECODE_PROGRAMS_PER_SM = 4  # aim for this many partial programs per SM
+DECODE_PROGRAMS_PER_SM = 2  # aim for this many partial programs per SM (H200 sweep: 2 beat 1, 4, 8)
 MERGE_BLOCK_S = 32
 INTERPRET_BLOCK_N = 16
 
@@ -305,27 +335,23 @@ def _const(key, make):
 
 
 def eligible(q, k, *, stats=None, edits=None, min_k: int | None = None) -> str | None:
-    """None when the decode path can take this call, else the reason it cannot (a short phrase).
+    """None when the decode path can take this call, else the reason it cannot (a short phrase;
+    ``triton_attention.attention`` then uses flash_stats, so nothing is lost but speed).
 
     q [B, H, Q, d], k [B, G, K, d]. Takes few queries (Q <= DECODE_MAX_Q, R * Q <= DECODE_MAX_ROWS)
-    against many keys (K >= ``min_k``, default DECODE_MIN_K), any row statistic, no column sums,
-    no edit other than ``q_scale``."""
+    against many keys (K >= ``min_k``, default DECODE_MIN_K), the statistics and edits declared in
+    ``SUPPORTED_STATS`` / ``SUPPORTED_EDITS`` (every row statistic; no column sums; ``q_scale``)."""
     B, H, Q, D = q.shape
     G, K = k.shape[1], k.shape[2]
     if Q > DECODE_MAX_Q or (H // max(G, 1)) * Q > DECODE_MAX_ROWS:
         return f"{Q} queries per KV head group of {H // max(G, 1)} heads is beyond the decode path"
     if K < (DECODE_MIN_K if min_k is None else min_k):
         return f"{K} keys are too few for a key split"
-    if stats is not None:
-        if stats.received:
-            return "column sums (received) need the full query range"
-        if (1 if stats.sink_k else 0) + len(stats.spans) > MAX_SPANS:
-            return f"more than {MAX_SPANS} spans (sink included)"
-    if edits is not None and not edits.empty:
-        others = (edits.redistributions or edits.gate is not None
-                  or any(getattr(edits, n, None) is not None for n in ("replace_mask", "out_scale", "out_bias")))
-        if others:
-            return "edits other than q_scale"
+    reason = decline_reason("the decode kernels", SUPPORTED_STATS, SUPPORTED_EDITS, stats, edits)
+    if reason is not None:
+        return reason
+    if stats is not None and (1 if stats.sink_k else 0) + len(stats.spans) > MAX_SPANS:
+        return f"more than {MAX_SPANS} spans (sink included)"
     return None
 
 
@@ -385,18 +411,12 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
         S = -(-K_vis // split_len)
 
     st = stats
-    span_list = []
-    if st is not None:
-        if st.sink_k:
-            span_list.append((-(2 ** 62), int(st.sink_k)))
-        span_list += [(int(a), int(b)) for a, b in st.spans]
-    nspan = len(span_list)
+    nspan, spans = span_table(st, dev)
     dummy_f = _const(("f", dev), lambda: torch.zeros(1, dtype=f32, device=dev))
     dummy_i = _const(("i", dev), lambda: torch.zeros(2, dtype=i64, device=dev))
     dummy_i32 = _const(("i32", dev), lambda: torch.zeros(1, dtype=torch.int32, device=dev))
     dummy_u8 = _const(("u8", dev), lambda: torch.zeros(1, dtype=torch.uint8, device=dev))
-    spans = (_const(("spans", dev, tuple(span_list)),
-                    lambda: torch.tensor(span_list, dtype=i64, device=dev).reshape(-1)) if nspan else dummy_i)
+    spans = spans if nspan else dummy_i
     kpos0 = (key_pos0.to(device=dev, dtype=i64).contiguous() if key_pos0 is not None
              else _const(("pos0", dev, B), lambda: torch.zeros(B, dtype=i64, device=dev)))
     pad = dummy_u8
@@ -450,25 +470,43 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
         num_warps=4 if BD >= 128 else 2,
     )
 
-    res = {}
     if st is None:
-        return out, res
-    res["lse"] = lse.view(B, H, Q)
+        return out, {}
+    return out, row_results(st, lse, rows, arg, B, H, Q)
+
+
+def span_table(stats, device):
+    """(number of spans, int64 [2 * n] device tensor of half-open position spans, the sink first as
+    ``[-2^62, sink_k)``) for a request; cached per device and spans. (0, None) without spans."""
+    import torch
+    spans = []
+    if stats is not None:
+        if stats.sink_k:
+            spans.append((-(2 ** 62), int(stats.sink_k)))
+        spans += [(int(a), int(b)) for a, b in stats.spans]
+    if not spans:
+        return 0, None
+    return len(spans), _const(("spans", device, tuple(spans)),
+                              lambda: torch.tensor(spans, dtype=torch.int64, device=device).reshape(-1))
+
+
+def row_results(stats, lse, rows, arg, B: int, H: int, Q: int) -> dict:
+    """The statistics dict of a request from the kernels' row buffers (flash_stats and the decode
+    merge share the layout): lse [B*H*Q], rows [5 + spans, B*H*Q] (entropy, distance, window
+    distance, recent mass, max prob, then the sink and each span), arg [B*H*Q] int64."""
+    res = {"lse": lse.view(B, H, Q)}
     j = 5
-    if st.sink_k:
+    if stats.sink_k:
         res["sink_mass"] = rows[j].view(B, H, Q)
         j += 1
-    if st.spans:
-        res["span_mass"] = rows[j:j + len(st.spans)].view(len(st.spans), B, H, Q).permute(1, 2, 3, 0).contiguous()
-    if ent:
-        res["entropy"] = rows[0].view(B, H, Q)
-    if dis:
-        res["distance"] = rows[1].view(B, H, Q)
-    if wd:
-        res["window_distance"] = rows[2].view(B, H, Q)
-    if rec:
-        res["recent_mass"] = rows[3].view(B, H, Q)
-    if am:
+    if stats.spans:
+        n = len(stats.spans)
+        res["span_mass"] = rows[j:j + n].view(n, B, H, Q).permute(1, 2, 3, 0).contiguous()
+    for flag, slot, name in ((stats.entropy, 0, "entropy"), (stats.distance, 1, "distance"),
+                             (stats.window_distance, 2, "window_distance"), (stats.recent, 3, "recent_mass")):
+        if flag:
+            res[name] = rows[slot].view(B, H, Q)
+    if stats.argmax:
         res["max_prob"] = rows[4].view(B, H, Q)
         res["argmax"] = arg.view(B, H, Q)
-    return out, res
+    return res

@@ -99,6 +99,7 @@ class ActivationCache(hooks.ActivationCache):
 
     @property
     def n_layers(self) -> int:
+        """The model's layer count (what negative layer indices count from)."""
         return self._model("the layer count").cfg.n_layers
 
     def __getitem__(self, key):
@@ -112,6 +113,13 @@ class ActivationCache(hooks.ActivationCache):
             full = tl_act_name(key)
             if full != key:
                 return self[full]
+            try:                                   # an alias: hook_rot_q / hook_rot_k are stored as hook_q / hook_k
+                layer, kind = hooks.parse(key, self.n_layers if self.model is not None else 1 << 30)
+                canonical = hooks.hook_name(kind, layer)
+            except (ValueError, KeyError, IndexError):
+                canonical = key
+            if canonical != key and dict.__contains__(self, canonical):
+                return dict.__getitem__(self, canonical)
             return super().__getitem__(key)        # KeyError listing what was cached
         if not isinstance(key, tuple) or not 1 <= len(key) <= 3:
             raise KeyError(f"cache keys are names or (name, layer[, sublayer]) tuples, got {key!r}")
@@ -232,25 +240,57 @@ class ActivationCache(hooks.ActivationCache):
                                            has_batch_dim=self.has_batch_dim, recompute_ln=layer == n)
         return (stack, labels) if return_labels else stack
 
+    def embeddings(self) -> list:
+        """[(label, tensor [(batch,) pos, d_model])] of what enters the residual stream before layer 0:
+        "embed" (``hook_embed``) and, for models with learned absolute positions (GPT-2), "pos_embed"
+        (``hook_pos_embed`` if cached, else ``resid_pre`` of layer 0 minus ``hook_embed`` when that
+        is not zero: the position embedding added to the token embedding)."""
+        out = []
+        if dict.__contains__(self, "hook_embed"):
+            out.append(("embed", dict.__getitem__(self, "hook_embed")))
+        if dict.__contains__(self, "hook_pos_embed"):
+            out.append(("pos_embed", dict.__getitem__(self, "hook_pos_embed")))
+        elif out and dict.__contains__(self, "blocks.0.hook_resid_pre"):
+            rest = dict.__getitem__(self, "blocks.0.hook_resid_pre") - out[0][1]
+            if rest.abs().max() > 0:
+                out.append(("pos_embed", rest))
+        return out
+
+    def _check_additive(self, stack: torch.Tensor, layer: int, mlp_input: bool, pos_slice, what: str) -> None:
+        """Warn when the components do not sum to the residual stream they decompose (when cached)."""
+        target = f"blocks.{layer}.hook_resid_mid" if mlp_input else f"blocks.{layer - 1}.hook_resid_post"
+        if layer == 0 and not mlp_input:
+            target = "blocks.0.hook_resid_pre"
+        if not dict.__contains__(self, target):
+            return
+        want = apply_slice(dict.__getitem__(self, target), pos_slice, -2)
+        if stack.shape[1:] != want.shape:
+            return
+        err = (stack.sum(0) - want).abs().max().item()
+        if err > 1e-3 * max(1.0, want.abs().max().item()):
+            logger.warning("%s: the components miss %s by up to %.3g: they are not additive terms of the "
+                           "residual stream on this model (e.g. Gemma normalises each branch's output again "
+                           "before adding it, so per-head results do not add up to hook_attn_out).", what, target, err)
+
     def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
                         apply_ln: bool = False, pos_slice=None, incl_embeds: bool = True,
                         return_labels: bool = False):
         """The residual stream entering ``layer`` (None / -1: the final one) as the stack of what
-        wrote it: "embed" (``hook_embed``; "pos_embed" if cached), then "{l}_attn_out" and
+        wrote it: "embed" and "pos_embed" (see ``embeddings``), then "{l}_attn_out" and
         "{l}_mlp_out" per layer below (``mode`` "attn" / "mlp" keeps one kind), and with
         ``mlp_input`` layer ``layer``'s attention too. [components, (batch,) pos, d_model]; the
-        components sum to the residual stream. Needs ``hook_embed``, ``hook_attn_out`` and
-        ``hook_mlp_out`` in the cache."""
+        components sum to the residual stream (a warning says so where they do not: Gemma's
+        post-attention / post-MLP norms). Needs ``hook_embed``, ``hook_attn_out`` and ``hook_mlp_out``
+        in the cache (``run_with_cache`` with no ``names_filter`` caches them)."""
         if mode not in ("all", "mlp", "attn"):
             raise ValueError(f"mode must be 'all', 'mlp' or 'attn', not {mode!r}")
         if layer is None or layer == -1:
             layer = self.n_layers
         comps, labels = [], []
         if incl_embeds:
-            for name, label in (("hook_embed", "embed"), ("hook_pos_embed", "pos_embed")):
-                if dict.__contains__(self, name):
-                    comps.append(self[name])
-                    labels.append(label)
+            for label, t in self.embeddings():
+                comps.append(t)
+                labels.append(label)
         for l in range(layer):
             if mode != "mlp":
                 comps.append(self["attn_out", l])
@@ -264,6 +304,8 @@ class ActivationCache(hooks.ActivationCache):
         if not comps:
             raise ValueError("decompose_resid found nothing to stack (cache hook_embed, or pick layer > 0)")
         stack = torch.stack([apply_slice(c, pos_slice, -2) for c in comps])
+        if mode == "all" and incl_embeds:
+            self._check_additive(stack, layer, mlp_input, pos_slice, "decompose_resid")
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
@@ -333,24 +375,15 @@ class ActivationCache(hooks.ActivationCache):
                                                     incl_embeds=False, mode="mlp", return_labels=True)
             comps.append(mlps)
             labels = labels + mlp_labels
-        for name, label in (("hook_embed", "embed"), ("hook_pos_embed", "pos_embed")):
-            if dict.__contains__(self, name):
-                comps.append(apply_slice(self[name], pos_slice, -2)[None])
-                labels.append(label)
+        for label, t in self.embeddings():
+            comps.append(apply_slice(t, pos_slice, -2)[None])
+            labels.append(label)
         n_bias = layer + (1 if mlp_input else 0)
         b_O = model.b_O.detach()[:n_bias].sum(0) if n_bias else heads.new_zeros(model.cfg.d_model)
         comps.append(b_O.to(heads.dtype).expand(1, *heads.shape[1:]))
         labels.append("bias")
         stack = torch.cat(comps)
-        target = f"blocks.{layer - 1}.hook_resid_post" if not mlp_input else f"blocks.{layer}.hook_resid_mid"
-        if layer > 0 and dict.__contains__(self, target):
-            want = apply_slice(self[target], pos_slice, -2)
-            err = (stack.sum(0) - want).abs().max().item()
-            if err > 1e-3 * max(1.0, want.abs().max().item()):
-                logger.warning("get_full_resid_decomposition: the components miss %s by up to %.3g. On models that "
-                               "normalise the attention output again before adding it (post-attention norm, e.g. "
-                               "Gemma) per-head results are not additive terms of the residual stream; use "
-                               "decompose_resid for whole-layer terms.", target, err)
+        self._check_additive(stack, layer, mlp_input, pos_slice, "get_full_resid_decomposition")
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack

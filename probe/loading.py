@@ -179,8 +179,12 @@ def _locked(path: Path):
     except ImportError:          # pragma: no cover - Windows
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    try:
+        f = open(path, "a")
+    except OSError:              # a read-only cache: a valid entry still loads; a conversion will say why not
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -217,7 +221,11 @@ def cached_folder(emb: Embedded) -> Path:
     root = cache_dir()
     entry = f"{emb.name}-v{CACHE_FORMAT}"
     target = root / entry
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelLoadError(f"cannot create the cache folder {root} ({e.strerror or e}): set HEADSCOPE_CACHE "
+                             "to a folder you can write to") from None
     with _locked(root / f"{entry}.lock"):
         remove_stale_temp(root, entry, emb.name)
         why = check_entry(target, gguf)
@@ -228,7 +236,11 @@ def cached_folder(emb: Embedded) -> Path:
                         emb.name, target, why, gguf)
         else:
             log.warning("headscope: converting %s to safetensors in %s (once; tens of seconds)", gguf, target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry}.converting-", dir=root))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{entry}.converting-", dir=root))
+        except OSError as e:
+            raise ModelLoadError(f"cannot convert {emb.name}: the cache folder {root} is not writable "
+                                 f"({e.strerror or e}); set HEADSCOPE_CACHE to a folder you can write to") from None
         try:
             convert_gguf(gguf, tmp)
             if not (tmp / "model.safetensors").is_file() or not (tmp / "config.json").is_file():
@@ -260,8 +272,11 @@ def _has_weights(folder: Path) -> bool:
 def _local_source(path: Path) -> tuple[Path, dict]:
     """A local path -> (folder, from_pretrained kwargs), or ModelNotFound saying what is wrong."""
     if not path.exists():
+        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
         raise ModelNotFound(f"no such file or folder: {path}. Give the path of a local Hugging Face model "
-                            f"folder (config.json + weights), a .gguf file, or one of {sorted(EMBEDDED)}")
+                            f"folder (config.json + weights), a .gguf file, or one of {sorted(EMBEDDED)}"
+                            + (". If it is a hub id: headscope never downloads weights; download them "
+                               f"yourself (`hf download {path} --local-dir DIR`) and pass DIR" if hub else ""))
     if path.is_file():
         if path.suffix == ".gguf":
             return path.parent, {"gguf_file": path.name}

@@ -14,17 +14,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..kernels.spec import StatRequest
 from . import attention as _attention
 from . import module_hooks
-from .checks import as_indices, check_range
+from .checks import as_index, as_indices, check_range
 from .edits import EDIT_TYPES, OutputEdit, compile_edits
 from .cache import ActivationCache
 from .hooks import Hook, hook_name, parse
 from .record import Recorder
 from .state import ProbeState
-from .tl_idioms import TLConfigNames, TLIdioms
+from .tl_idioms import TLConfigNames, TLIdioms, tokens_with_bos
 
 _OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")                  # attention output projection
 _PRE_MLP_NORM = ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm")  # input = resid_mid
@@ -89,6 +90,8 @@ class HookedModel(TLIdioms, nn.Module):
         self.tokenizer = tokenizer
         self.cfg = _info(hf_model, name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
         self.state = ProbeState(self.cfg.n_layers)
+        self._token_masks = WeakIdKeyDictionary()   # to_tokens output -> its padding mask
+        self._prepends_bos = None
         self.model.set_attn_implementation(_attention.NAME)
         self.layers = _decoder_layers(hf_model, self.cfg.n_layers)
         self.attn = [_attention_module(l) for l in self.layers]
@@ -171,7 +174,12 @@ class HookedModel(TLIdioms, nn.Module):
 
     # ---------------------------------------------------------------- tokens
     def to_tokens(self, text, prepend_bos: bool = True, chat: bool = False) -> torch.Tensor:
-        """Text (or a list of texts, left-padded) -> token ids [batch, pos]."""
+        """Text (or a list of texts, left-padded) -> token ids [batch, pos].
+
+        A padded batch carries its mask: the returned tensor's padding mask is remembered (weakly,
+        for that tensor object), so ``model(model.to_tokens([short, long]))``, ``run_with_cache`` and
+        ``generate`` mask the pads exactly. A token tensor made any other way gets TransformerLens'
+        rule instead (see ``padding_mask``). ``attention_mask=`` given explicitly always wins."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass token ids instead of text")
         texts = [text] if isinstance(text, str) else list(text)
@@ -187,8 +195,54 @@ class HookedModel(TLIdioms, nn.Module):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=prepend_bos and not chat)
-        return enc["input_ids"]
+        if chat:            # the chat template already holds the model's special tokens
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        else:               # TransformerLens' prepend_bos: exactly one BOS, on every tokenizer
+            enc = tokens_with_bos(self.tokenizer, texts, prepend_bos=prepend_bos)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if not bool(mask.all()):
+            self._token_masks[ids] = mask
+        return ids
+
+    def padding_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The padding mask [batch, pos] (1 = real token) that ``model(tokens)`` uses when no
+        ``attention_mask`` is given, or None when nothing is padded.
+
+        Tokens from ``to_tokens`` use the mask the tokenizer made. Other tensors follow
+        TransformerLens' ``utils.get_attention_mask`` for left padding: the run of pad tokens at the
+        start of each row is masked; when the pad id is also the BOS id and the tokenizer prepends a
+        BOS, the last token of that run is the BOS and stays visible. Pads elsewhere in a row are
+        real tokens. A row that is nothing but padding is an error."""
+        known = self._token_masks.get(tokens)
+        if known is not None and known.shape == tokens.shape:
+            return known
+        tok = self.tokenizer
+        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        if pad is None or tokens.dim() != 2:
+            return None
+        lead = (tokens != pad).long().cumsum(-1) == 0                  # [B, N] leading pad run
+        if not bool(lead.any()):
+            return None
+        mask = (~lead).long()
+        if pad == getattr(tok, "bos_token_id", None) and self._tokenizer_prepends_bos():
+            n = lead.sum(-1)                                            # [B] run lengths
+            rows = torch.nonzero(n > 0)[:, 0]
+            mask[rows, n[rows] - 1] = 1
+        empty = torch.nonzero(mask.sum(-1) == 0)[:, 0].tolist()
+        if empty:
+            raise ValueError(f"row(s) {empty} of the tokens are all padding (pad id {pad}): drop them or "
+                             "pass attention_mask= explicitly")
+        return None if bool(mask.all()) else mask
+
+    def _tokenizer_prepends_bos(self) -> bool:
+        if self._prepends_bos is None:
+            tok = self.tokenizer
+            try:
+                ids = tok("a")["input_ids"]
+                self._prepends_bos = bool(ids) and ids[0] == tok.bos_token_id
+            except Exception:  # a tokenizer that cannot encode plain text: assume no BOS
+                self._prepends_bos = False
+        return self._prepends_bos
 
     def to_string(self, tokens) -> str | list[str]:
         if tokens.dim() == 1:
@@ -196,6 +250,8 @@ class HookedModel(TLIdioms, nn.Module):
         return [self.tokenizer.decode(t) for t in tokens]
 
     def _inputs(self, tokens, attention_mask=None):
+        if isinstance(tokens, (list, tuple)) and len(tokens) == 0:
+            raise ValueError("empty prompt: give at least one string or token id")
         if isinstance(tokens, (str, list)) and (isinstance(tokens, str) or isinstance(tokens[0], str)):
             texts = [tokens] if isinstance(tokens, str) else tokens
             if self.tokenizer is None:
@@ -205,13 +261,20 @@ class HookedModel(TLIdioms, nn.Module):
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             if any(not t for t in texts):
                 raise ValueError("empty prompt: give at least one non-empty string")
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+            enc = tokens_with_bos(self.tokenizer, texts)           # as to_tokens (TransformerLens' default)
             tokens, attention_mask = enc["input_ids"], enc["attention_mask"]
-        tokens = torch.as_tensor(tokens)
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.as_tensor(tokens)
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
         if tokens.dim() == 1:
             tokens = tokens[None]
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, pos] (or [pos]), got shape {tuple(tokens.shape)}")
         if tokens.numel() == 0 or tokens.shape[-1] == 0:
             raise ValueError("empty prompt: tokens has no positions")
+        if attention_mask is None:
+            attention_mask = self.padding_mask(tokens)
         if tokens.shape[-1] > self.cfg.max_ctx:
             raise ValueError(f"the input is {tokens.shape[-1]} tokens but {self.cfg.name} allows at most "
                              f"{self.cfg.max_ctx}: shorten the prompt or pick a model with a longer context")
@@ -235,15 +298,39 @@ class HookedModel(TLIdioms, nn.Module):
         return next(self.model.parameters()).device
 
     # ---------------------------------------------------------------- running
-    def forward(self, tokens, attention_mask=None, *, start_at_layer: int | None = None,
-                resid_pre: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """Logits [batch, pos, vocab]. With ``start_at_layer=l`` and ``resid_pre`` (the residual
-        stream ``blocks.{l}.hook_resid_pre``, [batch, pos, d_model]) layers below ``l`` are not
-        run: see ``start_at``."""
+    def forward(self, tokens, attention_mask=None, *, return_type: str | None = "logits",
+                loss_per_token: bool = False, start_at_layer: int | None = None,
+                resid_pre: torch.Tensor | None = None, **kwargs):
+        """Run the model, as TransformerLens' ``HookedTransformer.forward``.
+
+        ``tokens``: ids [batch, pos] or [pos], a string or a list of strings (left-padded; a padded
+        batch always carries its mask, see ``padding_mask``). ``return_type``: "logits" (default,
+        [batch, pos, vocab]), "loss" (mean next-token cross-entropy over real tokens; with
+        ``loss_per_token=True`` [batch, pos - 1]), "both" ((logits, loss)) or None (run for the
+        hooks, return None). With ``start_at_layer=l`` and ``resid_pre`` (the residual stream
+        ``blocks.{l}.hook_resid_pre``, [batch, pos, d_model]) layers below ``l`` are not run: see
+        ``start_at``. Of Hugging Face's arguments only ``logits_to_keep`` is passed through (with
+        return_type "logits"); any other keyword is refused."""
+        unknown = sorted(set(kwargs) - _HF_FORWARD_KWARGS)
+        if unknown:
+            raise TypeError(f"HookedModel.forward() got unexpected keyword argument(s) {unknown}; accepted: "
+                            "tokens, attention_mask, return_type ('logits', 'loss', 'both', None), "
+                            f"loss_per_token, start_at_layer, resid_pre, {', '.join(sorted(_HF_FORWARD_KWARGS))}")
+        if return_type not in _RETURN_TYPES:
+            raise ValueError(f"return_type={return_type!r}: use one of {_RETURN_TYPES}")
+        if "logits_to_keep" in kwargs and return_type in ("loss", "both"):
+            raise ValueError("logits_to_keep drops the logits the loss needs: use it with return_type='logits'")
         tokens, kw = self._inputs(tokens, attention_mask)
-        ctx = self.start_at(start_at_layer, resid_pre) if start_at_layer else contextlib.nullcontext()
+        start = None if start_at_layer is None else as_index(start_at_layer, "start_at_layer")
+        ctx = self.start_at(start, resid_pre) if start else contextlib.nullcontext()
         with ctx:
-            return self.model(input_ids=tokens, use_cache=False, **kw, **kwargs).logits
+            logits = self.model(input_ids=tokens, use_cache=False, **kw, **kwargs).logits
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = lm_cross_entropy_loss(logits, tokens, kw.get("attention_mask"), per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
 
     @contextlib.contextmanager
     def start_at(self, layer: int, resid_pre: torch.Tensor):
@@ -255,7 +342,8 @@ class HookedModel(TLIdioms, nn.Module):
         ablation sweeps use it for (the unablated prefix is computed once). Hooks and probes on the
         skipped layers see nothing meaningful. The decoder layers' ``forward`` is swapped on the
         instances only for the duration of the block."""
-        if not 0 <= int(layer) < self.cfg.n_layers:
+        layer = as_index(layer, "start_at_layer")
+        if not 0 <= layer < self.cfg.n_layers:
             raise ValueError(f"start_at_layer={layer} is outside 0..{self.cfg.n_layers - 1}")
         if layer == 0:
             yield self
@@ -282,10 +370,12 @@ class HookedModel(TLIdioms, nn.Module):
                 self.layers[i].__dict__.pop("forward", None)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks=(), bwd_hooks=()):
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), *, first: bool = False):
         """Add (name or name-filter, fn) hooks for the duration of the block (for this call only:
         other threads do not see them); ``bwd_hooks`` get the gradient of the hooked tensor
-        (TransformerLens), see ``module_hooks.as_forward``."""
+        (TransformerLens), see ``module_hooks.as_forward``. ``first``: on a hook point these run
+        before the hooks already active (how ``add_hook``'s persistent hooks keep TransformerLens'
+        order)."""
         added = []
         for entry in list(fwd_hooks) + module_hooks.as_forward(bwd_hooks):
             if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
@@ -305,7 +395,7 @@ class HookedModel(TLIdioms, nn.Module):
                 layer, kind = parse(n, self.cfg.n_layers)
                 module_hooks.check(self, layer, kind)
                 added.append((layer, kind, fn))
-        handle = self.state.push(hooks=added)
+        handle = self.state.push(hooks=added, hooks_first=first)
         try:
             yield self
         finally:
@@ -437,6 +527,25 @@ class HookedModel(TLIdioms, nn.Module):
         """Mean head output z over batch and positions: [head, d_head] (for mean ablation)."""
         _, cache = self.run_with_cache(tokens, names_filter=hook_name("z", layer), attention_mask=attention_mask)
         return cache["z", layer].float().mean((0, 1))
+
+
+_RETURN_TYPES = ("logits", "loss", "both", None)
+_HF_FORWARD_KWARGS = frozenset({"logits_to_keep"})    # passed through to the Hugging Face model
+
+
+def lm_cross_entropy_loss(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          per_token: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy, as TransformerLens' ``utils.lm_cross_entropy_loss``: logits
+    [batch, pos, vocab], tokens [batch, pos] -> the mean over predicted positions (scalar), or
+    [batch, pos - 1] with ``per_token``. With a padding mask, positions whose input or target is
+    padding count 0 and are left out of the mean."""
+    logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]                        # [B, N-1, V]
+    nll = -logp.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]            # [B, N-1]
+    if attention_mask is None:
+        return nll if per_token else nll.mean()
+    keep = (attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()).to(nll.device)
+    nll = nll * keep
+    return nll if per_token else nll.sum() / keep.sum().clamp_min(1)
 
 
 def free_bytes(device) -> int:

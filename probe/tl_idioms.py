@@ -125,10 +125,10 @@ def norm_info(module: nn.Module, d_model: int) -> NormInfo:
     u = u - u.mean()
     u = u / u.pow(2).mean().sqrt()                                   # mean 0, mean square 1
     dt = p.dtype if p is not None else torch.float32
-    with torch.no_grad():
-        f_pos = module(u.to(dt)[None, None]).float()[0, 0]          # [d_model]
-        f_neg = module((-u).to(dt)[None, None]).float()[0, 0]
-        f_shift = module((u + 3.0).to(dt)[None, None]).float()[0, 0]
+    with torch.no_grad():          # .forward: the probe vectors must not reach hooks on the module (resid_mid)
+        f_pos = module.forward(u.to(dt)[None, None]).float()[0, 0]          # [d_model]
+        f_neg = module.forward((-u).to(dt)[None, None]).float()[0, 0]
+        f_shift = module.forward((u + 3.0).to(dt)[None, None]).float()[0, 0]
     centering = bool(torch.allclose(f_shift, f_pos, rtol=1e-3, atol=1e-4 * float(f_pos.abs().max()) + 1e-6))
     weight = (f_pos - f_neg) / 2 * math.sqrt(1.0 + eps) / u           # [d_model]
     bias = (f_pos + f_neg) / 2
@@ -159,14 +159,17 @@ class TLConfigNames:
 
     @property
     def d_vocab(self) -> int:
+        """Vocabulary size (``vocab_size``)."""
         return self.vocab_size
 
     @property
     def n_ctx(self) -> int:
+        """Context length (``max_ctx``)."""
         return self.max_ctx
 
     @property
     def n_key_value_heads(self) -> int:
+        """Key/value heads per layer (``n_kv_heads``; = n_heads without GQA)."""
         return self.n_kv_heads
 
 
@@ -352,8 +355,8 @@ class TLIdioms:
     @property
     def b_U(self) -> torch.Tensor:
         """Unembedding bias [d_vocab] (zeros when the LM head has none)."""
-        head = self.model.get_output_embeddings()
-        return _bias(head, self.cfg.vocab_size, head.weight)
+        W_U = self.W_U                                                         # raises without an LM head
+        return _bias(self.model.get_output_embeddings(), W_U.shape[1], W_U)
 
     @staticmethod
     def _expand_kv(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -416,25 +419,33 @@ class TLIdioms:
     def add_hook(self, name, hook, dir: str = "fwd", is_permanent: bool = False, level=None,
                  prepend: bool = False) -> None:
         """Add a hook that stays until ``reset_hooks()`` (TransformerLens' ``add_hook``): ``name`` a
-        hook name or a predicate on names, ``hook(tensor, hook=...)``. It is active in every forward
-        of this model (``model(...)``, ``run_with_cache``, ``generate``) in every thread, entered
-        through the probe's ``hooks`` context around the wrapped model's forward.
-        ``is_permanent`` hooks survive ``reset_hooks()`` unless ``including_permanent=True``."""
-        if dir != "fwd":
-            raise NotImplementedError("add_hook supports forward hooks only (dir='fwd'); for gradients "
-                                      "run the forward under torch autograd and read .grad")
+        hook name or a predicate on names, ``hook(tensor, hook=...)``; ``dir="bwd"``: ``hook(grad,
+        hook=...)`` during backward passes. It is active in every forward of this model
+        (``model(...)``, ``run_with_cache``, ``generate``) in every thread, entered through the
+        probe's ``hooks`` context (``first=True``) around the wrapped model's forward, so on a hook
+        point it runs before the hooks of a ``hooks`` / ``run_with_hooks`` / ``run_with_cache``
+        context, as in TransformerLens (``run_with_cache`` stores the edited value).
+        ``is_permanent`` hooks survive ``reset_hooks()`` unless ``including_permanent=True``;
+        ``level`` is accepted and ignored."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', not {dir!r}")
         if not callable(hook):
             raise TypeError(f"hook for {name!r} is not callable: {hook!r}")
-        with self.hooks([(name, hook)]):        # validates the name now, not at the next forward
+        with self.hooks(**{f"{dir}_hooks": [(name, hook)]}):   # validates the name now, not at the next forward
             pass
         entries = self.__dict__.setdefault("_tl_persistent", [])
-        entry = (name, hook, bool(is_permanent))
+        entry = (name, hook, bool(is_permanent), dir)
         if prepend:
             entries.insert(0, entry)
         else:
             entries.append(entry)
-        if "_tl_runner" not in self.__dict__:
-            self._install_persistent_runner()
+        if not self.model.__dict__.get("_headscope_tl_runner"):
+            # the wrapped model's forward enters the persistent hooks; the hooks find this HookedModel
+            # through the module (kept out of the module tree), so a deepcopy's hooks find the copy
+            self.model.__dict__["_headscope_owner"] = self
+            self.model.__dict__["_headscope_tl_runner"] = True
+            self.model.register_forward_pre_hook(_enter_persistent)
+            self.model.register_forward_hook(_leave_persistent, always_call=True)
 
     def reset_hooks(self, including_permanent: bool = False, **_ignored) -> None:
         """Remove hooks added with ``add_hook`` (permanent ones too with ``including_permanent``).
@@ -442,22 +453,24 @@ class TLIdioms:
         entries = self.__dict__.get("_tl_persistent", [])
         entries[:] = [] if including_permanent else [e for e in entries if e[2]]
 
-    def _install_persistent_runner(self) -> None:
-        local = threading.local()
 
-        def enter(mod, args):
-            entries = self.__dict__.get("_tl_persistent", [])
-            stack = local.__dict__.setdefault("stack", [])
-            cm = self.hooks([(n, f) for n, f, _ in entries]) if entries else None
-            if cm is not None:
-                cm.__enter__()
-            stack.append(cm)
+_persistent = threading.local()        # per thread: the stack of entered ``hooks`` contexts
 
-        def leave(mod, args, output):
-            stack = local.__dict__.get("stack", [])
-            cm = stack.pop() if stack else None
-            if cm is not None:
-                cm.__exit__(None, None, None)
 
-        self.__dict__["_tl_runner"] = (self.model.register_forward_pre_hook(enter),
-                                       self.model.register_forward_hook(leave, always_call=True))
+def _enter_persistent(mod, args):
+    owner = mod.__dict__.get("_headscope_owner")
+    entries = owner.__dict__.get("_tl_persistent", []) if owner is not None else []
+    stack = _persistent.__dict__.setdefault("stack", [])
+    stack.append(None)               # first, so that _leave_persistent pops this entry even if entering fails
+    if entries:
+        cm = owner.hooks(fwd_hooks=[(n, f) for n, f, _, d in entries if d == "fwd"],
+                         bwd_hooks=[(n, f) for n, f, _, d in entries if d == "bwd"], first=True)
+        cm.__enter__()
+        stack[-1] = cm
+
+
+def _leave_persistent(mod, args, output):
+    stack = _persistent.__dict__.get("stack", [])
+    cm = stack.pop() if stack else None
+    if cm is not None:
+        cm.__exit__(None, None, None)

@@ -8,7 +8,8 @@ constant, 40-55 the output slot read by the unembedding; the rest carries small 
 - L1H2 (KV group 1) is an induction head: q reads the current token, k reads the previous-token slot,
   both into the slow rotary pairs 8-15 (rotation < 0.02 rad over the sequence: position-free
   content matching); v copies the token, o writes it to the output slot.
-Attention is peaked but not saturated (match scores ~4-6), so gradients are informative. Every
+L0H0 and L1H3 share the planted heads' KV groups, so their values carry the token too; their
+output weights are 20x smaller than the other heads'. Attention is peaked but not saturated (match scores ~4-6), so gradients are informative. Every
 other head and both MLPs have small random weights. On "t0..t7 t0..t4" the model predicts t5.
 """
 import random
@@ -53,6 +54,7 @@ def planted_model(seed: int = 0):
         for j in range(16):
             l0.v_proj.weight[j, j] = 1 / 2.74
         l0.o_proj.weight[:, 32:64] = 0
+        l0.o_proj.weight[:, 0:32] *= 0.05                   # L0H0 shares L0H1's token-copying v: keep it faint
         for j in range(16):
             l0.o_proj.weight[16 + j, 32 + j] = 1.0
         l1 = m.model.layers[1].self_attn
@@ -65,6 +67,7 @@ def planted_model(seed: int = 0):
             l1.k_proj.weight[32 + idx[j], 16 + j] = 1.8
             l1.v_proj.weight[32 + j, j] = 1 / 2.67
         l1.o_proj.weight[:, 64:96] = 0
+        l1.o_proj.weight[:, 96:128] *= 0.05                 # L1H3 shares L1H2's token-copying v: keep it faint
         for j in range(16):
             l1.o_proj.weight[40 + j, 64 + j] = 1.0
         m.lm_head.weight.zero_()

@@ -15,7 +15,7 @@ import torch
 import headscope as hs
 from headscope.app import views
 from headscope.app.report import write_report
-from headscope.heads import ANALYZERS
+from headscope.heads import ANALYZERS, HeadScores
 
 EXPLORER = str(Path(views.__file__).with_name("explorer.py"))
 
@@ -196,6 +196,12 @@ def test_malformed_report_folders_are_messages(report, tmp_path):
         at.text_input(key="report").set_value(str(d)).run()
         assert not at.exception, (case, at.exception)
         assert any(frag in e.value for e in at.error), (case, [e.value for e in at.error])
+    mixed = tmp_path / "mixed"                                  # analyzer files of two models, copied together
+    shutil.copytree(folder, mixed)
+    HeadScores(scores=torch.rand(5, 2), method="previous_token", model={"name": "other"}).save(
+        mixed / "raw" / "previous_token")
+    at.text_input(key="report").set_value(str(mixed)).run()
+    assert not at.exception and any("score maps do not fit together" in w.value for w in at.warning)
     at.text_input(key="report").set_value(str(folder)).run()      # and a good one still shows
     assert not at.exception and not at.error and at.subheader[0].value == "Report — tiny-llama"
 
@@ -235,7 +241,7 @@ def test_views_in_overlapping_sessions_each_get_their_own_result():
     def plain(toks):
         with torch.no_grad():
             return m(toks).clone()
-    jobs = [(f, t) for t in prompts for f in (stats, ablated, plain)] * 3
+    jobs = [(f, t) for t in prompts for f in (stats, ablated, plain)] * 2
     expected = [f(t) for f, t in jobs]
     got = [None] * len(jobs)
     errors = []

@@ -61,8 +61,11 @@ def test_unknown_model_name():
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(hs.ModelNotFound, match="no such file or folder"):
+    with pytest.raises(hs.ModelNotFound, match="no such file or folder") as e:
         hs.load(str(tmp_path / "not-there"))
+    assert "hub id" not in str(e.value)
+    with pytest.raises(hs.ModelNotFound, match="never downloads weights"):
+        hs.load("HuggingFaceTB/SmolLM2-135M")
 
 
 def test_folder_that_is_not_a_model(tmp_path):
@@ -407,8 +410,87 @@ def test_score_out_full_disk_writes_neither_file(capsys, tmp_path, monkeypatch):
     assert code == 1 and not list(tmp_path.glob("t.*")) and not [p for p in tmp_path.rglob(".*")]
 
 
+def test_broken_model_folder_exit_1_one_line(capsys, tmp_path, tiny_folder):
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder, folder)
+    (folder / "tokenizer.json").write_text("{broken")
+    code, _, err = _run(capsys, ["score", "previous_token", "--model", str(folder)])
+    assert code == 1 and "do not load" in err and str(folder) in err and "Traceback" not in err
+    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and "Loading weights" not in l]
+    assert len(lines) == 1, lines                  # (transformers' own progress bar aside)
+
+
+def test_intervene_out_checked_before_loading(capsys, no_load, tmp_path):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "a.txt").write_text("x")
+    code, _, err = _run(capsys, ["intervene", "lofit", "--out", str(mine)])
+    assert code == 2 and "holds no results.json" in err
+
+
 def test_unknown_model_and_missing_path_exit_2(capsys, tmp_path):
     code, _, err = _run(capsys, ["score", "previous_token", "--model", "no-such-model"])
     assert code == 2 and "unknown model 'no-such-model'" in err and len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, ["score", "previous_token", "--model", str(tmp_path / "gone")])
     assert code == 2 and "no such file or folder" in err
+
+
+def test_orphans_of_a_killed_report_are_removed_live_ones_kept(tmp_path):
+    """A report killed by SIGKILL leaves `.OUT.tmp-*` beside --out; the next write to that --out
+    removes it (its lock is free) but keeps the folder of a run still going (locked)."""
+    import fcntl
+
+    from headscope.app.atomic import staged_folder
+    orphan = tmp_path / ".rep.tmp-dead1234"
+    orphan.mkdir()
+    (orphan / "scores.json").write_text("{}")
+    live = tmp_path / ".rep.tmp-live5678"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    other = tmp_path / ".other.tmp-abcd1234"            # another output's temp folder: not ours
+    other.mkdir()
+    try:
+        with staged_folder(tmp_path / "rep") as stage:
+            (stage / "scores.json").write_text("{}")
+        assert not orphan.exists() and live.exists() and other.exists()
+        assert (tmp_path / "rep" / "scores.json").exists()
+    finally:
+        os.close(fd)
+
+
+def test_report_killed_midway_leaves_earlier_report(tmp_path):
+    """SIGKILL while the report is being written: the earlier report is whole; the orphan goes on
+    the next run."""
+    import signal
+    out = tmp_path / "rep"
+    code = (
+        "import sys, time, headscope as hs\n"
+        "from headscope.app.report import write_report\n"
+        "from headscope.heads import HeadScores\n"
+        "import torch\n"
+        "m = hs.load('tiny-llama')\n"
+        "r = {'sinks': HeadScores(scores=torch.ones(3, 4), method='sinks', model={'name': 'tiny-llama'})}\n"
+        f"write_report(m, r, {{}}, {str(out)!r})\n"
+        "import headscope.heads.scores as S\n"
+        "real = HeadScores.save\n"
+        "def slow(self, path):\n"
+        "    real(self, path); print('WRITING', flush=True); time.sleep(60)\n"
+        "HeadScores.save = slow\n"
+        f"write_report(m, r, {{}}, {str(out)!r})\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"
+        before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert [p.name for p in tmp_path.glob(".rep.tmp-*")]        # the run's temp folder, mid-write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert len(before) == 4
+    from headscope.app.atomic import remove_orphans
+    assert len(remove_orphans(tmp_path, "rep")) == 1 and not [p for p in tmp_path.rglob(".*")]

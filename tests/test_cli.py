@@ -29,3 +29,47 @@ def test_report_on_smollm2(tmp_path, capsys):
     assert len(sc) == 30 and len(sc[0]) == 9
     assert (out / "raw" / "sinks.safetensors").exists()
     assert not [p for p in out.rglob(".*")]          # no temporary files left behind
+
+
+def test_intervene_and_circuit_are_wired_with_one_line_errors(capsys, tmp_path):
+    """`headscope intervene` / `headscope circuit` hand their arguments to app/intervene_cli.py /
+    app/circuit_cli.py; their checks (before any model loads) give one line and exit 2 like every
+    other command, and --out is checked the same way as report's."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("x")
+    out = str(tmp_path / "new")
+    for argv, frag in ((["intervene", "lofit", "--task", "nope", "--out", out], "is not a shipped task"),
+                       (["intervene", "lofit", "--k", "x", "--out", out], "invalid int value"),
+                       (["intervene", "act", "--out", out], "not available from this command yet"),
+                       (["intervene", "lofit", "--out", str(notes)], "holds no results.json"),
+                       (["circuit", "no-such-task", "--out", out], "unknown task"),
+                       (["circuit", "ioi", "--out", str(notes)], "holds no circuit.json"),
+                       (["circuit", "ioi", "--model", "no-such-model", "--out", out], "unknown model")):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and frag in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_score_writes_scores_whole(tmp_path, capsys):
+    """`score --out` on a tiny model with token data: PATH.json + PATH.safetensors, loadable, no temp."""
+    import torch
+
+    from headscope.heads import ANALYZERS, HeadScores
+    x = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    real = ANALYZERS["previous_token"].score
+    ANALYZERS["previous_token"].score = lambda self, model, data=None, progress=True: real(self, model, data=x,
+                                                                                         progress=False)
+    try:
+        code = main(["score", "previous_token", "--model", "tiny-llama", "--top", "3", "--out", str(tmp_path / "pt")])
+    finally:
+        ANALYZERS["previous_token"].score = real
+    out = capsys.readouterr().out
+    assert code == 0 and len([l for l in out.splitlines() if l.startswith("L")]) == 3
+    r = HeadScores.load(tmp_path / "pt.json")
+    assert r.scores.shape == (3, 4) and r.method == "previous_token"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pt.json", "pt.safetensors"]

@@ -44,7 +44,8 @@ def test_fold_equals_edit(tiny):
     g = torch.Generator().manual_seed(3)
     edits = [hs.HeadAffine(0, [1, 2], scale=torch.randn(2, d, generator=g) * 0.3, bias=torch.randn(2, d, generator=g)),
              hs.HeadAffine(2, 0, bias=torch.randn(d, generator=g)),
-             hs.HeadAffine(2, 0, scale=torch.randn(d, generator=g) * 0.2)]        # composes with the one above
+             hs.HeadAffine(2, 0, scale=torch.randn(d, generator=g) * 0.2),        # composes with the one above
+             hs.AddToHead(1, 3, vector=torch.randn(d, generator=g)), hs.Ablate(1, 2, how="zero")]
     toks = torch.randint(0, 128, (2, 12), generator=g)
     with torch.no_grad(), tiny.edit(edits):
         edited = tiny(toks)
@@ -60,14 +61,14 @@ def test_fold_equals_edit(tiny):
 
 
 def test_fold_refuses_other_edits(tiny):
-    with pytest.raises(ValueError, match="only HeadAffine"):
-        lofit.fold(hs.load(copy.deepcopy(tiny.model)), [hs.Ablate(0, 1)])
+    with pytest.raises(ValueError, match="only output-space edits"):
+        lofit.fold(hs.load(copy.deepcopy(tiny.model)), [hs.Ablate(0, 1, how="uniform")])
 
 
 def test_save_load_round_trip(tiny, tmp_path):
     d = tiny.cfg.d_head
     edits = [hs.HeadAffine(1, [0, 3], bias=torch.randn(2, d)), hs.Ablate(2, 1, how="uniform"),
-             hs.ScaleKeys(0, 2, keys=[(0, 1)], factor=0.4)]
+             hs.ScaleKeys(0, 2, keys=[(0, 1)], factor=0.4), hs.AddToHead(2, [0, 1], vector=torch.randn(d))]
     out = edits_io.save_edits(tmp_path / "e", edits, meta={"task": "x"})
     edits_io.save_edits(out, edits[:1])                                 # replacing an existing folder
     back, meta = edits_io.load_edits(out, with_meta=True)

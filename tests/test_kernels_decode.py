@@ -132,7 +132,7 @@ def test_decode_eligibility():
     assert "too few" in td.eligible(q, k, min_k=10 ** 6)
     assert "received" in td.eligible(q, k, stats=StatRequest(received=True), min_k=1)
     r = Redistribution(heads=(0,), factor=0.5, source=((0, 1),))
-    assert "edits" in td.eligible(q, k, edits=LayerEdits(redistributions=(r,)), min_k=1)
+    assert "redistributions" in td.eligible(q, k, edits=LayerEdits(redistributions=(r,)), min_k=1)
     assert "spans" in td.eligible(q, k, stats=StatRequest(spans=tuple((i, i + 1) for i in range(9))), min_k=1)
     big_q = torch.zeros(1, 8, 17, 32, device=DEV)
     assert "decode path" in td.eligible(big_q, k, min_k=1)
@@ -156,3 +156,15 @@ def test_triton_attention_dispatches_decode(monkeypatch):
     monkeypatch.setattr(td, "DECODE_MIN_K", 10 ** 9)
     ta.attention(**prob, stats=req)
     assert calls == [1]
+
+
+def test_decode_nan_row_stays_nan():
+    """A NaN in one query makes that row NaN throughout (output and every float statistic), as in
+    eager attention (spec.StatRequest); the other rows are untouched."""
+    prob = _problem(B=1, H=4, G=2)
+    prob["q"][0, 1, 0, 3] = float("nan")
+    req = StatRequest(sink_k=2, entropy=True, distance=True, argmax=True)
+    out, got = td.attention(**prob, stats=req)
+    assert out[0, 1].isnan().all() and not out[0, [0, 2, 3]].isnan().any()
+    for n in ("lse", "sink_mass", "entropy", "distance", "max_prob"):
+        assert got[n][0, 1].isnan().all() and not got[n][0, [0, 2, 3]].isnan().any(), n

@@ -16,19 +16,6 @@ from headscope.probe.tl_idioms import tokenizer_prepends_bos, tokens_with_bos
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
-def components_cached(model, cache):
-    """hook_embed / hook_attn_out / hook_mlp_out as decompose_resid needs them. Where the model does
-    not serve these hook points (yet), they are filled from the residual stream: each block adds its
-    attention output then its MLP output (exact for pre-norm blocks)."""
-    if "hook_embed" in model.hook_names():
-        return cache
-    for l in range(model.cfg.n_layers):
-        cache[f"blocks.{l}.hook_attn_out"] = cache["resid_mid", l] - cache["resid_pre", l]
-        cache[f"blocks.{l}.hook_mlp_out"] = cache["resid_post", l] - cache["resid_mid", l]
-    cache["hook_embed"] = cache["resid_pre", 0]
-    return cache
-
-
 # ------------------------------------------------------------------------------ tokenizers
 def _word_tokenizer(prepends_bos: bool, has_bos: bool = True):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -150,9 +137,10 @@ def test_persistent_hooks_until_reset(tiny):
     tiny.add_hook(lambda n: n.endswith("hook_pattern"), lambda t, hook: seen.append(hook.name), is_permanent=True)
     try:
         a = tiny(toks)
-        logits, cache = tiny.run_with_cache(toks, names_filter=["blocks.1.hook_resid_post"])
+        logits, cache = tiny.run_with_cache(toks, names_filter=["blocks.1.attn.hook_z"])
         assert not torch.allclose(a, clean, atol=1e-3) and torch.equal(tiny(toks), a)    # active on every call
-        assert torch.equal(logits, a)                                           # ... and in run_with_cache
+        assert torch.equal(logits, a)                                           # ... and in run_with_cache,
+        assert cache["z", 1][:, :, 0].abs().max() == 0                          # before its saver (TL's order)
         with tiny.hooks([("blocks.1.attn.hook_z", zero_head0)]):
             assert torch.equal(tiny(toks), a)                                   # the same edit as a context hook
         assert len(seen) == 4 * tiny.cfg.n_layers                               # one per layer and call
@@ -168,11 +156,45 @@ def test_persistent_hooks_until_reset(tiny):
 
 
 @torch.no_grad()
+def test_persistent_hooks_follow_a_deepcopy():
+    m = hs.load("tiny-llama")
+    toks = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(5))
+    clean = m(toks)
+    m.add_hook("blocks.0.attn.hook_z", lambda z, hook: torch.zeros_like(z))
+    ablated = m(toks)
+    twin = copy.deepcopy(m)
+    assert torch.equal(twin(toks), ablated)                                     # the copy has its own hooks
+    twin.reset_hooks()
+    assert torch.allclose(twin(toks), clean, atol=1e-5) and torch.equal(m(toks), ablated)
+
+
+def test_persistent_backward_hook(tiny):
+    toks = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(4))
+    grads = []
+    tiny.add_hook("blocks.2.hook_resid_post", lambda g, hook: grads.append((hook.name, g)), dir="bwd")
+    try:
+        tiny(toks)[0, -1, 3].backward()
+        assert len(grads) == 1 and grads[0][0] == "blocks.2.hook_resid_post"
+        g = grads[0][1]
+        # the last layer's output reaches the logit at its own position only
+        assert g.shape == (1, 8, tiny.cfg.d_model) and g[0, -1].abs().sum() > 0 and g[0, :-1].abs().sum() == 0
+    finally:
+        tiny.reset_hooks()
+        tiny.model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        tiny(toks)
+    assert len(grads) == 1
+    with pytest.raises(ValueError, match="dir"):
+        tiny.add_hook("blocks.1.hook_resid_post", lambda g, hook: None, dir="both")
+
+
+@torch.no_grad()
 def test_cache_indexing_and_batch_dim(tiny):
     toks = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(2))
     _, cache = tiny.run_with_cache(toks)
     L = tiny.cfg.n_layers
     assert cache["pattern", -1] is cache["pattern", L - 1]
+    assert cache["blocks.1.attn.hook_rot_k"] is cache["k", 1] and cache["rot_q", 2] is cache["q", 2]
     assert cache["z", 0, "attn"] is cache["blocks.0.attn.hook_z"] and cache["resid_pre", -3] is cache["resid_pre", 0]
     assert cache.stack_activation("pattern").shape == (L, 1, tiny.cfg.n_heads, 6, 6)
     assert cache.stack_activation("resid_pre", layer=2).shape == (2, 1, 6, tiny.cfg.d_model)
@@ -181,6 +203,10 @@ def test_cache_indexing_and_batch_dim(tiny):
     assert s.shape == (1, 6, 1) and torch.allclose(s, (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt())
     with pytest.raises(KeyError):
         cache["blocks.0.attn.hook_nothing"]
+    seen = []
+    with tiny.hooks([("blocks.1.hook_resid_mid", lambda t, hook: seen.append(t.shape))]):
+        cache["blocks.1.ln2.hook_scale"]                                        # reads the ln2 module, no hook runs
+    assert seen == []
     cache.remove_batch_dim()
     assert cache["pattern", -1].shape == (tiny.cfg.n_heads, 6, 6) and not cache.has_batch_dim
     stack = cache.accumulated_resid(apply_ln=True)                             # works without the batch dim
@@ -199,23 +225,28 @@ def test_decompositions_add_up(name, caplog):
     m = load_with_biases(name)
     toks = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
     logits, cache = m.run_with_cache(toks)
-    cache = components_cached(m, cache)
     final = cache["resid_post", -1]
     parts, labels = cache.decompose_resid(return_labels=True)
-    assert labels[:3] == ["embed", "0_attn_out", "0_mlp_out"] and len(labels) == 1 + 2 * m.cfg.n_layers
-    assert torch.allclose(parts.sum(0), final, atol=1e-4)
+    n_embed = 2 if name == "tiny-gpt2" else 1                                  # GPT-2: learned positions
+    assert labels[:n_embed + 2] == ["embed", "pos_embed"][:n_embed] + ["0_attn_out", "0_mlp_out"]
+    assert len(labels) == n_embed + 2 * m.cfg.n_layers
     heads, hl = cache.stack_head_results(return_labels=True, incl_remainder=True)
     assert hl[0] == "L0H0" and hl[-1] == "remainder" and torch.allclose(heads.sum(0), final, atol=1e-4)
     full, fl = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
-    assert fl[-2:] == ["embed", "bias"] and len(fl) == m.cfg.n_layers * (m.cfg.n_heads + 1) + 2
-    if name == "tiny-gemma3":       # attention output is normalised again before it is added: not additive
+    assert fl[-1] == "bias" and len(fl) == m.cfg.n_layers * (m.cfg.n_heads + 1) + n_embed + 1
+    a, b = 5, 17
+    diff = logits[..., a] - logits[..., b]
+    # hook_attn_out / hook_mlp_out are what each branch adds (after Gemma's post-branch norms), so
+    # the layer decomposition adds up on every architecture
+    assert torch.allclose(parts.sum(0), final, atol=1e-4)
+    if name == "tiny-gemma3":
+        # per-head results are normalised again before they are added: not additive terms
         assert not torch.allclose(full.sum(0), final, atol=1e-2)
-        assert "not additive" in caplog.text
+        assert caplog.text.count("not additive") == 1                          # the full decomposition only
     else:
         assert torch.allclose(full.sum(0), final, atol=1e-4)
-    a, b = 5, 17
+        assert "not additive" not in caplog.text
     attrs = cache.logit_attrs(parts, a, incorrect_tokens=b)                    # [component, batch, pos]
-    diff = logits[..., a] - logits[..., b]
     bias_term = 0.0
     ln = m.final_norm()
     if ln.bias is not None:
@@ -271,6 +302,8 @@ def tl(smollm2):
         r["heads_12_ln"] = cache.stack_head_results(12, apply_ln=True, pos_slice=-1)
         r["stack_z"] = cache.stack_activation("z")
         r["decomp_ln"] = cache.apply_ln_to_stack(r["decomp"])
+        r["full"], r["full_labels"] = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+        r["string"] = br.to_string(r["tokens"][0])
         # direct logit attribution in TransformerLens' post-processed coordinates (fold_ln); the
         # cache keeps its residual stream and reads the folded unembedding through the Bridge
         br.enable_compatibility_mode(disable_warnings=True, fold_ln=True, center_writing_weights=False,
@@ -284,7 +317,7 @@ def tl(smollm2):
 def hs_cache(smollm2, tl):
     with torch.no_grad():
         logits, cache = smollm2.run_with_cache(tl["tokens"])
-    return logits, components_cached(smollm2, cache)
+    return logits, cache
 
 
 def close(a, b, tol=1e-4):
@@ -302,6 +335,7 @@ def test_tokens_and_config_match_transformerlens(smollm2, tl):
     assert tl["tokens"][0, 0] == m.tokenizer.bos_token_id                       # SmolLM2's tokenizer adds none
     assert torch.equal(tokens_with_bos(m.tokenizer, PROMPT, prepend_bos=False)["input_ids"], tl["tokens_nobos"])
     assert m.to_str_tokens(PROMPT) == tl["str_tokens"]
+    assert m.to_string(tl["tokens"][0]) == tl["string"]
     assert m.to_str_tokens(tl["tokens"][0, 3:]) == tl["str_tokens_ids"]
     assert m.to_single_token(" Mary") == tl["mary"]
     assert (m.get_token_position(" John", PROMPT), m.get_token_position(" John", PROMPT, mode="last")) == tl["pos"]
@@ -340,6 +374,9 @@ def test_cache_helpers_match_transformerlens(tl, hs_cache):
     close(c.stack_head_results(12, apply_ln=True, pos_slice=-1), tl["heads_12_ln"])
     close(c.stack_activation("z"), tl["stack_z"])
     close(c.apply_ln_to_stack(d), tl["decomp_ln"])
+    full, fl = c.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+    assert fl == tl["full_labels"]
+    close(full, tl["full"])
 
 
 @pytest.mark.slow

@@ -1,0 +1,162 @@
+"""Circuit methods on a real model: run time of each method on IOI (default 40 prompts) and, with
+--report, the analysis numbers (task accuracy/metric, head patching map, faithfulness curve and the
+smallest circuit keeping 80% of the IOI logit difference, Spearman agreement of patching / EAP /
+EAP-IG, SAE ROC AUC against the patching circuit, IOI vs Colored Objects overlap).
+
+    PYTHONPATH=... python benchmarks/circuits_cpu.py --model smollm2 [--methods patching,eap-ig,sae]
+    python benchmarks/circuits_cpu.py --model smollm2 --report --device cuda --out DIR
+
+--gguf FILE loads a GGUF file directly (for a machine without the embedded-model packages).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# benchmarks/kernels.py would shadow the `kernels` package that transformers probes for
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import torch  # noqa: E402
+
+
+def load_model(a):
+    import headscope as hs
+    if a.gguf:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        folder, name = os.path.split(os.path.abspath(a.gguf))
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        if a.device:
+            hf = hf.to(a.device)
+        m = hs.load(hf, tokenizer=tok)
+        m.cfg = type(m.cfg)(**{**m.cfg.to_dict(), "name": a.model})
+        return m
+    return hs.load(a.model, device=a.device)
+
+
+def timed(fn, *args, **kw):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.time()
+    r = fn(*args, **kw)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return r, time.time() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--gguf", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--methods", default="patching,eap,eap-ig,sae,acdc-nodes,path")
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    from headscope import circuits as C
+    model = load_model(a)
+    print(f"model {model.cfg.name} on {model.device}; torch threads {torch.get_num_threads()}", flush=True)
+    res = {"model": model.cfg.name, "device": str(model.device), "n": a.n, "date": time.strftime("%Y-%m-%d %H:%M")}
+    ioi = C.make_task("ioi", model, n=a.n)
+    res["tasks"] = {"ioi": ioi.evaluate(model)}
+    print(res["tasks"]["ioi"], flush=True)
+    times, out = {}, {}
+    methods = a.methods.split(",")
+    if a.report:
+        for t in ("greater-than", "colored-objects"):
+            task = C.make_task(t, model, n=a.n)
+            res["tasks"][t] = task.evaluate(model)
+            print(res["tasks"][t], flush=True)
+    for m in ("eap", "eap-ig"):
+        if m in methods:
+            c, times[m] = timed(C.attribute, model, ioi, m)
+            out[m] = c
+            print(m, times[m], c.top_nodes(10), c.top_edges(5), flush=True)
+    if "sae" in methods:
+        c, times["sae"] = timed(C.sae_circuit, model, ioi)
+        out["sae"] = c
+        print("sae", times["sae"], c.top_nodes(10), flush=True)
+    if "patching" in methods:
+        hs_mean, times["patching_mean"] = timed(C.patch_heads, model, ioi, how="mean")
+        out["patching_mean"] = hs_mean
+        print("patching mean", times["patching_mean"], hs_mean.top(10), flush=True)
+    for how in ("resample", "zero"):
+        if f"patching-{how}" in methods:
+            s, times[f"patching_{how}"] = timed(C.patch_heads, model, ioi, how=how)
+            out[f"patching_{how}"] = s
+            print("patching", how, times[f"patching_{how}"], s.top(10), flush=True)
+    res["seconds"] = times
+    if a.report and "patching_mean" in out:
+        pc = C.from_head_scores(out["patching_mean"], ioi)
+        f, t = timed(pc.faithfulness_curve, model, ioi)
+        res["faithfulness_patching_mean"] = f
+        res["smallest_80_patching"] = pc.smallest_circuit(0.8)
+        L, H = model.cfg.n_layers, model.cfg.n_heads
+        print("faithfulness", f, "smallest >= 80%:", res["smallest_80_patching"], "of", L * H, flush=True)
+        res["head_map_patching_mean"] = out["patching_mean"].scores.tolist()
+        res["top_patching_mean"] = out["patching_mean"].top(20)
+        sp = {}
+        ref = {k: out[k] for k in ("patching_resample", "patching_mean") if k in out}
+        for rn, r in ref.items():
+            for m in ("eap", "eap-ig"):
+                if m in out:
+                    sp[f"{rn}~{m}"] = C.spearman(r, out[m].head_scores())
+        if "eap" in out and "eap-ig" in out:
+            sp["eap~eap-ig"] = C.spearman(out["eap"].head_scores(), out["eap-ig"].head_scores())
+        res["spearman"] = sp
+        print("spearman", sp, flush=True)
+        if "eap-ig" in out:
+            ec = out["eap-ig"]
+            ec.faithfulness_curve(model, ioi)
+            res["faithfulness_eap_ig"] = ec.faithfulness
+            res["smallest_80_eap_ig"] = ec.smallest_circuit(0.8)
+            print("eap-ig faithfulness", ec.faithfulness, res["smallest_80_eap_ig"], flush=True)
+        n_truth = max(1, round(0.1 * L * H))
+        if "sae" in out:
+            res["sae_vs_patching"] = C.roc_auc(out["sae"], pc, n_truth=n_truth)
+            print("sae vs patching top-10%", res["sae_vs_patching"], flush=True)
+        for m in ("eap", "eap-ig", "acdc_nodes"):
+            if m in out:
+                res[f"{m}_vs_patching"] = C.roc_auc(out[m], pc, n_truth=n_truth)
+                print(m, "vs patching", res[f"{m}_vs_patching"], flush=True)
+        co = C.make_task("colored-objects", model, n=a.n)
+        if res["tasks"]["colored-objects"]["solved"]:
+            s, times["patching_mean_colored"] = timed(C.patch_heads, model, co, how="mean")
+            cc = C.from_head_scores(s, co)
+            res["overlap_ioi_colored"] = {n: C.overlap(pc, cc, n=n) for n in (n_truth, 2 * n_truth)}
+            res["top_colored"] = s.top(20)
+            print("overlap", res["overlap_ioi_colored"], flush=True)
+        gt = C.make_task("greater-than", model, n=a.n)
+        if res["tasks"]["greater-than"]["solved"]:
+            s, times["patching_mean_greater"] = timed(C.patch_heads, model, gt, how="mean")
+            res["top_greater_than"] = s.top(20)
+            print("greater-than top", s.top(10), flush=True)
+    if "acdc-nodes" in methods:
+        c, times["acdc_nodes"] = timed(C.acdc_nodes, model, ioi, tau=0.01)
+        out["acdc_nodes"] = c
+        print("acdc nodes", times["acdc_nodes"], len(c.params["kept"]), c.params["kept"][:20], flush=True)
+    if "path" in methods:
+        c, times["path_logits"] = timed(C.path_patch, model, ioi)
+        out["path_logits"] = c
+        print("path patching -> logits", times["path_logits"], c.top(10), flush=True)
+    if "acdc-edges" in methods and "eap" in out:
+        cands = out["eap"].top_edges(100)
+        c, times["acdc_edges"] = timed(C.acdc_edges, model, ioi, cands, tau=0.01)
+        out["acdc_edges"] = c
+        print("acdc edges", times["acdc_edges"], len(c.params["kept"]), c.params["kept"][:20], flush=True)
+    res["seconds"] = times
+    print(json.dumps({"seconds": times}, indent=1))
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "circuits_results.json"), "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

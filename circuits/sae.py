@@ -1,0 +1,127 @@
+"""Discrete sparse-autoencoder circuits (O'Neill & Bui 2024, "Sparse Autoencoders for Dense Text
+Embeddings / Circuit discovery with discrete SAEs", repo charlieoneill11/sae-circuits, §3).
+
+For every head, its result (``hook_result``, the head's write to the residual) averaged over
+positions is one vector per prompt (expressed in an orthonormal basis of the span of that head's
+vectors, see ``span_coordinates``). On ``n_examples`` positive (clean, solvable) and as many
+negative (corrupted) prompts, one small SAE per head (all heads trained at once, as one batched
+model: the per-task SAE set) with ``n_latents`` = 200 ReLU latents, loss = MSE + ``l1`` (0.02) x L1 of
+the latents, Adam (lr 1e-3) for ``epochs`` = 500 full-batch steps. Each head's code on a prompt is
+its argmax latent, read on all of the task's prompts. Node score of a head = the number of codes seen on positive prompts and never on
+negative ones, softmax over heads; edge score of (u, v), u below v = the number of code pairs
+(code_u, code_v) seen on positive prompts and never on negative ones (normalised to sum 1).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..probe.hooks import hook_name
+from .circuit import Circuit, head_node
+
+
+@torch.no_grad()
+def head_means(model, tokens, batch_size: int = 32) -> torch.Tensor:
+    """Per-head result averaged over positions: [n_prompts, layer*head, d_model]."""
+    L = model.cfg.n_layers
+    out = []
+    for i in range(0, tokens.shape[0], batch_size):
+        _, c = model.run_with_cache(tokens[i:i + batch_size], names_filter=[hook_name("result", l) for l in range(L)],
+                                    logits_to_keep=1)
+        out.append(torch.cat([c["result", l].float().mean(1) for l in range(L)], 1))   # [b, L*H, D]
+    return torch.cat(out)
+
+
+def span_coordinates(xs: torch.Tensor) -> torch.Tensor:
+    """[U, n, D] -> [U, n, k] (k = min(n, D)): each unit's vectors in an orthonormal basis of their
+    span (SVD). Distances, norms and hence the SAE's reconstruction error are unchanged for
+    decoders in that span, where the best decoder lies; with 20 prompts this makes training on
+    d_model = 576 about 29x cheaper. (Adam and the random init are not rotation invariant, so the
+    optimiser's path differs from training in the original coordinates.)"""
+    if xs.shape[1] >= xs.shape[2]:
+        return xs
+    _, _, vh = torch.linalg.svd(xs, full_matrices=False)                     # vh [U, k, D]
+    return xs @ vh.transpose(1, 2)
+
+
+def train_saes(x: torch.Tensor, n_latents: int = 200, l1: float = 0.02, lr: float = 1e-3, epochs: int = 500,
+               seed: int = 0, train=None) -> torch.Tensor:
+    """One SAE per unit, trained jointly on the rows ``train`` of x (default all): x [n, units, D]
+    -> codes [n, units] (argmax latents of every row)."""
+    n, U, D = x.shape
+    g = torch.Generator().manual_seed(seed)
+    allx = span_coordinates(x.transpose(0, 1).contiguous())                  # [U, n, min(n, D)]
+    xs = allx if train is None else allx[:, train]
+    D = xs.shape[-1]
+    w_enc = (torch.randn(U, D, n_latents, generator=g) / D ** 0.5).requires_grad_(True)
+    b_enc = torch.zeros(U, 1, n_latents, requires_grad=True)
+    w_dec = (torch.randn(U, n_latents, D, generator=g) / n_latents ** 0.5).requires_grad_(True)
+    b_dec = torch.zeros(U, 1, D, requires_grad=True)
+    opt = torch.optim.Adam([w_enc, b_enc, w_dec, b_dec], lr=lr)
+    threads = torch.get_num_threads()
+    if U * D * n_latents < 2_000_000:
+        torch.set_num_threads(1)          # tiny problems: thread start-up costs more than the math
+    try:
+        _fit(xs, w_enc, b_enc, w_dec, b_dec, opt, l1, epochs)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        z = torch.relu(torch.bmm(allx - b_dec, w_enc) + b_enc)
+    return z.argmax(-1).T                                                    # [n, U]
+
+
+def _fit(xs, w_enc, b_enc, w_dec, b_dec, opt, l1, epochs):
+    with torch.enable_grad():
+        for _ in range(epochs):
+            z = torch.relu(torch.bmm(xs - b_dec, w_enc) + b_enc)               # [U, n, latents]
+            rec = torch.bmm(z, w_dec) + b_dec
+            loss = ((rec - xs) ** 2).mean() + l1 * z.abs().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def sae_circuit(model, task, n_examples: int = 10, n_latents: int = 200, l1: float = 0.02, lr: float = 1e-3,
+                epochs: int = 500, seed: int = 0, check: bool = True) -> Circuit:
+    """Discrete-SAE node and edge scores (see the module docstring). Positive prompts: the task's
+    clean prompts; negative: its corrupted prompts. The SAEs train on the first ``n_examples`` of
+    each; codes are then read on all of the task's prompts (counting needs more prompts than ten:
+    with 20 points and 200 latents every prompt can get its own code)."""
+    t0 = time.time()
+    report = task.check(model) if check else (task.report or {})
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    n = len(task)
+    k = min(n_examples, n)
+    pos = head_means(model, task.clean)
+    neg = head_means(model, task.corrupt)
+    train = torch.cat([torch.arange(k), n + torch.arange(k)])
+    codes = train_saes(torch.cat([pos, neg]), n_latents, l1, lr, epochs, seed, train=train)   # [2n, U]
+    cp, cn = codes[:n], codes[n:]
+    U = L * H
+    counts = torch.zeros(U)
+    for u in range(U):
+        counts[u] = len(set(cp[:, u].tolist()) - set(cn[:, u].tolist()))
+    node = torch.softmax(counts, 0)
+    edges = {}
+    layer = torch.arange(U) // H
+    pair_counts = {}
+    for u in range(U):
+        for v in range(U):
+            if layer[u] >= layer[v]:
+                continue
+            pp = set(zip(cp[:, u].tolist(), cp[:, v].tolist()))
+            nn_ = set(zip(cn[:, u].tolist(), cn[:, v].tolist()))
+            c = len(pp - nn_)
+            if c:
+                pair_counts[(u, v)] = c
+    total = sum(pair_counts.values()) or 1
+    for (u, v), c in pair_counts.items():
+        edges[f"{head_node(u // H, u % H)}->{head_node(v // H, v % H)}"] = c / total
+    nodes = {head_node(u // H, u % H): float(node[u]) for u in range(U)}
+    return Circuit(method="sae", task=task.name, model=model.cfg.to_dict(), nodes=nodes, edges=edges,
+                   params={"n_examples": k, "n_latents": n_latents, "l1": l1, "lr": lr, "epochs": epochs,
+                           "seed": seed, "positive": "clean prompts", "negative": "corrupted prompts"},
+                   paper="O'Neill & Bui 2024, discrete sparse autoencoders for circuit discovery",
+                   task_report=report, tensors={"codes": codes, "counts": counts.view(L, H)},
+                   seconds=time.time() - t0)

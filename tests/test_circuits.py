@@ -1,0 +1,232 @@
+"""Circuit methods on a tiny Llama with a planted two-head induction circuit (tests/planted.py):
+L0H1 (previous-token head) -> k input of L1H2 (induction head, KV head 1) -> logits. Every method
+must rank the planted heads (and their edge) first. Plus: zero patching == Ablate(zero), the
+Circuit type, comparisons, the CLI, and single-token task datasets for SmolLM2 / Gemma-3."""
+import argparse
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import headscope as hs  # noqa: E402
+from headscope import circuits as C  # noqa: E402
+from planted import PLANTED, induction_task, planted_model  # noqa: E402
+
+PLANTED_NODES = {f"L{l}H{h}" for l, h in PLANTED}
+KEY_EDGE = "L0H1->L1KV1.k"
+
+
+@pytest.fixture(scope="module")
+def planted():
+    m = planted_model()
+    return m, induction_task(m)
+
+
+@pytest.fixture(scope="module")
+def eap_circuits(planted):
+    m, task = planted
+    return {"eap": C.eap(m, task), "eap-ig": C.eap_ig(m, task)}
+
+
+def head_edges(c):
+    return [e for e in c.top_edges() if e.split("->")[0] not in ("embed",) and not e.split("->")[0].startswith("M")
+            and not e.endswith("logits")]
+
+
+def test_planted_model_does_the_task(planted):
+    m, task = planted
+    r = task.evaluate(m)
+    assert r["solved"] and r["clean_accuracy"] == 1.0 and r["clean_metric"] > 3 > r["corrupt_metric"]
+
+
+@pytest.mark.parametrize("how", ["mean", "zero", "resample"])
+def test_patch_heads_ranks_planted_heads_first(planted, how):
+    m, task = planted
+    s = C.patch_heads(m, task, how=how)
+    assert s.shape == (2, 4)
+    assert {f"L{l}H{h}" for l, h, _ in s.top(2)} == PLANTED_NODES
+    assert s.top(3)[2][2] < 0.1 < s.top(2)[1][2]
+    # only the last position matters for the induction head; none for the previous-token head there
+    last = C.patch_heads(m, task, how=how, positions=[-1])
+    assert last.scores[1, 2] > 0.5 and abs(float(last.scores[0, 1])) < 0.05
+
+
+def test_zero_patching_equals_ablate_zero(planted):
+    m, task = planted
+    s = C.patch_heads(m, task, how="zero")
+    with torch.no_grad():
+        m_clean = float(task.metric(m(task.clean)))
+        for l, h in [(0, 1), (1, 2), (1, 0), (0, 3)]:
+            with m.edit(hs.Ablate(l, h, "zero")):
+                m_abl = float(task.metric(m(task.clean)))
+            assert float(s.scores[l, h]) == pytest.approx((m_clean - m_abl) / m_clean, abs=1e-4)
+
+
+def test_patch_mlps_and_bad_positions(planted):
+    m, task = planted
+    mlp = C.patch_mlps(m, task, how="zero")
+    assert mlp.shape == (2,) and mlp.abs().max() < 0.1            # planted MLPs are small noise
+    with pytest.raises(ValueError, match="positions"):
+        C.patch_heads(m, task, positions=[99])
+    with pytest.raises(ValueError, match="how="):
+        C.patch_heads(m, task, how="median")
+
+
+def test_path_patching_finds_the_key_path(planted):
+    m, task = planted
+    to_k = C.path_patch(m, task, receivers=[(1, 1, "k")])       # KV head 1 = L1H2's keys
+    assert to_k.top(1)[0][:2] == (0, 1) and to_k.top(1)[0][2] > 0.5
+    to_q = C.path_patch(m, task, receivers=[(1, 2, "q")])
+    assert to_q.scores.abs().max() < 0.1                         # L0H1 does not feed L1H2's query
+    direct = C.path_patch(m, task)                               # -> logits
+    assert direct.top(1)[0][:2] == (1, 2) and abs(float(direct.scores[0, 1])) < 0.05
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_eap_ranks_planted_heads_and_edge_first(eap_circuits, method):
+    c = eap_circuits[method]
+    assert set(c.top_nodes(2)) == PLANTED_NODES
+    assert head_edges(c)[0] == KEY_EDGE
+    assert c.top_edges(1) == ["L1H2->logits"]
+    # node score approximates the resample patching drop of the induction head
+    assert 0.7 < c.nodes["L1H2"] < 1.3
+
+
+def test_eap_edge_scores_match_edge_patching_sign(planted, eap_circuits):
+    """The EAP edge estimate for L0H1 -> L1H2's keys has the sign and rough size of actually
+    removing that edge (ACDC's edge patching, task metric)."""
+    m, task = planted
+    c = C.acdc_edges(m, task, [KEY_EDGE], tau=10.0, metric="task")   # tau huge: the edge is removed
+    drop = c.edges[KEY_EDGE]                                          # relative drop of the metric
+    est = -eap_circuits["eap-ig"].edges[KEY_EDGE] / eap_circuits["eap-ig"].m_clean
+    assert drop > 0.3 and est > 0.3 and est == pytest.approx(drop, rel=0.6)
+
+
+@pytest.mark.parametrize("metric", ["kl", "task"])
+def test_acdc_nodes_keeps_exactly_the_planted_heads(planted, metric):
+    m, task = planted
+    c = C.acdc_nodes(m, task, tau=0.05, metric=metric)
+    assert set(c.params["kept"]) == PLANTED_NODES
+    assert set(c.top_nodes(2)) == PLANTED_NODES and c.seconds > 0
+
+
+def test_acdc_edges_over_eap_candidates(planted, eap_circuits):
+    m, task = planted
+    cands = eap_circuits["eap"].top_edges(12)
+    c = C.acdc_edges(m, task, cands, tau=0.05)
+    kept = set(c.params["kept"])
+    assert {KEY_EDGE, "L1H2->logits"} <= kept
+    assert not any(e.startswith(("L0H0", "L0H2", "L0H3", "L1H0", "L1H1", "L1H3")) for e in kept)
+    with pytest.raises(ValueError, match="below the receiver"):
+        C.acdc_edges(m, task, ["L1H2->L0H1.q"])
+
+
+def test_sae_circuit_ranks_planted_heads_first(planted):
+    m, task = planted
+    c = C.sae_circuit(m, task, epochs=300)
+    assert set(c.top_nodes(2)) == PLANTED_NODES
+    assert c.tensors["codes"].shape == (32, 8)                    # codes on all 16 + 16 prompts
+    assert c.top_edges(1) == ["L0H1->L1H2"]
+    assert sum(c.edges.values()) == pytest.approx(1.0)
+
+
+def test_circuit_faithfulness_save_load_and_compare(planted, eap_circuits, tmp_path):
+    m, task = planted
+    c = eap_circuits["eap-ig"]
+    f = c.faithfulness_curve(m, task, ns=[0, 1, 2, 8])
+    assert f["kept"][2] > 0.9 and f["kept"][0] < 0.3 and f["kept"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert c.smallest_circuit(0.8) == 2
+    c.save(tmp_path / "c")
+    assert not [p for p in os.listdir(tmp_path / "c") if p.startswith(".")]       # no temp files left
+    d = C.Circuit.load(tmp_path / "c")
+    assert d.edges == c.edges and d.nodes == c.nodes and d.faithfulness == c.faithfulness
+    torch.testing.assert_close(d.tensors["edge_scores"], c.tensors["edge_scores"])
+    df = d.to_frame()
+    assert set(df["kind"]) == {"node", "edge"} and df.iloc[0]["name"] == "L1H2->logits"
+    assert len(d.plot().data) > 2
+    p = C.from_head_scores(C.patch_heads(m, task, how="resample"), task)
+    r = C.roc_auc(c, p, n_truth=2)
+    assert r["auc"] == 1.0 and r["precision"] == 1.0
+    assert C.overlap(c, p, n=2)["fraction_of_a"] == 1.0
+    assert C.spearman(p, C.patch_heads(m, task, how="mean")) > 0.3
+
+
+def test_task_from_prompts_validates(planted):
+    m, _ = planted
+    with pytest.raises(ValueError, match="same token length"):
+        C.Task.from_prompts(m, [[1, 2, 3]], [[1, 2]], [4], [5])
+    with pytest.raises(ValueError, match="equally many"):
+        C.Task.from_prompts(m, [[1, 2, 3]], [], [4], [5])
+
+
+def test_unsolved_task_is_reported_not_analysed(planted):
+    m, task = planted
+    bad = C.Task("swapped", task.clean, task.corrupt, task.wrong, task.answer)    # answer and wrong swapped
+    with pytest.raises(C.TaskNotSolved, match="does not do swapped"):
+        C.patch_heads(m, bad)
+    assert bad.report["solved"] is False
+
+
+def _cli(argv):
+    from headscope.app import circuit_cli
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd")
+    circuit_cli.add_parser(sub)
+    a = ap.parse_args(["circuit"] + argv)
+    return a.func(a)
+
+
+def test_cli_validates_before_loading(capsys, tmp_path):
+    assert _cli(["ioi", "--model", "no-such-model", "--method", "magic", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown method 'magic'" in capsys.readouterr().err
+    assert _cli(["nope", "--out", str(tmp_path / "o")]) == 2
+    assert _cli(["ioi", "--model", "no-such-model"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert _cli(["ioi", "--receivers", "1.2.x", "--method", "path", "--out", str(tmp_path / "o")]) == 2
+    assert _cli(["--compare", str(tmp_path), str(tmp_path)]) == 2
+
+
+def test_cli_compare_and_outputs(planted, eap_circuits, tmp_path, capsys):
+    from headscope.app.circuit_cli import compute, write_html
+    m, task = planted
+    ns = argparse.Namespace(method="patching", how="mean", force=False, receivers="logits", steps=5, tau=0.05,
+                            metric="kl", level="nodes", candidates=10)
+    c = compute(m, task, ns, progress=False)
+    c.faithfulness_curve(m, task, ns=[1, 2, 8])
+    c.save(tmp_path / "a")
+    write_html(c, tmp_path / "a" / "circuit.html")
+    assert "L1H2" in (tmp_path / "a" / "circuit.html").read_text()
+    eap_circuits["eap"].save(tmp_path / "b")
+    assert _cli(["--compare", str(tmp_path / "b"), str(tmp_path / "a"), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "ROC AUC 1.000" in out and "2 shared heads" in out
+    assert json.loads((tmp_path / "a" / "circuit.json").read_text())["method"] == "patch_heads:mean"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("name", ["ioi", "greater-than", "colored-objects"])
+def test_task_datasets_single_token_answers(request, fixture, name):
+    model = request.getfixturevalue(fixture)
+    task = C.make_task(name, model, n=20, seed=1)
+    tok = model.tokenizer
+    assert task.clean.shape == task.corrupt.shape and task.clean.shape[0] == 20
+    for i in range(len(task)):
+        assert tok(task.texts[i], add_special_tokens=True)["input_ids"] == task.clean[i].tolist()
+        assert tok(task.corrupt_texts[i], add_special_tokens=True)["input_ids"] == task.corrupt[i].tolist()
+        for ids in (task.answer[i], task.wrong[i]):
+            for t in ids[ids >= 0].tolist():
+                assert len(tok.encode(tok.decode([t]), add_special_tokens=False)) == 1
+    if name == "ioi":
+        a, w = tok.decode(task.answer[0]), tok.decode(task.wrong[0])
+        assert a.strip() in task.texts[0] and task.texts[0].count(w.strip()) == 2
+        assert a.strip() not in task.corrupt_texts[0]
+    if name == "colored-objects":
+        assert tok.decode(task.answer[0]).strip() in task.texts[0]
+    # a few forwards: the task report is produced first
+    r = task.subset(range(4)).evaluate(model)
+    assert set(r) >= {"clean_accuracy", "clean_metric", "corrupt_metric", "solved"}
