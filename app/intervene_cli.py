@@ -79,7 +79,8 @@ def validate(args) -> None:
     if args.method not in READY:
         where = {"act": "ACT head selection is in the library: headscope.interventions.act.select_heads",
                  "var": "VAR is in the library: headscope.interventions.var.var_edits",
-                 "kv": "KV-cache compression by head class is not implemented yet"}[args.method]
+                 "kv": "KV-cache compression by head class is in the library: "
+                       "headscope.interventions.kv_compress.HeadClassCache"}[args.method]
         raise SystemExit(f"headscope intervene {args.method}: not available from this command yet ({where}); "
                          f"the command runs {' and '.join(READY)}")
     out = Path(args.out)
