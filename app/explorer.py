@@ -361,9 +361,9 @@ def intervention_page(model_name: str, folder: str):
         st.plotly_chart(views.next_token_figure(res), width="stretch", key="next_token")
         a, b = st.columns(2)
         a.markdown("**before**")
-        a.write(res["before"]["text"])
+        a.text(res["before"]["text"])          # plain text: model output is not markdown
         b.markdown(f"**after: {got['what']}**")
-        b.write(res["after"]["text"])
+        b.text(res["after"]["text"])
 
 
 def main():
