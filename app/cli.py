@@ -1,5 +1,5 @@
-"""``headscope`` command line: ``report`` (every analyzer), ``score`` (one), ``list``, ``explore``
-(the Streamlit explorer).
+"""``headscope`` command line: ``report`` (every analyzer), ``score`` (one), ``list``, ``show`` and
+``compare`` (saved reports as terminal tables), ``explore`` (the Streamlit explorer).
 
 Every argument is parsed and checked before a model is loaded (analyzer names, ``--param`` values
 against the analyzer's parameters and their types, output paths): a bad value prints one line on
@@ -63,7 +63,7 @@ def _port(s: str) -> int:
 
 def build_parser() -> Parser:
     ap = Parser(prog="headscope", description="What does each attention head do?")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{report,score,list,explore,intervene,circuit}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{report,score,list,show,compare,explore,intervene,circuit}")
     r = sub.add_parser("report", help="run every analyzer and write report.html, scores.json, raw/",
                        description="Run analyzers on a model and write a report folder (whole: a temporary "
                        "folder beside --out is renamed into place at the end). Exit 1 if an analyzer failed.")
@@ -71,6 +71,7 @@ def build_parser() -> Parser:
     r.add_argument("--out", required=True, help="output folder (new, empty, or an earlier report: replaced whole)")
     r.add_argument("--only", default="", help="comma-separated analyzer names (default: all)")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    add_report_preset(r)
     s = sub.add_parser("score", help="run one analyzer",
                        description="Run one analyzer and print its top heads. Parameters: `headscope list -v`.")
     s.add_argument("method", help="analyzer name (`headscope list`)")
@@ -82,6 +83,8 @@ def build_parser() -> Parser:
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     ls = sub.add_parser("list", help="list the analyzers")
     ls.add_argument("-v", "--verbose", action="store_true", help="also list each analyzer's parameters")
+    add_show_parser(sub)
+    add_compare_parser(sub)
     e = sub.add_parser("explore", help="open the Streamlit explorer (a saved report, or a model live)",
                        description="Serve the explorer with Streamlit until this command is stopped "
                        "(Ctrl-C or SIGTERM stop the server too).")
@@ -97,6 +100,37 @@ def build_parser() -> Parser:
         d = sub.add_parser(name, help=f"{what[2]} (`headscope {name} --help`)", add_help=False, prefix_chars="\0")
         d.add_argument("rest", nargs=argparse.REMAINDER)
     return ap
+
+
+def add_report_preset(r) -> None:
+    """``headscope report --preset quick|paper``."""
+    r.add_argument("--preset", choices=("quick", "paper"), default="quick",
+                   help="quick: each analyzer's quick() settings, minutes on a CPU (leaves out `duo`, whose quick "
+                   "run ranks nothing); paper: each analyzer's paper_config(), the papers' settings: hours, "
+                   "the run to make on a GPU. An estimate of the run time is printed before it starts")
+
+
+def add_show_parser(sub) -> None:
+    """``headscope show DIR [--top K] [--only A,B] [--csv FILE]``."""
+    p = sub.add_parser("show", help="print a saved report's top heads per analyzer (--csv exports every head)",
+                       description="Print the top heads of each analyzer of a folder written by `headscope report` "
+                       "as terminal tables; --csv FILE writes every head of every analyzer (analyzer, layer, head, "
+                       "score, z, rank).")
+    p.add_argument("report", help="a folder written by `headscope report`")
+    p.add_argument("--top", type=_positive_int, default=10, help="heads per analyzer (default 10)")
+    p.add_argument("--only", default="", help="comma-separated analyzer names (default: all in the report)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write every head to this CSV file")
+
+
+def add_compare_parser(sub) -> None:
+    """``headscope compare DIR1 DIR2 [--top K]``."""
+    p = sub.add_parser("compare", help="compare two saved reports (two runs of one model, or two models)",
+                       description="Two reports of one model: per analyzer Spearman's rank correlation over all "
+                       "heads and the overlap of the top-K heads. Two models: per analyzer the top-K heads side "
+                       "by side and summary statistics (mean, max, share above the threshold, depth of the top heads).")
+    p.add_argument("report_a", help="a folder written by `headscope report`")
+    p.add_argument("report_b", help="another one")
+    p.add_argument("--top", type=_positive_int, default=10, help="K, heads per analyzer (default 10)")
 
 
 # ------------------------------------------------------------------ --param values
@@ -292,7 +326,11 @@ def _cmd_report(a) -> int:
     from .atomic import OutputError, check_out_folder
 
     prog = "headscope report"
-    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(ANALYZERS)
+    from .report import QUICK_SKIPPED, default_names
+    preset = getattr(a, "preset", "quick")
+    names = [n.strip() for n in a.only.split(",") if n.strip()] or default_names(preset)
+    skipped = {n: w for n, w in QUICK_SKIPPED.items() if n in ANALYZERS and n not in names} \
+        if preset == "quick" and not a.only.strip() else {}
     unknown = [n for n in names if n not in ANALYZERS]
     if unknown:
         raise UsageError(f"unknown analyzer(s) {', '.join(unknown)} in --only; available: "
@@ -307,9 +345,12 @@ def _cmd_report(a) -> int:
     if model is None:
         return code
     from .report import run_analyzers, write_report
-    results, errors = run_analyzers(model, names)
+    print_estimate(model, names, preset, a.device)
+    for n, why in skipped.items():
+        print(f"not run in the quick report: {n} ({why.split(';')[0]})")
+    results, errors = run_analyzers(model, names, preset=preset)
     try:
-        path = write_report(model, results, errors, out)
+        path = write_report(model, results, errors, out, preset=preset, skipped=skipped)
     except (OSError, OutputError) as e:
         print(f"{prog}: error: cannot write the report to {out}: {_one_line(e)} (nothing was written; "
               "an earlier report there is unchanged)", file=sys.stderr)
@@ -320,6 +361,119 @@ def _cmd_report(a) -> int:
         for n, err in errors.items():
             print(f"  {n}: {' '.join(err.split())}", file=sys.stderr)
         return EXIT_FAILED
+    return 0
+
+
+def print_estimate(model, names, preset, device) -> None:
+    """One line per analyzer and a total: the estimated run time of this preset (before it starts)."""
+    from .report import estimate_seconds, format_duration
+    est = estimate_seconds(model.cfg.to_dict(), names, preset)
+    total = sum(est.values())
+    where = "on a GPU expect far less (not measured)" if str(device or "cpu").startswith("cuda") else \
+        "on an idle multi-core CPU expect less"
+    print(f"estimated run time, preset {preset}: about {format_duration(total)} (an estimate: the quick timings "
+          f"measured on SmolLM2 with one CPU thread, scaled by tokens, prompts and heads and by the model's size; "
+          f"{where})")
+    for n, v in est.items():
+        print(f"  {n:16s} ~{format_duration(v)}")
+    sys.stdout.flush()
+
+
+def _load_saved(folder):
+    from .views import load_report
+    try:
+        return load_report(folder)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _cmd_show(a) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .tables import top_rows, write_csv
+    from .report import tie_note
+    summary, results = _load_saved(a.report)
+    only = [n.strip() for n in a.only.split(",") if n.strip()]
+    missing = [n for n in only if n not in results]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} not in {a.report}; it holds: {', '.join(results) or '(none)'}")
+    if only:
+        results = {n: results[n] for n in only}
+    if a.csv:
+        from .atomic import OutputError, check_out_files
+        try:
+            check_out_files([Path(a.csv).expanduser().absolute()])
+        except OutputError as e:
+            raise UsageError(str(e)) from None
+    con = Console()
+    m = summary.get("model") or {}
+    con.print(f"[bold]{m.get('name', '?')}[/bold]: {m.get('n_layers')} layers × {m.get('n_heads')} heads; "
+              f"preset {summary.get('preset', 'quick')}; created {summary.get('created', '?')}")
+    for n, err in (summary.get("errors") or {}).items():
+        con.print(f"[red]{n} failed:[/red] {err}")
+    for n, why in (summary.get("skipped") or {}).items():
+        con.print(f"[yellow]{n} not run:[/yellow] {why}")
+    for n, rows in top_rows(results, a.top).items():
+        t = Table(title=f"{n} — top {len(rows)}", title_justify="left")
+        for c in ("rank", "head", "score", "z"):
+            t.add_column(c, justify="right")
+        for i, (l, h, v, z) in enumerate(rows, 1):
+            t.add_row(str(i), f"L{l}H{h}", f"{v:.4g}", f"{z:+.1f}")
+        con.print(t)
+        tie = tie_note(results[n])
+        if tie:
+            con.print(f"[yellow]{n}: {tie}[/yellow]")
+    if a.csv:
+        try:
+            print("wrote", write_csv(results, Path(a.csv).expanduser()))
+        except OSError as e:
+            print(f"headscope show: error: cannot write {a.csv}: {_one_line(e)}", file=sys.stderr)
+            return EXIT_FAILED
+    return 0
+
+
+def _cmd_compare(a) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .tables import compare, fmt_num, fmt_rho
+    ra, rb = _load_saved(a.report_a), _load_saved(a.report_b)
+    res = compare(ra, rb, a.top)
+    con = Console()
+    na, nb = (ra[0].get("model") or {}).get("name", "A"), (rb[0].get("model") or {}).get("name", "B")
+    if res["mode"] == "runs":
+        con.print(f"two runs of [bold]{na}[/bold]: Spearman's rho over all heads and top-{a.top} overlap")
+        t = Table()
+        for c in ("analyzer", "Spearman rho", f"top-{a.top} overlap", "max |diff|", "note"):
+            t.add_column(c)
+        for n, d in res["analyzers"].items():
+            note = "ties: " + (d["tie_a"] or d["tie_b"]).split(":")[0] if d["tie_a"] or d["tie_b"] else ""
+            t.add_row(n, fmt_rho(d["spearman"]), f"{d['overlap']:.0%}", f"{d['max_abs_diff']:.3g}", note)
+        con.print(t)
+    else:
+        con.print(f"two models: [bold]{na}[/bold] (A) and [bold]{nb}[/bold] (B)")
+        for n, d in res["analyzers"].items():
+            t = Table(title=n, title_justify="left")
+            for c in ("rank", f"A head", "A score", f"B head", "B score"):
+                t.add_column(c, justify="right")
+            for i in range(max(len(d["top_a"]), len(d["top_b"]))):
+                la = d["top_a"][i] if i < len(d["top_a"]) else None
+                lb = d["top_b"][i] if i < len(d["top_b"]) else None
+                t.add_row(str(i + 1), f"L{la[0]}H{la[1]}" if la else "", f"{la[2]:.4g}" if la else "",
+                          f"L{lb[0]}H{lb[1]}" if lb else "", f"{lb[2]:.4g}" if lb else "")
+            con.print(t)
+            sa, sb = d["stats_a"], d["stats_b"]
+            con.print("  mean {} / {}; max {} / {}; above threshold {} / {}; depth of the top heads (0 = first "
+                      "layer, 1 = last) {:.2f} / {:.2f}".format(
+                          fmt_num(sa["mean"]), fmt_num(sb["mean"]), fmt_num(sa["max"]), fmt_num(sb["max"]),
+                          "—" if sa["above_threshold"] is None else f"{sa['above_threshold']:.1%}",
+                          "—" if sb["above_threshold"] is None else f"{sb['above_threshold']:.1%}",
+                          sa["top_depth"], sb["top_depth"]))
+    if res["only_a"] or res["only_b"]:
+        con.print(f"only in A: {', '.join(res['only_a']) or '—'}; only in B: {', '.join(res['only_b']) or '—'}")
+    if not res["analyzers"]:
+        con.print("[yellow]the two reports have no analyzer in common[/yellow]")
     return 0
 
 
@@ -415,6 +569,10 @@ def main(argv=None) -> int:
             return _cmd_list(a)
         if a.cmd == "score":
             return _cmd_score(a)
+        if a.cmd == "show":
+            return _cmd_show(a)
+        if a.cmd == "compare":
+            return _cmd_compare(a)
         return _cmd_report(a)
     except UsageError as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)

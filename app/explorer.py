@@ -1,41 +1,55 @@
-"""The headscope explorer (Streamlit): browse a saved head report, or probe a model live.
+"""The headscope explorer (Streamlit): a saved head report, one head up close, a saved circuit, and
+an intervention playground.
 
     headscope explore --report out/smollm2          # or: streamlit run app/explorer.py -- --report DIR
 
-Two views:
-- **Saved report**: the combined head map, then one analyzer at a time (heatmap, top heads, the
-  paper it follows and what its score means), from a folder written by ``headscope report``.
-- **Live model**: per-head statistics of one prompt (sink mass, entropy, distance, focus) in
-  O(N) memory, the attention pattern of one head, and a greedy continuation with chosen heads
-  ablated next to the unedited one.
+Pages (sidebar):
+- **Head map**: a saved report (``headscope report``): every head coloured by the analyzer where it
+  stands out most (qualitative palette, grey "none"), then one analyzer at a time. Clicking a head
+  (or naming it) opens it in the head view.
+- **Head view**: one head on a text. Short text: its attention pattern (first token hidden and a log
+  scale on request). Any length: per-token statistics from one O(N) pass (attention received, sink
+  mass, distance), drawn over the text; and every head's mean statistics.
+- **Circuit**: a folder written by ``Circuit.save`` (``headscope circuit ... --out DIR``): the graph
+  (edges weighted by score) and the faithfulness curve when it was computed.
+- **Intervention**: heads (typed, or a head class of the report) and an edit (ablate zero / mean /
+  uniform, or a saved edit folder from ``headscope intervene ... --out DIR``): the next-token
+  distribution and the greedy text before and after, side by side.
 The figures and computations live in ``views.py``; this file is only layout.
 
-State: nothing mutable is shared between sessions or reruns except the loaded model
-(``st.cache_resource``, one per model name and server). That is safe because the probe's records and
-edits belong to the call (a context variable), not to the model: two sessions, or an old rerun still
-finishing while a new one starts, each see only their own. Per-session values (widgets, the last
-generation) live in ``st.session_state``.
+State: nothing mutable is shared between sessions: per-session values (widgets, the last result)
+live in ``st.session_state``. The model is cached per server (``st.cache_resource``): safe because the
+probe's records and edits belong to the call (a context variable), not to the model, so two sessions
+editing different heads at once each see only their own. Results are cached by their inputs
+(``st.cache_data``): equal inputs give equal results, whoever asked.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import streamlit as st
 
 from headscope.app import views
-from headscope.app.report import combined_map
+from headscope.app.report import STAND_OUT_Z, combined_caption, summary_lines, threshold_line, tie_note
+
+PAGES = ["Head map", "Head view", "Circuit", "Intervention"]
+MAX_PATTERN_TOKENS = 256
+MAX_TEXT_CHARS = 200_000
 
 
 def _args():
     p = argparse.ArgumentParser()
     p.add_argument("--report", default=os.environ.get("HEADSCOPE_REPORT", ""))
     p.add_argument("--model", default=os.environ.get("HEADSCOPE_MODEL", "smollm2"))
+    p.add_argument("--circuit", default=os.environ.get("HEADSCOPE_CIRCUIT", ""))
     a, _ = p.parse_known_args(sys.argv[1:])
     return a
 
 
+# ------------------------------------------------------------------ cached work
 @st.cache_resource(show_spinner="loading the model…")
 def _model(name: str):
     import headscope as hs
@@ -49,111 +63,327 @@ def _report(folder: str, signature: tuple):
     return views.load_report(folder)
 
 
-def report_view(folder: str):
+def _mtime(path) -> int:
+    try:
+        return Path(path).expanduser().stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _circuit(folder: str, signature: int):
+    return views.load_circuit(folder)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _live_stats(model_name: str, text: str, chat: bool):
+    return views.live_stats(_model(model_name), text, chat)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _token_stats(model_name: str, text: str, layer: int, head: int, chat: bool):
+    return views.token_stats(_model(model_name), text, layer, head, chat)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _pattern(model_name: str, text: str, layer: int, head: int, chat: bool, hide_first: bool, log: bool):
+    return views.pattern_figure(_model(model_name), text, layer, head, chat, MAX_PATTERN_TOKENS, hide_first, log)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _edit_compare(model_name: str, text: str, heads: tuple, how: str, edit_folder: str, folder_sig: int,
+                  tokens: int, chat: bool):
+    model = _model(model_name)
+    if edit_folder:
+        from headscope.interventions import load_edits
+        edits = load_edits(Path(edit_folder).expanduser())
+    else:
+        edits = views.make_edits(model, list(heads), how)
+    return views.edit_compare(model, text, edits, tokens, chat)
+
+
+def _load_model(name: str):
+    """The cached model, or None after an error message."""
+    try:
+        return _model(name)
+    except Exception as e:  # unknown name, missing package: the loader says what to install
+        st.error(f"cannot load {name!r}: {' '.join(str(e).split())}")
+        return None
+
+
+def _text_ok(text: str) -> bool:
+    if not text.strip():
+        st.warning("Type a text.")
+        return False
+    if len(text) > MAX_TEXT_CHARS:
+        st.error(f"the text is {len(text):,} characters; the explorer takes at most {MAX_TEXT_CHARS:,}")
+        return False
+    return True
+
+
+def _open_head(layer: int, head: int):
+    st.session_state["layer"] = int(layer)
+    st.session_state["head"] = int(head)
+    st.session_state["page"] = "Head view"
+
+
+def _on_map_select():
+    sel = st.session_state.get("headmap")
+    points = (sel or {}).get("selection", {}).get("points", []) if isinstance(sel, dict) else \
+        getattr(getattr(sel, "selection", None), "points", []) or []
+    if points:
+        l, h = points[0]["customdata"][:2]
+        _open_head(l, h)
+
+
+def _on_open_typed():
+    text = st.session_state.get("open_head", "")
+    n_layers, n_heads = st.session_state.get("_dims", (10 ** 6, 10 ** 6))
+    try:
+        heads = views.parse_heads(text, n_layers, n_heads)
+    except ValueError as e:
+        st.session_state["open_error"] = str(e)
+        return
+    if len(heads) != 1:
+        st.session_state["open_error"] = "name one head, e.g. L3H0"
+        return
+    st.session_state.pop("open_error", None)
+    _open_head(*heads[0])
+
+
+# ------------------------------------------------------------------ pages
+def _saved_report(folder: str):
+    """(summary, results) or None after a message."""
     if not folder:
         st.info("Give the folder of a report written by `headscope report --model smollm2 --out DIR`.")
-        return
+        return None
     try:
-        summary, results = _report(folder, views.report_signature(folder))
+        return _report(folder, views.report_signature(folder))
     except (OSError, ValueError) as e:      # a malformed folder: say what is wrong, never a traceback
         st.error(str(e))
+        return None
+
+
+def head_map_page(folder: str):
+    got = _saved_report(folder)
+    if got is None:
         return
+    summary, results = got
     m = summary.get("model") if isinstance(summary.get("model"), dict) else {}
     st.subheader(f"Report — {m.get('name', '?')}")
     st.caption(f"{m.get('n_layers')} layers × {m.get('n_heads')} heads ({m.get('n_kv_heads')} KV heads); "
-               f"created {summary.get('created', '?')}; {len(results)} analyzers")
+               f"preset {summary.get('preset', 'quick')}; created {summary.get('created', '?')}; {len(results)} analyzers")
+    st.session_state["_dims"] = (m.get("n_layers") or 10 ** 6, m.get("n_heads") or 10 ** 6)
     for name, err in summary.get("errors", {}).items():
         st.warning(f"{name} failed in this report: {err}")
+    for name, why in (summary.get("skipped") or {}).items():
+        st.info(f"{name} is not in this report: {why}")
     if not results:
         st.warning("This report holds no analyzer results.")
         return
     try:
-        fig = combined_map(results)
+        fig, labels = views.head_map(results)
     except (RuntimeError, ValueError) as e:     # e.g. analyzer files of different models mixed by hand
         st.warning(f"no combined map: the analyzers' score maps do not fit together ({e})")
-        fig = None
+        fig, labels = None, None
     if fig is not None:
-        st.plotly_chart(fig, width="stretch")
+        with st.expander("summary across analyzers", expanded=True):
+            st.markdown("\n".join(f"- {s}" for s in summary_lines(results)))
+        st.plotly_chart(fig, key="headmap", on_select=_on_map_select, selection_mode="points", width="stretch")
+        st.caption(combined_caption(STAND_OUT_Z) + " Click a head (or name it below) to open it in the head view.")
+    c1, c2 = st.columns([3, 1])
+    c1.text_input("open a head (e.g. L3H0)", key="open_head")
+    c2.button("open in head view", key="open", on_click=_on_open_typed)
+    if st.session_state.get("open_error"):
+        st.error(st.session_state["open_error"])
     name = st.radio("analyzer", list(results), horizontal=True, key="analyzer")
     r = results[name]
     st.markdown(f"**{name}** follows {r.paper}")
     st.markdown(f"*What the score means:* {r.description}")
+    tie = tie_note(r)
+    if tie:
+        st.warning(tie)
     if r.threshold is not None:
-        st.markdown(f"{int(r.classify().sum())} of {r.scores.numel()} heads ({100 * r.fraction():.1f}%) score "
-                    f"above the paper's threshold {r.threshold}.")
+        st.markdown(threshold_line(r))
     left, right = st.columns([2, 1])
-    left.plotly_chart(r.plot(), width="stretch")
+    left.plotly_chart(r.plot(), width="stretch", key=f"plot_{name}")
     right.dataframe([{"head": f"L{l}H{h}", "score": round(s, 4)} for l, h, s in r.top(15)],
                     hide_index=True, width="stretch")
-    st.caption(f"data: {r.dataset}; parameters: {r.params}; {r.seconds:.1f}s")
+    st.caption(f"data: {r.dataset}; {r.seconds:.1f}s; parameters: "
+               + ", ".join(f"{k}={v}" for k, v in r.params.items())[:600])
+    if r.info:
+        with st.expander(f"model outputs and other results kept with the scores ({', '.join(map(str, r.info))})"):
+            st.json(r.info, expanded=False)
 
 
-def live_view(model_name: str):
-    model_name = st.text_input("model (smollm2, gemma3-270m or a local HF folder)", model_name, key="model")
-    try:
-        model = _model(model_name)
-    except Exception as e:  # unknown name, missing package: the loader says what to install
-        st.error(f"cannot load {model_name!r}: {e}")
+def head_view_page(model_name: str):
+    model = _load_model(model_name)
+    if model is None:
         return
     cfg = model.cfg
-    chat = st.checkbox("wrap in the chat template", value=getattr(model.tokenizer, "chat_template", None) is not None)
-    text = st.text_area("prompt", "The capital of France is Paris. The capital of Italy is", key="prompt")
-    if not text.strip():
-        st.warning("Type a prompt.")
+    st.session_state["_dims"] = (cfg.n_layers, cfg.n_heads)
+    for k, hi in (("layer", cfg.n_layers - 1), ("head", cfg.n_heads - 1)):   # a head of another model
+        if k in st.session_state and not 0 <= int(st.session_state[k]) <= hi:
+            st.warning(f"{k} {st.session_state[k]} does not exist in {cfg.name}; showing {hi}")
+            st.session_state[k] = hi
+    st.session_state.setdefault("layer", min(3, cfg.n_layers - 1))
+    st.session_state.setdefault("head", 0)
+    st.session_state.setdefault("chat", getattr(model.tokenizer, "chat_template", None) is not None)
+    c1, c2, c3 = st.columns([1, 1, 2])
+    layer = int(c1.number_input("layer", 0, cfg.n_layers - 1, key="layer"))
+    head = int(c2.number_input("head", 0, cfg.n_heads - 1, key="head"))
+    chat = c3.checkbox("wrap in the chat template", key="chat")
+    text = st.text_area("text", "The capital of France is Paris. The capital of Italy is", key="prompt")
+    if not _text_ok(text):
         return
-    tab_stats, tab_pattern, tab_edit = st.tabs(["per-head statistics", "one head's pattern", "ablate heads"])
-    with tab_stats:
+    tab_pattern, tab_tokens, tab_all = st.tabs(["attention pattern", "per-token statistics (any length)",
+                                               "every head's statistics"])
+    with tab_pattern:
+        o1, o2 = st.columns(2)
+        hide = o1.checkbox("hide the first token", key="hide_first",
+                           help="the first token often takes most of the attention (an attention sink) and "
+                           "flattens everything else")
+        log = o2.checkbox("log scale", key="log_scale")
         try:
-            stats, words = views.live_stats(model, text, chat)
+            with st.spinner("computing the pattern…"):
+                st.plotly_chart(_pattern(model_name, text, layer, head, chat, hide, log), width="stretch",
+                                key="pattern")
+        except ValueError as e:
+            st.info(f"{e}. The per-token statistics tab shows this head on text of any length.")
+    with tab_tokens:
+        try:
+            with st.spinner("one O(N) pass…"):
+                stats, words = _token_stats(model_name, text, layer, head, chat)
+        except ValueError as e:
+            st.error(str(e))
+        else:
+            st.caption(f"L{layer} H{head}, {len(words)} tokens; one pass with O(N) memory (no attention matrix)")
+            which = st.radio("shade the text by", list(views.TOKEN_STATS), horizontal=True, key="token_stat",
+                             format_func=lambda n: f"{n}: {views.TOKEN_STATS[n]}")
+            st.markdown(views.token_html(words, stats[which], skip_first=which != "distance"), unsafe_allow_html=True)
+            st.plotly_chart(views.token_stats_figure(stats, words, f"L{layer} H{head}"), width="stretch",
+                            key="token_stats")
+    with tab_all:
+        try:
+            with st.spinner("one O(N) pass over every layer…"):
+                stats, words = _live_stats(model_name, text, chat)
         except ValueError as e:
             st.error(str(e))
         else:
             st.caption(f"{len(words)} tokens, means over query positions, every layer in one pass")
             name = st.radio("statistic", list(stats), horizontal=True, key="statistic")
-            st.plotly_chart(views.stat_figure(stats[name], name, cfg.name), width="stretch")
-    with tab_pattern:
-        c1, c2 = st.columns(2)
-        layer = c1.number_input("layer", 0, cfg.n_layers - 1, min(3, cfg.n_layers - 1), key="layer")
-        head = c2.number_input("head", 0, cfg.n_heads - 1, 0, key="head")
-        try:
-            st.plotly_chart(views.pattern_figure(model, text, int(layer), int(head), chat), width="stretch")
-        except ValueError as e:
-            st.error(str(e))
-    with tab_edit:
-        heads_text = st.text_input("heads to ablate (e.g. L3H0, L5H2)", "", key="heads")
-        how = st.selectbox("ablation", ["zero", "uniform"], key="how", help="zero: the head's output is 0; uniform: its "
-                           "query is scaled by 1e-4, so it attends evenly to all visible keys")
-        tokens = st.slider("new tokens", 4, 64, 24, key="new_tokens")
-        request = (model_name, text, chat, heads_text, how, tokens)
-        if st.button("generate", key="generate"):
-            st.session_state.pop("generation", None)
+            st.plotly_chart(views.stat_figure(stats[name], name, cfg.name), width="stretch", key="all_stats")
+
+
+def circuit_page(default: str):
+    folder = st.text_input("circuit folder (written by `headscope circuit ... --out DIR`)", default, key="circuit")
+    if not folder:
+        st.info("Give a folder written by `headscope circuit ioi --model smollm2 --method eap-ig --out DIR` "
+                "(or `Circuit.save`).")
+        return
+    try:
+        c = _circuit(folder, _mtime(Path(folder) / "circuit.json"))
+    except (OSError, ValueError) as e:
+        st.error(str(e))
+        return
+    st.subheader(f"{c.method} circuit — {c.task} — {c.model.get('name', '?')}")
+    st.caption(f"{len(c.nodes)} nodes, {len(c.edges)} edges; {c.paper}")
+    n_edges = st.slider("edges drawn (largest |score| first)", 5, max(6, min(300, len(c.edges) or 6)),
+                        min(60, max(5, len(c.edges))), key="n_edges")
+    st.plotly_chart(c.plot(n_edges=n_edges), width="stretch", key="circuit_graph")
+    st.caption("Line width follows the edge's |score| (red: positive, blue: negative); nodes are coloured by score.")
+    if c.faithfulness:
+        st.plotly_chart(c.plot_faithfulness(), width="stretch", key="faithfulness")
+    else:
+        st.info("This circuit has no faithfulness curve: compute `circuit.faithfulness_curve(model, task)` "
+                "and save it again.")
+    st.dataframe([{"node": n, "score": round(float(c.nodes[n]), 4)} for n in c.top_nodes(20)], hide_index=True)
+
+
+def intervention_page(model_name: str, folder: str):
+    model = _load_model(model_name)
+    if model is None:
+        return
+    cfg = model.cfg
+    st.session_state.setdefault("ichat", getattr(model.tokenizer, "chat_template", None) is not None)
+    chat = st.checkbox("wrap in the chat template", key="ichat")
+    text = st.text_area("prompt", "The capital of France is Paris. The capital of Italy is", key="iprompt")
+    kind = st.radio("edit", ["ablate heads", "saved edit folder"], horizontal=True, key="edit_kind")
+    heads, how, edit_folder = [], "zero", ""
+    if kind == "ablate heads":
+        labels = None
+        if folder:                                         # the report's head classes, when it has a map
             try:
+                _, results = _report(folder, views.report_signature(folder))
+                _, labels = views.head_map(results)
+            except (OSError, ValueError, RuntimeError):
+                labels = None
+        classes = sorted({c for row in labels for c in row} - {"none"}) if labels else []
+        src = st.selectbox("heads from", ["typed below"] + [f"report class: {c}" for c in classes], key="head_src",
+                           help="a class of the report's head map (the heads that stand out most in that analyzer)")
+        if src == "typed below":
+            heads_text = st.text_input("heads (e.g. L3H0, L5H2)", "", key="heads")
+        else:
+            heads_text = ", ".join(f"L{l}H{h}" for l, h in views.heads_of_class(labels, src.split(": ", 1)[1]))
+            st.caption(f"heads: {heads_text}")
+        how = st.selectbox("ablation", list(views.ABLATIONS), key="how",
+                           help="zero: the head's output is 0; mean: its output is replaced by its mean over "
+                           "shipped natural text; uniform: its query is scaled by 1e-4, so it attends evenly "
+                           "to every visible key")
+    else:
+        edit_folder = st.text_input("edit folder (written by `headscope intervene ... --out DIR` or save_edits)",
+                                    "", key="edit_folder")
+    tokens = st.slider("new tokens", 4, 64, 24, key="new_tokens")
+    if st.button("run", key="generate"):
+        st.session_state.pop("playground", None)
+        try:
+            if not _text_ok(text):
+                raise ValueError("type a prompt")
+            if kind == "ablate heads":
                 heads = views.parse_heads(heads_text, cfg.n_layers, cfg.n_heads)
-                base, edited = views.ablation_compare(model, text, heads, how, tokens, chat)
-            except ValueError as e:
-                st.error(str(e))
-            else:
-                st.session_state["generation"] = {"request": request, "heads": heads, "base": base,
-                                                  "edited": edited}
-        gen = st.session_state.get("generation")
-        if gen is not None and gen["request"] == request:      # this session's last result, kept on reruns
-            a, b = st.columns(2)
-            a.markdown("**unedited**")
-            a.write(gen["base"])
-            b.markdown(f"**ablated: {', '.join(f'L{l}H{h}' for l, h in gen['heads']) or 'nothing'} ({how})**")
-            b.write(gen["edited"])
+                if not heads:
+                    raise ValueError("name at least one head (e.g. L3H0) or pick a report class")
+            elif not edit_folder:
+                raise ValueError("give a saved edit folder")
+            with st.spinner("generating before and after the edit…"):
+                res = _edit_compare(model_name, text, tuple(heads), how, edit_folder,
+                                    _mtime(Path(edit_folder) / "edits.json") if edit_folder else 0, tokens, chat)
+        except (OSError, ValueError) as e:
+            st.error(str(e))
+        else:
+            what = f"{', '.join(f'L{l}H{h}' for l, h in heads)} ablated ({how})" if heads else f"edits from {edit_folder}"
+            st.session_state["playground"] = {"request": (model_name, text, kind, heads_text if kind == "ablate heads"
+                                                          else edit_folder, how, tokens, chat),
+                                              "what": what, "result": res}
+    got = st.session_state.get("playground")
+    if got is not None:                                  # this session's last result, kept on reruns
+        res = got["result"]
+        st.plotly_chart(views.next_token_figure(res), width="stretch", key="next_token")
+        a, b = st.columns(2)
+        a.markdown("**before**")
+        a.write(res["before"]["text"])
+        b.markdown(f"**after: {got['what']}**")
+        b.write(res["after"]["text"])
 
 
 def main():
     st.set_page_config(page_title="headscope explorer", layout="wide")
     st.title("headscope explorer")
     args = _args()
-    mode = st.sidebar.radio("view", ["Saved report", "Live model"], key="view")
-    if mode == "Saved report":
-        folder = st.sidebar.text_input("report folder", args.report, key="report")
-        report_view(folder)
+    if st.session_state.get("page") not in PAGES:
+        st.session_state["page"] = PAGES[0]
+    page = st.sidebar.radio("page", PAGES, key="page")
+    folder = st.sidebar.text_input("report folder", args.report, key="report")
+    model_name = st.sidebar.text_input("model (smollm2, gemma3-270m, tiny-llama or a local HF folder)", args.model,
+                                       key="model")
+    if page == "Head map":
+        head_map_page(folder)
+    elif page == "Head view":
+        head_view_page(model_name)
+    elif page == "Circuit":
+        circuit_page(args.circuit)
     else:
-        live_view(args.model)
+        intervention_page(model_name, folder)
 
 
 main()

@@ -1,5 +1,7 @@
 """What the Streamlit explorer shows, as plain functions (no Streamlit here, so they are testable):
-saved reports, live per-head statistics, one head's attention pattern, and an ablation comparison.
+saved reports and their head map, live per-head statistics, one head's attention pattern (short
+text) and per-token statistics (any length), saved circuits, and the intervention playground
+(next-token distribution and greedy text before and after an edit).
 
 All model work goes through the probe (``record``, ``run_with_cache``, ``edit``, ``generate``).
 """
@@ -99,9 +101,11 @@ def stat_figure(values: torch.Tensor, name: str, model_name: str = ""):
     return hs_.plot(title=f"{name} — {LIVE_STATS.get(name, '')}")
 
 
-def pattern_figure(model, text: str, layer: int, head: int, chat: bool = True, max_tokens: int = 256):
+def pattern_figure(model, text: str, layer: int, head: int, chat: bool = True, max_tokens: int = 256,
+                   hide_first: bool = False, log: bool = False):
     """The attention pattern of one head on a short prompt (full [query, key] matrix: refused
-    beyond ``max_tokens``; use the statistics for long inputs)."""
+    beyond ``max_tokens``; use ``token_stats`` for long inputs). ``hide_first`` drops the first key
+    column (the attention sink that swamps the colour scale); ``log`` colours by log10(p)."""
     import plotly.graph_objects as go
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if not (0 <= layer < L and 0 <= head < H):
@@ -116,9 +120,22 @@ def pattern_figure(model, text: str, layer: int, head: int, chat: bool = True, m
         _, cache = model.run_with_cache(toks, names_filter=name)
     p = cache[name][0, head].float()                                             # [query, key]
     words = [f"{i}:{model.tokenizer.decode([int(t)])!r}" for i, t in enumerate(toks[0])]
-    fig = go.Figure(go.Heatmap(z=p.numpy(), x=words, y=words, colorscale="Blues", zmin=0, zmax=1,
-                               hovertemplate="query %{y}<br>key %{x}<br>p = %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=f"attention pattern L{layer} H{head}", xaxis_title="key", yaxis_title="query",
+    keys = words
+    if hide_first and n > 1:
+        p, keys = p[:, 1:], words[1:]                                            # [query, key - 1]
+    if log:
+        z = torch.log10(p.clamp_min(1e-6))
+        z = torch.where(torch.tril(torch.ones(n, n, dtype=torch.bool))[:, -p.shape[1]:], z, torch.full_like(z, float("nan")))
+        hm = go.Heatmap(z=z.numpy(), x=keys, y=words, colorscale="Blues", zmin=-6, zmax=0, customdata=p.numpy(),
+                        colorbar=dict(title="log10 p"),
+                        hovertemplate="query %{y}<br>key %{x}<br>p = %{customdata:.2e}<extra></extra>")
+    else:
+        hm = go.Heatmap(z=p.numpy(), x=keys, y=words, colorscale="Blues", zmin=0, zmax=float(p.max()) if hide_first else 1,
+                        hovertemplate="query %{y}<br>key %{x}<br>p = %{z:.3f}<extra></extra>")
+    fig = go.Figure(hm)
+    extra = ", first token hidden" if hide_first else ""
+    fig.update_layout(title=f"attention pattern L{layer} H{head}{extra}{', log scale' if log else ''}",
+                      xaxis_title="key", yaxis_title="query",
                       yaxis_autorange="reversed", height=max(400, 12 * n + 150))
     return fig
 
@@ -139,3 +156,177 @@ def ablation_compare(model, text: str, heads: list[tuple[int, int]], how: str = 
     with model.edit([hs.Ablate(l, h, how=how) for l, h in heads]):
         edited = gen()
     return base, edited
+
+
+# ------------------------------------------------------------------ head map (saved report)
+def head_map(results: dict[str, HeadScores], z: float | None = None):
+    """Scatter version of the report's combined map (one square per head, one qualitative colour per
+    class, grey "none"), so a click selects a head: each point's ``customdata`` is [layer, head].
+    Returns (figure, classes [layer, head] as analyzer names or "none")."""
+    import plotly.graph_objects as go
+
+    from .report import NONE_COLOUR, STAND_OUT_Z, head_classes, palette, zscores
+    z = STAND_OUT_Z if z is None else z
+    cls, names = head_classes(results, z)
+    Z = zscores(results)
+    L, H = cls.shape
+    colours = dict(zip(names, palette(len(names))))
+    labels = [[names[int(cls[l, h])] if cls[l, h] >= 0 else "none" for h in range(H)] for l in range(L)]
+    fig = go.Figure()
+    for name in ["none", *names]:
+        pts = [(l, h) for l in range(L) for h in range(H) if labels[l][h] == name]
+        if not pts:
+            continue
+        text = ["<br>".join(f"{n}: {float(results[n].scores[l, h]):.3g} (z {float(Z[m, l, h]):+.1f})"
+                            for m, n in enumerate(names)) for l, h in pts]
+        fig.add_trace(go.Scatter(
+            x=[h for _, h in pts], y=[l for l, _ in pts], mode="markers", name=name,
+            marker=dict(symbol="square", size=max(8, min(22, 600 // max(L, H))),
+                        color=NONE_COLOUR if name == "none" else colours[name]),
+            customdata=[[l, h] for l, h in pts], text=text,
+            hovertemplate="L%{y} H%{x}<br>" + f"class: {name}<br>" + "%{text}<extra></extra>"))
+    fig.update_layout(title="Head map (click a head to open it)", xaxis_title="head", yaxis_title="layer",
+                      yaxis_autorange="reversed", height=max(360, 20 * L + 160), legend_title="stands out in",
+                      xaxis=dict(dtick=1), yaxis=dict(dtick=1),
+                      clickmode="event+select")
+    return fig, labels
+
+
+def heads_of_class(labels: list[list[str]], name: str) -> list[tuple[int, int]]:
+    """The heads whose head-map class is ``name``."""
+    return [(l, h) for l, row in enumerate(labels) for h, c in enumerate(row) if c == name]
+
+
+# ------------------------------------------------------------------ head view, long text
+TOKEN_STATS = {
+    "received": "attention this token receives: mean over the later queries that see it",
+    "sink_mass": "attention this query puts on the first token",
+    "distance": "mean distance (tokens) from this query to what it attends to",
+}
+
+
+def token_stats(model, text: str, layer: int, head: int, chat: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Per-token statistics of one head in one O(N)-memory pass (no [N, N] pattern, any length up
+    to the model's context): {"received": [N], "sink_mass": [N], "distance": [N]}, and the tokens."""
+    import headscope as hs
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    if not (0 <= layer < L and 0 <= head < H):
+        raise ValueError(f"L{layer}H{head} is out of range: layers 0..{L - 1}, heads 0..{H - 1}")
+    toks = model.to_tokens(text, chat=chat)                                       # [1, N]
+    if toks.shape[1] > model.cfg.max_ctx:
+        raise ValueError(f"the text is {toks.shape[1]} tokens; {model.cfg.name} takes at most {model.cfg.max_ctx}")
+    with torch.no_grad(), model.record(hs.Stats(sink_k=1, distance=True, received=True), layers=[layer]) as rec:
+        model(toks)
+    out = {"received": rec.received_mean(layer)[0, head].float(),                  # [N]
+           "sink_mass": rec["sink_mass", layer][0, head].float(),                   # [N]
+           "distance": rec["distance", layer][0, head].float()}                     # [N]
+    words = [model.tokenizer.decode([int(t)]) for t in toks[0]]
+    return out, words
+
+
+def token_stats_figure(stats: dict[str, torch.Tensor], words: list[str], title: str = ""):
+    """The per-token statistics as lines over token positions (hover shows the token)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    names = list(stats)
+    fig = make_subplots(rows=len(names), cols=1, shared_xaxes=True, subplot_titles=[TOKEN_STATS.get(n, n) for n in names])
+    for i, n in enumerate(names, 1):
+        fig.add_trace(go.Scatter(x=list(range(len(words))), y=stats[n].tolist(), mode="lines", name=n,
+                                 text=[repr(w) for w in words], hovertemplate="%{x}: %{text}<br>%{y:.3g}<extra></extra>"),
+                      row=i, col=1)
+    fig.update_layout(title=title, height=180 * len(names) + 80, showlegend=False)
+    return fig
+
+
+def token_html(words: list[str], values: torch.Tensor, skip_first: bool = True) -> str:
+    """The text with each token's background shaded by ``values`` (darker = larger; scaled to the
+    largest value, leaving out the first token when ``skip_first``, which usually dwarfs the rest)."""
+    import html as _html
+    v = values.float()
+    ref = v[1:] if skip_first and v.numel() > 1 else v
+    top = float(ref.max()) if ref.numel() else 1.0
+    top = top if top > 0 else 1.0
+    spans = []
+    for i, (w, x) in enumerate(zip(words, v.tolist())):
+        a = min(1.0, max(0.0, x / top))
+        spans.append(f"<span title='{i}: {x:.3g}' style='background: rgba(214, 39, 40, {a:.2f})'>"
+                     f"{_html.escape(w).replace(chr(10), '↵<br>')}</span>")
+    return "<div style='line-height: 1.9; font-family: monospace'>" + "".join(spans) + "</div>"
+
+
+# ------------------------------------------------------------------ circuits
+def load_circuit(folder):
+    """A folder written by ``Circuit.save`` (``headscope circuit ... --out DIR``) -> Circuit; a clear
+    FileNotFoundError / ValueError otherwise."""
+    from ..circuits.circuit import Circuit
+    folder = Path(folder).expanduser()
+    if not (folder / "circuit.json").is_file():
+        raise FileNotFoundError(f"{folder} has no circuit.json: make one with "
+                                f"`headscope circuit ioi --model smollm2 --method eap-ig --out {folder}`")
+    try:
+        return Circuit.load(folder)
+    except Exception as e:  # noqa: BLE001 - any unreadable file becomes one message naming it
+        raise ValueError(f"cannot read the circuit in {folder}: {type(e).__name__}: {e}") from None
+
+
+# ------------------------------------------------------------------ intervention playground
+ABLATIONS = ("zero", "mean", "uniform")
+
+
+def make_edits(model, heads: list[tuple[int, int]], how: str, mean_text: str | None = None):
+    """Ablate edits for ``heads``: "zero", "uniform", or "mean" (each head's output replaced by its
+    mean z over ``mean_text`` or, by default, the shipped natural text)."""
+    import headscope as hs
+    if how not in ABLATIONS:
+        raise ValueError(f"unknown ablation {how!r}; use one of {', '.join(ABLATIONS)}")
+    if how != "mean":
+        return [hs.Ablate(l, h, how=how) for l, h in heads]
+    if mean_text:
+        toks = model.to_tokens(mean_text)
+    else:
+        from ..heads.data import text_samples
+        toks, _ = text_samples(model, n_samples=4, n_tokens=64)
+    means = {l: model.mean_z(toks, l) for l in sorted({l for l, _ in heads})}       # [head, d_head]
+    return [hs.Ablate(l, h, how="mean", mean=means[l][h]) for l, h in heads]
+
+
+def next_token_top(model, toks: torch.Tensor, k: int = 10) -> list[tuple[str, float]]:
+    """The k most likely next tokens after ``toks`` [1, N], with probabilities."""
+    with torch.no_grad():
+        logits = model(toks)[0, -1].float()                                          # [vocab]
+    p = logits.softmax(-1)
+    v, i = p.topk(k)
+    return [(model.tokenizer.decode([int(t)]), float(x)) for t, x in zip(i, v)]
+
+
+def edit_compare(model, text: str, edits: list, max_new_tokens: int = 24, chat: bool = True, k: int = 10) -> dict:
+    """Before/after an edit list: {"before": {"top": [(token, p)] * k, "text": greedy}, "after": ...}."""
+    toks = model.to_tokens(text, chat=chat)
+    if toks.shape[1] > model.cfg.max_ctx:
+        raise ValueError(f"the prompt is {toks.shape[1]} tokens; {model.cfg.name} takes at most {model.cfg.max_ctx}")
+    n = toks.shape[1]
+
+    def run():
+        top = next_token_top(model, toks, k)
+        with torch.no_grad():
+            out = model.generate(toks, max_new_tokens=max_new_tokens)
+        return {"top": top, "text": model.tokenizer.decode(out[0, n:], skip_special_tokens=True)}
+
+    before = run()
+    with model.edit(list(edits)):
+        after = run()
+    return {"before": before, "after": after}
+
+
+def next_token_figure(result: dict):
+    """Side-by-side bars of the top next tokens before and after the edit."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["before", "after"], horizontal_spacing=0.15)
+    for c, key in enumerate(("before", "after"), 1):
+        top = result[key]["top"][::-1]
+        fig.add_trace(go.Bar(x=[p for _, p in top], y=[f"{repr(t)} " for t, _ in top], orientation="h",
+                             name=key, hovertemplate="%{y}: %{x:.3f}<extra></extra>"), row=1, col=c)
+    fig.update_layout(title="next-token probabilities (top 10)", showlegend=False, height=420)
+    fig.update_xaxes(range=[0, 1])
+    return fig

@@ -16,7 +16,11 @@ import os
 import sys
 import time
 
-import torch
+# benchmarks/kernels.py would shadow the `kernels` package that transformers probes for
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import torch  # noqa: E402
 
 
 def load_model(a):
@@ -68,37 +72,24 @@ def main(argv=None):
             task = C.make_task(t, model, n=a.n)
             res["tasks"][t] = task.evaluate(model)
             print(res["tasks"][t], flush=True)
-    if "patching" in methods:
-        hs_mean, times["patching_mean"] = timed(C.patch_heads, model, ioi, how="mean")
-        out["patching_mean"] = hs_mean
-        print("patching mean", times["patching_mean"], hs_mean.top(10), flush=True)
-    if a.report:
-        for how in ("resample", "zero"):
-            s, times[f"patching_{how}"] = timed(C.patch_heads, model, ioi, how=how)
-            out[f"patching_{how}"] = s
-            print("patching", how, times[f"patching_{how}"], s.top(10), flush=True)
     for m in ("eap", "eap-ig"):
         if m in methods:
-            c, times[m] = timed(C.attribute, model, ioi, m)
+            c, times[m] = timed(C.attribute, model, ioi, m, edges="edges" in methods)
             out[m] = c
             print(m, times[m], c.top_nodes(10), c.top_edges(5), flush=True)
     if "sae" in methods:
         c, times["sae"] = timed(C.sae_circuit, model, ioi)
         out["sae"] = c
         print("sae", times["sae"], c.top_nodes(10), flush=True)
-    if "acdc-nodes" in methods:
-        c, times["acdc_nodes"] = timed(C.acdc_nodes, model, ioi, tau=0.01)
-        out["acdc_nodes"] = c
-        print("acdc nodes", times["acdc_nodes"], len(c.params["kept"]), c.params["kept"][:20], flush=True)
-    if "path" in methods:
-        c, times["path_logits"] = timed(C.path_patch, model, ioi)
-        out["path_logits"] = c
-        print("path patching -> logits", times["path_logits"], c.top(10), flush=True)
-    if "acdc-edges" in methods and "eap" in out:
-        cands = out["eap"].top_edges(100)
-        c, times["acdc_edges"] = timed(C.acdc_edges, model, ioi, cands, tau=0.01)
-        out["acdc_edges"] = c
-        print("acdc edges", times["acdc_edges"], len(c.params["kept"]), c.params["kept"][:20], flush=True)
+    if "patching" in methods:
+        hs_mean, times["patching_mean"] = timed(C.patch_heads, model, ioi, how="mean")
+        out["patching_mean"] = hs_mean
+        print("patching mean", times["patching_mean"], hs_mean.top(10), flush=True)
+    for how in ("resample", "zero"):
+        if f"patching-{how}" in methods:
+            s, times[f"patching_{how}"] = timed(C.patch_heads, model, ioi, how=how)
+            out[f"patching_{how}"] = s
+            print("patching", how, times[f"patching_{how}"], s.top(10), flush=True)
     res["seconds"] = times
     if a.report and "patching_mean" in out:
         pc = C.from_head_scores(out["patching_mean"], ioi)
@@ -134,17 +125,31 @@ def main(argv=None):
                 res[f"{m}_vs_patching"] = C.roc_auc(out[m], pc, n_truth=n_truth)
                 print(m, "vs patching", res[f"{m}_vs_patching"], flush=True)
         co = C.make_task("colored-objects", model, n=a.n)
-        if res["tasks"]["colored-objects"]["solved"]:
+        if res["tasks"]["colored-objects"]["solved"] and "co-patching" in methods:
             s, times["patching_mean_colored"] = timed(C.patch_heads, model, co, how="mean")
             cc = C.from_head_scores(s, co)
             res["overlap_ioi_colored"] = {n: C.overlap(pc, cc, n=n) for n in (n_truth, 2 * n_truth)}
             res["top_colored"] = s.top(20)
             print("overlap", res["overlap_ioi_colored"], flush=True)
         gt = C.make_task("greater-than", model, n=a.n)
-        if res["tasks"]["greater-than"]["solved"]:
+        if res["tasks"]["greater-than"]["solved"] and "gt-patching" in methods:
             s, times["patching_mean_greater"] = timed(C.patch_heads, model, gt, how="mean")
             res["top_greater_than"] = s.top(20)
             print("greater-than top", s.top(10), flush=True)
+    if "acdc-nodes" in methods:
+        c, times["acdc_nodes"] = timed(C.acdc_nodes, model, ioi, tau=0.01)
+        out["acdc_nodes"] = c
+        print("acdc nodes", times["acdc_nodes"], len(c.params["kept"]), c.params["kept"][:20], flush=True)
+    if "path" in methods:
+        c, times["path_logits"] = timed(C.path_patch, model, ioi)
+        out["path_logits"] = c
+        print("path patching -> logits", times["path_logits"], c.top(10), flush=True)
+    if "acdc-edges" in methods and "eap" in out:
+        cands = out["eap"].top_edges(100)
+        c, times["acdc_edges"] = timed(C.acdc_edges, model, ioi, cands, tau=0.01)
+        out["acdc_edges"] = c
+        print("acdc edges", times["acdc_edges"], len(c.params["kept"]), c.params["kept"][:20], flush=True)
+    res["seconds"] = times
     print(json.dumps({"seconds": times}, indent=1))
     if a.out:
         os.makedirs(a.out, exist_ok=True)

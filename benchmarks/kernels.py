@@ -19,8 +19,7 @@ Causal, bf16, B=1. Columns: PyTorch SDPA (flash backend), our kernel plain, + al
 it runs out of memory). Median time of ``triton.testing.do_bench``; TFLOP/s counts useful FLOPs
 only, 4 * N^2 * d * H / 2 for causal attention (the statistics' extra work is not counted). The
 markdown table is printed and written, row by row, to $OUT/kernels_bench.md (numbers also to
-$OUT/kernels_bench.json). ``--ab-argmax`` first times the two argmax search modes of the forward
-kernel on the row-statistics variant and keeps the faster for the tables.
+$OUT/kernels_bench.json).
 """
 from __future__ import annotations
 
@@ -230,7 +229,6 @@ SWEEP = {   # d: (H, G, plain configs, row-stat configs, received configs)
           [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
           [(32, 64, 8, 2), (64, 64, 8, 2)]),
 }
-ARGMAX_MODES = (2,)
 SPLITS = (4, 0)   # RECV_MIN_PROGRAMS_PER_SM: split GQA heads over programs for short sequences, or never
 
 
@@ -241,8 +239,7 @@ def sweep(args):
         for cfg in plain:
             tasks.append(("plain", 4096, H, G, d, cfg, None, None))
         for cfg in rows:
-            for am in ARGMAX_MODES:
-                tasks.append(("rows", 4096, H, G, d, cfg, None, {"ARGMAX_MODE": am}))
+            tasks.append(("rows", 4096, H, G, d, cfg, None, None))
         for cfg in recv:
             for sp in SPLITS:
                 tasks.append(("cols", 4096, H, G, d, plain[0], cfg, {"RECV_MIN_PROGRAMS_PER_SM": sp}))
@@ -276,10 +273,8 @@ def sweep(args):
                     t_plain, best_plain = t, cfg
             ta.FWD_CONFIGS["plain"][d] = best_plain
             for cfg in rows:
-                for am in ARGMAX_MODES:
-                    ta.FWD_CONFIGS["stats"][d], ta.ARGMAX_MODE = cfg, am
-                    run("rows", f"fwd {cfg} argmax={am}", (d, N, "rows"), cfg)
-            ta.ARGMAX_MODE = 2
+                ta.FWD_CONFIGS["stats"][d] = cfg
+                run("rows", f"fwd {cfg}", (d, N, "rows"), cfg)
             for cfg in recv:
                 for sp in SPLITS:
                     ta.RECV_CONFIGS[d], ta.RECV_MIN_PROGRAMS_PER_SM = cfg, sp
@@ -295,26 +290,6 @@ def sweep(args):
     for (d, N, kind), (t, label) in best.items():
         print(f"  d={d} N={N} {kind}: {label} {t:.3f} ms", flush=True)
     return best
-
-
-def ab_argmax(args):
-    """A/B of the argmax search modes (2: search every block, 3: fused max-with-index reduction) on
-    the row-statistics kernel; keeps the faster (summed over the shapes) for the tables."""
-    modes, shapes, sizes = (2, 3), ((32, 8, 128), (9, 3, 64)), (4096, 16384)
-    precompile([("rows", 4096, H, G, d, None, None, {"ARGMAX_MODE": m}) for m in modes for H, G, d in shapes],
-               args.workers)
-    total = {m: 0.0 for m in modes}
-    for H, G, d in shapes:
-        for N in sizes:
-            q, k, v = make(N, H, G, d)
-            req = VARIANTS["rows"](N)
-            for m in modes:
-                ta.ARGMAX_MODE = m
-                t = bench(lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=req))
-                total[m] += t
-                print(f"  argmax mode {m}: d={d} N={N} rows {t:.3f} ms", flush=True)
-    ta.ARGMAX_MODE = min(total, key=total.get)
-    print(f"argmax A/B: total {total} -> mode {ta.ARGMAX_MODE}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,7 +542,6 @@ def main():
     ap.add_argument("--no-large", action="store_true", help="skip the d=128 (Llama-3-8B) table")
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--ab-argmax", action="store_true", help="A/B the argmax search modes first, keep the faster")
     ap.add_argument("--sweep-sizes", type=int, nargs="*", default=[4096, 16384])
     ap.add_argument("--workers", type=int, default=8, help="processes that precompile the kernels")
     ap.add_argument("--dry", action="store_true", help="tiny sizes, wall-clock timing (CPU interpreter OK)")
@@ -601,15 +575,13 @@ def main():
         return
     if os.environ.get("OUT"):
         open(os.path.join(os.environ["OUT"], "kernels_bench.md"), "w").close()
-    if args.ab_argmax and dev == "cuda":
-        ab_argmax(args)
-    print(f"configs: fwd {ta.FWD_CONFIGS}, received {ta.RECV_CONFIGS}, argmax mode {ta.ARGMAX_MODE}, "
+    print(f"configs: fwd {ta.FWD_CONFIGS}, received {ta.RECV_CONFIGS}, "
           f"received head split below {ta.RECV_MIN_PROGRAMS_PER_SM} programs/SM", flush=True)
     tasks = []
     for (H, G, d, sizes, skip) in ((32, 8, 128, args.sizes, args.no_large),
                                    (9, 3, 64, args.small_sizes, args.no_small)):
         if not skip and sizes:
-            tasks += [(name, 4096, H, G, d, None, None, {"ARGMAX_MODE": ta.ARGMAX_MODE}) for name in VARIANTS]
+            tasks += [(name, 4096, H, G, d, None, None, None) for name in VARIANTS]
     if dev == "cuda":
         precompile(tasks, args.workers)
     rows, tables = [], []

@@ -158,6 +158,65 @@ class HeadScores:
                           height=max(300, 18 * L + 120), width=max(420, 40 * H + 200))
         return fig
 
+    # ------------------------------------------------------------------ export for KV-compression code
+    def export(self, path, format: str = "retrieval_head", sink: int | None = None,
+               recent: int | None = None) -> Path:
+        """Write the scores in a format that KV-cache compression code reads; returns the file written.
+
+        ``format="retrieval_head"``: Retrieval_Head's head-score file (Wu et al. 2024, repo
+        nightdessert/Retrieval_Head, ``head_score/MODEL.json``): one line of JSON
+        ``{"layer-head": [score, ...]}``, the list holding one score per counted needle test when the
+        result has them (``extra["test_scores"]``), else ``[score]``; readers take ``np.mean`` of it.
+
+        ``format="duo"``: DuoAttention's pattern folder (Xiao et al. 2024, repo mit-han-lab/duo-attention,
+        ``duo_attn.utils.load_attn_pattern``): ``full_attention_heads.tsv`` (tab-separated, one row per
+        layer, one column per KV head, values in [0, 1], 1 = keeps the full KV cache) and ``config.json``
+        with ``sink_size`` and ``recent_size``. ``path`` is that folder (or the .tsv inside it). Per-KV-head
+        values come from ``extra["alpha_kv"]`` (trained gates) or ``extra["kv_scores"]``, else the max
+        over the query heads of each KV head; scores outside [0, 1] are min-max scaled to [0, 1] (a
+        warning says so). ``sink``/``recent`` default to the result's parameters, else 64 / 256."""
+        import logging
+
+        path = Path(path)
+        L, H = self.scores.shape
+        if format == "retrieval_head":
+            per_test = self.extra.get("test_scores")
+            counted = self.extra.get("test_counted")
+            out = {}
+            for l in range(L):
+                for h in range(H):
+                    if per_test is not None and per_test.dim() == 3 and tuple(per_test.shape[1:]) == (L, H):
+                        keep = per_test[:, l, h] if counted is None else per_test[counted.bool(), l, h]
+                        vals = [float(v) for v in keep] or [float(self.scores[l, h])]
+                    else:
+                        vals = [float(self.scores[l, h])]
+                    out[f"{l}-{h}"] = vals
+            atomic_write(path, lambda p: Path(p).write_text(json.dumps(out) + "\n"))
+            return path
+        if format != "duo":
+            raise ValueError(f"unknown export format {format!r}; use 'retrieval_head' or 'duo'")
+        folder = path.parent if path.suffix == ".tsv" else path
+        G = int(self.model.get("n_kv_heads") or H)
+        if H % G:
+            raise ValueError(f"{H} heads do not split into {G} KV heads; the result's model info is wrong")
+        kv = self.extra.get("alpha_kv", self.extra.get("kv_scores"))
+        if kv is None or tuple(kv.shape) != (L, G):
+            kv = self.scores.reshape(L, G, H // G).amax(-1)                       # [layer, kv_head]
+        kv = kv.float()
+        lo, hi = float(kv.min()), float(kv.max())
+        if lo < 0 or hi > 1:
+            logging.getLogger("headscope").warning(
+                "%s scores span [%.3g, %.3g]; DuoAttention reads values in [0, 1]: min-max scaled", self.method, lo, hi)
+            kv = (kv - lo) / max(hi - lo, 1e-12)
+        sink = int(sink if sink is not None else self.params.get("sink", 64))
+        recent = int(recent if recent is not None else self.params.get("recent", 256))
+        text = "\n".join("\t".join(f"{float(v):.18e}" for v in row) for row in kv) + "\n"
+        atomic_write(folder / "full_attention_heads.tsv", lambda p: Path(p).write_text(text))
+        atomic_write(folder / "config.json", lambda p: Path(p).write_text(
+            json.dumps({"sink_size": sink, "recent_size": recent, "exported_from": self.method,
+                        "model": self.model.get("name", "")}, indent=1)))
+        return folder / "full_attention_heads.tsv"
+
     # ------------------------------------------------------------------ persistence
     def meta(self) -> dict:
         return {"method": self.method, "paper": self.paper, "params": self.params, "model": self.model,

@@ -16,8 +16,8 @@ plain FlashAttention loop. ``MODE`` says which pass this is:
   LSE), distance as ``(t - s0) * sum e - sum e * j`` per key block (keys at ``s0 + j``), window
   distance and recent mass per key block (a block wholly beyond or within the window costs one row
   sum; only blocks that straddle it are done element-wise), the argmax from the running max of the
-  scores (``ARGMAX=1``: the index is searched only in blocks where some row's max moved; ``2``: in
-  every block; ``3``: from a fused max-with-index reduction), ``max_prob = 1 / l``.
+  scores (the first index of each block's max, searched in every block: on the H100 this beat
+  searching only where a row's max moved and a fused max-with-index reduction), ``max_prob = 1 / l``.
   Sink and span masses are *not* in the main loop: once ``m`` and ``l`` are final, a short second
   loop recomputes the scores of only the key blocks inside each span (the sink is span
   ``[-inf, sink_k)``) and sums the exact probabilities. That costs a QK^T over the span's keys
@@ -238,13 +238,7 @@ def _attn_fwd(
                 alpha = 1.0
                 m_new = m_i
             else:
-                if ARGMAX == 3:
-                    if MODE == 0:   # max and its first index in one reduction
-                        m_blk, i_blk = tl.max(x2, 1, return_indices=True, return_indices_tie_break_left=True)
-                    else:
-                        m_blk = tl.max(x2, 1)
-                else:
-                    m_blk = tl.max(x2, 1)
+                m_blk = tl.max(x2, 1)
                 m_new = tl.maximum(m_i, m_blk)
                 alpha = tl.exp2(m_i - m_new)
                 qk2 = x2 - m_new[:, None]
@@ -293,28 +287,7 @@ def _attn_fwd(
                     else:
                         rblk = tl.sum(tl.where((t[:, None] - offs_n[None, :]) < recent_r, p, 0.0), 1)
                     recent = recent * alpha + rblk
-                if ARGMAX == 1:     # search the index only when some row's max moved (block-uniform branch)
-                    if MODE == 0:
-                        upd = m_blk > m_i
-                        if tl.max(upd.to(tl.int32), 0) > 0:
-                            idx = tl.min(tl.where(x2 == m_blk[:, None], offs_n[None, :], IDX_BIG), 1)
-                            amax = tl.where(upd, idx, amax)
-                    else:
-                        pb = tl.max(p, 1)
-                        upd = pb > pmax
-                        if tl.max(upd.to(tl.int32), 0) > 0:
-                            idx = tl.min(tl.where(p == pb[:, None], offs_n[None, :], IDX_BIG), 1)
-                            amax = tl.where(upd, idx, amax)
-                            pmax = tl.where(upd, pb, pmax)
-                elif ARGMAX == 3:   # index from the fused max reduction above
-                    if MODE == 0:
-                        amax = tl.where(m_blk > m_i, start_n + i_blk, amax)
-                    else:
-                        pb = tl.max(p, 1)
-                        idx = tl.min(tl.where(p == pb[:, None], offs_n[None, :], IDX_BIG), 1)
-                        amax = tl.where(pb > pmax, idx, amax)
-                        pmax = tl.maximum(pmax, pb)
-                elif ARGMAX == 2:   # always search (no block-wide reduction for the branch)
+                if ARGMAX:          # first index of the block max, in every block
                     if MODE == 0:
                         idx = tl.min(tl.where(x2 == m_blk[:, None], offs_n[None, :], IDX_BIG), 1)
                         amax = tl.where(m_blk > m_i, idx, amax)
@@ -374,8 +347,11 @@ def _attn_fwd(
         keep = (m_rest > 0) & ((l_sit / l_safe) / tl.maximum(m_tgt, 1e-30) <= max_ratio) & (m_tgt >= min_target)
         cs = tl.where(keep, f, 1.0)
         cr = tl.where(keep, 1.0 + gain, 1.0)
-        kc = (tl.where(cs > 0, m_src * cs * tl.log(tl.where(cs > 0, cs, 1.0)), 0.0)
-              + tl.where(cr > 0, m_rest * cr * tl.log(tl.where(cr > 0, cr, 1.0)), 0.0))
+        # sum_class c M_class ln c, with xlogy's convention as in the reference: a class without mass
+        # or with c = 0 adds 0; a negative coefficient (factor > 1 freeing more mass than the target
+        # holds) makes probabilities negative and the entropy NaN (ln of a negative number)
+        kc = (tl.where((cs != 0) & (m_src > 0), m_src * cs * tl.log(cs), 0.0)
+              + tl.where((cr != 0) & (m_rest > 0), m_rest * cr * tl.log(cr), 0.0))
         tl.store(Coef + rows, cs, mask=row_mask)
         tl.store(Coef + n_rows + rows, cr, mask=row_mask)
         tl.store(Coef + 2 * n_rows + rows, kc, mask=row_mask)
@@ -448,7 +424,7 @@ def _attn_fwd(
             if MODE == 0:
                 recent = recent / l_safe
             tl.store(Rows + SLOT_RECENT * n_rows + rows, recent, mask=row_mask)
-        if ARGMAX > 0:
+        if ARGMAX:
             if MODE == 0:
                 pmax = tl.where(l_pos, 1.0 / l_safe, 0.0)
             tl.store(Rows + SLOT_MAXP * n_rows + rows, pmax, mask=row_mask)

@@ -91,15 +91,11 @@ RECV_CONFIGS = {16: (64, 128, 8, 3), 32: (64, 128, 8, 3), 64: (64, 128, 8, 3), 1
                 256: (32, 64, 8, 2)}
 # fp32 inputs: "ieee" dots run on the FMA units; small tiles keep them out of local memory
 FP32_CONFIG = (32, 32, 4, 2)
-# argmax search in the forward loop: 1 = only in key blocks where some row's max moved (a block-wide
-# branch), 2 = in every block, 3 = fused max-with-index reduction. 2 beat 1 on the H100 sweep.
-ARGMAX_MODE = 2
 # received kernel: split a GQA group's heads over programs while there are fewer than this many
 # programs per SM (short sequences)
 RECV_MIN_PROGRAMS_PER_SM = 4
 INTERPRET_BLOCK = 16   # interpreter: small tiles keep the numpy emulation quick
 
-_BIG_POS = 2 ** 62
 
 
 def _pow2(n: int) -> int:
@@ -263,6 +259,33 @@ def _count_base(B, Q, K, causal, sliding_window, received_window, device):
     return (hi - lo + 1).clamp_min(0).to(torch.float32).expand(B, K).contiguous()
 
 
+def _received_sums(q, k, lse, coef, st, common, flags, rd_args, nsrc, ntgt, cfg, causal, sliding_window,
+                   key_padding):
+    """Column sums from the saved LSE (``received._received_kernel``): {received_sum [B, H, K],
+    received_count [B, K]}."""
+    import triton
+
+    from .received import _received_kernel
+    B, H, Q = q.shape[0], q.shape[1], q.shape[2]
+    G, K = k.shape[1], k.shape[2]
+    RBM, RBN, rwarps, rstages = cfg
+    recv = torch.empty(B, H, K, dtype=torch.float32, device=q.device)
+    rw = st.received_window
+    R = H // G
+    hpp = _heads_per_program(triton.cdiv(K, RBN) * B * G, R, q.device)
+    _received_kernel[(triton.cdiv(K, RBN), B * G * (R // hpp))](
+        q, k, lse, coef, recv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        recv.stride(0), recv.stride(1), **common, HEADS_PER_PROG=hpp,
+        ra=int(rw[0]) if rw else 0, rb=int(rw[1]) if rw else 0, **rd_args,
+        BLOCK_M=RBM, BLOCK_N=RBN, **flags, RWIN=rw is not None, NSRC=nsrc, NTGT=ntgt,
+        num_warps=rwarps, num_stages=rstages,
+    )
+    count = _received_count(B, Q, K, causal=causal, sliding_window=sliding_window, received_window=rw,
+                            key_padding=key_padding, device=q.device)
+    return {"received_sum": recv, "received_count": count}
+
+
 def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
               key_padding: torch.Tensor | None = None, softcap: float | None = None,
               key_pos0: torch.Tensor | None = None, stats: StatRequest | None = None,
@@ -283,7 +306,6 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     import triton
 
     from . import flash_stats as fs
-    from .received import _received_kernel
 
     B, H, Q, D = q.shape
     G, K = k.shape[1], k.shape[2]
@@ -306,14 +328,8 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     if key_padding is not None:
         pad = key_padding.to(device=dev)
         pad = (pad.view(torch.uint8) if pad.dtype == torch.bool else (pad != 0).view(torch.uint8)).contiguous()
-    span_list = []
-    if st is not None:
-        if st.sink_k:
-            span_list.append((-_BIG_POS, int(st.sink_k)))
-        span_list += [(int(a), int(b)) for a, b in st.spans]
-    nspan = len(span_list)
-    spans = (_cached(("spans", dev, tuple(span_list)),
-                     lambda: torch.tensor(span_list, dtype=i64, device=dev).reshape(-1)) if nspan else dummy_i)
+    nspan, spans = td.span_table(st, dev)
+    spans = spans if nspan else dummy_i
 
     def f32h(x, shape):
         return x.detach().to(device=dev, dtype=f32).reshape(shape).contiguous()
@@ -334,7 +350,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     need_lse = st is not None or redist
     lse = torch.empty(n_rows, dtype=f32, device=dev) if need_lse else dummy_f
     any_row = st is not None and (nspan or st.entropy or st.distance or st.window_distance
-                                   or getattr(st, "recent", None) or st.argmax)
+                                   or st.recent or st.argmax)
     rows = torch.empty(fs.SLOT_SPAN0.value + nspan, n_rows, dtype=f32, device=dev) if any_row else dummy_f
     arg = torch.empty(n_rows, dtype=i64, device=dev) if st is not None and st.argmax else dummy_i
     coef = torch.empty(3, n_rows, dtype=f32, device=dev) if redist else dummy_f
@@ -364,15 +380,15 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
         fs._attn_fwd[grid](
             q, k, v, out, lse, rows, arg, coef, *strides, **common,
             Spans=spans, wdist_w=int(s.window_distance or 0) if s else 0,
-            recent_r=int(getattr(s, "recent", None) or 0) if s else 0,
+            recent_r=int(s.recent or 0) if s else 0,
             RdFactor=rd_factor, RdMaxR=rd_maxr, RdMinT=rd_mint, **rd_args,
             Gate=gate, gate_sink=int(ed.gate_sink) if ed is not None else 0,
             gate_recent=int(ed.gate_recent) if ed is not None else 0,
             BLOCK_M=BM, BLOCK_N=BN, MODE=mode, WRITE_LSE=write_lse, **flags,
             NSPAN=nspan if s else 0, NSPAN_P=max(2, _pow2(nspan)),
             ENTROPY=bool(s and s.entropy), DISTANCE=bool(s and s.distance),
-            WDIST=bool(s and s.window_distance), RECENT=bool(s and getattr(s, "recent", None)),
-            ARGMAX=ARGMAX_MODE if (s and s.argmax) else 0, NSRC=nsrc, NTGT=ntgt,
+            WDIST=bool(s and s.window_distance), RECENT=bool(s and s.recent),
+            ARGMAX=bool(s and s.argmax), NSRC=nsrc, NTGT=ntgt,
             GATE=with_stats and ed is not None and ed.gate is not None,
             num_warps=warps, num_stages=stages,
         )
@@ -383,40 +399,10 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     else:
         fwd(0, True, need_lse)
 
-    res: dict[str, torch.Tensor] = {}
     if st is None:
-        return out, res
-    res["lse"] = lse.view(B, H, Q)
-    if st.sink_k:
-        res["sink_mass"] = rows[fs.SLOT_SPAN0.value].view(B, H, Q)
-    if st.spans:
-        j0 = fs.SLOT_SPAN0.value + (1 if st.sink_k else 0)
-        res["span_mass"] = rows[j0:j0 + len(st.spans)].view(len(st.spans), B, H, Q).permute(1, 2, 3, 0).contiguous()
-    if st.entropy:
-        res["entropy"] = rows[fs.SLOT_ENTROPY.value].view(B, H, Q)
-    if st.distance:
-        res["distance"] = rows[fs.SLOT_DISTANCE.value].view(B, H, Q)
-    if st.window_distance:
-        res["window_distance"] = rows[fs.SLOT_WDIST.value].view(B, H, Q)
-    if getattr(st, "recent", None):
-        res["recent_mass"] = rows[fs.SLOT_RECENT.value].view(B, H, Q)
-    if st.argmax:
-        res["max_prob"] = rows[fs.SLOT_MAXP.value].view(B, H, Q)
-        res["argmax"] = arg.view(B, H, Q)
+        return out, {}
+    res = td.row_results(st, lse, rows, arg, B, H, Q)
     if received:
-        recv = torch.empty(B, H, K, dtype=f32, device=dev)
-        rw = st.received_window
-        R = H // G
-        hpp = _heads_per_program(triton.cdiv(K, RBN) * B * G, R, dev)
-        _received_kernel[(triton.cdiv(K, RBN), B * G * (R // hpp))](
-            q, k, lse, coef, recv,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            recv.stride(0), recv.stride(1), **common, HEADS_PER_PROG=hpp,
-            ra=int(rw[0]) if rw else 0, rb=int(rw[1]) if rw else 0, **rd_args,
-            BLOCK_M=RBM, BLOCK_N=RBN, **flags, RWIN=rw is not None, NSRC=nsrc, NTGT=ntgt,
-            num_warps=rwarps, num_stages=rstages,
-        )
-        res["received_sum"] = recv
-        res["received_count"] = _received_count(B, Q, K, causal=causal, sliding_window=sliding_window,
-                                                received_window=rw, key_padding=key_padding, device=dev)
+        res.update(_received_sums(q, k, lse, coef, st, common, flags, rd_args, nsrc, ntgt,
+                                  (RBM, RBN, rwarps, rstages), causal, sliding_window, key_padding))
     return out, res

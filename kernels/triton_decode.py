@@ -411,18 +411,12 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
         S = -(-K_vis // split_len)
 
     st = stats
-    span_list = []
-    if st is not None:
-        if st.sink_k:
-            span_list.append((-(2 ** 62), int(st.sink_k)))
-        span_list += [(int(a), int(b)) for a, b in st.spans]
-    nspan = len(span_list)
+    nspan, spans = span_table(st, dev)
     dummy_f = _const(("f", dev), lambda: torch.zeros(1, dtype=f32, device=dev))
     dummy_i = _const(("i", dev), lambda: torch.zeros(2, dtype=i64, device=dev))
     dummy_i32 = _const(("i32", dev), lambda: torch.zeros(1, dtype=torch.int32, device=dev))
     dummy_u8 = _const(("u8", dev), lambda: torch.zeros(1, dtype=torch.uint8, device=dev))
-    spans = (_const(("spans", dev, tuple(span_list)),
-                    lambda: torch.tensor(span_list, dtype=i64, device=dev).reshape(-1)) if nspan else dummy_i)
+    spans = spans if nspan else dummy_i
     kpos0 = (key_pos0.to(device=dev, dtype=i64).contiguous() if key_pos0 is not None
              else _const(("pos0", dev, B), lambda: torch.zeros(B, dtype=i64, device=dev)))
     pad = dummy_u8
@@ -476,25 +470,43 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
         num_warps=4 if BD >= 128 else 2,
     )
 
-    res = {}
     if st is None:
-        return out, res
-    res["lse"] = lse.view(B, H, Q)
+        return out, {}
+    return out, row_results(st, lse, rows, arg, B, H, Q)
+
+
+def span_table(stats, device):
+    """(number of spans, int64 [2 * n] device tensor of half-open position spans, the sink first as
+    ``[-2^62, sink_k)``) for a request; cached per device and spans. (0, None) without spans."""
+    import torch
+    spans = []
+    if stats is not None:
+        if stats.sink_k:
+            spans.append((-(2 ** 62), int(stats.sink_k)))
+        spans += [(int(a), int(b)) for a, b in stats.spans]
+    if not spans:
+        return 0, None
+    return len(spans), _const(("spans", device, tuple(spans)),
+                              lambda: torch.tensor(spans, dtype=torch.int64, device=device).reshape(-1))
+
+
+def row_results(stats, lse, rows, arg, B: int, H: int, Q: int) -> dict:
+    """The statistics dict of a request from the kernels' row buffers (flash_stats and the decode
+    merge share the layout): lse [B*H*Q], rows [5 + spans, B*H*Q] (entropy, distance, window
+    distance, recent mass, max prob, then the sink and each span), arg [B*H*Q] int64."""
+    res = {"lse": lse.view(B, H, Q)}
     j = 5
-    if st.sink_k:
+    if stats.sink_k:
         res["sink_mass"] = rows[j].view(B, H, Q)
         j += 1
-    if st.spans:
-        res["span_mass"] = rows[j:j + len(st.spans)].view(len(st.spans), B, H, Q).permute(1, 2, 3, 0).contiguous()
-    if ent:
-        res["entropy"] = rows[0].view(B, H, Q)
-    if dis:
-        res["distance"] = rows[1].view(B, H, Q)
-    if wd:
-        res["window_distance"] = rows[2].view(B, H, Q)
-    if rec:
-        res["recent_mass"] = rows[3].view(B, H, Q)
-    if am:
+    if stats.spans:
+        n = len(stats.spans)
+        res["span_mass"] = rows[j:j + n].view(n, B, H, Q).permute(1, 2, 3, 0).contiguous()
+    for flag, slot, name in ((stats.entropy, 0, "entropy"), (stats.distance, 1, "distance"),
+                             (stats.window_distance, 2, "window_distance"), (stats.recent, 3, "recent_mass")):
+        if flag:
+            res[name] = rows[slot].view(B, H, Q)
+    if stats.argmax:
         res["max_prob"] = rows[4].view(B, H, Q)
         res["argmax"] = arg.view(B, H, Q)
-    return out, res
+    return res

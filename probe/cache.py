@@ -99,6 +99,7 @@ class ActivationCache(hooks.ActivationCache):
 
     @property
     def n_layers(self) -> int:
+        """The model's layer count (what negative layer indices count from)."""
         return self._model("the layer count").cfg.n_layers
 
     def __getitem__(self, key):
@@ -268,8 +269,8 @@ class ActivationCache(hooks.ActivationCache):
         err = (stack.sum(0) - want).abs().max().item()
         if err > 1e-3 * max(1.0, want.abs().max().item()):
             logger.warning("%s: the components miss %s by up to %.3g: they are not additive terms of the "
-                           "residual stream on this model (e.g. Gemma normalises the attention and MLP outputs "
-                           "again before adding them, after hook_attn_out / hook_mlp_out).", what, target, err)
+                           "residual stream on this model (e.g. Gemma normalises each branch's output again "
+                           "before adding it, so per-head results do not add up to hook_attn_out).", what, target, err)
 
     def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
                         apply_ln: bool = False, pos_slice=None, incl_embeds: bool = True,

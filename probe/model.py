@@ -25,7 +25,7 @@ from .cache import ActivationCache
 from .hooks import Hook, hook_name, parse
 from .record import Recorder
 from .state import ProbeState
-from .tl_idioms import TLConfigNames, TLIdioms
+from .tl_idioms import TLConfigNames, TLIdioms, tokens_with_bos
 
 _OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")                  # attention output projection
 _PRE_MLP_NORM = ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm")  # input = resid_mid
@@ -195,7 +195,10 @@ class HookedModel(TLIdioms, nn.Module):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=prepend_bos and not chat)
+        if chat:            # the chat template already holds the model's special tokens
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        else:               # TransformerLens' prepend_bos: exactly one BOS, on every tokenizer
+            enc = tokens_with_bos(self.tokenizer, texts, prepend_bos=prepend_bos)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         if not bool(mask.all()):
             self._token_masks[ids] = mask
@@ -258,7 +261,7 @@ class HookedModel(TLIdioms, nn.Module):
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             if any(not t for t in texts):
                 raise ValueError("empty prompt: give at least one non-empty string")
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+            enc = tokens_with_bos(self.tokenizer, texts)           # as to_tokens (TransformerLens' default)
             tokens, attention_mask = enc["input_ids"], enc["attention_mask"]
         if not isinstance(tokens, torch.Tensor):
             tokens = torch.as_tensor(tokens)
@@ -367,10 +370,12 @@ class HookedModel(TLIdioms, nn.Module):
                 self.layers[i].__dict__.pop("forward", None)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks=(), bwd_hooks=()):
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), *, first: bool = False):
         """Add (name or name-filter, fn) hooks for the duration of the block (for this call only:
         other threads do not see them); ``bwd_hooks`` get the gradient of the hooked tensor
-        (TransformerLens), see ``module_hooks.as_forward``."""
+        (TransformerLens), see ``module_hooks.as_forward``. ``first``: on a hook point these run
+        before the hooks already active (how ``add_hook``'s persistent hooks keep TransformerLens'
+        order)."""
         added = []
         for entry in list(fwd_hooks) + module_hooks.as_forward(bwd_hooks):
             if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
@@ -390,7 +395,7 @@ class HookedModel(TLIdioms, nn.Module):
                 layer, kind = parse(n, self.cfg.n_layers)
                 module_hooks.check(self, layer, kind)
                 added.append((layer, kind, fn))
-        handle = self.state.push(hooks=added)
+        handle = self.state.push(hooks=added, hooks_first=first)
         try:
             yield self
         finally:

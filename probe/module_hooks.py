@@ -3,7 +3,11 @@ backward (gradient) hooks for every hook name.
 
 - ``hook_embed``: output of ``get_input_embeddings()`` ([batch, pos, d_model]; Gemma's embedding
   module already includes its sqrt(d_model) scale).
-- ``blocks.{l}.hook_attn_out``: output of decoder layer l's attention module ([batch, pos, d_model]).
+- ``blocks.{l}.hook_attn_out``: what decoder layer l's attention branch adds to the residual stream
+  ([batch, pos, d_model]): the attention module's output, or, in layers with norms on the branches
+  ("sandwich" norms: Gemma 2/3, OLMo-2, found by a ``post_feedforward_layernorm`` child), the output
+  of the branch's ``post_attention_layernorm`` — as TransformerLens, so decompositions add up.
+  ``hook_mlp_out`` likewise: the MLP's output, or ``post_feedforward_layernorm``'s.
 - ``blocks.{l}.hook_mlp_in`` / ``hook_mlp_out``: input / output of layer l's MLP module, found as a
   child named ``mlp``/``feed_forward``/``ffn``/``block_sparse_moe`` or a child whose class name says
   MLP / FeedForward / MoE. A model without one gets a clear error when these hooks are asked for.
@@ -67,13 +71,16 @@ def install(hm) -> None:
     emb.register_forward_hook(embed)
 
     for i, layer in enumerate(hm.layers):
+        sandwich = isinstance(getattr(layer, "post_feedforward_layernorm", None), nn.Module) and \
+            isinstance(getattr(layer, "post_attention_layernorm", None), nn.Module)
+
         def attn_out(mod, args, output, i=i):
             if not st.hooks.get((i, "attn_out")):
                 return None
             if isinstance(output, tuple):
                 return (run(i, "attn_out", output[0]),) + tuple(output[1:])
             return run(i, "attn_out", output)
-        hm.attn[i].register_forward_hook(attn_out)
+        (layer.post_attention_layernorm if sandwich else hm.attn[i]).register_forward_hook(attn_out)
         try:
             mlp = find_mlp(layer, i)
         except TypeError as e:
@@ -96,7 +103,7 @@ def install(hm) -> None:
                 return (run(i, "mlp_out", output[0]),) + tuple(output[1:])
             return run(i, "mlp_out", output)
         mlp.register_forward_pre_hook(mlp_in, with_kwargs=True)
-        mlp.register_forward_hook(mlp_out)
+        (layer.post_feedforward_layernorm if sandwich else mlp).register_forward_hook(mlp_out)
 
 
 def check(hm, layer: int, kind: str) -> None:

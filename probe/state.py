@@ -134,11 +134,12 @@ class ProbeState:
         return plan
 
     # ---------------------------------------------------------------- change
-    def push(self, *, recorders=(), edit_sets=(), hooks=()):
-        """Activate more entries for the current call; returns a handle for ``pop``."""
+    def push(self, *, recorders=(), edit_sets=(), hooks=(), hooks_first: bool = False):
+        """Activate more entries for the current call; returns a handle for ``pop``. ``hooks_first``:
+        the new hooks run before the active ones on the same hook point (``add_hook``'s hooks)."""
         old = self.frame
         new = Frame(old.recorders + tuple(recorders), old.edit_sets + tuple(edit_sets),
-                    old.hooks + tuple(hooks))
+                    tuple(hooks) + old.hooks if hooks_first else old.hooks + tuple(hooks))
         return (self._var.set(new), new, tuple(recorders), tuple(edit_sets), tuple(hooks))
 
     def pop(self, handle) -> None:

@@ -159,14 +159,17 @@ class TLConfigNames:
 
     @property
     def d_vocab(self) -> int:
+        """Vocabulary size (``vocab_size``)."""
         return self.vocab_size
 
     @property
     def n_ctx(self) -> int:
+        """Context length (``max_ctx``)."""
         return self.max_ctx
 
     @property
     def n_key_value_heads(self) -> int:
+        """Key/value heads per layer (``n_kv_heads``; = n_heads without GQA)."""
         return self.n_kv_heads
 
 
@@ -352,8 +355,8 @@ class TLIdioms:
     @property
     def b_U(self) -> torch.Tensor:
         """Unembedding bias [d_vocab] (zeros when the LM head has none)."""
-        head = self.model.get_output_embeddings()
-        return _bias(head, self.cfg.vocab_size, head.weight)
+        W_U = self.W_U                                                         # raises without an LM head
+        return _bias(self.model.get_output_embeddings(), W_U.shape[1], W_U)
 
     @staticmethod
     def _expand_kv(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -419,10 +422,11 @@ class TLIdioms:
         hook name or a predicate on names, ``hook(tensor, hook=...)``; ``dir="bwd"``: ``hook(grad,
         hook=...)`` during backward passes. It is active in every forward of this model
         (``model(...)``, ``run_with_cache``, ``generate``) in every thread, entered through the
-        probe's ``hooks`` context around the wrapped model's forward. On the same hook point it runs
-        after the hooks of an enclosing ``hooks`` / ``run_with_hooks`` / ``run_with_cache`` context
-        (TransformerLens: in the order added). ``is_permanent`` hooks survive ``reset_hooks()``
-        unless ``including_permanent=True``; ``level`` is accepted and ignored."""
+        probe's ``hooks`` context (``first=True``) around the wrapped model's forward, so on a hook
+        point it runs before the hooks of a ``hooks`` / ``run_with_hooks`` / ``run_with_cache``
+        context, as in TransformerLens (``run_with_cache`` stores the edited value).
+        ``is_permanent`` hooks survive ``reset_hooks()`` unless ``including_permanent=True``;
+        ``level`` is accepted and ignored."""
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', not {dir!r}")
         if not callable(hook):
@@ -456,12 +460,13 @@ _persistent = threading.local()        # per thread: the stack of entered ``hook
 def _enter_persistent(mod, args):
     owner = mod.__dict__.get("_headscope_owner")
     entries = owner.__dict__.get("_tl_persistent", []) if owner is not None else []
-    cm = None
+    stack = _persistent.__dict__.setdefault("stack", [])
+    stack.append(None)               # first, so that _leave_persistent pops this entry even if entering fails
     if entries:
         cm = owner.hooks(fwd_hooks=[(n, f) for n, f, _, d in entries if d == "fwd"],
-                         bwd_hooks=[(n, f) for n, f, _, d in entries if d == "bwd"])
+                         bwd_hooks=[(n, f) for n, f, _, d in entries if d == "bwd"], first=True)
         cm.__enter__()
-    _persistent.__dict__.setdefault("stack", []).append(cm)
+        stack[-1] = cm
 
 
 def _leave_persistent(mod, args, output):

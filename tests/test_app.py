@@ -56,53 +56,158 @@ def test_parse_heads():
         views.parse_heads("head-three", 30, 9)
 
 
-def test_live_views_on_smollm2(smollm2):
-    """The live statistics equal what the full attention pattern gives; the pattern view refuses
-    long prompts; ablating nothing changes nothing."""
-    text = "The capital of France is Paris. The capital of Italy is"
-    stats, words = views.live_stats(smollm2, text, chat=False)
+@pytest.fixture(scope="module")
+def circuit_dir(tmp_path_factory):
+    """A small saved Circuit (SmolLM2's shape) with edges and a faithfulness curve."""
+    from headscope.circuits.circuit import Circuit
+    nodes = {"L9H1": 0.9, "L10H7": 0.6, "L14H4": 0.3, "L3H0": 0.1, "M5": 0.2}
+    edges = {"L9H1->logits": 0.8, "L10H7->L14H4.q": 0.4, "L3H0->L9H1.k": -0.2, "embed->L3H0.v": 0.05}
+    c = Circuit(method="eap-ig", task="ioi", model={"name": "smollm2", "n_layers": 30, "n_heads": 9}, nodes=nodes,
+                edges=edges, faithfulness={"n": [1, 2, 4], "kept": [0.3, 0.6, 0.95], "m_clean": 2.0})
+    out = tmp_path_factory.mktemp("circuit")
+    c.save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def edits_dir(tmp_path_factory):
+    from headscope.interventions import save_edits
+    out = tmp_path_factory.mktemp("edits") / "zero3"
+    save_edits(out, [hs.Ablate(l, h, how="zero") for l in range(3) for h in range(9)], {"note": "test"})
+    return out
+
+
+TEXT = "The capital of France is Paris. The capital of Italy is"
+
+
+def test_views_on_smollm2(smollm2):
+    """The live and per-token statistics equal what the full attention pattern gives; the pattern
+    view hides the first token and uses a log scale on request and refuses long prompts; ablating
+    nothing changes nothing and ablating layers 0-2 changes the next-token distribution."""
+    stats, words = views.live_stats(smollm2, TEXT, chat=False)
     L, H = smollm2.cfg.n_layers, smollm2.cfg.n_heads
     assert set(stats) == set(views.LIVE_STATS) and all(v.shape == (L, H) for v in stats.values())
-    toks = smollm2.to_tokens(text)
-    assert len(words) == toks.shape[1]
+    toks = smollm2.to_tokens(TEXT)
+    N = toks.shape[1]
+    assert len(words) == N
     _, cache = smollm2.run_with_cache(toks, names_filter="blocks.7.attn.hook_pattern")
     p = cache["pattern", 7][0].float()                                         # [head, q, k]
     torch.testing.assert_close(stats["sink_mass"][7], p[..., 0].mean(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(stats["max_prob"][7], p.max(-1).values.mean(-1), atol=1e-5, rtol=1e-5)
-    fig = views.pattern_figure(smollm2, text, 7, 2, chat=False)
+    tok, words = views.token_stats(smollm2, TEXT, 7, 2)
+    torch.testing.assert_close(tok["sink_mass"], p[2, :, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tok["received"], p[2].sum(0) / torch.arange(N, 0, -1), atol=1e-5, rtol=1e-5)
+    dist = (p[2] * (torch.arange(N)[:, None] - torch.arange(N)[None]).float()).sum(-1)
+    torch.testing.assert_close(tok["distance"], dist, atol=1e-4, rtol=1e-5)
+    html = views.token_html(words, tok["received"])
+    assert html.count("<span") == N and "rgba(214, 39, 40, 1.00)" in html
+    fig = views.pattern_figure(smollm2, TEXT, 7, 2, chat=False)
     torch.testing.assert_close(torch.tensor(fig.data[0].z, dtype=torch.float32), p[2], atol=1e-6, rtol=1e-6)
+    fig = views.pattern_figure(smollm2, TEXT, 7, 2, chat=False, hide_first=True, log=True)
+    z = torch.tensor(fig.data[0].z, dtype=torch.float32)                       # [query, key - 1], log10 p
+    assert z.shape == (N, N - 1) and "first token hidden" in fig.layout.title.text
+    torch.testing.assert_close(z[-1], torch.log10(p[2, -1, 1:].clamp_min(1e-6)), atol=1e-5, rtol=1e-5)
+    assert torch.isnan(z[0]).all()                                            # above the diagonal: blank
     with pytest.raises(ValueError, match="at most 8"):
-        views.pattern_figure(smollm2, text, 7, 2, chat=False, max_tokens=8)
+        views.pattern_figure(smollm2, TEXT, 7, 2, chat=False, max_tokens=8)
     with pytest.raises(ValueError, match="out of range"):
-        views.pattern_figure(smollm2, text, L, 0)
-    base, same = views.ablation_compare(smollm2, text, [], max_new_tokens=6, chat=False)
-    assert base == same and base
+        views.pattern_figure(smollm2, TEXT, L, 0)
+    same = views.edit_compare(smollm2, TEXT, [], max_new_tokens=6, chat=False)
+    assert same["before"] == same["after"] and same["before"]["text"]
+    res = views.edit_compare(smollm2, TEXT, views.make_edits(smollm2, [(l, h) for l in range(3) for h in range(H)],
+                                                              "zero"), max_new_tokens=6, chat=False)
+    assert res["before"] == same["before"] and res["after"]["top"][0][0] != res["before"]["top"][0][0]
+    assert len(res["after"]["top"]) == 10 and abs(sum(p for _, p in res["before"]["top"]) - 1) < 1
+    fig = views.next_token_figure(res)
+    assert [len(d.x) for d in fig.data] == [10, 10]
+    mean = views.make_edits(smollm2, [(3, 0), (3, 1)], "mean")
+    assert [e.how for e in mean] == ["mean", "mean"] and mean[0].mean.shape == (smollm2.cfg.d_head,)
 
 
-def test_explorer_apptest(report):
+def test_head_map_classes(report):
+    _, results = report
+    fig, labels = views.head_map(results)
+    from headscope.app.report import head_classes
+    cls, names = head_classes(results)
+    for l, row in enumerate(labels):
+        for h, c in enumerate(row):
+            assert c == (names[int(cls[l, h])] if cls[l, h] >= 0 else "none")
+    shown = {tuple(cd) for d in fig.data for cd in d.customdata}
+    assert len(shown) == 3 * 4                                                # every head once
+    assert all(d.name in ["none", *names] for d in fig.data)
+    assert views.heads_of_class(labels, "none") == [(l, h) for l in range(3) for h in range(4) if labels[l][h] == "none"]
+
+
+def test_explorer_pages_apptest(report, circuit_dir, edits_dir):
+    """Every page renders; naming a head opens it in the head view, a new text shows its view;
+    the circuit page draws the graph and the curve; an intervention changes the output."""
     from streamlit.testing.v1 import AppTest
     folder, _ = report
     os.environ["HEADSCOPE_REPORT"] = str(folder)
+    os.environ["HEADSCOPE_CIRCUIT"] = str(circuit_dir)
     try:
-        at = AppTest.from_file(EXPLORER, default_timeout=180)
+        at = AppTest.from_file(EXPLORER, default_timeout=240)
         at.run()
         assert not at.exception
         assert at.subheader[0].value == "Report — tiny-llama"
         assert at.radio(key="analyzer").options == ["sinks", "previous_token"]
+        assert any("stands out" in c.value for c in at.caption)
         at.radio(key="analyzer").set_value("previous_token").run()
         assert not at.exception and any("previous_token" in m.value for m in at.markdown)
-        at.text_input(key="report").set_value(str(folder / "missing")).run()
-        assert any("no scores.json" in e.value for e in at.error)
-        at.radio(key="view").set_value("Live model").run()         # loads SmolLM2 (cached weights)
-        assert not at.exception and not at.error
-        assert len(at.get("plotly_chart")) == 2                     # statistics + one head's pattern
+        at.text_input(key="open_head").set_value("L9H9").run()
+        at.button(key="open").click().run()
+        assert any("out of range" in e.value for e in at.error)
+        at.text_input(key="open_head").set_value("L2H3").run()
+        at.button(key="open").click().run()                           # opens the head view (loads SmolLM2)
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        assert at.radio(key="page").value == "Head view"
+        assert at.number_input(key="layer").value == 2 and at.number_input(key="head").value == 3
+        titles = [c.proto.spec for c in at.get("plotly_chart")]
+        assert any("attention pattern L2 H3" in t for t in titles)
+        at.text_area(key="prompt").set_value("One two three four five six seven").run()
+        at.checkbox(key="hide_first").check().run()
+        assert not at.exception
+        assert any("attention pattern L2 H3, first token hidden" in c.proto.spec for c in at.get("plotly_chart"))
+        assert any(c.value.startswith("L2 H3, ") and "one pass with O(N) memory" in c.value for c in at.caption)
+        at.text_area(key="prompt").set_value("word " * 400).run()          # long: no pattern, statistics still
+        assert not at.exception and any("at most 256" in i.value for i in at.info)
+        assert any("one pass with O(N) memory" in c.value for c in at.caption)
+
+        at.radio(key="page").set_value("Circuit").run()
+        assert not at.exception and at.subheader[0].value == "eap-ig circuit — ioi — smollm2"
+        assert len(at.get("plotly_chart")) == 2                              # graph + faithfulness curve
+        at.text_input(key="circuit").set_value(str(circuit_dir / "nothing")).run()
+        assert any("no circuit.json" in e.value for e in at.error)
+
+        at.radio(key="page").set_value("Intervention").run()
+        assert not at.exception
+        assert at.selectbox(key="head_src").options[0] == "typed below"
+        at.text_area(key="iprompt").set_value(TEXT).run()
+        at.checkbox(key="ichat").uncheck().run()
         at.text_input(key="heads").set_value("L99H0").run()
         at.button(key="generate").click().run()
         assert any("out of range" in e.value for e in at.error)
+        at.text_input(key="heads").set_value(", ".join(f"L{l}H{h}" for l in range(3) for h in range(9))).run()
+        at.slider(key="new_tokens").set_value(6).run()
+        at.button(key="generate").click().run()
+        assert not at.exception and not at.error
+        res = at.session_state["playground"]["result"]
+        assert res["before"]["top"][0][0] == " Rome" and res["after"]["top"][0][0] != " Rome"
+        assert any("after: L0H0" in m.value for m in at.markdown)
+        at.radio(key="edit_kind").set_value("saved edit folder").run()
+        at.text_input(key="edit_folder").set_value(str(edits_dir)).run()
+        at.button(key="generate").click().run()
+        assert not at.exception and not at.error
+        saved = at.session_state["playground"]["result"]
+        assert saved == res                                                  # the same 27 heads zeroed
+        at.text_input(key="edit_folder").set_value(str(edits_dir.parent / "none")).run()
+        at.button(key="generate").click().run()
+        assert any("holds no saved edits" in e.value for e in at.error)
         at.text_input(key="model").set_value("no-such-model").run()
         assert any("cannot load" in e.value for e in at.error)
     finally:
         os.environ.pop("HEADSCOPE_REPORT", None)
+        os.environ.pop("HEADSCOPE_CIRCUIT", None)
 
 
 def _free_port() -> int:
@@ -111,39 +216,88 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_explorer_in_headless_chromium(report, tmp_path):
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "out" / "screenshots"
+
+
+def _goto(page, port):
+    for _ in range(60):                                                  # wait for the server to listen
+        try:
+            page.goto(f"http://127.0.0.1:{port}", timeout=5000)
+            return
+        except Exception:
+            time.sleep(1)
+    raise AssertionError("the explorer did not answer")
+
+
+def _set_playground(page, heads: str):
+    page.locator("[data-testid=stSidebar] label").filter(has_text="Intervention").first.click()
+    page.get_by_label("wrap in the chat template").wait_for(timeout=120_000)
+    if page.get_by_label("wrap in the chat template").is_checked():
+        page.locator("label").filter(has_text="wrap in the chat template").first.click()
+    box = page.get_by_label("prompt", exact=True)
+    box.fill(TEXT)
+    box.press("Control+Enter")
+    h = page.get_by_label("heads (e.g. L3H0, L5H2)")
+    h.fill(heads)
+    h.press("Enter")
+    time.sleep(1.0)
+
+
+def test_explorer_in_headless_chromium(report, circuit_dir, smollm2):
     """`streamlit run` serves the explorer; Debian's Chromium (headless, driven by playwright)
-    renders the report, switches analyzer by clicking, and shows no Streamlit exception."""
+    renders every page without an exception (a screenshot of each in out/screenshots/), and two
+    browser sessions that run different edits at the same time each see their own result, equal to
+    the same edit run alone."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("Chromium is not installed: `apt-get install chromium` (.ci/setup does it)")
     from playwright.sync_api import sync_playwright
     folder, _ = report
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    edits = {"A": ", ".join(f"L{l}H{h}" for l in range(3) for h in range(9)), "B": "L29H8"}
+    expected = {}
+    for k, heads in edits.items():
+        e = views.make_edits(smollm2, views.parse_heads(heads, 30, 9), "zero")
+        expected[k] = views.edit_compare(smollm2, TEXT, e, 24, chat=False)["after"]["text"]
+    assert expected["A"] != expected["B"]
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", EXPLORER, "--server.headless", "true", "--server.port", str(port),
-         "--browser.gatherUsageStats", "false", "--", "--report", str(folder)],
+         "--browser.gatherUsageStats", "false", "--", "--report", str(folder), "--circuit", str(circuit_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1300, "height": 1000})
-            for _ in range(60):                                      # wait for the server to listen
-                try:
-                    page.goto(f"http://127.0.0.1:{port}", timeout=5000)
-                    break
-                except Exception:
-                    time.sleep(1)
+            _goto(page, port)
             page.get_by_text("Report — tiny-llama").wait_for(timeout=90_000)
-            page.get_by_text("Combined head map").first.wait_for(timeout=30_000)
-            assert page.get_by_text("Gu et al. 2024").count() >= 1
-            page.locator("[data-testid=stRadio] label").filter(has_text="previous_token").first.click()
-            page.get_by_text("Wang et al. 2022").first.wait_for(timeout=60_000)
+            page.get_by_text("Head map (click a head").first.wait_for(timeout=30_000)
+            page.locator("[data-testid=stMain] [data-testid=stRadio] label").filter(has_text="previous_token").first.click()
             page.get_by_text("previous_token — tiny-llama").first.wait_for(timeout=60_000)   # its heatmap
             assert page.locator(".stException").count() == 0
-            page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
+            page.screenshot(path=str(SCREENSHOTS / "head_map.png"), full_page=True)
+            for name, marker in (("Head view", "attention pattern L3 H0"), ("Circuit", "eap-ig circuit — ioi")):
+                page.locator("[data-testid=stSidebar] label").filter(has_text=name).first.click()
+                page.get_by_text(marker).first.wait_for(timeout=180_000)
+                assert page.locator(".stException").count() == 0, name
+                page.screenshot(path=str(SCREENSHOTS / f"{name.lower().replace(' ', '_')}.png"), full_page=True)
+            pages = {"A": page, "B": browser.new_context(viewport={"width": 1300, "height": 1000}).new_page()}
+            _goto(pages["B"], port)
+            pages["B"].get_by_text("Report — tiny-llama").wait_for(timeout=90_000)
+            for k, p in pages.items():
+                _set_playground(p, edits[k])
+            for p in pages.values():                                      # both runs in flight at once
+                p.get_by_role("button", name="run").click()
+            for k, p in pages.items():
+                p.get_by_text("after: L").first.wait_for(timeout=240_000)
+                assert p.locator(".stException").count() == 0
+                after = " ".join(p.locator("[data-testid=stColumn]").filter(has_text="after:").last.inner_text().split())
+                assert after.startswith(f"after: {edits[k].split(',')[0]}")
+                assert after.endswith(" ".join(expected[k].split())), (k, after, expected[k])
+            pages["A"].screenshot(path=str(SCREENSHOTS / "intervention.png"), full_page=True)
             browser.close()
-        assert (tmp_path / "explorer.png").stat().st_size > 10_000
+        for name in ("head_map", "head_view", "circuit", "intervention"):
+            assert (SCREENSHOTS / f"{name}.png").stat().st_size > 10_000
     finally:
         server.terminate()
         try:

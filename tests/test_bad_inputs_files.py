@@ -363,7 +363,7 @@ def test_report_full_disk_leaves_earlier_report_and_no_temp(capsys, tmp_path, mo
 
     from headscope.app import report
     out = tmp_path / "rep"
-    monkeypatch.setattr(report, "run_analyzers", lambda model, names: (_fake_results(), {}))
+    monkeypatch.setattr(report, "run_analyzers", lambda model, names, **kw: (_fake_results(), {}))
     code, _, err = _run(capsys, ["report", "--model", "tiny-llama", "--out", str(out)])
     assert code == 0, err
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}

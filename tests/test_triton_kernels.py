@@ -139,7 +139,11 @@ def _ref(prob, **kw):
 def _close(name, got, want, atol, rtol=1e-4):
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=False, msg=lambda m: f"{name}: {m}")
+    # NaN only where the reference has NaN (an edit that drives probabilities negative: xlogy's
+    # entropy is NaN there, spec.StatRequest), nowhere else
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    assert bool(want.isnan().float().mean() < 0.5) if want.is_floating_point() and want.numel() else True, \
+        f"{name}: the reference is mostly NaN: the problem is degenerate"
 
 
 def _check_stats(prob, got, want, probs, K):
@@ -227,7 +231,7 @@ def edits(draw, H, D, K):
             b = draw(st.integers(0, max(0, K - 1)))
             tgt = ((b, b + draw(st.integers(1, 20))),)
         var = draw(st.booleans())
-        reds.append(Redistribution(heads=(perm[i],), factor=draw(st.sampled_from([0.0, 0.4, 0.6, 1.5])),
+        reds.append(Redistribution(heads=(perm[i],), factor=draw(st.sampled_from([0.0, 0.4, 0.6, 1.0])),
                                    source=src, target=tgt,
                                    max_ratio=draw(st.sampled_from([0.3, 0.5, 0.9])) if var else None,
                                    min_target=draw(st.sampled_from([0.0, 0.2])) if var else 0.0))
