@@ -77,9 +77,12 @@ def validate(args) -> None:
     """Check the arguments before any model is loaded; raise SystemExit with what to do."""
     from ..interventions.tasks import TASKS
     if args.method not in READY:
-        raise SystemExit(f"headscope intervene {args.method}: not available from this command yet; use "
-                         f"{' or '.join(READY)}, or the library (headscope.interventions."
-                         f"{'act' if args.method == 'act' else 'var' if args.method == 'var' else 'lofit'}).")
+        where = {"act": "ACT head selection is in the library: headscope.interventions.act.select_heads",
+                 "var": "VAR is in the library: headscope.interventions.var.var_edits",
+                 "kv": "KV-cache compression by head class is in the library: "
+                       "headscope.interventions.kv_compress.HeadClassCache"}[args.method]
+        raise SystemExit(f"headscope intervene {args.method}: not available from this command yet ({where}); "
+                         f"the command runs {' and '.join(READY)}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out {out} exists and is not a folder")

@@ -74,7 +74,7 @@ def main(argv=None):
             print(res["tasks"][t], flush=True)
     for m in ("eap", "eap-ig"):
         if m in methods:
-            c, times[m] = timed(C.attribute, model, ioi, m)
+            c, times[m] = timed(C.attribute, model, ioi, m, edges="edges" in methods)
             out[m] = c
             print(m, times[m], c.top_nodes(10), c.top_edges(5), flush=True)
     if "sae" in methods:
@@ -125,14 +125,14 @@ def main(argv=None):
                 res[f"{m}_vs_patching"] = C.roc_auc(out[m], pc, n_truth=n_truth)
                 print(m, "vs patching", res[f"{m}_vs_patching"], flush=True)
         co = C.make_task("colored-objects", model, n=a.n)
-        if res["tasks"]["colored-objects"]["solved"]:
+        if res["tasks"]["colored-objects"]["solved"] and "co-patching" in methods:
             s, times["patching_mean_colored"] = timed(C.patch_heads, model, co, how="mean")
             cc = C.from_head_scores(s, co)
             res["overlap_ioi_colored"] = {n: C.overlap(pc, cc, n=n) for n in (n_truth, 2 * n_truth)}
             res["top_colored"] = s.top(20)
             print("overlap", res["overlap_ioi_colored"], flush=True)
         gt = C.make_task("greater-than", model, n=a.n)
-        if res["tasks"]["greater-than"]["solved"]:
+        if res["tasks"]["greater-than"]["solved"] and "gt-patching" in methods:
             s, times["patching_mean_greater"] = timed(C.patch_heads, model, gt, how="mean")
             res["top_greater_than"] = s.top(20)
             print("greater-than top", s.top(10), flush=True)

@@ -77,12 +77,10 @@ def _check_positions(positions, n_pos):
 
 
 @torch.no_grad()
-def _node_sweep(model, task, kind, units, how, positions, batch_size, check, progress, desc):
-    """Shared loop of patch_heads / patch_mlps. units: per layer the list of unit indices (heads) or
-    [None] (the whole MLP output). Returns [L, n_units] relative drops and M_clean."""
-    if check:
-        task.check(model)
-    L = model.cfg.n_layers
+def node_setup(model, task, kind: str, how: str, positions=None, batch_size: int = 64) -> dict:
+    """What every node-patching run of one sweep shares: the replacement values (``repl`` [L, B|1, N, ...]
+    or None for "zero"), the clean residual at each layer (``resid`` [L, B, N, D]), the checked
+    positions and M_clean. Computed once per process (a Ray worker computes its own, identically)."""
     B, N = task.clean.shape
     pos = _check_positions(positions, N)
     repl = corrupted_values(model, task, how, kind, batch_size)            # [L, B|1, N, ...] or None
@@ -91,49 +89,77 @@ def _node_sweep(model, task, kind, units, how, positions, batch_size, check, pro
                                            for i in range(0, B, batch_size)])))
     if abs(m_clean) < 1e-9:
         raise ValueError(f"the clean metric of {task.name} is 0: relative drops are undefined")
+    return {"repl": repl, "resid": resid, "pos": pos, "m_clean": m_clean}
+
+
+@torch.no_grad()
+def node_layer(model, task, kind: str, l: int, us: list, setup: dict, batch_size: int = 64) -> torch.Tensor:
+    """Relative drops [len(us)] of patching each unit ``us`` (heads, or [None] = the whole MLP output) of
+    layer ``l`` on its own: the unit of work of ``patch_heads`` / ``patch_mlps`` (and of their Ray
+    version, ``headscope.app.distributed``)."""
+    repl, resid, pos, m_clean = setup["repl"], setup["resid"], setup["pos"], setup["m_clean"]
+    B = task.clean.shape[0]
+    rows = [(u, b) for u in us for b in range(B)]                           # one row = (unit, prompt)
+    vals = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        b_idx = torch.tensor([b for _, b in chunk])
+        u_idx = [u for u, _ in chunk]
+
+        def patch(t, hook, b_idx=b_idx, u_idx=u_idx):
+            t = t.clone()
+            r = torch.arange(t.shape[0])
+            if repl is None:
+                new = torch.zeros_like(t)
+            else:
+                src = repl[l]
+                new = (src[b_idx] if src.shape[0] > 1 else src.expand(t.shape[0], *src.shape[1:])).to(t)
+            if u_idx[0] is None:                                            # whole MLP output [b, N, D]
+                if pos is None:
+                    t = new.clone()
+                else:
+                    t[:, pos] = new[:, pos]
+                return t
+            u = torch.tensor(u_idx)
+            if pos is None:
+                t[r, :, u] = new[r, :, u]
+            else:
+                for p in pos.tolist():
+                    t[r, p, u] = new[r, p, u]
+            return t
+        logits = model.run_with_hooks(task.clean[b_idx], fwd_hooks=[(hook_name(kind, l), patch)],
+                                      start_at_layer=l, resid_pre=resid[l][b_idx], logits_to_keep=1)[:, -1]
+        vals.append(task.per_example(logits, b_idx))
+    v = torch.cat(vals).view(len(us), B).mean(1)                              # [n_units]
+    return (m_clean - v) / m_clean
+
+
+def _node_sweep(model, task, kind, units, how, positions, batch_size, check, progress, desc):
+    """Shared loop of patch_heads / patch_mlps. units: per layer the list of unit indices (heads) or
+    [None] (the whole MLP output). Returns [L, n_units] relative drops and M_clean."""
+    if check:
+        task.check(model)
+    L = model.cfg.n_layers
+    setup = node_setup(model, task, kind, how, positions, batch_size)
     n_units = max(len(u) for u in units)
     out = torch.zeros(L, n_units)
     bar = _progress(sum(len(u) for u in units), desc, progress)
     for l in range(L):
-        us = units[l]
-        rows = [(u, b) for u in us for b in range(B)]                       # one row = (unit, prompt)
-        vals = []
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s:s + batch_size]
-            b_idx = torch.tensor([b for _, b in chunk])
-            u_idx = [u for u, _ in chunk]
-
-            def patch(t, hook, b_idx=b_idx, u_idx=u_idx):
-                t = t.clone()
-                r = torch.arange(t.shape[0])
-                if repl is None:
-                    new = torch.zeros_like(t)
-                else:
-                    src = repl[l]
-                    new = (src[b_idx] if src.shape[0] > 1 else src.expand(t.shape[0], *src.shape[1:])).to(t)
-                if u_idx[0] is None:                                        # whole MLP output [b, N, D]
-                    if pos is None:
-                        t = new.clone()
-                    else:
-                        t[:, pos] = new[:, pos]
-                    return t
-                u = torch.tensor(u_idx)
-                if pos is None:
-                    t[r, :, u] = new[r, :, u]
-                else:
-                    for p in pos.tolist():
-                        t[r, p, u] = new[r, p, u]
-                return t
-            logits = model.run_with_hooks(task.clean[b_idx], fwd_hooks=[(hook_name(kind, l), patch)],
-                                          start_at_layer=l, resid_pre=resid[l][b_idx], logits_to_keep=1)[:, -1]
-            vals.append(task.per_example(logits, b_idx))
-        v = torch.cat(vals).view(len(us), B).mean(1)                          # [n_units]
-        out[l, :len(us)] = (m_clean - v) / m_clean
+        out[l, :len(units[l])] = node_layer(model, task, kind, l, units[l], setup, batch_size)
         if bar is not None:
-            bar.update(len(us))
+            bar.update(len(units[l]))
     if bar is not None:
         bar.close()
-    return out, m_clean
+    return out, setup["m_clean"]
+
+
+def head_scores(model, task: Task, out: torch.Tensor, m_clean: float, how: str, positions, t0: float) -> HeadScores:
+    """The HeadScores of ``patch_heads`` from its [L, H] relative drops (shared with the Ray version)."""
+    return HeadScores(out, method=f"patch_heads:{how}", paper="Wang et al. 2022, Interpretability in the Wild, §3",
+                      params={"how": how, "positions": None if positions is None else list(map(int, positions)),
+                              "n": len(task)}, model=model.cfg.to_dict(), dataset=task.name,
+                      description="relative drop of the task metric when the head's output is patched",
+                      extra={"m_clean": torch.tensor(m_clean)}, seconds=time.time() - t0)
 
 
 def patch_heads(model, task: Task, how: str = "mean", positions=None, batch_size: int = 64, check: bool = True,
@@ -144,11 +170,7 @@ def patch_heads(model, task: Task, how: str = "mean", positions=None, batch_size
     H = model.cfg.n_heads
     out, m = _node_sweep(model, task, "z", [list(range(H))] * model.cfg.n_layers, how, positions, batch_size,
                          check, progress, f"patch heads ({how})")
-    return HeadScores(out, method=f"patch_heads:{how}", paper="Wang et al. 2022, Interpretability in the Wild, §3",
-                      params={"how": how, "positions": None if positions is None else list(map(int, positions)),
-                              "n": len(task)}, model=model.cfg.to_dict(), dataset=task.name,
-                      description="relative drop of the task metric when the head's output is patched",
-                      extra={"m_clean": torch.tensor(m)}, seconds=time.time() - t0)
+    return head_scores(model, task, out, m, how, positions, t0)
 
 
 def patch_mlps(model, task: Task, how: str = "mean", positions=None, batch_size: int = 64, check: bool = True,

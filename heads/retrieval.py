@@ -251,7 +251,8 @@ class Retrieval(Analyzer):
             return "given tests"
         return "chat" if (has_chat_template(model) if self.chat is None else self.chat) else "plain"
 
-    def _check(self, model, tests):
+    def check_tests(self, model, tests):
+        """Refuse an empty test list or prompts too long for the model's context."""
         if not tests:
             raise ValueError("no needle tests")
         longest = max(t.prompt.numel() for t in tests)
@@ -264,23 +265,41 @@ class Retrieval(Analyzer):
         """``data``: None (shipped haystack + needles), a dict with "haystack" / "needles", or a list of NeedleTest."""
         t0 = time.time()
         tests = self.tests(model, data)
-        self._check(model, tests)
-        L, H = model.cfg.n_layers, model.cfg.n_heads
-        per_test = torch.zeros(len(tests), L, H)
-        recall = torch.zeros(len(tests))
+        self.check_tests(model, tests)
+        results = [None] * len(tests)
         stop = stop_ids(model)
-        outputs = [None] * len(tests)
         bar = tqdm(total=len(tests), desc="retrieval NIAH", disable=not progress)
-        for idx in batches(tests, self.batch_size, key=lambda t: t.prompt.numel()):
-            got = decode(model, [tests[i].prompt for i in idx], self.max_new_tokens, stop_ids=stop, record=True,
-                         **(self.generate_kwargs or {}))
-            for i, (new, am) in zip(idx, got):
-                t = tests[i]
-                per_test[i] = retrieval_step_scores(am, torch.cat([t.prompt.cpu(), new]), new, t.span)
-                outputs[i] = output_text(model, new, t.answer)
-                recall[i] = rouge1_recall(t.answer, outputs[i])
+        for idx in self.test_batches(tests):
+            for i, r in zip(idx, self.run_batch(model, [tests[i] for i in idx], stop)):
+                results[i] = r
             bar.update(len(idx))
         bar.close()
+        return self.merge(model, data, tests, results, t0)
+
+    def test_batches(self, tests) -> list[list[int]]:
+        """The batches ``score`` decodes together (indices into ``tests``, similar lengths together): the
+        units of work, also of the Ray version (``headscope.app.distributed``)."""
+        return batches(tests, self.batch_size, key=lambda t: t.prompt.numel())
+
+    def run_batch(self, model, tests: list[NeedleTest], stop=None) -> list[tuple]:
+        """Decode ``tests`` together (left-padded) and score them: per test (scores [L, H] by eq. 1,
+        the output (text or ids), its ROUGE-1 recall)."""
+        stop = stop_ids(model) if stop is None else stop
+        got = decode(model, [t.prompt for t in tests], self.max_new_tokens, stop_ids=stop, record=True,
+                     **(self.generate_kwargs or {}))
+        out = []
+        for t, (new, am) in zip(tests, got):
+            text = output_text(model, new, t.answer)
+            out.append((retrieval_step_scores(am, torch.cat([t.prompt.cpu(), new]), new, t.span), text,
+                        rouge1_recall(t.answer, text)))
+        return out
+
+    def merge(self, model, data, tests: list[NeedleTest], results: list[tuple], t0: float) -> HeadScores:
+        """The HeadScores from every test's ``run_batch`` result (in test order)."""
+        L, H = model.cfg.n_layers, model.cfg.n_heads
+        per_test = torch.stack([r[0] for r in results]) if results else torch.zeros(0, L, H)   # [T, L, H]
+        outputs = [r[1] for r in results]
+        recall = torch.tensor([float(r[2]) for r in results])
         counted = recall > self.rouge_gate
         if counted.any():
             scores = per_test[counted].mean(0)
@@ -370,7 +389,7 @@ def masking_experiment(model, scores, k: int = 20, n_random: int = 3, seed: int 
         raise ValueError(f"k must be in 1..{L * H}")
     an = analyzer or Retrieval()
     tests = an.tests(model, data)
-    an._check(model, tests)
+    an.check_tests(model, tests)
     order = [(int(i) // H, int(i) % H) for i in torch.argsort(s.flatten(), descending=True, stable=True)]
     top = order[:k]
     if exclude_top is None:

@@ -81,7 +81,7 @@ def _in_spans(pos, SP, N: tl.constexpr):
 
 
 @triton.jit
-def _key_classes(pos, h, RdHasTgt, RdSrc, RdTgt, NSRC: tl.constexpr, NTGT: tl.constexpr):
+def key_classes(pos, h, RdHasTgt, RdSrc, RdTgt, NSRC: tl.constexpr, NTGT: tl.constexpr):
     """Redistribution key classes of one head: (source, target-minus-source, source-and-target)."""
     in_src = _in_spans(pos, RdSrc + h * (2 * NSRC), NSRC)
     if NTGT > 0:
@@ -231,7 +231,7 @@ def _attn_fwd(
                 qk2 = x2 - m_i[:, None]
                 p = tl.exp2(qk2)
                 if NSRC > 0:
-                    in_src, in_rest, in_sit = _key_classes(pos0 + offs_n, h, RdHasTgt, RdSrc, RdTgt, NSRC, NTGT)
+                    in_src, in_rest, in_sit = key_classes(pos0 + offs_n, h, RdHasTgt, RdSrc, RdTgt, NSRC, NTGT)
                     coef = tl.where(in_src[None, :], c_src[:, None],
                                     tl.where(in_rest[None, :], c_rest[:, None], 1.0))
                     p = p * coef
@@ -249,7 +249,7 @@ def _attn_fwd(
             rs = tl.sum(p, 1)
 
             if MODE == 1:
-                in_src, in_rest, in_sit = _key_classes(pos0 + offs_n, h, RdHasTgt, RdSrc, RdTgt, NSRC, NTGT)
+                in_src, in_rest, in_sit = key_classes(pos0 + offs_n, h, RdHasTgt, RdSrc, RdTgt, NSRC, NTGT)
                 l_src = l_src * alpha + tl.sum(tl.where(in_src[None, :], p, 0.0), 1)
                 l_rest = l_rest * alpha + tl.sum(tl.where(in_rest[None, :], p, 0.0), 1)
                 l_sit = l_sit * alpha + tl.sum(tl.where(in_sit[None, :], p, 0.0), 1)
@@ -390,7 +390,7 @@ def _attn_fwd(
                     p = tl.exp2(tl.where(vis, x2, float("-inf")) - m_i[:, None]) * inv_l[:, None]
                     if MODE == 2:
                         if NSRC > 0:
-                            in_src, in_rest, in_sit = _key_classes(pos0 + offs_n, h, RdHasTgt, RdSrc, RdTgt,
+                            in_src, in_rest, in_sit = key_classes(pos0 + offs_n, h, RdHasTgt, RdSrc, RdTgt,
                                                                    NSRC, NTGT)
                             p = p * tl.where(in_src[None, :], c_src[:, None],
                                              tl.where(in_rest[None, :], c_rest[:, None], 1.0))

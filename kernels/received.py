@@ -22,11 +22,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .flash_stats import LOG2E, _key_classes
+from .flash_stats import LOG2E, key_classes
 
 
 @triton.jit
-def _received_kernel(
+def received_kernel(
     Q, K, Lse, Coef, Recv,
     sqb, sqh, sqm, skb, skh, skn, srb, srh,
     H, G, NQ, NK, n_rows, HEADS_PER_PROG,
@@ -97,7 +97,7 @@ def _received_kernel(
         q_base = Q + b64 * sqb + h.to(tl.int64) * sqh
         row_base = (b * H + h).to(tl.int64) * NQ
         if NSRC > 0:
-            in_src, in_rest, in_sit = _key_classes(pos, h, RdHasTgt, RdSrc, RdTgt, NSRC, NTGT)
+            in_src, in_rest, in_sit = key_classes(pos, h, RdHasTgt, RdSrc, RdTgt, NSRC, NTGT)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for phase in tl.static_range(3):
             if phase == 0:

@@ -150,7 +150,8 @@ class Redistribution:
       p'[s] = factor * p[s]                      for s in source
       p'[s] = p[s] * (1 + freed / mass(T))       for s in T = target minus source
       p'[s] = p[s]                               otherwise
-    with freed = (1 - factor) * mass(source) and T defaulting to every key not in source.
+    with freed = (1 - factor) * mass(source), 0 <= factor <= 1, and T defaulting to every key not
+    in source.
     Rows sum to 1 afterwards (if mass(T) == 0 the row is left unchanged).
     Rows are selected when ``max_ratio`` is None, or (VAR, Kang et al. 2025) when
     mass(source ∩ target) / mass(target) <= max_ratio and mass(target) >= min_target.
@@ -162,6 +163,12 @@ class Redistribution:
     target: tuple[Span, ...] | None = None
     max_ratio: float | None = None
     min_target: float = 0.0
+
+    def __post_init__(self):
+        f = float(self.factor)
+        if not 0.0 <= f <= 1.0:           # also refuses NaN
+            raise ValueError(f"Redistribution factor must be in [0, 1], got {self.factor}: a factor > 1 takes "
+                             "more mass from the other keys than they hold (negative attention)")
 
 
 @dataclass

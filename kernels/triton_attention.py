@@ -12,7 +12,7 @@ dtypes of ``chunked.attention``: argmax int64, received_count float32, everythin
 is the *natural-log* log-sum-exp of the (q_scale-edited) scores, -inf for rows that see no key).
 
 Kernels: ``flash_stats._attn_fwd`` (forward, row statistics, edits) and
-``received._received_kernel`` (column sums from the saved LSE); calls with few queries against many
+``received.received_kernel`` (column sums from the saved LSE); calls with few queries against many
 keys (decoding) go to ``triton_decode`` (key splits merged through their partial LSEs) when
 ``triton_decode.eligible`` accepts them. A head with a redistribution
 (ACT / VAR) costs two forward passes: the first finds each row's class masses and coefficients,
@@ -261,11 +261,11 @@ def _count_base(B, Q, K, causal, sliding_window, received_window, device):
 
 def _received_sums(q, k, lse, coef, st, common, flags, rd_args, nsrc, ntgt, cfg, causal, sliding_window,
                    key_padding):
-    """Column sums from the saved LSE (``received._received_kernel``): {received_sum [B, H, K],
+    """Column sums from the saved LSE (``received.received_kernel``): {received_sum [B, H, K],
     received_count [B, K]}."""
     import triton
 
-    from .received import _received_kernel
+    from .received import received_kernel
     B, H, Q = q.shape[0], q.shape[1], q.shape[2]
     G, K = k.shape[1], k.shape[2]
     RBM, RBN, rwarps, rstages = cfg
@@ -273,7 +273,7 @@ def _received_sums(q, k, lse, coef, st, common, flags, rd_args, nsrc, ntgt, cfg,
     rw = st.received_window
     R = H // G
     hpp = _heads_per_program(triton.cdiv(K, RBN) * B * G, R, q.device)
-    _received_kernel[(triton.cdiv(K, RBN), B * G * (R // hpp))](
+    received_kernel[(triton.cdiv(K, RBN), B * G * (R // hpp))](
         q, k, lse, coef, recv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         recv.stride(0), recv.stride(1), **common, HEADS_PER_PROG=hpp,

@@ -45,7 +45,7 @@ def parse(text: str) -> nbformat.NotebookNode:
     return nb
 
 
-def execute(nb: nbformat.NotebookNode, timeout: int = 900) -> nbformat.NotebookNode:
+def execute(nb: nbformat.NotebookNode, timeout: int = 1800) -> nbformat.NotebookNode:
     """Run every cell in a fresh kernel started in the repository root."""
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(HERE.parent)}})

@@ -44,3 +44,14 @@ def test_docs_name_every_analyzer_and_command():
     cli = (ROOT / "docs" / "cli.md").read_text()
     for cmd in re.findall(r"`headscope (\w+)", (ROOT / "README.md").read_text()):
         assert f"headscope {cmd}" in cli, f"docs/cli.md does not document `headscope {cmd}`"
+
+
+def test_no_citation_of_a_file_users_do_not_have():
+    """Docstrings, the report, the docs and REPORTS.md cite papers (and sections), never the
+    project's internal methods notes."""
+    folders = ("probe", "heads", "circuits", "interventions", "app", "kernels", "docs", "reports", "experiments")
+    files = [ROOT / "README.md", ROOT / "REPORTS.md", ROOT / "BENCHMARKS.md"]
+    for folder in folders:
+        files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".md", ".html", ".txt")]
+    bad = [str(p.relative_to(ROOT)) for p in files if p.is_file() and "methods.md" in p.read_text(errors="ignore")]
+    assert not bad, f"these cite methods.md, which users do not have: {bad}"

@@ -231,7 +231,7 @@ def edits(draw, H, D, K):
             b = draw(st.integers(0, max(0, K - 1)))
             tgt = ((b, b + draw(st.integers(1, 20))),)
         var = draw(st.booleans())
-        reds.append(Redistribution(heads=(perm[i],), factor=draw(st.sampled_from([0.0, 0.4, 0.6, 1.5])),
+        reds.append(Redistribution(heads=(perm[i],), factor=draw(st.sampled_from([0.0, 0.4, 0.6, 1.0])),
                                    source=src, target=tgt,
                                    max_ratio=draw(st.sampled_from([0.3, 0.5, 0.9])) if var else None,
                                    min_target=draw(st.sampled_from([0.0, 0.2])) if var else 0.0))

@@ -80,8 +80,11 @@ err_heads = float((head_dla - tl_head_dla).abs().max())
 print(f"max |DLA difference|: components {err_dla:.2e}, heads {err_heads:.2e}")
 assert hs_labels == labels
 assert err_dla < 1e-3 and err_heads < 1e-3
-# the attributions add up to the logit difference
-assert abs(float(dla.sum()) - float(logits[0, -1, mary] - logits[0, -1, john])) < 1e-3
+# the attributions add up to the logit difference at every position
+dla_all = cache.logit_attrs(parts, " Mary", incorrect_tokens=" John")      # [component, batch, pos]
+gap = float((dla_all.sum(0) - (logits[..., mary] - logits[..., john])).abs().max())
+print(f"sum of attributions vs logit difference: max gap {gap:.1e}")
+assert gap < 1e-3
 
 # %% [markdown]
 # ## Which heads write the answer?
@@ -89,7 +92,7 @@ assert abs(float(dla.sum()) - float(logits[0, -1, mary] - logits[0, -1, john])) 
 # %%
 import plotly.express as px
 L, H = model.cfg.n_layers, model.cfg.n_heads
-grid = head_dla.reshape(L, H)
+grid = head_dla.reshape(L * H, -1)[:, -1].reshape(L, H)     # [layer, head] at the last position
 top = torch.topk(grid.flatten(), 5)
 print("top heads by DLA:", [(divmod(int(i), H), round(float(v), 3)) for v, i in zip(top.values, top.indices)])
 px.imshow(grid, color_continuous_scale="RdBu", color_continuous_midpoint=0.0,

@@ -1,0 +1,134 @@
+"""KV-cache compression by head class: streaming heads keep only sink + recent tokens, retrieval
+(full) heads keep everything.
+
+DuoAttention (Xiao et al. 2024, "DuoAttention: Efficient Long-Context LLM Inference with Retrieval
+and Streaming Heads", §3.3 deployment): a fraction of KV heads becomes streaming heads whose cache
+holds the first ``sink`` and the last ``recent`` tokens; RazorAttention (Tang et al. 2024, §3) keeps
+the full cache only for its retrieval set (echo + induction heads). Razor's compensation token (the
+mean of the dropped keys/values) is not implemented here.
+
+``HeadClassCache`` is a transformers ``Cache`` whose layers (``HeadClassLayer``) store the full KV
+heads ``[batch, n_full, T, d]`` and the streaming KV heads' sink ``[batch, n_stream, <=sink, d]`` and
+recent ``[batch, n_stream, <=recent, d]`` parts in separate tensors: the memory held between decode
+steps is the compressed size (``nbytes``). For the attention call of each step, ``update`` hands the
+attention function one ``[batch, kv_heads, T, d]`` view assembled for that call only (positions a
+streaming head dropped are zero) and the streaming heads run with ``StreamingGate(alpha=0)``
+(``streaming_edits``), whose streaming attention reads exactly the sink and recent positions: the
+result equals the mask-only computation over the full cache. No change to the attention path is
+needed; the transient assembled tensor costs one layer's full K/V at a time.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..probe.edits import StreamingGate
+
+
+class HeadClassLayer(DynamicLayer):
+    """One layer's cache with KV heads ``stream`` kept as sink + recent tokens only."""
+
+    def __init__(self, stream: list[int], sink: int, recent: int):
+        super().__init__()
+        self.stream = sorted(int(g) for g in stream)
+        self.sink, self.recent = int(sink), int(recent)
+        self.n = 0                                       # tokens seen (the logical length)
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        G = key_states.shape[1]
+        if any(not 0 <= g < G for g in self.stream):
+            raise IndexError(f"streaming KV heads {self.stream} out of range: the layer has {G} KV heads")
+        dev = key_states.device
+        self.full_idx = torch.tensor([g for g in range(G) if g not in self.stream], dtype=torch.long, device=dev)
+        self.stream_idx = torch.tensor(self.stream, dtype=torch.long, device=dev)
+        B, _, _, d = key_states.shape
+        empty = lambda n: key_states.new_zeros(B, n, 0, d)
+        self.kf, self.vf = empty(len(self.full_idx)), empty(len(self.full_idx))     # [B, Gf, T, d]
+        self.ks, self.vs = empty(len(self.stream)), empty(len(self.stream))         # sink part
+        self.kr, self.vr = empty(len(self.stream)), empty(len(self.stream))         # recent part
+
+    def _assembled_old(self, which: str) -> torch.Tensor:
+        """[B, G, n, d] of what is stored, streaming heads zero outside sink/recent."""
+        full, sink, rec = (self.kf, self.ks, self.kr) if which == "k" else (self.vf, self.vs, self.vr)
+        B, _, _, d = full.shape
+        G = len(self.full_idx) + len(self.stream)
+        out = full.new_zeros(B, G, self.n, d)
+        out[:, self.full_idx] = full
+        s = torch.zeros(B, len(self.stream), self.n, d, dtype=full.dtype, device=full.device)
+        s[:, :, :sink.shape[2]] = sink
+        if rec.shape[2]:
+            s[:, :, self.n - rec.shape[2]:] = rec
+        out[:, self.stream_idx] = s
+        return out
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """key/value_states [B, G, q, d] -> the [B, G, n + q, d] keys/values for this call."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys = torch.cat([self._assembled_old("k"), key_states], dim=2)
+        values = torch.cat([self._assembled_old("v"), value_states], dim=2)
+        q = key_states.shape[2]
+        self.kf = torch.cat([self.kf, key_states[:, self.full_idx]], dim=2)
+        self.vf = torch.cat([self.vf, value_states[:, self.full_idx]], dim=2)
+        ks, vs = key_states[:, self.stream_idx], value_states[:, self.stream_idx]
+        room = max(0, self.sink - self.n)
+        self.ks = torch.cat([self.ks, ks[:, :, :room]], dim=2)
+        self.vs = torch.cat([self.vs, vs[:, :, :room]], dim=2)
+        self.kr = torch.cat([self.kr, ks], dim=2)[:, :, -self.recent:] if self.recent else self.kr
+        self.vr = torch.cat([self.vr, vs], dim=2)[:, :, -self.recent:] if self.recent else self.vr
+        self.n += q
+        self.keys, self.values = self.kf, self.vf        # what DynamicLayer's helpers look at
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n + query_length, 0
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.kf, self.vf, self.ks, self.vs, self.kr, self.vr))
+
+
+class HeadClassCache(Cache):
+    """A cache for ``n_layers`` layers; ``stream[l]`` lists layer l's streaming KV heads."""
+
+    def __init__(self, stream: dict[int, list[int]], n_layers: int, sink: int = 64, recent: int = 256):
+        if sink < 0 or recent < 1:
+            raise ValueError(f"sink must be >= 0 and recent >= 1, got sink={sink}, recent={recent}")
+        super().__init__(layers=[HeadClassLayer(stream.get(l, []), sink, recent) for l in range(n_layers)])
+        self.sink, self.recent = sink, recent
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache (all layers, keys and values)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def streaming_edits(model, stream: dict[int, list[int]], sink: int = 64, recent: int = 256) -> list[StreamingGate]:
+    """StreamingGate(alpha=0) on the query heads of each streaming KV head (GQA: H/G query heads
+    share one KV head): pure streaming attention, the mask-only version of the compressed cache."""
+    rep = model.cfg.n_heads // model.cfg.n_kv_heads
+    out = []
+    for l, gs in sorted(stream.items()):
+        heads = [g * rep + i for g in gs for i in range(rep)]
+        if heads:
+            out.append(StreamingGate(l, heads, alpha=torch.zeros(len(heads)), sink=sink, recent=recent))
+    return out
+
+
+def stream_from_scores(scores, frac: float) -> dict[int, list[int]]:
+    """The ``frac`` of KV heads with the LOWEST scores (a ``HeadScores`` over [layer, kv_head] or
+    [layer, query head], e.g. DuoAttention gates or retrieval scores; query-head scores are reduced
+    to KV heads by max) become streaming: {layer: [kv heads]}."""
+    s = scores.scores if hasattr(scores, "scores") else torch.as_tensor(scores)
+    G = int(scores.model.get("n_kv_heads", s.shape[1])) if hasattr(scores, "model") else s.shape[1]
+    if s.shape[1] != G:
+        s = s.reshape(s.shape[0], G, -1).amax(-1)
+    n = int(round(frac * s.numel()))
+    out: dict[int, list[int]] = {}
+    for i in s.flatten().argsort()[:n].tolist():
+        out.setdefault(i // G, []).append(i % G)
+    return out
