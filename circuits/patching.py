@@ -31,7 +31,7 @@ from .tasks import Task
 HOWS = ("mean", "zero", "resample")
 
 
-def _progress(total, desc, progress):
+def progress_bar(total, desc, progress):
     if not progress:
         return None
     from tqdm.auto import tqdm
@@ -93,7 +93,7 @@ def _node_sweep(model, task, kind, units, how, positions, batch_size, check, pro
         raise ValueError(f"the clean metric of {task.name} is 0: relative drops are undefined")
     n_units = max(len(u) for u in units)
     out = torch.zeros(L, n_units)
-    bar = _progress(sum(len(u) for u in units), desc, progress)
+    bar = progress_bar(sum(len(u) for u in units), desc, progress)
     for l in range(L):
         us = units[l]
         rows = [(u, b) for u in us for b in range(B)]                       # one row = (unit, prompt)
@@ -201,7 +201,7 @@ def path_patch(model, task: Task, receivers="logits", senders=None, how: str = "
                                            for i in range(0, B, batch_size)])))
     scores = torch.zeros(L, H)
     mask = torch.zeros(L, H, dtype=torch.bool)
-    bar = _progress(len(senders), "path patching", progress)
+    bar = progress_bar(len(senders), "path patching", progress)
     for sl, sh in senders:
         vals = []
         for i in range(0, B, batch_size):
