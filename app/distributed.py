@@ -207,3 +207,15 @@ def retrieval(pool: ModelPool, model, analyzer=None, data=None, progress: bool =
         for i, r in zip(g, rs):
             results[i] = r
     return analyzer.merge(model, data, tests, results, t0)
+
+
+# ------------------------------------------------------------------------- analyzers
+RAY_ANALYZERS = ("retrieval",)
+
+
+def score(pool: ModelPool | None, model, analyzer, data=None, progress: bool = True):
+    """``analyzer.score(model, data)``, on the pool's workers when its work splits into items (the
+    analyzers in ``RAY_ANALYZERS``) and in this process otherwise (or when ``pool`` is None)."""
+    if pool is not None and analyzer.name == "retrieval":
+        return retrieval(pool, model, analyzer, data, progress=progress)
+    return analyzer.score(model, data, progress=progress)
