@@ -89,7 +89,8 @@ def build_parser() -> Parser:
                        description="Serve the explorer with Streamlit until this command is stopped "
                        "(Ctrl-C or SIGTERM stop the server too).")
     e.add_argument("--report", default="", help="a folder written by `headscope report`")
-    e.add_argument("--model", default="smollm2", help="model for the live view")
+    e.add_argument("--model", default="smollm2", help="model for the head view and the intervention playground")
+    e.add_argument("--circuit", default="", help="a folder written by `headscope circuit ... --out DIR` (circuit page)")
     e.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves every interface)")
     e.add_argument("--port", type=_port, default=8501)
@@ -355,6 +356,9 @@ def _cmd_report(a) -> int:
         print(f"{prog}: error: cannot write the report to {out}: {_one_line(e)} (nothing was written; "
               "an earlier report there is unchanged)", file=sys.stderr)
         return EXIT_FAILED
+    from .report import summary_lines
+    for line in summary_lines(results):
+        print(f"  {line}")
     print(f"report: {path} ({len(results)} analyzers, {len(errors)} failed, {time.time() - t0:.0f}s total)")
     if errors:
         print(f"{prog}: {len(errors)} of {len(names)} analyzers failed (listed in report.html):", file=sys.stderr)
@@ -498,7 +502,7 @@ def _cmd_explore(a) -> int:
            "--server.port", str(a.port), "--browser.gatherUsageStats", "false"]
     if a.headless:
         cmd += ["--server.headless", "true"]
-    cmd += ["--", "--report", a.report, "--model", a.model]
+    cmd += ["--", "--report", a.report, "--model", a.model, "--circuit", getattr(a, "circuit", "")]
     kw = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
     proc = subprocess.Popen(cmd, **kw)
 

@@ -258,7 +258,8 @@ def summary_lines(results: dict[str, HeadScores], z: float = STAND_OUT_Z, max_he
         elif k:
             lines.append(f"{n}: {k} head(s) stand out; the top one is {_head(l, h)} ({v:.3g}).")
         else:
-            lines.append(f"{n}: no head stands out; the top one is {_head(l, h)} ({v:.3g}).")
+            lines.append(f"{n}: no head stands out from the others (median {float(r.scores.median()):.3g}, "
+                         f"top {_head(l, h)} {v:.3g}): a z-score finds outliers, not a property most heads share.")
     return lines
 
 

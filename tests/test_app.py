@@ -276,7 +276,18 @@ def test_explorer_in_headless_chromium(report, circuit_dir, smollm2):
             page.get_by_text("previous_token — tiny-llama").first.wait_for(timeout=60_000)   # its heatmap
             assert page.locator(".stException").count() == 0
             page.screenshot(path=str(SCREENSHOTS / "head_map.png"), full_page=True)
-            for name, marker in (("Head view", "attention pattern L3 H0"), ("Circuit", "eap-ig circuit — ioi")):
+            _, labels = views.head_map(report[1])                          # click the first square drawn
+            order = ["none", "sinks", "previous_token"]
+            first = min(((order.index(c), l, h) for l, row in enumerate(labels) for h, c in enumerate(row)))
+            point = page.locator(".js-plotly-plot .scatterlayer .point").first
+            point.evaluate("el => el.scrollIntoView({block: 'center'})")
+            time.sleep(0.5)
+            box = point.bounding_box()                                # plotly hit-tests clicks on its drag layer
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.get_by_text(f"attention pattern L{first[1]} H{first[2]}").first.wait_for(timeout=180_000)
+            assert page.locator("[data-testid=stSidebar] input[type=radio]").nth(1).is_checked()   # Head view
+            for name, marker in (("Head view", f"attention pattern L{first[1]} H{first[2]}"),
+                                 ("Circuit", "eap-ig circuit — ioi")):
                 page.locator("[data-testid=stSidebar] label").filter(has_text=name).first.click()
                 page.get_by_text(marker).first.wait_for(timeout=180_000)
                 assert page.locator(".stException").count() == 0, name
