@@ -41,6 +41,9 @@ def add_parser(subparsers):
     p.add_argument("--no-faithfulness", action="store_true", help="skip the faithfulness curve")
     p.add_argument("--force", action="store_true", help="analyse even when the model does not do the task")
     p.add_argument("--device", default=None)
+    p.add_argument("--ray", default=None, metavar="auto|ADDRESS|local",
+                   help="patching only: spread the sweep over a Ray cluster (local: start one with --workers CPUs)")
+    p.add_argument("--workers", type=int, default=None, help="Ray workers (default: every CPU/GPU of the cluster)")
     p.set_defaults(func=run)
     return p
 
@@ -80,6 +83,8 @@ def _validate(a):
         return f"--metric {a.metric!r}: use kl or task"
     if a.level not in ("nodes", "edges"):
         return f"--level {a.level!r}: use nodes or edges"
+    if getattr(a, "ray", None) and a.method != "patching":
+        return f"--ray runs the patching method only (not {a.method!r}); drop --ray or use --method patching"
     if a.candidates < 1:
         return "--candidates must be >= 1"
     if a.receivers != "logits":
@@ -93,6 +98,12 @@ def compute(model, task, a, progress: bool = True):
     """Run the chosen method; returns a Circuit."""
     from .. import circuits as C
     check = not a.force
+    if a.method == "patching" and getattr(a, "ray", None):
+        from . import distributed as D
+        with D.ModelPool(a.model, address=None if a.ray == "local" else a.ray, num_workers=a.workers,
+                         gpus_per_worker=1 if (a.device or "").startswith("cuda") else 0,
+                         load_kwargs={"device": "cuda" if (a.device or "").startswith("cuda") else a.device}) as pool:
+            return C.from_head_scores(D.patch_heads(pool, model, task, how=a.how, check=check, progress=progress), task)
     if a.method == "patching":
         return C.from_head_scores(C.patch_heads(model, task, how=a.how, check=check, progress=progress), task)
     if a.method == "path":

@@ -137,13 +137,18 @@ class ModelPool:
             while todo and idle:                                   # one item per idle worker
                 i, a = todo.pop(0), idle.pop(0)
                 running[a.run.remote(fn, items[i], setup, key)] = (i, a)
+            if not running:                                        # every worker died
+                failed += [(i, items[i], "no live worker left") for i in todo]
+                break
             done, _ = self.ray.wait(list(running), num_returns=1)
             i, a = running.pop(done[0])
-            idle.append(a)
             try:
                 results[i] = self.ray.get(done[0])
+                idle.append(a)
                 bar.update(1)
             except Exception as e:                                 # noqa: BLE001 - reported below
+                if not isinstance(e, self.ray.exceptions.RayActorError):
+                    idle.append(a)                                 # a dead worker (after its restart) gets no more
                 tries[i] += 1
                 if tries[i] <= self.retries:
                     todo.append(i)
@@ -207,3 +212,15 @@ def retrieval(pool: ModelPool, model, analyzer=None, data=None, progress: bool =
         for i, r in zip(g, rs):
             results[i] = r
     return analyzer.merge(model, data, tests, results, t0)
+
+
+# ------------------------------------------------------------------------- analyzers
+RAY_ANALYZERS = ("retrieval",)
+
+
+def score(pool: ModelPool | None, model, analyzer, data=None, progress: bool = True):
+    """``analyzer.score(model, data)``, on the pool's workers when its work splits into items (the
+    analyzers in ``RAY_ANALYZERS``) and in this process otherwise (or when ``pool`` is None)."""
+    if pool is not None and analyzer.name == "retrieval":
+        return retrieval(pool, model, analyzer, data, progress=progress)
+    return analyzer.score(model, data, progress=progress)

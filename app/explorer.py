@@ -361,7 +361,7 @@ def intervention_page(model_name: str, folder: str):
         st.plotly_chart(views.next_token_figure(res), width="stretch", key="next_token")
         a, b = st.columns(2)
         a.markdown("**before**")
-        a.text(res["before"]["text"])          # plain text: model output is not markdown
+        a.text(res["before"]["text"])                   # as text: model output is not markdown
         b.markdown(f"**after: {got['what']}**")
         b.text(res["after"]["text"])
 

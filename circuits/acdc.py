@@ -27,7 +27,7 @@ import torch
 from ..probe.hooks import hook_name
 from .circuit import Circuit, head_node
 from .eap import graph_names
-from .patching import _progress, cache_kind, corrupted_values, last_logits
+from .patching import progress_bar, cache_kind, corrupted_values, last_logits
 
 
 def _distance_fn(task, clean_logits, metric):
@@ -61,7 +61,7 @@ def acdc_nodes(model, task, tau: float = 0.01, metric: str = "kl", how: str = "r
     removed = torch.zeros(L, H, dtype=torch.bool)
     effect = torch.zeros(L, H)
     cur = 0.0
-    bar = _progress(L * H, "ACDC nodes", progress)
+    bar = progress_bar(L * H, "ACDC nodes", progress)
     for l in reversed(range(L)):
         for h in reversed(range(H)):
             trial = removed.clone()
@@ -127,7 +127,7 @@ def acdc_edges(model, task, candidates, tau: float = 0.01, metric: str = "kl", o
         raise ValueError("others must be 'keep' or 'remove'")
     report = task.check(model) if check else (task.report or {})
     cfg = model.cfg
-    L, H, G = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads
+    L = cfg.n_layers
     senders, receivers, s_layer, r_layer = graph_names(cfg)
     s_index = {s: i for i, s in enumerate(senders)}
     cands = list(dict.fromkeys(candidates))
@@ -173,7 +173,7 @@ def acdc_edges(model, task, candidates, tau: float = 0.01, metric: str = "kl", o
         u, v = parsed[e]
         return (-(L if v is None else v[0]), -s_layer[s_index[u]])
     effect = {}
-    bar = _progress(len(cands), "ACDC edges", progress)
+    bar = progress_bar(len(cands), "ACDC edges", progress)
     for e in sorted(cands, key=order):
         u, v = parsed[e]
         key = v if v is not None else "logits"
@@ -202,7 +202,7 @@ def acdc_edges(model, task, candidates, tau: float = 0.01, metric: str = "kl", o
 def _run_removed(model, tokens, removed, corr, senders, s_layer):
     """Last-position logits with the removed edges patched (see ``acdc_edges``)."""
     cfg = model.cfg
-    L, H, G = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads
+    L, H = cfg.n_layers, cfg.n_heads
     b = tokens.shape[0]
     cur = {}                                            # sender name -> current activation [b, N, D]
 

@@ -32,7 +32,7 @@ import torch
 
 from ..probe.hooks import hook_name
 from .circuit import Circuit, head_node
-from .patching import _progress
+from .patching import progress_bar
 
 
 def graph_names(cfg):
@@ -133,7 +133,7 @@ def attribute(model, task, method: str = "eap", steps: int = 5, edges: bool = Tr
     node_mlps = torch.zeros(L)
     B = len(task)
     alphas = [1.0] if method == "eap" else [i / steps for i in range(1, steps + 1)]
-    bar = _progress(((B + batch_size - 1) // batch_size) * len(alphas), method, progress)
+    bar = progress_bar(((B + batch_size - 1) // batch_size) * len(alphas), method, progress)
     m_clean = 0.0
     s_layer_t = torch.tensor(s_layer)
     for i in range(0, B, batch_size):

@@ -31,7 +31,7 @@ from .tasks import Task
 HOWS = ("mean", "zero", "resample")
 
 
-def _progress(total, desc, progress):
+def progress_bar(total, desc, progress):
     if not progress:
         return None
     from tqdm.auto import tqdm
@@ -143,7 +143,7 @@ def _node_sweep(model, task, kind, units, how, positions, batch_size, check, pro
     setup = node_setup(model, task, kind, how, positions, batch_size)
     n_units = max(len(u) for u in units)
     out = torch.zeros(L, n_units)
-    bar = _progress(sum(len(u) for u in units), desc, progress)
+    bar = progress_bar(sum(len(u) for u in units), desc, progress)
     for l in range(L):
         out[l, :len(units[l])] = node_layer(model, task, kind, l, units[l], setup, batch_size)
         if bar is not None:
@@ -223,7 +223,7 @@ def path_patch(model, task: Task, receivers="logits", senders=None, how: str = "
                                            for i in range(0, B, batch_size)])))
     scores = torch.zeros(L, H)
     mask = torch.zeros(L, H, dtype=torch.bool)
-    bar = _progress(len(senders), "path patching", progress)
+    bar = progress_bar(len(senders), "path patching", progress)
     for sl, sh in senders:
         vals = []
         for i in range(0, B, batch_size):

@@ -306,12 +306,13 @@ def compile_edits(edits, n_layers: int, n_heads: int, d_head: int, device=None) 
             out.setdefault(ed.layer, []).append(ed)
         else:
             ed.add_to(prob.setdefault(ed.layer, LayerEdits()), n_heads, d_head)
-    if device is not None:
-        for e in prob.values():
+    if device is not None:                # one device, or one per layer (a model split with device_map)
+        for l, e in prob.items():
+            dev = device[l] if isinstance(device, (list, tuple)) else device
             for f in ("q_scale", "gate"):
                 t = getattr(e, f)
                 if t is not None:
-                    setattr(e, f, t.to(device))
+                    setattr(e, f, t.to(dev))
     return EditSet(prob, {l: tuple(sorted(v, key=lambda e: e.stage)) for l, v in out.items()})
 
 

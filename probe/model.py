@@ -295,7 +295,10 @@ class HookedModel(TLIdioms, nn.Module):
 
     @property
     def device(self):
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embedding's device. Under accelerate (``device_map``, CPU/disk
+        offload) that is its hook's execution device (offloaded weights sit on "meta"); layers may live
+        elsewhere, so code after the embedding uses each tensor's own device."""
+        return input_device(self.model)
 
     # ---------------------------------------------------------------- running
     def forward(self, tokens, attention_mask=None, *, return_type: str | None = "logits",
@@ -481,7 +484,7 @@ class HookedModel(TLIdioms, nn.Module):
             heads = list(as_indices(heads, "record heads"))
             for h in heads:
                 check_range(h, n_heads, "head", f"{self.cfg.name} has {n_heads} heads per layer")
-        rec = Recorder(request, layers, heads)
+        rec = Recorder(request, layers, heads, self.device)
         handle = self.state.push(recorders=[rec])
         try:
             yield rec
@@ -497,7 +500,8 @@ class HookedModel(TLIdioms, nn.Module):
             edits = [edits]
         elif not hasattr(edits, "__iter__") or isinstance(edits, (str, bytes)):
             raise TypeError(f"model.edit takes an edit or a list of edits ({EDIT_TYPES}), got {edits!r}")
-        compiled = compile_edits(list(edits), self.cfg.n_layers, self.cfg.n_heads, self.cfg.d_head, self.device)
+        compiled = compile_edits(list(edits), self.cfg.n_layers, self.cfg.n_heads, self.cfg.d_head,
+                                 [module_device(a) for a in self.attn])
         handle = self.state.push(edit_sets=[compiled])
         try:
             yield self
@@ -546,6 +550,28 @@ def lm_cross_entropy_loss(logits: torch.Tensor, tokens: torch.Tensor, attention_
     keep = (attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()).to(nll.device)
     nll = nll * keep
     return nll if per_token else nll.sum() / keep.sum().clamp_min(1)
+
+
+def input_device(hf_model: nn.Module) -> torch.device:
+    """The device of ``hf_model``'s input embedding, or its accelerate execution device (AlignDevicesHook)."""
+    emb = hf_model.get_input_embeddings() if hasattr(hf_model, "get_input_embeddings") else None
+    for mod in (emb, hf_model):
+        dev = getattr(getattr(mod, "_hf_hook", None), "execution_device", None)
+        if dev is not None:
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    if emb is not None and emb.weight.device.type != "meta":
+        return emb.weight.device
+    return next(p.device for p in hf_model.parameters() if p.device.type != "meta")
+
+
+def module_device(mod: nn.Module) -> torch.device:
+    """Where ``mod`` computes: its (or a submodule's) accelerate execution device, else its first
+    parameter's device (a layer of a model split with ``device_map`` may sit on another device)."""
+    for m in mod.modules():
+        dev = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if dev is not None:
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return next((p.device for p in mod.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 def free_bytes(device) -> int:

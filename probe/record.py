@@ -13,8 +13,9 @@ from ..kernels.spec import COLUMN_STATS, StatRequest
 
 
 class Recorder:
-    def __init__(self, request: StatRequest, layers: list[int], heads: list[int] | None):
+    def __init__(self, request: StatRequest, layers: list[int], heads: list[int] | None, device=None):
         self.request = request
+        self.device = device          # statistics of layers on other devices are moved here (device_map)
         self.layers = layers
         self.heads = heads
         self._rows: dict[tuple[str, int], list[torch.Tensor]] = {}
@@ -24,6 +25,8 @@ class Recorder:
     def add(self, layer: int, stats: dict[str, torch.Tensor]) -> None:
         for name, t in stats.items():
             t = t.detach()
+            if self.device is not None and t.device != self.device:
+                t = t.to(self.device)
             if name in COLUMN_STATS:
                 old = self._cols.get((name, layer))
                 if old is not None and old.shape[-1] != t.shape[-1]:

@@ -29,7 +29,7 @@ def planted_model(seed: int = 0):
                       max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6)
     torch.manual_seed(seed)
     m = LlamaForCausalLM(cfg).eval()
-    d, D = 32, 128
+    d = 32
     theta = [1e6 ** (-2 * i / d) for i in range(d // 2)]
     with torch.no_grad():
         for p in m.parameters():

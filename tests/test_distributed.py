@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'headscope[distributed]'")
 
+import headscope as hs  # noqa: E402
 from headscope import circuits as C  # noqa: E402
 from headscope.app import distributed as D  # noqa: E402
 from headscope.heads.retrieval import NeedleTest, Retrieval, find_needle_span  # noqa: E402
@@ -30,6 +31,26 @@ def cluster():
     D.connect(None, 2, runtime_env=env)
     yield ray
     ray.shutdown()
+
+
+def test_circuit_cli_patching_on_ray(cluster, capsys, tmp_path):
+    """`headscope circuit --ray`: refused for methods other than patching (one line, exit 2); with
+    patching, compute() runs the sweep on a pool of its own and gives the single-process circuit.
+    (First in this file: the module's pool below holds both CPUs.)"""
+    import argparse
+
+    from headscope.app.circuit_cli import compute
+    from headscope.app.cli import main
+    assert main(["circuit", "ioi", "--method", "eap", "--ray", "local", "--out", str(tmp_path / "c")]) == 2
+    assert "--ray runs the patching method only" in capsys.readouterr().err
+    m = hs.load("tiny-llama")
+    task = induction_task(m)                                          # tokens < 16: fit tiny-llama's vocabulary
+    a = argparse.Namespace(method="patching", how="mean", force=True, ray="local", workers=2, model="tiny-llama",
+                           device=None)
+    many = compute(m, task, a, progress=False)
+    one = C.from_head_scores(C.patch_heads(m, task, how="mean", check=False), task)
+    assert torch.equal(one.head_scores(), many.head_scores())
+    assert one.top_nodes(4) == many.top_nodes(4)
 
 
 @pytest.fixture(scope="module")
