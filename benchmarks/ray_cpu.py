@@ -53,7 +53,7 @@ def main():
     task = induction_task(m)
     g = torch.Generator().manual_seed(0)
     tests = []
-    for n in range(15, 55, 2):
+    for n in range(15, 51, 2):
         hay = torch.randint(7, 16, (n,), generator=g).tolist()
         p = n // 2
         prompt = torch.tensor([0] + hay[:p] + [3, 4, 5, 6] + hay[p:] + [3])
