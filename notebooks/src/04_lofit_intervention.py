@@ -48,7 +48,7 @@ import tempfile
 from headscope.interventions import load_edits, save_edits
 edits = cmp.result.edits()
 with tempfile.TemporaryDirectory() as d:
-    save_edits(edits, d + "/lofit")
+    save_edits(d + "/lofit", edits)
     again = load_edits(d + "/lofit")
 toks = model.to_tokens('Is the word "happy" positive or negative?\nAnswer:')
 with torch.no_grad():
