@@ -72,6 +72,7 @@ def build_parser() -> Parser:
     r.add_argument("--only", default="", help="comma-separated analyzer names (default: all)")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     add_report_preset(r)
+    add_report_ray(r)
     s = sub.add_parser("score", help="run one analyzer",
                        description="Run one analyzer and print its top heads. Parameters: `headscope list -v`.")
     s.add_argument("method", help="analyzer name (`headscope list`)")
@@ -109,6 +110,14 @@ def add_report_preset(r) -> None:
                    help="quick: each analyzer's quick() settings, minutes on a CPU (leaves out `duo`, whose quick "
                    "run ranks nothing); paper: each analyzer's paper_config(), the papers' settings: hours, "
                    "the run to make on a GPU. An estimate of the run time is printed before it starts")
+
+
+def add_report_ray(r) -> None:
+    """``headscope report --ray auto|ADDRESS|local [--workers N]`` (needs ``pip install headscope[distributed]``)."""
+    r.add_argument("--ray", default=None, metavar="auto|ADDRESS|local",
+                   help="run the analyzers whose work splits into items (retrieval's needle tests) on a Ray "
+                   "cluster, one worker per GPU (or CPU) holding the model; local: start one with --workers")
+    r.add_argument("--workers", type=_positive_int, default=None, help="Ray workers (default: every GPU/CPU of the cluster)")
 
 
 def add_show_parser(sub) -> None:
@@ -349,7 +358,15 @@ def _cmd_report(a) -> int:
     print_estimate(model, names, preset, a.device)
     for n, why in skipped.items():
         print(f"not run in the quick report: {n} ({why.split(';')[0]})")
-    results, errors = run_analyzers(model, names, preset=preset)
+    if getattr(a, "ray", None):
+        from . import distributed as D
+        cuda = (a.device or "").startswith("cuda")
+        with D.ModelPool(a.model, address=None if a.ray == "local" else a.ray, num_workers=a.workers,
+                         gpus_per_worker=1 if cuda else 0,
+                         load_kwargs={"device": "cuda" if cuda else a.device}) as pool:
+            results, errors = run_analyzers(model, names, preset=preset, pool=pool)
+    else:
+        results, errors = run_analyzers(model, names, preset=preset)
     try:
         path = write_report(model, results, errors, out, preset=preset, skipped=skipped)
     except (OSError, OutputError) as e:

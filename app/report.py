@@ -62,9 +62,11 @@ def default_names(preset: str = "quick") -> list[str]:
 
 
 def run_analyzers(model, names=None, params: dict | None = None, progress: bool = True, log=print,
-                  preset: str = "quick"):
+                  preset: str = "quick", pool=None):
     """Run the named analyzers (default: ``default_names(preset)``) with the preset's settings
-    (``quick()`` or ``paper_config()``). Returns ({name: HeadScores}, {name: error message})."""
+    (``quick()`` or ``paper_config()``). With a ``distributed.ModelPool`` as ``pool``, analyzers whose
+    work splits into items run on its workers (same results). Returns ({name: HeadScores}, {name:
+    error message})."""
     names = default_names(preset) if not names else list(names)
     unknown = [n for n in names if n not in ANALYZERS]
     if unknown:
@@ -75,7 +77,11 @@ def run_analyzers(model, names=None, params: dict | None = None, progress: bool 
         log(f"[{i + 1}/{len(names)}] {name} …")
         try:
             an = make_analyzer(name, preset, **(params or {}).get(name, {}))
-            results[name] = an.score(model, progress=progress)
+            if pool is not None:
+                from .distributed import score
+                results[name] = score(pool, model, an, progress=progress)
+            else:
+                results[name] = an.score(model, progress=progress)
             log(f"[{i + 1}/{len(names)}] {name} done in {time.time() - t0:.1f}s")
         except Exception as e:  # one failing analyzer must not sink the whole report
             errors[name] = f"{type(e).__name__}: {e}"

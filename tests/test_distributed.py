@@ -123,3 +123,24 @@ def test_failed_item_is_retried_then_reported(planted_pool, tmp_path):
     assert (tmp_path / "tried-1").exists()
     got = planted_pool.map(partial(_flaky, str(tmp_path)), [0, 1, 2, 4], progress=False)
     assert got == [2, 12, 22, 42]                                     # in item order
+
+
+def test_report_ray_flag_routes_analyzers_through_the_pool(monkeypatch):
+    """`headscope report --ray` parses, and ``run_analyzers(pool=...)`` sends every analyzer through
+    ``distributed.score`` (which runs the splittable ones on the pool's workers)."""
+    from headscope.app import report
+    from headscope.app.cli import build_parser
+    a = build_parser().parse_args(["report", "--out", "x", "--ray", "local", "--workers", "2"])
+    assert a.ray == "local" and a.workers == 2
+    seen = []
+
+    def fake_score(pool, model, analyzer, data=None, progress=True):
+        from headscope.heads import HeadScores
+        seen.append((pool, analyzer.name))
+        return HeadScores(torch.zeros(model.cfg.n_layers, model.cfg.n_heads), method=analyzer.name)
+    monkeypatch.setattr(D, "score", fake_score)
+    m = hs.load("tiny-llama")
+    pool = object()
+    results, errors = report.run_analyzers(m, ["previous_token"], pool=pool, log=lambda *_: None)
+    assert not errors and seen == [(pool, "previous_token")]
+    assert results["previous_token"].shape == (m.cfg.n_layers, m.cfg.n_heads)
