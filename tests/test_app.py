@@ -243,6 +243,20 @@ def _set_playground(page, heads: str):
     time.sleep(1.0)
 
 
+def _open_page(page, name, marker, tries: int = 4):
+    """Click the sidebar's page ``name`` and wait for ``marker``. Streamlit may still be finishing the
+    rerun that the previous action started (the head-map click re-selects a page itself), which can
+    swallow a click made meanwhile: click again (up to ``tries`` times) until the page shows."""
+    for i in range(tries):
+        page.locator("[data-testid=stSidebar] label").filter(has_text=name).first.click()
+        try:
+            page.get_by_text(marker).first.wait_for(timeout=60_000)
+            return
+        except Exception:
+            page.screenshot(path=str(SCREENSHOTS / f"retry_{name.lower().replace(' ', '_')}_{i}.png"), full_page=True)
+    page.get_by_text(marker).first.wait_for(timeout=1_000)
+
+
 def test_explorer_in_headless_chromium(report, circuit_dir, smollm2):
     """`streamlit run` serves the explorer; Debian's Chromium (headless, driven by playwright)
     renders every page without an exception (a screenshot of each in out/screenshots/), and two
@@ -288,8 +302,7 @@ def test_explorer_in_headless_chromium(report, circuit_dir, smollm2):
             assert page.locator("[data-testid=stSidebar] input[type=radio]").nth(1).is_checked()   # Head view
             for name, marker in (("Head view", f"attention pattern L{first[1]} H{first[2]}"),
                                  ("Circuit", "eap-ig circuit — ioi")):
-                page.locator("[data-testid=stSidebar] label").filter(has_text=name).first.click()
-                page.get_by_text(marker).first.wait_for(timeout=180_000)
+                _open_page(page, name, marker)
                 assert page.locator(".stException").count() == 0, name
                 page.screenshot(path=str(SCREENSHOTS / f"{name.lower().replace(' ', '_')}.png"), full_page=True)
             pages = {"A": page, "B": browser.new_context(viewport={"width": 1300, "height": 1000}).new_page()}
