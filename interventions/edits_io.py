@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from ..probe import edits as _edits
+from ..probe import edits as probe_edits
 
 FORMAT = "headscope-edits/1"
 
 
 def _edit_types() -> dict[str, type]:
-    return {name: obj for name, obj in vars(_edits).items()
+    return {name: obj for name, obj in vars(probe_edits).items()
             if isinstance(obj, type) and dataclasses.is_dataclass(obj)
-            and (issubclass(obj, _edits.OutputEdit) or hasattr(obj, "add_to"))}
+            and (issubclass(obj, probe_edits.OutputEdit) or hasattr(obj, "add_to"))}
 
 
 def _jsonable(v):
