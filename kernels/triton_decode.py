@@ -29,18 +29,15 @@ import triton.language as tl
 
 from .spec import decline_reason
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-NEG_BIG = tl.constexpr(-1.0e30)
-IDX_BIG = tl.constexpr(2147483647)
+from .flash_stats import IDX_BIG, LN2, LOG2E, NEG_BIG  # noqa: E402  (one definition of the constants)
+from .flash_stats import SLOT_DISTANCE as P_DIST  # noqa: E402
+from .flash_stats import SLOT_ENTROPY as P_ENT  # noqa: E402
+from .flash_stats import SLOT_RECENT as P_RECENT  # noqa: E402
+from .flash_stats import SLOT_SPAN0 as P_SPAN0  # noqa: E402
+from .flash_stats import SLOT_WDIST as P_WDIST  # noqa: E402
 
-# partial-statistic slots of the ``PStats`` buffer [slot, B*G, S, RQ]; the same order as the
-# ``Rows`` slots of flash_stats (entropy, distance, window distance, recent, max_prob, spans...)
-P_ENT = tl.constexpr(0)
-P_DIST = tl.constexpr(1)
-P_WDIST = tl.constexpr(2)
-P_RECENT = tl.constexpr(3)
-P_SPAN0 = tl.constexpr(5)
+# partial-statistic slots of the ``PStats`` buffer [slot, B*G, S, RQ] are the ``Rows`` slots of
+# flash_stats (entropy, distance, window distance, recent, max_prob, spans...)
 
 
 @triton.jit
