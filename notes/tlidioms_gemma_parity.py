@@ -26,14 +26,20 @@ with torch.no_grad():
     lh, ch = m.run_with_cache(tb)
 print("logits", (lb-lh).abs().max().item())
 print("scale final", (cb["ln_final.hook_scale"]-ch["ln_final.hook_scale"]).abs().max().item())
-for k in ["hook_embed", "blocks.3.hook_attn_out", "blocks.3.hook_mlp_out", "blocks.3.hook_resid_mid"]:
+for n in ["W_in", "W_gate", "W_out"]:
+    a, b = getattr(br, n), getattr(m, n); print(n, tuple(a.shape), tuple(b.shape), (a-b).abs().max().item() if a.shape==b.shape else "SHAPE")
+for k in ["hook_embed", "blocks.3.hook_attn_out", "blocks.3.hook_mlp_out", "blocks.3.hook_resid_mid",
+          "blocks.3.mlp.hook_pre", "blocks.3.mlp.hook_pre_linear", "blocks.3.mlp.hook_post"]:
     print(k, (cb[k]-ch[k]).abs().max().item() if k in cb.cache_dict else "not in TL")
 with torch.no_grad():
     a1 = cb.accumulated_resid(apply_ln=True); a2 = ch.accumulated_resid(apply_ln=True); print("accum", (a1-a2).abs().max().item(), a1.abs().max().item())
     d1, l1 = cb.decompose_resid(return_labels=True); d2, l2 = ch.decompose_resid(return_labels=True); print("decomp", l1 == l2, (d1-d2).abs().max().item())
     print("TL decomposition sums to the final residual:", (d1.sum(0) - cb["resid_post", -1]).abs().max().item(),
           "| TL attn_out == resid_mid - resid_pre:", (cb["attn_out", 3] - (cb["resid_mid", 3] - cb["resid_pre", 3])).abs().max().item())
+    print("hs decomposition sums to the final residual:", (d2.sum(0) - ch["resid_post", -1]).abs().max().item())
     s1 = cb.stack_head_results(); s2 = ch.stack_head_results(); print("heads", (s1-s2).abs().max().item())
+    n1, nl1 = cb.stack_neuron_results(18, pos_slice=-1, return_labels=True); n2, nl2 = ch.stack_neuron_results(18, pos_slice=-1, return_labels=True)
+    print("neurons", nl1 == nl2, (n1-n2).abs().max().item(), n1.abs().max().item())
     br.enable_compatibility_mode(disable_warnings=True, fold_ln=True, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
     fin = ch["resid_post", -1][None]
     x1 = cb.logit_attrs(cb["resid_post", -1][None], " Mary", " John"); x2 = ch.logit_attrs(fin, " Mary", " John")

@@ -352,17 +352,39 @@ class ActivationCache(hooks.ActivationCache):
             comps = self.apply_ln_to_stack(comps, layer, pos_slice=pos_slice)
         return (comps, labels) if return_labels else comps
 
+    def stack_neuron_results(self, layer: int = -1, pos_slice=None, neuron_slice=None, return_labels: bool = False,
+                             incl_remainder: bool = False, apply_ln: bool = False):
+        """Every MLP neuron's output of the layers below ``layer`` (-1 / None: all), TransformerLens'
+        ``stack_neuron_results``: [layer * n_neurons, (batch,) pos, d_model] labelled "L{l}N{n}",
+        ``hook_post[..., n] * W_out[l, n]`` (b_out left out); ``neuron_slice`` picks neurons within
+        each layer; ``incl_remainder`` adds the rest of the residual stream (``resid_post`` of
+        layer - 1 minus the neurons) as "remainder"."""
+        model = self._model("stack_neuron_results")
+        if layer is None or layer == -1:
+            layer = model.cfg.n_layers
+        d_mlp = model.W_out.shape[1]
+        idx = apply_slice(torch.arange(d_mlp), neuron_slice, 0).reshape(-1)
+        comps = self.neuron_terms(layer, pos_slice)                         # [layer*d_mlp, ..., d_model]
+        keep = (torch.arange(layer)[:, None] * d_mlp + idx[None]).reshape(-1)
+        comps = comps[keep]
+        labels = [f"L{l}N{int(i)}" for l in range(layer) for i in idx]
+        if incl_remainder and layer > 0:
+            rest = apply_slice(self["resid_post", layer - 1], pos_slice, -2) - comps.sum(0)
+            comps = torch.cat([comps, rest[None].to(comps.dtype)])
+            labels.append("remainder")
+        if apply_ln:
+            comps = self.apply_ln_to_stack(comps, layer, pos_slice=pos_slice)
+        return (comps, labels) if return_labels else comps
+
     def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False,
                                      expand_neurons: bool = True, apply_ln: bool = False, pos_slice=None,
                                      return_labels: bool = False):
-        """Every head's output, each MLP's output, the embeddings and the summed attention output
-        biases ("bias") entering ``layer`` (None / -1: the final residual stream), stacked: the
-        components sum to the residual stream. Per-neuron MLP terms (``expand_neurons=True``,
-        TransformerLens' default) need MLP activations headscope does not hook: pass
-        ``expand_neurons=False``."""
-        if expand_neurons:
-            raise NotImplementedError("headscope does not hook MLP neurons (hook_post): call "
-                                      "get_full_resid_decomposition(..., expand_neurons=False) for whole-MLP terms")
+        """Every head's output, each MLP's output, the embeddings and the summed output biases
+        ("bias") entering ``layer`` (None / -1: the final residual stream), stacked: the components
+        sum to the residual stream. ``expand_neurons=True`` (TransformerLens' default) splits each
+        MLP into its neurons, "L{l}N{n}" = ``hook_post[..., n] * W_out[l, n]`` [(batch,) pos, d_model]
+        (the MLP's output bias joins "bias"): layers × d_mlp terms, so slice positions
+        (``pos_slice``) on long inputs. Needs ``blocks.{l}.mlp.hook_post`` cached."""
         model = self._model("get_full_resid_decomposition")
         n = model.cfg.n_layers
         if layer is None or layer == -1:
@@ -370,7 +392,10 @@ class ActivationCache(hooks.ActivationCache):
         heads, labels = self.stack_head_results(layer + (1 if mlp_input else 0), pos_slice=pos_slice,
                                                 return_labels=True)
         comps = [heads]
-        if layer > 0:
+        if layer > 0 and expand_neurons:
+            comps.append(self.neuron_terms(layer, pos_slice).to(heads.dtype))     # [layer*d_mlp, ..., d_model]
+            labels = labels + [f"L{l}N{i}" for l in range(layer) for i in range(model.W_out.shape[1])]
+        elif layer > 0:
             mlps, mlp_labels = self.decompose_resid(layer, mlp_input=mlp_input, pos_slice=pos_slice,
                                                     incl_embeds=False, mode="mlp", return_labels=True)
             comps.append(mlps)
@@ -380,6 +405,8 @@ class ActivationCache(hooks.ActivationCache):
             labels.append(label)
         n_bias = layer + (1 if mlp_input else 0)
         b_O = model.b_O.detach()[:n_bias].sum(0) if n_bias else heads.new_zeros(model.cfg.d_model)
+        if expand_neurons and layer > 0:
+            b_O = b_O + model.b_out.detach()[:layer].sum(0).to(b_O.dtype)
         comps.append(b_O.to(heads.dtype).expand(1, *heads.shape[1:]))
         labels.append("bias")
         stack = torch.cat(comps)
@@ -387,6 +414,23 @@ class ActivationCache(hooks.ActivationCache):
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
+
+    def neuron_terms(self, layer: int, pos_slice=None) -> torch.Tensor:
+        """What each MLP neuron of the layers below ``layer`` writes to the residual stream,
+        ``hook_post[..., n] * W_out[l, n]``: [layer * d_mlp, (batch,) pos, d_model] (labels
+        "L{l}N{n}"; the output bias b_out is left out)."""
+        model = self._model("neuron_terms")
+        W_out = model.W_out.detach()                                         # [L, d_mlp, d_model]
+        parts = []
+        for l in range(layer):
+            name = hooks.hook_name("post", l)
+            if not dict.__contains__(self, name):
+                raise KeyError(f"{name!r} was not cached: per-neuron terms need the MLP activations; "
+                               "cache them (run_with_cache caches every hook by default) or pass "
+                               "expand_neurons=False")
+            post = apply_slice(dict.__getitem__(self, name), pos_slice, -2)   # [(batch,) pos, d_mlp]
+            parts.append(torch.einsum("...n,nm->n...m", post, W_out[l].to(post.dtype)))
+        return torch.cat(parts)
 
     # ---------------------------------------------------------------- attribution
     def logit_attrs(self, residual_stack: torch.Tensor, tokens, incorrect_tokens=None, pos_slice=None,

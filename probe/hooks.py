@@ -12,8 +12,13 @@ Names (layer l):
                                                                  enters the residual, scaled where the model scales)
   blocks.{l}.hook_attn_out                                       [batch, pos, d_model] (attention module output)
   blocks.{l}.hook_mlp_in / hook_mlp_out                          [batch, pos, d_model] (MLP module input / output)
+  blocks.{l}.mlp.hook_pre                                        [batch, pos, d_mlp] (pre-activation: the gate
+                                                                 projection's output in a gated MLP)
+  blocks.{l}.mlp.hook_pre_linear                                 [batch, pos, d_mlp] (gated MLPs: the up projection)
+  blocks.{l}.mlp.hook_post                                       [batch, pos, d_mlp] (the neurons: input of the
+                                                                 MLP's output projection)
 Gradients: any name + "_grad" in ``run_with_cache(..., incl_bwd=True)``; ``bwd_hooks`` get d(metric)/d(tensor).
-hook_embed, hook_attn_out, hook_mlp_in and hook_mlp_out are served by ``module_hooks`` (torch hooks on the
+hook_embed, hook_attn_out, hook_mlp_in, hook_mlp_out and the mlp.* neuron hooks are served by ``module_hooks`` (torch hooks on the
 embedding, attention and MLP modules found by type/name search). hook_mlp_in is the MLP module's input, i.e.
 after the pre-MLP norm (TransformerLens hooks it before ln2).
 q and k are taken where the attention function sees them, after rotary embeddings (TransformerLens
@@ -30,9 +35,11 @@ import torch
 ATTN_KINDS = ("q", "k", "v", "attn_scores", "pattern", "z", "result")
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
 MODULE_KINDS = ("attn_out", "mlp_in", "mlp_out")           # block-level, served by probe/module_hooks.py
+MLP_KINDS = ("pre", "pre_linear", "post")                  # blocks.{l}.mlp.hook_*, also module_hooks.py
 EMBED = "embed"                                            # "hook_embed"; stored under layer -1
 _ALIASES = {"rot_q": "q", "rot_k": "k", "scores": "attn_scores"}
-_NAME = re.compile(r"^blocks\.(\d+)\.(?:attn\.)?hook_(\w+)$")
+_NAME = re.compile(r"^blocks\.(\d+)\.(?:(attn|mlp)\.)?hook_(\w+)$")
+_KINDS = ATTN_KINDS + RESID_KINDS + MODULE_KINDS + MLP_KINDS
 
 
 def hook_name(kind: str, layer: int) -> str:
@@ -43,7 +50,9 @@ def hook_name(kind: str, layer: int) -> str:
         return f"blocks.{layer}.hook_{kind}"
     if kind in ATTN_KINDS:
         return f"blocks.{layer}.attn.hook_{kind}"
-    raise KeyError(f"unknown hook kind {kind!r}; known: {ATTN_KINDS + RESID_KINDS + MODULE_KINDS + (EMBED,)}")
+    if kind in MLP_KINDS:
+        return f"blocks.{layer}.mlp.hook_{kind}"
+    raise KeyError(f"unknown hook kind {kind!r}; known: {_KINDS + (EMBED,)}")
 
 
 def parse(name: str, n_layers: int) -> tuple[int, str]:
@@ -54,11 +63,10 @@ def parse(name: str, n_layers: int) -> tuple[int, str]:
     if not m:
         raise ValueError(f"unknown hook name {name!r}: expected e.g. 'blocks.0.attn.hook_pattern' "
                          f"or 'blocks.0.hook_resid_pre'")
-    layer, kind = int(m.group(1)), _ALIASES.get(m.group(2), m.group(2))
-    if kind not in ATTN_KINDS + RESID_KINDS + MODULE_KINDS:
-        raise ValueError(f"unknown hook {name!r}: kinds are {ATTN_KINDS + RESID_KINDS + MODULE_KINDS} "
-                         "(and 'hook_embed')")
-    if ("attn." in name) != (kind in ATTN_KINDS):
+    layer, prefix, kind = int(m.group(1)), m.group(2), _ALIASES.get(m.group(3), m.group(3))
+    if kind not in _KINDS:
+        raise ValueError(f"unknown hook {name!r}: kinds are {_KINDS} (and 'hook_embed')")
+    if (prefix == "attn") != (kind in ATTN_KINDS) or (prefix == "mlp") != (kind in MLP_KINDS):
         raise ValueError(f"hook {name!r}: did you mean {hook_name(kind, layer)!r}?")
     if not 0 <= layer < n_layers:
         raise IndexError(f"hook {name!r}: layer {layer} out of range, the model has {n_layers} layers")
@@ -66,7 +74,8 @@ def parse(name: str, n_layers: int) -> tuple[int, str]:
 
 
 def all_names(n_layers: int) -> list[str]:
-    per_layer = RESID_KINDS[:1] + ATTN_KINDS + ("attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
+    per_layer = RESID_KINDS[:1] + ATTN_KINDS + ("attn_out", "resid_mid", "mlp_in") + MLP_KINDS + \
+        ("mlp_out", "resid_post")
     return ["hook_embed"] + [hook_name(k, l) for l in range(n_layers) for k in per_layer]
 
 

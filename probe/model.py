@@ -409,8 +409,11 @@ class HookedModel(TLIdioms, nn.Module):
             return self(tokens, attention_mask=attention_mask, **kwargs)
 
     def hook_names(self) -> list[str]:
-        from .hooks import all_names
-        return all_names(self.cfg.n_layers)
+        """Every hook name this model serves (TransformerLens order); MLP hooks whose modules the
+        search did not find (see ``module_hooks``) are left out."""
+        from .hooks import all_names, parse
+        n = self.cfg.n_layers
+        return [h for h in all_names(n) if h == "hook_embed" or module_hooks.servable(self, *parse(h, n))]
 
     def pattern_bytes(self, batch: int, n_tokens: int, n_layers: int) -> int:
         return 4 * batch * self.cfg.n_heads * n_tokens * n_tokens * n_layers

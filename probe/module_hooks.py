@@ -11,6 +11,13 @@ backward (gradient) hooks for every hook name.
 - ``blocks.{l}.hook_mlp_in`` / ``hook_mlp_out``: input / output of layer l's MLP module, found as a
   child named ``mlp``/``feed_forward``/``ffn``/``block_sparse_moe`` or a child whose class name says
   MLP / FeedForward / MoE. A model without one gets a clear error when these hooks are asked for.
+- ``blocks.{l}.mlp.hook_pre`` / ``hook_pre_linear`` / ``hook_post`` ([batch, pos, d_mlp], the
+  neurons, as TransformerLens): in a gated MLP (``gate_proj``/``up_proj``/``down_proj``, also
+  ``w1``/``w3``/``w2``) ``hook_pre`` is the gate projection's output, ``hook_pre_linear`` the up
+  projection's and ``hook_post`` the input of the down projection, act(pre) * pre_linear; in a plain
+  MLP (``fc1``/``fc2``, ``c_fc``/``c_proj``, ``dense_h_to_4h``/``dense_4h_to_h``, ``up_proj``/
+  ``down_proj``) ``hook_pre`` is the first projection's output and ``hook_post`` the second's input.
+  An MLP with a fused gate+up projection serves ``hook_post`` only; a mixture of experts none.
 
 Backward hooks follow TransformerLens: ``bwd_hooks=[(name, fn)]`` call ``fn(grad, hook=...)`` with
 d(whatever is back-propagated)/d(the hooked tensor), same shape as the forward tensor; they are
@@ -25,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .hooks import EMBED, Hook, hook_name
+from .hooks import EMBED, MLP_KINDS, Hook, hook_name
 
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
 _MLP_TYPES = ("MLP", "FeedForward", "Moe", "MoE")
@@ -44,6 +51,37 @@ def find_mlp(layer: nn.Module, index: int) -> nn.Module:
     raise TypeError(f"cannot find the MLP module of decoder layer {index} ({type(layer).__name__}); its "
                     f"children are: {kids}. hook_mlp_in / hook_mlp_out need a child named one of "
                     f"{_MLP_NAMES} or a class whose name contains one of {_MLP_TYPES}")
+
+
+# (pre, pre_linear, post) projection names: the module whose output is hook_pre / hook_pre_linear,
+# and the one whose input is hook_post
+_GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+_PLAIN = (("fc1", "fc2"), ("c_fc", "c_proj"), ("dense_h_to_4h", "dense_4h_to_h"), ("up_proj", "down_proj"),
+          ("fc_in", "fc_out"))
+_FUSED_UP = ("gate_up_proj",)
+
+
+def find_mlp_parts(mlp: nn.Module) -> dict[str, nn.Module]:
+    """The MLP's projections by neuron hook: {"pre": module (output hooked), "pre_linear": module
+    (output), "post": module (input)}; kinds this MLP cannot serve are left out."""
+    kids = dict(mlp.named_children())
+    for g, u, d in _GATED:
+        if all(isinstance(kids.get(n), nn.Module) for n in (g, u, d)):
+            return {"pre": kids[g], "pre_linear": kids[u], "post": kids[d]}
+    if any(n in kids for n in _FUSED_UP) and isinstance(kids.get("down_proj"), nn.Module):
+        return {"post": kids["down_proj"]}
+    for a, b in _PLAIN:
+        if all(isinstance(kids.get(n), nn.Module) for n in (a, b)):
+            return {"pre": kids[a], "post": kids[b]}
+    return {}
+
+
+def mlp_part_error(mlp: nn.Module, layer: int, kind: str) -> str:
+    kids = ", ".join(f"{n} ({type(m).__name__})" for n, m in mlp.named_children())
+    return (f"blocks.{layer}.mlp.hook_{kind} is not available for {type(mlp).__name__} (children: {kids}): "
+            f"headscope finds neurons through gated projections {['/'.join(x) for x in _GATED]} or plain ones "
+            f"{['/'.join(x) for x in _PLAIN]}; a fused gate_up_proj serves hook_post only, a mixture of "
+            "experts none")
 
 
 def _runner(state):
@@ -104,12 +142,56 @@ def install(hm) -> None:
             return run(i, "mlp_out", output)
         mlp.register_forward_pre_hook(mlp_in, with_kwargs=True)
         (layer.post_feedforward_layernorm if sandwich else mlp).register_forward_hook(mlp_out)
+        install_neurons(hm, mlp, i, run)
+
+
+def install_neurons(hm, mlp: nn.Module, i: int, run) -> None:
+    """Forward hooks for blocks.{i}.mlp.hook_pre / hook_pre_linear (module outputs) and a forward
+    pre-hook for hook_post (the output projection's input)."""
+    st = hm.state
+    parts = find_mlp_parts(mlp)
+    for kind in MLP_KINDS:
+        if kind not in parts:
+            hm.module_hook_errors[(i, kind)] = mlp_part_error(mlp, i, kind)
+
+    def out_hook(kind):
+        def fn(mod, args, output):
+            if not st.hooks.get((i, kind)):
+                return None
+            return run(i, kind, output)
+        return fn
+
+    for kind in ("pre", "pre_linear"):
+        if kind in parts:
+            parts[kind].register_forward_hook(out_hook(kind))
+    if "post" in parts:
+        def post(mod, args, kwargs):
+            if not st.hooks.get((i, "post")):
+                return None
+            if args:
+                return (run(i, "post", args[0]),) + tuple(args[1:]), kwargs
+            k = next(iter(kwargs))
+            kwargs[k] = run(i, "post", kwargs[k])
+            return args, kwargs
+        parts["post"].register_forward_pre_hook(post, with_kwargs=True)
 
 
 def check(hm, layer: int, kind: str) -> None:
     """Raise the module-search error for a hook that this model cannot serve."""
-    if kind in ("mlp_in", "mlp_out") and layer in getattr(hm, "module_hook_errors", {}):
-        raise TypeError(hm.module_hook_errors[layer])
+    errors = getattr(hm, "module_hook_errors", {})
+    if kind in ("mlp_in", "mlp_out") + MLP_KINDS and layer in errors:
+        raise TypeError(errors[layer])
+    if (layer, kind) in errors:
+        raise TypeError(errors[(layer, kind)])
+
+
+def servable(hm, layer: int, kind: str) -> bool:
+    """Can this model serve hook ``kind`` on ``layer`` (the module search found its module)?"""
+    try:
+        check(hm, layer, kind)
+    except TypeError:
+        return False
+    return True
 
 
 def as_forward(bwd_hooks) -> list:

@@ -337,6 +337,59 @@ class TLIdioms:
         """[n_layers, d_model]; zeros for bias-free models."""
         return self._stack("b_O")
 
+    def _mlp_weights(self, layer: int) -> dict:
+        """One layer's MLP weights in TransformerLens' layout (W_in/W_gate [d_model, d_mlp], W_out
+        [d_mlp, d_model]), from the projections ``module_hooks.find_mlp_parts`` finds."""
+        from .module_hooks import find_mlp, find_mlp_parts, mlp_part_error
+        mlp = find_mlp(self.layers[layer], layer)
+        parts = find_mlp_parts(mlp)
+        if "pre" not in parts or "post" not in parts:
+            raise TypeError(mlp_part_error(mlp, layer, "pre") + "; W_in/W_gate/W_out are not available")
+        gated = "pre_linear" in parts
+        w_in = _in_out(parts["pre_linear"] if gated else parts["pre"])          # [D, d_mlp]
+        w_out = _in_out(parts["post"])                                          # [d_mlp, D]
+        r = {"W_in": w_in, "W_out": w_out, "b_in": _bias(parts["pre_linear"] if gated else parts["pre"],
+                                                          w_in.shape[1], w_in),
+             "b_out": _bias(parts["post"], w_out.shape[1], w_out)}
+        if gated:
+            r["W_gate"] = _in_out(parts["pre"])
+        return r
+
+    def _mlp_stack(self, key: str) -> torch.Tensor:
+        ws = [self._mlp_weights(l) for l in range(self.cfg.n_layers)]
+        if key not in ws[0]:
+            raise TypeError(f"{key} exists for gated MLPs only; {type(self.model).__name__}'s MLP has no "
+                                 "gate projection (use W_in)")
+        return torch.stack([w[key] for w in ws])
+
+    @property
+    def W_in(self) -> torch.Tensor:
+        """MLP input weights [n_layers, d_model, d_mlp]: the up projection of a gated MLP
+        (``hook_pre_linear = x @ W_in``), the first projection of a plain one (``hook_pre``)."""
+        return self._mlp_stack("W_in")
+
+    @property
+    def W_gate(self) -> torch.Tensor:
+        """Gate weights [n_layers, d_model, d_mlp] of a gated MLP (``hook_pre = x @ W_gate``);
+        TypeError for plain MLPs."""
+        return self._mlp_stack("W_gate")
+
+    @property
+    def W_out(self) -> torch.Tensor:
+        """MLP output weights [n_layers, d_mlp, d_model]: ``mlp_out = hook_post @ W_out + b_out``
+        (before a post-MLP norm where the model has one)."""
+        return self._mlp_stack("W_out")
+
+    @property
+    def b_in(self) -> torch.Tensor:
+        """[n_layers, d_mlp]; zeros for bias-free models."""
+        return self._mlp_stack("b_in")
+
+    @property
+    def b_out(self) -> torch.Tensor:
+        """[n_layers, d_model]; zeros for bias-free models."""
+        return self._mlp_stack("b_out")
+
     @property
     def W_E(self) -> torch.Tensor:
         """Token embedding [d_vocab, d_model], the stored weights (Gemma multiplies the looked-up

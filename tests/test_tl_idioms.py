@@ -107,6 +107,48 @@ def test_weights_reproduce_the_activations(name):
     assert torch.allclose(m.QK[2, h].AB, m.W_Q[2, h] @ m.W_K[2, h // group].T, atol=1e-5)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gemma3"])
+def test_mlp_neuron_hooks_and_weights(name):
+    """blocks.{l}.mlp.hook_pre / hook_pre_linear / hook_post (TransformerLens' neuron hooks) are the
+    gate/up projections' outputs and the down projection's input; W_in/W_gate/W_out/b_in/b_out
+    reproduce them; a hook on hook_post changes the MLP's output; gradients reach it."""
+    m = load_with_biases(name)
+    gated = name != "tiny-gpt2"
+    toks = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    _, cache = m.run_with_cache(toks)
+    L = m.cfg.n_layers
+    assert m.W_in.shape[:2] == (L, m.cfg.d_model) and m.W_out.shape[::2] == (L, m.cfg.d_model)
+    d_mlp = m.W_in.shape[2]
+    assert cache["post", 0].shape == (2, 9, d_mlp) and "blocks.1.mlp.hook_post" in m.hook_names()
+    for l in range(L):
+        x = cache["mlp_in", l]
+        pre_in = x @ m.W_in[l] + m.b_in[l]
+        if gated:
+            assert torch.allclose(x @ m.W_gate[l], cache["pre", l], atol=1e-5)
+            assert torch.allclose(pre_in, cache["pre_linear", l], atol=1e-5)
+        else:
+            assert torch.allclose(pre_in, cache["pre", l], atol=1e-5)
+            assert "blocks.0.mlp.hook_pre_linear" not in m.hook_names()
+            with pytest.raises(TypeError, match="gated MLPs only"):
+                m.W_gate
+        out = cache["post", l] @ m.W_out[l] + m.b_out[l]
+        if name != "tiny-gemma3":                                              # Gemma: post-MLP norm after
+            assert torch.allclose(out, cache["mlp_out", l], atol=1e-5)
+    zero_n = lambda t, hook: t.index_fill(-1, torch.tensor([0, 3]), 0.0)      # noqa: E731
+    with m.hooks([("blocks.1.mlp.hook_post", zero_n)]):
+        _, c2 = m.run_with_cache(toks, names_filter=["blocks.1.hook_mlp_out"])
+    if name != "tiny-gemma3":
+        expect = zero_n(cache["post", 1], None) @ m.W_out[1] + m.b_out[1]
+        assert torch.allclose(c2["mlp_out", 1], expect, atol=1e-5)
+    assert not torch.allclose(c2["mlp_out", 1], cache["mlp_out", 1])
+    with torch.enable_grad():
+        _, g = m.run_with_cache(toks, names_filter=["blocks.2.mlp.hook_post"], incl_bwd=True)
+    assert g["post_grad", 2].shape == cache["post", 2].shape and g["post_grad", 2].abs().sum() > 0
+    with pytest.raises(ValueError, match="did you mean 'blocks.0.mlp.hook_post'"):
+        m.run_with_cache(toks, names_filter=["blocks.0.hook_post"])
+
+
 def test_weights_error_names_what_is_missing(tiny):
     from torch import nn
 
@@ -256,8 +298,19 @@ def test_decompositions_add_up(name, caplog):
     assert torch.allclose(lens[-1] @ m.W_U + m.b_U, logits, atol=1e-4)
     per_example = cache.logit_attrs(parts, torch.tensor([a, b]))                # one token per example
     assert torch.allclose(per_example[:, 1], cache.logit_attrs(parts, b, batch_slice=1))
-    with pytest.raises(NotImplementedError, match="expand_neurons=False"):
-        cache.get_full_resid_decomposition()
+    # per-neuron terms (TransformerLens' default expand_neurons=True): hook_post[n] * W_out[n]
+    neurons, nl = cache.get_full_resid_decomposition(return_labels=True, pos_slice=-1)
+    d_mlp = m.W_out.shape[1]
+    L = m.cfg.n_layers
+    assert nl[L * m.cfg.n_heads] == "L0N0" and nl[-(n_embed + 2)] == f"L{L - 1}N{d_mlp - 1}" and nl[-1] == "bias"
+    assert len(nl) == m.cfg.n_layers * (m.cfg.n_heads + d_mlp) + n_embed + 1
+    if name != "tiny-gemma3":                                                  # post-MLP norm: not additive
+        assert torch.allclose(neurons.sum(0), final[:, -1], atol=1e-4)
+        mlp0 = cache.neuron_terms(1).sum(0) + m.b_out[0]
+        assert torch.allclose(mlp0, cache["mlp_out", 0], atol=1e-5)
+    sn, sl = cache.stack_neuron_results(2, neuron_slice=(1, 4), return_labels=True)
+    assert sl == ["L0N1", "L0N2", "L0N3", "L1N1", "L1N2", "L1N3"] and sn.shape == (6, 2, 7, m.cfg.d_model)
+    assert torch.equal(sn[4], cache.neuron_terms(2)[d_mlp + 2])
 
 
 # ------------------------------------------------------------------------------ TransformerLens parity
@@ -286,13 +339,18 @@ def tl(smollm2):
     r["mary"] = br.to_single_token(" Mary")
     r["pos"] = (br.get_token_position(" John", PROMPT), br.get_token_position(" John", PROMPT, mode="last"))
     with torch.no_grad():
-        for n in ("W_Q", "W_K", "W_V", "W_O", "W_E", "W_U", "b_U"):
+        for n in ("W_Q", "W_K", "W_V", "W_O", "W_E", "W_U", "b_U", "W_in", "W_gate", "W_out"):
             r[n] = getattr(br, n).detach().clone()
         r["OV_shape"], r["QK_shape"] = br.OV.shape, br.QK.shape
         r["OV_4_7"], r["QK_20_2"] = br.OV[4, 7].AB, br.QK[20, 2].AB
         logits, cache = br.run_with_cache(r["tokens"])
         r["logits"] = logits
         r["pattern_last"] = cache["pattern", -1]
+        r["neurons_3"] = {k: cache[k, 3] for k in ("pre", "pre_linear", "post")}
+        r["full_neurons"], r["full_neurons_labels"] = cache.get_full_resid_decomposition(pos_slice=-1,
+                                                                                         return_labels=True)
+        r["neurons_stack"], r["neurons_stack_labels"] = cache.stack_neuron_results(
+            5, pos_slice=-1, neuron_slice=(10, 20), return_labels=True, incl_remainder=True, apply_ln=True)
         r["scale_final"], r["scale_ln2_5"] = cache["ln_final.hook_scale"], cache["blocks.5.ln2.hook_scale"]
         r["decomp"], r["decomp_labels"] = cache.decompose_resid(return_labels=True)
         r["decomp_mlp_in_7"] = cache.decompose_resid(7, mlp_input=True, mode="attn", pos_slice=-1)
@@ -348,7 +406,7 @@ def test_tokens_and_config_match_transformerlens(smollm2, tl):
 @pytest.mark.slow
 def test_weights_match_transformerlens(smollm2, tl):
     m = smollm2
-    for n in ("W_Q", "W_K", "W_V", "W_O", "W_E", "W_U", "b_U"):
+    for n in ("W_Q", "W_K", "W_V", "W_O", "W_E", "W_U", "b_U", "W_in", "W_gate", "W_out"):
         assert torch.equal(getattr(m, n).detach(), tl[n]), n
     assert m.OV.shape == tl["OV_shape"] and m.QK.shape == tl["QK_shape"]
     assert torch.equal(m.OV[4, 7].AB, tl["OV_4_7"]) and torch.equal(m.QK[20, 2].AB, tl["QK_20_2"])
@@ -379,6 +437,15 @@ def test_cache_helpers_match_transformerlens(tl, hs_cache):
     full, fl = c.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
     assert fl == tl["full_labels"]
     close(full, tl["full"])
+    for k, v in tl["neurons_3"].items():                                       # blocks.3.mlp.hook_*
+        close(c[k, 3], v)
+    full, fl = c.get_full_resid_decomposition(pos_slice=-1, return_labels=True)  # per neuron
+    assert fl == tl["full_neurons_labels"]
+    close(full, tl["full_neurons"])
+    st, sl = c.stack_neuron_results(5, pos_slice=-1, neuron_slice=(10, 20), return_labels=True,
+                                    incl_remainder=True, apply_ln=True)
+    assert sl == tl["neurons_stack_labels"]
+    close(st, tl["neurons_stack"])
 
 
 @pytest.mark.slow
