@@ -49,8 +49,12 @@ IGNORED_KWARGS = frozenset({"cache_position", "past_key_values", "past_key_value
                             "output_attentions", "output_hidden_states", "return_dict", "deterministic",
                             "layer_idx", "token_type_ids", "layer_type", "attention_type",
                             "output_router_logits", "num_items_in_batch", "logits_to_keep"})
-_declined: set[str] = set()
-_declined_lock = threading.Lock()
+# Shared through the "headscope" logger, so that "once per process" holds even when this file is
+# imported twice under two package names (pytest imports the repo root as a package of its folder's name)
+if not hasattr(log, "headscope_declined"):
+    log.headscope_declined, log.headscope_declined_lock = set(), threading.Lock()
+_declined: set[str] = log.headscope_declined
+_declined_lock = log.headscope_declined_lock
 
 
 def decline_once(reason: str, fallback: str = "the chunked PyTorch path") -> None:
