@@ -304,8 +304,9 @@ def sweep(args):
 
 # ---------------------------------------------------------------------------------------------
 # --compare: the best kernels on this machine beside ours
-def fa4_fn(q, k, v, causal=True):
-    """FlashAttention-4 (CuTe DSL) on [B, N, H, d] copies made outside the timing; None if absent."""
+def fa4_fn(q, k, v, causal=True, **kw):
+    """FlashAttention-4 (CuTe DSL) on [B, N, H, d] copies made outside the timing; None if absent.
+    ``kw`` go to flash_attn_func (e.g. num_splits=0: its split-KV heuristic, for decoding)."""
     try:
         from flash_attn.cute import flash_attn_func
     except Exception as e:  # noqa: BLE001  (not installed, or no GPU it supports)
@@ -315,7 +316,7 @@ def fa4_fn(q, k, v, causal=True):
     d = q.shape[-1]
 
     def run():
-        return flash_attn_func(qt, kt, vt, softmax_scale=d ** -0.5, causal=causal)
+        return flash_attn_func(qt, kt, vt, softmax_scale=d ** -0.5, causal=causal, **kw)
     try:
         run()
     except Exception as e:  # noqa: BLE001
@@ -498,8 +499,9 @@ def decode(args):
                 f.write(line + "\n")
     H, G, d = 32, 8, 128
     put(f"\n### decode Q=1, H={H} G={G} d={d}, bf16: µs, do_bench median [CUDA graph]; ×SDPA from graphs\n")
-    put("| B, K | default SDPA | FA4 | ours plain | ours + argmax | ours + all rows | old fwd + argmax | K/V floor |")
-    put("|" + "---|" * 8)
+    put("| B, K | default SDPA | FA4 | FA4 num_splits=0 | ours plain | ours + argmax | ours + all rows | old fwd + argmax "
+        "| K/V floor |")
+    put("|" + "---|" * 9)
     res = []
     for B in args.decode_batches:
         for K in args.decode_sizes:
@@ -509,7 +511,8 @@ def decode(args):
             k = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
             v = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
             sd = sdpa_backend_fn(q, k, v, None, causal=False)
-            fns = {"sdpa": sd, "fa4": fa4_fn(q, k, v, causal=False)}
+            fns = {"sdpa": sd, "fa4": fa4_fn(q, k, v, causal=False),
+                   "fa4-split": fa4_fn(q, k, v, causal=False, num_splits=0)}   # fa4.DECODE would need this fast
             for name, req in (("plain", None), ("argmax", StatRequest(argmax=True)), ("rows", row_request(K))):
                 fns[name] = (lambda r: lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=r))(req)
             old_min = td.DECODE_MIN_K
@@ -548,7 +551,13 @@ def decode(args):
                     return "n/a"
                 ref = tg[n] if tg[n] is not None else t[n]
                 return f"{t[n]:.0f} [{tg[n]:.0f}] {ref / base:.2f}×" if tg[n] else f"{t[n]:.0f} {t[n] / base:.2f}×"
-            put(f"| {B}, {K // 1024}k | " + " | ".join(cell(n) for n in ("sdpa", "fa4", "plain", "argmax", "rows", "old"))
+            if fns["fa4-split"] is not None and fns["fa4"] is not None:
+                r1, r2 = fns["fa4"](), fns["fa4-split"]()
+                r1, r2 = (r[0] if isinstance(r, (tuple, list)) else r for r in (r1, r2))
+                print(f"B={B} K={K} FA4 num_splits=0 vs 1 max abs diff {(r1.float() - r2.float()).abs().max().item()}",
+                      flush=True)
+            put(f"| {B}, {K // 1024}k | " + " | ".join(cell(n) for n in ("sdpa", "fa4", "fa4-split", "plain", "argmax",
+                                                                         "rows", "old"))
                 + f" | {floor:.0f} |")
             res.append({"B": B, "K": K, "us": t, "graph_us": tg, "floor_us": floor, "errs": errs})
             del q, k, v

@@ -1,14 +1,16 @@
 """Optional FlashAttention-4 backend (``pip install headscope[fa4]``): plain attention and the
 statistics that follow from its row log-sum-exp alone.
 
-FlashAttention-4 (Dao et al., the CuTe-DSL ``flash_attn.cute`` kernels of the flash-attention
-repository, successor of FlashAttention-3, Shah et al. 2024 "FlashAttention-3: Fast and Accurate
-Attention with Asynchrony and Low-precision", Sec. 3) is the fastest attention forward on Hopper
-and Blackwell. It returns the output and, with ``return_lse=True``, each row's natural-log
-log-sum-exp ``lse[t] = log sum_s exp(scale * q_t . k_s)`` over the keys row t may see. With the LSE
-in hand every probability is one score away:
+FlashAttention-4 (Zadouri, Hoehnerbach, Shah, Liu, Thakkar and Dao 2026, "FlashAttention-4:
+Algorithm and Kernel Pipelining Co-Design for Asymmetric Hardware Scaling"; the CuTe-DSL kernels
+``flash_attn.cute`` of the flash-attention repository, with a Hopper path beside the Blackwell one)
+is the fastest attention forward measured on the H200 (BENCHMARKS.md). With ``return_lse=True`` it
+also returns each row's natural-log log-sum-exp ``lse[t] = log sum_s exp(scale * q_t . k_s)`` over
+the keys row t may see (the statistic FlashAttention keeps for its backward pass: Dao et al. 2022,
+"FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness", Sec. 3.1). With the
+LSE in hand every probability is one score away:
 
-    p[t, s] = exp(scale * q_t . k_s - lse[t])          (exact; Dao et al. 2022, FlashAttention, Sec. 3.1)
+    p[t, s] = exp(scale * q_t . k_s - lse[t])          (exact)
 
 so a statistic that is a *mass on a few keys* needs the scores of those keys only, not another
 pass over the whole row (the lever of issue #13 "kernels at the speed of the best"):
@@ -30,19 +32,22 @@ every key of a row (or the forward loop itself); requests for them are declined 
         out, st = fa4.attention(q, k, v, scaling=d ** -0.5, stats=stats)   # out [B, H, Q, d]
 
 Same contract as ``triton_attention.attention``: ``out`` [B, H, Q, d] in q's dtype (a view of
-FA4's [B, Q, H, d] output), a dict with the keys of ``spec.expected_keys(stats)`` (fp32), and
-``Unsupported`` (a subclass of ``triton_attention.Unsupported``'s role, caught by the probe) for
-what this backend cannot do: dtypes other than bf16/fp16, head dims outside ``HEAD_DIMS``, a
+FA4's [B, Q, H, d] output), a dict with the keys of ``spec.expected_keys(stats)`` (fp32), and this
+module's ``Unsupported`` (the probe catches it, says why once and falls back) for what this
+backend cannot do: dtypes other than bf16/fp16, head dims outside ``HEAD_DIMS``, a
 padding mask, softcap, learned sinks (s_aux), any probability edit, inputs that require grad,
 causal calls with 1 < Q < K (prefill onto a cache), a sliding window without causality, and the
 statistic fields outside ``SUPPORTED_STATS``.
 
-FA4's API (flash-attn-4 4.0.0b36, checked on the H200 on 2026-12-01): q, k, v are [B, N, H, d]
-(fewer KV heads for GQA), ``flash_attn_func(q, k, v, softmax_scale=, causal=, window_size=(left,
-right), return_lse=)`` returns ``(out [B, N, H, d], lse [B, H, N] fp32 or None)``. The causal and
-window masks are aligned to the bottom right (query i of Q sits at key index K - Q + i); a window
-``(left, 0)`` lets query t see keys t - left .. t, so HF's ``sliding_window`` W (t - s < W) is
-``left = W - 1``. ``_lse_bhq`` accepts the LSE as [B, H, Q] or [B, Q, H] and refuses anything else.
+FA4's API (flash-attn-4 4.0.0b36; imported and timed on the H200 on 2026-12-01): q, k, v are
+[B, N, H, d] (fewer KV heads for GQA; the last dim contiguous), ``flash_attn_func(q, k, v,
+softmax_scale=, causal=, window_size=(left, right), return_lse=)`` returns ``(out [B, N, H, d],
+lse)``, the LSE fp32 [B, H, N] in its ``_flash_attn_fwd`` (``lse_shape = (batch, num_head,
+seqlen_q)``); ``_lse_bhq`` also accepts [B, N, H] and refuses any other shape, and the GPU tests
+hold it to the reference. A window ``(left, 0)`` lets query t see keys t - left .. t, so HF's
+``sliding_window`` W (t - s < W) is ``left = W - 1``. Only Q = K (where FA4's bottom-right mask
+alignment and the top-left one agree) and Q = 1 (sent without a mask, over the last W keys) are
+used here.
 """
 from __future__ import annotations
 
@@ -63,9 +68,15 @@ SUPPORTED_EDITS: frozenset[str] = frozenset()
 # head dims the FA4 sm90 path ran on the H200 (BENCHMARKS.md: d64, d128, d256); others decline
 HEAD_DIMS = frozenset({64, 128, 256})
 DTYPES = (torch.bfloat16, torch.float16)
-# limits of the LSE path: beyond them one pass of the Triton kernels is cheaper than the extra scores
+# limits of the LSE path (the extra scores grow as Q x band): past them the Triton kernels' single pass
+# runs the request (the crossover is not measured)
 MAX_BAND = 4096           # max(recent, window_distance)
 MAX_SUBSET_KEYS = 4096    # sink_k + total span length
+# Decoding (Q = 1) stays on SDPA / the Triton decode path in the probe unless this is True:
+# flash_attn_func runs one query without key splits by default (num_splits=1), one program per
+# (batch, KV head), while SDPA and triton_decode split the keys and sit near the K/V read floor
+# (BENCHMARKS.md, decode table). ``attention`` itself takes Q = 1 either way.
+DECODE = False
 # queries per band block (scores [block, block + band - 1] each) and the fp32 score memory per chunk
 BAND_BLOCK = 32
 CHUNK_BYTES = 1 << 28
@@ -74,6 +85,7 @@ _impl = None              # the flash_attn_func in use (None: not resolved yet; 
 _import_error = ""
 _any_device = False       # set_impl(..., any_device=True): a stand-in that runs on CPU tensors
 _capability: dict = {}
+_strided_ok = True        # FA4 takes strided [B, N, H, d] views (cleared if it ever refuses one)
 
 
 def set_impl(fn, any_device: bool = False) -> None:
@@ -230,10 +242,24 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
             kk, vv = k[:, :, K - window:], v[:, :, K - window:]
     elif window is not None:
         win = (window - 1, 0)                              # t - s < W  <=>  s >= t - (W - 1)
-    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, kk, vv))     # [B, N, H|G, d]
     want = stats is not None
+
+    def call(contiguous: bool):
+        # [B, N, H|G, d] views of [B, H|G, N, d]: a model's q (and k, v without a cache) already lie
+        # this way in memory; a KV cache does not, and copying it costs a decode step more than FA4
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, kk, vv))
+        if contiguous:
+            qt, kt, vt = (x.contiguous() for x in (qt, kt, vt))
+        return fn(qt, kt, vt, softmax_scale=float(scaling), causal=fa_causal, window_size=win, return_lse=want)
+    global _strided_ok
     try:
-        res = fn(qt, kt, vt, softmax_scale=float(scaling), causal=fa_causal, window_size=win, return_lse=want)
+        try:
+            res = call(not _strided_ok)
+        except Exception:  # noqa: BLE001
+            if not _strided_ok:
+                raise
+            res = call(True)                  # this FA4 build wants contiguous [B, N, H, d] tensors
+            _strided_ok = False
     except Exception as e:  # noqa: BLE001  (a shape or GPU this FA4 build does not handle)
         raise Unsupported(f"FlashAttention-4 failed on q {tuple(q.shape)} {q.dtype}: {type(e).__name__}: "
                           f"{str(e)[:200]}") from e
@@ -249,6 +275,23 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
 # ---------------------------------------------------------------------------------------------
 # statistics from the LSE: masses on a few keys (FlashAttention-independent)
+_bmm_out_dtype = True     # torch.bmm(..., out_dtype=fp32) works here (cleared after the first failure)
+
+
+def _scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [X, m, d] @ b [X, d, n] -> fp32 [X, m, n]. bf16 / fp16 on CUDA go through the tensor cores
+    with an fp32 result (``torch.bmm(..., out_dtype=torch.float32)``: the products of bf16 / fp16
+    values are exact in fp32 and summed in fp32, as an fp32 matmul of the upcast inputs would);
+    elsewhere, or where that overload is missing, an fp32 bmm of the upcast inputs."""
+    global _bmm_out_dtype
+    if _bmm_out_dtype and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _bmm_out_dtype = False
+    return torch.bmm(a.float(), b.float())
+
+
 def _visible(t_idx: torch.Tensor, s_idx: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
     """t_idx [..., Qc, 1], s_idx [..., 1 | Qc, L] cache indices -> bool mask (reference.visibility)."""
     diff = t_idx - s_idx
@@ -260,12 +303,12 @@ def _visible(t_idx: torch.Tensor, s_idx: torch.Tensor, causal: bool, window: int
     return vis
 
 
-def _probs(s: torch.Tensor, lse: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
-    """p = exp(s - lse) on visible keys, 0 elsewhere; s [..., Qc, L] fp32, lse [..., Qc]. A row whose
-    LSE is -inf (no key) gets zeros; a NaN LSE stays NaN (reference._probs)."""
+def _probs_(s: torch.Tensor, lse: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """In place: s [..., Qc, L] fp32 scores -> p = exp(s - lse) on visible keys, 0 elsewhere; lse
+    [..., Qc]. A row whose LSE is -inf (no key) gets zeros; a NaN LSE stays NaN (reference._probs)."""
     dead = lse == float("-inf")
-    p = torch.exp(s - lse.masked_fill(dead, 0.0)[..., None])
-    return torch.where(vis & ~dead[..., None], p, 0.0)
+    s.sub_(lse.masked_fill(dead, 0.0)[..., None]).exp_()
+    return s.masked_fill_(~(vis & ~dead[..., None]), 0.0)
 
 
 def _subset_masses(q, k, lse, *, scaling, causal, window, key_pos0, stats, chunk_rows):
@@ -291,17 +334,17 @@ def _subset_masses(q, k, lse, *, scaling, causal, window, key_pos0, stats, chunk
     idx = torch.cat(idx, 1)                                                      # [B, L]
     L = idx.shape[1]
     gather = idx.clamp_min(0)[:, None, :, None].expand(B, G, L, d)
-    ks = torch.gather(k, 2, gather).float()                                      # [B, G, L, d]
+    kt = torch.gather(k, 2, gather).transpose(-1, -2).reshape(B * G, d, L)       # [B G, d, L]
     qg = q.reshape(B, G, r, Q, d)
     sink = torch.empty(B, H, Q, dtype=torch.float32, device=dev) if stats.sink_k else None
     span = torch.empty(B, H, Q, len(stats.spans), dtype=torch.float32, device=dev) if stats.spans else None
     for q0 in range(0, Q, chunk_rows):
         q1 = min(Q, q0 + chunk_rows)
-        qc = qg[:, :, :, q0:q1].float().reshape(B, G, r * (q1 - q0), d)
-        s = torch.matmul(qc, ks.transpose(-1, -2)).view(B, H, q1 - q0, L) * scaling     # [B, H, Qc, L]
+        qc = qg[:, :, :, q0:q1].reshape(B * G, r * (q1 - q0), d)
+        s = _scores(qc, kt).view(B, H, q1 - q0, L).mul_(scaling)                  # [B, H, Qc, L]
         t_idx = torch.arange(K - Q + q0, K - Q + q1, device=dev)[None, None, :, None]
         vis = _visible(t_idx, idx[:, None, None, :], causal, window)             # [B, 1, Qc, L]
-        p = _probs(s, lse[:, :, q0:q1], vis)
+        p = _probs_(s, lse[:, :, q0:q1], vis)
         off = 0
         for i, n in enumerate(lens):
             m = p[..., off:off + n].sum(-1)
@@ -333,9 +376,9 @@ def _band_masses(q, k, lse, *, scaling, causal, window, stats, block, chunk_byte
     # keys of block j: cache indices T0_j - L + 1 .. T0_j + C - 1, T0_j = K - Q + j C; zero rows stand
     # for indices < 0 (masked) and for the queries past Q in the last block
     first = K - Q - (L - 1)
-    kf = torch.zeros(B, G, nb * C + L - 1, d, dtype=torch.float32, device=dev)
+    kf = torch.zeros(B, G, nb * C + L - 1, d, dtype=k.dtype, device=dev)
     src0 = max(first, 0)
-    kf[:, :, src0 - first:src0 - first + (K - src0)] = k[:, :, src0:].float()
+    kf[:, :, src0 - first:src0 - first + (K - src0)] = k[:, :, src0:]
     qf = q.reshape(B, G, r, Q, d)
     lse_g = lse.reshape(B, G, r, Q)
     c = torch.arange(C, device=dev)[:, None]
@@ -355,17 +398,17 @@ def _band_masses(q, k, lse, *, scaling, causal, window, stats, block, chunk_byte
         j1 = min(nb, j0 + nbc)
         n = j1 - j0
         a, b = j0 * C, min(Q, j1 * C)
-        qc = torch.zeros(B, G, r, n * C, d, dtype=torch.float32, device=dev)
+        qc = torch.zeros(B, G, r, n * C, d, dtype=q.dtype, device=dev)
         qc[..., :b - a, :] = qf[:, :, :, a:b]
-        qc = qc.view(B, G, r, n, C, d).permute(0, 1, 3, 2, 4, 5).reshape(B, G, n, r * C, d)
+        qc = qc.view(B, G, r, n, C, d).permute(0, 1, 3, 2, 4, 5).reshape(B * G * n, r * C, d)
         lc = torch.zeros(B, G, r, n * C, dtype=torch.float32, device=dev)
         lc[..., :b - a] = lse_g[..., a:b]
         lc = lc.view(B, G, r, n, C).permute(0, 1, 3, 2, 4)                      # [B, G, n, r, C]
         kb = kf[:, :, j0 * C:j1 * C + L - 1].unfold(2, M, C)                     # [B, G, n, d, M]
-        s = torch.matmul(qc, kb).view(B, G, n, r, C, M) * scaling
+        s = _scores(qc, kb.reshape(B * G * n, d, M)).view(B, G, n, r, C, M).mul_(scaling)
         s_idx = (K - Q + (torch.arange(j0, j1, device=dev) * C)[:, None, None] + m - (L - 1))   # [n, 1, M]
         vis = band_vis & (s_idx >= 0)                                            # [n, C, M]
-        p = _probs(s, lc, vis[:, None])                                          # [B, G, n, r, C, M]
+        p = _probs_(s, lc, vis[:, None])                                         # [B, G, n, r, C, M]
         if R:
             rec[..., a:a + n * C] = (p * in_r).sum(-1).permute(0, 1, 3, 2, 4).reshape(B, G, r, n * C)
         if W:

@@ -126,6 +126,8 @@ def _fa4_try(q, k, v, key_padding, scaling, sliding_window, softcap, causal, key
              fallback: str):
     """FlashAttention-4 for this call if it is available and ``fa4.supports`` it: (out, stats dict),
     or None after saying once why not (nothing is said when FA4 is not installed)."""
+    if q.shape[2] == 1 and not fa4.DECODE:     # decoding: SDPA / triton_decode split the keys (fa4.DECODE)
+        return None
     if not fa4.available(q):
         if q.is_cuda and fa4.import_error():
             decline_once(f"FlashAttention-4 is installed but does not import ({fa4.import_error()})", fallback)

@@ -332,6 +332,22 @@ def test_without_fa4_nothing_changes_and_nothing_is_said(tiny_llama, caplog):
     assert not [r for r in caplog.records if "FlashAttention" in r.getMessage()]
 
 
+def test_decode_stays_off_fa4_unless_enabled(fake_fa4_fp32, monkeypatch):
+    """One query (decoding): SDPA / triton_decode split the keys, FA4's default does not, so the
+    probe keeps Q = 1 off FA4 unless ``fa4.DECODE``; prefill goes to FA4."""
+    from headscope.probe.attention import plain_attention
+    q, k, v = make(1, 4, 2, 12, 12, 16, torch.float32, 6)
+    ref = plain_attention(q[:, :, -1:], k, v, scaling=0.25)
+    assert not fake_fa4_fp32
+    plain_attention(q, k, v, scaling=0.25)
+    assert len(fake_fa4_fp32) == 1
+    for mod in modules():
+        monkeypatch.setattr(mod, "DECODE", True)
+    out = plain_attention(q[:, :, -1:], k, v, scaling=0.25)
+    assert len(fake_fa4_fp32) == 2 and fake_fa4_fp32[-1][0][1] == 1
+    close(out, ref, 1e-6, "decode via FA4")
+
+
 def test_plain_attention_entry_matches_sdpa():
     q, k, v = make(1, 4, 2, 10, 10, 16, torch.float32, 5)
     from headscope.probe.attention import plain_attention
