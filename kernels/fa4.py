@@ -361,9 +361,21 @@ def _subset_masses(q, k, lse, *, scaling, causal, window, key_pos0, stats, chunk
     return out
 
 
+def _exact_fp32_matmul() -> bool:
+    """fp32 matmuls run in full fp32 here (no TF32 / bf16 shortcuts: the default precision)."""
+    return torch.get_float32_matmul_precision() == "highest"
+
+
 def _band_masses(q, k, lse, *, scaling, causal, window, stats, block, chunk_bytes):
     """recent_mass and window_distance [B, H, Q] from the band of keys t - L < s <= t (L = the larger
-    of the two), in blocks of C queries that share the C + L - 1 keys they need."""
+    of the two, capped by the window and K), in blocks of C queries that share the C + L - 1 keys
+    they need.
+
+    A block's scores [C, M = C + L - 1] hold row c's band at columns c .. c + L - 1; the strided
+    view with row stride M + 1 ("skewed") lines the band up by distance, column j holding
+    t - s = L - 1 - j for every row, so the masses are one product with fixed weights [L, 3]."""
+    if not causal:
+        raise ValueError("band statistics (recent_mass, window_distance) need causal attention")
     B, H, Q, d = q.shape
     G, K = k.shape[1], k.shape[2]
     r = H // G
@@ -381,19 +393,19 @@ def _band_masses(q, k, lse, *, scaling, causal, window, stats, block, chunk_byte
     kf[:, :, src0 - first:src0 - first + (K - src0)] = k[:, :, src0:]
     qf = q.reshape(B, G, r, Q, d)
     lse_g = lse.reshape(B, G, r, Q)
-    c = torch.arange(C, device=dev)[:, None]
-    m = torch.arange(M, device=dev)[None, :]
-    dist = c - m + (L - 1)                                                       # [C, M] t - s, all blocks
-    band_vis = dist >= 0 if causal else torch.ones_like(dist, dtype=torch.bool)
-    if window is not None:
-        band_vis = band_vis & (dist < window)
-    in_r = ((dist >= 0) & (dist < R)).float() if R else None
-    in_w = ((dist >= 0) & (dist < W)).float() if W else None
-    dist_w = dist.clamp_min(0).float() * in_w if W else None
-    rec = torch.empty(B, G, r, nb * C, dtype=torch.float32, device=dev) if R else None
-    wd = torch.empty(B, G, r, nb * C, dtype=torch.float32, device=dev) if W else None
+    dist = (L - 1 - torch.arange(L, device=dev)).float()                         # [L] t - s of column j
+    cols = []                                                                    # weights [L, k]
+    if R:
+        cols.append((dist < R).float())
+    if W:
+        cols += [(dist < W).float(), dist * (dist < W).float()]
+    wts = torch.stack(cols, 1)
+    exact_mm = _exact_fp32_matmul()
+    res = torch.empty(B, G, r, nb * C, len(cols), dtype=torch.float32, device=dev)
     per_block = B * H * C * M * 4
     nbc = max(1, min(nb, chunk_bytes // max(1, per_block)))
+    j_idx = torch.arange(L, device=dev)
+    c_idx = torch.arange(C, device=dev)[:, None]
     for j0 in range(0, nb, nbc):
         j1 = min(nb, j0 + nbc)
         n = j1 - j0
@@ -405,23 +417,33 @@ def _band_masses(q, k, lse, *, scaling, causal, window, stats, block, chunk_byte
         lc[..., :b - a] = lse_g[..., a:b]
         lc = lc.view(B, G, r, n, C).permute(0, 1, 3, 2, 4)                      # [B, G, n, r, C]
         kb = kf[:, :, j0 * C:j1 * C + L - 1].unfold(2, M, C)                     # [B, G, n, d, M]
-        s = _scores(qc, kb.reshape(B * G * n, d, M)).view(B, G, n, r, C, M).mul_(scaling)
-        s_idx = (K - Q + (torch.arange(j0, j1, device=dev) * C)[:, None, None] + m - (L - 1))   # [n, 1, M]
-        vis = band_vis & (s_idx >= 0)                                            # [n, C, M]
-        p = _probs_(s, lc, vis[:, None])                                         # [B, G, n, r, C, M]
-        if R:
-            rec[..., a:a + n * C] = (p * in_r).sum(-1).permute(0, 1, 3, 2, 4).reshape(B, G, r, n * C)
-        if W:
-            mass = (p * in_w).sum(-1)
-            near = (p * dist_w).sum(-1)
-            # every visible key beyond the band is at distance >= W; rows sum to 1 (no learned sinks)
-            val = near + W * (1.0 - mass)
-            wd[..., a:a + n * C] = val.permute(0, 1, 3, 2, 4).reshape(B, G, r, n * C)
+        s = _scores(qc, kb.reshape(B * G * n, d, M))                             # [B G n, r C, M]
+        band = s.as_strided((B * G, n, r, C, L), (n * r * C * M, r * C * M, C * M, M + 1, 1),
+                            s.storage_offset())                                  # [B G, n, r, C, L]
+        dead = lc == float("-inf")                                               # rows that see no key
+        band.mul_(scaling).sub_(lc.masked_fill(dead, float("inf")).reshape(B * G, n, r, C, 1)).exp_()
+        if K - Q + j0 * C < L - 1:                     # blocks whose band starts before cache index 0
+            s_idx = (K - Q + (torch.arange(j0, j1, device=dev) * C)[:, None, None] + c_idx
+                     - (L - 1) + j_idx)                                          # [n, C, L]
+            band.masked_fill_((s_idx < 0)[None, :, None], 0.0)
+        if exact_mm:
+            # [B G n r, C, L] @ [L, k] as one batched product over the skewed view (no copy on CUDA)
+            b3 = band.flatten(0, 2)                                              # a view: [B G n r, C, L]
+            red = torch.bmm(b3, wts.expand(b3.shape[0], L, wts.shape[1]))
+        else:                                          # TF32 / bf16 matmuls on: exact sums instead
+            red = torch.stack([(band * wts[:, i]).sum(-1) for i in range(wts.shape[1])], -1).flatten(0, 2)
+        red = red.view(B, G, n, r, C, -1)
+        if W:                                          # mass beyond the band: W each (rows sum to 1)
+            i = 1 if R else 0
+            total = (~dead).float()                                              # [B, G, n, r, C]
+            red[..., i + 1] += W * (total - red[..., i])
+        res[..., a:a + n * C, :] = red.permute(0, 1, 3, 2, 4, 5).reshape(B, G, r, n * C, -1)
     out = {}
+    res = res[..., :Q, :].reshape(B, H, Q, -1)
     if R:
-        out["recent_mass"] = rec[..., :Q].reshape(B, H, Q)
+        out["recent_mass"] = res[..., 0].contiguous()
     if W:
-        out["window_distance"] = wd[..., :Q].reshape(B, H, Q)
+        out["window_distance"] = res[..., -1].contiguous()
     return out
 
 
@@ -459,6 +481,7 @@ def masses_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scal
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     lse = lse.float()
     out: dict = {"lse": lse.contiguous()}
+    lse = lse.masked_fill(lse == float("inf"), float("nan"))        # a +inf score: a NaN row (spec)
     if "sink_k" in active or "spans" in active:
         L = min(K, stats.sink_k) + sum(min(b - a, K) for a, b in stats.spans)
         rows = max(1, chunk_bytes // max(1, B * H * L * 4))
