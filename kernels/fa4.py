@@ -261,8 +261,8 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
             res = call(True)                  # this FA4 build wants contiguous [B, N, H, d] tensors
             _strided_ok = False
     except Exception as e:  # noqa: BLE001  (a shape or GPU this FA4 build does not handle)
-        raise Unsupported(f"FlashAttention-4 failed on q {tuple(q.shape)} {q.dtype}: {type(e).__name__}: "
-                          f"{str(e)[:200]}") from e
+        first = (str(e).strip().splitlines() or [""])[0][:200]      # one line: the probe logs it once
+        raise Unsupported(f"FlashAttention-4 failed: {type(e).__name__}: {first}") from e
     out, lse = res if isinstance(res, (tuple, list)) else (res, None)
     out = out.transpose(1, 2)                                                  # [B, H, Q, d]
     if not want:
@@ -463,7 +463,9 @@ def masses_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scal
     - ``sink_mass`` / ``span_mass``: the keys at those positions (gathered per sequence; for sinks,
       reading ``key_pos0``'s minimum on the host, one device sync, since positions below 0 count);
     - ``recent_mass`` / ``window_distance``: the band t - max(recent, W) < s <= t, in blocks of
-      ``block`` queries sharing ``block + band - 1`` keys; window_distance = sum_{t-s<W} p (t - s)
+      ``block`` queries sharing ``block + band - 1`` keys, the band read through a strided view that
+      lines it up by distance (one batched product with fixed weights when fp32 matmuls run in full
+      precision, elementwise sums otherwise); window_distance = sum_{t-s<W} p (t - s)
       + W (1 - sum_{t-s<W} p) (rows sum to 1: no learned sinks here).
 
     Statistics of causal attention only (``ValueError`` otherwise): without the causal mask the band
@@ -480,8 +482,8 @@ def masses_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scal
     window = sliding_window if sliding_window is not None and sliding_window < K else None
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     lse = lse.float()
-    out: dict = {"lse": lse.contiguous()}
     lse = lse.masked_fill(lse == float("inf"), float("nan"))        # a +inf score: a NaN row (spec)
+    out: dict = {"lse": lse.contiguous()}
     if "sink_k" in active or "spans" in active:
         L = min(K, stats.sink_k) + sum(min(b - a, K) for a, b in stats.spans)
         rows = max(1, chunk_bytes // max(1, B * H * L * 4))
