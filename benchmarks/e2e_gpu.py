@@ -6,7 +6,11 @@ HF eager attention with output_attentions=True (what TransformerLens and nnsight
     python benchmarks/e2e_gpu.py --n 32768 --layers 32 [--no-eager]
 
 Ratios are to the model's default SDPA forward (PyTorch picks cuDNN on an H200): the full census,
-row statistics only (no column sums), and the headscope path with nothing recorded.
+row statistics only (no column sums), the masses FlashAttention-4's LSE gives (sink, recent, window
+distance: ``kernels/fa4.py`` when FA4 is importable, else the Triton kernels), and the headscope path
+with nothing recorded (FA4 when importable, else SDPA).
+
+    python benchmarks/e2e_gpu.py --n 32768 --layers 8 --no-eager --masses-only   # SDPA, masses, plain
 
 Weights do not matter for speed; the final norm output is used (no 128k-vocab logits).
 """
@@ -58,8 +62,11 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--masses-only", action="store_true",
+                    help="time only the default SDPA forward, the masses record and the plain headscope path")
     a = ap.parse_args()
     import headscope as hs
+    from headscope.kernels import fa4
     model = build(a.layers)
     rows = []
     for n in a.n:
@@ -72,6 +79,24 @@ def main():
             res["sdpa_s"] = timed(lambda: base(input_ids=toks, use_cache=False))
             res["sdpa_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
             hm = hs.load(model)                                     # switches to the headscope path
+            res["fa4"] = fa4.available(toks.device)
+            # the masses FlashAttention-4's LSE gives (the census' sink, recent and window values)
+            masses = hs.Stats(sink_k=4, window_distance=10, recent=256)
+
+            def census_masses():
+                with hm.record(masses) as rec:
+                    base(input_ids=toks, use_cache=False)
+                return rec
+            res["masses_s"] = timed(census_masses)
+            res["masses_ratio"] = res["masses_s"] / res["sdpa_s"]
+            res["masses_finite"] = bool(torch.isfinite(census_masses().stack("window_distance")).all())
+            res["headscope_plain_s"] = timed(lambda: base(input_ids=toks, use_cache=False))
+            res["headscope_plain_ratio"] = res["headscope_plain_s"] / res["sdpa_s"]
+            if a.masses_only:
+                model.set_attn_implementation("sdpa")
+                rows.append(res)
+                print(json.dumps(res), flush=True)
+                continue
             st = hs.Stats(sink_k=4, spans=((0, 64), (1000, 2000)), entropy=True, distance=True,
                           window_distance=10, recent=256, argmax=True, received=True)
 
@@ -94,9 +119,6 @@ def main():
             res["rows_ratio"] = res["rows_s"] / res["sdpa_s"]
             res["entropy_finite"] = bool(torch.isfinite(rec.stack("entropy")).all())
             res["sink_mass_l0_mean"] = float(rec["sink_mass", 0].mean())
-            # plain headscope path with nothing recorded (should be the SDPA fast path)
-            res["headscope_plain_s"] = timed(lambda: base(input_ids=toks, use_cache=False))
-            res["headscope_plain_ratio"] = res["headscope_plain_s"] / res["sdpa_s"]
             model.set_attn_implementation("eager")
             try:
                 if a.no_eager:
@@ -115,12 +137,16 @@ def main():
         rows.append(res)
         print(json.dumps(res), flush=True)
     lines = ["| N | layers | default SDPA forward (s) | census, all stats all layers (s, ×SDPA) | row stats only "
-             "(s, ×SDPA) | headscope, nothing recorded (×SDPA) | census peak GB | eager + output_attentions |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(s, ×SDPA) | sink + recent + window distance (s, ×SDPA) | headscope, nothing recorded (×SDPA) "
+             "| FA4 backend | census peak GB | eager + output_attentions |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, key):
+        return f"{r[key + '_s']:.3f} ({r[key + '_ratio']:.2f}×)" if key + "_s" in r else "not run"
     for r in rows:
-        lines.append(f"| {r['n']} | {r['layers']} | {r['sdpa_s']:.3f} | {r['census_s']:.3f} ({r['census_ratio']:.2f}×) | "
-                     f"{r['rows_s']:.3f} ({r['rows_ratio']:.2f}×) | {r['headscope_plain_ratio']:.2f}× | "
-                     f"{r['census_peak_gb']:.1f} | {r['eager_output_attentions']} |")
+        lines.append(f"| {r['n']} | {r['layers']} | {r['sdpa_s']:.3f} | {cell(r, 'census')} | {cell(r, 'rows')} | "
+                     f"{cell(r, 'masses')} | {r['headscope_plain_ratio']:.2f}× | {'yes' if r['fa4'] else 'no'} | "
+                     f"{r.get('census_peak_gb', float('nan')):.1f} | {r.get('eager_output_attentions', 'not run')} |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(a.out, "e2e_gpu.md"), "w") as f:

@@ -4,7 +4,9 @@
 #   fa4     install FlashAttention-4 from the wheels in $WHEELS (default .whl) into /tmp/fa4site
 #   tests   GPU tests of the Triton kernels (decode + general) and the probe check
 #   decode  decode sweep + decode table;  sweep  prefill tile sweep (16k);  e2e  census vs SDPA at 32k
-#   compare FA4/cuDNN/flash/Flex/ours table (after fa4)
+#   compare FA4/cuDNN/flash/Flex/ours table, with the FA4 backend's columns (after fa4)
+#   fa4check  the FA4 backend's tests (tests/test_kernels_fa4.py: GPU tests against the reference) (after fa4)
+#   masses  e2e at 32k: SDPA vs the sink/recent/window masses record vs headscope plain (after fa4)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
@@ -31,6 +33,14 @@ for step in "$@"; do
       python3 benchmarks/kernels.py --sweep --sweep-sizes 16384 2>&1 | tee $OUT/sweep.log | tail -30 ;;
     e2e)
       python3 benchmarks/e2e_gpu.py --n 32768 --layers ${E2E_LAYERS:-8} --no-eager 2>&1 | tee $OUT/e2e.log | tail -8 ;;
+    fa4check)
+      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
+      (cd /tmp/hs/headscope && PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider -rs \
+         tests/test_kernels_fa4.py 2>&1 | tee $OUT/fa4check.log | tail -25) ;;
+    masses)
+      mkdir -p $OUT/masses
+      python3 benchmarks/e2e_gpu.py --n 32768 --layers ${E2E_LAYERS:-8} --no-eager --masses-only --out $OUT/masses 2>&1 \
+        | tee $OUT/e2e_masses.log | tail -8 ;;
     compare)
       python3 benchmarks/kernels.py --compare 2>&1 | tee $OUT/compare.log | tail -30 ;;
   esac

@@ -9,7 +9,10 @@
 
 ``--compare`` puts our kernels beside FlashAttention-4 (``flash_attn.cute.flash_attn_func``, when
 importable), PyTorch SDPA's cuDNN and flash backends and FlexAttention (torch.compile'd), all timed
-in the same run, with ratios to FA4 (rows to $OUT/kernels_compare.md). ``--decode`` times one query
+in the same run, with ratios to FA4 (rows to $OUT/kernels_compare.md); and, for the optional FA4
+backend (``kernels/fa4.py``), "ours masses (Triton)" (sink + recent + window distance on the Triton
+kernels), "headscope plain (dispatch)" (what a layer with nothing recorded runs: FA4 when importable,
+else SDPA) and "headscope masses via FA4" (the same masses from FA4's LSE). ``--decode`` times one query
 against K cached keys: default SDPA, FA4, our split-key decode path plain / + argmax / + all row
 statistics, the one-program-per-query-block forward it replaced, and the K/V read floor; times are
 ``do_bench`` medians and, in brackets, CUDA-graph replays (no Python launch overhead).
@@ -37,6 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # this file is named kernels.py: keep its folder off the path so that `kernels` is the package
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in (HERE, ROOT)]
 
+from kernels import fa4  # noqa: E402
 from kernels import triton_attention as ta  # noqa: E402
 from kernels.spec import StatRequest  # noqa: E402
 
@@ -46,6 +50,12 @@ def row_request(N: int) -> StatRequest:
     entropy, distance, window distance (W=128), recent mass (R=64), argmax/max prob."""
     return StatRequest(sink_k=4, spans=((4, 68), (N // 2, N // 2 + 256)), entropy=True, distance=True,
                        window_distance=128, recent=64, argmax=True)
+
+
+def masses_request(N: int) -> StatRequest:
+    """What the FlashAttention-4 backend derives from its LSE: sink (4), recent mass (R=64), window
+    distance (W=128), as in ``row_request`` (and the LSE, always returned with statistics)."""
+    return StatRequest(sink_k=4, recent=64, window_distance=128)
 
 
 VARIANTS = {
@@ -294,8 +304,9 @@ def sweep(args):
 
 # ---------------------------------------------------------------------------------------------
 # --compare: the best kernels on this machine beside ours
-def fa4_fn(q, k, v, causal=True):
-    """FlashAttention-4 (CuTe DSL) on [B, N, H, d] copies made outside the timing; None if absent."""
+def fa4_fn(q, k, v, causal=True, **kw):
+    """FlashAttention-4 (CuTe DSL) on [B, N, H, d] copies made outside the timing; None if absent.
+    ``kw`` go to flash_attn_func (e.g. num_splits=0: its split-KV heuristic, for decoding)."""
     try:
         from flash_attn.cute import flash_attn_func
     except Exception as e:  # noqa: BLE001  (not installed, or no GPU it supports)
@@ -305,7 +316,7 @@ def fa4_fn(q, k, v, causal=True):
     d = q.shape[-1]
 
     def run():
-        return flash_attn_func(qt, kt, vt, softmax_scale=d ** -0.5, causal=causal)
+        return flash_attn_func(qt, kt, vt, softmax_scale=d ** -0.5, causal=causal, **kw)
     try:
         run()
     except Exception as e:  # noqa: BLE001
@@ -381,6 +392,43 @@ def load_best():
     print(f"configs from {path}: fwd {ta.FWD_CONFIGS}, received {ta.RECV_CONFIGS}", flush=True)
 
 
+def headscope_fns(q, k, v):
+    """The new columns of --compare, on q/k/v laid out as a model's projections leave them
+    ([B, N, H, d] memory seen as [B, H, N, d]; copies made outside the timing):
+    "plain": ``probe.attention.plain_attention``, what a layer with nothing recorded runs
+    (FlashAttention-4 when it is importable, else SDPA); "masses": ``kernels/fa4.py`` with
+    ``masses_request`` (None when FA4 is absent or declines, the reason printed)."""
+    d, N = q.shape[-1], q.shape[2]
+    ql, kl, vl = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    fns = {"dispatch": None, "masses": None}
+    try:
+        from headscope.probe.attention import plain_attention
+        fns["dispatch"] = lambda: plain_attention(ql, kl, vl, scaling=d ** -0.5)
+        fns["dispatch"]()
+    except Exception as e:  # noqa: BLE001  (headscope not importable as a package here)
+        print(f"plain dispatch not timed: {type(e).__name__}: {e}", flush=True)
+        fns["dispatch"] = None
+    req = masses_request(N)
+    if not fa4.available(q):
+        print(f"FA4 backend not available ({fa4.import_error() or 'not installed / not this GPU'})", flush=True)
+        return fns
+    why = fa4.supports(ql, kl, vl, req, None)
+    if why is not None:
+        print(f"FA4 backend declines: {why}", flush=True)
+        return fns
+    fns["masses"] = lambda: fa4.attention(ql, kl, vl, scaling=d ** -0.5, stats=req)
+    return fns
+
+
+def masses_error(q, k, v):
+    """Largest difference between the FA4 backend's masses and the Triton kernels' (same request)."""
+    d, N = q.shape[-1], q.shape[2]
+    req = masses_request(N)
+    _, a = fa4.attention(q, k, v, scaling=d ** -0.5, stats=req)
+    _, b = ta.attention(q, k, v, scaling=d ** -0.5, stats=req)
+    return {n: (a[n].float() - b[n].float()).abs().max().item() for n in b}
+
+
 def compare(args):
     load_best()
     out = os.environ.get("OUT")
@@ -392,8 +440,11 @@ def compare(args):
             with open(path, "a") as f:
                 f.write(line + "\n")
     put(f"\n### bf16 causal B=1: ms (TFLOP/s, ×FA4); {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
-    put("| shape | N | FA4 | cuDNN SDPA | SDPA flash | Flex | ours plain | ours + rows | ours + rows + cols | max err vs FA4 |")
-    put("|" + "---|" * 10)
+    put("| shape | N | FA4 | cuDNN SDPA | SDPA flash | Flex | ours plain | ours + rows | ours + rows + cols "
+        "| ours masses (Triton) | headscope plain (dispatch) | headscope masses via FA4 | max err vs FA4 |")
+    put("|" + "---|" * 13)
+    print(f"masses = {masses_request(0)} (+ lse); plain dispatch = FA4 if importable here "
+          f"({fa4.available()}), else SDPA", flush=True)
     res = []
     for name, H, G, d, sizes in COMPARE_SHAPES:
         if args.compare_only and name.split()[0] not in args.compare_only:
@@ -404,10 +455,13 @@ def compare(args):
             f = flops(N, H, d)
             fns = {"fa4": fa4_fn(q, k, v), "cudnn": sdpa_backend_fn(q, k, v, "cudnn"),
                    "flash": sdpa_backend_fn(q, k, v, "flash"), "flex": flex_fn(q, k, v) if args.flex and N <= 32768 else None}
-            for var in ("plain", "rows", "rows+cols"):
-                req = VARIANTS[var](N)
+            for var in ("plain", "rows", "rows+cols", "masses-triton"):
+                req = VARIANTS[var](N) if var in VARIANTS else masses_request(N)
                 fns[var] = (lambda r: lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=r))(req)
+            fns.update(headscope_fns(q, k, v))
             t = {n: (bench(fn) if fn is not None else None) for n, fn in fns.items()}
+            if fns["masses"] is not None:
+                print(f"{name} N={N}: FA4 masses vs Triton max abs diff {masses_error(q, k, v)}", flush=True)
             base = t["fa4"]
             err = None
             if fns["fa4"] is not None:
@@ -421,7 +475,8 @@ def compare(args):
                 r = f", {base / x:.2f}×" if base else ""
                 return f"{x:.2f} ({f / x / 1e9:.0f}{r})"
             put(f"| {name} H{H} G{G} d{d} | {N // 1024}k | " + " | ".join(cell(t[n]) for n in
-                ("fa4", "cudnn", "flash", "flex", "plain", "rows", "rows+cols")) + f" | {err} |")
+                ("fa4", "cudnn", "flash", "flex", "plain", "rows", "rows+cols", "masses-triton", "dispatch",
+                 "masses")) + f" | {err} |")
             res.append({"shape": name, "N": N, "H": H, "G": G, "d": d, **{f"{n}_ms": x for n, x in t.items()}})
             del q, k, v, fns
     if out:
@@ -444,8 +499,9 @@ def decode(args):
                 f.write(line + "\n")
     H, G, d = 32, 8, 128
     put(f"\n### decode Q=1, H={H} G={G} d={d}, bf16: µs, do_bench median [CUDA graph]; ×SDPA from graphs\n")
-    put("| B, K | default SDPA | FA4 | ours plain | ours + argmax | ours + all rows | old fwd + argmax | K/V floor |")
-    put("|" + "---|" * 8)
+    put("| B, K | default SDPA | FA4 | FA4 num_splits=0 | ours plain | ours + argmax | ours + all rows | old fwd + argmax "
+        "| K/V floor |")
+    put("|" + "---|" * 9)
     res = []
     for B in args.decode_batches:
         for K in args.decode_sizes:
@@ -455,7 +511,8 @@ def decode(args):
             k = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
             v = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
             sd = sdpa_backend_fn(q, k, v, None, causal=False)
-            fns = {"sdpa": sd, "fa4": fa4_fn(q, k, v, causal=False)}
+            fns = {"sdpa": sd, "fa4": fa4_fn(q, k, v, causal=False),
+                   "fa4-split": fa4_fn(q, k, v, causal=False, num_splits=0)}   # fa4.DECODE would need this fast
             for name, req in (("plain", None), ("argmax", StatRequest(argmax=True)), ("rows", row_request(K))):
                 fns[name] = (lambda r: lambda: ta.attention(q, k, v, scaling=d ** -0.5, stats=r))(req)
             old_min = td.DECODE_MIN_K
@@ -494,7 +551,13 @@ def decode(args):
                     return "n/a"
                 ref = tg[n] if tg[n] is not None else t[n]
                 return f"{t[n]:.0f} [{tg[n]:.0f}] {ref / base:.2f}×" if tg[n] else f"{t[n]:.0f} {t[n] / base:.2f}×"
-            put(f"| {B}, {K // 1024}k | " + " | ".join(cell(n) for n in ("sdpa", "fa4", "plain", "argmax", "rows", "old"))
+            if fns["fa4-split"] is not None and fns["fa4"] is not None:
+                r1, r2 = fns["fa4"](), fns["fa4-split"]()
+                r1, r2 = (r[0] if isinstance(r, (tuple, list)) else r for r in (r1, r2))
+                print(f"B={B} K={K} FA4 num_splits=0 vs 1 max abs diff {(r1.float() - r2.float()).abs().max().item()}",
+                      flush=True)
+            put(f"| {B}, {K // 1024}k | " + " | ".join(cell(n) for n in ("sdpa", "fa4", "fa4-split", "plain", "argmax",
+                                                                         "rows", "old"))
                 + f" | {floor:.0f} |")
             res.append({"B": B, "K": K, "us": t, "graph_us": tg, "floor_us": floor, "errs": errs})
             del q, k, v

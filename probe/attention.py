@@ -22,6 +22,11 @@ Fast paths. The Triton kernels and the fused C row pass each declare what they c
 a request they decline runs on the chunked PyTorch path, which does everything, and the reason is
 logged once per process (``logging.getLogger("headscope")``, level WARNING). The result always holds
 every statistic the request asks for (``kernels.spec.expected_keys``).
+
+FlashAttention-4 (optional, ``headscope[fa4]``, ``kernels/fa4.py``) comes first where it is
+installed and the GPU runs it: plain calls (nothing recorded) and statistics it derives from its
+row LSE (sink, span, recent and window-distance masses). It declines the rest with one message
+(SDPA or the Triton kernels run instead); ``HEADSCOPE_NO_FA4=1`` switches it off.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from ..kernels import chunked, cpu_native, reference
+from ..kernels import chunked, cpu_native, fa4, reference
 from ..kernels.spec import expected_keys
 from .edits import apply_output_edits
 
@@ -121,8 +126,40 @@ def _key_pos0(position_ids, B: int, K: int, device) -> torch.Tensor:
     return (last + 1 - K).expand(B) if last.shape[0] == 1 else last + 1 - K
 
 
+def _fa4_try(q, k, v, key_padding, scaling, sliding_window, softcap, causal, key_pos0, stats, edits, sinks,
+             fallback: str):
+    """FlashAttention-4 for this call if it is available and ``fa4.supports`` it: (out, stats dict),
+    or None after saying once why not (nothing is said when FA4 is not installed)."""
+    if q.shape[2] == 1 and not fa4.DECODE:     # decoding: SDPA / triton_decode split the keys (fa4.DECODE)
+        return None
+    if not fa4.available(q):
+        if q.is_cuda and fa4.import_error():
+            decline_once(f"FlashAttention-4 is installed but does not import ({fa4.import_error()})", fallback)
+        return None
+    grad = _needs_grad(q, k, v, edits)
+    reason = fa4.supports(q, k, v, stats, edits, causal=causal, sliding_window=sliding_window,
+                          key_padding=key_padding, softcap=softcap, sinks=sinks is not None, grad=grad)
+    if reason is None:
+        try:
+            out, st = fa4.attention(q, k, v, scaling=scaling, causal=causal, sliding_window=sliding_window,
+                                    key_pos0=key_pos0, stats=stats)
+            missing = expected_keys(stats) - set(st)
+            if not missing:
+                return out, st
+            reason = f"the FlashAttention-4 backend returned no {sorted(missing)}"
+        except fa4.Unsupported as e:
+            reason = f"the FlashAttention-4 backend cannot do this call ({e})"
+    decline_once(reason, fallback)
+    return None
+
+
 def _fast(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal, sinks=None):
-    """Plain attention, nothing recorded: SDPA when it is exact, else the plain chunked/Triton path."""
+    """Plain attention, nothing recorded: FlashAttention-4 where installed and it supports the call,
+    else SDPA when it is exact, else the plain chunked/Triton path."""
+    r = _fa4_try(q, k, v, key_padding, scaling, sliding_window, softcap, causal, None, None, None, sinks,
+                 "PyTorch SDPA or headscope's kernels")
+    if r is not None:
+        return r[0]
     Q, K = q.shape[2], k.shape[2]
     window_irrelevant = sliding_window is None or sliding_window >= K
     if (key_padding is None and window_irrelevant and softcap is None and sinks is None
@@ -130,7 +167,15 @@ def _fast(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Q > 1, scale=scaling,
                                               enable_gqa=k.shape[1] != q.shape[1])
     return _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal,
-                         None, None, None, sinks=sinks)[0]
+                         None, None, None, sinks=sinks, fa4_tried=True)[0]
+
+
+def plain_attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
+                    key_padding: torch.Tensor | None = None, softcap: float | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """What a layer with nothing recorded runs: q [B, H, Q, d], k, v [B, G, K, d] -> [B, H, Q, d]
+    (FlashAttention-4, SDPA or the plain kernels, as ``headscope_attention`` dispatches them)."""
+    return _fast(None, q, k, v, key_padding, scaling, sliding_window, softcap, causal, sinks)
 
 
 def _needs_grad(q, k, v, edits) -> bool:
@@ -142,16 +187,22 @@ def _needs_grad(q, k, v, edits) -> bool:
 
 
 def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal,
-                  key_pos0, stats, edits, score_hook=None, pattern_hook=None, sinks=None):
+                  key_pos0, stats, edits, score_hook=None, pattern_hook=None, sinks=None, fa4_tried=False):
     """Pick the path for one instrumented call: the reference when a hook wants scores/patterns,
-    Triton on CUDA when it ``supports`` the request, else the chunked path (with the fused C row
-    pass when ``cpu_native.supports`` it). Returns (out [B, H, Q, d], stats dict)."""
+    FlashAttention-4 when installed and it ``supports`` the request, Triton on CUDA when it
+    ``supports`` the request, else the chunked path (with the fused C row pass when
+    ``cpu_native.supports`` it). Returns (out [B, H, Q, d], stats dict)."""
     kw = dict(scaling=scaling, causal=causal, sliding_window=sliding_window, key_padding=key_padding,
               softcap=softcap, key_pos0=key_pos0, stats=stats, edits=edits, sinks=sinks)
     want = expected_keys(stats)
     if score_hook is not None or pattern_hook is not None:
         out, st, _ = reference.attention(q, k, v, score_hook=score_hook, pattern_hook=pattern_hook, **kw)
         return out, st
+    if not fa4_tried:
+        r = _fa4_try(q, k, v, key_padding, scaling, sliding_window, softcap, causal, key_pos0, stats, edits,
+                     sinks, "headscope's own kernels")
+        if r is not None:
+            return r
     grad = _needs_grad(q, k, v, edits)        # Triton and the fused C row pass have no backward
     if q.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON") != "1":
         ta = _triton_module()

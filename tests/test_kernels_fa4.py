@@ -1,0 +1,452 @@
+"""The optional FlashAttention-4 backend (kernels/fa4.py).
+
+On the CPU: the masses it derives from a row LSE (sink, spans, recent, window distance) equal the
+eager reference over dtypes, GQA ratios, windows, odd lengths and decode with key_pos0; its
+``attention`` and the probe's dispatch run through a pure-PyTorch stand-in for
+``flash_attn.cute.flash_attn_func`` (same signature, results from ``reference.attention``);
+``supports`` declines what it must; without FlashAttention-4 nothing changes and nothing is said.
+On a Hopper/Blackwell GPU with FlashAttention-4 installed: the real backend against the reference.
+"""
+import logging
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import headscope as hs
+from headscope.kernels import LayerEdits, StatRequest, fa4, reference
+from headscope.kernels.spec import expected_keys
+
+MASSES = StatRequest(sink_k=3, spans=((2, 6), (9, 30)), recent=4, window_distance=6)
+
+
+def standin(calls=None, fail=False):
+    """A stand-in for flash_attn.cute.flash_attn_func: q, k, v [B, N, H|G, d] -> (out [B, N, H, d],
+    lse [B, H, N] fp32 or None), computed by reference.attention (bottom-right aligned masks)."""
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(None, None), learnable_sink=None,
+                        softcap=0.0, return_lse=False, **kw):
+        if fail:
+            raise RuntimeError("stand-in told to fail")
+        assert learnable_sink is None and not softcap and not kw, kw
+        left, right = window_size
+        assert right in (None, 0) and (left is None or causal), window_size
+        if calls is not None:
+            calls.append((tuple(q.shape), tuple(k.shape), causal, window_size, return_lse))
+        qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+        scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+        out, st, _ = reference.attention(qh, kh, vh, scaling=scale, causal=causal,
+                                         sliding_window=None if left is None else left + 1, stats=StatRequest())
+        return out.transpose(1, 2), (st["lse"] if return_lse else None)
+    return flash_attn_func
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    """The stand-in as FlashAttention-4 on any device (restored afterwards); yields its call log."""
+    calls = []
+    monkeypatch.delenv("HEADSCOPE_NO_FA4", raising=False)
+    for mod in modules():
+        mod.set_impl(standin(calls), any_device=True)
+    yield calls
+    for mod in modules():
+        mod.set_impl(None)
+
+
+@pytest.fixture
+def fake_fa4_fp32(fake_fa4, monkeypatch):
+    """``fake_fa4`` taking fp32 and head dim 16 as well (the tiny test models)."""
+    for mod in modules():
+        monkeypatch.setattr(mod, "DTYPES", (torch.bfloat16, torch.float16, torch.float32))
+        monkeypatch.setattr(mod, "HEAD_DIMS", frozenset({16, 64, 128, 256}))
+    return fake_fa4
+
+
+def modules():
+    """kernels.fa4 as this file imports it and as the live probe imports it (pytest may import the
+    package under two names)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    live = sys.modules[ALL_ATTENTION_FUNCTIONS["headscope"].__module__]
+    return list({id(m): m for m in (fa4, live.fa4)}.values())
+
+
+def live_attention_module():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    return sys.modules[ALL_ATTENTION_FUNCTIONS["headscope"].__module__]
+
+
+def make(B, H, G, Q, K, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, H, Q, d, generator=g) * 2).to(dtype)
+    k = (torch.randn(B, G, K, d, generator=g) * 2).to(dtype)
+    v = torch.randn(B, G, K, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def close(a, b, tol, what):
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    err = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    assert err <= tol, (what, err)
+
+
+# --------------------------------------------------------------------------- masses from the LSE
+@settings(deadline=None, max_examples=30)
+@given(B=st.integers(1, 2), G=st.sampled_from([1, 2]), ratio=st.sampled_from([1, 2, 4]), K=st.integers(1, 45),
+       decode=st.booleans(), window=st.sampled_from([None, 1, 3, 9]), pos0=st.integers(-3, 12),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), block=st.sampled_from([1, 4, 7, 32]),
+       chunk=st.sampled_from([None, 600]), req=st.sampled_from([
+           MASSES, StatRequest(sink_k=1), StatRequest(recent=1), StatRequest(window_distance=50),
+           StatRequest(spans=((0, 1), (5, 200)), recent=9), StatRequest(sink_k=7, window_distance=2)]),
+       seed=st.integers(0, 1000), exact_mm=st.booleans())
+def test_masses_from_lse_equal_reference(B, G, ratio, K, decode, window, pos0, dtype, block, chunk, req, seed,
+                                         exact_mm):
+    """Given the reference's LSE, ``masses_from_lse`` gives the reference's statistics (fp32 math on
+    the same inputs, summed in another order: within 3e-5 of masses in [0, 1], 3e-5 * W for the
+    windowed distance).
+    ``pos0`` shifts the token positions of the cache (key_pos0: a sliding cache, or a decode step);
+    ``exact_mm`` False takes the band sums without a matmul (what runs when TF32 is switched on)."""
+    H = G * ratio
+    Q = 1 if decode else K
+    q, k, v = make(B, H, G, Q, K, 8, dtype, seed)
+    kpos = torch.full((B,), pos0, dtype=torch.long)
+    kpos[0] = max(pos0 - 2, -3)                        # two sequences, two offsets
+    _, ref, _ = reference.attention(q, k, v, scaling=8 ** -0.5, sliding_window=window, key_pos0=kpos, stats=req)
+    saved = fa4._exact_fp32_matmul
+    fa4._exact_fp32_matmul = (lambda: exact_mm)
+    try:
+        got = fa4.masses_from_lse(q, k, ref["lse"], scaling=8 ** -0.5, sliding_window=window, key_pos0=kpos,
+                                  stats=req, block=block, chunk_bytes=chunk)
+    finally:
+        fa4._exact_fp32_matmul = saved
+    assert set(got) == set(ref) == set(expected_keys(req))
+    for name in ref:
+        tol = 3e-5 * (req.window_distance if name == "window_distance" else 1)
+        close(got[name], ref[name], tol, name)
+        assert got[name].dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_rows_stay_nan(bad):
+    """A NaN or inf in a query makes that row NaN in every statistic, as in the reference (spec)."""
+    q, k, _ = make(1, 2, 1, 9, 9, 8, torch.float32, 4)
+    q[0, 1, 4, 0] = bad
+    req = StatRequest(sink_k=2, spans=((1, 3),), recent=3, window_distance=4)
+    _, ref, _ = reference.attention(q, k, k, scaling=0.3, stats=req)
+    got = fa4.masses_from_lse(q, k, ref["lse"], scaling=0.3, stats=req, block=4)
+    for name in ref:
+        assert torch.isnan(ref[name][0, 1, 4]).all(), name
+        torch.testing.assert_close(got[name], ref[name], equal_nan=True, atol=1e-5, rtol=0, msg=name)
+
+
+def test_masses_from_lse_refuses_what_needs_full_rows():
+    q, k, _ = make(1, 2, 1, 5, 5, 8, torch.float32, 0)
+    lse = torch.zeros(1, 2, 5)
+    with pytest.raises(ValueError, match="entropy"):
+        fa4.masses_from_lse(q, k, lse, scaling=1.0, stats=StatRequest(entropy=True, sink_k=1))
+    with pytest.raises(ValueError, match="causal"):
+        fa4.masses_from_lse(q, k, lse, scaling=1.0, causal=False, stats=StatRequest(recent=2))
+
+
+# --------------------------------------------------------------------------- the backend, stand-in
+@pytest.mark.parametrize("case", [
+    dict(B=2, H=4, G=2, Q=37, K=37, window=None, pos0=0),           # prefill
+    dict(B=1, H=4, G=1, Q=29, K=29, window=5, pos0=0),              # sliding window, MQA
+    dict(B=2, H=4, G=4, Q=1, K=23, window=None, pos0=7),            # decode, sinks beyond the cache start
+    dict(B=1, H=6, G=2, Q=1, K=40, window=8, pos0=0),               # decode in a window: keys sliced
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_attention_with_standin_equals_reference(fake_fa4, case, dtype):
+    """``fa4.attention`` (stand-in FA4) returns the reference's output and masses, with the FA4
+    arguments of the contract: [B, N, H, d] layout, bottom-right window (W - 1, 0), LSE only when
+    statistics are wanted, and a decode step sent without a mask over the last W keys."""
+    B, H, G, Q, K, w = case["B"], case["H"], case["G"], case["Q"], case["K"], case["window"]
+    q, k, v = make(B, H, G, Q, K, 64, dtype, 3)
+    kpos = torch.full((B,), case["pos0"], dtype=torch.long)
+    out_ref, ref, _ = reference.attention(q, k, v, scaling=0.125, sliding_window=w, key_pos0=kpos, stats=MASSES)
+    out, st = fa4.attention(q, k, v, scaling=0.125, sliding_window=w, key_pos0=kpos, stats=MASSES)
+    assert out.shape == (B, H, Q, 64) and out.dtype == dtype
+    close(out, out_ref, 2e-3, "out")              # the stand-in is the reference: one rounding apart
+    assert set(st) == set(ref)
+    for name in ref:
+        close(st[name], ref[name], 1e-5 * (6 if name == "window_distance" else 1), name)
+    shape_q, shape_k, causal, win, ret = fake_fa4[-1]
+    assert shape_q == (B, Q, H, 64) and ret is True
+    if Q == 1:
+        assert not causal and win == (None, None) and shape_k == (B, min(K, w or K), G, 64)
+    else:
+        assert causal and win == ((w - 1, 0) if w else (None, None)) and shape_k == (B, K, G, 64)
+    out2, st2 = fa4.attention(q, k, v, scaling=0.125, sliding_window=w)
+    assert st2 == {} and fake_fa4[-1][-1] is False
+    close(out2, out_ref, 2e-3, "plain out")
+
+
+def test_non_causal_plain_call(fake_fa4):
+    q, k, v = make(1, 2, 1, 9, 9, 64, torch.bfloat16, 1)
+    out_ref, _, _ = reference.attention(q, k, v, scaling=0.1, causal=False)
+    out, st = fa4.attention(q, k, v, scaling=0.1, causal=False)
+    close(out, out_ref, 1e-6, "out")
+    assert fake_fa4[-1][2] is False
+
+
+def test_lse_layouts_are_checked():
+    lse = torch.randn(2, 3, 5)
+    assert torch.equal(fa4._lse_bhq(lse, 2, 3, 5), lse)
+    assert torch.equal(fa4._lse_bhq(lse.transpose(1, 2), 2, 3, 5), lse)
+    with pytest.raises(fa4.Unsupported, match="shape"):
+        fa4._lse_bhq(torch.randn(2, 3, 4), 2, 3, 5)
+    with pytest.raises(fa4.Unsupported, match="no LSE"):
+        fa4._lse_bhq(None, 2, 3, 5)
+
+
+# --------------------------------------------------------------------------- what it declines
+def test_supports_declines_what_it_must(fake_fa4):
+    q, k, v = make(1, 4, 2, 12, 12, 64, torch.bfloat16, 0)
+    ok = dict(causal=True, sliding_window=None, key_padding=None, softcap=None, sinks=False, grad=False)
+    assert fa4.supports(q, k, v, None, None, **ok) is None
+    assert fa4.supports(q, k, v, MASSES, None, **ok) is None
+    assert fa4.supports(q, k, v, None, None, **{**ok, "sliding_window": 4}) is None
+    cases = [
+        (dict(stats=StatRequest(sink_k=2, entropy=True)), "entropy"),
+        (dict(stats=StatRequest(distance=True)), "distance"),
+        (dict(stats=StatRequest(argmax=True)), "argmax"),
+        (dict(stats=StatRequest(received=True)), "received"),
+        (dict(edits=LayerEdits(q_scale=torch.ones(4))), "q_scale"),
+        (dict(sinks=True), "sinks"),
+        (dict(softcap=30.0), "softcap"),
+        (dict(key_padding=torch.ones(1, 12, dtype=torch.bool)), "padding"),
+        (dict(grad=True), "grad"),
+        (dict(stats=MASSES, causal=False), "causal"),
+        (dict(causal=False, sliding_window=3), "sliding window"),
+        (dict(stats=StatRequest(recent=fa4.MAX_BAND + 1)), "band"),
+        (dict(stats=StatRequest(spans=((0, fa4.MAX_SUBSET_KEYS + 1),))), "span"),
+        (dict(q=q[:, :, :5]), "1 < Q < K"),
+        (dict(q=q.float(), k=k.float(), v=v.float()), "bf16 or fp16"),
+        (dict(q=q[..., :48], k=k[..., :48], v=v[..., :48]), "head dims"),
+        (dict(k=k[:, :1].expand(1, 3, 12, 64), v=v[:, :1].expand(1, 3, 12, 64)), "multiple"),
+    ]
+    for change, word in cases:
+        kw = {**ok, **change}
+        qq, kk, vv = kw.pop("q", q), kw.pop("k", k), kw.pop("v", v)
+        stats, edits = kw.pop("stats", None), kw.pop("edits", None)
+        reason = fa4.supports(qq, kk, vv, stats, edits, **kw)
+        assert reason is not None and word in reason, (change, reason)
+        if not kw["grad"]:
+            sinks = torch.zeros(4) if kw["sinks"] else None
+            with pytest.raises(fa4.Unsupported, match=word.split()[0]):
+                fa4.attention(qq, kk, vv, scaling=0.1, causal=kw["causal"], sliding_window=kw["sliding_window"],
+                              key_padding=kw["key_padding"], softcap=kw["softcap"], sinks=sinks, stats=stats,
+                              edits=edits)
+
+
+def test_grad_is_declined_by_attention(fake_fa4):
+    q, k, v = make(1, 2, 1, 4, 4, 64, torch.bfloat16, 0)
+    q.requires_grad_(True)
+    with pytest.raises(fa4.Unsupported, match="grad"):
+        fa4.attention(q, k, v, scaling=0.1)
+
+
+def test_failure_of_fa4_is_unsupported():
+    fa4.set_impl(standin(fail=True), any_device=True)
+    try:
+        q, k, v = make(1, 2, 1, 4, 4, 64, torch.bfloat16, 0)
+        with pytest.raises(fa4.Unsupported, match="stand-in told to fail"):
+            fa4.attention(q, k, v, scaling=0.1)
+    finally:
+        fa4.set_impl(None)
+
+
+def test_unavailable_without_fa4_or_when_switched_off(monkeypatch):
+    q = torch.zeros(1, 1, 1, 64)
+    assert not fa4.available(q)                     # CPU tensor, no stand-in
+    assert not fa4.available("cpu")
+    fa4.set_impl(standin(), any_device=True)
+    try:
+        assert fa4.available(q)
+        monkeypatch.setenv("HEADSCOPE_NO_FA4", "1")
+        assert not fa4.available(q)
+    finally:
+        fa4.set_impl(None)
+
+
+# --------------------------------------------------------------------------- the probe's dispatch
+def _tokens(n=14, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (1, n), generator=g)
+
+
+@torch.no_grad()
+def test_probe_sends_plain_and_mass_requests_to_fa4(tiny_llama, fake_fa4_fp32, monkeypatch, caplog):
+    fake_fa4 = fake_fa4_fp32
+    """With FA4 present, a plain forward and a masses-only record run through it and give the same
+    logits and statistics as without it (HEADSCOPE_NO_FA4=1); a request with entropy goes to
+    headscope's kernels with one message however many layers and calls."""
+    m = tiny_llama
+    toks = _tokens()
+    req = StatRequest(sink_k=2, recent=3, window_distance=4, spans=((1, 5),))
+    monkeypatch.setenv("HEADSCOPE_NO_FA4", "1")
+    base = m(toks)
+    with m.record(req) as rec_ref:
+        m(toks)
+    with m.record(StatRequest(entropy=True, sink_k=2)) as ent_ref:
+        m(toks)
+    assert not fake_fa4
+    monkeypatch.delenv("HEADSCOPE_NO_FA4")
+    got = m(toks)
+    n_plain = len(fake_fa4)
+    assert n_plain == m.cfg.n_layers and all(c[-1] is False for c in fake_fa4)
+    assert torch.allclose(got, base, atol=1e-5)
+    with m.record(req) as rec:
+        m(toks)
+    assert len(fake_fa4) == 2 * n_plain and all(c[-1] is True for c in fake_fa4[n_plain:])
+    assert set(rec.names) == set(expected_keys(req))
+    for name in rec.names:
+        assert torch.allclose(rec.stack(name), rec_ref.stack(name), atol=2e-5), name
+    live_attention_module()._declined.clear()
+    with caplog.at_level(logging.WARNING, logger="headscope"):
+        with m.record(StatRequest(entropy=True, sink_k=2)) as ent:
+            m(toks)
+            m(toks)
+    msgs = [r.getMessage() for r in caplog.records if "FlashAttention-4" in r.getMessage()]
+    assert len(msgs) == 1 and "entropy" in msgs[0], msgs
+    assert len(fake_fa4) == 2 * n_plain                                  # no FA4 call for those
+    n = ent_ref.stack("entropy").shape[-1]                               # two calls recorded: the first
+    assert torch.allclose(ent.stack("entropy")[..., :n], ent_ref.stack("entropy"), atol=1e-5)
+
+
+@torch.no_grad()
+def test_failing_fa4_falls_back_once(tiny_llama, monkeypatch, caplog):
+    """An FA4 that raises on every call: one message, SDPA's logits."""
+    m = tiny_llama
+    toks = _tokens(seed=1)
+    monkeypatch.setenv("HEADSCOPE_NO_FA4", "1")
+    base = m(toks)
+    monkeypatch.delenv("HEADSCOPE_NO_FA4")
+    for mod in modules():
+        mod.set_impl(standin(fail=True), any_device=True)
+        monkeypatch.setattr(mod, "DTYPES", (torch.float32,))
+        monkeypatch.setattr(mod, "HEAD_DIMS", frozenset({16}))
+    try:
+        live_attention_module()._declined.clear()
+        with caplog.at_level(logging.WARNING, logger="headscope"):
+            got = m(toks)
+            m(toks)
+    finally:
+        for mod in modules():
+            mod.set_impl(None)
+    msgs = [r.getMessage() for r in caplog.records if "FlashAttention-4" in r.getMessage()]
+    assert len(msgs) == 1 and "stand-in told to fail" in msgs[0], msgs
+    assert torch.allclose(got, base, atol=1e-6)
+
+
+@torch.no_grad()
+def test_without_fa4_nothing_changes_and_nothing_is_said(tiny_llama, caplog):
+    """FlashAttention-4 absent (the CPU): plain calls and records run as before, no FA4 message."""
+    m = tiny_llama
+    assert not any(mod.available(torch.zeros(1)) for mod in modules())
+    live_attention_module()._declined.clear()
+    with caplog.at_level(logging.DEBUG, logger="headscope"):
+        m(_tokens(seed=2))
+        with m.record(MASSES) as rec:
+            m(_tokens(seed=2))
+    assert set(rec.names) == set(expected_keys(MASSES))
+    assert not [r for r in caplog.records if "FlashAttention" in r.getMessage()]
+
+
+def test_decode_stays_off_fa4_unless_enabled(fake_fa4_fp32, monkeypatch):
+    """One query (decoding): SDPA / triton_decode split the keys, FA4's default does not, so the
+    probe keeps Q = 1 off FA4 unless ``fa4.DECODE``; prefill goes to FA4."""
+    from headscope.probe.attention import plain_attention
+    q, k, v = make(1, 4, 2, 12, 12, 16, torch.float32, 6)
+    ref = plain_attention(q[:, :, -1:], k, v, scaling=0.25)
+    assert not fake_fa4_fp32
+    plain_attention(q, k, v, scaling=0.25)
+    assert len(fake_fa4_fp32) == 1
+    for mod in modules():
+        monkeypatch.setattr(mod, "DECODE", True)
+    out = plain_attention(q[:, :, -1:], k, v, scaling=0.25)
+    assert len(fake_fa4_fp32) == 2 and fake_fa4_fp32[-1][0][1] == 1
+    close(out, ref, 1e-6, "decode via FA4")
+
+
+def test_plain_attention_entry_matches_sdpa():
+    q, k, v = make(1, 4, 2, 10, 10, 16, torch.float32, 5)
+    from headscope.probe.attention import plain_attention
+    out = plain_attention(q, k, v, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
+    close(out, ref, 1e-6, "plain")
+
+
+# --------------------------------------------------------------------------- the real FA4 (GPU)
+def _real_fa4():
+    fa4.set_impl(None)
+    return torch.cuda.is_available() and fa4.available()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention-4 runs on Hopper/Blackwell)")
+@pytest.mark.parametrize("shape", [(1, 8, 2, 64, 700), (2, 4, 4, 128, 333), (1, 4, 1, 256, 520)])
+@pytest.mark.parametrize("mode", ["prefill", "window", "decode", "decode-window"])
+@torch.no_grad()
+def test_real_fa4_equals_reference(shape, mode):
+    """The installed FlashAttention-4 through ``fa4.attention`` against the fp32 reference: output
+    to bf16 accuracy, LSE and masses to 2e-4 (FA4's LSE is fp32 from bf16 tensor-core scores)."""
+    if not _real_fa4():
+        pytest.skip(f"FlashAttention-4 not importable or not this GPU ({fa4.import_error() or 'not installed'})")
+    B, H, G, d, K = shape
+    Q = 1 if mode.startswith("decode") else K
+    w = 97 if "window" in mode else None
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, H, Q, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    kpos = torch.full((B,), 3 if Q == 1 else 0, dtype=torch.long, device="cuda")
+    req = StatRequest(sink_k=4, spans=((10, 40),), recent=64, window_distance=128)
+    out_ref, ref, _ = reference.attention(q, k, v, scaling=d ** -0.5, sliding_window=w, key_pos0=kpos, stats=req)
+    assert fa4.supports(q, k, v, req, None, sliding_window=w) is None
+    out, st = fa4.attention(q, k, v, scaling=d ** -0.5, sliding_window=w, key_pos0=kpos, stats=req)
+    close(out, out_ref, 2e-2, "out")
+    close(st["lse"], ref["lse"], 2e-4, "lse")
+    for name in ("sink_mass", "span_mass", "recent_mass"):
+        close(st[name], ref[name], 2e-4, name)
+    close(st["window_distance"], ref["window_distance"], 2e-4 * 128, "window_distance")
+    out_plain, st_plain = fa4.attention(q, k, v, scaling=d ** -0.5, sliding_window=w)
+    assert st_plain == {}
+    close(out_plain, out_ref, 2e-2, "plain out")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention-4 runs on Hopper/Blackwell)")
+@torch.no_grad()
+def test_real_fa4_in_the_probe():
+    """A bf16 Llama-shaped random model (d=64) on the GPU: the forward and a masses record through
+    FlashAttention-4 equal those with HEADSCOPE_NO_FA4=1 (SDPA / Triton)."""
+    if not _real_fa4():
+        pytest.skip(f"FlashAttention-4 not importable or not this GPU ({fa4.import_error() or 'not installed'})")
+    import os
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300)
+    torch.manual_seed(0)
+    m = hs.load(LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval())
+    toks = torch.randint(0, 300, (1, 257), device="cuda")
+    req = StatRequest(sink_k=4, recent=16, window_distance=32)
+    old = os.environ.get("HEADSCOPE_NO_FA4")
+    try:
+        os.environ["HEADSCOPE_NO_FA4"] = "1"
+        base = m(toks).float()
+        with m.record(req) as ref:
+            m(toks)
+        os.environ["HEADSCOPE_NO_FA4"] = "0"
+        got = m(toks).float()
+        with m.record(req) as rec:
+            m(toks)
+    finally:
+        if old is None:
+            os.environ.pop("HEADSCOPE_NO_FA4", None)
+        else:
+            os.environ["HEADSCOPE_NO_FA4"] = old
+    assert (got - base).abs().max().item() < 0.1
+    assert set(rec.names) == set(expected_keys(req))
+    for name in rec.names:           # layer 0 sees the same q, k on both paths; layer 1 bf16-close ones
+        close(rec[name, 0], ref[name, 0], 2e-4 * (32 if name == "window_distance" else 1), name)
+        close(rec[name, 1], ref[name, 1], 3e-2 * (32 if name == "window_distance" else 1), name)
