@@ -194,20 +194,152 @@ def test_explorer_pages_apptest(report, circuit_dir, edits_dir):
         res = at.session_state["playground"]["result"]
         assert res["before"]["top"][0][0] == " Rome" and res["after"]["top"][0][0] != " Rome"
         assert any("after: L0H0" in m.value for m in at.markdown)
-        at.radio(key="edit_kind").set_value("saved edit folder").run()
+        at.radio(key="edit_kind").set_value("file").run()
         at.text_input(key="edit_folder").set_value(str(edits_dir)).run()
         at.button(key="generate").click().run()
         assert not at.exception and not at.error
         saved = at.session_state["playground"]["result"]
-        assert saved == res                                                  # the same 27 heads zeroed
-        at.text_input(key="edit_folder").set_value(str(edits_dir.parent / "none")).run()
+        for side in ("before", "after"):                                     # the same 27 heads zeroed
+            assert (saved[side]["top"], saved[side]["text"]) == (res[side]["top"], res[side]["text"])
+        (edits_dir.parent / "empty").mkdir(exist_ok=True)
+        at.text_input(key="edit_folder").set_value(str(edits_dir.parent / "empty")).run()
         at.button(key="generate").click().run()
         assert any("holds no saved edits" in e.value for e in at.error)
+        at.radio(key="edit_kind").set_value("var").run()                      # VAR: BOS is SmolLM2's sink token
+        at.button(key="generate").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        got = at.session_state["playground"]
+        assert got["what"].startswith("VAR: massive dimensions") and "sink tokens [0]" in got["what"]
+        assert got["result"]["after"]["top"] != got["result"]["before"]["top"]
+        at.text_input(key="var_target").set_value("Italy").run()             # a group without a sink token
+        at.button(key="generate").click().run()
+        assert any("no sink token lies inside the token group" in e.value for e in at.error)
         at.text_input(key="model").set_value("no-such-model").run()
         assert any("cannot load" in e.value for e in at.error)
     finally:
         os.environ.pop("HEADSCOPE_REPORT", None)
         os.environ.pop("HEADSCOPE_CIRCUIT", None)
+
+
+TINY_PROMPT = " ".join(str(i) for i in range(3, 60, 3))                  # tiny-llama has no tokenizer: ids
+
+
+def _tiny_playground(at, kind: str):
+    at.text_input(key="model").set_value("tiny-llama").run()
+    at.radio(key="page").set_value("Intervention").run()
+    at.text_area(key="iprompt").set_value(TINY_PROMPT).run()
+    at.slider(key="new_tokens").set_value(6).run()
+    at.radio(key="edit_kind").set_value(kind).run()
+    return at
+
+
+def _outputs(got):
+    return {k: (v["top"], v["text"]) for k, v in got["result"].items()}
+
+
+def _run_playground(at):
+    at.button(key="generate").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    return at.session_state["playground"]
+
+
+@pytest.mark.parametrize("kind", ["ablate", "act", "kv"])
+def test_playground_edit_changes_output_tiny(kind):
+    """On tiny-llama (token-id prompt), each playground edit on chosen heads changes the next-token
+    distribution, and the page draws before and after side by side; KV compression holds fewer bytes."""
+    from streamlit.testing.v1 import AppTest
+    at = _tiny_playground(AppTest.from_file(EXPLORER, default_timeout=120).run(), kind)
+    assert any("has no tokenizer" in i.value for i in at.info)
+    at.text_input(key="heads").set_value("L0H0, L1H0, L1H1, L2H3").run()
+    if kind == "kv":
+        at.number_input(key="kv_sink").set_value(2)
+        at.number_input(key="kv_recent").set_value(4).run()
+    got = _run_playground(at)
+    before, after = got["result"]["before"], got["result"]["after"]
+    assert before["text"] and after["text"] and after["top"] != before["top"]
+    assert {"ablate": "L0H0, L1H0, L1H1, L2H3 ablated (zero)", "act": "ACT on L0H0", "kv": "KV compression: streaming KV heads L0KV0, L1KV0, L2KV1"}[kind] in got["what"]
+    assert len(at.get("plotly_chart")) == 1 and any(m.value.startswith("**after: ") for m in at.markdown)
+    if kind == "kv":
+        assert after["cache_bytes"] < before["cache_bytes"]
+        assert any("(compressed)" in c.value for c in at.caption)
+
+
+def test_playground_inputs_give_messages_tiny(tmp_path):
+    """Bad playground inputs are messages, not exceptions: a prompt that is not token ids, no heads,
+    a head out of range, VAR on a 3-layer model, an ACT threshold no key reaches."""
+    from streamlit.testing.v1 import AppTest
+    at = _tiny_playground(AppTest.from_file(EXPLORER, default_timeout=120).run(), "act")
+    cases = [(lambda: at.text_area(key="iprompt").set_value("not ids"), "type the prompt as token ids"),
+             (lambda: at.text_area(key="iprompt").set_value("5 999"), "token id 999 is out of range"),
+             (lambda: at.text_area(key="iprompt").set_value(TINY_PROMPT), "name at least one head"),
+             (lambda: at.text_input(key="heads").set_value("L7H0"), "out of range"),
+             (lambda: (at.text_input(key="heads").set_value("L1H0"), at.slider(key="act_threshold").set_value(0.5)),
+              "has a hidden sink on this prompt"),
+             (lambda: at.radio(key="edit_kind").set_value("var"), "tiny-llama has 3 layers")]
+    for change, message in cases:
+        change()
+        at.run()
+        at.button(key="generate").click().run()
+        assert not at.exception, (message, at.exception)
+        assert any(message in e.value for e in at.error), (message, [e.value for e in at.error])
+        assert "playground" not in at.session_state
+
+
+def test_playground_edit_file_path_upload_and_bad_files_tiny(tmp_path):
+    """A saved edit file (LoFiT's HeadAffine edits) by folder path, by one of its files' paths and by
+    upload (two files or a zip) gives the same after-edit output; a missing path, a folder without
+    edits, a broken file, an incomplete upload and edits made for another model are messages."""
+    import zipfile
+    from streamlit.testing.v1 import AppTest
+    from headscope.interventions import save_edits
+    g = torch.Generator().manual_seed(0)
+    good = save_edits(tmp_path / "lofit", [hs.HeadAffine(l, [0, 1], scale=torch.randn(2, 16, generator=g),
+                                                         bias=torch.randn(2, 16, generator=g)) for l in range(3)])
+    other = save_edits(tmp_path / "other", [hs.HeadAffine(5, 0, scale=torch.ones(16))])
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    (broken / "edits.json").write_text("{not json")
+    at = _tiny_playground(AppTest.from_file(EXPLORER, default_timeout=120).run(), "file")
+    at.text_input(key="edit_folder").set_value(str(good)).run()
+    ref = _run_playground(at)
+    assert ref["what"] == f"3 edits from {good}"
+    assert ref["result"]["after"]["top"] != ref["result"]["before"]["top"]
+    at.text_input(key="edit_folder").set_value(str(good / "edits.json")).run()
+    assert _outputs(_run_playground(at)) == _outputs(ref)
+    for path, message in ((tmp_path / "nowhere", "does not exist"), (tmp_path, "holds no saved edits"),
+                          (broken, "cannot read the edit file"), (other, "do not fit tiny-llama")):
+        at.text_input(key="edit_folder").set_value(str(path)).run()
+        at.button(key="generate").click().run()
+        assert not at.exception and any(message in e.value for e in at.error), (message, [e.value for e in at.error])
+    at.radio(key="file_src").set_value("upload").run()
+    files = [(n, (good / n).read_bytes(), "application/octet-stream") for n in views.EDIT_FILES]
+    at.file_uploader(key="edit_upload").set_value(files[:1]).run()
+    at.button(key="generate").click().run()
+    assert any("lacks edits.safetensors" in e.value for e in at.error)
+    at.file_uploader(key="edit_upload").set_value(files).run()
+    assert _outputs(_run_playground(at)) == _outputs(ref)
+    zpath = tmp_path / "lofit.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for n in views.EDIT_FILES:
+            z.write(good / n, f"lofit/{n}")
+    at.file_uploader(key="edit_upload").set_value(("lofit.zip", zpath.read_bytes(), "application/zip")).run()
+    assert _outputs(_run_playground(at)) == _outputs(ref)
+    assert Path(at.session_state["_upload_dir"]).is_dir()
+
+
+def test_playground_sessions_keep_their_own_result():
+    """Two sessions of the explorer with different edits: each keeps its own result and request."""
+    from streamlit.testing.v1 import AppTest
+    a = _tiny_playground(AppTest.from_file(EXPLORER, default_timeout=120).run(), "ablate")
+    b = _tiny_playground(AppTest.from_file(EXPLORER, default_timeout=120).run(), "kv")
+    a.text_input(key="heads").set_value("L0H0").run()
+    b.text_input(key="heads").set_value("L2H3")
+    b.number_input(key="kv_sink").set_value(1).run()
+    ra, rb = _run_playground(a), _run_playground(b)
+    a.run()
+    assert a.session_state["playground"]["what"] == ra["what"] == "L0H0 ablated (zero)"
+    assert rb["what"].startswith("KV compression") and rb["result"]["after"] != ra["result"]["after"]
 
 
 def _free_port() -> int:
