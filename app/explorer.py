@@ -162,12 +162,34 @@ def _open_head(layer: int, head: int):
     st.session_state["page"] = "Head view"
 
 
-def _on_map_select():
-    sel = st.session_state.get("headmap")
-    points = (sel or {}).get("selection", {}).get("points", []) if isinstance(sel, dict) else \
-        getattr(getattr(sel, "selection", None), "points", []) or []
+def _map_points(sel) -> list:
+    """The selected points of the head map's selection state (a dict or Streamlit's attribute dict)."""
+    if isinstance(sel, dict):
+        return (sel.get("selection") or {}).get("points") or []
+    return getattr(getattr(sel, "selection", None), "points", None) or []
+
+
+def _map_key() -> str:
+    """The head map's widget key: a new one each time a click on the map has opened a head."""
+    return f"headmap_{st.session_state.setdefault('_map_clicks', 0)}"
+
+
+def _on_map_select(key: str):
+    """A head clicked on the map opens it in the head view, once per click.
+
+    The browser keeps the map's selection until the page without the map has finished its run, and
+    sends it again with any widget change made meanwhile (e.g. a click on another page in the
+    sidebar while the head view is still computing): Streamlit then calls this callback again with
+    the same selection, and acting on it would put the page back to the head view and swallow the
+    user's click. So each click that opens a head retires the map's widget key: a selection that
+    arrives under a retired key is ignored, and the map is drawn afresh (a new key, no selection)
+    when the page shows it again, so clicking the same head later opens it again."""
+    if key != _map_key():
+        return
+    points = _map_points(st.session_state.get(key))
     if points:
-        l, h = points[0]["customdata"][:2]
+        l, h = (int(x) for x in points[0]["customdata"][:2])
+        st.session_state["_map_clicks"] += 1
         _open_head(l, h)
 
 
@@ -224,7 +246,8 @@ def head_map_page(folder: str):
     if fig is not None:
         with st.expander("summary across analyzers", expanded=True):
             st.markdown("\n".join(f"- {s}" for s in summary_lines(results)))
-        st.plotly_chart(fig, key="headmap", on_select=_on_map_select, selection_mode="points", width="stretch")
+        key = _map_key()
+        st.plotly_chart(fig, key=key, on_select=lambda: _on_map_select(key), selection_mode="points", width="stretch")
         st.caption(combined_caption(STAND_OUT_Z) + " Click a head (or name it below) to open it in the head view.")
     c1, c2 = st.columns([3, 1])
     c1.text_input("open a head (e.g. L3H0)", key="open_head")
@@ -457,7 +480,7 @@ def intervention_page(model_name: str, folder: str):
             bar.empty()
             st.error(str(e))
         else:
-            bar.progress(1.0, text="done")
+            bar.empty()
             st.session_state["playground"] = {"request": (model_name, text, chat, tokens, spec), "what": after["what"],
                                               "result": {"before": before, "after": after}}
     got = st.session_state.get("playground")

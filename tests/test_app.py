@@ -2,6 +2,7 @@
 Streamlit's AppTest, and the app served by `streamlit run` in a real headless Chromium."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -362,8 +363,9 @@ def _goto(page, port):
 
 
 def _set_playground(page, heads: str):
-    page.locator("[data-testid=stSidebar] label").filter(has_text="Intervention").first.click()
-    page.get_by_label("wrap in the chat template").wait_for(timeout=120_000)
+    _sidebar_page(page, "Intervention")
+    page.get_by_label("prompt", exact=True).wait_for(timeout=120_000)        # the head view has a chat box too
+    page.get_by_label("wrap in the chat template").wait_for(timeout=30_000)
     if page.get_by_label("wrap in the chat template").is_checked():
         page.locator("label").filter(has_text="wrap in the chat template").first.click()
     box = page.get_by_label("prompt", exact=True)
@@ -375,18 +377,18 @@ def _set_playground(page, heads: str):
     time.sleep(1.0)
 
 
-def _open_page(page, name, marker, tries: int = 4):
-    """Click the sidebar's page ``name`` and wait for ``marker``. Streamlit may still be finishing the
-    rerun that the previous action started (the head-map click re-selects a page itself), which can
-    swallow a click made meanwhile: click again (up to ``tries`` times) until the page shows."""
-    for i in range(tries):
-        page.locator("[data-testid=stSidebar] label").filter(has_text=name).first.click()
-        try:
-            page.get_by_text(marker).first.wait_for(timeout=60_000)
-            return
-        except Exception:
-            page.screenshot(path=str(SCREENSHOTS / f"retry_{name.lower().replace(' ', '_')}_{i}.png"), full_page=True)
-    page.get_by_text(marker).first.wait_for(timeout=1_000)
+def _sidebar_page(page, name):
+    page.locator("[data-testid=stSidebar] label").filter(has_text=name).first.click()
+
+
+def _click_first_map_point(page):
+    page.get_by_text(re.compile(r"(sinks|previous_token) — tiny-llama")).first.wait_for(timeout=60_000)  # drawn to the end
+    point = page.locator(".js-plotly-plot .scatterlayer .point").first
+    point.wait_for(timeout=30_000)
+    point.evaluate("el => el.scrollIntoView({block: 'center'})")
+    time.sleep(1.0)
+    box = point.bounding_box()                                    # plotly hit-tests clicks on its drag layer
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
 
 
 def test_explorer_in_headless_chromium(report, circuit_dir, smollm2):
@@ -425,18 +427,27 @@ def test_explorer_in_headless_chromium(report, circuit_dir, smollm2):
             _, labels = views.head_map(report[1])                          # click the first square drawn
             order = ["none", "sinks", "previous_token"]
             first = min(((order.index(c), l, h) for l, row in enumerate(labels) for h, c in enumerate(row)))
-            point = page.locator(".js-plotly-plot .scatterlayer .point").first
-            point.evaluate("el => el.scrollIntoView({block: 'center'})")
-            time.sleep(0.5)
-            box = point.bounding_box()                                # plotly hit-tests clicks on its drag layer
-            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            page.get_by_text(f"attention pattern L{first[1]} H{first[2]}").first.wait_for(timeout=180_000)
+            pattern = f"attention pattern L{first[1]} H{first[2]}"
+            _click_first_map_point(page)
+            page.get_by_text(pattern).first.wait_for(timeout=180_000)
             assert page.locator("[data-testid=stSidebar] input[type=radio]").nth(1).is_checked()   # Head view
-            for name, marker in (("Head view", f"attention pattern L{first[1]} H{first[2]}"),
-                                 ("Circuit", "eap-ig circuit — ioi")):
-                _open_page(page, name, marker)
-                assert page.locator(".stException").count() == 0, name
-                page.screenshot(path=str(SCREENSHOTS / f"{name.lower().replace(' ', '_')}.png"), full_page=True)
+            assert page.locator(".stException").count() == 0
+            page.screenshot(path=str(SCREENSHOTS / "head_view.png"), full_page=True)
+            # One click on another page while the head view may still be computing its other tabs:
+            # the browser re-sends the map's selection with it, which must not send us back.
+            _sidebar_page(page, "Circuit")
+            page.get_by_text("eap-ig circuit — ioi").first.wait_for(timeout=120_000)
+            assert page.locator("[data-testid=stSidebar] input[type=radio]").nth(2).is_checked()
+            assert page.locator(".stException").count() == 0
+            page.screenshot(path=str(SCREENSHOTS / "circuit.png"), full_page=True)
+            _sidebar_page(page, "Head map")                               # the same head opens again
+            page.get_by_text("Head map (click a head").first.wait_for(timeout=60_000)
+            _click_first_map_point(page)
+            try:
+                page.get_by_text(pattern).first.wait_for(timeout=120_000)
+            finally:
+                page.screenshot(path=str(SCREENSHOTS / "head_view_again.png"), full_page=True)
+            assert page.locator("[data-testid=stSidebar] input[type=radio]").nth(1).is_checked()
             pages = {"A": page, "B": browser.new_context(viewport={"width": 1300, "height": 1000}).new_page()}
             _goto(pages["B"], port)
             pages["B"].get_by_text("Report — tiny-llama").wait_for(timeout=90_000)
@@ -450,6 +461,7 @@ def test_explorer_in_headless_chromium(report, circuit_dir, smollm2):
                 after = " ".join(p.locator("[data-testid=stColumn]").filter(has_text="after:").last.inner_text().split())
                 assert after.startswith(f"after: {edits[k].split(',')[0]}")
                 assert after.endswith(" ".join(expected[k].split())), (k, after, expected[k])
+            pages["A"].get_by_text("after: L").first.scroll_into_view_if_needed()   # the results in the picture
             pages["A"].screenshot(path=str(SCREENSHOTS / "intervention.png"), full_page=True)
             browser.close()
         for name in ("head_map", "head_view", "circuit", "intervention"):
