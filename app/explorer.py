@@ -470,8 +470,12 @@ def intervention_page(model_name: str, folder: str):
         try:
             if not _text_ok(text):
                 raise ValueError("type a prompt")
-            views.prompt_tokens(model, text, chat)                  # a bad prompt: its message before any work
+            n = views.prompt_tokens(model, text, chat).shape[1]     # a bad prompt: its message before any work
             spec = make_spec(cfg)
+            if spec[0] == "kv" and n + tokens - 1 <= spec[2] + spec[3]:
+                st.info(f"the streaming heads keep {spec[2]} + {spec[3]} tokens, and the prompt and the new tokens "
+                        f"make {n + tokens - 1}: nothing is dropped, so the output will not change. Lower sink or "
+                        "recent to see an effect.")
             bar.progress(0.2, text="the unedited model: next-token distribution and greedy text…")
             before = _playground_side(model_name, text, chat, tokens, None)
             bar.progress(0.55, text="building the edit and running the edited model…")

@@ -259,11 +259,18 @@ def test_playground_edit_changes_output_tiny(kind):
     got = _run_playground(at)
     before, after = got["result"]["before"], got["result"]["after"]
     assert before["text"] and after["text"] and after["top"] != before["top"]
-    assert {"ablate": "L0H0, L1H0, L1H1, L2H3 ablated (zero)", "act": "ACT on L0H0", "kv": "KV compression: streaming KV heads L0KV0, L1KV0, L2KV1"}[kind] in got["what"]
+    assert {"ablate": "L0H0, L1H0, L1H1, L2H3 ablated (zero)", "act": "ACT on L0H0",
+            "kv": "KV compression: streaming KV heads L0KV0, L1KV0, L2KV1"}[kind] in got["what"]
     assert len(at.get("plotly_chart")) == 1 and any(m.value.startswith("**after: ") for m in at.markdown)
     if kind == "kv":
         assert after["cache_bytes"] < before["cache_bytes"]
         assert any("(compressed)" in c.value for c in at.caption)
+        assert not any("nothing is dropped" in i.value for i in at.info)
+        at.number_input(key="kv_recent").set_value(64).run()                 # keeps every token: said so
+        at.button(key="generate").click().run()
+        assert any("nothing is dropped" in i.value for i in at.info)
+        got = at.session_state["playground"]["result"]
+        assert got["after"]["text"] == got["before"]["text"] and got["after"]["top"] == got["before"]["top"]
 
 
 def test_playground_inputs_give_messages_tiny(tmp_path):
