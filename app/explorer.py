@@ -239,15 +239,16 @@ def head_map_page(folder: str):
         st.warning("This report holds no analyzer results.")
         return
     try:
-        fig, labels = views.head_map(results)
+        fig, _ = views.head_map(results)
     except (RuntimeError, ValueError) as e:     # e.g. analyzer files of different models mixed by hand
         st.warning(f"no combined map: the analyzers' score maps do not fit together ({e})")
-        fig, labels = None, None
+        fig = None
     if fig is not None:
         with st.expander("summary across analyzers", expanded=True):
             st.markdown("\n".join(f"- {s}" for s in summary_lines(results)))
         key = _map_key()
-        st.plotly_chart(fig, key=key, on_select=lambda: _on_map_select(key), selection_mode="points", width="stretch")
+        st.plotly_chart(fig, key=key, on_select=lambda: _on_map_select(key), selection_mode="points",
+                        width="stretch")
         st.caption(combined_caption(STAND_OUT_Z) + " Click a head (or name it below) to open it in the head view.")
     c1, c2 = st.columns([3, 1])
     c1.text_input("open a head (e.g. L3H0)", key="open_head")
