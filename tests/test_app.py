@@ -121,6 +121,13 @@ def test_views_on_smollm2(smollm2):
     assert len(res["after"]["top"]) == 10 and abs(sum(p for _, p in res["before"]["top"]) - 1) < 1
     fig = views.next_token_figure(res)
     assert [len(d.x) for d in fig.data] == [10, 10]
+    words = [smollm2.tokenizer.decode([int(t)]) for t in toks[0]]              # VAR's token group from text
+    a, b = views.target_spans(smollm2, toks, "France is Paris")[0]
+    assert "".join(words[a:b]).strip() == "France is Paris"
+    assert views.target_spans(smollm2, toks, "") == [(0, N)] and views.target_spans(smollm2, toks, "2:5") == [(2, 5)]
+    for bad, message in (("Berlin", "is not in the prompt"), (f"3:{N + 1}", "do not fit the prompt")):
+        with pytest.raises(ValueError, match=message):
+            views.target_spans(smollm2, toks, bad)
     mean = views.make_edits(smollm2, [(3, 0), (3, 1)], "mean")
     assert [e.how for e in mean] == ["mean", "mean"] and mean[0].mean.shape == (smollm2.cfg.d_head,)
 
