@@ -552,6 +552,8 @@ def next_token_figure(result: dict):
         top = result[key]["top"][::-1]
         fig.add_trace(go.Bar(x=[p for _, p in top], y=[f"{repr(t)} " for t, _ in top], orientation="h",
                              name=key, hovertemplate="%{y}: %{x:.3f}<extra></extra>"), row=1, col=c)
+    top = max((p for key in ("before", "after") for _, p in result[key]["top"]), default=1.0)
     fig.update_layout(title="next-token probabilities (top 10)", showlegend=False, height=420)
-    fig.update_xaxes(range=[0, 1])
+    fig.update_xaxes(range=[0, min(1.0, 1.15 * top)])               # one scale for both sides
+    fig.update_yaxes(type="category")                                # token ids stay labels, not numbers
     return fig

@@ -121,6 +121,9 @@ def test_views_on_smollm2(smollm2):
     assert len(res["after"]["top"]) == 10 and abs(sum(p for _, p in res["before"]["top"]) - 1) < 1
     fig = views.next_token_figure(res)
     assert [len(d.x) for d in fig.data] == [10, 10]
+    top = max(p for side in ("before", "after") for _, p in res[side]["top"])   # one scale, fitted to the bars
+    assert fig.layout.xaxis.range == fig.layout.xaxis2.range and top <= fig.layout.xaxis.range[1] <= max(top * 1.2, 1)
+    assert fig.layout.yaxis.type == fig.layout.yaxis2.type == "category"
     words = [smollm2.tokenizer.decode([int(t)]) for t in toks[0]]              # VAR's token group from text
     a, b = views.target_spans(smollm2, toks, "France is Paris")[0]
     assert "".join(words[a:b]).strip() == "France is Paris"
