@@ -12,9 +12,13 @@ Pages (sidebar):
   mass, distance), drawn over the text; and every head's mean statistics.
 - **Circuit**: a folder written by ``Circuit.save`` (``headscope circuit ... --out DIR``): the graph
   (edges weighted by score) and the faithfulness curve when it was computed.
-- **Intervention**: heads (typed, or a head class of the report) and an edit (ablate zero / mean /
-  uniform, or a saved edit folder from ``headscope intervene ... --out DIR``): the next-token
-  distribution and the greedy text before and after, side by side.
+- **Intervention**: an edit and the next-token distribution and greedy text before and after it,
+  side by side. Edits: ablate heads (zero / mean / uniform); ACT (calibrate the chosen heads' hidden
+  sinks, Yu et al. 2024); VAR (move attention from sink tokens to a token group, Kang et al. 2025);
+  a saved edit file (LoFiT's result, ``headscope intervene ... --out DIR``: a folder path or an
+  upload); KV compression (the chosen heads' KV heads keep sink + recent tokens while generating,
+  DuoAttention's deployment). Heads are typed or taken from a head class of the report. A model
+  without a tokenizer (the tiny test models) takes token ids.
 The figures and computations live in ``views.py``; this file is only layout.
 
 State: nothing mutable is shared between sessions: per-session values (widgets, the last result)
@@ -90,16 +94,47 @@ def _pattern(model_name: str, text: str, layer: int, head: int, chat: bool, hide
     return views.pattern_figure(_model(model_name), text, layer, head, chat, MAX_PATTERN_TOKENS, hide_first, log)
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def _edit_compare(model_name: str, text: str, heads: tuple, how: str, edit_folder: str, folder_sig: int,
-                  tokens: int, chat: bool):
+def _playground_edits(model, toks, spec: tuple):
+    """spec (what the page asked for, hashable) -> (edits, cache maker or None, a line describing it)."""
+    kind, *args = spec
+    if kind == "ablate":
+        heads, how = args
+        return views.make_edits(model, list(heads), how), None, f"{_names(heads)} ablated ({how})"
+    if kind == "act":
+        heads, beta, threshold = args
+        edits, note = views.act_playground_edits(model, toks, list(heads), beta, threshold)
+        return edits, None, f"ACT on {_names(heads)}: {note}"
+    if kind == "var":
+        target, p, rho, tau = args
+        edits, note = views.var_playground_edits(model, toks, target, p, rho, tau)
+        return edits, None, f"VAR: {note}"
+    if kind == "file":
+        folder, _sig, shown = args
+        edits = views.load_edit_file(folder)
+        return edits, None, f"{len(edits)} edits from {shown}"
+    heads, sink, recent = args                                   # "kv"
+    edits, make_cache, note = views.kv_playground(model, list(heads), sink, recent)
+    return edits, make_cache, f"KV compression: {note}"
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _playground_side(model_name: str, text: str, chat: bool, tokens: int, spec: tuple | None):
+    """One side of the playground (spec None: the unedited model): cached by its inputs."""
     model = _model(model_name)
-    if edit_folder:
-        from headscope.interventions import load_edits
-        edits = load_edits(Path(edit_folder).expanduser())
-    else:
-        edits = views.make_edits(model, list(heads), how)
-    return views.edit_compare(model, text, edits, tokens, chat)
+    toks = views.prompt_tokens(model, text, chat)
+    if spec is None:
+        return views.edit_side(model, toks, [], tokens) | {"what": "before"}
+    edits, make_cache, what = _playground_edits(model, toks, spec)
+    try:
+        return views.edit_side(model, toks, edits, tokens, make_cache=make_cache) | {"what": what}
+    except (IndexError, ValueError) as e:
+        if spec[0] != "file":
+            raise
+        raise ValueError(f"the edits in {spec[-1]} do not fit {model.cfg.name} (made for another model?): {e}") from None
+
+
+def _names(heads) -> str:
+    return ", ".join(f"L{l}H{h}" for l, h in heads)
 
 
 def _load_model(name: str):
@@ -127,12 +162,34 @@ def _open_head(layer: int, head: int):
     st.session_state["page"] = "Head view"
 
 
-def _on_map_select():
-    sel = st.session_state.get("headmap")
-    points = (sel or {}).get("selection", {}).get("points", []) if isinstance(sel, dict) else \
-        getattr(getattr(sel, "selection", None), "points", []) or []
+def _map_points(sel) -> list:
+    """The selected points of the head map's selection state (a dict or Streamlit's attribute dict)."""
+    if isinstance(sel, dict):
+        return (sel.get("selection") or {}).get("points") or []
+    return getattr(getattr(sel, "selection", None), "points", None) or []
+
+
+def _map_key() -> str:
+    """The head map's widget key: a new one each time a click on the map has opened a head."""
+    return f"headmap_{st.session_state.setdefault('_map_clicks', 0)}"
+
+
+def _on_map_select(key: str):
+    """A head clicked on the map opens it in the head view, once per click.
+
+    The browser keeps the map's selection until the page without the map has finished its run, and
+    sends it again with any widget change made meanwhile (e.g. a click on another page in the
+    sidebar while the head view is still computing): Streamlit then calls this callback again with
+    the same selection, and acting on it would put the page back to the head view and swallow the
+    user's click. So each click that opens a head retires the map's widget key: a selection that
+    arrives under a retired key is ignored, and the map is drawn afresh (a new key, no selection)
+    when the page shows it again, so clicking the same head later opens it again."""
+    if key != _map_key():
+        return
+    points = _map_points(st.session_state.get(key))
     if points:
-        l, h = points[0]["customdata"][:2]
+        l, h = (int(x) for x in points[0]["customdata"][:2])
+        st.session_state["_map_clicks"] += 1
         _open_head(l, h)
 
 
@@ -182,14 +239,16 @@ def head_map_page(folder: str):
         st.warning("This report holds no analyzer results.")
         return
     try:
-        fig, labels = views.head_map(results)
+        fig, _ = views.head_map(results)
     except (RuntimeError, ValueError) as e:     # e.g. analyzer files of different models mixed by hand
         st.warning(f"no combined map: the analyzers' score maps do not fit together ({e})")
-        fig, labels = None, None
+        fig = None
     if fig is not None:
         with st.expander("summary across analyzers", expanded=True):
             st.markdown("\n".join(f"- {s}" for s in summary_lines(results)))
-        st.plotly_chart(fig, key="headmap", on_select=_on_map_select, selection_mode="points", width="stretch")
+        key = _map_key()
+        st.plotly_chart(fig, key=key, on_select=lambda: _on_map_select(key), selection_mode="points",
+                        width="stretch")
         st.caption(combined_caption(STAND_OUT_Z) + " Click a head (or name it below) to open it in the head view.")
     c1, c2 = st.columns([3, 1])
     c1.text_input("open a head (e.g. L3H0)", key="open_head")
@@ -300,70 +359,148 @@ def circuit_page(default: str):
     st.dataframe([{"node": n, "score": round(float(c.nodes[n]), 4)} for n in c.top_nodes(20)], hide_index=True)
 
 
+def _heads_picker(folder: str) -> str:
+    """Heads typed, or a head class of the report's map -> the heads as text (L3H0, L5H2)."""
+    labels = None
+    if folder:                                         # the report's head classes, when it has a map
+        try:
+            _, results = _report(folder, views.report_signature(folder))
+            _, labels = views.head_map(results)
+        except (OSError, ValueError, RuntimeError):
+            labels = None
+    classes = sorted({c for row in labels for c in row} - {"none"}) if labels else []
+    src = st.selectbox("heads from", ["typed below"] + [f"report class: {c}" for c in classes], key="head_src",
+                       help="a class of the report's head map (the heads that stand out most in that analyzer)")
+    if src == "typed below":
+        return st.text_input("heads (e.g. L3H0, L5H2)", "", key="heads")
+    heads_text = ", ".join(f"L{l}H{h}" for l, h in views.heads_of_class(labels, src.split(": ", 1)[1]))
+    st.caption(f"heads: {heads_text}")
+    return heads_text
+
+
+def _upload_folder(files) -> tuple[str, str]:
+    """Uploaded edit files -> (a folder of this session's own, its content hash)."""
+    import tempfile
+    if "_upload_dir" not in st.session_state:           # one folder per browser session
+        st.session_state["_upload_dir"] = tempfile.mkdtemp(prefix="headscope-explorer-")
+    folder = views.unpack_upload([(f.name, f.getvalue()) for f in files], st.session_state["_upload_dir"])
+    return str(folder), folder.name
+
+
+def _edit_inputs(kind: str, folder: str):
+    """The widgets of one kind of edit -> a function that checks them and returns the spec."""
+    if kind in ("ablate", "act", "kv"):
+        heads_text = _heads_picker(folder)
+    if kind == "ablate":
+        how = st.selectbox("ablation", list(views.ABLATIONS), key="how",
+                           help="zero: the head's output is 0; mean: its output is replaced by its mean over "
+                           "shipped natural text; uniform: its query is scaled by 1e-4, so it attends evenly "
+                           "to every visible key")
+    elif kind == "act":
+        c1, c2 = st.columns(2)
+        beta = c1.slider("beta: share of attention the hidden sinks keep", 0.0, 1.0, 0.4, 0.05, key="act_beta")
+        threshold = c2.slider("hidden-sink threshold (mean attention a key receives)", 0.01, 0.5, 0.1, 0.01,
+                              key="act_threshold")
+        st.caption("ACT (Yu et al. 2024, §3): in each chosen head, keys other than the first sink that receive more "
+                   "than the threshold of attention on average are hidden sinks; their attention is multiplied by "
+                   "beta and the rest goes to the other keys.")
+    elif kind == "var":
+        target = st.text_input("token group (a part of the prompt, or token positions a:b; empty: the whole prompt)",
+                               "", key="var_target")
+        c1, c2, c3 = st.columns(3)
+        p = c1.slider("p: share the sink tokens keep", 0.0, 1.0, 0.6, 0.05, key="var_p")
+        rho = c2.slider("rho: largest sink share of a row that is edited", 0.0, 1.0, 0.5, 0.05, key="var_rho")
+        tau = c3.number_input("tau: massive-activation threshold", 1.0, 1000.0, 20.0, key="var_tau")
+        st.caption("VAR (Kang et al. 2025, §3-4): sink tokens (huge hidden-state dimensions) inside the group keep p "
+                   "of their attention in the rows that look at the group; the rest goes to the group's other tokens.")
+    elif kind == "file":
+        src = st.radio("edit file", ["folder path", "upload"], horizontal=True, key="file_src")
+        if src == "folder path":
+            path = st.text_input("folder of a saved edit file (written by `headscope intervene ... --out DIR`, "
+                                 "LoFiT's result or save_edits)", "", key="edit_folder")
+        else:
+            files = st.file_uploader("edits.json and edits.safetensors, or a .zip of their folder",
+                                     type=["json", "safetensors", "zip"], accept_multiple_files=True, key="edit_upload")
+    else:
+        c1, c2 = st.columns(2)
+        sink = int(c1.number_input("sink tokens kept", 0, 4096, 4, key="kv_sink"))
+        recent = int(c2.number_input("recent tokens kept", 1, 65536, 16, key="kv_recent"))
+        st.caption("DuoAttention / RazorAttention deployment: the chosen heads' KV heads keep only the first sink and "
+                   "the last recent tokens while generating (a compressed KV cache); the other heads keep everything.")
+
+    def spec(cfg) -> tuple:
+        if kind in ("ablate", "act", "kv"):
+            heads = tuple(views.parse_heads(heads_text, cfg.n_layers, cfg.n_heads))
+            if not heads:
+                raise ValueError("name at least one head (e.g. L3H0) or pick a report class")
+        if kind == "ablate":
+            return ("ablate", heads, how)
+        if kind == "act":
+            return ("act", heads, float(beta), float(threshold))
+        if kind == "var":
+            return ("var", target, float(p), float(rho), float(tau))
+        if kind == "kv":
+            return ("kv", heads, sink, recent)
+        if src == "folder path":
+            f = views.edit_folder(path)
+            return ("file", str(f), tuple(_mtime(f / n) for n in views.EDIT_FILES), str(f))
+        if not files:
+            raise ValueError("upload edits.json and edits.safetensors (or a .zip of their folder)")
+        f, digest = _upload_folder(files)
+        return ("file", f, digest, ", ".join(x.name for x in files))
+    return spec
+
+
 def intervention_page(model_name: str, folder: str):
     model = _load_model(model_name)
     if model is None:
         return
     cfg = model.cfg
+    if model.tokenizer is None:
+        st.info(f"{cfg.name} has no tokenizer: type the prompt as token ids separated by spaces "
+                f"(0..{cfg.vocab_size - 1}); outputs are shown as token ids.")
     st.session_state.setdefault("ichat", getattr(model.tokenizer, "chat_template", None) is not None)
-    chat = st.checkbox("wrap in the chat template", key="ichat")
+    chat = st.checkbox("wrap in the chat template", key="ichat", disabled=model.tokenizer is None)
     text = st.text_area("prompt", "The capital of France is Paris. The capital of Italy is", key="iprompt")
-    kind = st.radio("edit", ["ablate heads", "saved edit folder"], horizontal=True, key="edit_kind")
-    heads, how, edit_folder = [], "zero", ""
-    if kind == "ablate heads":
-        labels = None
-        if folder:                                         # the report's head classes, when it has a map
-            try:
-                _, results = _report(folder, views.report_signature(folder))
-                _, labels = views.head_map(results)
-            except (OSError, ValueError, RuntimeError):
-                labels = None
-        classes = sorted({c for row in labels for c in row} - {"none"}) if labels else []
-        src = st.selectbox("heads from", ["typed below"] + [f"report class: {c}" for c in classes], key="head_src",
-                           help="a class of the report's head map (the heads that stand out most in that analyzer)")
-        if src == "typed below":
-            heads_text = st.text_input("heads (e.g. L3H0, L5H2)", "", key="heads")
-        else:
-            heads_text = ", ".join(f"L{l}H{h}" for l, h in views.heads_of_class(labels, src.split(": ", 1)[1]))
-            st.caption(f"heads: {heads_text}")
-        how = st.selectbox("ablation", list(views.ABLATIONS), key="how",
-                           help="zero: the head's output is 0; mean: its output is replaced by its mean over "
-                           "shipped natural text; uniform: its query is scaled by 1e-4, so it attends evenly "
-                           "to every visible key")
-    else:
-        edit_folder = st.text_input("edit folder (written by `headscope intervene ... --out DIR` or save_edits)",
-                                    "", key="edit_folder")
+    kind = st.radio("edit", list(views.PLAYGROUND_EDITS), format_func=views.PLAYGROUND_EDITS.get, key="edit_kind")
+    make_spec = _edit_inputs(kind, folder)
     tokens = st.slider("new tokens", 4, 64, 24, key="new_tokens")
     if st.button("run", key="generate"):
         st.session_state.pop("playground", None)
+        bar = st.progress(0.0, text="checking the inputs…")
         try:
             if not _text_ok(text):
                 raise ValueError("type a prompt")
-            if kind == "ablate heads":
-                heads = views.parse_heads(heads_text, cfg.n_layers, cfg.n_heads)
-                if not heads:
-                    raise ValueError("name at least one head (e.g. L3H0) or pick a report class")
-            elif not edit_folder:
-                raise ValueError("give a saved edit folder")
-            with st.spinner("generating before and after the edit…"):
-                res = _edit_compare(model_name, text, tuple(heads), how, edit_folder,
-                                    _mtime(Path(edit_folder) / "edits.json") if edit_folder else 0, tokens, chat)
+            n = views.prompt_tokens(model, text, chat).shape[1]     # a bad prompt: its message before any work
+            spec = make_spec(cfg)
+            if spec[0] == "kv" and n + tokens - 1 <= spec[2] + spec[3]:
+                st.info(f"the streaming heads keep {spec[2]} + {spec[3]} tokens, and the prompt and the new tokens "
+                        f"make {n + tokens - 1}: nothing is dropped, so the output will not change. Lower sink or "
+                        "recent to see an effect.")
+            bar.progress(0.2, text="the unedited model: next-token distribution and greedy text…")
+            before = _playground_side(model_name, text, chat, tokens, None)
+            bar.progress(0.55, text="building the edit and running the edited model…")
+            after = _playground_side(model_name, text, chat, tokens, spec)
         except (OSError, ValueError) as e:
+            bar.empty()
             st.error(str(e))
         else:
-            what = f"{', '.join(f'L{l}H{h}' for l, h in heads)} ablated ({how})" if heads else f"edits from {edit_folder}"
-            st.session_state["playground"] = {"request": (model_name, text, kind, heads_text if kind == "ablate heads"
-                                                          else edit_folder, how, tokens, chat),
-                                              "what": what, "result": res}
+            bar.empty()
+            st.session_state["playground"] = {"request": (model_name, text, chat, tokens, spec), "what": after["what"],
+                                              "result": {"before": before, "after": after}}
     got = st.session_state.get("playground")
     if got is not None:                                  # this session's last result, kept on reruns
         res = got["result"]
+        st.caption(got["what"])
         st.plotly_chart(views.next_token_figure(res), width="stretch", key="next_token")
         a, b = st.columns(2)
         a.markdown("**before**")
         a.text(res["before"]["text"])                   # as text: model output is not markdown
-        b.markdown(f"**after: {got['what']}**")
+        b.markdown(f"**after: {got['what'][:200]}**")
         b.text(res["after"]["text"])
+        if got["request"][-1][0] == "kv":
+            a.caption(f"KV cache at the end: {res['before']['cache_bytes']:,} bytes (uncompressed)")
+            b.caption(f"KV cache at the end: {res['after']['cache_bytes']:,} bytes (compressed)")
 
 
 def main():

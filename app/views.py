@@ -290,32 +290,257 @@ def make_edits(model, heads: list[tuple[int, int]], how: str, mean_text: str | N
     return [hs.Ablate(l, h, how="mean", mean=means[l][h]) for l, h in heads]
 
 
+PLAYGROUND_EDITS = {
+    "ablate": "ablate heads (zero / mean / uniform)",
+    "act": "ACT: calibrate the heads' hidden sinks",
+    "var": "VAR: move attention from sink tokens to a token group",
+    "file": "LoFiT or another saved edit file",
+    "kv": "KV compression: streaming heads keep sink + recent tokens",
+}
+
+
+def prompt_tokens(model, text: str, chat: bool = True) -> torch.Tensor:
+    """The playground's prompt -> token ids [1, N]. A model without a tokenizer (the tiny test
+    models) takes the prompt as token ids separated by spaces. Checked against the context length."""
+    if model.tokenizer is None:
+        V = model.cfg.vocab_size
+        items = text.replace(",", " ").split()
+        if not items or not all(x.isdigit() for x in items):
+            raise ValueError(f"{model.cfg.name} has no tokenizer: type the prompt as token ids separated by "
+                             f"spaces (0..{V - 1}), e.g. 5 17 42 9")
+        ids = [int(x) for x in items]
+        if max(ids) >= V:
+            raise ValueError(f"token id {max(ids)} is out of range: {model.cfg.name} has {V} tokens (0..{V - 1})")
+        toks = torch.tensor([ids])                                                  # [1, N]
+    else:
+        toks = model.to_tokens(text, chat=chat)                                      # [1, N]
+    if toks.shape[1] > model.cfg.max_ctx:
+        raise ValueError(f"the prompt is {toks.shape[1]} tokens; {model.cfg.name} takes at most {model.cfg.max_ctx}")
+    return toks
+
+
+def detokenize(model, ids) -> str:
+    """Token ids -> text (ids joined by spaces when the model has no tokenizer)."""
+    ids = [int(t) for t in ids]
+    if model.tokenizer is None:
+        return " ".join(map(str, ids))
+    return model.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def target_spans(model, toks: torch.Tensor, target: str) -> list[tuple[int, int]]:
+    """The VAR token group: "" -> the whole prompt; "a:b" -> token positions a..b-1; any other
+    text -> the tokens that overlap its first occurrence in the (decoded) prompt."""
+    N = toks.shape[1]
+    t = target.strip()
+    if not t:
+        return [(0, N)]
+    parts = t.split(":")
+    if len(parts) == 2 and all(x.strip().isdigit() for x in parts):
+        a, b = (int(x) for x in parts)
+        if not 0 <= a < b <= N:
+            raise ValueError(f"token positions {a}:{b} do not fit the prompt: it has {N} tokens (use a:b with "
+                             f"0 <= a < b <= {N})")
+        return [(a, b)]
+    if model.tokenizer is None:
+        raise ValueError(f"{model.cfg.name} has no tokenizer: give the token group as positions a:b")
+    ends = [len(model.tokenizer.decode(toks[0, :i])) for i in range(N + 1)]      # character end of each prefix
+    full = model.tokenizer.decode(toks[0])
+    c0 = full.find(t)
+    if c0 < 0:
+        raise ValueError(f"{t!r} is not in the prompt: type a part of the prompt, or token positions a:b")
+    c1 = c0 + len(t)
+    inside = [i for i in range(N) if ends[i] < c1 and ends[i + 1] > c0]
+    return [(inside[0], inside[-1] + 1)]
+
+
+def act_playground_edits(model, toks: torch.Tensor, heads: list[tuple[int, int]], beta: float = 0.4,
+                         threshold: float = 0.1) -> tuple[list, str]:
+    """ACT (Yu et al. 2024, §3.2 eq. 4) on ``heads`` for this prompt: find each head's hidden sinks
+    (keys whose mean received attention exceeds ``threshold``, the first sink excluded, §3.1) and
+    scale the attention on them by ``beta``. -> (edits, a line saying which keys)."""
+    from ..interventions.act import act_edits, hidden_sinks
+    sinks = hidden_sinks(model, toks[0], threshold)
+    edits = act_edits(sinks, heads, beta)
+    if not edits:
+        raise ValueError(f"none of {', '.join(f'L{l}H{h}' for l, h in heads)} has a hidden sink on this prompt "
+                         f"(a key other than the first sink whose mean received attention exceeds {threshold}): "
+                         "pick other heads or lower the threshold")
+    found = [f"L{l}H{h}: {sinks[(l, h)]}" for l, h in heads if sinks.get((l, h))]
+    missing = [f"L{l}H{h}" for l, h in heads if not sinks.get((l, h))]
+    note = f"hidden sinks (token positions) scaled by {beta}: " + "; ".join(found)
+    if missing:
+        note += f". No hidden sink, left alone: {', '.join(missing)}"
+    return edits, note
+
+
+def var_playground_edits(model, toks: torch.Tensor, target: str = "", p: float = 0.6, rho: float = 0.5,
+                         tau: float = 20.0) -> tuple[list, str]:
+    """VAR (Kang et al. 2025, §3-4) for this prompt: sink tokens (massive activations above ``tau``)
+    inside the token group ``target`` (see ``target_spans``) keep ``p`` of their attention, the rest
+    goes to the group's other tokens, in the target-centric heads' rows. -> (edits, a line)."""
+    from ..interventions.var import massive_dims, sink_tokens, var_edits
+    L = model.cfg.n_layers
+    if L < 4:
+        raise ValueError(f"VAR edits layers 2..L-2 (the first two and the last are left alone, Kang et al. 2025 §4); "
+                         f"{model.cfg.name} has {L} layers, so there is nothing to edit")
+    spans = target_spans(model, toks, target)
+    dims = massive_dims(model, toks[0], tau)
+    if not dims:
+        raise ValueError(f"{model.cfg.name} shows no massive-activation dimension above tau = {tau} on this prompt, "
+                         "so VAR finds no sink tokens: lower tau")
+    sinks = sink_tokens(model, toks[0], dims, tau)
+    edits = var_edits(model, sinks, spans, p=p, rho=rho)
+    if not edits:
+        raise ValueError(f"no sink token lies inside the token group {spans} at layers 2..{L - 2} "
+                         f"(sinks per layer: {sinks}); widen the group (an empty group is the whole prompt)")
+    pos = sorted({k for e in edits for k, _ in e.keys})
+    return edits, (f"massive dimensions {dims}; sink tokens {pos} inside the group {spans} keep {p} of their "
+                   f"attention on {len(edits)} layers (rows with sink share <= {rho})")
+
+
+def kv_stream(model, heads: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """Query heads -> the KV heads that hold them, {layer: [kv heads]} (under grouped-query
+    attention a KV head is shared by n_heads / n_kv_heads query heads: all of them go streaming)."""
+    rep = model.cfg.n_heads // model.cfg.n_kv_heads
+    out: dict[int, list[int]] = {}
+    for l, h in heads:
+        g = h // rep
+        if g not in out.setdefault(l, []):
+            out[l].append(g)
+    return {l: sorted(g) for l, g in sorted(out.items())}
+
+
+def kv_playground(model, heads: list[tuple[int, int]], sink: int = 4, recent: int = 16):
+    """KV compression (DuoAttention, Xiao et al. 2024, §3.3): the KV heads of ``heads`` keep only the
+    first ``sink`` and the last ``recent`` tokens while generating. -> (edits, a function that makes a
+    fresh ``HeadClassCache``, a line)."""
+    from ..interventions.kv_compress import HeadClassCache, streaming_edits
+    stream = kv_stream(model, heads)
+    edits = streaming_edits(model, stream, sink, recent)
+    rep = model.cfg.n_heads // model.cfg.n_kv_heads
+    note = (f"streaming KV heads {', '.join(f'L{l}KV{g}' for l, gs in stream.items() for g in gs)} keep the first "
+            f"{sink} and the last {recent} tokens")
+    if rep > 1:
+        note += f" (each KV head serves {rep} query heads, which all stream)"
+    return edits, (lambda: HeadClassCache(stream, model.cfg.n_layers, sink, recent)), note
+
+
+EDIT_FILES = ("edits.json", "edits.safetensors")
+
+
+def edit_folder(path) -> Path:
+    """The folder of a saved edit file from what a user typed: the folder itself, or one of its two
+    files (``edits.json`` / ``edits.safetensors``). A clear FileNotFoundError when neither fits."""
+    if not str(path).strip():
+        raise FileNotFoundError("give the folder of a saved edit file (written by `headscope intervene ... --out DIR` "
+                                "or save_edits), or upload its two files")
+    p = Path(str(path).strip()).expanduser()
+    if p.is_file() and p.name in EDIT_FILES:
+        p = p.parent
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist: give the folder of a saved edit file")
+    return p
+
+
+def load_edit_file(path) -> list:
+    """``headscope.interventions.load_edits`` with every failure as one message naming the path:
+    FileNotFoundError (nothing there) or ValueError (unreadable or not a headscope edit file)."""
+    from ..interventions import load_edits
+    folder = edit_folder(path)
+    try:
+        edits = load_edits(folder)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - bad JSON, a missing tensor, a foreign file: one message
+        raise ValueError(f"cannot read the edit file in {folder}: {type(e).__name__}: {e}") from None
+    if not edits:
+        raise ValueError(f"{folder} holds an empty edit list: nothing to apply")
+    return edits
+
+
+def unpack_upload(files: list[tuple[str, bytes]], dest) -> Path:
+    """Uploaded files -> a folder under ``dest`` holding ``edits.json`` + ``edits.safetensors``
+    (given as the two files or as one .zip of the folder), named by a hash of the contents and
+    written to a temporary folder renamed into place. ValueError when the upload is not that."""
+    import hashlib
+    import io
+    import os
+    import tempfile
+    import zipfile
+    got: dict[str, bytes] = {}
+    for name, data in files:
+        if name.lower().endswith(".zip"):
+            try:
+                with zipfile.ZipFile(io.BytesIO(data)) as z:
+                    for info in z.infolist():
+                        base = Path(info.filename).name                      # folder paths inside the zip: ignored
+                        if base in EDIT_FILES:
+                            got[base] = z.read(info)
+            except zipfile.BadZipFile:
+                raise ValueError(f"{name} is not a readable zip file") from None
+        elif Path(name).name in EDIT_FILES:
+            got[Path(name).name] = data
+        else:
+            raise ValueError(f"{name} is not part of a saved edit file: upload edits.json and edits.safetensors "
+                             "(or a .zip of their folder)")
+    missing = [n for n in EDIT_FILES if n not in got]
+    if missing:
+        raise ValueError(f"the upload lacks {', '.join(missing)}: a saved edit file is the pair edits.json + "
+                         "edits.safetensors (or a .zip of their folder)")
+    digest = hashlib.sha256(b"".join(got[n] for n in EDIT_FILES)).hexdigest()[:16]
+    dest = Path(dest)
+    final = dest / digest
+    if not final.is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=dest))
+        for n in EDIT_FILES:
+            (tmp / n).write_bytes(got[n])
+        try:
+            os.rename(tmp, final)
+        except OSError:                                   # the same upload landed meanwhile
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def next_token_top(model, toks: torch.Tensor, k: int = 10) -> list[tuple[str, float]]:
     """The k most likely next tokens after ``toks`` [1, N], with probabilities."""
     with torch.no_grad():
         logits = model(toks)[0, -1].float()                                          # [vocab]
     p = logits.softmax(-1)
-    v, i = p.topk(k)
-    return [(model.tokenizer.decode([int(t)]), float(x)) for t, x in zip(i, v)]
+    v, i = p.topk(min(k, p.numel()))
+    name = (lambda t: str(t)) if model.tokenizer is None else (lambda t: model.tokenizer.decode([t]))
+    return [(name(int(t)), float(x)) for t, x in zip(i, v)]
 
 
-def edit_compare(model, text: str, edits: list, max_new_tokens: int = 24, chat: bool = True, k: int = 10) -> dict:
-    """Before/after an edit list: {"before": {"top": [(token, p)] * k, "text": greedy}, "after": ...}."""
-    toks = model.to_tokens(text, chat=chat)
-    if toks.shape[1] > model.cfg.max_ctx:
-        raise ValueError(f"the prompt is {toks.shape[1]} tokens; {model.cfg.name} takes at most {model.cfg.max_ctx}")
+def full_cache_bytes(model, n_tokens: int) -> int:
+    """Bytes of an uncompressed KV cache holding ``n_tokens`` (keys + values, every layer)."""
+    item = next(model.model.parameters()).element_size()
+    return 2 * model.cfg.n_layers * model.cfg.n_kv_heads * n_tokens * model.cfg.d_head * item
+
+
+def edit_side(model, toks: torch.Tensor, edits: list, max_new_tokens: int = 24, k: int = 10,
+              make_cache=None) -> dict:
+    """The top-k next tokens and the greedy continuation of ``toks`` [1, N] under ``edits``
+    (``make_cache``: a function giving the KV cache to generate with, e.g. a compressed one) ->
+    {"top": [(token, p)] * k, "text": str, "cache_bytes": bytes the KV cache holds at the end}."""
     n = toks.shape[1]
-
-    def run():
-        top = next_token_top(model, toks, k)
-        with torch.no_grad():
-            out = model.generate(toks, max_new_tokens=max_new_tokens)
-        return {"top": top, "text": model.tokenizer.decode(out[0, n:], skip_special_tokens=True)}
-
-    before = run()
     with model.edit(list(edits)):
-        after = run()
-    return {"before": before, "after": after}
+        top = next_token_top(model, toks, k)
+        cache = make_cache() if make_cache is not None else None
+        with torch.no_grad():
+            out = model.generate(toks, max_new_tokens=max_new_tokens, **({"cache": cache} if cache is not None else {}))
+    held = cache.nbytes() if cache is not None else full_cache_bytes(model, out.shape[1] - 1)
+    return {"top": top, "text": detokenize(model, out[0, n:]), "cache_bytes": int(held)}
+
+
+def edit_compare(model, text, edits: list, max_new_tokens: int = 24, chat: bool = True, k: int = 10,
+                 make_cache=None) -> dict:
+    """Before/after an edit list on ``text`` (or token ids [1, N]):
+    {"before": {"top": [(token, p)] * k, "text": greedy, "cache_bytes"}, "after": ...}."""
+    toks = text if isinstance(text, torch.Tensor) else prompt_tokens(model, text, chat)
+    return {"before": edit_side(model, toks, [], max_new_tokens, k),
+            "after": edit_side(model, toks, edits, max_new_tokens, k, make_cache)}
 
 
 def next_token_figure(result: dict):
@@ -327,6 +552,8 @@ def next_token_figure(result: dict):
         top = result[key]["top"][::-1]
         fig.add_trace(go.Bar(x=[p for _, p in top], y=[f"{repr(t)} " for t, _ in top], orientation="h",
                              name=key, hovertemplate="%{y}: %{x:.3f}<extra></extra>"), row=1, col=c)
+    top = max((p for key in ("before", "after") for _, p in result[key]["top"]), default=1.0)
     fig.update_layout(title="next-token probabilities (top 10)", showlegend=False, height=420)
-    fig.update_xaxes(range=[0, 1])
+    fig.update_xaxes(range=[0, min(1.0, 1.15 * top)])               # one scale for both sides
+    fig.update_yaxes(type="category")                                # token ids stay labels, not numbers
     return fig

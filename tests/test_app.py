@@ -2,6 +2,7 @@
 Streamlit's AppTest, and the app served by `streamlit run` in a real headless Chromium."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -120,6 +121,16 @@ def test_views_on_smollm2(smollm2):
     assert len(res["after"]["top"]) == 10 and abs(sum(p for _, p in res["before"]["top"]) - 1) < 1
     fig = views.next_token_figure(res)
     assert [len(d.x) for d in fig.data] == [10, 10]
+    top = max(p for side in ("before", "after") for _, p in res[side]["top"])   # one scale, fitted to the bars
+    assert fig.layout.xaxis.range == fig.layout.xaxis2.range and top <= fig.layout.xaxis.range[1] <= max(top * 1.2, 1)
+    assert fig.layout.yaxis.type == fig.layout.yaxis2.type == "category"
+    words = [smollm2.tokenizer.decode([int(t)]) for t in toks[0]]              # VAR's token group from text
+    a, b = views.target_spans(smollm2, toks, "France is Paris")[0]
+    assert "".join(words[a:b]).strip() == "France is Paris"
+    assert views.target_spans(smollm2, toks, "") == [(0, N)] and views.target_spans(smollm2, toks, "2:5") == [(2, 5)]
+    for bad, message in (("Berlin", "is not in the prompt"), (f"3:{N + 1}", "do not fit the prompt")):
+        with pytest.raises(ValueError, match=message):
+            views.target_spans(smollm2, toks, bad)
     mean = views.make_edits(smollm2, [(3, 0), (3, 1)], "mean")
     assert [e.how for e in mean] == ["mean", "mean"] and mean[0].mean.shape == (smollm2.cfg.d_head,)
 
@@ -194,20 +205,159 @@ def test_explorer_pages_apptest(report, circuit_dir, edits_dir):
         res = at.session_state["playground"]["result"]
         assert res["before"]["top"][0][0] == " Rome" and res["after"]["top"][0][0] != " Rome"
         assert any("after: L0H0" in m.value for m in at.markdown)
-        at.radio(key="edit_kind").set_value("saved edit folder").run()
+        at.radio(key="edit_kind").set_value("file").run()
         at.text_input(key="edit_folder").set_value(str(edits_dir)).run()
         at.button(key="generate").click().run()
         assert not at.exception and not at.error
         saved = at.session_state["playground"]["result"]
-        assert saved == res                                                  # the same 27 heads zeroed
-        at.text_input(key="edit_folder").set_value(str(edits_dir.parent / "none")).run()
+        for side in ("before", "after"):                                     # the same 27 heads zeroed
+            assert (saved[side]["top"], saved[side]["text"]) == (res[side]["top"], res[side]["text"])
+        (edits_dir.parent / "empty").mkdir(exist_ok=True)
+        at.text_input(key="edit_folder").set_value(str(edits_dir.parent / "empty")).run()
         at.button(key="generate").click().run()
         assert any("holds no saved edits" in e.value for e in at.error)
+        at.radio(key="edit_kind").set_value("var").run()                      # VAR: BOS is SmolLM2's sink token
+        at.button(key="generate").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        got = at.session_state["playground"]
+        assert got["what"].startswith("VAR: massive dimensions") and "sink tokens [0]" in got["what"]
+        assert got["result"]["after"]["top"] != got["result"]["before"]["top"]
+        at.text_input(key="var_target").set_value("Italy").run()             # a group without a sink token
+        at.button(key="generate").click().run()
+        assert any("no sink token lies inside the token group" in e.value for e in at.error)
         at.text_input(key="model").set_value("no-such-model").run()
         assert any("cannot load" in e.value for e in at.error)
     finally:
         os.environ.pop("HEADSCOPE_REPORT", None)
         os.environ.pop("HEADSCOPE_CIRCUIT", None)
+
+
+TINY_PROMPT = " ".join(str(i) for i in range(3, 60, 3))                  # tiny-llama has no tokenizer: ids
+
+
+def _tiny_playground(at, kind: str):
+    at.text_input(key="model").set_value("tiny-llama").run()
+    at.radio(key="page").set_value("Intervention").run()
+    at.text_area(key="iprompt").set_value(TINY_PROMPT).run()
+    at.slider(key="new_tokens").set_value(6).run()
+    at.radio(key="edit_kind").set_value(kind).run()
+    return at
+
+
+def _outputs(got):
+    return {k: (v["top"], v["text"]) for k, v in got["result"].items()}
+
+
+def _run_playground(at):
+    at.button(key="generate").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    return at.session_state["playground"]
+
+
+@pytest.mark.parametrize("kind", ["ablate", "act", "kv"])
+def test_playground_edit_changes_output_tiny(kind):
+    """On tiny-llama (token-id prompt), each playground edit on chosen heads changes the next-token
+    distribution, and the page draws before and after side by side; KV compression holds fewer bytes."""
+    from streamlit.testing.v1 import AppTest
+    at = _tiny_playground(AppTest.from_file(EXPLORER, default_timeout=120).run(), kind)
+    assert any("has no tokenizer" in i.value for i in at.info)
+    at.text_input(key="heads").set_value("L0H0, L1H0, L1H1, L2H3").run()
+    if kind == "kv":
+        at.number_input(key="kv_sink").set_value(2)
+        at.number_input(key="kv_recent").set_value(4).run()
+    got = _run_playground(at)
+    before, after = got["result"]["before"], got["result"]["after"]
+    assert before["text"] and after["text"] and after["top"] != before["top"]
+    assert {"ablate": "L0H0, L1H0, L1H1, L2H3 ablated (zero)", "act": "ACT on L0H0",
+            "kv": "KV compression: streaming KV heads L0KV0, L1KV0, L2KV1"}[kind] in got["what"]
+    assert len(at.get("plotly_chart")) == 1 and any(m.value.startswith("**after: ") for m in at.markdown)
+    if kind == "kv":
+        assert after["cache_bytes"] < before["cache_bytes"]
+        assert any("(compressed)" in c.value for c in at.caption)
+        assert not any("nothing is dropped" in i.value for i in at.info)
+        at.number_input(key="kv_recent").set_value(64).run()                 # keeps every token: said so
+        at.button(key="generate").click().run()
+        assert any("nothing is dropped" in i.value for i in at.info)
+        got = at.session_state["playground"]["result"]
+        assert got["after"]["text"] == got["before"]["text"] and got["after"]["top"] == got["before"]["top"]
+
+
+def test_playground_inputs_give_messages_tiny(tmp_path):
+    """Bad playground inputs are messages, not exceptions: a prompt that is not token ids, no heads,
+    a head out of range, VAR on a 3-layer model, an ACT threshold no key reaches."""
+    from streamlit.testing.v1 import AppTest
+    at = _tiny_playground(AppTest.from_file(EXPLORER, default_timeout=120).run(), "act")
+    cases = [(lambda: at.text_area(key="iprompt").set_value("not ids"), "type the prompt as token ids"),
+             (lambda: at.text_area(key="iprompt").set_value("5 999"), "token id 999 is out of range"),
+             (lambda: at.text_area(key="iprompt").set_value(TINY_PROMPT), "name at least one head"),
+             (lambda: at.text_input(key="heads").set_value("L7H0"), "out of range"),
+             (lambda: (at.text_input(key="heads").set_value("L1H0"), at.slider(key="act_threshold").set_value(0.5)),
+              "has a hidden sink on this prompt"),
+             (lambda: at.radio(key="edit_kind").set_value("var"), "tiny-llama has 3 layers")]
+    for change, message in cases:
+        change()
+        at.run()
+        at.button(key="generate").click().run()
+        assert not at.exception, (message, at.exception)
+        assert any(message in e.value for e in at.error), (message, [e.value for e in at.error])
+        assert "playground" not in at.session_state
+
+
+def test_playground_edit_file_path_upload_and_bad_files_tiny(tmp_path):
+    """A saved edit file (LoFiT's HeadAffine edits) by folder path, by one of its files' paths and by
+    upload (two files or a zip) gives the same after-edit output; a missing path, a folder without
+    edits, a broken file, an incomplete upload and edits made for another model are messages."""
+    import zipfile
+    from streamlit.testing.v1 import AppTest
+    from headscope.interventions import save_edits
+    g = torch.Generator().manual_seed(0)
+    good = save_edits(tmp_path / "lofit", [hs.HeadAffine(l, [0, 1], scale=torch.randn(2, 16, generator=g),
+                                                         bias=torch.randn(2, 16, generator=g)) for l in range(3)])
+    other = save_edits(tmp_path / "other", [hs.HeadAffine(5, 0, scale=torch.ones(16))])
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    (broken / "edits.json").write_text("{not json")
+    at = _tiny_playground(AppTest.from_file(EXPLORER, default_timeout=120).run(), "file")
+    at.text_input(key="edit_folder").set_value(str(good)).run()
+    ref = _run_playground(at)
+    assert ref["what"] == f"3 edits from {good}"
+    assert ref["result"]["after"]["top"] != ref["result"]["before"]["top"]
+    at.text_input(key="edit_folder").set_value(str(good / "edits.json")).run()
+    assert _outputs(_run_playground(at)) == _outputs(ref)
+    for path, message in ((tmp_path / "nowhere", "does not exist"), (tmp_path, "holds no saved edits"),
+                          (broken, "cannot read the edit file"), (other, "do not fit tiny-llama")):
+        at.text_input(key="edit_folder").set_value(str(path)).run()
+        at.button(key="generate").click().run()
+        assert not at.exception and any(message in e.value for e in at.error), (message, [e.value for e in at.error])
+    at.radio(key="file_src").set_value("upload").run()
+    files = [(n, (good / n).read_bytes(), "application/octet-stream") for n in views.EDIT_FILES]
+    at.file_uploader(key="edit_upload").set_value(files[:1]).run()
+    at.button(key="generate").click().run()
+    assert any("lacks edits.safetensors" in e.value for e in at.error)
+    at.file_uploader(key="edit_upload").set_value(files).run()
+    assert _outputs(_run_playground(at)) == _outputs(ref)
+    zpath = tmp_path / "lofit.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for n in views.EDIT_FILES:
+            z.write(good / n, f"lofit/{n}")
+    at.file_uploader(key="edit_upload").set_value(("lofit.zip", zpath.read_bytes(), "application/zip")).run()
+    assert _outputs(_run_playground(at)) == _outputs(ref)
+    assert Path(at.session_state["_upload_dir"]).is_dir()
+
+
+def test_playground_sessions_keep_their_own_result():
+    """Two sessions of the explorer with different edits: each keeps its own result and request."""
+    from streamlit.testing.v1 import AppTest
+    a = _tiny_playground(AppTest.from_file(EXPLORER, default_timeout=120).run(), "ablate")
+    b = _tiny_playground(AppTest.from_file(EXPLORER, default_timeout=120).run(), "kv")
+    a.text_input(key="heads").set_value("L0H0").run()
+    b.text_input(key="heads").set_value("L2H3")
+    b.number_input(key="kv_sink").set_value(1).run()
+    ra, rb = _run_playground(a), _run_playground(b)
+    a.run()
+    assert a.session_state["playground"]["what"] == ra["what"] == "L0H0 ablated (zero)"
+    assert rb["what"].startswith("KV compression") and rb["result"]["after"] != ra["result"]["after"]
 
 
 def _free_port() -> int:
@@ -230,8 +380,9 @@ def _goto(page, port):
 
 
 def _set_playground(page, heads: str):
-    page.locator("[data-testid=stSidebar] label").filter(has_text="Intervention").first.click()
-    page.get_by_label("wrap in the chat template").wait_for(timeout=120_000)
+    _sidebar_page(page, "Intervention")
+    page.get_by_label("prompt", exact=True).wait_for(timeout=120_000)        # the head view has a chat box too
+    page.get_by_label("wrap in the chat template").wait_for(timeout=30_000)
     if page.get_by_label("wrap in the chat template").is_checked():
         page.locator("label").filter(has_text="wrap in the chat template").first.click()
     box = page.get_by_label("prompt", exact=True)
@@ -243,18 +394,18 @@ def _set_playground(page, heads: str):
     time.sleep(1.0)
 
 
-def _open_page(page, name, marker, tries: int = 4):
-    """Click the sidebar's page ``name`` and wait for ``marker``. Streamlit may still be finishing the
-    rerun that the previous action started (the head-map click re-selects a page itself), which can
-    swallow a click made meanwhile: click again (up to ``tries`` times) until the page shows."""
-    for i in range(tries):
-        page.locator("[data-testid=stSidebar] label").filter(has_text=name).first.click()
-        try:
-            page.get_by_text(marker).first.wait_for(timeout=60_000)
-            return
-        except Exception:
-            page.screenshot(path=str(SCREENSHOTS / f"retry_{name.lower().replace(' ', '_')}_{i}.png"), full_page=True)
-    page.get_by_text(marker).first.wait_for(timeout=1_000)
+def _sidebar_page(page, name):
+    page.locator("[data-testid=stSidebar] label").filter(has_text=name).first.click()
+
+
+def _click_first_map_point(page):
+    page.get_by_text(re.compile(r"(sinks|previous_token) — tiny-llama")).first.wait_for(timeout=60_000)  # drawn to the end
+    point = page.locator(".js-plotly-plot .scatterlayer .point").first
+    point.wait_for(timeout=30_000)
+    point.evaluate("el => el.scrollIntoView({block: 'center'})")
+    time.sleep(1.0)
+    box = point.bounding_box()                                    # plotly hit-tests clicks on its drag layer
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
 
 
 def test_explorer_in_headless_chromium(report, circuit_dir, smollm2):
@@ -293,18 +444,27 @@ def test_explorer_in_headless_chromium(report, circuit_dir, smollm2):
             _, labels = views.head_map(report[1])                          # click the first square drawn
             order = ["none", "sinks", "previous_token"]
             first = min(((order.index(c), l, h) for l, row in enumerate(labels) for h, c in enumerate(row)))
-            point = page.locator(".js-plotly-plot .scatterlayer .point").first
-            point.evaluate("el => el.scrollIntoView({block: 'center'})")
-            time.sleep(0.5)
-            box = point.bounding_box()                                # plotly hit-tests clicks on its drag layer
-            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            page.get_by_text(f"attention pattern L{first[1]} H{first[2]}").first.wait_for(timeout=180_000)
+            pattern = f"attention pattern L{first[1]} H{first[2]}"
+            _click_first_map_point(page)
+            page.get_by_text(pattern).first.wait_for(timeout=180_000)
             assert page.locator("[data-testid=stSidebar] input[type=radio]").nth(1).is_checked()   # Head view
-            for name, marker in (("Head view", f"attention pattern L{first[1]} H{first[2]}"),
-                                 ("Circuit", "eap-ig circuit — ioi")):
-                _open_page(page, name, marker)
-                assert page.locator(".stException").count() == 0, name
-                page.screenshot(path=str(SCREENSHOTS / f"{name.lower().replace(' ', '_')}.png"), full_page=True)
+            assert page.locator(".stException").count() == 0
+            page.screenshot(path=str(SCREENSHOTS / "head_view.png"), full_page=True)
+            # One click on another page while the head view may still be computing its other tabs:
+            # the browser re-sends the map's selection with it, which must not send us back.
+            _sidebar_page(page, "Circuit")
+            page.get_by_text("eap-ig circuit — ioi").first.wait_for(timeout=120_000)
+            assert page.locator("[data-testid=stSidebar] input[type=radio]").nth(2).is_checked()
+            assert page.locator(".stException").count() == 0
+            page.screenshot(path=str(SCREENSHOTS / "circuit.png"), full_page=True)
+            _sidebar_page(page, "Head map")                               # the same head opens again
+            page.get_by_text("Head map (click a head").first.wait_for(timeout=60_000)
+            _click_first_map_point(page)
+            try:
+                page.get_by_text(pattern).first.wait_for(timeout=120_000)
+            finally:
+                page.screenshot(path=str(SCREENSHOTS / "head_view_again.png"), full_page=True)
+            assert page.locator("[data-testid=stSidebar] input[type=radio]").nth(1).is_checked()
             pages = {"A": page, "B": browser.new_context(viewport={"width": 1300, "height": 1000}).new_page()}
             _goto(pages["B"], port)
             pages["B"].get_by_text("Report — tiny-llama").wait_for(timeout=90_000)
@@ -318,6 +478,7 @@ def test_explorer_in_headless_chromium(report, circuit_dir, smollm2):
                 after = " ".join(p.locator("[data-testid=stColumn]").filter(has_text="after:").last.inner_text().split())
                 assert after.startswith(f"after: {edits[k].split(',')[0]}")
                 assert after.endswith(" ".join(expected[k].split())), (k, after, expected[k])
+            pages["A"].get_by_text("after: L").first.scroll_into_view_if_needed()   # the results in the picture
             pages["A"].screenshot(path=str(SCREENSHOTS / "intervention.png"), full_page=True)
             browser.close()
         for name in ("head_map", "head_view", "circuit", "intervention"):
