@@ -390,11 +390,17 @@ def print_estimate(model, names, preset, device) -> None:
     from .report import estimate_seconds, format_duration
     est = estimate_seconds(model.cfg.to_dict(), names, preset)
     total = sum(est.values())
-    where = "on a GPU expect far less (not measured)" if str(device or "cpu").startswith("cuda") else \
-        "on an idle multi-core CPU expect less"
-    print(f"estimated run time, preset {preset}: about {format_duration(total)} (an estimate: the quick timings "
-          f"measured on SmolLM2 with one CPU thread, scaled by tokens, prompts and heads and by the model's size; "
-          f"{where})")
+    basis = ("an estimate: the quick timings measured on SmolLM2 with one CPU thread, scaled by tokens, prompts "
+             "and heads and by the model's size")
+    if str(device or "cpu").startswith("cuda"):
+        print(f"estimated run time, preset {preset}: about {format_duration(total)} on one CPU thread ({basis}). "
+              "This run is on a GPU, for which no estimate exists: expect it to be much shorter")
+    else:
+        print(f"estimated run time, preset {preset}: about {format_duration(total)} ({basis}; on an idle "
+              "multi-core CPU expect less)")
+        if preset == "paper" and total > 4 * 3600:
+            print(f"warning: the paper preset takes about {format_duration(total)} on this CPU estimate. It is the "
+                  "run to make on a GPU (--device cuda); on a CPU, pick analyzers with --only or use --preset quick")
     for n, v in est.items():
         print(f"  {n:16s} ~{format_duration(v)}")
     sys.stdout.flush()

@@ -70,6 +70,23 @@ def test_presets_and_estimate():
         rep.make_analyzer("sinks", "slow")
 
 
+def test_paper_estimate_warns_on_cpu_and_is_labelled_on_gpu(capsys):
+    """The paper preset's CPU estimate (days for SmolLM2) comes with a warning on a CPU; on a GPU the
+    printed figure is labelled as one CPU thread's, not the GPU's run time."""
+    from headscope.app.cli import print_estimate
+    import headscope as hs
+    m = hs.load("tiny-llama")
+    names = rep.default_names("paper")
+    print_estimate(m, names, "paper", "cpu")
+    o = capsys.readouterr().out
+    assert "warning: the paper preset takes about" in o and "--device cuda" in o
+    print_estimate(m, names, "paper", "cuda")
+    o = capsys.readouterr().out
+    assert "on one CPU thread" in o and "no estimate exists" in o and "warning" not in o
+    print_estimate(m, names, "quick", "cpu")
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_report_quick_leaves_out_duo_says_why_and_prints_estimate(capsys, tmp_path, monkeypatch):
     seen = {}
 
