@@ -24,6 +24,12 @@ def register(cls):
 
 
 class Analyzer:
+    """Base class of the head analyzers (one per file in ``heads/``, registered with ``@register``).
+
+    Class attributes: ``name`` (the CLI name), ``paper`` (citation with section), ``description``
+    (what a high score means), ``threshold`` (the paper's cut-off, or None). Hyperparameters are the
+    subclass's dataclass fields; ``quick()`` / ``paper_config()`` build the report and paper settings;
+    ``score(model, data=None)`` returns ``HeadScores`` [layer, head]."""
     name: str = ""          # CLI name, e.g. "retrieval"
     paper: str = ""         # citation, e.g. "Wu et al. 2024, Retrieval Head ... §2"
     description: str = ""   # what a high score means
@@ -40,6 +46,8 @@ class Analyzer:
         return cls(**kw)
 
     def params(self) -> dict:
+        """The hyperparameters as {name: value}: the dataclass fields, else the public instance
+        attributes (recorded in each result's ``params``)."""
         if is_dataclass(self):
             return {f.name: getattr(self, f.name) for f in fields(self)}
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

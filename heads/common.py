@@ -24,6 +24,8 @@ PLAIN_TEMPLATE = "## Query:{q}\n## Answer:"
 # prompt templates
 
 def has_chat_template(model) -> bool:
+    """True when the model has a tokenizer with a chat template (instruction models such as SmolLM2;
+    False for base models such as Gemma-3-270M and for token-only models)."""
     tok = model.tokenizer
     return tok is not None and bool(getattr(tok, "chat_template", None))
 

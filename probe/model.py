@@ -33,6 +33,12 @@ _PRE_MLP_NORM = ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm"
 
 @dataclass(frozen=True)
 class ModelInfo(TLConfigNames):
+    """A model's shape, as ``model.cfg`` (TransformerLens' config names too: ``d_vocab``, ``n_ctx``, ...).
+
+    Fields: ``name``; ``n_layers``; ``n_heads`` (query heads per layer); ``n_kv_heads`` (key/value
+    heads, = n_heads without GQA); ``d_head``; ``d_model``; ``max_ctx`` (context length in tokens);
+    ``vocab_size``; ``windows`` (per layer: the sliding-window size, or None for full attention);
+    ``arch`` (the HF model class name)."""
     name: str
     n_layers: int
     n_heads: int
@@ -45,6 +51,7 @@ class ModelInfo(TLConfigNames):
     arch: str = ""
 
     def to_dict(self):
+        """The fields as a plain dict (JSON-able; what ``HeadScores.model`` stores)."""
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
@@ -245,6 +252,8 @@ class HookedModel(TLIdioms, nn.Module):
         return self._prepends_bos
 
     def to_string(self, tokens) -> str | list[str]:
+        """Token ids -> text: [pos] -> str, [batch, pos] -> one str per row (TransformerLens'
+        ``to_string``; special tokens are kept)."""
         if tokens.dim() == 1:
             return self.tokenizer.decode(tokens)
         return [self.tokenizer.decode(t) for t in tokens]
@@ -405,6 +414,10 @@ class HookedModel(TLIdioms, nn.Module):
             self.state.pop(handle)
 
     def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, bwd_hooks=(), **kwargs):
+        """Run the model with ``fwd_hooks`` / ``bwd_hooks`` active for this call only (TransformerLens'
+        ``run_with_hooks``: (name or name-filter, fn) pairs, see ``hooks``); returns what ``forward``
+        returns for ``kwargs`` (default logits [batch, pos, d_vocab]). Raises TypeError / ValueError for
+        a malformed hook entry or an unknown hook name."""
         with self.hooks(fwd_hooks, bwd_hooks):
             return self(tokens, attention_mask=attention_mask, **kwargs)
 
@@ -416,6 +429,8 @@ class HookedModel(TLIdioms, nn.Module):
         return [h for h in all_names(n) if h == "hook_embed" or module_hooks.servable(self, *parse(h, n))]
 
     def pattern_bytes(self, batch: int, n_tokens: int, n_layers: int) -> int:
+        """Bytes that fp32 attention patterns take: 4 · batch · n_heads · n_tokens² · n_layers (what
+        ``run_with_cache`` checks before it caches ``hook_pattern``)."""
         return 4 * batch * self.cfg.n_heads * n_tokens * n_tokens * n_layers
 
     def patterns_fit(self, batch: int, n_tokens: int, n_layers: int = 1) -> bool:

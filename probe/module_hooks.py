@@ -77,6 +77,8 @@ def find_mlp_parts(mlp: nn.Module) -> dict[str, nn.Module]:
 
 
 def mlp_part_error(mlp: nn.Module, layer: int, kind: str) -> str:
+    """The message for an MLP neuron hook (``blocks.{layer}.mlp.hook_{kind}``) that this MLP cannot serve:
+    its children and the projection names headscope looks for."""
     kids = ", ".join(f"{n} ({type(m).__name__})" for n, m in mlp.named_children())
     return (f"blocks.{layer}.mlp.hook_{kind} is not available for {type(mlp).__name__} (children: {kids}): "
             f"headscope finds neurons through gated projections {['/'.join(x) for x in _GATED]} or plain ones "

@@ -13,6 +13,13 @@ from ..kernels.spec import COLUMN_STATS, StatRequest
 
 
 class Recorder:
+    """What ``model.record(...)`` returns: the statistics the attention function computed for
+    ``request`` on ``layers`` (and ``heads``: None = all), read as ``rec[name, layer]``
+    ([batch, head, query] for row statistics, ``span_mass`` [batch, head, query, span],
+    ``received_sum`` [batch, head, key], ``received_count`` [batch, key]), ``rec.stack(name)`` or
+    ``rec.received_mean(layer)``. Statistics are detached; with ``device`` set, layers on other
+    devices are moved there."""
+
     def __init__(self, request: StatRequest, layers: list[int], heads: list[int] | None, device=None):
         self.request = request
         self.device = device          # statistics of layers on other devices are moved here (device_map)
@@ -23,6 +30,9 @@ class Recorder:
 
     # called by the attention function -------------------------------------------------------
     def add(self, layer: int, stats: dict[str, torch.Tensor]) -> None:
+        """Take one forward call's statistics of ``layer`` ({name: tensor}, from the attention function):
+        row statistics are appended (concatenated along the query axis when read), column statistics
+        summed (zero-padded to the longer key axis)."""
         for name, t in stats.items():
             t = t.detach()
             if self.device is not None and t.device != self.device:
@@ -40,6 +50,7 @@ class Recorder:
     # what users read -------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
+        """Sorted names of the statistics recorded so far (on any layer)."""
         return sorted({n for n, _ in self._rows} | {n for n, _ in self._cols})
 
     def __getitem__(self, key: tuple[str, int]) -> torch.Tensor:

@@ -90,14 +90,17 @@ class ProbeState:
     # ---------------------------------------------------------------- read
     @property
     def frame(self) -> Frame:
+        """The current call's ``Frame`` (an empty one outside every context)."""
         return self._var.get()
 
     @property
     def recorders(self) -> tuple:
+        """The ``Recorder`` objects active for the current call, outermost first."""
         return self.frame.recorders
 
     @property
     def edit_sets(self) -> tuple:
+        """The compiled ``EditSet`` of each active ``model.edit`` block, outermost first."""
         return self.frame.edit_sets
 
     @property
@@ -108,10 +111,14 @@ class ProbeState:
         return self.frame.hook_map()
 
     def active(self) -> bool:
+        """True when the current call has any recorder, edit set or hook active."""
         f = self.frame
         return bool(f.recorders or f.edit_sets or f.hooks)
 
     def plan(self, layer: int) -> LayerPlan | None:
+        """The ``LayerPlan`` for ``layer`` in the current call (the merged statistics request, the
+        recorders, the merged probability-space edits, the output-space edits in application order, the
+        hooks), or None when nothing is active on it; cached per frame."""
         f = self.frame
         if layer in f._plans:
             return f._plans[layer]
