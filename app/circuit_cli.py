@@ -20,6 +20,8 @@ _RECV = re.compile(r"^(\d+)\.(\d+)\.([qkv])$")
 
 
 def add_parser(subparsers):
+    """Add the ``circuit`` subcommand (task, ``--method``, ``--out``, the method options, ``--compare``)
+    to an argparse ``subparsers`` object; returns its parser, with ``func=run`` as default."""
     p = subparsers.add_parser("circuit", help="find a task's circuit (patching, path, EAP, EAP-IG, ACDC, SAE) "
                                               "or compare two saved circuits")
     p.add_argument("task", nargs="?", help=f"one of {', '.join(sorted(TASKS))}")
@@ -140,6 +142,10 @@ def write_html(circuit, path: Path):
 
 
 def run(a) -> int:
+    """Run ``headscope circuit`` on parsed arguments ``a``: compare two saved circuits (``--compare``),
+    or build the task, find its circuit, compute the faithfulness curve and write ``--out`` whole.
+    Returns the exit code: 0 done, 2 bad arguments (one line on stderr), 3 the model does not solve
+    the task (``TaskNotSolved``, unless ``--force``)."""
     err = _validate(a)
     if err:
         return _fail(err)

@@ -38,6 +38,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (``headscope score: error: ...``) instead of usage + error."""
 
     def error(self, message):
+        """Print ``PROG: error: MESSAGE (see `PROG --help`)`` on stderr and exit 2 (``EXIT_USAGE``)."""
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -62,6 +63,9 @@ def _port(s: str) -> int:
 
 
 def build_parser() -> Parser:
+    """The ``headscope`` argument parser with every subcommand (report, score, list, show, compare,
+    explore, intervene, circuit); ``intervene`` and ``circuit`` keep their arguments in ``rest`` for
+    their own modules' parsers."""
     ap = Parser(prog="headscope", description="What does each attention head do?")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="{report,score,list,show,compare,explore,intervene,circuit}")
     r = sub.add_parser("report", help="run every analyzer and write report.html, scores.json, raw/",
@@ -584,6 +588,9 @@ def _cmd_delegated(a) -> int:
 
 
 def main(argv=None) -> int:
+    """Entry point of the ``headscope`` command: parse ``argv`` (default ``sys.argv[1:]``) and run the
+    command. Returns the exit code: 0 done, 1 something failed (an analyzer, a write), 2 a bad
+    argument (one line on stderr; nothing was run), 130 interrupted (nothing was written)."""
     ap = build_parser()
     a = ap.parse_args(argv)
     prog = f"headscope {a.cmd}"

@@ -114,6 +114,8 @@ class ModelPool:
         self.close()
 
     def close(self):
+        """Kill this pool's worker actors (idempotent). A Ray cluster that ``connect`` started stays up
+        for the next pool; ``ray.shutdown()`` ends it."""
         for a in self.actors:
             self.ray.kill(a)
         self.actors = []

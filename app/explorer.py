@@ -222,6 +222,10 @@ def _saved_report(folder: str):
 
 
 def head_map_page(folder: str):
+    """Head map page: the saved report in ``folder`` as a combined head map (each head coloured by the
+    analyzer where it stands out most, z >= ``STAND_OUT_Z``; grey: none) with the cross-analyzer
+    summary, then one analyzer at a time (heatmap, top-15 table, paper, threshold). Clicking or
+    naming a head opens it in the head view. A missing or malformed folder shows a message."""
     got = _saved_report(folder)
     if got is None:
         return
@@ -276,6 +280,10 @@ def head_map_page(folder: str):
 
 
 def head_view_page(model_name: str):
+    """Head view page: one head of ``model_name`` on a typed text. Tabs: its attention pattern (short
+    texts up to ``MAX_PATTERN_TOKENS`` tokens; first token hidden and log scale on request), its
+    per-token statistics from one O(N) pass at any length (attention received, sink mass, distance,
+    drawn over the text), and every head's mean statistics."""
     model = _load_model(model_name)
     if model is None:
         return
@@ -335,6 +343,9 @@ def head_view_page(model_name: str):
 
 
 def circuit_page(default: str):
+    """Circuit page: a folder written by ``Circuit.save`` (``headscope circuit ... --out DIR``) as a
+    graph (edges weighted by |score|, the largest first), its faithfulness curve when it was computed,
+    and the top-20 nodes."""
     folder = st.text_input("circuit folder (written by `headscope circuit ... --out DIR`)", default, key="circuit")
     if not folder:
         st.info("Give a folder written by `headscope circuit ioi --model smollm2 --method eap-ig --out DIR` "
@@ -452,6 +463,9 @@ def _edit_inputs(kind: str, folder: str):
 
 
 def intervention_page(model_name: str, folder: str):
+    """Intervention playground: an edit on ``model_name`` (ablation, ACT, VAR, a saved edit folder, KV
+    compression; heads typed or a head class of the report in ``folder``) and the next-token
+    distribution and greedy text before and after it, side by side. Bad inputs show a message."""
     model = _load_model(model_name)
     if model is None:
         return
@@ -504,6 +518,8 @@ def intervention_page(model_name: str, folder: str):
 
 
 def main():
+    """Lay out the Streamlit app: sidebar (page, report folder, model) and the chosen page. Runs when
+    Streamlit executes this file (it is called at the end of the module)."""
     st.set_page_config(page_title="headscope explorer", layout="wide")
     st.title("headscope explorer")
     args = _args()

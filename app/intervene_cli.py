@@ -194,6 +194,10 @@ def _composition_md(comp: dict) -> str:
 
 
 def run(args) -> int:
+    """Run ``headscope intervene`` on parsed arguments: learn the edits (``lofit``) or score the corpus
+    (``influence``), evaluate against the controls, print the table and write ``--out`` whole
+    (edits.json/.safetensors, results.json, table.md). Returns 0; bad arguments or a model without
+    a tokenizer raise SystemExit with the reason."""
     validate(args)
     import torch
 

@@ -149,6 +149,8 @@ def estimate_seconds(model_cfg: dict, names, preset: str = "quick") -> dict[str,
 
 
 def format_duration(s: float) -> str:
+    """Seconds as a short duration for run-time estimates: "45 s" below 90 s, minutes below 1.5 h,
+    hours (one decimal) below 2 days, else days."""
     if s < 90:
         return f"{s:.0f} s"
     if s < 5400:
@@ -219,6 +221,8 @@ def combined_map(results: dict[str, HeadScores], z: float = STAND_OUT_Z):
 
 
 def combined_caption(z: float = STAND_OUT_Z) -> str:
+    """The sentence under the combined head map: how a head's class is chosen (z-score at least ``z``
+    and the largest among the analyzers where it stands out; grey when none)."""
     return (f"Each head is coloured by the analyzer in which it stands out most: its z-score there (score "
             f"minus the mean over all heads, over their standard deviation) is at least {z:g}, and larger "
             "than in any other analyzer where it stands out. Grey: the head stands out in no analyzer. "

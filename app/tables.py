@@ -39,6 +39,8 @@ def csv_text(results: dict[str, HeadScores]) -> str:
 
 
 def write_csv(results: dict[str, HeadScores], path) -> Path:
+    """Write ``csv_text(results)`` (every head of every analyzer: score, z-score, rank) to ``path``
+    atomically; returns the path."""
     path = Path(path)
     atomic_write(path, lambda p: Path(p).write_text(csv_text(results)))
     return path
@@ -101,6 +103,8 @@ def compare(a: tuple[dict, dict], b: tuple[dict, dict], k: int = 10) -> dict:
 
 
 def fmt_rho(x: float) -> str:
+    """A Spearman rho for a table: three decimals, or "— (constant scores)" when it is None or NaN
+    (one map is constant, so there is no rank correlation)."""
     return "— (constant scores)" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 

@@ -37,6 +37,10 @@ def received_kernel(
     HAS_QSCALE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, RWIN: tl.constexpr,
     NSRC: tl.constexpr, NTGT: tl.constexpr,
 ):
+    """Column sums of attention: Recv[b, h, s] (fp32, [B, H, K]) = sum over the queries t that see key s
+    of p[t, s], from the forward's saved LSE (base e), edited probabilities included. Grid:
+    (cdiv(K, BLOCK_N), B * G * (H // G // HEADS_PER_PROG)); launched by
+    ``triton_attention._received_sums``. Algorithm: see the module doc."""
     pid_n = tl.program_id(0)
     R = H // G
     n_split = R // HEADS_PER_PROG                      # programs sharing one (key block, batch, KV head)

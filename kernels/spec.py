@@ -138,6 +138,8 @@ class StatRequest:
 
     @property
     def any_row(self) -> bool:
+        """True when any row statistic is asked for (sink mass, spans, entropy, distance, window
+        distance, recent mass, argmax); ``received`` is a column statistic and does not count."""
         return bool(self.sink_k or self.spans or self.entropy or self.distance
                     or self.window_distance or self.recent or self.argmax)
 
@@ -198,6 +200,7 @@ class LayerEdits:
 
     @property
     def empty(self) -> bool:
+        """True when the layer has no probability-space edit (no query scale, redistribution or gate)."""
         return self.q_scale is None and not self.redistributions and self.gate is None
 
     def tensors(self) -> list[torch.Tensor]:
