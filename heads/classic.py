@@ -221,7 +221,12 @@ class _RazorBase(Analyzer):
 @dataclass
 class Induction(_RazorBase):
     """Induction heads (RazorAttention §3.2; Olsson et al. 2022): mean attention mass that queries in
-    repeats 2..4 put on the token after each earlier occurrence of their own token."""
+    repeats 2..4 put on the token after each earlier occurrence of their own token.
+
+    Parameters: ``block_len`` (random block length in tokens; paper 2500), ``n_repeats`` (repeats of
+    the block, 4), ``n_samples`` (probes, each BOS + a fresh block), ``seed`` (for the blocks),
+    ``method`` ("pattern": one forward reading N x N patterns; "stats": O(N), one forward per
+    diagonal; "auto": patterns when they fit)."""
 
     name = "induction"
     paper = "Tang et al. 2024, RazorAttention §3.2 (induction heads; probe of repeated random tokens)"
@@ -234,7 +239,12 @@ class Induction(_RazorBase):
 @dataclass
 class Echo(_RazorBase):
     """Echo heads (RazorAttention §3.2): mean attention mass that queries in repeats 2..4 put on the
-    earlier occurrences of their own token."""
+    earlier occurrences of their own token.
+
+    Parameters: ``block_len`` (random block length in tokens; paper 2500), ``n_repeats`` (repeats of
+    the block, 4), ``n_samples`` (probes, each BOS + a fresh block), ``seed`` (for the blocks),
+    ``method`` ("pattern": one forward reading N x N patterns; "stats": O(N), one forward per
+    diagonal; "auto": patterns when they fit)."""
 
     name = "echo"
     paper = "Tang et al. 2024, RazorAttention §3.2 (echo heads; probe of repeated random tokens)"
@@ -281,7 +291,11 @@ class PreviousToken(Analyzer):
     """Previous-token heads (Wang et al. 2022 IOI §3; Olsson et al. 2022): mean over queries t >= 1
     of A[t, t - 1]. Exact and O(N): one forward with ``Stats(received=True,
     received_window=(1, 1))`` (the diagonal t - s = 1), or the pattern's diagonal for short inputs.
-    Default data: natural text."""
+    Default data: natural text.
+
+    Parameters: ``n_samples`` natural-text samples of ``n_tokens`` tokens (used when ``data`` is None
+    or text); ``method`` ("stats": O(N), one forward with the column sums of the t - s = 1 diagonal;
+    "pattern": the pattern's diagonal, short inputs only; "auto": patterns when they fit)."""
 
     name = "previous_token"
     paper = "Wang et al. 2022, Interpretability in the Wild (IOI) §3; RazorAttention §3 (classic detectors)"
@@ -330,7 +344,10 @@ def duplicate_token_scores(model, tokens: torch.Tensor, progress: bool = True) -
 class DuplicateToken(Analyzer):
     """Duplicate-token heads (Wang et al. 2022 IOI §3): mean over queries that have an earlier copy
     of their token of the attention mass on those copies (the short-probe version of echo heads).
-    Default data: natural text (short samples; patterns are read layer by layer)."""
+    Default data: natural text (short samples; patterns are read layer by layer).
+
+    Parameters: ``n_samples`` natural-text samples of ``n_tokens`` tokens (used when ``data`` is None
+    or text; patterns are read, so keep them short)."""
 
     name = "duplicate_token"
     paper = "Wang et al. 2022, Interpretability in the Wild (IOI) §3; RazorAttention §3 (classic detectors)"

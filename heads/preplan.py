@@ -195,7 +195,14 @@ class Preplan(Analyzer):
     Quick default: the first shipped reasoning prompt, a greedy response of up to 100 tokens.
     ``Preplan.paper_config()``: every shipped prompt, up to 512 new tokens (the method's own
     hyperparameters, W = 10, FAI window [10, 100], 30% / 40% fractions and 5 middle-third layers,
-    are the paper's in both)."""
+    are the paper's in both).
+
+    Parameters: ``n_prompts`` (shipped prompts used; None = all), ``max_new_tokens`` (greedy
+    response length), ``chat`` (wrap prompts in the chat template; the plain "## Query:" template on a
+    base model), ``n_select_layers`` (middle-third layers the heads come from; 5), ``head_frac``
+    (share of those heads that are local / global; 0.3), ``window`` (WAAD's W; 10), ``fai_window``
+    ((a, b): FAI averages queries with a <= t - s <= b; (10, 100)), ``token_frac`` (share of tokens
+    flagged preplan / anchor; 0.4)."""
 
     name = "preplan"
     paper = ("Li et al. 2025, Attention Illuminates LLM Reasoning: The Preplan-and-Anchor Rhythm "

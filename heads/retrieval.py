@@ -68,7 +68,10 @@ def rouge1_recall(reference, prediction, stem: bool = True) -> float:
 @dataclass
 class NeedleTest:
     """One needle-in-a-haystack prompt, as token ids. ``span`` = [start, end) token positions of
-    the needle answer in ``prompt``; ``answer`` the reference for the ROUGE gate (text or ids)."""
+    the needle answer in ``prompt``; ``answer`` the reference for the ROUGE gate (text or ids).
+
+    ``length``: haystack + needle tokens asked for; ``depth``: needle depth in percent; ``needle``:
+    index into the needle list; ``prompt`` [N] int64 token ids."""
 
     prompt: torch.Tensor            # [N] int64
     span: tuple[int, int]
@@ -182,6 +185,13 @@ class Retrieval(Analyzer):
     ``needles``: how many of the shipped needles to use (or None = all). The quick default (3 lengths
     × 3 depths × 1 needle, 24 new tokens) needs about 45 s of one CPU core on SmolLM2;
     ``Retrieval.paper_config()`` is the reference grid (20 lengths × 10 depths, all needles, 50 tokens).
+
+    Other parameters: ``max_new_tokens`` (greedy decode length; paper 50), ``rouge_gate`` (a test
+    counts when the answer's ROUGE-1 recall exceeds it; 0.5), ``span_overlap`` (0.9, the needle-span
+    overlap of the reference's ``find_needle_idx``; note: not passed on yet, ``find_needle_span``
+    uses its own default 0.9), ``n_lengths`` (points of the paper grid), ``chat`` (wrap in the chat
+    template; None: when the tokenizer has one), ``batch_size`` (prompts decoded together,
+    left-padded; 1 = the reference's loop), ``generate_kwargs`` (passed on to ``model.generate``).
     """
 
     name = "retrieval"

@@ -243,6 +243,15 @@ class Ships(Analyzer):
     and only their heads are scored (the others get 0; ``extra["scored_layers"]``). The screen is a
     headscope shortcut, not in the paper. ``Ships.paper_config()``: every shipped request, every
     head (the paper uses AdvBench / MaliciousInstruct / JailbreakBench).
+
+    Parameters: ``n_queries`` (requests used; None = all), ``template`` ("chat", a ``{q}`` string or
+    None; "chat" falls back to the plain "## Query:" template without a chat template), ``system``
+    (system prompt for "chat"; None keeps the template's default), ``how`` (the ablation: "uniform"
+    = query times ``eps``, "zero", "mean"), ``eps``, ``top_k`` (heads kept per query for
+    ``extra["top_count"]``; paper 10), ``layers`` (layers to score; None = all), ``screen_layers``
+    (layers kept by the screen; None = no screen), ``batch_size`` (requests per forward),
+    ``reuse_prefix`` (start ablated runs at the first ablated layer from the cached residual stream;
+    same numbers, less work).
     """
 
     name = "ships"
@@ -326,6 +335,11 @@ class Sahara(Analyzer):
     rounds, the second trying the 8 best heads of round 1 (``candidates``). Paper:
     ``Sahara.paper_config()`` (every request, every head in every round, 3 rounds; eps 1e-5 as the
     reference ``default_search_cfg``).
+
+    Parameters: ``n_queries``, ``template``, ``system``, ``how``, ``eps``, ``layers``,
+    ``screen_layers`` and ``reuse_prefix`` as in ``Ships``; ``rounds`` (heads added greedily),
+    ``candidates`` (rounds after the first try only the ``candidates`` best heads of round 1;
+    None = every head).
     """
 
     name = "sahara"

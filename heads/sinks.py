@@ -48,6 +48,11 @@ class Sinks(Analyzer):
     Sink_k^eps in percent = 100 · mean(sink_rate) = percent of (layer, head) pairs with
     alpha_k > eps, averaged over samples; ``alpha_by_position`` [L, H, T] and
     ``sink_metric_by_position`` [T] (Sink_k^eps for every k, as the reference prints).
+
+    Parameters: ``eps`` (sink threshold on alpha_k, also the result's ``threshold``), ``n_tokens``
+    (T, tokens per sample), ``k`` (1-based token index), ``n_samples`` (paper 100), ``batch_size``
+    (samples per forward), ``prepend_bos`` (tokenize with the tokenizer's special tokens, as the
+    reference's ``tokenizer(prompt)``).
     """
 
     name = "sinks"
@@ -116,7 +121,9 @@ class HiddenSinkResult:
     """What ``find_hidden_sinks`` found. ``sinks``: every hidden sink (the first-found sink of each
     (sample, layer, head) excluded, as ACT does); ``first`` [S, L, H] the excluded first-found
     position (-1 if none); ``count`` / ``mass`` [S, L, H]: number of hidden sinks and the sum of
-    their alpha_j; ``tokens`` [S, T]; ``thresholds`` [S] the threshold used per sample."""
+    their alpha_j; ``tokens`` [S, T]; ``thresholds`` [S] the threshold used per sample.
+
+    ``params``: the settings used (dataset, n_samples, n_tokens, threshold, rule, alpha, min_queries)."""
 
     sinks: list[HiddenSink]
     first: torch.Tensor
@@ -203,7 +210,12 @@ class HiddenSinks(Analyzer):
     """Hidden attention sinks per head (ACT, Yu et al. 2024, §3): score = mean number of hidden
     sinks (keys other than the first-found sink with a_j > 0.1) per sample; extra ``mass`` = mean
     summed a_j of those keys, ``first_is_pos0`` = share of samples whose first-found sink is
-    position 0. ``find_hidden_sinks`` returns which tokens they are."""
+    position 0. ``find_hidden_sinks`` returns which tokens they are.
+
+    Parameters, as ``find_hidden_sinks``: ``n_samples`` natural-text samples of ``n_tokens`` tokens,
+    ``sink_threshold`` (0.1, the reference's THRES), ``rule`` ("mean" or "alpha_over_n"), ``alpha``
+    (for "alpha_over_n": threshold alpha / N), ``min_queries`` (ignore keys seen by fewer queries),
+    ``batch_size`` (samples per forward), ``prepend_bos`` (tokenize with special tokens)."""
 
     name = "hidden_sinks"
     paper = "Yu et al. 2024, Unveiling and Harnessing Hidden Attention Sinks (ACT), §3"

@@ -104,7 +104,11 @@ class StreamingProxy(Analyzer):
 
     Defaults: DuoAttention's deployment window (sink 64, recent 256) on 1 haystack text of 1024
     tokens (about 10–17 s on SmolLM2 on 2 busy CPU cores); ``StreamingProxy.paper_config()`` uses longer
-    inputs (8 texts of the model's context, capped at 8192 tokens)."""
+    inputs (8 texts of the model's context, capped at 8192 tokens).
+
+    Parameters: ``sink`` / ``recent`` (the window in tokens), ``length`` (tokens per text; None =
+    the model's context, capped at 8192), ``n_texts`` (haystack texts), ``sparsity`` (share of KV
+    heads marked streaming in ``extra["streaming"]``: threshold = quantile of the KV-head scores)."""
 
     name = "streaming"
     paper = ("Xiao et al. 2024, DuoAttention, §3 (retrieval vs streaming heads; training-free proxy: "
@@ -246,6 +250,12 @@ class DuoGates(Analyzer):
     training). About 10 minutes on SmolLM2 on 2 free cores. ``DuoGates.quick()`` (12 steps on
     224–288-token contexts, sink 16, recent 64: well under a minute) is for smoke runs and reports;
     ``DuoGates.paper_config()`` is the paper's recipe (needs a GPU and a long-context model).
+
+    Parameters: ``steps`` (optimiser steps, one sample each), ``lr`` (AdamW), ``reg`` (weight of
+    mean |alpha|; 0.05), ``sink`` / ``recent`` (streaming window in tokens), ``length_min`` /
+    ``length_max`` (context lengths of the synthetic samples), ``num_passkeys`` / ``passkey_length``
+    (passkeys per sample, NATO words per passkey), ``n_samples`` (synthetic samples), ``sparsity``
+    (share of KV heads marked streaming), ``seed`` (samples and their order).
     """
 
     name = "duo"

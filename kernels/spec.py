@@ -190,6 +190,9 @@ class LayerEdits:
          streaming attention sees only positions s < gate_sink or t - s < gate_recent.
     (The probe then applies output-space edits: replacements, then affine edits.)
     Tensors are [H] and may require grad (gates train through here).
+
+    Fields: ``q_scale`` [H] or None, ``redistributions`` (a tuple of ``Redistribution``), ``gate``
+    [H] or None, ``gate_sink`` / ``gate_recent`` (the streaming window in positions).
     """
 
     q_scale: torch.Tensor | None = None          # [H]

@@ -120,6 +120,8 @@ class Ablate(OutputEdit):
     - "uniform": the query is multiplied by ``eps`` (> 0) so attention becomes ~uniform over the
       visible keys ("undifferentiated attention": Zhou et al. 2025, Ships/Sahara §3; Wu et al.
       2024's retrieval-head masking). This one is a probability-space edit.
+
+    ``layer``: the layer; ``head``: one head (int) or several (a list), the values' n axis in list order.
     """
 
     layer: int
@@ -174,7 +176,9 @@ class Ablate(OutputEdit):
 class HeadAffine(OutputEdit):
     """LoFiT (Yin et al. 2024, eq. 2): z <- (1 + scale) * z + bias before o_proj. ``scale`` and
     ``bias`` take the shapes in the module doc (e.g. [d_head] or [n_heads_given, d_head]) and may
-    require grad."""
+    require grad.
+
+    ``layer``: the layer; ``head``: one head (int) or several (a list), the values' n axis in list order."""
 
     layer: int
     head: int | Sequence[int]
@@ -206,7 +210,9 @@ class HeadAffine(OutputEdit):
 class AddToHead(OutputEdit):
     """A steering vector on a head's output: z <- z + ``vector`` before o_proj (activation
     addition on one head, as in Turner et al. 2023's ActAdd, here per head; ``vector`` takes the
-    shapes in the module doc and may require grad)."""
+    shapes in the module doc and may require grad).
+
+    ``layer``: the layer; ``head``: one head (int) or several (a list), the values' n axis in list order."""
 
     layer: int
     head: int | Sequence[int]
@@ -236,6 +242,8 @@ class ScaleKeys:
     ACT (Yu et al. 2024, §3.2 eq. 4): keys = the hidden sinks, factor beta = 0.4, target None.
     VAR (Kang et al. 2025, §4.2): keys = sink tokens, factor p = 0.6, target = the token group,
     max_ratio rho = 0.5, min_target 0.2 (only rows that look at the group but not mostly at sinks).
+
+    ``layer``: the layer; ``head``: one head (int) or several (a list).
     """
 
     layer: int
@@ -278,7 +286,9 @@ class ScaleKeys:
 class StreamingGate:
     """DuoAttention (Xiao et al. 2024, eq. 1): out = (1 - alpha) * streaming + alpha * full, where
     streaming attention sees the first ``sink`` positions and the last ``recent`` ones. ``alpha``
-    holds one gate per query head listed (or one for all; may require grad)."""
+    holds one gate per query head listed (or one for all; may require grad).
+
+    ``layer``: the layer; ``head``: one head (int) or several (a list; ``alpha`` in list order)."""
 
     layer: int
     head: int | Sequence[int]

@@ -87,7 +87,9 @@ def all_names(n_layers: int) -> list[str]:
 
 @dataclass
 class Hook:
-    """What a hook function receives as ``hook`` (TransformerLens' HookPoint, reduced)."""
+    """What a hook function receives as ``hook`` (TransformerLens' HookPoint, reduced).
+
+    ``name``: the hook point's name, e.g. "blocks.3.attn.hook_pattern"."""
 
     name: str
 

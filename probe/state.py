@@ -23,7 +23,11 @@ from .record import Recorder
 
 @dataclass
 class LayerPlan:
-    """What the attention function does on one layer for the current call."""
+    """What the attention function does on one layer for the current call.
+
+    Fields: ``stats`` (the merged ``StatRequest`` or None), ``recorders`` (those recording this
+    layer), ``edits`` (merged probability-space ``LayerEdits`` or None), ``out_edits`` (output-space
+    edits on z [B, Q, H, d], in application order), ``hooks`` ({kind: hook functions})."""
 
     stats: StatRequest | None
     recorders: list[Recorder]
@@ -43,7 +47,10 @@ class EditSet:
 
 @dataclass(frozen=True, eq=False)
 class Frame:
-    """An immutable snapshot of everything active; each context pushes a new one."""
+    """An immutable snapshot of everything active; each context pushes a new one.
+
+    Fields: ``recorders`` and ``edit_sets`` (outermost first) and ``hooks`` ((layer, kind, fn)
+    triples, in the order they run)."""
 
     recorders: tuple = ()
     edit_sets: tuple = ()
