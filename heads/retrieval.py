@@ -99,7 +99,8 @@ def find_needle_span(prompt_ids, answer_ids, overlap: float = 0.9) -> tuple[int,
 class _Builder:
     """Builds NeedleTests for a model with a tokenizer (haystack tokenised once)."""
 
-    def __init__(self, model, haystack: str, chat: bool | None):
+    def __init__(self, model, haystack: str, chat: bool | None, span_overlap: float = 0.9):
+        self.span_overlap = span_overlap
         tok = model.tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer: pass a list of NeedleTest (token ids) as data")
@@ -152,7 +153,7 @@ class _Builder:
                     ids = self.prompt(self.context(nd["needle"], int(n), float(d)), nd["question"])
                     span = (-1, -1)
                     for a in (nd["answer"], " " + nd["answer"]):   # the answer alone or mid-sentence
-                        span = find_needle_span(ids, self.tok.encode(a, add_special_tokens=False))
+                        span = find_needle_span(ids, self.tok.encode(a, add_special_tokens=False), self.span_overlap)
                         if span[0] >= 0:
                             break
                     if span[0] < 0:
@@ -188,9 +189,9 @@ class Retrieval(Analyzer):
 
     Other parameters: ``max_new_tokens`` (greedy decode length; paper 50), ``rouge_gate`` (a test
     counts when the answer's ROUGE-1 recall exceeds it; 0.5), ``span_overlap`` (0.9, the needle-span
-    overlap of the reference's ``find_needle_idx``; note: not passed on yet, ``find_needle_span``
-    uses its own default 0.9), ``n_lengths`` (points of the paper grid), ``chat`` (wrap in the chat
-    template; None: when the tokenizer has one), ``batch_size`` (prompts decoded together,
+    overlap of the reference's ``find_needle_idx``, passed to ``find_needle_span``), ``n_lengths``
+    (points of the paper grid), ``chat`` (wrap in the chat template; None: when the tokenizer has
+    one), ``batch_size`` (prompts decoded together,
     left-padded; 1 = the reference's loop), ``generate_kwargs`` (passed on to ``model.generate``).
     """
 
@@ -253,7 +254,7 @@ class Retrieval(Analyzer):
         for d in self.depths:
             if not 0 <= float(d) <= 100:
                 raise ValueError(f"depth {d} is not a percentage in [0, 100]")
-        b = _Builder(model, data.get("haystack") or load_haystack(), self.chat)
+        b = _Builder(model, data.get("haystack") or load_haystack(), self.chat, self.span_overlap)
         tests = b.build(needles, lengths, [float(d) for d in self.depths])
         return tests
 

@@ -243,11 +243,12 @@ class HeadScores:
         from safetensors.torch import save_file
         base = Path(path)
         base = base.with_suffix("") if base.suffix in (".json", ".safetensors") else base
+        json_path, st_path = _paths(base)
         tensors = {"scores": self.scores.contiguous(),
                    **{f"extra.{k}": torch.as_tensor(v).detach().cpu().contiguous() for k, v in self.extra.items()}}
-        atomic_write(base.with_suffix(".safetensors"), lambda p: save_file(tensors, p))
-        atomic_write(base.with_suffix(".json"), lambda p: Path(p).write_text(dumps(self.meta())))
-        return base.with_suffix(".json")
+        atomic_write(st_path, lambda p: save_file(tensors, p))
+        atomic_write(json_path, lambda p: Path(p).write_text(dumps(self.meta())))
+        return json_path
 
     @classmethod
     def load(cls, path) -> "HeadScores":
@@ -256,13 +257,19 @@ class HeadScores:
         from safetensors.torch import load_file
         base = Path(path)
         base = base.with_suffix("") if base.suffix in (".json", ".safetensors") else base
-        meta = json.loads(base.with_suffix(".json").read_text())
-        tensors = load_file(str(base.with_suffix(".safetensors")))
+        json_path, st_path = _paths(base)
+        meta = json.loads(json_path.read_text())
+        tensors = load_file(str(st_path))
         extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
         return cls(scores=tensors["scores"], method=meta["method"], paper=meta["paper"], params=meta["params"],
                    model=meta["model"], dataset=meta["dataset"], description=meta.get("description", ""),
                    threshold=_float(meta.get("threshold")), extra=extra, info=meta.get("info", {}),
                    created=meta["created"], seconds=meta.get("seconds", 0.0))
+
+
+def _paths(base: Path) -> tuple[Path, Path]:
+    """PATH -> (PATH.json, PATH.safetensors), keeping dots in the name ("retrieval.v2.json")."""
+    return base.with_name(base.name + ".json"), base.with_name(base.name + ".safetensors")
 
 
 def _float(x):

@@ -117,7 +117,7 @@ class Ablate(OutputEdit):
     - "zero": the head's output z is zero;
     - "mean": z is replaced by ``mean`` (shapes in the module doc: e.g. [d_head] or
       [n_heads_given, d_head]), e.g. its mean over a dataset (``HookedModel.mean_z``);
-    - "uniform": the query is multiplied by ``eps`` (> 0) so attention becomes ~uniform over the
+    - "uniform": the query is multiplied by ``eps`` (>= 0; 0: exactly uniform) so attention is ~uniform over the
       visible keys ("undifferentiated attention": Zhou et al. 2025, Ships/Sahara §3; Wu et al.
       2024's retrieval-head masking). This one is a probability-space edit.
 

@@ -185,3 +185,6 @@ def test_info_is_saved_and_readable_as_attributes(tmp_path):
         r.nope
     back = HeadScores.load(r.save(tmp_path / "x"))
     assert back.greedy == [[[0, 1], 2.5]] and back.queries == ["q"]
+    p = r.save(tmp_path / "retrieval.v2")                                     # dots stay in the name
+    assert p.name == "retrieval.v2.json" and (tmp_path / "retrieval.v2.safetensors").exists()
+    assert HeadScores.load(tmp_path / "retrieval.v2").queries == ["q"]

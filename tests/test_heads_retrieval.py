@@ -233,3 +233,18 @@ def test_smollm2_needle(smollm2):
     top_layer = res.top(1)[0][0]
     assert 10 <= top_layer <= 26                                       # middle/late layers, not the first ones
     assert float((res.scores == 0).float().mean()) > 0.5               # most heads never copy
+
+
+@pytest.mark.slow
+def test_span_overlap_reaches_the_needle_search(smollm2, monkeypatch):
+    """``Retrieval(span_overlap=...)`` is the overlap the needle-span search uses (it used to be dropped)."""
+    import headscope.heads.retrieval as R
+    seen = []
+    real = R.find_needle_span
+
+    def spy(prompt_ids, answer_ids, overlap=0.9):
+        seen.append(overlap)
+        return real(prompt_ids, answer_ids, overlap)
+    monkeypatch.setattr(R, "find_needle_span", spy)
+    tests = Retrieval(lengths=(200,), depths=(50.0,), span_overlap=0.75).tests(smollm2)
+    assert len(tests) == 1 and seen and set(seen) == {0.75}
