@@ -1,14 +1,17 @@
 """KV compression by head class on SmolLM2, NIAH quick grid (notes/interv-benchmarks.md).
 Retrieval KV heads: the KV heads holding the 16 retrieval heads of reports/retrieval.md; the
 streaming fraction is taken from the other KV heads in a fixed seeded order."""
-import json, random, sys, time
+import json, os, random, sys, time
 import torch
 import headscope as hs
 from headscope.heads.retrieval import Retrieval, rouge1_recall
 from headscope.interventions import kv_compress
 
-torch.set_num_threads(1)
-m = hs.load("smollm2")
+# MODEL / DEVICE from the environment (notes/interv_gpu.sh runs it on the device with DEVICE=cuda)
+DEVICE = os.environ.get("DEVICE") or None
+if DEVICE in (None, "cpu"):
+    torch.set_num_threads(1)
+m = hs.load(os.environ.get("MODEL", "smollm2"), device=DEVICE)
 L, G, rep = m.cfg.n_layers, m.cfg.n_kv_heads, m.cfg.n_heads // m.cfg.n_kv_heads
 retr = [(18, 6), (17, 3), (18, 7), (23, 2), (17, 4), (20, 6), (23, 7), (21, 5), (21, 8), (22, 7), (23, 1),
         (23, 8), (24, 4), (19, 5), (22, 4), (21, 7)]
@@ -30,6 +33,8 @@ for frac in (0.0, 0.25, 0.5, 0.75):
         with m.edit(edits):
             t0 = time.time()
             out = m.generate(t.prompt, max_new_tokens=24, cache=cache)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             dt = time.time() - t0
         new = out[0, t.prompt.numel():]
         rec.append(rouge1_recall(t.answer, m.tokenizer.decode(new, skip_special_tokens=True)))
