@@ -31,14 +31,20 @@ from headscope.interventions.edits_io import atomic_folder
 
 
 def run(model, n_cal: int, n_test: int, n_facts: int = 6, n_passages: int = 3, seed: int = 0, p: float = 0.6,
-        rho: float = 0.5, min_target: float = 0.2, tau: float = 20.0, select_rate: float = 0.5,
+        rho: float = 0.5, min_target: float = 0.2, tau: float | None = 20.0, select_rate: float = 0.5,
         n_random: int = 10, batch_size: int = 8, via: str = "hooks", progress: bool = True) -> dict:
     L, H = model.cfg.n_layers, model.cfg.n_heads
     task = tasks.context_qa_task(model, n_cal + n_test, n_facts, n_passages, seed)
     sp = task.splits(seed, n_train=0, n_calibration=n_cal, n_test=n_test)
     cal, test = sp["calibration"], sp["test"]
     t0 = time.time()
+    peak = var.first_token_peak(model, cal[0].tokens)
+    if tau is None:
+        tau = min(20.0, 0.8 * peak)
     dims = var.massive_dims(model, cal[0].tokens, tau)
+    if not dims:
+        raise SystemExit(f"no massive-activation dimension above tau = {tau:.2f} on {model.cfg.name} (VAR finds no "
+                         "sink tokens, so it cannot change anything); try --tau auto or a lower --tau")
     vc = var.var_pass(model, cal, dims, tau, rho, min_target, batch_size, progress, "VAR pass (calibration)")
     rate = vc.applies.float().mean(0)                                                  # [L, H]
     heads = sorted((l, h) for l in range(2, L - 1) for h in range(H) if rate[l, h] >= select_rate)
@@ -51,6 +57,7 @@ def run(model, n_cal: int, n_test: int, n_facts: int = 6, n_passages: int = 3, s
     res = {"task": task.name, "task_description": task.description, "n_calibration": len(cal), "n_heldout": len(test),
            "n_facts": n_facts, "n_passages": n_passages, "chance": 1 / n_facts,
            "mean_tokens": sum(len(e.tokens) for e in test) / len(test), "massive_dims": dims,
+           "first_token_peak": peak,
            "p": p, "rho": rho, "min_target": min_target, "tau": tau, "seed": seed, "select_rate": select_rate,
            "selected_heads": heads, "n_selected": len(heads),
            "rule_rate_calibration": rate.tolist(),
@@ -88,7 +95,9 @@ def main(argv=None):
     ap.add_argument("--p", type=float, default=0.6, help="VAR's sink scale")
     ap.add_argument("--rho", type=float, default=0.5)
     ap.add_argument("--min-target", type=float, default=0.2)
-    ap.add_argument("--tau", type=float, default=20.0)
+    ap.add_argument("--tau", default="20", help="massive-activation threshold on the RMS-normalised hidden state: "
+                    "a number (paper: 20) or 'auto' = min(20, 0.8 x the first token's peak value over layers >= 2), "
+                    "for models whose massive activations stay below 20")
     ap.add_argument("--select-rate", type=float, default=0.5)
     ap.add_argument("--n-random", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -102,7 +111,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     t0 = time.time()
     m = hs.load(a.model, device=a.device)
-    res = run(m, a.calibration, a.heldout, a.facts, a.passages, a.seed, a.p, a.rho, a.min_target, a.tau,
+    tau = float(a.tau) if a.tau != "auto" else None
+    res = run(m, a.calibration, a.heldout, a.facts, a.passages, a.seed, a.p, a.rho, a.min_target, tau,
               a.select_rate, a.n_random, a.batch_size, a.via)
     res.update(model=m.cfg.name, device=str(m.device), seconds_total=time.time() - t0, args=vars(a),
                date=time.strftime("%Y-%m-%d %H:%M:%S"))

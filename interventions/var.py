@@ -50,6 +50,13 @@ def massive_dims(model, tokens: torch.Tensor, tau: float = 20.0, first_layer: in
     return sorted(dims)
 
 
+def first_token_peak(model, tokens: torch.Tensor, first_layer: int = 2) -> float:
+    """max over layers >= ``first_layer`` and dimensions of the first token's normalised |hidden
+    state| (at most sqrt(d_model)): how massive the model's massive activations are."""
+    res = _resid(model, tokens)
+    return max(float(_normalised(res[l][0]).abs().max()) for l in range(first_layer, model.cfg.n_layers))
+
+
 def sink_tokens(model, tokens: torch.Tensor, dims: list[int], tau: float = 20.0,
                 first_layer: int = 2) -> dict[int, list[int]]:
     """{layer: positions of sink tokens} for layers >= ``first_layer``: tokens whose normalised input

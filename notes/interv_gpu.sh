@@ -2,7 +2,7 @@
 # GPU batch for notes/interv2-reports.md: ACT (properly powered), VAR on context QA, KV decode bench.
 # Run from the repository root on the device machine; results go to $OUT (one folder per job + logs).
 #   MODEL=<smollm2 | a SmolLM2 folder or .gguf on the device> bash notes/interv_gpu.sh [act var kv]
-# Default jobs: act var kv. Every job has its own time limit; the whole batch stays under 8 minutes
+# Default jobs: act var kv act10. Every job has its own time limit; the whole batch stays under 8 minutes
 # (ACT ~1-2 min, VAR ~1-2 min, KV ~1 min on an H200; model loads ~10 s each).
 set -u
 OUT=${OUT:?set OUT}
@@ -11,7 +11,7 @@ PY=${PY:-python3}
 mkdir -p "$OUT" /tmp/pp-interv-gpu
 ln -sfn "$PWD" /tmp/pp-interv-gpu/headscope
 export PYTHONPATH=/tmp/pp-interv-gpu${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-JOBS=${*:-act var kv}
+JOBS=${*:-act var kv act10}
 T0=$(date +%s)
 left() { echo $(( 450 - ($(date +%s) - T0) )); }
 run() {   # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, stop at LIMIT_S or at the batch's 450 s
@@ -31,7 +31,7 @@ for job in $JOBS; do
     act10) run act10 120 $PY -u experiments/act.py --model "$MODEL" --device cuda --task sentiment-chat \
            --calibration 500 --heldout 1000 --n-random 10 --batch-size 64 --top-k 10 --out "$OUT/act_top10_smollm2" ;;
     var) run var 200 $PY -u experiments/var.py --model "$MODEL" --device cuda --calibration 100 --heldout 300 \
-           --facts 4 --passages 3 --n-random 10 --batch-size 16 --out "$OUT/var_smollm2" ;;
+           --facts 4 --passages 3 --tau auto --n-random 10 --batch-size 16 --out "$OUT/var_smollm2" ;;
     kv) run kv 100 env MODEL="$MODEL" DEVICE=cuda $PY -u notes/interv_kv_bench.py 64 256 ;;
   esac
 done
