@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,48 +30,10 @@ def run(model, task: tasks.Task, n_cal: int, n_test: int, beta: float = 0.4, thr
         seed: int = 0, n_random: int = 10, batch_size: int = 16, max_heads: int | None = None,
         min_gain: float = 0.0, top_k: int | None = None, progress: bool = True) -> dict:
     """The whole experiment on a loaded model: -> results dict (rows with CIs, heads, timings)."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
     sp = task.splits(seed, n_train=0, n_calibration=n_cal, n_test=n_test)
-    cal, test = sp["calibration"], sp["test"]
-    layers = list(range(1, L - 1))
-    cand = [(l, h) for l in layers for h in range(H)]
-    if max_heads is not None:
-        cand = cand[:max_heads]
-        layers = sorted({l for l, _ in cand})
-    t0 = time.time()
-    p_cal = act.task_pass(model, cal, layers, beta, threshold, sweep=True, batch_size=batch_size,
-                          progress=progress, desc="ACT sweep (calibration)")
-    t_sweep = time.time() - t0
-    heads, gain = act.select_from_sweep(p_cal, layers, min_gain, top_k)
-    heads = [x for x in heads if x in cand]
-    t1 = time.time()
-    p_test = act.task_pass(model, test, layers, beta, threshold, sweep=False,
-                           batch_size=batch_size, progress=progress, desc="ACT sinks (held-out)")
-    rows = [controls.Row("base", p_test.correct)]
-    res = {"task": task.name, "task_description": task.description, "n_calibration": len(cal),
-           "n_heldout": len(test), "beta": beta, "threshold": threshold, "seed": seed,
-           "candidate_heads": len(cand), "kept_heads": heads, "n_kept": len(heads),
-           "calibration_base_accuracy": float(p_cal.correct.float().mean()),
-           "gain_calibration": gain.tolist(),
-           "heads_with_gain": int((gain > min_gain).sum()), "heads_with_loss": int((gain < 0).sum()),
-           "min_gain": min_gain, "top_k": top_k}
-    if heads:
-        c_cal, _ = act.evaluate_heads(model, cal, p_cal.sinks, heads, beta, batch_size)
-        res["calibration_act_accuracy"] = float(c_cal.float().mean())
-        c, _ = act.evaluate_heads(model, test, p_test.sinks, heads, beta, batch_size)
-        rows.append(controls.Row(f"ACT-selected ({len(heads)} heads)", c, n_heads=len(heads), heads=heads))
-        if n_random:
-            sets = controls.random_head_sets(L, H, len(heads), n_random, seed, layers=layers)
-            rc = []
-            for s in sets:
-                rc.append(act.evaluate_heads(model, test, p_test.sinks, s, beta, batch_size)[0])
-            rows.append(controls.Row(f"random {len(heads)} heads", torch.stack(rc), n_heads=len(heads), heads=sets))
-        allh = [(l, h) for l in layers for h in range(H)]
-        rows.append(controls.Row(f"all heads of layers {layers[0]}..{layers[-1]}",
-                                 act.evaluate_heads(model, test, p_test.sinks, allh, beta, batch_size)[0],
-                                 n_heads=len(allh)))
-    res["seconds_sweep"] = t_sweep
-    res["seconds_heldout"] = time.time() - t1
+    rows, extra, _ = act.compare(model, sp["calibration"], sp["test"], beta, threshold, n_random, seed, batch_size,
+                                 min_gain, top_k, max_heads, progress)
+    res = {"task": task.name, "task_description": task.description, "seed": seed, **extra}
     res["rows"] = controls.table(rows, seed=seed)
     res["table_md"] = controls.format_table(res["rows"])
     return res

@@ -33,52 +33,19 @@ from headscope.interventions.edits_io import atomic_folder
 def run(model, n_cal: int, n_test: int, n_facts: int = 6, n_passages: int = 3, seed: int = 0, p: float = 0.6,
         rho: float = 0.5, min_target: float = 0.2, tau: float | None = 20.0, select_rate: float = 0.5,
         n_random: int = 10, batch_size: int = 8, via: str = "hooks", progress: bool = True) -> dict:
-    L, H = model.cfg.n_layers, model.cfg.n_heads
     task = tasks.context_qa_task(model, n_cal + n_test, n_facts, n_passages, seed)
     sp = task.splits(seed, n_train=0, n_calibration=n_cal, n_test=n_test)
     cal, test = sp["calibration"], sp["test"]
     t0 = time.time()
-    peak = var.first_token_peak(model, cal[0].tokens)
-    if tau is None:
-        tau = min(20.0, 0.8 * peak)
-    dims = var.massive_dims(model, cal[0].tokens, tau)
-    if not dims:
-        raise SystemExit(f"no massive-activation dimension above tau = {tau:.2f} on {model.cfg.name} (VAR finds no "
-                         "sink tokens, so it cannot change anything); try --tau auto or a lower --tau")
-    vc = var.var_pass(model, cal, dims, tau, rho, min_target, batch_size, progress, "VAR pass (calibration)")
-    rate = vc.applies.float().mean(0)                                                  # [L, H]
-    heads = sorted((l, h) for l in range(2, L - 1) for h in range(H) if rate[l, h] >= select_rate)
-    vt = var.var_pass(model, test, dims, tau, rho, min_target, batch_size, progress, "VAR pass (held-out)")
-    kw = dict(p=p, rho=rho, min_target=min_target, batch_size=batch_size, via=via)
-    rows = [controls.Row("base", vt.correct)]
-    c_all, m_all = var.evaluate_var(model, test, vt.sinks, None, **kw)
-    n_all = (L - 3) * H
-    rows.append(controls.Row(f"VAR, all heads of layers 2..{L - 2} (paper)", c_all, n_heads=n_all))
+    try:
+        rows, extra = var.compare(model, cal, test, p, rho, min_target, tau, select_rate, n_random, seed,
+                                  batch_size, via, progress)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    extra.pop("sinks_example0", None)
     res = {"task": task.name, "task_description": task.description, "n_calibration": len(cal), "n_heldout": len(test),
            "n_facts": n_facts, "n_passages": n_passages, "chance": 1 / n_facts,
-           "mean_tokens": sum(len(e.tokens) for e in test) / len(test), "massive_dims": dims,
-           "first_token_peak": peak,
-           "p": p, "rho": rho, "min_target": min_target, "tau": tau, "seed": seed, "select_rate": select_rate,
-           "selected_heads": heads, "n_selected": len(heads),
-           "rule_rate_calibration": rate.tolist(),
-           "mean_sinks_in_context_per_layer": [
-               sum(sum(1 for t in s.get(l, ()) if ex.target[0] <= t < ex.target[1]) for s, ex in zip(vt.sinks, test))
-               / len(test) for l in range(L)],
-           "share_rows_rule_holds_last_query": float(vt.applies[:, 2:L - 1].float().mean()),
-           "margin_base": float(vt.margin.mean()), "margin_var_all": float(m_all.mean())}
-    if heads:
-        c_sel, m_sel = var.evaluate_var(model, test, vt.sinks, heads, **kw)
-        rows.append(controls.Row(f"VAR, target-centric heads ({len(heads)})", c_sel, n_heads=len(heads), heads=heads))
-        res["margin_var_selected"] = float(m_sel.mean())
-        if n_random:
-            sets = controls.random_head_sets(L, H, len(heads), n_random, seed, layers=range(2, L - 1))
-            rc, rm = [], []
-            for s in sets:
-                c, m = var.evaluate_var(model, test, vt.sinks, s, **kw)
-                rc.append(c)
-                rm.append(m)
-            rows.append(controls.Row(f"VAR, random {len(heads)} heads", torch.stack(rc), n_heads=len(heads), heads=sets))
-            res["margin_var_random"] = float(torch.stack(rm).mean())
+           "mean_tokens": sum(len(e.tokens) for e in test) / len(test), "seed": seed, **extra}
     res["seconds"] = time.time() - t0
     res["rows"] = controls.table(rows, seed=seed)
     res["table_md"] = controls.format_table(res["rows"])

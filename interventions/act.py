@@ -340,3 +340,51 @@ def select_from_sweep(p: TaskPass, layers, min_gain: float = 0.0, top_k: int | N
     if top_k is not None:
         cand = cand[:top_k]
     return sorted(cand), gain
+
+
+def compare(model, calibration: list[Example], test: list[Example], beta: float = 0.4, threshold: float = 0.1,
+            n_random: int = 10, seed: int = 0, batch_size: int = 16, min_gain: float = 0.0,
+            top_k: int | None = None, max_heads: int | None = None, progress: bool = True):
+    """ACT end to end: select heads on ``calibration`` (the paper's rule, batched sweep over every
+    head of layers 1..L-2, or the first ``max_heads`` of them), then evaluate on ``test`` the base
+    model, the selected heads, ``n_random`` random head sets of the same size (from the same layers)
+    and all candidate heads. -> (rows [controls.Row], extra dict, test TaskPass)."""
+    from . import controls
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    layers = list(range(1, L - 1))
+    cand = [(l, h) for l in layers for h in range(H)]
+    if max_heads is not None:
+        cand = cand[:max_heads]
+        layers = sorted({l for l, _ in cand})
+    if not layers:
+        raise ValueError(f"{model.cfg.name} has {L} layers: ACT calibrates layers 1..L-2, none here")
+    t0 = time.time()
+    p_cal = task_pass(model, calibration, layers, beta, threshold, sweep=True, batch_size=batch_size,
+                      progress=progress, desc="ACT sweep (calibration)")
+    t_sweep = time.time() - t0
+    heads, gain = select_from_sweep(p_cal, layers, min_gain, top_k)
+    heads = [x for x in heads if x in cand]
+    t1 = time.time()
+    p_test = task_pass(model, test, layers, beta, threshold, sweep=False, batch_size=batch_size,
+                       progress=progress, desc="ACT sinks (held-out)")
+    rows = [controls.Row("base", p_test.correct)]
+    extra = {"n_calibration": len(calibration), "n_heldout": len(test), "beta": beta, "threshold": threshold,
+             "candidate_heads": len(cand), "kept_heads": heads, "n_kept": len(heads),
+             "calibration_base_accuracy": float(p_cal.correct.float().mean()),
+             "gain_calibration": gain.tolist(), "heads_with_gain": int((gain > min_gain).sum()),
+             "heads_with_loss": int((gain < 0).sum()), "min_gain": min_gain, "top_k": top_k}
+    if heads:
+        c_cal, _ = evaluate_heads(model, calibration, p_cal.sinks, heads, beta, batch_size)
+        extra["calibration_act_accuracy"] = float(c_cal.float().mean())
+        c, _ = evaluate_heads(model, test, p_test.sinks, heads, beta, batch_size)
+        rows.append(controls.Row(f"ACT-selected ({len(heads)} heads)", c, n_heads=len(heads), heads=heads))
+        if n_random:
+            sets = controls.random_head_sets(L, H, len(heads), n_random, seed, layers=layers)
+            rc = [evaluate_heads(model, test, p_test.sinks, s, beta, batch_size)[0] for s in sets]
+            rows.append(controls.Row(f"random {len(heads)} heads", torch.stack(rc), n_heads=len(heads), heads=sets))
+        rows.append(controls.Row(f"all heads of layers {layers[0]}..{layers[-1]}",
+                                 evaluate_heads(model, test, p_test.sinks, cand, beta, batch_size)[0],
+                                 n_heads=len(cand)))
+    extra["seconds_sweep"] = t_sweep
+    extra["seconds_heldout"] = time.time() - t1
+    return rows, extra, p_test

@@ -238,3 +238,56 @@ def evaluate_var(model, examples, sinks: list, heads=None, p: float = 0.6, rho: 
         correct.append(c)
         margin.append(mg)
     return torch.cat(correct), torch.cat(margin)
+
+
+def compare(model, calibration, test, p: float = 0.6, rho: float = 0.5, min_target: float = 0.2,
+            tau: float | None = 20.0, select_rate: float = 0.5, n_random: int = 10, seed: int = 0,
+            batch_size: int = 8, via: str = "hooks", progress: bool = True):
+    """VAR end to end on context examples (``target`` = the context span): base; VAR as in the paper
+    (every head of layers 2..L-2, the row rule per query); VAR on the target-centric heads (the rule
+    holds at the last query on >= ``select_rate`` of ``calibration``); VAR on ``n_random`` random
+    head sets of that size. ``tau`` None: min(20, 0.8 x the first token's peak, ``first_token_peak``).
+    -> (rows [controls.Row], extra dict). Raises ValueError when the model has no massive dimension."""
+    from . import controls
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    if L < 4:
+        raise ValueError(f"{model.cfg.name} has {L} layers: VAR edits layers 2..L-2, none here")
+    peak = first_token_peak(model, calibration[0].tokens)
+    if tau is None:
+        tau = min(20.0, 0.8 * peak)
+    dims = massive_dims(model, calibration[0].tokens, tau)
+    if not dims:
+        raise ValueError(f"no massive-activation dimension above tau = {tau:.2f} on {model.cfg.name} (the first "
+                         f"token peaks at {peak:.2f}): VAR finds no sink tokens and cannot change anything; "
+                         "lower tau (or tau=None for min(20, 0.8 x peak))")
+    vc = var_pass(model, calibration, dims, tau, rho, min_target, batch_size, progress, "VAR pass (calibration)")
+    rate = vc.applies.float().mean(0)                                                  # [L, H]
+    heads = sorted((l, h) for l in range(2, L - 1) for h in range(H) if rate[l, h] >= select_rate)
+    vt = var_pass(model, test, dims, tau, rho, min_target, batch_size, progress, "VAR pass (held-out)")
+    kw = dict(p=p, rho=rho, min_target=min_target, batch_size=batch_size, via=via)
+    rows = [controls.Row("base", vt.correct)]
+    c_all, m_all = evaluate_var(model, test, vt.sinks, None, **kw)
+    rows.append(controls.Row(f"VAR, all heads of layers 2..{L - 2} (paper)", c_all, n_heads=(L - 3) * H))
+    extra = {"massive_dims": dims, "first_token_peak": peak, "tau": tau, "p": p, "rho": rho,
+             "min_target": min_target, "select_rate": select_rate, "selected_heads": heads, "n_selected": len(heads),
+             "rule_rate_calibration": rate.tolist(),
+             "mean_sinks_in_context_per_layer": [
+                 sum(sum(1 for t in s.get(l, ()) if ex.target[0] <= t < ex.target[1]) for s, ex in zip(vt.sinks, test))
+                 / len(test) for l in range(L)],
+             "share_rows_rule_holds_last_query": float(vt.applies[:, 2:L - 1].float().mean()),
+             "margin_base": float(vt.margin.mean()), "margin_var_all": float(m_all.mean())}
+    if heads:
+        c_sel, m_sel = evaluate_var(model, test, vt.sinks, heads, **kw)
+        rows.append(controls.Row(f"VAR, target-centric heads ({len(heads)})", c_sel, n_heads=len(heads), heads=heads))
+        extra["margin_var_selected"] = float(m_sel.mean())
+        if n_random:
+            sets = controls.random_head_sets(L, H, len(heads), n_random, seed, layers=range(2, L - 1))
+            rc, rm = [], []
+            for s in sets:
+                c, m = evaluate_var(model, test, vt.sinks, s, **kw)
+                rc.append(c)
+                rm.append(m)
+            rows.append(controls.Row(f"VAR, random {len(heads)} heads", torch.stack(rc), n_heads=len(heads), heads=sets))
+            extra["margin_var_random"] = float(torch.stack(rm).mean())
+    extra["sinks_example0"] = vt.sinks[0]
+    return rows, extra
