@@ -33,7 +33,7 @@ for job in $JOBS; do
            --calibration 500 --heldout 1000 --n-random 10 --batch-size 64 --top-k 10 --out "$OUT/act_top10_smollm2" ;;
     var) run var 200 $PY -u experiments/var.py --model "$MODEL" --device cuda --calibration 100 --heldout 300 \
            --facts 4 --passages 3 --tau auto --n-random 10 --batch-size 16 --out "$OUT/var_smollm2" ;;
-    kv) run kv 100 env MODEL="$MODEL" DEVICE=cuda $PY -u notes/interv_kv_bench.py 64 256 ;;
+    kv) run kv 120 env MODEL="$MODEL" DEVICE=cuda COMPENSATE=1 $PY -u notes/interv_kv_bench.py 64 256 ;;
   esac
 done
 echo "batch done in $(( $(date +%s) - T0 )) s" | tee -a "$OUT/batch.log"
