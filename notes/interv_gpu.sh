@@ -2,7 +2,9 @@
 # GPU batch for notes/interv2-reports.md: ACT (properly powered), VAR on context QA, KV decode bench.
 # Run from the repository root on the device machine; results go to $OUT (one folder per job + logs).
 #   MODEL=<smollm2 | a SmolLM2 folder or .gguf on the device> bash notes/interv_gpu.sh [act var kv]
-# Default jobs: var act10 kv (the main ACT run, job act, was measured already: notes/interv2-reports.md).
+# Default jobs: check var act10 kv (the main ACT run, job act, was measured already: notes/interv2-reports.md).
+# check (~30 s): plain HF vs headscope hidden states of the GGUF model given as MODEL (a .gguf or its
+# folder); on the 2-core CPU machine both peak at 20.207 at layer 2 -- the H200 machine gave 13.99.
 # Every job has its own time limit; the whole batch stays under 7.5 minutes
 # (ACT ~1-2 min, VAR ~1-2 min, KV ~1 min on an H200; model loads ~10 s each).
 set -u
@@ -12,7 +14,7 @@ PY=${PY:-python3}
 mkdir -p "$OUT" /tmp/pp-interv-gpu
 ln -sfn "$PWD" /tmp/pp-interv-gpu/headscope
 export PYTHONPATH=/tmp/pp-interv-gpu${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-JOBS=${*:-var act10 kv}
+JOBS=${*:-check var act10 kv}
 T0=$(date +%s)
 left() { echo $(( 450 - ($(date +%s) - T0) )); }
 run() {   # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, stop at LIMIT_S or at the batch's 450 s
@@ -27,6 +29,7 @@ run() {   # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, stop at LIMIT_S or at
 $PY -c "import torch, transformers, headscope; print(torch.__version__, transformers.__version__, headscope.__file__, torch.cuda.get_device_name())" | tee -a "$OUT/batch.log"
 for job in $JOBS; do
   case $job in
+    check) [ -e "$MODEL" ] && run check 90 env GGUF="$MODEL" $PY -u notes/interv_plainhf.py ;;
     act) run act 200 $PY -u experiments/act.py --model "$MODEL" --device cuda --task sentiment-chat \
            --calibration 500 --heldout 1000 --n-random 10 --batch-size 64 --out "$OUT/act_smollm2" ;;
     act10) run act10 120 $PY -u experiments/act.py --model "$MODEL" --device cuda --task sentiment-chat \
