@@ -120,3 +120,22 @@ def test_kv_cli_on_tiny(tmp_path):
 def test_var_cli_needs_a_tokenizer(tmp_path):
     with pytest.raises(SystemExit, match="no tokenizer"):
         intervene_cli.run(_args(["var", "--model", "tiny-llama", "--out", str(tmp_path / "v")]))
+
+
+@pytest.mark.slow
+def test_var_cli_on_smollm2(smollm2, tmp_path, monkeypatch):
+    """VAR on a few short context questions: base, VAR (all heads) and, when target-centric heads
+    exist, the random control; the edit file is VAR for held-out example 0 (ScaleKeys towards its
+    context span)."""
+    import headscope
+    from headscope.interventions import load_edits
+    monkeypatch.setattr(headscope, "load", lambda *a, **k: smollm2)
+    out = tmp_path / "var"
+    assert intervene_cli.run(_args(["var", "--n-calibration", "3", "--n-test", "3", "--passages", "1",
+                                    "--n-random", "1", "--batch-size", "4", "--out", str(out)])) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["condition"] for r in res["rows"]][:2] == ["base", "VAR, all heads of layers 2..28 (paper)"]
+    assert res["massive_dims"] and res["tau"] == 20.0
+    eds = load_edits(out)
+    assert eds and all(type(e).__name__ == "ScaleKeys" and e.factor == 0.6 and e.max_ratio == 0.5 for e in eds)
+    assert all(2 <= e.layer <= 28 for e in eds)
