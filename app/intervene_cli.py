@@ -8,21 +8,36 @@ evaluate it on held-out data against its controls, print a before/after table, a
 
 DIR is written in a temporary folder beside it and renamed into place at the end.
 
-Methods: ``lofit`` (Yin et al. 2024: task-selected heads vs random heads vs heads selected for
-another task vs the base model) and ``influence`` (Hua et al. 2025: relative loss increase per text
-of a mixed corpus when the top retrieval heads are masked, vs as many random heads; composition of
-the top vs bottom 20%). ``act``, ``var`` and ``kv`` are not wired into this command yet and say so.
+Methods:
+- ``act`` (Yu et al. 2024, ACT §3.3): select heads on a labelled calibration split by calibrating
+  each head of layers 1..L-2 alone (batched sweep), evaluate on held-out data: base vs ACT-selected
+  vs random head sets of the same size vs all heads. ACT's sinks depend on the input, so the edit
+  file holds the calibration as built for the first held-out example, and ``results.json`` the
+  heads, beta and threshold that rebuild it for any input (``act.act_edits(act.hidden_sinks(...))``).
+- ``var`` (Kang et al. 2025, VAR §4) on the context-QA task (facts among prose passages): base vs VAR
+  (all heads, the paper) vs VAR on the target-centric heads vs random head sets of that size. The
+  edit file holds VAR as built for the first held-out example (sinks and context span are per input).
+- ``kv`` (DuoAttention / RazorAttention): ``--frac`` of the KV heads keep only sink + recent tokens,
+  drawn from outside the retrieval heads' KV groups, vs as many random KV heads, vs the full cache:
+  accuracy, cache bytes and decode tokens/s. The edit file is the mask-only equivalent
+  (``StreamingGate(alpha=0)`` on the streaming heads), which applies to any input; ``results.json``
+  holds the head sets.
+- ``lofit`` (Yin et al. 2024: task-selected heads vs random heads vs heads selected for another task
+  vs the base model) and ``influence`` (Hua et al. 2025: relative loss increase per text of a mixed
+  corpus when the top retrieval heads are masked, vs as many random heads; composition of the top vs
+  bottom 20%).
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
 from pathlib import Path
 
 METHODS = ("act", "var", "lofit", "kv", "influence")
-READY = ("lofit", "influence")
+READY = METHODS
+ACT_TASKS = ("sentiment", "sentiment-chat", "harm", "copy")
+KV_TASKS = ("niah", "tokens")
 
 
 def add_parser(subparsers):
@@ -32,7 +47,10 @@ def add_parser(subparsers):
                               description=__doc__.split("\n\n")[0])
     p.add_argument("method", choices=METHODS)
     p.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, or a local HF folder")
-    p.add_argument("--task", default="sentiment", help=f"shipped task: {', '.join(TASKS)} (lofit)")
+    p.add_argument("--task", default=None,
+                   help=f"lofit: {', '.join(TASKS)} (default sentiment); act: {', '.join(ACT_TASKS)} (default "
+                        "sentiment-chat; copy = synthetic token task for models without a tokenizer); var: context-qa; "
+                        f"kv: {', '.join(KV_TASKS)} (default niah; tokens = synthetic key-value recall on token ids)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -50,10 +68,25 @@ def add_parser(subparsers):
     g.add_argument("--lam", type=float, default=5e-4, help="L1 weight on the scales A (step 1)")
     g.add_argument("--lr-scale", type=float, default=5e-3)
     g.add_argument("--lr-offset", type=float, default=1e-2)
+    g = p.add_argument_group("act / var")
+    g.add_argument("--n-calibration", type=int, default=200, help="calibration examples (head selection)")
+    g.add_argument("--beta", type=float, default=0.4, help="ACT: scale of the hidden sinks' attention")
+    g.add_argument("--threshold", type=float, default=0.1, help="ACT: hidden sink if a_j > threshold")
+    g.add_argument("--top-k", type=int, default=None, help="ACT: keep at most the K best heads")
+    g.add_argument("--facts", type=int, default=4, help="VAR: facts (answer candidates) per context")
+    g.add_argument("--passages", type=int, default=3, help="VAR: prose passages per context")
+    g.add_argument("--tau", default="20", help="VAR: massive-activation threshold, or 'auto' = min(20, 0.8 x peak)")
+    g.add_argument("--select-rate", type=float, default=0.5, help="VAR: target-centric head if the rule holds this often")
+    g = p.add_argument_group("kv")
+    g.add_argument("--frac", type=float, default=0.5, help="share of KV heads that become streaming")
+    g.add_argument("--sink", type=int, default=64)
+    g.add_argument("--recent", type=int, default=256)
+    g.add_argument("--compensate", action="store_true", help="RazorAttention's compensation token")
+    g.add_argument("--max-new-tokens", type=int, default=24)
     g = p.add_argument_group("influence")
     g.add_argument("--heads", default=None,
-                   help="heads to mask: 'L18H6,L17H3,...' or a saved HeadScores path (default: run the "
-                        "retrieval analyzer's quick grid)")
+                   help="influence: heads to mask; kv: retrieval heads whose KV groups keep the full cache. "
+                        "'L18H6,L17H3,...' or a saved HeadScores path (default: run the retrieval analyzer's quick grid)")
     g.add_argument("--n-heads", type=int, default=None, help="top heads of --heads scores (default 5%% of heads)")
     g.add_argument("--per-kind", type=int, default=40, help="texts per kind in the mixed corpus")
     g.add_argument("--max-tokens", type=int, default=192)
@@ -76,13 +109,8 @@ def _parse_heads(spec: str):
 def validate(args) -> None:
     """Check the arguments before any model is loaded; raise SystemExit with what to do."""
     from ..interventions.tasks import TASKS
-    if args.method not in READY:
-        where = {"act": "ACT head selection is in the library: headscope.interventions.act.select_heads",
-                 "var": "VAR is in the library: headscope.interventions.var.var_edits",
-                 "kv": "KV-cache compression by head class is in the library: "
-                       "headscope.interventions.kv_compress.HeadClassCache"}[args.method]
-        raise SystemExit(f"headscope intervene {args.method}: not available from this command yet ({where}); "
-                         f"the command runs {' and '.join(READY)}")
+    if args.task is None:
+        args.task = {"lofit": "sentiment", "act": "sentiment-chat", "var": "context-qa", "kv": "niah"}.get(args.method)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out {out} exists and is not a folder")
@@ -100,12 +128,37 @@ def validate(args) -> None:
         for name in ("k", "n_train", "n_test", "epochs", "train_batch"):
             if getattr(args, name) < 1:
                 raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
-    if args.method == "influence":
+    if args.method in ("act", "var"):
+        allowed = ACT_TASKS if args.method == "act" else ("context-qa",)
+        if args.task not in allowed:
+            raise SystemExit(f"--task {args.task!r}: {args.method} runs on {', '.join(allowed)}")
+        for name in ("n_calibration", "n_test"):
+            if getattr(args, name) < 2:
+                raise SystemExit(f"--{name.replace('_', '-')} must be >= 2 (use >= 200 for a powered comparison)")
+        if args.top_k is not None and args.top_k < 1:
+            raise SystemExit("--top-k must be >= 1")
+        if not 0.0 <= args.beta <= 1.0:
+            raise SystemExit("--beta must be in [0, 1]")
+        if args.tau != "auto":
+            try:
+                float(args.tau)
+            except ValueError:
+                raise SystemExit(f"--tau {args.tau!r}: a number or 'auto'") from None
+        if args.facts < 2 or args.passages < 0:
+            raise SystemExit("--facts must be >= 2 and --passages >= 0")
+    if args.method == "kv":
+        if args.task not in KV_TASKS:
+            raise SystemExit(f"--task {args.task!r}: kv runs on {', '.join(KV_TASKS)}")
+        if not 0.0 < args.frac <= 1.0:
+            raise SystemExit("--frac must be in (0, 1]")
+        if args.sink < 0 or args.recent < 1 or args.max_new_tokens < 1 or args.n_test < 1:
+            raise SystemExit("--sink must be >= 0, --recent, --max-new-tokens and --n-test >= 1")
+    if args.method in ("influence", "kv"):
         if args.heads is not None and _parse_heads(args.heads) is None:
             if not Path(args.heads).with_suffix(".json").exists():
                 raise SystemExit(f"--heads {args.heads!r}: neither 'L<layer>H<head>,...' nor a saved HeadScores "
                                  "(PATH.json + PATH.safetensors, from `headscope score ... --out PATH`)")
-        if args.per_kind < 5:
+        if args.method == "influence" and args.per_kind < 5:
             raise SystemExit("--per-kind must be >= 5 (the top/bottom 20% need a few texts of each kind)")
 
 
@@ -181,6 +234,123 @@ def _influence(args, model):
     return influence.mask_edits(heads, args.how), summ, extra
 
 
+def _heads_arg(args, model, progress_note: str):
+    """--heads -> [(layer, head)] (a list, a saved HeadScores' top heads, or the retrieval quick grid)."""
+    from ..heads.scores import HeadScores
+    from ..interventions import influence
+    if args.heads is None:
+        from ..heads.retrieval import Retrieval
+        print(f"scoring retrieval heads (the retrieval analyzer's quick grid) {progress_note}...", file=sys.stderr)
+        return influence.heads_from_scores(Retrieval().score(model), args.n_heads), "retrieval analyzer (quick grid)"
+    if _parse_heads(args.heads) is not None:
+        return _parse_heads(args.heads), "--heads"
+    return influence.heads_from_scores(HeadScores.load(args.heads), args.n_heads), str(args.heads)
+
+
+def _act(args, model):
+    from ..interventions import act, controls, tasks
+    if args.task == "copy":
+        task = tasks.token_task(max(64, args.n_calibration + args.n_test), length=10,
+                                vocab=min(model.cfg.vocab_size, 128), seed=args.seed)
+    else:
+        task = tasks.load_task(args.task, model)
+    sp = task.splits(args.seed, n_train=0, n_calibration=args.n_calibration, n_test=args.n_test)
+    rows, extra, p_test = act.compare(model, sp["calibration"], sp["test"], args.beta, args.threshold,
+                                      args.n_random, args.seed, args.batch_size, top_k=args.top_k)
+    edits = act.act_edits(p_test.sinks[0], extra["kept_heads"], args.beta)
+    extra.update(task=task.name, task_description=task.description,
+                 edit_file="ACT as built for held-out example 0 (its hidden sinks); for another input x: "
+                           "act.act_edits(act.hidden_sinks(model, x, threshold), kept_heads, beta)")
+    return edits, controls.table(rows, seed=args.seed), extra
+
+
+def _var(args, model):
+    from ..interventions import controls, tasks, var
+    task = tasks.context_qa_task(model, args.n_calibration + args.n_test, args.facts, args.passages, args.seed)
+    sp = task.splits(args.seed, n_train=0, n_calibration=args.n_calibration, n_test=args.n_test)
+    tau = None if args.tau == "auto" else float(args.tau)
+    try:
+        rows, extra = var.compare(model, sp["calibration"], sp["test"], tau=tau, select_rate=args.select_rate,
+                                  n_random=args.n_random, seed=args.seed, batch_size=args.batch_size)
+    except ValueError as e:
+        raise SystemExit(f"headscope intervene var: {e}") from None
+    ex0 = sp["test"][0]
+    s0 = extra.pop("sinks_example0")
+    edits = var.var_edits(model, s0, [tuple(ex0.target)], rho=extra["rho"], p=extra["p"], min_target=extra["min_target"])
+    extra.update(task=task.name, task_description=task.description, chance=1 / args.facts,
+                 edit_file="VAR as built for held-out example 0 (its sink tokens and context span); for another "
+                           "input: var.var_edits(model, var.sink_tokens(model, x, massive_dims, tau), [context span])")
+    return edits, controls.table(rows, seed=args.seed), extra
+
+
+def _kv_tests(args, model):
+    """[(prompt [N], scorer(new tokens) -> float in [0, 1])] for --task niah | tokens."""
+    import torch
+    if args.task == "niah":
+        from ..heads.retrieval import Retrieval, rouge1_recall
+        tests = Retrieval().tests(model)[:args.n_test]
+        return [(t.prompt, lambda new, t=t: rouge1_recall(
+            t.answer, model.tokenizer.decode(new, skip_special_tokens=True))) for t in tests]
+    g = torch.Generator().manual_seed(args.seed)
+    out = []
+    V = min(model.cfg.vocab_size, 128)
+    for i in range(args.n_test):                   # key k, value v at some depth; the prompt ends with k
+        body = torch.randint(10, V, (96,), generator=g)
+        k, v = int(torch.randint(10, V, (1,), generator=g)), int(torch.randint(10, V, (1,), generator=g))
+        at = int(torch.randint(1, 80, (1,), generator=g))
+        body[at], body[at + 1] = k, v
+        out.append((torch.cat([body, torch.tensor([k])]), lambda new, v=v: float(int(new[0]) == v)))
+    return out
+
+
+def _kv(args, model):
+    import torch
+
+    from ..interventions import controls, kv_compress
+    from tqdm.auto import tqdm
+    L, G = model.cfg.n_layers, model.cfg.n_kv_heads
+    heads, source = _heads_arg(args, model, "to find the KV groups that keep the full cache ")
+    keep = kv_compress.kv_groups(heads, model.cfg.n_heads, G)
+    stream = kv_compress.head_class_stream(L, G, keep, args.frac, args.seed)
+    n = sum(len(v) for v in stream.values())
+    if n == 0:
+        raise SystemExit(f"--frac {args.frac}: no KV head becomes streaming (all {L * G} hold retrieval heads?)")
+    tests = _kv_tests(args, model)
+    conds = [("full cache", {})] + [(f"head class: {n} of {L * G} KV heads streaming", stream)]
+    sets = kv_compress.random_stream(L, G, n, args.n_random, args.seed) if args.n_random else []
+    stats = {}
+    rows = []
+    for name, st in conds + [(f"random {n} KV heads streaming", s) for s in sets]:
+        sc, nb, tps = [], [], []
+        for prompt, score in tqdm(tests, desc=name[:40], leave=False):
+            new, b, sec = kv_compress.generate_compressed(model, prompt, st, args.sink, args.recent,
+                                                          args.max_new_tokens, args.compensate)
+            sc.append(score(new))
+            nb.append(b)
+            tps.append(new.numel() / max(sec, 1e-9))
+        stats.setdefault(name, []).append({"cache_bytes": sum(nb) / len(nb), "tokens_per_s": sum(tps) / len(tps)})
+        rows.append((name, torch.tensor(sc), st))
+    out = [controls.Row(rows[0][0], rows[0][1]), controls.Row(rows[1][0], rows[1][1], n_heads=n,
+                                                               heads=[[l, g] for l, gs in stream.items() for g in gs])]
+    if sets:
+        out.append(controls.Row(rows[2][0], torch.stack([r[1] for r in rows[2:]]), n_heads=n,
+                                heads=[[[l, g] for l, gs in s.items() for g in gs] for s in sets]))
+    summ = controls.table(out, seed=args.seed)
+    for srow in summ:
+        key = srow["condition"]
+        recs = stats[key]
+        srow["cache_mb"] = sum(r["cache_bytes"] for r in recs) / len(recs) / 2**20
+        srow["tokens_per_s"] = sum(r["tokens_per_s"] for r in recs) / len(recs)
+    extra = {"task": args.task, "retrieval_heads": heads, "heads_source": source, "kept_kv_groups": sorted(keep),
+             "stream": {str(k): v for k, v in stream.items()}, "random_streams": [{str(k): v for k, v in s.items()}
+                                                                                 for s in sets],
+             "sink": args.sink, "recent": args.recent, "compensate": args.compensate, "frac": args.frac,
+             "n_tests": len(tests), "note": "accuracy column = mean score per test (niah: ROUGE-1 recall of the "
+                                              "needle; tokens: first new token = the value)"}
+    edits = kv_compress.streaming_edits(model, stream, args.sink, args.recent)
+    return edits, summ, extra
+
+
 def _composition_md(comp: dict) -> str:
     kinds = sorted(comp["all"])
     rnd = "random_top" in comp
@@ -210,10 +380,16 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     model = load(args.model, device=args.device)
-    if model.tokenizer is None:
-        raise SystemExit(f"{args.model} has no tokenizer; the shipped tasks and corpus are text")
-    edits, summ, extra = (_lofit if args.method == "lofit" else _influence)(args, model)
+    if model.tokenizer is None and args.task not in ("copy", "tokens"):
+        raise SystemExit(f"{args.model} has no tokenizer; the shipped tasks and corpus are text "
+                         "(act: --task copy, kv: --task tokens run on token ids)")
+    fn = {"lofit": _lofit, "influence": _influence, "act": _act, "var": _var, "kv": _kv}[args.method]
+    edits, summ, extra = fn(args, model)
     table_md = format_table(summ)
+    if args.method == "kv":
+        table_md = table_md.replace("held-out accuracy", "accuracy") + "\n\n" + "\n".join(
+            ["| condition | cache MB | decode tokens/s |", "|---|---|---|"] +
+            [f"| {r['condition']} | {r['cache_mb']:.2f} | {r['tokens_per_s']:.1f} |" for r in summ])
     if args.method == "influence":
         table_md = table_md.replace("held-out accuracy", "mean relative loss increase") + \
             "\n\n" + _composition_md(extra["composition"])

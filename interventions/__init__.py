@@ -5,7 +5,8 @@
 ``lofit``: LoFiT per-head scales and offsets, trained with the base model frozen (Yin et al. 2024).
 ``influence``: AttentionInfluence data selection by masking retrieval heads (Hua et al. 2025).
 ``kv_compress``: a KV cache that keeps only sink + recent tokens for streaming heads
-(DuoAttention / RazorAttention deployment).
+(DuoAttention / RazorAttention deployment; optional RazorAttention compensation token).
+``redistribute``: ACT/VAR's redistribution with per-example key sets, for batched pattern hooks.
 ``controls``: random-head and other-task controls with bootstrap confidence intervals.
 ``tasks``: shipped labelled tasks with fixed disjoint splits.
 ``save_edits`` / ``load_edits``: one folder per learned edit list (``edits_io``).

@@ -26,6 +26,7 @@ import torch
 from ..heads.common import received_importance, resid_pre_all
 from ..heads.sinks import hidden_sinks_from_importance
 from ..probe import ScaleKeys
+from .redistribute import redistribute_rows
 
 
 @dataclass
@@ -134,3 +135,256 @@ def select_heads(model, calibration: list[Example], beta: float = 0.4, threshold
             kept.append((l, h))
     return ACTResult(kept, gain, base, beta, threshold, time.time() - t0,
                      dict(layers=layers, n_calibration=len(calibration), min_gain=min_gain))
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched ACT on a labelled task (many examples, every head): one recorded pass per batch, then the
+# one-head calibrations of a layer as one forward over (head, example) pairs.
+#
+# Calibrating one head (l, h) changes only its output z at layer l, and the attention it changes is
+# the unedited attention of layer l. ACT's edit (§3.2 eq. 4: p'_j = beta·p_j on the sinks S, the
+# freed (1 - beta)·s to the other keys in proportion, s = sum_{j in S} p_j) therefore has a closed
+# form in the unedited row p, the values v and the output z = p·v:
+#     z' = beta·z_S + (1 + g)·(z - z_S),   z_S = sum_{j in S} p_j v_j,   g = (1 - beta)·s / (1 - s)
+# (rows with no mass outside S are left alone, as in ``kernels.reference.redistribute``). The sweep
+# adds z' - z to each head's output (``AddToHead``, per example and position) and runs the layers
+# above l once for all heads of the layer. ``tests/test_interventions.py`` checks it against the
+# ``ScaleKeys`` edit itself. Held-out evaluation of a head set spanning several layers uses the
+# ``ScaleKeys`` edits (``evaluate_heads``): there the later layers' attention has already changed.
+
+def sink_mask_from_pattern(pattern: torch.Tensor, mask: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """ACT's hidden sinks from an attention pattern. pattern [B, H, N, N] of a left-padded batch,
+    mask [B, N] (1 = real token) -> [B, H, N] bool over key columns: a_j = mean attention key j
+    receives from the real queries that can see it (column sum / (N - j)); sinks a_j > threshold,
+    minus the first one found (the reference's ``indices[1:]``; ``heads.sinks.find_hidden_sinks``)."""
+    B, H, N, _ = pattern.shape
+    m = mask.to(pattern.device).bool()
+    col = (pattern.float() * m[:, None, :, None]).sum(-2)                         # [B, H, N]
+    seen = torch.arange(N, 0, -1, device=pattern.device, dtype=torch.float32)     # queries per key
+    above = (col / seen > threshold) & m[:, None, :]
+    idx = torch.arange(N, device=pattern.device)
+    first = torch.where(above, idx, N).min(-1).values                            # [B, H]
+    return above & (idx != first[..., None])
+
+
+def calibration_delta(pattern: torch.Tensor, v: torch.Tensor, z: torch.Tensor, sinks: torch.Tensor,
+                      beta: float = 0.4) -> torch.Tensor:
+    """z' - z for calibrating each head alone (the closed form above). pattern [B, H, N, N],
+    v [B, N, G, d] (G KV heads), z [B, N, H, d], sinks [B, H, N] bool key columns -> [B, N, H, d]."""
+    H, G = pattern.shape[1], v.shape[2]
+    p = pattern.float()
+    ps = p * sinks[:, :, None, :]                                                # [B, H, N, N]
+    s = ps.sum(-1)                                                               # [B, H, N] sink mass per row
+    rest = p.sum(-1) - s
+    vr = v.float().repeat_interleave(H // G, dim=2)                               # [B, N, H, d]
+    z_s = torch.einsum("bhtj,bjhd->bthd", ps, vr)                                # [B, N, H, d]
+    keep = (rest > 0) & (s > 0)
+    g = torch.where(keep, (1 - beta) * s / rest.clamp_min(1e-30), torch.zeros_like(s))
+    g = g.transpose(1, 2)[..., None]                                             # [B, N, H, 1]
+    delta = (beta - 1) * z_s + g * (z.float() - z_s)
+    return torch.where(keep.transpose(1, 2)[..., None], delta, torch.zeros_like(delta))
+
+
+@dataclass
+class TaskPass:
+    """One unedited pass over a task's examples (``task_pass``)."""
+    correct: torch.Tensor                 # [n] bool, unedited
+    margin: torch.Tensor                  # [n] logit of the right choice - best other
+    sinks: list                           # per example {(layer, head): [positions]} (positions of real tokens)
+    sweep: torch.Tensor | None = None     # [L, H, n] bool: correct with head (l, h) calibrated alone
+    sweep_margin: torch.Tensor | None = None
+
+
+def choice_scores(logits: torch.Tensor, choices: torch.Tensor, labels: torch.Tensor):
+    """logits [B, V] -> (correct [B] bool, margin [B]) over the candidates choices [B, C]."""
+    cand = logits.float().gather(1, choices.to(logits.device))                   # [B, C]
+    lab = labels.to(logits.device)
+    right = cand.gather(1, lab[:, None])[:, 0]
+    other = cand.scatter(1, lab[:, None], float("-inf")).amax(-1)
+    return (cand.argmax(-1) == lab).cpu(), (right - other).cpu()
+
+
+def task_pass(model, examples: list[Example], layers, beta: float = 0.4, threshold: float = 0.1,
+              sweep: bool = True, batch_size: int = 16, progress: bool = True, desc: str = "ACT pass") -> TaskPass:
+    """Unedited accuracy, every example's hidden sinks on ``layers``, and (``sweep``) the accuracy
+    with each head of ``layers`` calibrated alone, in batches of ``batch_size`` examples."""
+    from tqdm.auto import tqdm
+
+    from ..probe import AddToHead
+    from .tasks import batches, pad_id
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    layers = [int(l) for l in layers]
+    if any(not 0 < l < L for l in layers):
+        raise ValueError(f"ACT layers must lie in 1..{L - 1} (a sweep starts above layer 0), got {layers}")
+    n_b = (len(examples) + batch_size - 1) // batch_size
+    correct, margin, sinks, sw, swm = [], [], [], [], []
+    bar = tqdm(total=n_b * (1 + (len(layers) if sweep else 0)), desc=desc, disable=not progress)
+    for toks, mask, choices, labels in batches(examples, batch_size, pad_id(model)):
+        B, N = toks.shape
+        keep: dict[str, torch.Tensor] = {}
+
+        def saver(name):
+            def fn(t, hook):
+                keep[name] = t.detach()
+            return fn
+
+        names = [f"blocks.{l}.attn.hook_{k}" for l in layers for k in ("pattern",) + (("v", "z") if sweep else ())]
+        names += [f"blocks.{l}.hook_resid_pre" for l in layers] if sweep else []
+        with torch.no_grad(), model.hooks([(n, saver(n)) for n in names]):
+            logits = model(toks, attention_mask=mask, logits_to_keep=1)[:, -1]
+        c0, m0 = choice_scores(logits, choices, labels)
+        correct.append(c0)
+        margin.append(m0)
+        pad = (N - mask.sum(-1)).tolist()
+        per_ex = [dict() for _ in range(B)]
+        smasks = {}
+        for l in layers:
+            sm = sink_mask_from_pattern(keep[f"blocks.{l}.attn.hook_pattern"], mask, threshold)   # [B, H, N]
+            smasks[l] = sm
+            for b, h, j in sm.nonzero().tolist():
+                per_ex[b].setdefault((l, h), []).append(j - pad[b])
+        sinks += per_ex
+        bar.update(1)
+        if not sweep:
+            continue
+        c_sw = c0[None, None].repeat(L, H, 1)                                     # [L, H, B]
+        m_sw = m0[None, None].repeat(L, H, 1)
+        for l in layers:
+            sm = smasks[l]
+            delta = calibration_delta(keep[f"blocks.{l}.attn.hook_pattern"], keep[f"blocks.{l}.attn.hook_v"],
+                                      keep[f"blocks.{l}.attn.hook_z"], sm, beta)          # [B, N, H, d]
+            vec = delta.new_zeros(H, B, N, H, delta.shape[-1])
+            for h in range(H):
+                vec[h, :, :, h] = delta[:, :, h]
+            resid = keep[f"blocks.{l}.hook_resid_pre"]
+            with torch.no_grad(), model.edit([AddToHead(l, list(range(H)), vec.reshape(H * B, N, H, -1))]):
+                lg = model(toks.repeat(H, 1), attention_mask=mask.repeat(H, 1), start_at_layer=l,
+                           resid_pre=resid.repeat(H, 1, 1), logits_to_keep=1)[:, -1]
+            c, mg = choice_scores(lg, choices.repeat(H, 1), labels.repeat(H))
+            changed = sm.any(-1).T.cpu()                                           # [H, B]
+            c_sw[l] = torch.where(changed, c.view(H, B), c0[None])
+            m_sw[l] = torch.where(changed, mg.view(H, B), m0[None])
+            bar.update(1)
+        sw.append(c_sw)
+        swm.append(m_sw)
+        keep.clear()
+    bar.close()
+    return TaskPass(torch.cat(correct), torch.cat(margin), sinks,
+                    torch.cat(sw, -1) if sweep else None, torch.cat(swm, -1) if sweep else None)
+
+
+def calibrate_pattern(p: torch.Tensor, src: torch.Tensor, beta: float = 0.4) -> torch.Tensor:
+    """ACT's calibration (§3.2 eq. 4) of probabilities p [B, H, Q, K] with a per-example, per-head
+    sink set src [B, H, K] bool (key columns): attention on the sinks times ``beta``, the freed mass
+    to the other keys in proportion to their attention; rows with no mass outside the sinks stay.
+    This is ``ScaleKeys(keys=S, factor=beta)`` with S allowed to differ between the examples of a
+    batch, for a ``hook_pattern`` hook (``calibration_hooks``)."""
+    return redistribute_rows(p, src, None, beta)
+
+
+def calibration_hooks(sinks: list, heads, pad: list[int], n_pos: int, n_heads: int, beta: float = 0.4):
+    """fwd_hooks calibrating ``heads`` [(layer, head)] of a left-padded batch: example b has
+    ``pad[b]`` padding tokens, ``n_pos`` positions in all, hidden sinks ``sinks[b]``
+    ({(layer, head): positions of real tokens}). -> [(hook name, fn)] on ``hook_pattern``."""
+    by_layer: dict[int, torch.Tensor] = {}
+    for l, h in heads:
+        m = by_layer.setdefault(int(l), torch.zeros(len(sinks), n_heads, n_pos, dtype=torch.bool))
+        for b, s in enumerate(sinks):
+            for j in s.get((int(l), int(h)), ()):
+                m[b, int(h), pad[b] + j] = True
+    return [(f"blocks.{l}.attn.hook_pattern", lambda p, hook, m=m: calibrate_pattern(p, m, beta))
+            for l, m in sorted(by_layer.items()) if m.any()]
+
+
+def evaluate_heads(model, examples: list[Example], sinks: list, heads, beta: float = 0.4,
+                   batch_size: int = 16, via: str = "hooks") -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct [n] bool, margin [n]) with ``heads`` [(layer, head)] calibrated with each example's
+    hidden sinks (``task_pass(...).sinks``). ``via="edits"``: one forward per example with the
+    ``ScaleKeys`` edits (``act_edits``); ``via="hooks"`` (default): batches of examples, the same
+    calibration applied per example by ``hook_pattern`` hooks (``calibrate_pattern``; the layers
+    with a calibrated head then run the full-pattern reference path)."""
+    from .tasks import batches, pad_id
+    if via not in ("hooks", "edits"):
+        raise ValueError(f"via must be 'hooks' or 'edits', got {via!r}")
+    heads = [(int(l), int(h)) for l, h in heads]
+    correct, margin = [], []
+    if via == "edits":
+        for ex, s in zip(examples, sinks):
+            with torch.no_grad(), model.edit(act_edits(s, heads, beta)):
+                lg = model(ex.tokens[None], logits_to_keep=1)[:, -1]
+            c, m = choice_scores(lg, torch.tensor([ex.choices]), torch.tensor([ex.label]))
+            correct.append(c)
+            margin.append(m)
+        return torch.cat(correct), torch.cat(margin)
+    for i0, (toks, mask, choices, labels) in zip(range(0, len(examples), batch_size),
+                                                  batches(examples, batch_size, pad_id(model))):
+        B, N = toks.shape
+        pad = (N - mask.sum(-1)).tolist()
+        hooks = calibration_hooks(sinks[i0:i0 + B], heads, pad, N, model.cfg.n_heads, beta)
+        with torch.no_grad(), model.hooks(hooks):
+            lg = model(toks, attention_mask=mask, logits_to_keep=1)[:, -1]
+        c, m = choice_scores(lg, choices, labels)
+        correct.append(c)
+        margin.append(m)
+    return torch.cat(correct), torch.cat(margin)
+
+
+def select_from_sweep(p: TaskPass, layers, min_gain: float = 0.0, top_k: int | None = None) -> tuple[list, torch.Tensor]:
+    """ACT §3.3 on a swept calibration pass: the heads whose calibration alone raises accuracy by
+    more than ``min_gain`` (optionally only the ``top_k`` best, ties broken by the mean margin gain).
+    -> (heads [(layer, head)], gain [L, H] in accuracy)."""
+    gain = p.sweep.float().mean(-1) - p.correct.float().mean()                     # [L, H]
+    mgain = p.sweep_margin.mean(-1) - p.margin.mean()
+    cand = [(l, h) for l in layers for h in range(gain.shape[1]) if gain[l, h] > min_gain]
+    cand.sort(key=lambda x: (-float(gain[x]), -float(mgain[x])))
+    if top_k is not None:
+        cand = cand[:top_k]
+    return sorted(cand), gain
+
+
+def compare(model, calibration: list[Example], test: list[Example], beta: float = 0.4, threshold: float = 0.1,
+            n_random: int = 10, seed: int = 0, batch_size: int = 16, min_gain: float = 0.0,
+            top_k: int | None = None, max_heads: int | None = None, progress: bool = True):
+    """ACT end to end: select heads on ``calibration`` (the paper's rule, batched sweep over every
+    head of layers 1..L-2, or the first ``max_heads`` of them), then evaluate on ``test`` the base
+    model, the selected heads, ``n_random`` random head sets of the same size (from the same layers)
+    and all candidate heads. -> (rows [controls.Row], extra dict, test TaskPass)."""
+    from . import controls
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    layers = list(range(1, L - 1))
+    cand = [(l, h) for l in layers for h in range(H)]
+    if max_heads is not None:
+        cand = cand[:max_heads]
+        layers = sorted({l for l, _ in cand})
+    if not layers:
+        raise ValueError(f"{model.cfg.name} has {L} layers: ACT calibrates layers 1..L-2, none here")
+    t0 = time.time()
+    p_cal = task_pass(model, calibration, layers, beta, threshold, sweep=True, batch_size=batch_size,
+                      progress=progress, desc="ACT sweep (calibration)")
+    t_sweep = time.time() - t0
+    heads, gain = select_from_sweep(p_cal, layers, min_gain, top_k)
+    heads = [x for x in heads if x in cand]
+    t1 = time.time()
+    p_test = task_pass(model, test, layers, beta, threshold, sweep=False, batch_size=batch_size,
+                       progress=progress, desc="ACT sinks (held-out)")
+    rows = [controls.Row("base", p_test.correct)]
+    extra = {"n_calibration": len(calibration), "n_heldout": len(test), "beta": beta, "threshold": threshold,
+             "candidate_heads": len(cand), "kept_heads": heads, "n_kept": len(heads),
+             "calibration_base_accuracy": float(p_cal.correct.float().mean()),
+             "gain_calibration": gain.tolist(), "heads_with_gain": int((gain > min_gain).sum()),
+             "heads_with_loss": int((gain < 0).sum()), "min_gain": min_gain, "top_k": top_k}
+    if heads:
+        c_cal, _ = evaluate_heads(model, calibration, p_cal.sinks, heads, beta, batch_size)
+        extra["calibration_act_accuracy"] = float(c_cal.float().mean())
+        c, _ = evaluate_heads(model, test, p_test.sinks, heads, beta, batch_size)
+        rows.append(controls.Row(f"ACT-selected ({len(heads)} heads)", c, n_heads=len(heads), heads=heads))
+        if n_random:
+            sets = controls.random_head_sets(L, H, len(heads), n_random, seed, layers=layers)
+            rc = [evaluate_heads(model, test, p_test.sinks, s, beta, batch_size)[0] for s in sets]
+            rows.append(controls.Row(f"random {len(heads)} heads", torch.stack(rc), n_heads=len(heads), heads=sets))
+        rows.append(controls.Row(f"all heads of layers {layers[0]}..{layers[-1]}",
+                                 evaluate_heads(model, test, p_test.sinks, cand, beta, batch_size)[0],
+                                 n_heads=len(cand)))
+    extra["seconds_sweep"] = t_sweep
+    extra["seconds_heldout"] = time.time() - t1
+    return rows, extra, p_test

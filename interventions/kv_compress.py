@@ -3,9 +3,9 @@
 
 DuoAttention (Xiao et al. 2024, "DuoAttention: Efficient Long-Context LLM Inference with Retrieval
 and Streaming Heads", §3.3 deployment): a fraction of KV heads becomes streaming heads whose cache
-holds the first ``sink`` and the last ``recent`` tokens; RazorAttention (Tang et al. 2024, §3) keeps
-the full cache only for its retrieval set (echo + induction heads). Razor's compensation token (the
-mean of the dropped keys/values) is not implemented here.
+holds the first ``sink`` and the last ``recent`` tokens; RazorAttention (Tang et al. 2024,
+"RazorAttention: Efficient KV Cache Compression Through Retrieval Heads", §3) keeps the full cache
+only for its retrieval set (echo + induction heads).
 
 ``HeadClassCache`` is a transformers ``Cache`` whose layers (``HeadClassLayer``) store the full KV
 heads ``[batch, n_full, T, d]`` and the streaming KV heads' sink ``[batch, n_stream, <=sink, d]`` and
@@ -16,6 +16,18 @@ streaming head dropped are zero) and the streaming heads run with ``StreamingGat
 (``streaming_edits``), whose streaming attention reads exactly the sink and recent positions: the
 result equals the mask-only computation over the full cache. No change to the attention path is
 needed; the transient assembled tensor costs one layer's full K/V at a time.
+
+``compensate=True`` adds RazorAttention's compensation token (§3.3): the tokens a streaming head
+drops are summarised by one token, k_c = mean of the dropped keys and v_c = mean of the dropped
+values, which stands for all N_d of them in the softmax:
+
+    o = (sum_{j kept} e^{q.k_j} v_j + N_d e^{q.k_c} v_c) / (sum_{j kept} e^{q.k_j} + N_d e^{q.k_c})
+
+The layer stores the running sums of the dropped keys and values (one token per streaming head) and
+their count; in the view handed to the attention function every dropped position holds (k_c, v_c),
+so the unmodified softmax over the view is exactly the formula above. The streaming heads then run
+without the gate, and, as in RazorAttention, the prompt itself (prefill) is computed with the full
+cache; compression starts with the first decode step.
 """
 from __future__ import annotations
 
@@ -28,11 +40,13 @@ from ..probe.edits import StreamingGate
 class HeadClassLayer(DynamicLayer):
     """One layer's cache with KV heads ``stream`` kept as sink + recent tokens only."""
 
-    def __init__(self, stream: list[int], sink: int, recent: int):
+    def __init__(self, stream: list[int], sink: int, recent: int, compensate: bool = False):
         super().__init__()
         self.stream = sorted(int(g) for g in stream)
         self.sink, self.recent = int(sink), int(recent)
+        self.compensate = bool(compensate)
         self.n = 0                                       # tokens seen (the logical length)
+        self.n_dropped = 0                               # tokens folded into the compensation sums
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
@@ -47,6 +61,8 @@ class HeadClassLayer(DynamicLayer):
         self.kf, self.vf = empty(len(self.full_idx)), empty(len(self.full_idx))     # [B, Gf, T, d]
         self.ks, self.vs = empty(len(self.stream)), empty(len(self.stream))         # sink part
         self.kr, self.vr = empty(len(self.stream)), empty(len(self.stream))         # recent part
+        self.kc = key_states.new_zeros(B, len(self.stream), 1, d)                    # sum of dropped keys
+        self.vc = key_states.new_zeros(B, len(self.stream), 1, d)                    # sum of dropped values
 
     def _assembled_old(self, which: str) -> torch.Tensor:
         """[B, G, n, d] of what is stored, streaming heads zero outside sink/recent."""
@@ -59,6 +75,10 @@ class HeadClassLayer(DynamicLayer):
         s[:, :, :sink.shape[2]] = sink
         if rec.shape[2]:
             s[:, :, self.n - rec.shape[2]:] = rec
+        if self.compensate and self.n_dropped:
+            comp = (self.kc if which == "k" else self.vc) / self.n_dropped               # [B, Gs, 1, d]
+            a = sink.shape[2]
+            s[:, :, a:a + self.n_dropped] = comp.to(s.dtype)
         out[:, self.stream_idx] = s
         return out
 
@@ -75,8 +95,16 @@ class HeadClassLayer(DynamicLayer):
         room = max(0, self.sink - self.n)
         self.ks = torch.cat([self.ks, ks[:, :, :room]], dim=2)
         self.vs = torch.cat([self.vs, vs[:, :, :room]], dim=2)
-        self.kr = torch.cat([self.kr, ks], dim=2)[:, :, -self.recent:] if self.recent else self.kr
-        self.vr = torch.cat([self.vr, vs], dim=2)[:, :, -self.recent:] if self.recent else self.vr
+        kr, vr = torch.cat([self.kr, ks], dim=2), torch.cat([self.vr, vs], dim=2)
+        first = self.n + q - kr.shape[2]                          # position of kr's first token
+        over = max(0, kr.shape[2] - self.recent)                  # tokens leaving the recent window
+        if self.compensate and over:
+            lo = max(0, self.sink - first)                        # those also in the sink are kept
+            if over > lo:
+                self.kc = self.kc + kr[:, :, lo:over].float().sum(2, keepdim=True).to(self.kc.dtype)
+                self.vc = self.vc + vr[:, :, lo:over].float().sum(2, keepdim=True).to(self.vc.dtype)
+                self.n_dropped += over - lo
+        self.kr, self.vr = kr[:, :, over:], vr[:, :, over:]
         self.n += q
         self.keys, self.values = self.kf, self.vf        # what DynamicLayer's helpers look at
         return keys, values
@@ -90,17 +118,19 @@ class HeadClassLayer(DynamicLayer):
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.kf, self.vf, self.ks, self.vs, self.kr, self.vr))
+        parts = [self.kf, self.vf, self.ks, self.vs, self.kr, self.vr] + ([self.kc, self.vc] if self.compensate else [])
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
 class HeadClassCache(Cache):
     """A cache for ``n_layers`` layers; ``stream[l]`` lists layer l's streaming KV heads."""
 
-    def __init__(self, stream: dict[int, list[int]], n_layers: int, sink: int = 64, recent: int = 256):
+    def __init__(self, stream: dict[int, list[int]], n_layers: int, sink: int = 64, recent: int = 256,
+                 compensate: bool = False):
         if sink < 0 or recent < 1:
             raise ValueError(f"sink must be >= 0 and recent >= 1, got sink={sink}, recent={recent}")
-        super().__init__(layers=[HeadClassLayer(stream.get(l, []), sink, recent) for l in range(n_layers)])
-        self.sink, self.recent = sink, recent
+        super().__init__(layers=[HeadClassLayer(stream.get(l, []), sink, recent, compensate) for l in range(n_layers)])
+        self.sink, self.recent, self.compensate = sink, recent, compensate
 
     def nbytes(self) -> int:
         """Bytes held by the cache (all layers, keys and values)."""
@@ -132,3 +162,54 @@ def stream_from_scores(scores, frac: float) -> dict[int, list[int]]:
     for i in s.flatten().argsort()[:n].tolist():
         out.setdefault(i // G, []).append(i % G)
     return out
+
+
+def kv_groups(heads, n_heads: int, n_kv_heads: int) -> set[tuple[int, int]]:
+    """Query heads [(layer, head)] -> the (layer, KV head) pairs that hold them (GQA groups)."""
+    rep = n_heads // n_kv_heads
+    return {(int(l), int(h) // rep) for l, h in heads}
+
+
+def head_class_stream(n_layers: int, n_kv_heads: int, keep, frac: float, seed: int = 0) -> dict[int, list[int]]:
+    """The head-class split: ``frac`` of all KV heads become streaming, drawn (in a seeded order)
+    from the KV heads NOT in ``keep`` (the retrieval class, which keeps its full cache); at most all
+    of them. -> {layer: [streaming KV heads]}."""
+    import random
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"frac must be in [0, 1], got {frac}")
+    keep = {(int(l), int(g)) for l, g in keep}
+    others = [(l, g) for l in range(n_layers) for g in range(n_kv_heads) if (l, g) not in keep]
+    random.Random(f"head-class-{seed}").shuffle(others)
+    out: dict[int, list[int]] = {}
+    for l, g in sorted(others[:min(len(others), round(frac * n_layers * n_kv_heads))]):
+        out.setdefault(l, []).append(g)
+    return out
+
+
+def random_stream(n_layers: int, n_kv_heads: int, n: int, n_sets: int, seed: int = 0) -> list[dict[int, list[int]]]:
+    """``n_sets`` random choices of ``n`` streaming KV heads among all of them (the control)."""
+    import random
+    rng = random.Random(f"random-stream-{seed}-{n}")
+    pool = [(l, g) for l in range(n_layers) for g in range(n_kv_heads)]
+    sets = []
+    for _ in range(n_sets):
+        d: dict[int, list[int]] = {}
+        for l, g in sorted(rng.sample(pool, n)):
+            d.setdefault(l, []).append(g)
+        sets.append(d)
+    return sets
+
+
+def generate_compressed(model, prompt: torch.Tensor, stream: dict[int, list[int]], sink: int = 64,
+                        recent: int = 256, max_new_tokens: int = 24, compensate: bool = False):
+    """Greedy decoding of prompt [N] with the compressed cache (streaming KV heads ``stream``) and the
+    matching streaming edits. -> (new tokens [n], cache bytes at the end, seconds)."""
+    import time
+    cache = HeadClassCache(stream, model.cfg.n_layers, sink, recent, compensate=compensate)
+    gate = streaming_edits(model, stream, sink, recent) if stream and not compensate else []
+    t0 = time.time()
+    with torch.no_grad(), model.edit(gate):
+        out = model.generate(prompt[None], max_new_tokens=max_new_tokens, cache=cache)
+    if torch.cuda.is_available() and prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    return out[0, prompt.numel():].cpu(), cache.nbytes(), time.time() - t0

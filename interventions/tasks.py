@@ -8,6 +8,10 @@ Shipped tasks (sources in ``interventions/data/SOURCES.md``):
 - ``sentiment``: is a word positive or negative? 2,999 English words of the VADER sentiment lexicon
   (Hutto & Gilbert 2014) whose mean human rating is at least 1.5 away from neutral (and whose
   ratings agree: sd <= 1); label = sign of the mean rating.
+- ``sentiment-chat``: the same words as a zero-shot classification request in the model's chat
+  template ('Is the word "w" positive or negative? Answer with one word.'), ACT's classification
+  setting (Yu et al. 2024 §4). Few-shot "Word: w\nSentiment:" prompts were tried first: SmolLM2
+  answered " positive" for every word (accuracy 0.50 on 64 words), a floor no edit can be read on.
 - ``harm``: is a request harmful or harmless? The 50 + 50 requests shipped in ``heads/data``.
 
 ``token_task`` builds a task from token ids only (for tokenizer-less test models).
@@ -23,7 +27,7 @@ import torch
 from .act import Example
 
 DATA = Path(__file__).parent / "data"
-TASKS = ("sentiment", "harm")
+TASKS = ("sentiment", "sentiment-chat", "harm")
 
 
 @dataclass
@@ -94,6 +98,18 @@ def sentiment_task(model) -> Task:
     return Task("sentiment", exs, "word sentiment (VADER lexicon): positive / negative")
 
 
+def sentiment_chat_task(model) -> Task:
+    if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
+        raise ValueError(f"task 'sentiment-chat' needs a tokenizer with a chat template; {model.cfg.name} has none "
+                         "(use 'sentiment')")
+    choices = _choice_ids(model, [" positive", " negative"])
+    exs = []
+    for w, mean in sentiment_words():
+        ids = model.to_tokens(f'Is the word "{w}" positive or negative? Answer with one word.', chat=True)[0]
+        exs.append(Example(ids.cpu(), choices, 0 if mean > 0 else 1))
+    return Task("sentiment-chat", exs, "word sentiment (VADER lexicon), chat prompt: positive / negative")
+
+
 def harm_task(model) -> Task:
     from ..heads.safety import load_requests
     choices = _choice_ids(model, [" harmful", " harmless"])
@@ -109,6 +125,8 @@ def load_task(name: str, model) -> Task:
     """A shipped task by name (see ``TASKS``), tokenised for ``model``."""
     if name == "sentiment":
         return sentiment_task(model)
+    if name == "sentiment-chat":
+        return sentiment_chat_task(model)
     if name == "harm":
         return harm_task(model)
     raise ValueError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
@@ -166,3 +184,66 @@ def score_examples(model, examples: list[Example], edits=(), batch_size: int = 1
             cand = logits.gather(1, choices.to(logits.device))                           # [B, C]
             correct.append((cand.argmax(-1).cpu() == labels))
     return torch.cat(correct), torch.cat(losses)
+
+
+# ------------------------------------------------------------------------------------------------
+# Context-grounded QA: facts among distractor passages (VAR's text setting: the "target group" is
+# the context the answer must come from).
+
+PET_NAMES = ("Alice", "Bruno", "Carmen", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ingrid", "Jamal",
+             "Keiko", "Lars", "Maya", "Nikolai", "Olga", "Pedro", "Quentin", "Rosa", "Sven", "Tariq",
+             "Ursula", "Victor", "Wanda", "Xavier", "Yusuf", "Zara", "Amir", "Bianca", "Cyrus", "Delia",
+             "Emil", "Fiona", "Gustav", "Helga", "Ivan", "Julia", "Kofi", "Lucia", "Marco", "Nadia")
+PETS = ("cat", "dog", "horse", "rabbit", "parrot", "snake", "turtle", "goat", "pig", "duck", "mouse", "frog",
+        "lizard", "owl", "fox", "sheep", "cow", "hamster", "spider", "crab", "bear", "wolf", "monkey", "eagle",
+        "goose", "deer", "camel", "lion", "tiger", "whale")
+
+
+@dataclass
+class ContextExample(Example):
+    """A multiple-choice example whose answer is stated in a context: ``target`` = the context's
+    half-open token span (VAR's token group)."""
+    target: tuple = (0, 0)
+
+
+def prose_passages(min_chars: int = 300, max_chars: int = 1500) -> list[str]:
+    """Paragraphs of the shipped natural text (``heads/data/natural_text.txt``: Austen's *Pride and
+    Prejudice* and Melville's *Moby-Dick*, public domain), joined into single lines."""
+    text = (Path(__file__).parent.parent / "heads" / "data" / "natural_text.txt").read_text(encoding="utf-8")
+    paras = [" ".join(p.split()) for p in text.split("\n\n")]
+    return [p for p in paras if min_chars <= len(p) <= max_chars]
+
+
+def context_qa_task(model, n: int = 400, n_facts: int = 6, n_passages: int = 4, seed: int = 0) -> Task:
+    """``n`` questions "What pet does NAME keep?" whose answer is one of ``n_facts`` statements
+    "Note: NAME keeps a pet ANIMAL." scattered among ``n_passages`` real prose paragraphs
+    (``prose_passages``); the answer is the next token after "Answer: NAME keeps a pet", chosen
+    among the ``n_facts`` animals of the context (chance 1 / n_facts). Names, animals, passages,
+    fact order and the asked fact are drawn with ``seed``. Examples are ``ContextExample`` whose
+    ``target`` is the context span (the passages and notes)."""
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError(f"{model.cfg.name} has no tokenizer: the context QA task is text")
+    pets = [a for a in PETS if len(tok(" " + a, add_special_tokens=False)["input_ids"]) == 1]
+    ids = {a: tok(" " + a, add_special_tokens=False)["input_ids"][0] for a in pets}
+    if len(pets) < n_facts or len(set(ids.values())) != len(pets):
+        raise ValueError(f"only {len(pets)} of the pet words are single distinct tokens under this tokenizer; "
+                         f"ask for n_facts <= {len(pets)}")
+    paras = prose_passages()
+    rng = random.Random(f"context-qa-{seed}")
+    prefix = model.to_tokens("Read the text and the notes in it, then answer the question.\n\n")[0].cpu()
+    exs = []
+    for _ in range(n):
+        names = rng.sample(PET_NAMES, n_facts)
+        animals = rng.sample(pets, n_facts)
+        blocks = rng.sample(paras, n_passages)
+        for name, animal in zip(names, animals):
+            blocks.insert(rng.randint(0, len(blocks)), f"Note: {name} keeps a pet {animal}.")
+        ask = rng.randrange(n_facts)
+        ctx = tok("\n\n".join(blocks), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        q = tok(f"\n\nQuestion: What pet does {names[ask]} keep?\nAnswer: {names[ask]} keeps a pet",
+                add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        toks = torch.cat([prefix, ctx, q])
+        exs.append(ContextExample(toks, [ids[a] for a in animals], ask,
+                                  target=(len(prefix), len(prefix) + len(ctx))))
+    return Task("context-qa", exs, f"pet facts among {n_passages} prose passages, {n_facts} choices")

@@ -18,6 +18,8 @@ Positions are token positions of one unpadded sequence.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..probe import ScaleKeys
@@ -46,6 +48,13 @@ def massive_dims(model, tokens: torch.Tensor, tau: float = 20.0, first_layer: in
     for l in range(first_layer, model.cfg.n_layers):
         dims |= set(torch.nonzero(_normalised(res[l][0]).abs() > tau).flatten().tolist())
     return sorted(dims)
+
+
+def first_token_peak(model, tokens: torch.Tensor, first_layer: int = 2) -> float:
+    """max over layers >= ``first_layer`` and dimensions of the first token's normalised |hidden
+    state| (at most sqrt(d_model)): how massive the model's massive activations are."""
+    res = _resid(model, tokens)
+    return max(float(_normalised(res[l][0]).abs().max()) for l in range(first_layer, model.cfg.n_layers))
 
 
 def sink_tokens(model, tokens: torch.Tensor, dims: list[int], tau: float = 20.0,
@@ -80,3 +89,205 @@ def var_edits(model, sinks: dict[int, list[int]], target: list[Span], p: float =
             out.append(ScaleKeys(l, heads, keys=keys, factor=p, target=list(target), max_ratio=rho,
                                  min_target=min_target))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched VAR on a context-grounded task (``tasks.context_qa_task``: every example names its context
+# span as ``target``). Sink tokens come from the unedited pass (as ``sink_tokens``); the edit runs as
+# a ``hook_pattern`` hook with per-example key masks (``redistribute.redistribute_rows``), equal to
+# ``var_edits``' ScaleKeys on each example alone (tests/test_interventions.py).
+
+@dataclass
+class VarPass:
+    correct: torch.Tensor        # [n] bool, unedited
+    margin: torch.Tensor         # [n] logit of the right choice - best other
+    sinks: list                  # per example {layer: sink positions (real-token positions)}
+    applies: torch.Tensor        # [n, L, H] bool: at the last query, the layer has sink tokens in the
+                                 # target and VAR's row rule (sink share <= rho, target mass >= min_target) holds
+    target_mass: torch.Tensor    # [n, L, H] attention of the last query on the target group
+
+
+def _target_mask(examples, pad: list[int], n_pos: int) -> torch.Tensor:
+    """[B, N] bool: each example's ``target`` span in left-padded batch columns."""
+    m = torch.zeros(len(examples), n_pos, dtype=torch.bool)
+    for b, ex in enumerate(examples):
+        a, e = ex.target
+        m[b, pad[b] + a:pad[b] + e] = True
+    return m
+
+
+def var_pass(model, examples, dims: list[int], tau: float = 20.0, rho: float = 0.5, min_target: float = 0.2,
+             batch_size: int = 8, progress: bool = True, desc: str = "VAR pass") -> VarPass:
+    """One unedited pass: choice accuracy, each example's sink tokens on layers 2..L-2 (normalised
+    input above ``tau`` on the massive dimensions ``dims``), and where VAR's rule would act at the
+    last query (the answer's position)."""
+    from tqdm.auto import tqdm
+
+    from .act import choice_scores
+    from .tasks import batches, pad_id
+    if not dims:
+        raise ValueError("no massive-activation dimensions given: run massive_dims first")
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    layers = list(range(2, L - 1))
+    correct, margin, sinks, applies, tmass = [], [], [], [], []
+    n_b = (len(examples) + batch_size - 1) // batch_size
+    for i0, (toks, mask, choices, labels) in tqdm(zip(range(0, len(examples), batch_size),
+                                                      batches(examples, batch_size, pad_id(model))),
+                                                  total=n_b, desc=desc, disable=not progress):
+        B, N = toks.shape
+        chunk = examples[i0:i0 + B]
+        pad = (N - mask.sum(-1)).tolist()
+        real = mask.bool()
+        tgt = _target_mask(chunk, pad, N)
+        smask: dict[int, torch.Tensor] = {}
+        app = torch.zeros(B, L, H, dtype=torch.bool)
+        tm = torch.zeros(B, L, H)
+
+        def on_resid(t, hook):
+            x = _normalised(t)[:, :, dims].abs().amax(-1)                            # [B, N]
+            smask[hook.layer()] = (x > tau).cpu() & real
+
+        def on_pattern(p, hook):
+            l = hook.layer()
+            last = p[:, :, -1, :].float()                                            # [B, H, K]
+            st = (smask[l] & tgt).to(p.device)
+            m_t = (last * tgt.to(p.device)[:, None]).sum(-1)                          # [B, H]
+            m_s = (last * st[:, None]).sum(-1)
+            rule = (m_s / m_t.clamp_min(1e-30) <= rho) & (m_t >= min_target) & st.any(-1)[:, None]
+            app[:, l] = rule.cpu()
+            tm[:, l] = m_t.cpu()
+
+        hooks = [(f"blocks.{l}.hook_resid_pre", on_resid) for l in layers] + \
+                [(f"blocks.{l}.attn.hook_pattern", on_pattern) for l in layers]
+        with torch.no_grad(), model.hooks(hooks):
+            lg = model(toks, attention_mask=mask, logits_to_keep=1)[:, -1]
+        c, mg = choice_scores(lg, choices, labels)
+        correct.append(c)
+        margin.append(mg)
+        applies.append(app)
+        tmass.append(tm)
+        for b in range(B):
+            sinks.append({l: (smask[l][b].nonzero().flatten() - pad[b]).tolist() for l in layers})
+    return VarPass(torch.cat(correct), torch.cat(margin), sinks, torch.cat(applies), torch.cat(tmass))
+
+
+def var_hooks(examples, sinks: list, heads, pad: list[int], n_pos: int, n_layers: int, n_heads: int,
+              p: float = 0.6, rho: float = 0.5, min_target: float = 0.2):
+    """fwd_hooks applying VAR (``var_edits``' rule) to ``heads`` [(layer, head)] (None: every head of
+    layers 2..L-2) of a left-padded batch of ``examples`` with per-example ``sinks``."""
+    from .redistribute import redistribute_rows
+    if heads is None:
+        heads = [(l, h) for l in range(2, n_layers - 1) for h in range(n_heads)]
+    tgt = _target_mask(examples, pad, n_pos)                                          # [B, N]
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        if 2 <= int(l) < n_layers - 1:
+            by_layer.setdefault(int(l), []).append(int(h))
+    hooks = []
+    for l, hh in sorted(by_layer.items()):
+        src = torch.zeros(len(examples), n_heads, n_pos, dtype=torch.bool)
+        for b, s in enumerate(sinks):
+            pos = [pad[b] + t for t in s.get(l, ())]
+            if pos:
+                cols = torch.zeros(n_pos, dtype=torch.bool)
+                cols[pos] = True
+                src[b, hh] = cols & tgt[b]
+        if src.any():
+            hooks.append((f"blocks.{l}.attn.hook_pattern",
+                          lambda pr, hook, src=src: redistribute_rows(pr, src, tgt[:, None], p, rho, min_target)))
+    return hooks
+
+
+def evaluate_var(model, examples, sinks: list, heads=None, p: float = 0.6, rho: float = 0.5,
+                 min_target: float = 0.2, batch_size: int = 8, via: str = "hooks"):
+    """(correct [n] bool, margin [n]) with VAR on ``heads`` (None: all heads of layers 2..L-2).
+    ``via="edits"``: one forward per example with ``var_edits``' ScaleKeys; ``"hooks"``: batched."""
+    from .act import choice_scores
+    from .tasks import batches, pad_id
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    correct, margin = [], []
+    if via == "edits":
+        by_layer = None
+        if heads is not None:
+            by_layer = {}
+            for l, h in heads:
+                by_layer.setdefault(int(l), []).append(int(h))
+        for ex, s in zip(examples, sinks):
+            eds = []
+            for l, pos in s.items():
+                if by_layer is not None and l not in by_layer:
+                    continue
+                eds += var_edits(model, {l: pos}, [tuple(ex.target)], p, rho, min_target,
+                                 heads=None if by_layer is None else by_layer[l])
+            with torch.no_grad(), model.edit(eds):
+                lg = model(ex.tokens[None], logits_to_keep=1)[:, -1]
+            c, mg = choice_scores(lg, torch.tensor([ex.choices]), torch.tensor([ex.label]))
+            correct.append(c)
+            margin.append(mg)
+        return torch.cat(correct), torch.cat(margin)
+    if via != "hooks":
+        raise ValueError(f"via must be 'hooks' or 'edits', got {via!r}")
+    for i0, (toks, mask, choices, labels) in zip(range(0, len(examples), batch_size),
+                                                  batches(examples, batch_size, pad_id(model))):
+        B, N = toks.shape
+        pad = (N - mask.sum(-1)).tolist()
+        hooks = var_hooks(examples[i0:i0 + B], sinks[i0:i0 + B], heads, pad, N, L, H, p, rho, min_target)
+        with torch.no_grad(), model.hooks(hooks):
+            lg = model(toks, attention_mask=mask, logits_to_keep=1)[:, -1]
+        c, mg = choice_scores(lg, choices, labels)
+        correct.append(c)
+        margin.append(mg)
+    return torch.cat(correct), torch.cat(margin)
+
+
+def compare(model, calibration, test, p: float = 0.6, rho: float = 0.5, min_target: float = 0.2,
+            tau: float | None = 20.0, select_rate: float = 0.5, n_random: int = 10, seed: int = 0,
+            batch_size: int = 8, via: str = "hooks", progress: bool = True):
+    """VAR end to end on context examples (``target`` = the context span): base; VAR as in the paper
+    (every head of layers 2..L-2, the row rule per query); VAR on the target-centric heads (the rule
+    holds at the last query on >= ``select_rate`` of ``calibration``); VAR on ``n_random`` random
+    head sets of that size. ``tau`` None: min(20, 0.8 x the first token's peak, ``first_token_peak``).
+    -> (rows [controls.Row], extra dict). Raises ValueError when the model has no massive dimension."""
+    from . import controls
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    if L < 4:
+        raise ValueError(f"{model.cfg.name} has {L} layers: VAR edits layers 2..L-2, none here")
+    peak = first_token_peak(model, calibration[0].tokens)
+    if tau is None:
+        tau = min(20.0, 0.8 * peak)
+    dims = massive_dims(model, calibration[0].tokens, tau)
+    if not dims:
+        raise ValueError(f"no massive-activation dimension above tau = {tau:.2f} on {model.cfg.name} (the first "
+                         f"token peaks at {peak:.2f}): VAR finds no sink tokens and cannot change anything; "
+                         "lower tau (or tau=None for min(20, 0.8 x peak))")
+    vc = var_pass(model, calibration, dims, tau, rho, min_target, batch_size, progress, "VAR pass (calibration)")
+    rate = vc.applies.float().mean(0)                                                  # [L, H]
+    heads = sorted((l, h) for l in range(2, L - 1) for h in range(H) if rate[l, h] >= select_rate)
+    vt = var_pass(model, test, dims, tau, rho, min_target, batch_size, progress, "VAR pass (held-out)")
+    kw = dict(p=p, rho=rho, min_target=min_target, batch_size=batch_size, via=via)
+    rows = [controls.Row("base", vt.correct)]
+    c_all, m_all = evaluate_var(model, test, vt.sinks, None, **kw)
+    rows.append(controls.Row(f"VAR, all heads of layers 2..{L - 2} (paper)", c_all, n_heads=(L - 3) * H))
+    extra = {"massive_dims": dims, "first_token_peak": peak, "tau": tau, "p": p, "rho": rho,
+             "min_target": min_target, "select_rate": select_rate, "selected_heads": heads, "n_selected": len(heads),
+             "rule_rate_calibration": rate.tolist(),
+             "mean_sinks_in_context_per_layer": [
+                 sum(sum(1 for t in s.get(l, ()) if ex.target[0] <= t < ex.target[1]) for s, ex in zip(vt.sinks, test))
+                 / len(test) for l in range(L)],
+             "share_rows_rule_holds_last_query": float(vt.applies[:, 2:L - 1].float().mean()),
+             "margin_base": float(vt.margin.mean()), "margin_var_all": float(m_all.mean())}
+    if heads:
+        c_sel, m_sel = evaluate_var(model, test, vt.sinks, heads, **kw)
+        rows.append(controls.Row(f"VAR, target-centric heads ({len(heads)})", c_sel, n_heads=len(heads), heads=heads))
+        extra["margin_var_selected"] = float(m_sel.mean())
+        if n_random:
+            sets = controls.random_head_sets(L, H, len(heads), n_random, seed, layers=range(2, L - 1))
+            rc, rm = [], []
+            for s in sets:
+                c, m = evaluate_var(model, test, vt.sinks, s, **kw)
+                rc.append(c)
+                rm.append(m)
+            rows.append(controls.Row(f"VAR, random {len(heads)} heads", torch.stack(rc), n_heads=len(heads), heads=sets))
+            extra["margin_var_random"] = float(torch.stack(rm).mean())
+    extra["sinks_example0"] = vt.sinks[0]
+    return rows, extra

@@ -41,7 +41,7 @@ def test_intervene_and_circuit_are_wired_with_one_line_errors(capsys, tmp_path):
     out = str(tmp_path / "new")
     for argv, frag in ((["intervene", "lofit", "--task", "nope", "--out", out], "is not a shipped task"),
                        (["intervene", "lofit", "--k", "x", "--out", out], "invalid int value"),
-                       (["intervene", "act", "--out", out], "not available from this command yet"),
+                       (["intervene", "act", "--task", "context-qa", "--out", out], "act runs on"),
                        (["intervene", "lofit", "--out", str(notes)], "holds no results.json"),
                        (["circuit", "no-such-task", "--out", out], "unknown task"),
                        (["circuit", "ioi", "--out", str(notes)], "holds no circuit.json"),

@@ -1,5 +1,5 @@
-"""`headscope intervene`: arguments checked before a model loads; a small LoFiT run on SmolLM2
-writes a folder whose edits re-apply with load_edits."""
+"""`headscope intervene`: arguments checked before a model loads; small ACT and KV runs on
+tiny-llama and a LoFiT run on SmolLM2 write folders whose edits re-apply with load_edits."""
 import argparse
 import json
 
@@ -20,7 +20,12 @@ def _args(argv):
     (["lofit", "--task", "nope", "--out", "X"], "not a shipped task"),
     (["lofit", "--task", "harm", "--other-task", "harm", "--out", "X"], "must differ"),
     (["lofit", "--k", "0", "--out", "X"], "--k must be >= 1"),
-    (["kv", "--out", "X"], "not available from this command yet"),
+    (["kv", "--frac", "0", "--out", "X"], "--frac"),
+    (["kv", "--task", "sentiment", "--out", "X"], "kv runs on"),
+    (["act", "--task", "context-qa", "--out", "X"], "act runs on"),
+    (["var", "--task", "sentiment", "--out", "X"], "var runs on"),
+    (["act", "--n-calibration", "1", "--out", "X"], "--n-calibration must be >= 2"),
+    (["var", "--tau", "big", "--out", "X"], "a number or 'auto'"),
     (["influence", "--heads", "L1H2,banana", "--out", "X"], "neither"),
     (["lofit", "--n-random", "-1", "--out", "X"], "--n-random"),
 ])
@@ -61,3 +66,76 @@ def test_lofit_cli_round_trip_on_smollm2(smollm2, tmp_path, monkeypatch):
     ok, _ = tasks.score_examples(smollm2, test, edits)
     assert ok.float().mean().item() == pytest.approx(res["rows"][1]["accuracy"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lofit"]          # no temp folder left
+
+
+def test_act_cli_on_tiny(tmp_path):
+    """ACT on the synthetic copy task: a table with the base, ACT, random (3 sets) and all-heads rows
+    with CIs; the edit file re-applies ACT as built for held-out example 0."""
+    from headscope.interventions import act, load_edits
+    out = tmp_path / "act"
+    assert intervene_cli.run(_args(["act", "--model", "tiny-llama", "--task", "copy", "--n-calibration", "16",
+                                    "--n-test", "12", "--n-random", "3", "--out", str(out)])) == 0
+    res = json.loads((out / "results.json").read_text())
+    names = [r["condition"] for r in res["rows"]]
+    assert names[0] == "base" and len(res["rows"]) in (1, 4)
+    assert all(r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in res["rows"])
+    assert res["n_calibration"] == 16 and res["n_heldout"] == 12
+    if res["kept_heads"]:
+        assert res["rows"][2]["sets"] == 3 and res["rows"][2]["n_heads"] == len(res["kept_heads"])
+    eds, meta = load_edits(out, with_meta=True)
+    assert meta["method"] == "act"
+    assert all(isinstance(e, hs_edits().ScaleKeys) for e in eds)
+    assert {(e.layer, e.head) for e in eds} <= {tuple(h) for h in res["kept_heads"]}
+    assert not list(tmp_path.glob(".act.*"))                           # no temporary folder left
+
+
+def hs_edits():
+    from headscope.probe import edits
+    return edits
+
+
+def test_kv_cli_on_tiny(tmp_path):
+    """KV on synthetic key-value recall: streaming rows hold a smaller cache than the full one; the
+    saved StreamingGate edits (the mask-only version) give the same tokens as the compressed cache."""
+    import headscope as hs
+    from headscope.interventions import kv_compress, load_edits
+    out = tmp_path / "kv"
+    assert intervene_cli.run(_args(["kv", "--model", "tiny-llama", "--task", "tokens", "--heads", "L1H0",
+                                    "--sink", "4", "--recent", "8", "--n-test", "4", "--n-random", "2",
+                                    "--max-new-tokens", "3", "--out", str(out)])) == 0
+    res = json.loads((out / "results.json").read_text())
+    full, cls, rnd = res["rows"]
+    assert cls["cache_mb"] < full["cache_mb"] and rnd["sets"] == 2
+    assert [1, 0] in res["kept_kv_groups"]                              # L1H0's KV group stays full
+    assert all(g != 0 for g in res["stream"].get("1", []))
+    m = hs.load("tiny-llama")
+    stream = {int(k): v for k, v in res["stream"].items()}
+    prompt = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(5))
+    with m.edit(load_edits(out)):
+        masked = m.generate(prompt[None], max_new_tokens=5)[0, 40:]
+    new, _, _ = kv_compress.generate_compressed(m, prompt, stream, 4, 8, 5)
+    assert torch.equal(new, masked)
+
+
+def test_var_cli_needs_a_tokenizer(tmp_path):
+    with pytest.raises(SystemExit, match="no tokenizer"):
+        intervene_cli.run(_args(["var", "--model", "tiny-llama", "--out", str(tmp_path / "v")]))
+
+
+@pytest.mark.slow
+def test_var_cli_on_smollm2(smollm2, tmp_path, monkeypatch):
+    """VAR on a few short context questions: base, VAR (all heads) and, when target-centric heads
+    exist, the random control; the edit file is VAR for held-out example 0 (ScaleKeys towards its
+    context span)."""
+    import headscope
+    from headscope.interventions import load_edits
+    monkeypatch.setattr(headscope, "load", lambda *a, **k: smollm2)
+    out = tmp_path / "var"
+    assert intervene_cli.run(_args(["var", "--n-calibration", "3", "--n-test", "3", "--passages", "1",
+                                    "--n-random", "1", "--batch-size", "4", "--out", str(out)])) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["condition"] for r in res["rows"]][:2] == ["base", "VAR, all heads of layers 2..28 (paper)"]
+    assert res["massive_dims"] and res["tau"] == 20.0
+    eds = load_edits(out)
+    assert eds and all(type(e).__name__ == "ScaleKeys" and e.factor == 0.6 and e.max_ratio == 0.5 for e in eds)
+    assert all(2 <= e.layer <= 28 for e in eds)

@@ -37,3 +37,47 @@ def test_stream_from_scores_picks_lowest():
     sc = HeadScores(scores=torch.tensor([[0.9, 0.1], [0.5, 0.2], [0.8, 0.7]]), method="duo",
                     model={"n_kv_heads": 2})
     assert kv_compress.stream_from_scores(sc, 0.5) == {0: [1], 1: [1, 0]}
+
+
+def test_compensation_token_bytes_and_formula():
+    """RazorAttention §3.3 on a hand-built layer (2 KV heads, head 1 streaming, sink 2, recent 3):
+    after a 10-token prefill the dropped positions 2..6 of head 1 read as (mean k, mean v); the
+    softmax over that view equals the count-weighted formula; the layer holds full head 0 plus
+    sink + recent + one compensation token for head 1."""
+    g = torch.Generator().manual_seed(0)
+    d = 4
+    k, v = torch.randn(1, 2, 10, d, generator=g), torch.randn(1, 2, 10, d, generator=g)
+    layer = kv_compress.HeadClassLayer([1], sink=2, recent=3, compensate=True)
+    keys, values = layer.update(k, v)
+    torch.testing.assert_close(keys, k)                              # prefill attends to the full cache
+    k1, v1 = torch.randn(1, 2, 1, d, generator=g), torch.randn(1, 2, 1, d, generator=g)
+    keys, values = layer.update(k1, v1)                              # first decode step, position 10
+    kc, vc = k[0, 1, 2:7].mean(0), v[0, 1, 2:7].mean(0)
+    torch.testing.assert_close(keys[0, 1, 2:7], kc.expand(5, d))
+    torch.testing.assert_close(values[0, 1, 2:7], vc.expand(5, d))
+    torch.testing.assert_close(keys[0, 0], torch.cat([k[0, 0], k1[0, 0]]))   # the full head is untouched
+    q = torch.randn(d, generator=g)
+    view = torch.softmax(keys[0, 1] @ q, 0) @ values[0, 1]           # what the attention function computes
+    kept = torch.cat([k[0, 1, [0, 1, 7, 8, 9]], k1[0, 1]])
+    kept_v = torch.cat([v[0, 1, [0, 1, 7, 8, 9]], v1[0, 1]])
+    w = torch.exp(kept @ q)
+    wc = 5 * torch.exp(kc @ q)
+    formula = ((w[:, None] * kept_v).sum(0) + wc * vc) / (w.sum() + wc)
+    torch.testing.assert_close(view, formula)
+    assert layer.n_dropped == 6 and layer.n == 11                    # position 7 left the window too
+    per_token = 2 * d * 4                                            # k + v, fp32
+    assert layer.nbytes() == (11 + 2 + 3 + 1) * per_token
+    torch.testing.assert_close(layer.kc[0, 0, 0] / 6, k[0, 1, 2:8].mean(0))
+
+
+def test_compensation_is_exact_when_nothing_is_dropped():
+    """With sink + recent covering every position, the compensated cache gives the full model's tokens;
+    with a small window it runs and holds fewer bytes."""
+    m = hs.load("tiny-llama")
+    toks = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(1))
+    stream = {0: [1], 2: [0]}
+    full = m.generate(toks[None], max_new_tokens=6)[0, 12:]
+    new, nb, _ = kv_compress.generate_compressed(m, toks, stream, sink=4, recent=32, max_new_tokens=6, compensate=True)
+    assert torch.equal(new, full)
+    new2, nb2, _ = kv_compress.generate_compressed(m, toks, stream, sink=2, recent=3, max_new_tokens=6, compensate=True)
+    assert new2.shape == (6,) and nb2 < nb

@@ -1,0 +1,135 @@
+"""Batched ACT and VAR (interventions/act.py, var.py, redistribute.py): the batched paths give what
+the probe's ScaleKeys edits give one example at a time, on tiny-llama; the redistribution equals its
+formula on a hand-built row; the shipped tasks have disjoint splits."""
+import pytest
+import torch
+
+import headscope as hs
+from headscope.interventions import act, tasks, var
+from headscope.interventions.redistribute import redistribute_rows
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return hs.load("tiny-llama")
+
+
+def _examples(n=10):
+    """Token-only examples of several lengths (left padding differs inside a batch)."""
+    t = tasks.token_task(n, length=12, seed=3)
+    return [act.Example(e.tokens[: 7 + i % 5], e.choices, e.label) for i, e in enumerate(t.examples)]
+
+
+def test_redistribute_rows_hand_built():
+    """One row [0.5, 0.2, 0.2, 0.1], sinks {0}, factor 0.4: the sink keeps 0.2, the freed 0.3 goes to
+    the others in proportion (x 1 + 0.3 / 0.5); a second example with sinks {3} differs; VAR's row
+    rule leaves a row alone when the sink share of the target is above max_ratio."""
+    p = torch.tensor([0.5, 0.2, 0.2, 0.1]).view(1, 1, 1, 4).repeat(2, 1, 1, 1)
+    src = torch.tensor([[[True, False, False, False]], [[False, False, False, True]]])
+    out = redistribute_rows(p, src, None, 0.4)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.2, 0.32, 0.32, 0.16]))
+    g = 1 + 0.06 / 0.9                           # sink 0.1 keeps 0.04; 0.06 freed over the other 0.9
+    torch.testing.assert_close(out[1, 0, 0], torch.tensor([0.5 * g, 0.2 * g, 0.2 * g, 0.04]))
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 1, 1))
+    tgt = torch.tensor([[[True, True, False, False]]]).repeat(2, 1, 1)        # group = keys 0, 1
+    kept = redistribute_rows(p, src, tgt, 0.6, max_ratio=0.5, min_target=0.2)
+    torch.testing.assert_close(kept[0], p[0])        # sink share 0.5 / 0.7 > 0.5: unchanged
+    moved = redistribute_rows(p, src, tgt, 0.6, max_ratio=0.8, min_target=0.2)
+    torch.testing.assert_close(moved[0, 0, 0], torch.tensor([0.3, 0.4, 0.2, 0.1]))
+
+
+def test_act_sweep_and_hooks_equal_scalekeys(tiny):
+    """task_pass: the sinks equal act.hidden_sinks per example; the one-head sweep's margins equal
+    the ScaleKeys edit run alone on each example; the batched hook path equals it for a head set."""
+    exs = _examples()
+    L, H = tiny.cfg.n_layers, tiny.cfg.n_heads
+    layers = list(range(1, L - 1))
+    p = act.task_pass(tiny, exs, layers, batch_size=4, progress=False)
+    assert p.sweep.shape == (L, H, len(exs))
+    for ex, s in zip(exs, p.sinks):
+        lib = {k: v for k, v in act.hidden_sinks(tiny, ex.tokens).items() if k[0] in layers}
+        assert lib == s
+    moved = 0.0
+    for l in layers:
+        for h in range(H):
+            _, m = act.evaluate_heads(tiny, exs, p.sinks, [(l, h)], via="edits")
+            torch.testing.assert_close(p.sweep_margin[l, h], m, atol=2e-5, rtol=1e-4)
+            moved = max(moved, float((m - p.margin).abs().max()))
+    assert moved > 1e-3, "calibration should change some margin, or the comparison proves nothing"
+    heads = [(l, h) for l in layers for h in range(0, H, 2)]
+    c1, m1 = act.evaluate_heads(tiny, exs, p.sinks, heads, via="edits")
+    c2, m2 = act.evaluate_heads(tiny, exs, p.sinks, heads, batch_size=3)
+    torch.testing.assert_close(m2, m1, atol=2e-5, rtol=1e-4)
+    assert torch.equal(c1, c2)
+
+
+def test_select_from_sweep_keeps_gains(tiny):
+    exs = _examples()
+    L = tiny.cfg.n_layers
+    p = act.task_pass(tiny, exs, range(1, L - 1), batch_size=5, progress=False)
+    heads, gain = act.select_from_sweep(p, range(1, L - 1))
+    assert all(gain[l, h] > 0 for l, h in heads)
+    assert len(heads) == int((gain > 0).sum())
+    top, _ = act.select_from_sweep(p, range(1, L - 1), top_k=1)
+    assert len(top) == min(1, len(heads))
+
+
+@pytest.fixture(scope="module")
+def deep():
+    """A seeded random 5-layer Llama (tiny-llama has 3 layers; VAR edits layers 2..L-2), queries and
+    keys scaled x8 so attention is peaked."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, prm in hf.named_parameters():
+            if "q_proj" in n or "k_proj" in n:
+                prm.mul_(8.0)
+    return hs.load(hf)
+
+
+def test_var_hooks_equal_scalekeys(deep):
+    """evaluate_var's batched hooks equal var_edits' ScaleKeys run one example at a time, for given
+    sink tokens and each example's own target span (all heads, and a head subset); VAR moves the
+    margins, so the comparison is not between two unedited runs."""
+    exs = [tasks.ContextExample(e.tokens, e.choices, e.label, target=(1, len(e.tokens) - 1))
+           for e in _examples(6)]
+    L = deep.cfg.n_layers
+    sinks = [{l: [1, 2 + (i % 3)] for l in range(2, L)} for i in range(len(exs))]
+    base = act.task_pass(deep, exs, [1], sweep=False, progress=False).margin
+    for heads in (None, [(2, 0), (3, 1), (3, 3)]):
+        _, m1 = var.evaluate_var(deep, exs, sinks, heads, rho=1.0, min_target=0.0, via="edits")
+        _, m2 = var.evaluate_var(deep, exs, sinks, heads, rho=1.0, min_target=0.0, batch_size=4)
+        torch.testing.assert_close(m2, m1, atol=2e-5, rtol=1e-4)
+        assert float((m1 - base).abs().max()) > 1e-3
+    _, m1 = var.evaluate_var(deep, exs, sinks, None, via="edits")         # the paper's row rule
+    _, m2 = var.evaluate_var(deep, exs, sinks, None, batch_size=3)
+    torch.testing.assert_close(m2, m1, atol=2e-5, rtol=1e-4)
+
+
+def test_splits_are_disjoint():
+    t = tasks.token_task(60, seed=1)
+    sp = t.splits(0, n_train=10, n_calibration=20, n_test=30)
+    ids = {k: {id(e) for e in v} for k, v in sp.items()}
+    assert not (ids["train"] & ids["calibration"]) and not (ids["calibration"] & ids["test"])
+    assert sp == t.splits(0, n_train=10, n_calibration=20, n_test=30)
+    with pytest.raises(ValueError, match="do not fit"):
+        t.splits(0, n_train=10, n_calibration=20, n_test=31)
+
+
+@pytest.mark.slow
+def test_context_qa_and_sentiment_chat_tasks(smollm2):
+    """Context QA: the target span covers the notes, the right animal's token is among the choices and
+    stated in the context; sentiment-chat: 2,999 examples, labels from the lexicon's sign."""
+    t = tasks.context_qa_task(smollm2, 6, n_facts=4, n_passages=1, seed=0)
+    for ex in t.examples:
+        a, b = ex.target
+        ctx = smollm2.tokenizer.decode(ex.tokens[a:b])
+        assert ctx.count("Note: ") == 4 and len(set(ex.choices)) == 4
+        assert int(ex.choices[ex.label]) in ex.tokens[a:b].tolist()
+        assert "Question" not in ctx
+    s = tasks.load_task("sentiment-chat", smollm2)
+    assert len(s.examples) == 2999
+    assert sum(e.label == 0 for e in s.examples) == 1363
