@@ -31,6 +31,9 @@ from .redistribute import redistribute_rows
 
 @dataclass
 class Example:
+    """One multiple-choice example (ACT's classification setting, Yu et al. 2024 ICML, §4).
+    Fields: tokens [N] prompt token ids (unpadded); choices the candidate answers' first token ids;
+    label the index of the right one in ``choices``."""
     tokens: torch.Tensor          # [N] prompt token ids
     choices: list[int]            # candidate answer token ids
     label: int                    # index of the right one in ``choices``
@@ -71,6 +74,9 @@ def act_edits(sinks: dict[tuple[int, int], list[int]], heads, beta: float = 0.4)
 
 @dataclass
 class Prepared:
+    """What ``prepare`` records from one unedited pass over ``ex``, reused by every head tried in
+    ``select_heads``. Fields: ex the example; sinks {(layer, head): hidden-sink positions}
+    (``hidden_sinks``); resid {layer: resid_pre [1, N, d_model]}; base the choice logits [n_choices] (float32)."""
     ex: Example
     sinks: dict
     resid: dict                   # layer -> resid_pre [1, N, d] of the unedited run
@@ -105,6 +111,10 @@ def accuracy(model, examples: list[Example], heads=(), beta: float = 0.4, thresh
 
 @dataclass
 class ACTResult:
+    """ACT head selection (Yu et al. 2024 ICML, §3.3; ``select_heads``). Fields: heads the kept (layer, head)
+    pairs; gain [layer, head] calibrated accuracy minus base_accuracy (fractions; 0 also where not
+    tried: layers outside ``layers``, or no hidden sink on any example); base_accuracy uncalibrated accuracy on the
+    calibration set; beta, threshold the settings used; seconds wall time; params layers, n_calibration, min_gain."""
     heads: list[tuple[int, int]]            # the kept heads
     gain: torch.Tensor                      # [layer, head] calibration accuracy - baseline (0: not tried)
     base_accuracy: float

@@ -62,6 +62,9 @@ class Row:
     heads: list = field(default_factory=list)
 
     def summary(self, base: "Row | None" = None, n_boot: int = 2000, seed: int = 0) -> dict:
+        """A JSON-ready dict: condition, accuracy (fraction) and its 95% bootstrap CI ``ci95`` [lo, hi],
+        n_heads, trained_params, sets, n_examples; mean ``loss`` when given; against ``base`` (paired per
+        example) ``delta_vs_base`` and ``delta_ci95``; the ``heads`` as lists of ints when set."""
         acc, lo, hi = bootstrap_ci(self.correct.float(), n_boot, seed)
         out = {"condition": self.name, "accuracy": acc, "ci95": [lo, hi], "n_heads": self.n_heads,
                "trained_params": self.n_params,

@@ -25,6 +25,8 @@ _CODE_MODULES = ("textwrap", "heapq", "bisect", "fractions", "statistics", "shle
 
 @dataclass(frozen=True)
 class Text:
+    """One corpus text. Fields: kind "prose", "code", "reasoning" or "lists"; source where the text
+    comes from (file, module or generator); text the text itself."""
     kind: str
     source: str
     text: str

@@ -86,6 +86,10 @@ def tokenize(model, texts, max_tokens: int = 256) -> list[torch.Tensor]:
 
 @dataclass
 class InfluenceResult:
+    """AttentionInfluence scores (Hua et al. 2025, §2) of n texts. Fields: scores [n] relative loss
+    increase (L_masked - L_ref) / L_ref (unitless); loss_ref, loss_masked [n] mean next-token
+    cross-entropy per text (nats); heads the masked (layer, head) pairs; how "uniform" or "zero";
+    seconds wall time; params max_tokens, batch_size."""
     scores: torch.Tensor              # [n] (L_masked - L_ref) / L_ref
     loss_ref: torch.Tensor            # [n]
     loss_masked: torch.Tensor         # [n]

@@ -49,6 +49,8 @@ class HeadClassLayer(DynamicLayer):
         self.n_dropped = 0                               # tokens folded into the compensation sums
 
     def lazy_initialization(self, key_states, value_states):
+        """Allocate empty full / sink / recent stores (and the compensation sums) from the first
+        key_states [B, G, q, d]. Raises IndexError if a streaming KV head is not below G."""
         super().lazy_initialization(key_states, value_states)
         G = key_states.shape[1]
         if any(not 0 <= g < G for g in self.stream):
@@ -110,12 +112,17 @@ class HeadClassLayer(DynamicLayer):
         return keys, values
 
     def get_seq_length(self) -> int:
+        """Tokens seen so far (the logical length, not what a streaming head keeps)."""
         return self.n
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) for the attention mask: (tokens seen + ``query_length``, 0); the
+        view ``update`` hands out always spans every position."""
         return self.n + query_length, 0
 
     def nbytes(self) -> int:
+        """Bytes held between steps (full heads' K/V, streaming heads' sink + recent K/V, and the
+        compensation sums when ``compensate``); 0 before the first update."""
         if not self.is_initialized:
             return 0
         parts = [self.kf, self.vf, self.ks, self.vs, self.kr, self.vr] + ([self.kc, self.vc] if self.compensate else [])

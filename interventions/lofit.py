@@ -35,6 +35,9 @@ PAPER = "Yin et al. 2024, LoFiT: Localized Fine-tuning on LLM Representations (N
 
 @dataclass
 class LoFiTConfig:
+    """LoFiT settings (Yin et al. 2024, §3; the paper's Llama-2-7B values in the module docstring).
+    Fields: k heads kept for step 2; lam L1 weight on A in step 1; lr_scale, lr_offset the AdamW learning
+    rates of steps 1 and 2; epochs, batch_size per step; init_std std of A and v at init; seed."""
     k: int = 8                   # heads kept for step 2
     lam: float = 5e-4            # L1 weight on A in step 1
     lr_scale: float = 5e-3       # step 1 learning rate
@@ -141,6 +144,10 @@ def train_offsets(model, train: list[Example], heads, cfg: LoFiTConfig = LoFiTCo
 
 @dataclass
 class LoFiTResult:
+    """A trained LoFiT edit (Yin et al. 2024, §3; ``lofit``). Fields: heads the K selected (layer, head),
+    best first; v [K, d_head] learned offsets; norms ||A_i||_2 of step 1 as HeadScores [layer, head];
+    losses_scale, losses_offset the task loss (nats) of every training step of steps 1 and 2;
+    config the LoFiTConfig; seconds wall time; params extra settings (``lofit`` leaves it empty)."""
     heads: list[tuple[int, int]]          # the K selected heads, best first
     v: torch.Tensor                        # [K, d_head] learned offsets
     norms: HeadScores                      # ||A_i|| of step 1
@@ -156,6 +163,7 @@ class LoFiTResult:
         return int(self.v.numel())
 
     def edits(self) -> list[HeadAffine]:
+        """The learned edit: HeadAffine offsets v on ``heads``, one per layer (``offset_edits``)."""
         return offset_edits(self.heads, self.v)
 
 
@@ -221,6 +229,9 @@ def fold(model, edits) -> nn.Module:
 
 @dataclass
 class LoFiTComparison:
+    """LoFiT against its controls (Yin et al. 2024, §5.2; ``compare``). Fields: result the task-selected
+    LoFiTResult; rows controls.Row per condition (base, top-K, random-K, other-task top-K when given);
+    other_heads the other task's top-K or None; random_sets the random head sets; seconds wall time."""
     result: LoFiTResult                    # the task-selected edit
     rows: list                             # controls.Row: base, top-K, random-K, other-task
     other_heads: list[tuple[int, int]] | None

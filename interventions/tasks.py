@@ -32,6 +32,8 @@ TASKS = ("sentiment", "sentiment-chat", "harm")
 
 @dataclass
 class Task:
+    """A labelled multiple-choice task. Fields: name; examples the ``act.Example`` list;
+    description one line on what is asked and the answer candidates."""
     name: str
     examples: list[Example]
     description: str = ""
@@ -89,6 +91,9 @@ def sentiment_words() -> list[tuple[str, float]]:
 
 
 def sentiment_task(model) -> Task:
+    """Task "sentiment": 'Is the word "w" positive or negative?\nAnswer:' on the VADER words; choices
+    " positive" / " negative", label 0 for a positive mean rating. Raises ValueError without a tokenizer
+    or when the two answers share a first token."""
     choices = _choice_ids(model, [" positive", " negative"])
     exs = []
     for w, mean in sentiment_words():
@@ -99,6 +104,9 @@ def sentiment_task(model) -> Task:
 
 
 def sentiment_chat_task(model) -> Task:
+    """Task "sentiment-chat": the same words as a zero-shot request in the chat template (ACT's
+    classification setting, Yu et al. 2024 ICML, §4); label 0 = " positive". Raises ValueError if the
+    tokenizer is missing or has no chat template (use ``sentiment_task``)."""
     if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
         raise ValueError(f"task 'sentiment-chat' needs a tokenizer with a chat template; {model.cfg.name} has none "
                          "(use 'sentiment')")
@@ -111,6 +119,9 @@ def sentiment_chat_task(model) -> Task:
 
 
 def harm_task(model) -> Task:
+    """Task "harm": the 50 harmful + 50 harmless requests of ``heads/data``, plain prompt; choices
+    " harmful" / " harmless", label 0 = harmful. Raises ValueError without a tokenizer or when the
+    answers share a first token. (``act.harm_task`` is a different chat-template Yes / No prompt.)"""
     from ..heads.safety import load_requests
     choices = _choice_ids(model, [" harmful", " harmless"])
     exs = []
@@ -160,6 +171,8 @@ def batches(examples: list[Example], batch_size: int, pad_id: int = 0):
 
 
 def pad_id(model) -> int:
+    """Token id used to left-pad batches: the tokenizer's pad token, else its EOS, else 0 (also 0
+    without a tokenizer). Padded positions are masked out of attention, so the id does not change results."""
     tok = model.tokenizer
     if tok is None:
         return 0

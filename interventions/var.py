@@ -99,6 +99,10 @@ def var_edits(model, sinks: dict[int, list[int]], target: list[Span], p: float =
 
 @dataclass
 class VarPass:
+    """One unedited pass of VAR (Kang et al. 2025, §3.1 / §4.1) over n examples (``var_pass``). Fields:
+    correct [n] bool; margin [n] logit of the right choice minus the best other; sinks per example
+    {layer: sink positions in the unpadded sequence}; applies [n, L, H] bool where VAR's row rule holds at
+    the last query; target_mass [n, L, H] that query's attention on the target (0 outside layers 2..L-2)."""
     correct: torch.Tensor        # [n] bool, unedited
     margin: torch.Tensor         # [n] logit of the right choice - best other
     sinks: list                  # per example {layer: sink positions (real-token positions)}
