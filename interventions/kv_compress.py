@@ -120,6 +120,28 @@ class HeadClassLayer(DynamicLayer):
         view ``update`` hands out always spans every position."""
         return self.n + query_length, 0
 
+    def _refuse(self, what: str):
+        raise NotImplementedError(
+            f"HeadClassCache does not support {what} (beam search, assisted decoding, cache cropping): its "
+            "streaming heads keep sink + recent tokens apart from the full heads. Generate with greedy or "
+            "sampling decoding (num_beams=1, no assistant model)")
+
+    def crop(self, max_length: int):
+        """Refused: see ``_refuse`` (the inherited version would crop the full heads only)."""
+        self._refuse("crop")
+
+    def batch_repeat_interleave(self, repeats: int):
+        """Refused: see ``_refuse``."""
+        self._refuse("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        """Refused: see ``_refuse``."""
+        self._refuse("batch_select_indices")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Refused: see ``_refuse``."""
+        self._refuse("reorder_cache")
+
     def nbytes(self) -> int:
         """Bytes held between steps (full heads' K/V, streaming heads' sink + recent K/V, and the
         compensation sums when ``compensate``); 0 before the first update."""

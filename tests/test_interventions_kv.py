@@ -81,3 +81,18 @@ def test_compensation_is_exact_when_nothing_is_dropped():
     assert torch.equal(new, full)
     new2, nb2, _ = kv_compress.generate_compressed(m, toks, stream, sink=2, recent=3, max_new_tokens=6, compensate=True)
     assert new2.shape == (6,) and nb2 < nb
+
+
+def test_beam_search_and_cropping_are_refused():
+    """The inherited DynamicLayer helpers would touch the full heads only: they raise instead."""
+    m = hs.load("tiny-llama")
+    toks = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache = kv_compress.HeadClassCache({0: [1]}, m.cfg.n_layers, 2, 4)
+    layer = cache.layers[0]
+    for call in (lambda: layer.crop(4), lambda: layer.reorder_cache(torch.tensor([0])),
+                 lambda: layer.batch_repeat_interleave(2), lambda: layer.batch_select_indices(torch.tensor([0]))):
+        with pytest.raises(NotImplementedError, match="num_beams=1"):
+            call()
+    with pytest.raises(NotImplementedError, match="num_beams=1"):
+        m.generate(toks, max_new_tokens=3, num_beams=2, do_sample=False,
+                   cache=kv_compress.HeadClassCache({0: [1]}, m.cfg.n_layers, 2, 4))
