@@ -163,6 +163,27 @@ def test_task_from_prompts_validates(planted):
         C.Task.from_prompts(m, [[1, 2, 3]], [], [4], [5])
 
 
+def test_solved_rule_compares_with_chance(planted):
+    """Accuracy must beat chance by 0.1 AND with binomial p < 0.01: 10 of 16 right at chance 1/2 (the
+    old rule, accuracy > 0.5, called that solved) is not; with three choices, chance is 1/3."""
+    from headscope.circuits.tasks import binomial_tail
+    assert binomial_tail(28, 40, 0.5) < 0.01 < binomial_tail(27, 40, 0.5)
+    assert binomial_tail(21, 40, 1 / 3) < 0.01 < binomial_tail(20, 40, 1 / 3)
+    assert binomial_tail(0, 5, 0.3) == pytest.approx(1.0)
+    m, task = planted
+    flip = torch.arange(16) < 6                                   # 6 of 16 rows: answer and wrong swapped
+    ans = torch.where(flip[:, None], task.wrong, task.answer)
+    wr = torch.where(flip[:, None], task.answer, task.wrong)
+    r = C.Task("mixed", task.clean, task.corrupt, ans, wr).evaluate(m)
+    assert r["clean_accuracy"] == pytest.approx(10 / 16) and r["chance"] == 0.5
+    assert r["p_value"] > 0.1 and r["solved"] is False
+    three = torch.cat([task.answer, task.wrong, (task.answer + 1) % 16], 1)   # answer first, two other tokens
+    r3 = C.Task("three", task.clean, task.corrupt, task.answer, task.wrong, choices=three).evaluate(m)
+    assert r3["chance"] == pytest.approx(1 / 3) and r3["clean_accuracy"] == 1.0 and r3["solved"]
+    with pytest.raises(ValueError, match="answer"):
+        C.Task("bad", task.clean, task.corrupt, task.answer, task.wrong, choices=task.wrong.repeat(1, 3))
+
+
 def test_unsolved_task_is_reported_not_analysed(planted):
     m, task = planted
     bad = C.Task("swapped", task.clean, task.corrupt, task.wrong, task.answer)    # answer and wrong swapped
@@ -225,8 +246,12 @@ def test_task_datasets_single_token_answers(request, fixture, name):
         a, w = tok.decode(task.answer[0]), tok.decode(task.wrong[0])
         assert a.strip() in task.texts[0] and task.texts[0].count(w.strip()) == 2
         assert a.strip() not in task.corrupt_texts[0]
-    if name == "colored-objects":
-        assert tok.decode(task.answer[0]).strip() in task.texts[0]
+    if name == "colored-objects":                       # Merullo et al.'s format: " Blue" answers the "blue ..." item
+        a, w = tok.decode(task.answer[0]).strip(), tok.decode(task.wrong[0]).strip()
+        assert a[0].isupper() and f" {a.lower()} " in task.texts[0].split("\n")[-2]
+        assert task.texts[0].count("Q:") == 2 and task.choices.shape == (20, 3)
+        assert task.texts[0].rsplit("color is the", 1)[0] == task.corrupt_texts[0].rsplit("color is the", 1)[0]
+        assert w != a and f" {w.lower()} " in task.texts[0].split("\n")[-2]
     # a few forwards: the task report is produced first
     r = task.subset(range(4)).evaluate(model)
     assert set(r) >= {"clean_accuracy", "clean_metric", "corrupt_metric", "solved"}
