@@ -82,7 +82,7 @@ def sender_stack(acts: dict) -> torch.Tensor:
     return torch.cat(parts)
 
 
-_BATCHED_VJP = {"ok": True}
+BATCHED_VJP = {"ok": True}       # set to False after the batched backward failed once (then: one call per receiver)
 
 
 def receiver_vjps(outs, grads, x) -> torch.Tensor:
@@ -95,19 +95,19 @@ def receiver_vjps(outs, grads, x) -> torch.Tensor:
     grads = [g if g is not None else torch.zeros_like(t) for t, g in zip(outs, grads)]
     n = [t.shape[2] for t in outs]                                          # H, G, G
     R = sum(n)
-    batched = [torch.zeros((R,) + tuple(t.shape), dtype=t.dtype) for t in outs]   # [R, b, N, heads, d] each
+    batched = [torch.zeros((R,) + tuple(t.shape), dtype=t.dtype, device=t.device) for t in outs]   # [R, b, N, heads, d]
     r = 0
     for j, (g, nj) in enumerate(zip(grads, n)):
         for h in range(nj):
             batched[j][r, :, :, h] = g[:, :, h]
             r += 1
-    if _BATCHED_VJP["ok"]:
+    if BATCHED_VJP["ok"]:
         try:
             vj = torch.autograd.grad(outs, x, batched, retain_graph=True, allow_unused=True,
                                      is_grads_batched=True)[0]
-            return torch.zeros((R,) + tuple(x.shape)) if vj is None else vj.float()
+            return torch.zeros((R,) + tuple(x.shape), device=x.device) if vj is None else vj.float()
         except RuntimeError as e:                                               # an op without a batching rule
-            _BATCHED_VJP["ok"] = False
+            BATCHED_VJP["ok"] = False
             logging.getLogger(__name__).warning(
                 "edge-level EAP: the batched backward over a layer's receivers failed (%s); computing one "
                 "receiver at a time (same scores, slower)", str(e).splitlines()[0])
@@ -213,17 +213,17 @@ def attribute(model, task, method: str = "eap", steps: int = 5, edges: bool = Tr
         recv, gl, gz, gm = [x / k for x in acc[0]], acc[1] / k, acc[2] / k, acc[3] / k
         cacts, m_sum = clean
         m_clean += m_sum
-        node_heads += ((corr["z"] - cacts["z"]) * gz).sum((1, 2, 4))          # dz [L, b, N, H, d]
-        node_mlps += ((corr["mlp_out"] - cacts["mlp_out"]) * gm).sum((1, 2, 3))
+        node_heads += ((corr["z"] - cacts["z"]) * gz).sum((1, 2, 4)).cpu()          # dz [L, b, N, H, d]
+        node_mlps += ((corr["mlp_out"] - cacts["mlp_out"]) * gm).sum((1, 2, 3)).cpu()
         if edges:
             flat = (sender_stack(corr) - sender_stack(cacts)).flatten(1)      # [S, b*N*D]
             r0 = 0
             for l in range(L):
                 n_send = int((s_layer_t < l).sum())
                 g = recv[l].flatten(1)                                       # [R_l, b*N*D]
-                edge_scores[:n_send, r0:r0 + g.shape[0]] += flat[:n_send] @ g.T
+                edge_scores[:n_send, r0:r0 + g.shape[0]] += (flat[:n_send] @ g.T).cpu()
                 r0 += g.shape[0]
-            edge_scores[:, -1] += flat @ gl.flatten()
+            edge_scores[:, -1] += (flat @ gl.flatten()).cpu()
             del flat
         del corr, clean, cacts
     if bar is not None:

@@ -296,7 +296,7 @@ def test_eap_runs_one_corrupted_forward_and_one_pass_per_step(planted):
 def test_edge_receiver_vjps_batched_equal_one_at_a_time(planted, eap_circuits):
     eap_mod = __import__("headscope.circuits.eap", fromlist=["receiver_vjps"])
     m, task = planted
-    flag = eap_mod._BATCHED_VJP
+    flag = eap_mod.BATCHED_VJP
     flag["ok"] = False                                      # force one backward call per receiver
     try:
         slow = C.eap(m, task, check=False)
