@@ -164,8 +164,9 @@ def run(a) -> int:
     model = load(a.model, device=a.device)
     task = make_task(a.task, model, n=a.n, seed=a.seed)
     r = task.evaluate(model)
-    print(f"{a.task} on {model.cfg.name}: clean accuracy {r['clean_accuracy']:.2f}, {r['metric']} clean "
-          f"{r['clean_metric']:.3f} / corrupted {r['corrupt_metric']:.3f}")
+    print(f"{a.task} on {model.cfg.name}: clean accuracy {r['clean_accuracy']:.2f} (chance {r['chance']:.2f}, "
+          f"binomial p {r['p_value']:.2g}), {r['metric']} clean {r['clean_metric']:.3f} / corrupted "
+          f"{r['corrupt_metric']:.3f}")
     try:
         t0 = time.time()
         circuit = compute(model, task, a)

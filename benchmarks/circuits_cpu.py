@@ -38,14 +38,25 @@ def load_model(a):
     return hs.load(a.model, device=a.device)
 
 
-def timed(fn, *args, **kw):
+LOAD = {}
+
+
+def timed(fn, *args, label=None, **kw):
+    """(result, wall seconds); with ``label``, also records the process CPU time and the 1-minute load
+    average before and after in LOAD[label] (the CPU is shared: wall time alone can mislead)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    t0 = time.time()
+    load0, c0, t0 = os.getloadavg()[0], time.process_time(), time.time()
     r = fn(*args, **kw)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return r, time.time() - t0
+    wall = time.time() - t0
+    if label:
+        LOAD[label] = {"wall_s": round(wall, 1), "cpu_s": round(time.process_time() - c0, 1),
+                       "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2)}
+        print(f"[{label}] wall {wall:.1f} s, process CPU {LOAD[label]['cpu_s']} s, load {load0:.2f} -> "
+              f"{LOAD[label]['load_after']}", flush=True)
+    return r, wall
 
 
 def main(argv=None):
@@ -54,9 +65,12 @@ def main(argv=None):
     ap.add_argument("--gguf", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--n", type=int, default=40)
-    ap.add_argument("--methods", default="patching,eap,eap-ig,sae,acdc-nodes,path")
+    ap.add_argument("--methods", default="patching,eap,eap-ig,sae,acdc-nodes,path",
+                    help="comma list of patching, patching-resample, patching-zero, eap, eap-ig, edges (edge-level "
+                         "EAP), sae, acdc-nodes, acdc-edges (needs edges), path, co-patching, gt-patching")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--candidates", type=int, default=100, help="acdc-edges: EAP's top edges to search")
     a = ap.parse_args(argv)
     from headscope import circuits as C
     model = load_model(a)
@@ -74,28 +88,50 @@ def main(argv=None):
             print(res["tasks"][t], flush=True)
     for m in ("eap", "eap-ig"):
         if m in methods:
-            c, times[m] = timed(C.attribute, model, ioi, m, edges="edges" in methods)
+            c, times[m] = timed(C.attribute, model, ioi, m, edges=False, label=m)
             out[m] = c
-            print(m, times[m], c.top_nodes(10), c.top_edges(5), flush=True)
+            print(m, times[m], c.top_nodes(10), flush=True)
+    if "edges" in methods:                                   # edge-level EAP (node scores come with it)
+        c, times["eap_edges"] = timed(C.attribute, model, ioi, "eap", edges=True, label="eap_edges")
+        out["eap_edges"] = c
+        res["top_edges_eap"] = c.top_edges(20)
+        print("eap edges", times["eap_edges"], c.top_edges(10), flush=True)
     if "sae" in methods:
-        c, times["sae"] = timed(C.sae_circuit, model, ioi)
+        c, times["sae"] = timed(C.sae_circuit, model, ioi, label="sae")
         out["sae"] = c
         print("sae", times["sae"], c.top_nodes(10), flush=True)
     if "patching" in methods:
-        hs_mean, times["patching_mean"] = timed(C.patch_heads, model, ioi, how="mean")
+        hs_mean, times["patching_mean"] = timed(C.patch_heads, model, ioi, how="mean", label="patching_mean")
         out["patching_mean"] = hs_mean
         print("patching mean", times["patching_mean"], hs_mean.top(10), flush=True)
     for how in ("resample", "zero"):
         if f"patching-{how}" in methods:
-            s, times[f"patching_{how}"] = timed(C.patch_heads, model, ioi, how=how)
+            s, times[f"patching_{how}"] = timed(C.patch_heads, model, ioi, how=how, label=f"patching_{how}")
             out[f"patching_{how}"] = s
             print("patching", how, times[f"patching_{how}"], s.top(10), flush=True)
+    if "acdc-nodes" in methods:
+        c, times["acdc_nodes"] = timed(C.acdc_nodes, model, ioi, tau=0.01, label="acdc_nodes")
+        out["acdc_nodes"] = c
+        print("acdc nodes", times["acdc_nodes"], len(c.params["kept"]), c.params["kept"][:20], flush=True)
+    if "path" in methods:
+        c, times["path_logits"] = timed(C.path_patch, model, ioi, label="path_logits")
+        out["path_logits"] = c
+        print("path patching -> logits", times["path_logits"], c.top(10), flush=True)
     res["seconds"] = times
     if a.report and "patching_mean" in out:
         pc = C.from_head_scores(out["patching_mean"], ioi)
-        f, t = timed(pc.faithfulness_curve, model, ioi)
+        f, t = timed(pc.faithfulness_curve, model, ioi, label="faithfulness_curve")
         res["faithfulness_patching_mean"] = f
         res["smallest_80_patching"] = pc.smallest_circuit(0.8)
+        first = res["smallest_80_patching"]
+        if first:                                # the curve is on a geometric grid: fill in below its first n >= 80%
+            below = max([n for n in f["n"] if n < first], default=0)
+            if first - below > 1:
+                fine = dict(pc.faithfulness_curve(model, ioi, ns=list(range(below + 1, first))))
+                res["faithfulness_patching_mean_fine"] = fine
+                hit = [n for n, k in zip(fine["n"], fine["kept"]) if k >= 0.8]
+                res["smallest_80_patching"] = hit[0] if hit else first
+                pc.faithfulness = f
         L, H = model.cfg.n_layers, model.cfg.n_heads
         print("faithfulness", f, "smallest >= 80%:", res["smallest_80_patching"], "of", L * H, flush=True)
         res["head_map_patching_mean"] = out["patching_mean"].scores.tolist()
@@ -120,41 +156,38 @@ def main(argv=None):
         if "sae" in out:
             res["sae_vs_patching"] = C.roc_auc(out["sae"], pc, n_truth=n_truth)
             print("sae vs patching top-10%", res["sae_vs_patching"], flush=True)
+        if "path_logits" in out:
+            sp["patching_mean~path_logits"] = C.spearman(out["patching_mean"], out["path_logits"])
         for m in ("eap", "eap-ig", "acdc_nodes"):
             if m in out:
                 res[f"{m}_vs_patching"] = C.roc_auc(out[m], pc, n_truth=n_truth)
                 print(m, "vs patching", res[f"{m}_vs_patching"], flush=True)
         co = C.make_task("colored-objects", model, n=a.n)
         if res["tasks"]["colored-objects"]["solved"] and "co-patching" in methods:
-            s, times["patching_mean_colored"] = timed(C.patch_heads, model, co, how="mean")
+            s, times["patching_mean_colored"] = timed(C.patch_heads, model, co, how="mean", label="patching_mean_colored")
             cc = C.from_head_scores(s, co)
             res["overlap_ioi_colored"] = {n: C.overlap(pc, cc, n=n) for n in (n_truth, 2 * n_truth)}
             res["top_colored"] = s.top(20)
             print("overlap", res["overlap_ioi_colored"], flush=True)
         gt = C.make_task("greater-than", model, n=a.n)
         if res["tasks"]["greater-than"]["solved"] and "gt-patching" in methods:
-            s, times["patching_mean_greater"] = timed(C.patch_heads, model, gt, how="mean")
+            s, times["patching_mean_greater"] = timed(C.patch_heads, model, gt, how="mean", label="patching_mean_greater")
             res["top_greater_than"] = s.top(20)
             print("greater-than top", s.top(10), flush=True)
-    if "acdc-nodes" in methods:
-        c, times["acdc_nodes"] = timed(C.acdc_nodes, model, ioi, tau=0.01)
-        out["acdc_nodes"] = c
-        print("acdc nodes", times["acdc_nodes"], len(c.params["kept"]), c.params["kept"][:20], flush=True)
-    if "path" in methods:
-        c, times["path_logits"] = timed(C.path_patch, model, ioi)
-        out["path_logits"] = c
-        print("path patching -> logits", times["path_logits"], c.top(10), flush=True)
-    if "acdc-edges" in methods and "eap" in out:
-        cands = out["eap"].top_edges(100)
-        c, times["acdc_edges"] = timed(C.acdc_edges, model, ioi, cands, tau=0.01)
+    if "acdc-edges" in methods and "eap_edges" in out:
+        cands = out["eap_edges"].top_edges(a.candidates)
+        c, times["acdc_edges"] = timed(C.acdc_edges, model, ioi, cands, tau=0.01, label="acdc_edges")
         out["acdc_edges"] = c
         print("acdc edges", times["acdc_edges"], len(c.params["kept"]), c.params["kept"][:20], flush=True)
     res["seconds"] = times
-    print(json.dumps({"seconds": times}, indent=1))
+    res["load"] = LOAD
+    print(json.dumps({"seconds": times, "load": LOAD}, indent=1))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "circuits_results.json"), "w") as fh:
+        path = os.path.join(a.out, "circuits_results.json")
+        with open(path + ".tmp", "w") as fh:
             json.dump(res, fh, indent=1, default=str)
+        os.replace(path + ".tmp", path)
     return 0
 
 

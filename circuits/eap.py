@@ -26,13 +26,14 @@ edge scores are first-order estimates through that norm's input, and node scores
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from ..probe.hooks import hook_name
 from .circuit import Circuit, head_node
-from .patching import progress_bar
+from .patching import progress_bar, row_chunks
 
 
 def graph_names(cfg):
@@ -53,36 +54,94 @@ def graph_names(cfg):
     return senders, receivers, s_layer, r_layer
 
 
+def node_kinds(edges: bool) -> tuple:
+    """Hook kinds whose values the scores need: z and mlp_out for node scores, result (each head's
+    write to the residual) too for edge scores."""
+    return ("z", "mlp_out") + (("result",) if edges else ())
+
+
 @torch.no_grad()
-def _activations(model, tokens):
-    """Sender activations [S, b, N, D] (embed, per layer heads then MLP) and the embedding."""
+def corrupt_activations(model, tokens, edges: bool) -> dict:
+    """One forward on the corrupted prompts: {"embed": [b, N, D], "z": [L, b, N, H, d],
+    "mlp_out": [L, b, N, D], "result": [L, b, N, H, D] (edges only)}."""
     L = model.cfg.n_layers
-    names = ["hook_embed"] + [hook_name(k, l) for l in range(L) for k in ("result", "mlp_out")]
+    kinds = node_kinds(edges)
+    names = ["hook_embed"] + [hook_name(k, l) for l in range(L) for k in kinds]
     _, c = model.run_with_cache(tokens, names_filter=names, logits_to_keep=1)
-    parts = [c["hook_embed"][None]]
-    for l in range(L):
-        parts += [c["result", l].permute(2, 0, 1, 3), c["mlp_out", l][None]]
-    return torch.cat(parts).float(), c["hook_embed"]
+    out = {k: torch.stack([c[k, l] for l in range(L)]).float() for k in kinds}
+    out["embed"] = c["hook_embed"].float()
+    return out
 
 
-def _grad_pass(model, task, rows, tokens, embed, edges: bool, scale: float):
-    """One forward/backward with the given input embedding [b, N, D]. Returns (receiver grads per
-    layer: list of [R_l, b, N, D], logits grad [b, N, D], node grads: z [L, b, N, H, d], mlp [L, b, N, D])."""
-    L, H, G = model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads
+def sender_stack(acts: dict) -> torch.Tensor:
+    """Sender activations in ``graph_names`` order (embed, then per layer its heads and its MLP):
+    [S, b, N, D] from {"embed": [b, N, D], "result": [L, b, N, H, D], "mlp_out": [L, b, N, D]}."""
+    parts = [acts["embed"][None]]
+    for l in range(acts["result"].shape[0]):
+        parts += [acts["result"][l].permute(2, 0, 1, 3), acts["mlp_out"][l][None]]
+    return torch.cat(parts)
+
+
+BATCHED_VJP = {"ok": True}       # set to False after the batched backward failed once (then: one call per receiver)
+
+
+def receiver_vjps(outs, grads, x) -> torch.Tensor:
+    """dM/d(input of each receiver of one layer): [H + 2G, b, N, D]. ``outs`` = (q [b, N, H, d],
+    k [b, N, G, d], v [b, N, G, d]) as the hooks saw them, ``grads`` = dM/d each (None: unused),
+    ``x`` = the layer's hook_resid_pre. The receiver of head h's q input gets the vector-Jacobian
+    product of dM/dq with every head but h masked out, through the layer's own norm and projection
+    (likewise k, v per KV head). All receivers of the layer go in one batched backward call
+    (``is_grads_batched``); where that cannot run, one call per receiver (same numbers, slower)."""
+    grads = [g if g is not None else torch.zeros_like(t) for t, g in zip(outs, grads)]
+    n = [t.shape[2] for t in outs]                                          # H, G, G
+    R = sum(n)
+    batched = [torch.zeros((R,) + tuple(t.shape), dtype=t.dtype, device=t.device) for t in outs]   # [R, b, N, heads, d]
+    r = 0
+    for j, (g, nj) in enumerate(zip(grads, n)):
+        for h in range(nj):
+            batched[j][r, :, :, h] = g[:, :, h]
+            r += 1
+    if BATCHED_VJP["ok"]:
+        try:
+            vj = torch.autograd.grad(outs, x, batched, retain_graph=True, allow_unused=True,
+                                     is_grads_batched=True)[0]
+            return torch.zeros((R,) + tuple(x.shape), device=x.device) if vj is None else vj.float()
+        except RuntimeError as e:                                               # an op without a batching rule
+            BATCHED_VJP["ok"] = False
+            logging.getLogger(__name__).warning(
+                "edge-level EAP: the batched backward over a layer's receivers failed (%s); computing one "
+                "receiver at a time (same scores, slower)", str(e).splitlines()[0])
+    per = []
+    for i in range(R):
+        vj = torch.autograd.grad(outs, x, [b[i] for b in batched], retain_graph=True, allow_unused=True)[0]
+        per.append(torch.zeros_like(x) if vj is None else vj)
+    return torch.stack(per).float()
+
+
+def _grad_pass(model, task, rows, tokens, e_corr, alpha: float, edges: bool, scale: float):
+    """One forward/backward on the clean tokens with the token embedding replaced by
+    e_corr + alpha (e_clean - e_corr) (alpha = 1: the clean embedding itself, exactly).
+    Returns (receiver grads per layer: list of [R_l, b, N, D], logits grad [b, N, D], node grads:
+    z [L, b, N, H, d], mlp [L, b, N, D], and at alpha = 1 the clean run: (activations as
+    ``corrupt_activations`` returns them, metric summed over the rows))."""
+    L = model.cfg.n_layers
     refs = {}
 
     def keep(t, hook):
         refs[hook.name] = t
 
     def emb(t, hook):
-        return embed.detach().to(t.dtype).requires_grad_(True)
-    kinds = ("z", "mlp_out") + (("resid_pre", "q", "k", "v") if edges else ())
+        refs["hook_embed"] = t.detach()
+        x = t.detach() if alpha == 1.0 else e_corr.to(t.dtype) + alpha * (t.detach() - e_corr.to(t.dtype))
+        return x.requires_grad_(True)
+    kinds = node_kinds(edges and alpha == 1.0) + (("resid_pre", "q", "k", "v") if edges else ())
     hooks = [("hook_embed", emb)] + [(hook_name(k, l), keep) for l in range(L) for k in kinds]
     hooks.append((hook_name("resid_post", L - 1), keep))
     with torch.enable_grad():
         with model.hooks(hooks):
             logits = model(tokens, logits_to_keep=1)
-        M = task.per_example(logits, rows).sum() * scale
+        per_ex = task.per_example(logits, rows)
+        M = per_ex.sum() * scale
         want = [refs[hook_name("z", l)] for l in range(L)] + [refs[hook_name("mlp_out", l)] for l in range(L)]
         want.append(refs[hook_name("resid_post", L - 1)])
         if edges:
@@ -95,29 +154,30 @@ def _grad_pass(model, task, rows, tokens, embed, edges: bool, scale: float):
         if edges:
             gqkv = grads[2 * L + 1:]
             for l in range(L):
-                x = refs[hook_name("resid_pre", l)]
-                per = []
-                for j, (k, n) in enumerate((("q", H), ("k", G), ("v", G))):
-                    t = refs[hook_name(k, l)]
-                    g = gqkv[3 * l + j]
-                    for h in range(n):
-                        if g is None:
-                            per.append(torch.zeros_like(x))
-                            continue
-                        m = torch.zeros_like(g)
-                        m[:, :, h] = g[:, :, h]
-                        vj = torch.autograd.grad(t, x, m, retain_graph=True, allow_unused=True)[0]
-                        per.append(vj if vj is not None else torch.zeros_like(x))
-                recv.append(torch.stack(per).float())
-    return recv, g_logits.float(), gz.float(), gm.float()
+                outs = tuple(refs[hook_name(k, l)] for k in ("q", "k", "v"))
+                recv.append(receiver_vjps(outs, gqkv[3 * l:3 * l + 3], refs[hook_name("resid_pre", l)]))
+    clean = None
+    if alpha == 1.0:
+        acts = {k: torch.stack([refs[hook_name(k, l)].detach() for l in range(L)]).float()
+                for k in node_kinds(edges)}
+        acts["embed"] = refs["hook_embed"].float()
+        clean = (acts, float(per_ex.detach().sum()))
+    return recv, g_logits.float(), gz.float(), gm.float(), clean
 
 
-def attribute(model, task, method: str = "eap", steps: int = 5, edges: bool = True, batch_size: int = 8,
+def attribute(model, task, method: str = "eap", steps: int = 5, edges: bool = True, batch_size: int | None = None,
               check: bool = True, progress: bool = False) -> Circuit:
     """EAP ("eap") or EAP-IG ("eap-ig", ``steps`` points) node and edge scores as a ``Circuit``.
     Node scores: estimated relative drop of the metric when the node is patched with its corrupted
     value (comparable to ``patch_heads(how="resample")``); edge scores: estimated metric change
-    (ranked by |score|)."""
+    (ranked by |score|).
+
+    Cost per batch of prompts: one forward on the corrupted prompts (their activations) and one
+    forward + backward per step on the clean tokens (EAP: 1 step, the clean run, whose activations
+    and metric are kept; EAP-IG: ``steps``, the last one alpha = 1 = the clean run). ``batch_size``
+    (default 64 prompts, 32 with ``edges``: the edge scores hold a [receivers, batch, pos, d_model]
+    gradient per layer): prompts per pass, split into near-equal batches; few large batches run
+    much faster on a CPU than many small ones."""
     if method not in ("eap", "eap-ig"):
         raise ValueError(f"method={method!r}: use 'eap' or 'eap-ig'")
     if steps < 1:
@@ -133,24 +193,17 @@ def attribute(model, task, method: str = "eap", steps: int = 5, edges: bool = Tr
     node_mlps = torch.zeros(L)
     B = len(task)
     alphas = [1.0] if method == "eap" else [i / steps for i in range(1, steps + 1)]
-    bar = progress_bar(((B + batch_size - 1) // batch_size) * len(alphas), method, progress)
     m_clean = 0.0
     s_layer_t = torch.tensor(s_layer)
-    for i in range(0, B, batch_size):
-        rows = torch.arange(i, min(i + batch_size, B))
-        a_clean, e_clean = _activations(model, task.clean[rows])
-        a_corr, e_corr = _activations(model, task.corrupt[rows])
-        delta = a_corr - a_clean                                             # [S, b, N, D]
-        with torch.no_grad():
-            _, cz = model.run_with_cache(task.clean[rows], names_filter=[hook_name("z", l) for l in range(L)])
-            _, kz = model.run_with_cache(task.corrupt[rows], names_filter=[hook_name("z", l) for l in range(L)])
-            dz = torch.stack([kz["z", l] - cz["z", l] for l in range(L)]).float()   # [L, b, N, H, d]
-            m_clean += float(task.per_example(model(task.clean[rows], logits_to_keep=1), rows).sum())
-        d_mlp = delta[s_layer_t >= 0].view(L, H + 1, *delta.shape[1:])[:, H]  # [L, b, N, D]
-        acc = None
+    batches = row_chunks(B, batch_size or (32 if edges else 64))
+    bar = progress_bar(len(batches) * len(alphas), method, progress)
+    for i, j in batches:
+        rows = torch.arange(i, j)
+        corr = corrupt_activations(model, task.corrupt[rows], edges)
+        acc, clean = None, None
         for a in alphas:
-            emb = e_corr + a * (e_clean - e_corr)
-            recv, gl, gz, gm = _grad_pass(model, task, rows, task.clean[rows], emb, edges, 1.0 / B)
+            recv, gl, gz, gm, cl = _grad_pass(model, task, rows, task.clean[rows], corr["embed"], a, edges, 1.0 / B)
+            clean = cl if cl is not None else clean
             part = (recv, gl, gz, gm)
             acc = part if acc is None else (
                 [x + y for x, y in zip(acc[0], recv)], acc[1] + gl, acc[2] + gz, acc[3] + gm)
@@ -158,18 +211,21 @@ def attribute(model, task, method: str = "eap", steps: int = 5, edges: bool = Tr
                 bar.update(1)
         k = len(alphas)
         recv, gl, gz, gm = [x / k for x in acc[0]], acc[1] / k, acc[2] / k, acc[3] / k
-        node_heads += (dz * gz).sum((1, 2, 4))
-        node_mlps += (d_mlp * gm).sum((1, 2, 3))
-        flat = delta.flatten(1)                                              # [S, b*N*D]
+        cacts, m_sum = clean
+        m_clean += m_sum
+        node_heads += ((corr["z"] - cacts["z"]) * gz).sum((1, 2, 4)).cpu()          # dz [L, b, N, H, d]
+        node_mlps += ((corr["mlp_out"] - cacts["mlp_out"]) * gm).sum((1, 2, 3)).cpu()
         if edges:
+            flat = (sender_stack(corr) - sender_stack(cacts)).flatten(1)      # [S, b*N*D]
             r0 = 0
             for l in range(L):
                 n_send = int((s_layer_t < l).sum())
                 g = recv[l].flatten(1)                                       # [R_l, b*N*D]
-                edge_scores[:n_send, r0:r0 + g.shape[0]] += flat[:n_send] @ g.T
+                edge_scores[:n_send, r0:r0 + g.shape[0]] += (flat[:n_send] @ g.T).cpu()
                 r0 += g.shape[0]
-            edge_scores[:, -1] += flat @ gl.flatten()
-        del delta, flat, a_clean, a_corr
+            edge_scores[:, -1] += (flat @ gl.flatten()).cpu()
+            del flat
+        del corr, clean, cacts
     if bar is not None:
         bar.close()
     m_clean /= B

@@ -10,9 +10,14 @@ position, built for any tokenizer.
   metric over "00".."99"; tokenizers that split digits (SmolLM2, Gemma-3) predict the tens digit
   first, so there the metric is P(tens digit > Y_tens) - P(tens digit < Y_tens) (equal tens digits,
   which need the next token to decide, are left out) and YY is drawn with Y_tens in 2..8.
-- Colored Objects (Merullo et al. 2023, "Circuit Component Reuse Across Tasks", §3): "Q: On the table,
-  I see a blue pencil, a red book and a green cup. What color is the book?\\nA:" -> " red"; the
-  wrong answer is another listed color; corrupted prompts draw three other colors.
+- Colored Objects (Merullo et al. 2023, "Circuit Component Reuse Across Tasks", §2.2; their data
+  generator ``cobjs_data.py``, from BIG-bench's reasoning_about_colored_objects): one solved example,
+  then the question, answers capitalised as in their data:
+  "Q: On the desk, I see an orange cup, a red pen, and a purple mug. What color is the cup?\\nA: Orange\\n
+  Q: On the table, there is a blue ball, a black bowl, and a yellow plate. What color is the bowl?\\nA:"
+  -> " Black". Their 8 simple colors, 3 objects; the example uses colors and objects the question does
+  not. Corrupted prompt (their "mindiff" set): the same prompt asking about another listed object;
+  wrong answer = that object's color. Accuracy: the answer beats the other two listed colors.
 
 Names, places, objects and colors are kept only if they are ONE token (with their leading space) for
 the given tokenizer, so every answer / wrong answer is one token and a clean prompt and its corrupted
@@ -20,10 +25,17 @@ partner have the same length; all prompts of a task have one length (templates a
 length), so positions line up across the batch (mean ablation "at the same position"). Seeded.
 
 ``Task.evaluate(model)`` reports the clean accuracy and metric first; ``Task.check(model)`` raises
-``TaskNotSolved`` when the model cannot do the task (accuracy <= 0.5 or clean metric not above the
-corrupted one), and the circuit methods call it before analysing.
+``TaskNotSolved`` when the model cannot do the task, and the circuit methods call it before analysing.
+Accuracy and chance: with ``choices`` (the candidate answers of each prompt, e.g. the three listed
+colors) a prompt counts as right when its answer has the highest logit among them, and chance is
+1/len(choices); without, when the metric is > 0 (answer vs wrong answer), and chance is 1/2.
+"Solved" means: accuracy >= chance + 0.1, accuracy above chance with a one-sided binomial p < 0.01
+(at n = 40 and chance 1/2 that is >= 28 right; at chance 1/3, >= 21), and the clean metric above the
+corrupted one.
 """
 from __future__ import annotations
+
+import math
 
 import random
 from collections import Counter
@@ -49,10 +61,6 @@ IOI_TEMPLATES = [
     "Then, {A} and {B} had a long argument, and afterwards {B} said to",
     "After the lunch, {A} and {B} went to the {PLACE}. {B} gave a {OBJECT} to",
 ]
-COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "purple", "orange", "pink", "gray", "silver",
-          "gold"]
-THINGS = ["pencil", "book", "cup", "ball", "key", "phone", "hat", "shoe", "bag", "box", "pen", "plate", "bowl",
-          "lamp", "clock", "sock", "mug", "chair"]
 NOUNS = ["war", "expedition", "drought", "campaign", "conflict", "reign", "famine", "voyage", "siege", "revolt"]
 
 
@@ -80,6 +88,7 @@ class Task:
     corrupt_texts: list = field(default_factory=list)
     paper: str = ""
     report: dict | None = None          # filled by evaluate()
+    choices: torch.Tensor | None = None  # [batch, k] candidate answer ids incl. the answer (-1 pads), or None
 
     def __post_init__(self):
         if self.clean.shape != self.corrupt.shape or self.clean.dim() != 2:
@@ -91,6 +100,13 @@ class Task:
             setattr(self, nm, t.long())
             if t.shape[0] != self.clean.shape[0]:
                 raise ValueError(f"{nm} has {t.shape[0]} rows for {self.clean.shape[0]} prompts")
+        if self.choices is not None:
+            self.choices = self.choices.long()
+            if self.choices.dim() != 2 or self.choices.shape[0] != self.clean.shape[0]:
+                raise ValueError(f"choices must be [batch, k] for {self.clean.shape[0]} prompts, not "
+                                 f"{tuple(self.choices.shape)}")
+            if not bool((self.choices == self.answer[:, :1]).any(1).all()):
+                raise ValueError("every row of choices must contain that prompt's answer")
         if self.kind not in ("logit_diff", "prob_diff"):
             raise ValueError(f"kind must be 'logit_diff' or 'prob_diff', not {self.kind!r}")
 
@@ -101,7 +117,8 @@ class Task:
         idx = torch.as_tensor(idx)
         return Task(self.name, self.clean[idx], self.corrupt[idx], self.answer[idx], self.wrong[idx], self.kind,
                     [self.texts[i] for i in idx.tolist()] if self.texts else [],
-                    [self.corrupt_texts[i] for i in idx.tolist()] if self.corrupt_texts else [], self.paper)
+                    [self.corrupt_texts[i] for i in idx.tolist()] if self.corrupt_texts else [], self.paper,
+                    choices=None if self.choices is None else self.choices[idx])
 
     # ------------------------------------------------------------------ metric
     def per_example(self, logits: torch.Tensor, rows=None) -> torch.Tensor:
@@ -125,18 +142,37 @@ class Task:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, model, batch_size: int = 32) -> dict:
-        """Clean accuracy (share of examples with metric > 0) and mean metric on clean and corrupted
-        prompts; stored in ``self.report``."""
-        clean = torch.cat([self.per_example(_last_logits(model, self.clean[i:i + batch_size]), slice(i, i + batch_size))
-                           for i in range(0, len(self), batch_size)])
+        """Clean accuracy, chance, the binomial p-value of the accuracy against chance, and the mean
+        metric on clean and corrupted prompts (see the module docstring for the "solved" rule); stored
+        in ``self.report``."""
+        logits = torch.cat([_last_logits(model, self.clean[i:i + batch_size]) for i in range(0, len(self), batch_size)])
+        clean = self.per_example(logits)
         corr = torch.cat([self.per_example(_last_logits(model, self.corrupt[i:i + batch_size]), slice(i, i + batch_size))
                           for i in range(0, len(self), batch_size)])
-        acc = float((clean > 0).float().mean())
-        solved = acc > 0.5 and float(clean.mean()) > float(corr.mean())
+        right, chance = self.correct(logits)
+        acc = float(right.float().mean())
+        k = int(right.sum())
+        p = binomial_tail(k, len(self), chance)
+        solved = acc >= chance + SOLVED_MARGIN and p < SOLVED_P and float(clean.mean()) > float(corr.mean())
         self.report = {"task": self.name, "model": model.cfg.name, "n": len(self), "metric": self.kind,
                        "clean_metric": float(clean.mean()), "corrupt_metric": float(corr.mean()),
-                       "clean_accuracy": acc, "solved": solved}
+                       "clean_accuracy": acc, "chance": chance, "p_value": p, "solved": solved,
+                       "solved_rule": f"accuracy >= chance + {SOLVED_MARGIN}, binomial p < {SOLVED_P}, "
+                                      "clean metric > corrupted metric"}
         return self.report
+
+    def correct(self, logits: torch.Tensor):
+        """(right [batch] bool, chance): with ``choices``, the answer's logit is the highest among them
+        (chance = mean 1/k); otherwise the metric is > 0 (chance 1/2)."""
+        last = logits[:, -1] if logits.dim() == 3 else logits                    # [B, V]
+        if self.choices is None:
+            return self.per_example(last) > 0, 0.5
+        ch = self.choices.to(last.device)
+        valid = ch >= 0
+        vals = last.gather(1, ch.clamp_min(0)).masked_fill(~valid, float("-inf"))   # [B, k]
+        ans = last.gather(1, self.answer[:, :1].to(last.device))[:, 0]              # [B]
+        right = ans >= vals.max(1).values
+        return right, float((1.0 / valid.sum(1).float()).mean())
 
     def check(self, model) -> dict:
         """``evaluate`` (once) and raise ``TaskNotSolved`` if the model cannot do the task."""
@@ -182,6 +218,15 @@ class Task:
 
 
 # ---------------------------------------------------------------------- helpers
+SOLVED_MARGIN = 0.1      # accuracy must exceed chance by this much ...
+SOLVED_P = 0.01          # ... and be above chance with a one-sided binomial p-value below this
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): the one-sided p-value of k right out of n against chance p."""
+    return float(sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+
+
 def _last_logits(model, toks):
     try:
         return model(toks, logits_to_keep=1)[:, -1]
@@ -219,17 +264,19 @@ def _need(words, n, what, tok):
 
 
 def _build(model, name, rows, kind, paper, n):
-    """rows: (clean text, corrupt text, answer ids, wrong ids); keep the most common token length."""
+    """rows: (clean text, corrupt text, answer ids, wrong ids[, choice ids]); keep the most common token
+    length."""
     tok = model.tokenizer
-    enc = [(_ids(tok, c), _ids(tok, k), a, w) for c, k, a, w in rows]
-    enc = [e for e, r in zip(enc, rows) if len(e[0]) == len(e[1])]
-    length = Counter(len(e[0]) for e in enc).most_common(1)[0][0]
-    keep = [(e, r) for e, r in zip(enc, rows) if len(e[0]) == length][:n]
+    pairs = [((_ids(tok, r[0]), _ids(tok, r[1])) + tuple(r[2:]), r) for r in rows]
+    pairs = [(e, r) for e, r in pairs if len(e[0]) == len(e[1])]             # equal-length clean/corrupt pairs
+    length = Counter(len(e[0]) for e, _ in pairs).most_common(1)[0][0]
+    keep = [(e, r) for e, r in pairs if len(e[0]) == length][:n]
     if len(keep) < n:
         raise ValueError(f"{name}: only {len(keep)} prompts of one token length for this tokenizer (asked {n})")
+    choices = _pad([e[4] for e, _ in keep]) if len(keep[0][0]) > 4 else None
     return Task(name, torch.tensor([e[0] for e, _ in keep]), torch.tensor([e[1] for e, _ in keep]),
                 _pad([e[2] for e, _ in keep]), _pad([e[3] for e, _ in keep]), kind,
-                [r[0] for _, r in keep], [r[1] for _, r in keep], paper)
+                [r[0] for _, r in keep], [r[1] for _, r in keep], paper, choices=choices)
 
 
 def _tid(tok, word):
@@ -300,25 +347,46 @@ def greater_than(model, n: int = 40, seed: int = 0) -> Task:
                   n)
 
 
-def colored_objects(model, n: int = 40, seed: int = 0) -> Task:
-    """Colored Objects (Merullo et al. 2023, from BIG-bench's reasoning_about_colored_objects):
-    answer = the asked object's color, wrong = the first other listed color; corrupted prompts use
-    three other colors. Metric logit(answer) - logit(wrong)."""
+CO_COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "brown", "black"]
+CO_OBJECTS = ["pencil", "notebook", "pen", "cup", "plate", "jug", "mug", "puzzle", "textbook", "leash", "necklace",
+              "bracelet", "bottle", "ball", "envelope", "lighter", "bowl"]
+CO_SURFACES = ["table", "desk", "floor"]
+CO_STARTS = ["there is", "you see", "I see"]
+
+
+def _co_question(surface, start, colors, objects, q):
+    items = [f"a{'n' if c[0] in 'aeiou' else ''} {c} {o}" for c, o in zip(colors, objects)]
+    return (f"Q: On the {surface}, {start} {', '.join(items[:-1])}, and {items[-1]}. "
+            f"What color is the {objects[q]}?\nA:")
+
+
+def colored_objects(model, n: int = 40, seed: int = 0, shots: int = 1) -> Task:
+    """Colored Objects in the format of Merullo et al. 2023 (see the module docstring): ``shots``
+    solved examples (default 1, as in their data) before the question; answers " Red", " Blue", ...
+    (capitalised, one token each); corrupted = the same prompt asking about another listed object,
+    wrong = that object's color; ``choices`` = the three listed colors (chance 1/3)."""
     tok = model.tokenizer
     rng = random.Random(seed)
-    colors = _need(single_tokens(tok, COLORS), 6, "colors", tok)
-    things = _need(single_tokens(tok, THINGS), 3, "objects", tok)
+    caps = [c for c in CO_COLORS if len(tok.encode(" " + c.title(), add_special_tokens=False)) == 1]
+    if shots < 0:
+        raise ValueError(f"shots={shots}: must be >= 0")
+    colors = _need(caps, 6 if shots else 3, "capitalised colors", tok)
+    objects = _need(single_tokens(tok, CO_OBJECTS), 6 if shots else 3, "objects", tok)
     rows = []
     for _ in range(n * 2):
-        c = rng.sample(colors, 6)
-        o = rng.sample(things, 3)
+        c, o = rng.sample(colors, 3), rng.sample(objects, 3)               # the question
+        rest_c, rest_o = [x for x in colors if x not in c], [x for x in objects if x not in o]
+        prefix = ""
+        for _s in range(shots):                 # solved examples: colors and objects the question does not use
+            ec, eo, eq = rng.sample(rest_c, 3), rng.sample(rest_o, 3), rng.randrange(3)
+            prefix += _co_question(rng.choice(CO_SURFACES), rng.choice(CO_STARTS), ec, eo, eq) + " " + ec[eq].title() + "\n"
         q = rng.randrange(3)
-        other = [i for i in range(3) if i != q][0]
-
-        def text(cs):
-            return (f"Q: On the table, I see a {cs[0]} {o[0]}, a {cs[1]} {o[1]} and a {cs[2]} {o[2]}. "
-                    f"What color is the {o[q]}?\nA:")
-        rows.append((text(c[:3]), text(c[3:]), [_tid(tok, c[q])], [_tid(tok, c[other])]))
+        other = rng.choice([i for i in range(3) if i != q])
+        surface, start = rng.choice(CO_SURFACES), rng.choice(CO_STARTS)
+        clean = prefix + _co_question(surface, start, c, o, q)
+        corrupt = prefix + _co_question(surface, start, c, o, other)
+        ids = [_tid(tok, x.title()) for x in c]
+        rows.append((clean, corrupt, [ids[q]], [ids[other]], ids))
     return _build(model, "colored-objects", rows, "logit_diff",
                   "Merullo et al. 2023, Circuit Component Reuse Across Tasks (Colored Objects)", n)
 

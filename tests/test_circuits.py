@@ -163,6 +163,27 @@ def test_task_from_prompts_validates(planted):
         C.Task.from_prompts(m, [[1, 2, 3]], [], [4], [5])
 
 
+def test_solved_rule_compares_with_chance(planted):
+    """Accuracy must beat chance by 0.1 AND with binomial p < 0.01: 10 of 16 right at chance 1/2 (the
+    old rule, accuracy > 0.5, called that solved) is not; with three choices, chance is 1/3."""
+    from headscope.circuits.tasks import binomial_tail
+    assert binomial_tail(28, 40, 0.5) < 0.01 < binomial_tail(27, 40, 0.5)
+    assert binomial_tail(21, 40, 1 / 3) < 0.01 < binomial_tail(20, 40, 1 / 3)
+    assert binomial_tail(0, 5, 0.3) == pytest.approx(1.0)
+    m, task = planted
+    flip = torch.arange(16) < 6                                   # 6 of 16 rows: answer and wrong swapped
+    ans = torch.where(flip[:, None], task.wrong, task.answer)
+    wr = torch.where(flip[:, None], task.answer, task.wrong)
+    r = C.Task("mixed", task.clean, task.corrupt, ans, wr).evaluate(m)
+    assert r["clean_accuracy"] == pytest.approx(10 / 16) and r["chance"] == 0.5
+    assert r["p_value"] > 0.1 and r["solved"] is False
+    three = torch.cat([task.answer, task.wrong, (task.answer + 1) % 16], 1)   # answer first, two other tokens
+    r3 = C.Task("three", task.clean, task.corrupt, task.answer, task.wrong, choices=three).evaluate(m)
+    assert r3["chance"] == pytest.approx(1 / 3) and r3["clean_accuracy"] == 1.0 and r3["solved"]
+    with pytest.raises(ValueError, match="answer"):
+        C.Task("bad", task.clean, task.corrupt, task.answer, task.wrong, choices=task.wrong.repeat(1, 3))
+
+
 def test_unsolved_task_is_reported_not_analysed(planted):
     m, task = planted
     bad = C.Task("swapped", task.clean, task.corrupt, task.wrong, task.answer)    # answer and wrong swapped
@@ -225,8 +246,81 @@ def test_task_datasets_single_token_answers(request, fixture, name):
         a, w = tok.decode(task.answer[0]), tok.decode(task.wrong[0])
         assert a.strip() in task.texts[0] and task.texts[0].count(w.strip()) == 2
         assert a.strip() not in task.corrupt_texts[0]
-    if name == "colored-objects":
-        assert tok.decode(task.answer[0]).strip() in task.texts[0]
+    if name == "colored-objects":                       # Merullo et al.'s format: " Blue" answers the "blue ..." item
+        a, w = tok.decode(task.answer[0]).strip(), tok.decode(task.wrong[0]).strip()
+        assert a[0].isupper() and f" {a.lower()} " in task.texts[0].split("\n")[-2]
+        assert task.texts[0].count("Q:") == 2 and task.choices.shape == (20, 3)
+        assert task.texts[0].rsplit("color is the", 1)[0] == task.corrupt_texts[0].rsplit("color is the", 1)[0]
+        assert w != a and f" {w.lower()} " in task.texts[0].split("\n")[-2]
     # a few forwards: the task report is produced first
     r = task.subset(range(4)).evaluate(model)
     assert set(r) >= {"clean_accuracy", "clean_metric", "corrupt_metric", "solved"}
+
+
+# ---------------------------------------------------------------------- speed-ups hold the same numbers
+def test_eap_node_scores_equal_a_direct_gradient_computation(planted, eap_circuits):
+    """EAP node score of a head = -(z_corrupt - z_clean) . dM/dz (clean run) / M_clean, computed here
+    independently with run_with_cache(incl_bwd=True); the fast path keeps the clean run's activations
+    from its own gradient pass instead of extra forwards."""
+    m, task = planted
+    names = [f"blocks.{l}.attn.hook_z" for l in range(2)]
+    _, c = m.run_with_cache(task.clean, names_filter=names, incl_bwd=True, bwd_metric=task.metric)
+    _, k = m.run_with_cache(task.corrupt, names_filter=names)
+    with torch.no_grad():
+        m_clean = float(task.metric(m(task.clean)))
+    for l in range(2):
+        want = -((k["z", l] - c["z", l]) * c["z_grad", l]).sum((0, 1, 3)) / m_clean      # [H]
+        got = torch.tensor([eap_circuits["eap"].nodes[f"L{l}H{h}"] for h in range(4)])
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+    assert eap_circuits["eap"].m_clean == pytest.approx(m_clean, rel=1e-5)
+
+
+def test_eap_runs_one_corrupted_forward_and_one_pass_per_step(planted):
+    """Per batch: one forward on the corrupted prompts, then one forward+backward per step (EAP: 1,
+    EAP-IG: steps) whose alpha = 1 run is the clean run — no separate clean forwards."""
+    m, task = planted
+    calls = []
+    h = m.model.get_input_embeddings().register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))
+    try:
+        C.attribute(m, task, "eap", edges=True, check=False, batch_size=8)
+        n_eap = len(calls)
+        calls.clear()
+        C.attribute(m, task, "eap-ig", steps=3, edges=False, check=False, batch_size=16)
+        n_ig = len(calls)
+    finally:
+        h.remove()
+    assert n_eap == 2 * 2                                   # 2 batches x (corrupted + clean)
+    assert n_ig == 1 * (1 + 3)                              # 1 batch x (corrupted + 3 steps)
+
+
+def test_edge_receiver_vjps_batched_equal_one_at_a_time(planted, eap_circuits):
+    eap_mod = __import__("headscope.circuits.eap", fromlist=["receiver_vjps"])
+    m, task = planted
+    flag = eap_mod.BATCHED_VJP
+    flag["ok"] = False                                      # force one backward call per receiver
+    try:
+        slow = C.eap(m, task, check=False)
+    finally:
+        flag["ok"] = True
+    torch.testing.assert_close(slow.tensors["edge_scores"], eap_circuits["eap"].tensors["edge_scores"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_row_chunks_and_batching_do_not_change_patching(planted):
+    from headscope.circuits.patching import row_chunks
+    assert row_chunks(360, 256) == [(0, 180), (180, 360)]
+    assert row_chunks(5, 512) == [(0, 5)] and row_chunks(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    with pytest.raises(ValueError, match="batch_size"):
+        row_chunks(4, 0)
+    m, task = planted
+    for how in ("mean", "resample"):
+        big, small = C.patch_heads(m, task, how=how), C.patch_heads(m, task, how=how, batch_size=5)
+        torch.testing.assert_close(big.scores, small.scores, rtol=1e-4, atol=1e-5)
+    recv = [(1, 1, "k"), (1, 2, "q")]
+    for r in ("logits", recv):
+        big, small = C.path_patch(m, task, receivers=r), C.path_patch(m, task, receivers=r, batch_size=7)
+        torch.testing.assert_close(big.scores, small.scores, rtol=1e-4, atol=1e-5)
+    # last-layer senders: the path to the logits is the head's whole effect = resample node patching
+    direct = C.path_patch(m, task, senders=[(1, h) for h in range(4)], batch_size=6)
+    node = C.patch_heads(m, task, how="resample")
+    torch.testing.assert_close(direct.scores[1], node.scores[1], rtol=1e-4, atol=1e-5)
