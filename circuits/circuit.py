@@ -30,16 +30,25 @@ _HEAD = re.compile(r"^L(\d+)H(\d+)$")
 
 
 def head_node(l: int, h: int) -> str:
+    """The node name of attention head ``h`` of layer ``l``: "L{l}H{h}"."""
     return f"L{l}H{h}"
 
 
 def parse_head(name: str):
+    """"L{l}H{h}" -> (l, h); None for any other node name ("M3", "L2KV0", "logits", ...)."""
     m = _HEAD.match(name)
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 @dataclass
 class Circuit:
+    """A circuit found by one method on one task (see the module docstring for node and edge names).
+
+    Fields: ``method`` and ``paper`` (what found it); ``task`` (its name); ``model`` (``ModelInfo.to_dict()``);
+    ``nodes`` {node: score} and ``edges`` {"u->v.q": score} in the method's sign convention; ``params`` (the
+    method's settings; ``rank_by_abs`` ranks by |score|); ``m_clean`` (the task metric on clean prompts);
+    ``task_report`` (``Task.evaluate``); ``faithfulness`` {"n": [...], "kept": [...]} (M(circuit) / M(clean));
+    ``tensors`` (raw arrays saved beside the JSON); ``seconds`` (run time); ``created`` (Unix time)."""
     method: str
     task: str
     model: dict                                    # ModelInfo.to_dict()
@@ -57,6 +66,7 @@ class Circuit:
     # ------------------------------------------------------------------ views
     @property
     def rank_by_abs(self) -> bool:
+        """Whether rankings use |score| (methods whose scores are signed estimates, e.g. EAP)."""
         return bool(self.params.get("rank_by_abs", False))
 
     def _key(self, v):
@@ -73,15 +83,18 @@ class Circuit:
         return out
 
     def to_head_scores(self) -> HeadScores:
+        """The head nodes as a ``HeadScores`` [layer, head] map (0 where a head has no node)."""
         return HeadScores(self.head_scores(), method=self.method, paper=self.paper, params=self.params,
                           model=self.model, dataset=self.task, seconds=self.seconds)
 
     def top_nodes(self, n: int | None = None, heads_only: bool = True) -> list[str]:
+        """The ``n`` best-scored node names (all when None), best first; heads only unless ``heads_only=False``."""
         items = [(k, v) for k, v in self.nodes.items() if not heads_only or parse_head(k)]
         items.sort(key=lambda kv: -self._key(kv[1]))
         return [k for k, _ in items[:n]]
 
     def top_edges(self, n: int | None = None) -> list[str]:
+        """The ``n`` best-scored edge names (all when None), best first."""
         return [k for k, _ in sorted(self.edges.items(), key=lambda kv: -self._key(kv[1]))[:n]]
 
     def in_circuit(self, n: int) -> torch.Tensor:
@@ -92,6 +105,8 @@ class Circuit:
         return mask
 
     def to_frame(self):
+        """A pandas DataFrame, one row per node and edge: kind ("node"/"edge"), name, score, method;
+        sorted best first."""
         import pandas as pd
         rows = [{"kind": "node", "name": k, "score": v} for k, v in self.nodes.items()]
         rows += [{"kind": "edge", "name": k, "score": v} for k, v in self.edges.items()]
@@ -189,6 +204,7 @@ class Circuit:
         return fig
 
     def plot_faithfulness(self):
+        """A plotly figure of the faithfulness curve: M(circuit) / M(clean) against heads kept (log x)."""
         import plotly.graph_objects as go
         f = self.faithfulness
         fig = go.Figure(go.Scatter(x=f.get("n", []), y=f.get("kept", []), mode="lines+markers"))
@@ -198,6 +214,7 @@ class Circuit:
 
     # ------------------------------------------------------------------ persistence
     def meta(self) -> dict:
+        """Everything but the tensors, as JSON-able values (what ``save`` writes to circuit.json)."""
         return {"method": self.method, "task": self.task, "model": self.model, "nodes": self.nodes,
                 "edges": self.edges, "params": self.params, "paper": self.paper, "m_clean": self.m_clean,
                 "task_report": self.task_report, "faithfulness": self.faithfulness, "seconds": self.seconds,
@@ -214,6 +231,8 @@ class Circuit:
 
     @classmethod
     def load(cls, folder) -> "Circuit":
+        """Read a circuit written by ``save`` (FOLDER or FOLDER/circuit.json); raises OSError when
+        circuit.json is missing."""
         from safetensors.torch import load_file
         folder = Path(folder)
         if folder.suffix == ".json":

@@ -34,6 +34,7 @@ HOWS = ("mean", "zero", "resample")
 
 
 def progress_bar(total, desc, progress):
+    """A tqdm bar of ``total`` steps labelled ``desc``, or None when ``progress`` is false."""
     if not progress:
         return None
     from tqdm.auto import tqdm

@@ -114,6 +114,7 @@ class Task:
         return self.clean.shape[0]
 
     def subset(self, idx) -> "Task":
+        """The task restricted to examples ``idx`` (indices or a bool mask over the examples)."""
         idx = torch.as_tensor(idx)
         return Task(self.name, self.clean[idx], self.corrupt[idx], self.answer[idx], self.wrong[idx], self.kind,
                     [self.texts[i] for i in idx.tolist()] if self.texts else [],
@@ -137,6 +138,7 @@ class Task:
         return pick(ans) - pick(wr)
 
     def metric(self, logits: torch.Tensor, rows=None) -> torch.Tensor:
+        """The task metric averaged over the examples (scalar): mean of ``per_example``."""
         return self.per_example(logits, rows).mean()
 
     # ------------------------------------------------------------------ evaluation
@@ -395,6 +397,8 @@ TASKS = {"ioi": ioi, "greater-than": greater_than, "colored-objects": colored_ob
 
 
 def make_task(name: str, model, n: int = 40, seed: int = 0) -> Task:
+    """The shipped task ``name`` (one of ``TASKS``: "ioi", "greater-than", "colored-objects") built for
+    ``model``'s tokenizer with ``n`` examples; ValueError for an unknown name."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)} or build one with Task.from_prompts")
     return TASKS[name](model, n=n, seed=seed)
