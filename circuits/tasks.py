@@ -114,7 +114,7 @@ class Task:
         return self.clean.shape[0]
 
     def subset(self, idx) -> "Task":
-        """The task restricted to examples ``idx`` (indices or a bool mask over the examples)."""
+        """The task restricted to the examples at indices ``idx`` (a list or 1-D tensor of ints)."""
         idx = torch.as_tensor(idx)
         return Task(self.name, self.clean[idx], self.corrupt[idx], self.answer[idx], self.wrong[idx], self.kind,
                     [self.texts[i] for i in idx.tolist()] if self.texts else [],
