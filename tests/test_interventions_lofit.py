@@ -76,6 +76,7 @@ def test_save_load_round_trip(tiny, tmp_path):
     edits_io.save_edits(out, edits, meta={"task": "x"})
     back, meta = edits_io.load_edits(out, with_meta=True)
     assert meta == {"task": "x"} and [type(e) for e in back] == [type(e) for e in edits]
+    assert hs.load_edits is edits_io.load_edits and hs.save_edits is edits_io.save_edits   # hs.load_edits(DIR)
     toks = torch.randint(0, 128, (1, 10))
     with torch.no_grad():
         with tiny.edit(edits):
