@@ -13,7 +13,7 @@ import random
 import torch
 from einops import reduce, repeat
 
-from ..probe import Stats
+from ..probe import Stats, output_cache
 
 # Zhou et al. 2025 ("On the Role of Attention Heads in LLM Safety", Sahara's prompt format): the plain
 # template used for models without a chat template (base models such as Gemma-3-270M).
@@ -138,7 +138,7 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None = None):
     pre = {} if mask is None else dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
     with torch.no_grad():
         # logits_to_keep=1: the prefill needs only the cache, not N x vocab logits (Gemma: 262k vocab)
-        return model.model(input_ids=ids, use_cache=True, logits_to_keep=1, **pre).past_key_values
+        return output_cache(model.model(input_ids=ids, use_cache=True, logits_to_keep=1, **pre))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def decode(model, prompts, max_new_tokens: int, stop_ids=None, record: bool = Fa
     rec_ctx = model.record(argmax=True) if record else contextlib.nullcontext()
     edit_ctx = model.edit(list(edits)) if edits else contextlib.nullcontext()
     with edit_ctx, rec_ctx as rec:
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, past_key_values=cache,
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, cache=cache,
                              **kw)
     new = out[:, N:].cpu()
     am = rec.stack("argmax").cpu() if record else None                       # [L, B, H, T]

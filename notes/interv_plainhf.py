@@ -15,14 +15,23 @@ if g.is_dir():
     g = sorted(g.glob("*.gguf"))[0]
 tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
 m = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32, attn_implementation="eager")
-ids = torch.tensor([[1] + tok("Read the text and the notes in it", add_special_tokens=False)["input_ids"]])
+import hashlib, numpy, platform, importlib.metadata as md  # noqa: E402
+print("versions", platform.python_version(), "numpy", numpy.__version__, "gguf", md.version("gguf"), "torch", torch.__version__,
+      "transformers", transformers.__version__, "md5", hashlib.md5(g.read_bytes()).hexdigest())
+for name, w in m.state_dict().items():  # where do the weights differ between machines?
+    if any(f"layers.{l}." in name for l in (0, 1, 2)) or "embed" in name or name == "model.norm.weight":
+        w = w.double()
+        print("weight", name, tuple(w.shape), f"{float(w.sum()):.6e}", f"{float(w.abs().sum()):.6e}", f"{float(w.abs().max()):.6e}")
+DEV = os.environ.get("DEVICE", "cpu")
+m.to(DEV)
+ids = torch.tensor([[1] + tok("Read the text and the notes in it", add_special_tokens=False)["input_ids"]]).to(DEV)
 
 
 def peaks(hidden, who):
     for l in (1, 2, 5, 10, 20):
         x = hidden[l][0, 0].float()
         x = (x * torch.rsqrt(x.pow(2).mean() + 1e-6)).abs()
-        print(who, transformers.__version__, torch.__version__, "layer", l, round(float(x.max()), 3), int(x.argmax()))
+        print(who, DEV, transformers.__version__, torch.__version__, "layer", l, round(float(x.max()), 3), int(x.argmax()))
 
 
 with torch.no_grad():

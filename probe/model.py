@@ -22,6 +22,7 @@ from . import module_hooks
 from .checks import as_index, as_indices, check_range
 from .edits import EDIT_TYPES, OutputEdit, compile_edits
 from .cache import ActivationCache
+from .hf_compat import GENERATE_CACHE_KWARG
 from .hooks import Hook, hook_name, parse
 from .record import Recorder
 from .state import ProbeState
@@ -528,9 +529,13 @@ class HookedModel(TLIdioms, nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens, max_new_tokens: int = 32, attention_mask=None, do_sample: bool = False,
-                 **kwargs) -> torch.Tensor:
+                 cache=None, **kwargs) -> torch.Tensor:
         """HF generate (KV cache on) through the headscope path; probes and edits stay active.
-        Returns prompt + new tokens [batch, pos]."""
+        ``cache``: a transformers ``Cache`` to decode into (a prefilled one, or a ``HeadClassCache``);
+        passed under the keyword the installed transformers takes (``cache`` or, in older
+        versions, ``past_key_values``). Returns prompt + new tokens [batch, pos]."""
+        if cache is not None:
+            kwargs[GENERATE_CACHE_KWARG] = cache
         toks, kw = self._inputs(tokens, attention_mask)
         kw.pop("position_ids", None)
         if "attention_mask" not in kw:

@@ -229,6 +229,19 @@ def test_generate_with_cache_records_and_edits(tiny_llama):
     assert torch.equal(edited, ref)
 
 
+def test_generate_takes_a_prefilled_cache_under_either_transformers_name(tiny_llama):
+    # transformers renamed past_key_values to cache; model.generate(cache=) must work with the installed one
+    import inspect
+    from headscope.probe.hf_compat import GENERATE_CACHE_KWARG
+    m = tiny_llama
+    assert GENERATE_CACHE_KWARG in inspect.signature(type(m.model).forward).parameters
+    toks = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    plain = m.generate(toks, max_new_tokens=4)
+    cache = hs.probe.output_cache(m.model(input_ids=toks[:, :-1], use_cache=True))
+    assert cache is not None and cache.get_seq_length() == 8
+    assert torch.equal(m.generate(toks, max_new_tokens=4, cache=cache), plain)
+
+
 def test_bad_inputs_raise_clear_errors(tiny_llama):
     m = tiny_llama
     with pytest.raises(hs.ModelNotFound, match="unknown model"):
