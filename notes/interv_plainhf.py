@@ -45,3 +45,10 @@ with torch.no_grad():
     lg = hm(ids)
 peaks([cache[f"blocks.{l}.hook_resid_pre"] for l in range(hm.cfg.n_layers)], "headscope")
 print("headscope next token", repr(tok.decode(lg[0, -1].argmax())), float(lg[0, -1].max()))
+# how the experiments tokenise (VAR's first-token peak came out 13.99 on the device, 23.9 here)
+from headscope.interventions.var import first_token_peak  # noqa: E402
+hm = hs.load(os.environ["GGUF"], device=DEV)             # as the experiments load it
+t = hm.to_tokens("Read the text and the notes in it, then answer the question.\n\n")[0]
+print("to_tokens", t[:4].tolist(), "bos", repr(hm.tokenizer.bos_token), hm.tokenizer.bos_token_id,
+      "add_bos", getattr(hm.tokenizer, "add_bos_token", None), "plain tok", hm.tokenizer("Read the text")["input_ids"])
+print("first_token_peak", round(first_token_peak(hm, t), 3))

@@ -99,7 +99,6 @@ class HookedModel(TLIdioms, nn.Module):
         self.cfg = _info(hf_model, name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
         self.state = ProbeState(self.cfg.n_layers)
         self._token_masks = WeakIdKeyDictionary()   # to_tokens output -> its padding mask
-        self._prepends_bos = None
         self.model.set_attn_implementation(_attention.NAME)
         self.layers = _decoder_layers(hf_model, self.cfg.n_layers)
         self.attn = [_attention_module(l) for l in self.layers]
@@ -217,10 +216,13 @@ class HookedModel(TLIdioms, nn.Module):
         ``attention_mask`` is given, or None when nothing is padded.
 
         Tokens from ``to_tokens`` use the mask the tokenizer made. Other tensors follow
-        TransformerLens' ``utils.get_attention_mask`` for left padding: the run of pad tokens at the
-        start of each row is masked; when the pad id is also the BOS id and the tokenizer prepends a
-        BOS, the last token of that run is the BOS and stays visible. Pads elsewhere in a row are
-        real tokens. A row that is nothing but padding is an error."""
+        TransformerLens' ``utils.get_attention_mask`` for left padding, with TransformerLens'
+        default ``prepend_bos=True`` (as ``to_tokens``): the run of pad tokens at the start of each
+        row is masked; when the pad id is also the BOS id, the last token of that run is the BOS and
+        stays visible (whether or not the tokenizer itself prepends a BOS: SmolLM2's GGUF tokenizer
+        in transformers 5.17 has no pad token, EOS = BOS = 1, so the pad falls back to the BOS and
+        every prompt starts with one). Pads elsewhere in a row are real tokens. A row that is
+        nothing but padding is an error."""
         known = self._token_masks.get(tokens)
         if known is not None and known.shape == tokens.shape:
             return known
@@ -232,7 +234,7 @@ class HookedModel(TLIdioms, nn.Module):
         if not bool(lead.any()):
             return None
         mask = (~lead).long()
-        if pad == getattr(tok, "bos_token_id", None) and self._tokenizer_prepends_bos():
+        if pad == getattr(tok, "bos_token_id", None):
             n = lead.sum(-1)                                            # [B] run lengths
             rows = torch.nonzero(n > 0)[:, 0]
             mask[rows, n[rows] - 1] = 1
@@ -241,16 +243,6 @@ class HookedModel(TLIdioms, nn.Module):
             raise ValueError(f"row(s) {empty} of the tokens are all padding (pad id {pad}): drop them or "
                              "pass attention_mask= explicitly")
         return None if bool(mask.all()) else mask
-
-    def _tokenizer_prepends_bos(self) -> bool:
-        if self._prepends_bos is None:
-            tok = self.tokenizer
-            try:
-                ids = tok("a")["input_ids"]
-                self._prepends_bos = bool(ids) and ids[0] == tok.bos_token_id
-            except Exception:  # a tokenizer that cannot encode plain text: assume no BOS
-                self._prepends_bos = False
-        return self._prepends_bos
 
     def to_string(self, tokens) -> str | list[str]:
         """Token ids -> text: [pos] -> str, [batch, pos] -> one str per row (TransformerLens'

@@ -49,16 +49,26 @@ def test_padded_list_rows_equal_each_prompt_alone(smollm2):
 
 
 def test_padding_mask_follows_transformerlens_when_pad_is_bos():
+    from transformer_lens.utilities.tokenize_utils import get_attention_mask
     m = hs.load("tiny-llama")
     toks = torch.tensor([[5, 5, 5, 9, 8], [5, 7, 9, 8, 6], [4, 5, 6, 7, 8]])
+
+    def tl_mask(tokenizer):   # TransformerLens' rule with its default prepend_bos=True
+        return get_attention_mask(tokenizer, toks, prepend_bos=True, padding_side="left")
+
     # pad != bos: the leading pad run is masked, pads later in a row are real tokens
     m.tokenizer = SimpleNamespace(pad_token_id=5, bos_token_id=1)
     assert torch.equal(m.padding_mask(toks), torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
-    # pad == bos and the tokenizer prepends a BOS: the last token of the run is that BOS
-    m.tokenizer = lambda text: {"input_ids": [5, 60]}
-    m.tokenizer.pad_token_id = m.tokenizer.bos_token_id = 5
-    m._prepends_bos = None
-    assert torch.equal(m.padding_mask(toks), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    assert torch.equal(m.padding_mask(toks), tl_mask(m.tokenizer))
+    # pad == bos: the last token of the run is the BOS and stays visible, whether or not the
+    # tokenizer prepends one itself (SmolLM2's GGUF tokenizer in transformers 5.17: no pad token,
+    # EOS = BOS = 1 and no BOS of its own -- masking the BOS there changed every inferred-mask forward)
+    for prepends in ([60], [5, 60]):
+        m.tokenizer = lambda text, ids=prepends: {"input_ids": ids}
+        m.tokenizer.pad_token_id = m.tokenizer.bos_token_id = 5
+        assert torch.equal(m.padding_mask(toks), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+        assert torch.equal(m.padding_mask(toks), tl_mask(m.tokenizer))
+        assert m.padding_mask(torch.tensor([[5, 9, 8, 7]])) is None      # a to_tokens-style row: all visible
     m.tokenizer = SimpleNamespace(pad_token_id=5, bos_token_id=1)
     with pytest.raises(ValueError, match=r"row\(s\) \[1\] of the tokens are all padding"):
         m(torch.tensor([[4, 5, 6], [5, 5, 5]]))
