@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 CACHE_FORMAT = 1          # the entry folder's name (``smollm2-v1``): the converted layout
-MANIFEST_VERSION = 2      # 2: sha256 of every file (1 held the weights' checksum only)
+MANIFEST_VERSION = 3      # 3: tokenizer special tokens from the GGUF metadata; 2: sha256 of every file
 MANIFEST = "headscope.json"
 STALE_SECONDS = 3600      # an unlocked temporary folder older than this is an orphan
 
@@ -133,12 +133,47 @@ def save_dequantised(model, folder: Path) -> None:
 
 
 
+GGUF_SPECIAL_TOKENS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                       "pad": "tokenizer.ggml.padding_token_id", "unk": "tokenizer.ggml.unknown_token_id"}
+
+
+def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    """{"bos" | "eos" | "pad" | "unk": token id} as the GGUF file's metadata declares them."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    ids = {}
+    for role, key in GGUF_SPECIAL_TOKENS.items():
+        f = fields.get(key)
+        if f is not None and f.data:
+            ids[role] = int(f.parts[f.data[0]][0])
+    return ids
+
+
+def match_gguf_special_tokens(tok, gguf: Path):
+    """Give ``tok`` (read from ``gguf`` by transformers) the BOS / EOS / pad / unk tokens the GGUF
+    declares, where transformers read them otherwise: transformers 5.17 reads SmolLM2's EOS as
+    ``<|im_start|>`` (= its BOS) and no pad token, while the file says ``<|im_end|>`` for both (5.24
+    reads them right). Without this, generation stops and padding depend on the transformers
+    version. Each correction is logged. Returns ``tok``."""
+    if tok is None:
+        return tok
+    for role, i in gguf_special_token_ids(gguf).items():
+        have = getattr(tok, f"{role}_token_id", None)
+        if have != i and 0 <= i < len(tok):
+            token = tok.convert_ids_to_tokens(i)
+            log.warning("headscope: transformers read the %s token of %s as %r; the GGUF says %r (id %d): using "
+                        "the GGUF's", role, gguf.name, getattr(tok, f"{role}_token", None), token, i)
+            setattr(tok, f"{role}_token", token)
+    return tok
+
+
 def convert_gguf(gguf: Path, folder: Path) -> None:
     """Dequantise ``gguf`` into ``folder`` (an empty folder): model.safetensors, config.json and the
-    tokenizer files."""
+    tokenizer files (special tokens as the GGUF declares them, ``match_gguf_special_tokens``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = match_gguf_special_tokens(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     save_dequantised(model, folder)
     tok.save_pretrained(folder)
@@ -163,7 +198,8 @@ def check_entry(folder: Path, gguf: Path) -> str | None:
     except (OSError, ValueError) as e:
         return f"{manifest} is unreadable ({e})"
     if not isinstance(files, dict) or info.get("manifest") != MANIFEST_VERSION:
-        return "its manifest predates per-file checksums"
+        return (f"its manifest (version {info.get('manifest') if isinstance(info, dict) else None}) predates this "
+                f"headscope's (version {MANIFEST_VERSION}: per-file checksums, GGUF special tokens)")
     if info.get("source_size") != gguf.stat().st_size:
         return f"the source {gguf} changed"
     for need in ("config.json", "model.safetensors"):
@@ -359,6 +395,8 @@ def load_hf(name_or_path, *, dtype=torch.float32, device=None):
         raise ModelLoadError(f"cannot load the model in {folder}: {type(e).__name__}: {e}. "
                              "Check that it is a complete Hugging Face causal LM folder") from e
     tok = load_tokenizer(folder, **kw)
+    if "gguf_file" in kw:
+        tok = match_gguf_special_tokens(tok, folder / kw["gguf_file"])
     if device is not None:
         model = model.to(device)
     return model, tok, display

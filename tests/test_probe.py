@@ -293,6 +293,7 @@ def test_corrupt_cache_is_reconverted(tmp_path, monkeypatch):
     import transformers
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_auto)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: FakeTok())
+    monkeypatch.setattr(loading, "gguf_special_token_ids", lambda gguf: {})     # the fake .gguf has no metadata
     gguf = tmp_path / "src" / "m.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"x" * 10)
@@ -306,6 +307,26 @@ def test_corrupt_cache_is_reconverted(tmp_path, monkeypatch):
     loading._cached_folder(emb)
     assert len(calls) == 2                                                # re-converted
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fake-")]   # no temp folders left
+
+
+def test_gguf_special_tokens_override_what_transformers_read(smollm2, caplog):
+    """transformers 5.17 reads SmolLM2's GGUF tokenizer with EOS = BOS = <|im_start|> and no pad;
+    the GGUF says <|im_end|> (2) for both. headscope takes the file's ids, on any version."""
+    import copy
+    import logging
+    from headscope.probe import loading
+    gguf = loading.EMBEDDED["smollm2"].gguf_path()
+    assert loading.gguf_special_token_ids(gguf) == {"bos": 1, "eos": 2, "pad": 2, "unk": 0}
+    assert (smollm2.tokenizer.bos_token_id, smollm2.tokenizer.eos_token_id, smollm2.tokenizer.pad_token_id) == (1, 2, 2)
+    tok = copy.deepcopy(smollm2.tokenizer)
+    tok.eos_token = "<|im_start|>"                                  # what 5.17 gives
+    assert tok.eos_token_id == 1
+    with caplog.at_level(logging.WARNING, logger="headscope"):
+        assert loading.match_gguf_special_tokens(tok, gguf) is tok
+    assert tok.eos_token_id == 2 and tok.bos_token_id == 1 and tok.pad_token_id == 2
+    assert [r.getMessage() for r in caplog.records if "the GGUF says" in r.getMessage()] == [
+        "headscope: transformers read the eos token of SmolLM2-135M-Instruct.Q4_1.gguf as '<|im_start|>'; "
+        "the GGUF says '<|im_end|>' (id 2): using the GGUF's"]
 
 
 @pytest.mark.slow
