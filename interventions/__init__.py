@@ -8,6 +8,8 @@
 (DuoAttention / RazorAttention deployment; optional RazorAttention compensation token).
 ``redistribute``: ACT/VAR's redistribution with per-example key sets, for batched pattern hooks.
 ``controls``: random-head and other-task controls with bootstrap confidence intervals.
+``evaluate``: held-out scoring of a head intervention (hooks or edits) and the selected-vs-random
+head-set comparison that ACT and VAR share.
 ``tasks``: shipped labelled tasks with fixed disjoint splits.
 ``save_edits`` / ``load_edits``: one folder per learned edit list (``edits_io``).
 """

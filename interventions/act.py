@@ -26,6 +26,7 @@ import torch
 from ..heads.common import received_importance, resid_pre_all
 from ..heads.sinks import hidden_sinks_from_importance
 from ..probe import ScaleKeys
+from .evaluate import choice_scores, score_intervention, selected_vs_random
 from .redistribute import redistribute_rows
 
 
@@ -205,15 +206,6 @@ class TaskPass:
     sweep_margin: torch.Tensor | None = None
 
 
-def choice_scores(logits: torch.Tensor, choices: torch.Tensor, labels: torch.Tensor):
-    """logits [B, V] -> (correct [B] bool, margin [B]) over the candidates choices [B, C]."""
-    cand = logits.float().gather(1, choices.to(logits.device))                   # [B, C]
-    lab = labels.to(logits.device)
-    right = cand.gather(1, lab[:, None])[:, 0]
-    other = cand.scatter(1, lab[:, None], float("-inf")).amax(-1)
-    return (cand.argmax(-1) == lab).cpu(), (right - other).cpu()
-
-
 def task_pass(model, examples: list[Example], layers, beta: float = 0.4, threshold: float = 0.1,
               sweep: bool = True, batch_size: int = 16, progress: bool = True, desc: str = "ACT pass") -> TaskPass:
     """Unedited accuracy, every example's hidden sinks on ``layers``, and (``sweep``) the accuracy
@@ -313,30 +305,13 @@ def evaluate_heads(model, examples: list[Example], sinks: list, heads, beta: flo
     ``ScaleKeys`` edits (``act_edits``); ``via="hooks"`` (default): batches of examples, the same
     calibration applied per example by ``hook_pattern`` hooks (``calibrate_pattern``; the layers
     with a calibrated head then run the full-pattern reference path)."""
-    from .tasks import batches, pad_id
-    if via not in ("hooks", "edits"):
-        raise ValueError(f"via must be 'hooks' or 'edits', got {via!r}")
     heads = [(int(l), int(h)) for l, h in heads]
-    correct, margin = [], []
-    if via == "edits":
-        for ex, s in zip(examples, sinks):
-            with torch.no_grad(), model.edit(act_edits(s, heads, beta)):
-                lg = model(ex.tokens[None], logits_to_keep=1)[:, -1]
-            c, m = choice_scores(lg, torch.tensor([ex.choices]), torch.tensor([ex.label]))
-            correct.append(c)
-            margin.append(m)
-        return torch.cat(correct), torch.cat(margin)
-    for i0, (toks, mask, choices, labels) in zip(range(0, len(examples), batch_size),
-                                                  batches(examples, batch_size, pad_id(model))):
-        B, N = toks.shape
-        pad = (N - mask.sum(-1)).tolist()
-        hooks = calibration_hooks(sinks[i0:i0 + B], heads, pad, N, model.cfg.n_heads, beta)
-        with torch.no_grad(), model.hooks(hooks):
-            lg = model(toks, attention_mask=mask, logits_to_keep=1)[:, -1]
-        c, m = choice_scores(lg, choices, labels)
-        correct.append(c)
-        margin.append(m)
-    return torch.cat(correct), torch.cat(margin)
+    return score_intervention(
+        model, examples,
+        hooks_for_batch=lambda rows, pad, n_pos: calibration_hooks(sinks[rows], heads, pad, n_pos,
+                                                                   model.cfg.n_heads, beta),
+        edits_for_example=lambda i: act_edits(sinks[i], heads, beta),
+        batch_size=batch_size, via=via)
 
 
 def select_from_sweep(p: TaskPass, layers, min_gain: float = 0.0, top_k: int | None = None) -> tuple[list, torch.Tensor]:
@@ -386,12 +361,9 @@ def compare(model, calibration: list[Example], test: list[Example], beta: float 
     if heads:
         c_cal, _ = evaluate_heads(model, calibration, p_cal.sinks, heads, beta, batch_size)
         extra["calibration_act_accuracy"] = float(c_cal.float().mean())
-        c, _ = evaluate_heads(model, test, p_test.sinks, heads, beta, batch_size)
-        rows.append(controls.Row(f"ACT-selected ({len(heads)} heads)", c, n_heads=len(heads), heads=heads))
-        if n_random:
-            sets = controls.random_head_sets(L, H, len(heads), n_random, seed, layers=layers)
-            rc = [evaluate_heads(model, test, p_test.sinks, s, beta, batch_size)[0] for s in sets]
-            rows.append(controls.Row(f"random {len(heads)} heads", torch.stack(rc), n_heads=len(heads), heads=sets))
+        rows += selected_vs_random(lambda s: evaluate_heads(model, test, p_test.sinks, s, beta, batch_size),
+                                   heads, L, H, layers, n_random, seed,
+                                   "ACT-selected ({k} heads)", "random {k} heads").rows
         rows.append(controls.Row(f"all heads of layers {layers[0]}..{layers[-1]}",
                                  evaluate_heads(model, test, p_test.sinks, cand, beta, batch_size)[0],
                                  n_heads=len(cand)))

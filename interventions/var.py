@@ -127,7 +127,7 @@ def var_pass(model, examples, dims: list[int], tau: float = 20.0, rho: float = 0
     last query (the answer's position)."""
     from tqdm.auto import tqdm
 
-    from .act import choice_scores
+    from .evaluate import choice_scores
     from .tasks import batches, pad_id
     if not dims:
         raise ValueError("no massive-activation dimensions given: run massive_dims first")
@@ -206,42 +206,28 @@ def evaluate_var(model, examples, sinks: list, heads=None, p: float = 0.6, rho: 
                  min_target: float = 0.2, batch_size: int = 8, via: str = "hooks"):
     """(correct [n] bool, margin [n]) with VAR on ``heads`` (None: all heads of layers 2..L-2).
     ``via="edits"``: one forward per example with ``var_edits``' ScaleKeys; ``"hooks"``: batched."""
-    from .act import choice_scores
-    from .tasks import batches, pad_id
+    from .evaluate import score_intervention
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    correct, margin = [], []
-    if via == "edits":
-        by_layer = None
-        if heads is not None:
-            by_layer = {}
-            for l, h in heads:
-                by_layer.setdefault(int(l), []).append(int(h))
-        for ex, s in zip(examples, sinks):
-            eds = []
-            for l, pos in s.items():
-                if by_layer is not None and l not in by_layer:
-                    continue
-                eds += var_edits(model, {l: pos}, [tuple(ex.target)], p, rho, min_target,
-                                 heads=None if by_layer is None else by_layer[l])
-            with torch.no_grad(), model.edit(eds):
-                lg = model(ex.tokens[None], logits_to_keep=1)[:, -1]
-            c, mg = choice_scores(lg, torch.tensor([ex.choices]), torch.tensor([ex.label]))
-            correct.append(c)
-            margin.append(mg)
-        return torch.cat(correct), torch.cat(margin)
-    if via != "hooks":
-        raise ValueError(f"via must be 'hooks' or 'edits', got {via!r}")
-    for i0, (toks, mask, choices, labels) in zip(range(0, len(examples), batch_size),
-                                                  batches(examples, batch_size, pad_id(model))):
-        B, N = toks.shape
-        pad = (N - mask.sum(-1)).tolist()
-        hooks = var_hooks(examples[i0:i0 + B], sinks[i0:i0 + B], heads, pad, N, L, H, p, rho, min_target)
-        with torch.no_grad(), model.hooks(hooks):
-            lg = model(toks, attention_mask=mask, logits_to_keep=1)[:, -1]
-        c, mg = choice_scores(lg, choices, labels)
-        correct.append(c)
-        margin.append(mg)
-    return torch.cat(correct), torch.cat(margin)
+    by_layer = None
+    if via == "edits" and heads is not None:
+        by_layer = {}
+        for l, h in heads:
+            by_layer.setdefault(int(l), []).append(int(h))
+
+    def edits_for_example(i):
+        eds = []
+        for l, pos in sinks[i].items():
+            if by_layer is not None and l not in by_layer:
+                continue
+            eds += var_edits(model, {l: pos}, [tuple(examples[i].target)], p, rho, min_target,
+                             heads=None if by_layer is None else by_layer[l])
+        return eds
+
+    return score_intervention(
+        model, examples,
+        hooks_for_batch=lambda rows, pad, n_pos: var_hooks(examples[rows], sinks[rows], heads, pad, n_pos, L, H,
+                                                           p, rho, min_target),
+        edits_for_example=edits_for_example, batch_size=batch_size, via=via)
 
 
 def compare(model, calibration, test, p: float = 0.6, rho: float = 0.5, min_target: float = 0.2,
@@ -253,6 +239,7 @@ def compare(model, calibration, test, p: float = 0.6, rho: float = 0.5, min_targ
     head sets of that size. ``tau`` None: min(20, 0.8 x the first token's peak, ``first_token_peak``).
     -> (rows [controls.Row], extra dict). Raises ValueError when the model has no massive dimension."""
     from . import controls
+    from .evaluate import selected_vs_random
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if L < 4:
         raise ValueError(f"{model.cfg.name} has {L} layers: VAR edits layers 2..L-2, none here")
@@ -281,17 +268,12 @@ def compare(model, calibration, test, p: float = 0.6, rho: float = 0.5, min_targ
              "share_rows_rule_holds_last_query": float(vt.applies[:, 2:L - 1].float().mean()),
              "margin_base": float(vt.margin.mean()), "margin_var_all": float(m_all.mean())}
     if heads:
-        c_sel, m_sel = evaluate_var(model, test, vt.sinks, heads, **kw)
-        rows.append(controls.Row(f"VAR, target-centric heads ({len(heads)})", c_sel, n_heads=len(heads), heads=heads))
-        extra["margin_var_selected"] = float(m_sel.mean())
-        if n_random:
-            sets = controls.random_head_sets(L, H, len(heads), n_random, seed, layers=range(2, L - 1))
-            rc, rm = [], []
-            for s in sets:
-                c, m = evaluate_var(model, test, vt.sinks, s, **kw)
-                rc.append(c)
-                rm.append(m)
-            rows.append(controls.Row(f"VAR, random {len(heads)} heads", torch.stack(rc), n_heads=len(heads), heads=sets))
-            extra["margin_var_random"] = float(torch.stack(rm).mean())
+        sel = selected_vs_random(lambda s: evaluate_var(model, test, vt.sinks, s, **kw), heads, L, H,
+                                 range(2, L - 1), n_random, seed,
+                                 "VAR, target-centric heads ({k})", "VAR, random {k} heads")
+        rows += sel.rows
+        extra["margin_var_selected"] = float(sel.margin.mean())
+        if sel.random_margin is not None:
+            extra["margin_var_random"] = float(sel.random_margin.mean())              # over [sets, n]
     extra["sinks_example0"] = vt.sinks[0]
     return rows, extra
