@@ -30,14 +30,22 @@ run() {   # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, stop at LIMIT_S or wh
 $PY -c "import torch, transformers, headscope; print(torch.__version__, transformers.__version__, headscope.__file__, torch.cuda.get_device_name())" | tee -a "$OUT/batch.log"
 for job in $JOBS; do
   case $job in
-    check) [ -e "$MODEL" ] && run check 45 env GGUF="$MODEL" $PY -u notes/interv_plainhf.py ;;
+    check) [ -e "$MODEL" ] && run check 120 env GGUF="$MODEL" $PY -u notes/interv_plainhf.py ;;
     act) run act 200 $PY -u experiments/act.py --model "$MODEL" --device cuda --task sentiment-chat \
            --calibration 500 --heldout 1000 --n-random 10 --batch-size 64 --out "$OUT/act_smollm2" ;;
     act10) run act10 100 $PY -u experiments/act.py --model "$MODEL" --device cuda --task sentiment-chat \
            --calibration 500 --heldout 1000 --n-random 10 --batch-size 64 --top-k 10 --out "$OUT/act_top10_smollm2" ;;
     var) run var 150 $PY -u experiments/var.py --model "$MODEL" --device cuda --calibration 100 --heldout 300 \
            --facts 4 --passages 3 --tau auto --n-random 10 --batch-size 16 --out "$OUT/var_smollm2" ;;
-    kv) run kv 70 env MODEL="$MODEL" DEVICE=cuda COMPENSATE=1 $PY -u notes/interv_kv_bench.py 64 256 ;;
+    lofit) run lofit 90 env HEADSCOPE_NO_TRITON=1 $PY -u -m headscope.app.intervene_cli lofit --model "$MODEL" --task sentiment \
+           --other-task harm --k 8 --n-train 256 --n-test 400 --epochs 2 --n-random 10 --device cuda --out "$OUT/lofit_smollm2" ;;
+    lofit2) run lofit2 110 env HEADSCOPE_NO_TRITON=1 $PY -u -m headscope.app.intervene_cli lofit --model "$MODEL" --task sentiment \
+           --other-task harm --k 8 --n-train 256 --n-test 400 --epochs 4 --lam 1e-3 --n-random 10 --seed 1 --device cuda \
+           --out "$OUT/lofit2_smollm2" ;;
+    influence) run influence 110 env HEADSCOPE_NO_TRITON=1 $PY -u -m headscope.app.intervene_cli influence --model "$MODEL" \
+           --heads L18H6,L17H3,L18H7,L23H2,L17H4,L20H6,L23H7,L21H5,L21H8,L22H7,L23H1,L23H8,L24H4,L19H5,L22H4,L21H7 \
+           --per-kind 60 --max-tokens 192 --n-random 10 --device cuda --out "$OUT/influence_smollm2" ;;
+    kv) run kv 100 env MODEL="$MODEL" DEVICE=cuda COMPENSATE=1 $PY -u notes/interv_kv_bench.py 64 256 ;;
   esac
 done
 echo "batch done in $(( $(date +%s) - T0 )) s" | tee -a "$OUT/batch.log"
