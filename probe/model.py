@@ -26,7 +26,7 @@ from .hf_compat import GENERATE_CACHE_KWARG
 from .hooks import Hook, hook_name, parse
 from .record import Recorder
 from .state import ProbeState
-from .tl_idioms import TLConfigNames, TLIdioms, tokens_with_bos
+from .tl_idioms import TLConfigNames, TLIdioms, bos_token_id, tokens_with_bos
 
 _OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")                  # attention output projection
 _PRE_MLP_NORM = ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm")  # input = resid_mid
@@ -221,7 +221,8 @@ class HookedModel(TLIdioms, nn.Module):
         row is masked; when the pad id is also the BOS id, the last token of that run is the BOS and
         stays visible (whether or not the tokenizer itself prepends a BOS: SmolLM2's GGUF tokenizer
         in transformers 5.17 has no pad token, EOS = BOS = 1, so the pad falls back to the BOS and
-        every prompt starts with one). Pads elsewhere in a row are real tokens. A row that is
+        every prompt starts with one). The BOS is the one ``to_tokens`` prepends (``bos_token_id``:
+        Qwen2's EOS, which is also its pad). Pads elsewhere in a row are real tokens. A row that is
         nothing but padding is an error."""
         known = self._token_masks.get(tokens)
         if known is not None and known.shape == tokens.shape:
@@ -234,7 +235,7 @@ class HookedModel(TLIdioms, nn.Module):
         if not bool(lead.any()):
             return None
         mask = (~lead).long()
-        if pad == getattr(tok, "bos_token_id", None):
+        if pad == _prepended_bos_id(tok):
             n = lead.sum(-1)                                            # [B] run lengths
             rows = torch.nonzero(n > 0)[:, 0]
             mask[rows, n[rows] - 1] = 1
@@ -550,6 +551,14 @@ class HookedModel(TLIdioms, nn.Module):
 
 _RETURN_TYPES = ("logits", "loss", "both", None)
 _HF_FORWARD_KWARGS = frozenset({"logits_to_keep"})    # passed through to the Hugging Face model
+
+
+def _prepended_bos_id(tokenizer) -> int | None:
+    """The id ``to_tokens`` prepends as BOS (``tl_idioms.bos_token_id``), None when there is none."""
+    try:
+        return bos_token_id(tokenizer)
+    except (ValueError, AttributeError, TypeError):
+        return None
 
 
 def lm_cross_entropy_loss(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,

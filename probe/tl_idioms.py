@@ -43,7 +43,8 @@ def bos_token_id(tokenizer) -> int:
     """The id TransformerLens prepends for ``prepend_bos=True``: the BOS token, or the EOS token
     for tokenizers without one (Qwen2's ``<|endoftext|>``, what TransformerLens' tokenizer setup
     installs as BOS)."""
-    for t in (tokenizer.bos_token_id, getattr(tokenizer, "cls_token_id", None), tokenizer.eos_token_id):
+    for t in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "cls_token_id", None),
+              getattr(tokenizer, "eos_token_id", None)):
         if t is not None:
             return int(t)
     raise ValueError(f"{type(tokenizer).__name__} has no BOS, CLS or EOS token to prepend: "

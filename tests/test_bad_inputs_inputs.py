@@ -69,6 +69,11 @@ def test_padding_mask_follows_transformerlens_when_pad_is_bos():
         assert torch.equal(m.padding_mask(toks), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
         assert torch.equal(m.padding_mask(toks), tl_mask(m.tokenizer))
         assert m.padding_mask(torch.tensor([[5, 9, 8, 7]])) is None      # a to_tokens-style row: all visible
+    # no BOS token (Qwen2): to_tokens prepends the EOS, which is also the pad; TL's tokenizer setup
+    # installs that EOS as BOS, so TL keeps it visible too
+    m.tokenizer = SimpleNamespace(pad_token_id=5, bos_token_id=None, eos_token_id=5)
+    assert torch.equal(m.padding_mask(toks), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    assert torch.equal(m.padding_mask(toks), tl_mask(SimpleNamespace(pad_token_id=5, bos_token_id=5)))
     m.tokenizer = SimpleNamespace(pad_token_id=5, bos_token_id=1)
     with pytest.raises(ValueError, match=r"row\(s\) \[1\] of the tokens are all padding"):
         m(torch.tensor([[4, 5, 6], [5, 5, 5]]))
