@@ -86,7 +86,7 @@ def measure(stream: dict, **info):
             tok_s.append(new.numel() / dt)
             bytes_.append(nb)
             full_bytes.append(2 * L * G * (t.prompt.numel() + new.numel() - 1) * m.cfg.d_head * 4)   # full fp32 cache
-        rows.append(dict(**info, streaming_kv_heads=n, stream={int(k): v for k, v in stream.items()},
+        rows.append(dict(**info, streaming_kv_heads=n, stream={int(k): v for k, v in sorted(stream.items())},
                          compensate=compensate, niah_recall=sum(rec) / len(rec), recall_per_test=rec,
                          cache_mb=sum(bytes_) / len(bytes_) / 2**20,
                          full_cache_mb=sum(full_bytes) / len(full_bytes) / 2**20,
@@ -110,3 +110,21 @@ if os.environ.get("OUTJSON"):
         json.dump(dict(model=m.cfg.name, sink=sink, recent=recent, retrieval_heads=retr, lengths=lengths,
                        depths=depths, plain_recall=plain_rec, native_cache_mb=native, rows=rows), f, indent=1)
     os.replace(tmp, os.environ["OUTJSON"])
+    md = [f"# KV cache by head class, {m.cfg.name}, sink {sink} / recent {recent}, NIAH lengths {lengths} x depths "
+          f"{depths} ({len(tests)} tests, {new_tokens} new tokens)", "",
+          f"plain DynamicCache: NIAH recall {sum(plain_rec) / len(plain_rec):.3f}, native cache "
+          f"{sum(native) / len(native):.2f} MB", "",
+          "| streaming KV heads | kind | compensate | NIAH recall (mean; min-max over sets) | cache held MB | "
+          "full cache MB | native cache MB | new tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["frac"], r["kind"], r["compensate"]) for r in rows):
+        rs = [r for r in rows if (r["frac"], r["kind"], r["compensate"]) == key]
+        rec = [r["niah_recall"] for r in rs]
+        mean = lambda k: sum(r[k] for r in rs) / len(rs)
+        spread = f" ({min(rec):.3f}-{max(rec):.3f}, {len(rs)} sets)" if len(rs) > 1 else ""
+        md.append(f"| {rs[0]['streaming_kv_heads']} / {L * G} ({key[0]:.0%}) | {key[1]} | {key[2]} | "
+                  f"{sum(rec) / len(rec):.3f}{spread} | {mean('cache_mb'):.2f} | {mean('full_cache_mb'):.2f} | "
+                  f"{mean('native_cache_mb'):.2f} | {mean('tokens_per_s'):.2f} |")
+    md_path = os.path.splitext(os.environ["OUTJSON"])[0] + ".md"
+    with open(md_path + ".tmp", "w") as f:
+        f.write("\n".join(md) + "\n")
+    os.replace(md_path + ".tmp", md_path)
