@@ -6,12 +6,16 @@
 # Step prep (always, first): converts the GGUF once into GEMMA_DIR (default /tmp/gemma3-270m-hf; kept for later
 # calls on a warm machine) so that every job loads a plain folder in seconds, prints the device's forward next to
 # the CPU reference values and checks Triton against the chunked path (falls back to HEADSCOPE_NO_TRITON=1).
+# The device's transformers (5.17) converts Gemma-3's GGUF tokenizer wrongly (one token per character, no <bos>):
+# prep checks the tokenizer against ids computed with 5.24 and rebuilds it from the GGUF metadata if needed.
+# The GGUF needs the gguf package: if it is missing, prep installs GGUF_WHEEL or .whl/gg/gguf-*.whl (carry it).
+# A second call on the still-warm machine skips the conversion: e.g. `... bash notes/interv_gemma_gpu.sh var lofit2`.
 # BUDGET (default 540 s) caps the whole batch; a job gets min(its limit, what is left) and is skipped below 20 s.
 # Sizes: ACT 500 calibration / 1000 held-out / 10 random sets; LoFiT and influence as notes/interv_device.sh
 # (LoFiT K = 2 heads = 3% of 72, 2 x 256 = 512 trained parameters, as SmolLM2's 8 x 64); VAR 100 / 300 / 10;
 # kv sink 64 / recent 256 on NIAH 400 and 1600 haystack tokens (the needle beyond the 512-token sliding window
 # at 1600) with 3 random streaming sets per fraction over all KV heads.
-# Expected on an H200: prep ~40 s (~60 s on the 2-core CPU), act ~80 s, lofit ~140 s, influence ~40 s,
+# Expected on an H200: prep ~60 s (60-100 s on the 2-core CPU; seconds once GEMMA_DIR exists), act ~80 s, lofit ~140 s, influence ~40 s,
 # kv ~90 s, var ~90 s. Optional job lofit2 (4 epochs, lam 1e-3, seed 1: SmolLM2's second run), not default.
 # SMOKE=1 shrinks every job to a few examples (CPU check of the whole batch: SMOKE=1 OUT=/tmp/x MODEL=... bash ...).
 set -u
@@ -41,7 +45,10 @@ run() {   # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, stop at LIMIT_S or wh
 }
 $PY -c "import torch, transformers, headscope; print(torch.__version__, transformers.__version__, headscope.__file__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee -a "$OUT/batch.log"
 echo "SMOKE=$SMOKE DEV=$DEV BUDGET=$BUDGET MODEL=$MODEL GEMMA_DIR=$GEMMA_DIR JOBS=$JOBS" | tee -a "$OUT/batch.log"
-run prep 150 $PY -u notes/interv_gemma_prep.py "$MODEL" "$GEMMA_DIR" "$DEV" || { echo "prep failed: no job can run" | tee -a "$OUT/batch.log"; exit 1; }
+if [ ! -f "$GEMMA_DIR/config.json" ] && ! $PY -c "import gguf" 2>/dev/null; then   # transformers reads GGUF with it
+  for w in ${GGUF_WHEEL:-} .whl/gg/gguf-*.whl; do [ -f "$w" ] && $PY -m pip install -q --no-deps "$w" && break; done
+fi
+run prep 240 $PY -u notes/interv_gemma_prep.py "$MODEL" "$GEMMA_DIR" "$DEV" || { echo "prep failed: no job can run" | tee -a "$OUT/batch.log"; exit 1; }
 [ -e "$GEMMA_DIR/no_triton" ] && { export HEADSCOPE_NO_TRITON=1; echo "Triton off: $(cat "$GEMMA_DIR/no_triton")" | tee -a "$OUT/batch.log"; }
 M=$GEMMA_DIR
 CLI="$PY -u -m headscope.app.intervene_cli"
@@ -72,6 +79,7 @@ for job in $JOBS; do
     kv) mkdir -p "$OUT/kv"; run kv 130 env MODEL="$M" DEVICE="$DEV" RETR="$RETR" $KVENV OUTJSON="$OUT/kv/kv.json" \
              $PY -u notes/interv_kv_bench.py $KVARGS ;;
     var) run var 150 $PY -u experiments/var.py --model "$M" --device "$DEV" --tau auto $VAR --out "$OUT/var" ;;
+    prep) ;;
     *) echo "unknown job $job (act lofit lofit2 influence kv var)" | tee -a "$OUT/batch.log" ;;
   esac
 done
