@@ -70,7 +70,7 @@ fi
 for job in $JOBS; do
   case $job in
     act) run act 170 $PY -u experiments/act.py --model "$M" --device "$DEV" --task sentiment $ACT --out "$OUT/act" ;;
-    lofit) run lofit 200 env HEADSCOPE_NO_TRITON=1 $CLI lofit --model "$M" --task sentiment --other-task harm \
+    lofit) run lofit 240 env HEADSCOPE_NO_TRITON=1 $CLI lofit --model "$M" --task sentiment --other-task harm \
              $LOFIT --device "$DEV" --out "$OUT/lofit" ;;
     lofit2) run lofit2 300 env HEADSCOPE_NO_TRITON=1 $CLI lofit --model "$M" --task sentiment --other-task harm \
              $LOFIT2 --device "$DEV" --out "$OUT/lofit2" ;;
