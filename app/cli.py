@@ -19,6 +19,12 @@ from pathlib import Path
 
 EXIT_FAILED = 1          # a command ran but something failed (an analyzer, a write)
 EXIT_USAGE = 2           # a bad argument (argparse's code): nothing was run
+# Options of every `streamlit run` of the explorer. No file watcher (it serves live editing of the app):
+# after each run it calls hasattr(m, "__path__") on every module in sys.modules, and under transformers
+# 5.17 each of the ~100 image-processor alias modules transformers puts there imports its target on
+# any attribute (each import fails without torchvision and logs a traceback): the explorer's first
+# page then took over 30 s to draw. transformers 5.24 no longer has these aliases.
+STREAMLIT_OPTIONS = ("--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none")
 
 # commands whose parser lives in another app module: name -> (module, marker file of an earlier
 # output that --out may replace, help)
@@ -526,7 +532,7 @@ def _cmd_explore(a) -> int:
 
     script = Path(__file__).with_name("explorer.py")
     cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", a.host,
-           "--server.port", str(a.port), "--browser.gatherUsageStats", "false"]
+           "--server.port", str(a.port), *STREAMLIT_OPTIONS]
     if a.headless:
         cmd += ["--server.headless", "true"]
     cmd += ["--", "--report", a.report, "--model", a.model, "--circuit", getattr(a, "circuit", "")]

@@ -13,7 +13,7 @@ import random
 import torch
 from einops import reduce, repeat
 
-from ..probe import Stats, output_cache
+from ..probe import Stats, logits_at, output_cache
 
 # Zhou et al. 2025 ("On the Role of Attention Heads in LLM Safety", Sahara's prompt format): the plain
 # template used for models without a chat template (base models such as Gemma-3-270M).
@@ -110,8 +110,8 @@ def last_token_forward(model, tokens: torch.Tensor, last: torch.Tensor):
     """tokens [B, N] (right-padded, no mask needed under causal attention), last [B] index of each
     row's last real token -> (log-probs [B, V] float64, final normed hidden state [B, d] float32) at
     those positions; only those positions' logits are computed."""
-    out = model.model(input_ids=tokens, use_cache=False, output_hidden_states=True, logits_to_keep=last[:, None])
-    logits = out.logits[:, 0].double()                                                 # [B, V]
+    logits, out = logits_at(model.model, last, input_ids=tokens, use_cache=False, output_hidden_states=True)
+    logits = logits.double()                                                           # [B, V]
     h = out.hidden_states[-1]                                                          # [B, N, d]
     hidden = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]         # [B, d]
     return torch.log_softmax(logits, -1), hidden.float()

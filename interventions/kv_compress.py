@@ -126,8 +126,9 @@ class HeadClassLayer(DynamicLayer):
             "streaming heads keep sink + recent tokens apart from the full heads. Generate with greedy or "
             "sampling decoding (num_beams=1, no assistant model)")
 
-    def crop(self, max_length: int):
-        """Refused: see ``_refuse`` (the inherited version would crop the full heads only)."""
+    def crop(self, tokens_to_remove: int):
+        """Refused: see ``_refuse`` (the inherited version would crop the full heads only). The argument
+        carries transformers' current name (``max_length`` was deprecated in 5.17 and is gone in 5.24)."""
         self._refuse("crop")
 
     def batch_repeat_interleave(self, repeats: int):

@@ -2,7 +2,7 @@
 from ..kernels.spec import StatRequest as Stats
 from .edits import AddToHead, Ablate, HeadAffine, OutputEdit, ScaleKeys, StreamingGate
 from .cache import ActivationCache
-from .hf_compat import output_cache
+from .hf_compat import logits_at, output_cache
 from .hooks import hook_name
 from .loading import ModelNotFound
 from .model import HookedModel, ModelInfo
@@ -58,4 +58,4 @@ def dispatch(hf_model, device_map=None, max_memory=None, offload_dir=None):
 
 
 __all__ = ["Ablate", "ActivationCache", "AddToHead", "OutputEdit", "HeadAffine", "HookedModel", "ModelInfo", "ModelNotFound",
-           "Recorder", "ScaleKeys", "Stats", "StreamingGate", "hook_name", "load", "output_cache"]
+           "Recorder", "ScaleKeys", "Stats", "StreamingGate", "hook_name", "load", "logits_at", "output_cache"]

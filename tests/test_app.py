@@ -15,6 +15,7 @@ import torch
 
 import headscope as hs
 from headscope.app import views
+from headscope.app.cli import STREAMLIT_OPTIONS
 from headscope.app.report import write_report
 from headscope.heads import ANALYZERS, HeadScores
 
@@ -428,7 +429,7 @@ def test_explorer_in_headless_chromium(report, circuit_dir, smollm2):
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", EXPLORER, "--server.headless", "true", "--server.port", str(port),
-         "--browser.gatherUsageStats", "false", "--", "--report", str(folder), "--circuit", str(circuit_dir)],
+         *STREAMLIT_OPTIONS, "--", "--report", str(folder), "--circuit", str(circuit_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with sync_playwright() as pw:

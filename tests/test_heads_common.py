@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import headscope as hs
-from headscope.heads.common import (PLAIN_TEMPLATE, apply_template, batches, expand_kv, kv_group_max, random_heads,
-                                    resolve_template, template_name)
+from headscope.heads.common import (PLAIN_TEMPLATE, apply_template, batches, expand_kv, kv_group_max,
+                                    last_token_forward, random_heads, resolve_template, template_name)
 
 
 def test_random_heads_seeded_in_layers_outside_exclude():
@@ -29,6 +29,22 @@ def test_kv_group_max_and_expand():
     kv = kv_group_max(s, 2)
     assert kv.tolist() == [[3.0, 2.0], [0.5, 5.0]]
     assert expand_kv(kv, 4).tolist() == [[3.0, 3.0, 2.0, 2.0], [0.5, 0.5, 5.0, 5.0]]
+
+
+def test_last_token_forward_takes_each_rows_own_position():
+    """Rows of a right-padded batch ending at different positions each get the log-probs and hidden
+    state of their own last token, equal to a full forward's (transformers 5.17 read a [B, 1]
+    logits_to_keep as positions for every row)."""
+    m = hs.load("tiny-llama")
+    toks = torch.randint(0, m.cfg.d_vocab, (3, 9), generator=torch.Generator().manual_seed(0))
+    last = torch.tensor([8, 3, 5])
+    logp, hidden = last_token_forward(m, toks, last)
+    with torch.no_grad():
+        full = m.model(input_ids=toks, output_hidden_states=True)
+    rows = torch.arange(3)
+    assert logp.shape == (3, m.cfg.d_vocab) and hidden.shape == (3, m.cfg.d_model)
+    torch.testing.assert_close(logp, torch.log_softmax(full.logits[rows, last].double(), -1))
+    torch.testing.assert_close(hidden, full.hidden_states[-1][rows, last].float())
 
 
 def test_templates_on_a_model_without_tokenizer_chat_template():
