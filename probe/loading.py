@@ -168,12 +168,41 @@ def match_gguf_special_tokens(tok, gguf: Path):
     return tok
 
 
+TOKENIZER_PROBE_WORDS = ("capital", "France", "large", "city")
+
+
+def check_gguf_tokenizer(tok, gguf: Path) -> None:
+    """Raise ModelLoadError when transformers read ``gguf``'s tokenizer without its merges: a word
+    whose whole-word token (``"▁word"`` / ``"Ġword"``) is in the vocabulary must come out as that one
+    token after "The ". transformers 5.9-5.17 build Gemma-3's GGUF tokenizer wrongly (" capital" ->
+    4 pieces instead of 5279; 5.24 reads it right), and every prompt, single-token answer and
+    analysis would then be wrong without a word of warning."""
+    if tok is None:
+        return
+    import transformers
+    vocab = tok.get_vocab()
+    for word in TOKENIZER_PROBE_WORDS:
+        whole = [vocab[p + word] for p in ("\u2581", "\u0120") if p + word in vocab]
+        if not whole:
+            continue
+        ids = tok("The " + word, add_special_tokens=False)["input_ids"]
+        if ids[-1:] != whole[:1] or len(ids) != 2:
+            pieces = tok.convert_ids_to_tokens(ids)
+            raise ModelLoadError(
+                f"transformers {transformers.__version__} reads the tokenizer of {gguf.name} wrongly: 'The {word}' "
+                f"becomes {pieces} although the vocabulary holds the whole word ({whole[0]}). Upgrade transformers "
+                "(5.24 reads it right: `pip install -U transformers`), or load a model folder converted with a newer "
+                "transformers (e.g. headscope's cache entry in $HEADSCOPE_CACHE, made on another machine)")
+
+
 def convert_gguf(gguf: Path, folder: Path) -> None:
     """Dequantise ``gguf`` into ``folder`` (an empty folder): model.safetensors, config.json and the
     tokenizer files (special tokens as the GGUF declares them, ``match_gguf_special_tokens``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = match_gguf_special_tokens(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), gguf)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    check_gguf_tokenizer(tok, gguf)
+    tok = match_gguf_special_tokens(tok, gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     save_dequantised(model, folder)
     tok.save_pretrained(folder)
@@ -396,6 +425,7 @@ def load_hf(name_or_path, *, dtype=torch.float32, device=None):
                              "Check that it is a complete Hugging Face causal LM folder") from e
     tok = load_tokenizer(folder, **kw)
     if "gguf_file" in kw:
+        check_gguf_tokenizer(tok, folder / kw["gguf_file"])
         tok = match_gguf_special_tokens(tok, folder / kw["gguf_file"])
     if device is not None:
         model = model.to(device)

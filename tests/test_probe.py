@@ -329,6 +329,31 @@ def test_gguf_special_tokens_override_what_transformers_read(smollm2, caplog):
         "the GGUF says '<|im_end|>' (id 2): using the GGUF's"]
 
 
+def test_gguf_tokenizer_without_merges_is_refused(smollm2, gemma3):
+    """transformers 5.9-5.17 read Gemma-3's GGUF tokenizer without merges (" capital" -> 4 pieces);
+    headscope refuses such a tokenizer with the fix instead of analysing nonsense."""
+    from pathlib import Path
+    from headscope.probe import loading
+    for m in (smollm2, gemma3):                                    # right tokenizers pass
+        loading.check_gguf_tokenizer(m.tokenizer, Path("m.gguf"))
+
+    class Broken:                                                  # what 5.17 builds for Gemma-3
+        pieces = {"The": 1, "\u2581c": 2, "ap": 3, "it": 4, "al": 5, "\u2581capital": 9}
+
+        def get_vocab(self):
+            return dict(self.pieces)
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1, 2, 3, 4, 5]}
+
+        def convert_ids_to_tokens(self, ids):
+            inv = {i: t for t, i in self.pieces.items()}
+            return [inv[i] for i in ids]
+    with pytest.raises(loading.ModelLoadError, match=r"reads the tokenizer of g\.gguf wrongly: 'The capital' becomes "
+                       r"\['The', '\u2581c', 'ap', 'it', 'al'\].*Upgrade transformers"):
+        loading.check_gguf_tokenizer(Broken(), Path("g.gguf"))
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_smollm2_matches_eager_and_answers(smollm2):
