@@ -294,6 +294,7 @@ def test_corrupt_cache_is_reconverted(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_auto)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: FakeTok())
     monkeypatch.setattr(loading, "gguf_special_token_ids", lambda gguf: {})     # the fake .gguf has no metadata
+    monkeypatch.setattr(loading, "check_gguf_tokenizer", lambda tok, gguf: None)  # nor a vocabulary
     gguf = tmp_path / "src" / "m.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"x" * 10)
