@@ -15,7 +15,8 @@ attention function one ``[batch, kv_heads, T, d]`` view assembled for that call 
 streaming head dropped are zero) and the streaming heads run with ``StreamingGate(alpha=0)``
 (``streaming_edits``), whose streaming attention reads exactly the sink and recent positions: the
 result equals the mask-only computation over the full cache. No change to the attention path is
-needed; the transient assembled tensor costs one layer's full K/V at a time.
+needed; the transient assembled tensor costs one layer's full K/V at a time. On a sliding-window
+layer (``windows``) the full heads keep only the window, as transformers' own cache does there.
 
 ``compensate=True`` adds RazorAttention's compensation token (§3.3): the tokens a streaming head
 drops are summarised by one token, k_c = mean of the dropped keys and v_c = mean of the dropped
@@ -38,13 +39,23 @@ from ..probe.edits import StreamingGate
 
 
 class HeadClassLayer(DynamicLayer):
-    """One layer's cache with KV heads ``stream`` kept as sink + recent tokens only."""
+    """One layer's cache with KV heads ``stream`` kept as sink + recent tokens only. ``window``: the
+    layer's sliding window (None: full attention); its full heads then keep only the last ``window``
+    tokens, the only ones their queries can see (as transformers' own cache does for such layers)."""
 
-    def __init__(self, stream: list[int], sink: int, recent: int, compensate: bool = False):
+    def __init__(self, stream: list[int], sink: int, recent: int, compensate: bool = False,
+                 window: int | None = None):
         super().__init__()
         self.stream = sorted(int(g) for g in stream)
         self.sink, self.recent = int(sink), int(recent)
         self.compensate = bool(compensate)
+        self.window = None if window is None else int(window)
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {window}")
+        if self.compensate and self.stream and self.window is not None:
+            raise ValueError("RazorAttention's compensation token is not supported on a sliding-window layer "
+                             f"(window {self.window}) with streaming heads: the token would sit outside the "
+                             "window; pass compensate=False or keep that layer's KV heads full")
         self.n = 0                                       # tokens seen (the logical length)
         self.n_dropped = 0                               # tokens folded into the compensation sums
 
@@ -72,7 +83,7 @@ class HeadClassLayer(DynamicLayer):
         B, _, _, d = full.shape
         G = len(self.full_idx) + len(self.stream)
         out = full.new_zeros(B, G, self.n, d)
-        out[:, self.full_idx] = full
+        out[:, self.full_idx, self.n - full.shape[2]:] = full          # windowed: only the last tokens
         s = torch.zeros(B, len(self.stream), self.n, d, dtype=full.dtype, device=full.device)
         s[:, :, :sink.shape[2]] = sink
         if rec.shape[2]:
@@ -93,6 +104,8 @@ class HeadClassLayer(DynamicLayer):
         q = key_states.shape[2]
         self.kf = torch.cat([self.kf, key_states[:, self.full_idx]], dim=2)
         self.vf = torch.cat([self.vf, value_states[:, self.full_idx]], dim=2)
+        if self.window is not None and self.kf.shape[2] > self.window:       # older keys are never seen again
+            self.kf, self.vf = self.kf[:, :, -self.window:], self.vf[:, :, -self.window:]
         ks, vs = key_states[:, self.stream_idx], value_states[:, self.stream_idx]
         room = max(0, self.sink - self.n)
         self.ks = torch.cat([self.ks, ks[:, :, :room]], dim=2)
@@ -153,13 +166,19 @@ class HeadClassLayer(DynamicLayer):
 
 
 class HeadClassCache(Cache):
-    """A cache for ``n_layers`` layers; ``stream[l]`` lists layer l's streaming KV heads."""
+    """A cache for ``n_layers`` layers; ``stream[l]`` lists layer l's streaming KV heads. ``windows``:
+    each layer's sliding window or None (``model.cfg.windows``; Gemma-3: 512 on 5 of 6 layers), so
+    that full heads of sliding layers keep only their window; None = no layer has one."""
 
     def __init__(self, stream: dict[int, list[int]], n_layers: int, sink: int = 64, recent: int = 256,
-                 compensate: bool = False):
+                 compensate: bool = False, windows=None):
         if sink < 0 or recent < 1:
             raise ValueError(f"sink must be >= 0 and recent >= 1, got sink={sink}, recent={recent}")
-        super().__init__(layers=[HeadClassLayer(stream.get(l, []), sink, recent, compensate) for l in range(n_layers)])
+        windows = [None] * n_layers if windows is None else list(windows)
+        if len(windows) != n_layers:
+            raise ValueError(f"windows has {len(windows)} entries for {n_layers} layers (pass model.cfg.windows)")
+        super().__init__(layers=[HeadClassLayer(stream.get(l, []), sink, recent, compensate, windows[l])
+                                 for l in range(n_layers)])
         self.sink, self.recent, self.compensate = sink, recent, compensate
 
     def nbytes(self) -> int:
@@ -233,9 +252,11 @@ def random_stream(n_layers: int, n_kv_heads: int, n: int, n_sets: int, seed: int
 def generate_compressed(model, prompt: torch.Tensor, stream: dict[int, list[int]], sink: int = 64,
                         recent: int = 256, max_new_tokens: int = 24, compensate: bool = False):
     """Greedy decoding of prompt [N] with the compressed cache (streaming KV heads ``stream``) and the
-    matching streaming edits. -> (new tokens [n], cache bytes at the end, seconds)."""
+    matching streaming edits; full heads of sliding-window layers keep only their window.
+    -> (new tokens [n], cache bytes at the end, seconds)."""
     import time
-    cache = HeadClassCache(stream, model.cfg.n_layers, sink, recent, compensate=compensate)
+    cache = HeadClassCache(stream, model.cfg.n_layers, sink, recent, compensate=compensate,
+                           windows=model.cfg.windows)
     gate = streaming_edits(model, stream, sink, recent) if stream and not compensate else []
     t0 = time.time()
     with torch.no_grad(), model.edit(gate):

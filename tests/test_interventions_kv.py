@@ -32,6 +32,29 @@ def test_compressed_cache_matches_mask_only(stream):
     assert cache.nbytes() < m.cfg.n_layers * G * T * per_token
 
 
+@pytest.mark.parametrize("stream", [{}, {2: [0]}, {1: [0], 2: [0]}])
+def test_sliding_window_layers_keep_only_their_window(stream):
+    # tiny-gemma3: layers 0 and 2 slide over 6 tokens, layer 1 is global; 1 KV head per layer
+    m = hs.load("tiny-gemma3")
+    assert m.cfg.windows == (6, None, 6)
+    sink, recent = 2, 4
+    toks = torch.randint(0, 128, (1, 15), generator=torch.Generator().manual_seed(1))
+    edits = kv_compress.streaming_edits(m, stream, sink, recent)
+    with m.edit(edits):
+        ref = m.generate(toks, max_new_tokens=8)                                # full cache, masked
+    new, nbytes, _ = kv_compress.generate_compressed(m, toks[0], stream, sink, recent, 8)   # applies the gate
+    assert torch.equal(new, ref[0, 15:])
+    T = 15 + 8 - 1
+    per_token = 2 * m.cfg.d_head * 4                                            # k + v, fp32
+    kept = [min(T, w) if w else T for w in m.cfg.windows]                       # full heads: window or all
+    expect = sum(((sink + recent) if stream.get(l) else kept[l]) * per_token for l in range(m.cfg.n_layers))
+    assert nbytes == expect
+    with pytest.raises(ValueError, match="compensation token is not supported on a sliding-window layer"):
+        kv_compress.HeadClassCache({0: [0]}, 3, sink, recent, compensate=True, windows=m.cfg.windows)
+    with pytest.raises(ValueError, match="windows has 2 entries for 3 layers"):
+        kv_compress.HeadClassCache({}, 3, windows=(6, None))
+
+
 def test_stream_from_scores_picks_lowest():
     from headscope.heads.scores import HeadScores
     sc = HeadScores(scores=torch.tensor([[0.9, 0.1], [0.5, 0.2], [0.8, 0.7]]), method="duo",
