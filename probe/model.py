@@ -557,7 +557,7 @@ def _prepended_bos_id(tokenizer) -> int | None:
     """The id ``to_tokens`` prepends as BOS (``tl_idioms.bos_token_id``), None when there is none."""
     try:
         return bos_token_id(tokenizer)
-    except (ValueError, AttributeError, TypeError):
+    except ValueError:          # no BOS, CLS or EOS token (or no tokenizer): nothing is prepended
         return None
 
 
