@@ -311,6 +311,30 @@ def test_empty_rows_and_positions():
     _check_stats(prob, got, want, probs, 45)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_first_index_on_exact_ties_across_blocks(dtype):
+    """Repeated key vectors make exact score ties, and the rows' maxima first occur in different key
+    blocks (so several blocks are searched again after the loop): the kernel's argmax is the first
+    position holding the row's max, as in the reference, and max_prob is that key's probability."""
+    g = torch.Generator().manual_seed(3)
+    H, K, d = 2, 150, 16
+    base = torch.randn(40, d, generator=g)                           # 40 distinct key vectors
+    k = base[torch.randint(0, 40, (K,), generator=g)].view(1, 1, K, d)
+    q = 3 * base[torch.randint(0, 40, (H * K,), generator=g)].view(1, H, K, d)  # each aims at one vector
+    v = torch.randn(1, 1, K, d, generator=g)
+    q, k, v = (x.to(device=DEV, dtype=dtype) for x in (q, k, v))
+    _, got = ta.attention(q, k, v, scaling=d ** -0.5, causal=True, stats=StatRequest(argmax=True), block=BLOCK)
+    s = (q.float() @ k.float().transpose(-1, -2)) * d ** -0.5                      # [1, H, K, K]
+    s = s.masked_fill(torch.ones(K, K, dtype=torch.bool, device=DEV).triu(1), float("-inf"))
+    first = (s == s.amax(-1, keepdim=True)).float().argmax(-1)      # first True = first index of the max
+    assert torch.equal(got["argmax"], first)
+    ties = (s == s.amax(-1, keepdim=True)).sum(-1) > 1
+    assert ties.float().mean() > 0.3, "most rows should hold their max on several keys"
+    blocks = (first // (BLOCK or 64)).unique().numel()
+    assert blocks > 1, "the rows' maxima should sit in several key blocks"
+    torch.testing.assert_close(got["max_prob"], s.softmax(-1).amax(-1), atol=1e-5, rtol=1e-4)
+
+
 def test_unsupported():
     prob = _fixed_problem()
     with pytest.raises(ta.Unsupported, match="several redistributions"):
