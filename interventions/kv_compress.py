@@ -99,6 +99,13 @@ class HeadClassLayer(DynamicLayer):
         """key/value_states [B, G, q, d] -> the [B, G, n + q, d] keys/values for this call."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if not self.stream and self.window is None:
+            # every KV head full, no window: exactly DynamicLayer (no view to assemble)
+            self.kf = torch.cat([self.kf, key_states], dim=2)
+            self.vf = torch.cat([self.vf, value_states], dim=2)
+            self.n += key_states.shape[2]
+            self.keys, self.values = self.kf, self.vf
+            return self.kf, self.vf
         keys = torch.cat([self._assembled_old("k"), key_states], dim=2)
         values = torch.cat([self._assembled_old("v"), value_states], dim=2)
         q = key_states.shape[2]

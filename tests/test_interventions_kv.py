@@ -32,6 +32,21 @@ def test_compressed_cache_matches_mask_only(stream):
     assert cache.nbytes() < m.cfg.n_layers * G * T * per_token
 
 
+def test_cache_without_streaming_heads_is_the_plain_cache():
+    """No streaming head on any layer (the 0% row of the KV tables): the same tokens and bytes as
+    transformers' own DynamicCache, each layer storing its keys and values as they come."""
+    from transformers import DynamicCache
+    m = hs.load("tiny-llama")
+    toks = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    ref_cache = DynamicCache()
+    ref = m.generate(toks, max_new_tokens=8, cache=ref_cache)
+    cache = kv_compress.HeadClassCache({}, m.cfg.n_layers, sink=2, recent=4)
+    out = m.generate(toks, max_new_tokens=8, cache=cache)
+    assert torch.equal(out, ref)
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == 9 + 8 - 1
+    assert cache.nbytes() == sum(x.numel() * x.element_size() for l in ref_cache.layers for x in (l.keys, l.values))
+
+
 @pytest.mark.parametrize("stream", [{}, {2: [0]}, {1: [0], 2: [0]}])
 def test_sliding_window_layers_keep_only_their_window(stream):
     # tiny-gemma3: layers 0 and 2 slide over 6 tokens, layer 1 is global; 1 KV head per layer
