@@ -7,6 +7,10 @@
 #   compare FA4/cuDNN/flash/Flex/ours table, with the FA4 backend's columns (after fa4)
 #   fa4check  the FA4 backend's tests (tests/test_kernels_fa4.py: GPU tests against the reference) (after fa4)
 #   masses  e2e at 32k: SDPA vs the sink/recent/window masses record vs headscope plain (after fa4)
+#   decodehost  per-call decode time, eager vs CUDA graph: SDPA, split-key path, query-block forward
+#   retrieval   the retrieval analyzer with and without the split-key path (MODEL=path to SmolLM2's GGUF
+#               or folder; needs rouge_score on PYTHONPATH, e.g. the .whl/pydeps folder)
+#   rowsab      benchmarks/rows_ab.py for this tree's kernels/flash_stats.py (label "tree")
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
@@ -41,6 +45,13 @@ for step in "$@"; do
       mkdir -p $OUT/masses
       python3 benchmarks/e2e_gpu.py --n 32768 --layers ${E2E_LAYERS:-8} --no-eager --masses-only --out $OUT/masses 2>&1 \
         | tee $OUT/e2e_masses.log | tail -8 ;;
+    decodehost)
+      python3 benchmarks/decode_host.py 2>&1 | tee $OUT/decode_host.md | tail -14 ;;
+    retrieval)
+      python3 -u benchmarks/retrieval_gpu.py --model "${MODEL:?set MODEL}" --repeats 2 2>&1 | grep -v "it/s\]" \
+        | tee $OUT/retrieval_gpu.log | tail -8 ;;
+    rowsab)
+      python3 benchmarks/rows_ab.py tree 16384 65536 2>&1 | tee $OUT/rows_ab.md | tail -4 ;;
     compare)
       python3 benchmarks/kernels.py --compare 2>&1 | tee $OUT/compare.log | tail -30 ;;
   esac
