@@ -475,10 +475,18 @@ def test_explorer_in_headless_chromium(report, circuit_dir, smollm2):
                 p.get_by_role("button", name="run").click()
             for k, p in pages.items():
                 p.get_by_text("after: L").first.wait_for(timeout=240_000)
+                # the column's heading is drawn before the generated text under it: read the column
+                # until the text is there (or 120 s have passed), then compare
+                col = p.locator("[data-testid=stColumn]").filter(has_text="after:").last
+                want = " ".join(expected[k].split())
+                deadline = time.time() + 120
+                after = " ".join(col.inner_text().split())
+                while not after.endswith(want) and time.time() < deadline:
+                    time.sleep(0.5)
+                    after = " ".join(col.inner_text().split())
                 assert p.locator(".stException").count() == 0
-                after = " ".join(p.locator("[data-testid=stColumn]").filter(has_text="after:").last.inner_text().split())
                 assert after.startswith(f"after: {edits[k].split(',')[0]}")
-                assert after.endswith(" ".join(expected[k].split())), (k, after, expected[k])
+                assert after.endswith(want), (k, after, expected[k])
             pages["A"].get_by_text("after: L").first.scroll_into_view_if_needed()   # the results in the picture
             pages["A"].screenshot(path=str(SCREENSHOTS / "intervention.png"), full_page=True)
             browser.close()
