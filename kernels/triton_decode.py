@@ -301,12 +301,13 @@ SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_d
 SUPPORTED_EDITS = frozenset({"q_scale"})
 DECODE_MAX_Q = 16          # queries per call taken by the decode path (more: flash_stats)
 DECODE_MAX_ROWS = 64       # query rows per KV head (R * Q) held by one program
-# Fewer keys (K, the cache length) than this: flash_stats' one program per query block. On the GPU alone the split
-# path wins from ~1k keys (H200: 7-13 vs 30-132 µs at 2k-8k), but an eager decode step is host-bound
-# there: the split path's two launches cost ~80-130 µs more host time than the one forward launch, so
-# below ~8k keys the forward is faster per call (SmolLM2 shapes, B=3, 2k-7k keys: 119-223 vs 140-300 µs
-# eager; Llama-3-8B at 8k: equal; at 32k: 135-327 vs 511-526 µs). Under CUDA graphs (no host cost)
-# set it to 1024. benchmarks/decode_host.py, BENCHMARKS.md "Decode per call, eager vs graph".
+# Fewer keys (K, the cache length) than this: flash_stats' one program per query block. On the GPU
+# alone the split path wins from ~1k keys (H200: 7-13 vs 30-132 µs at 2k-8k), but an eager decode step
+# is host-bound there: the split path's two launches cost ~80-130 µs more host time than the one
+# forward launch, so below ~8k keys the forward is faster per call (SmolLM2 shapes, B=3, 2k-7k keys:
+# 119-223 vs 140-300 µs eager; Llama-3-8B at 8k: equal; at 32k: 135-327 vs 511-526 µs). Under CUDA
+# graphs (no host cost) set it to 1024. benchmarks/decode_host.py, BENCHMARKS.md "Decode per call,
+# eager vs graph".
 DECODE_MIN_K = 8192
 MAX_SPANS = 8              # sink + spans held by the partial kernel
 # (BLOCK_N, num_warps, num_stages) by padded head dim; chosen on the H200 (benchmarks/kernels.py --decode)

@@ -195,14 +195,20 @@ def check_gguf_tokenizer(tok, gguf: Path) -> None:
                 "transformers (e.g. headscope's cache entry in $HEADSCOPE_CACHE, made on another machine)")
 
 
+def checked_gguf_tokenizer(tok, gguf: Path):
+    """The tokenizer transformers read from ``gguf``, refused if it lost its merges
+    (``check_gguf_tokenizer``) and given the special tokens the file declares
+    (``match_gguf_special_tokens``): what every GGUF load uses."""
+    check_gguf_tokenizer(tok, gguf)
+    return match_gguf_special_tokens(tok, gguf)
+
+
 def convert_gguf(gguf: Path, folder: Path) -> None:
     """Dequantise ``gguf`` into ``folder`` (an empty folder): model.safetensors, config.json and the
     tokenizer files (special tokens as the GGUF declares them, ``match_gguf_special_tokens``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    check_gguf_tokenizer(tok, gguf)
-    tok = match_gguf_special_tokens(tok, gguf)
+    tok = checked_gguf_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     save_dequantised(model, folder)
     tok.save_pretrained(folder)
@@ -425,8 +431,7 @@ def load_hf(name_or_path, *, dtype=torch.float32, device=None):
                              "Check that it is a complete Hugging Face causal LM folder") from e
     tok = load_tokenizer(folder, **kw)
     if "gguf_file" in kw:
-        check_gguf_tokenizer(tok, folder / kw["gguf_file"])
-        tok = match_gguf_special_tokens(tok, folder / kw["gguf_file"])
+        tok = checked_gguf_tokenizer(tok, folder / kw["gguf_file"])
     if device is not None:
         model = model.to(device)
     return model, tok, display
