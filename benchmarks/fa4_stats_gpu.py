@@ -1,0 +1,127 @@
+"""Row statistics inside FlashAttention-4's Hopper forward (``kernels/fa4_stats.py``), on the GPU:
+(1) every statistic against the fp32 reference (``kernels/reference.py``) on odd shapes, GQA, d 64 /
+128 / 256, two batches with shifted positions; (2) time against FA4 itself, cuDNN SDPA and our
+Triton row-statistics kernel, in one run. Issue 13.
+
+    python benchmarks/fa4_stats_gpu.py [--check-only] [--shapes Llama-3-8B,...] [--sizes 16384,32768]
+"""
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in (HERE, ROOT)]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton.testing  # noqa: E402
+
+from kernels import fa4_stats, reference  # noqa: E402
+from kernels import triton_attention as ta  # noqa: E402
+from kernels.spec import StatRequest  # noqa: E402
+
+SHAPES = {  # H, G, d
+    "Llama-3-8B": (32, 8, 128), "Qwen2.5-7B": (28, 4, 128), "SmolLM2": (9, 3, 64), "Gemma-3": (8, 4, 256),
+}
+
+
+def rows_request(N):
+    """benchmarks/kernels.py's "all row statistics"."""
+    return StatRequest(sink_k=4, spans=((4, 68), (N // 2, N // 2 + 256)), entropy=True, distance=True,
+                       window_distance=128, recent=64, argmax=True)
+
+
+def check(B, H, G, N, d, seed, key_pos0=None, temp=1.0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = (torch.randn(B, H, N, d, device="cuda", generator=g) * temp).bfloat16()
+    k = torch.randn(B, G, N, d, device="cuda", generator=g).bfloat16()
+    v = torch.randn(B, G, N, d, device="cuda", generator=g).bfloat16()
+    req = StatRequest(sink_k=5, spans=((3, 40), (N // 2, N // 2 + 77)), entropy=True, distance=True,
+                      window_distance=100, recent=37, argmax=True)
+    kp0 = None if key_pos0 is None else torch.tensor(key_pos0, device="cuda")
+    out, st = fa4_stats.attention(q, k, v, scaling=d ** -0.5, stats=req, key_pos0=kp0)
+    ro, rs, p = reference.attention(q.float(), k.float(), v.float(), scaling=d ** -0.5, stats=req,
+                                    key_pos0=kp0, want_probs=True)
+    errs = {"out": (out.float() - ro).abs().max().item()}
+    for name in ("lse", "entropy", "distance", "window_distance", "recent_mass", "max_prob", "sink_mass", "span_mass"):
+        errs[name] = (st[name].float() - rs[name].float()).abs().max().item()
+    same = (st["argmax"] == rs["argmax"])
+    # where they differ, our key's probability must equal the max (a tie in fp32)
+    p_ours = p.gather(-1, st["argmax"].clamp(0, N - 1).unsqueeze(-1)).squeeze(-1)
+    errs["argmax_p_gap"] = (p.amax(-1) - p_ours).abs().max().item()
+    errs["argmax_agree"] = same.float().mean().item()
+    print(f"check B{B} H{H} G{G} N{N} d{d} pos0={key_pos0} temp={temp}: " +
+          " ".join(f"{n}={v:.2e}" for n, v in errs.items()), flush=True)
+    return errs
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def timing(shapes, sizes):
+    from flash_attn.cute import flash_attn_func
+    print("| shape | N | FA4 ms | FA4 pack_gqa=False | cuDNN SDPA | FA4 + rows (ours) | FA4 + entropy/distance/argmax |"
+          " FA4 + masses | Triton + rows |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in shapes:
+        H, G, d = SHAPES[name]
+        for N in sizes:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(1, H, N, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            k = torch.randn(1, G, N, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            v = torch.randn(1, G, N, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+            sc = d ** -0.5
+            full = rows_request(N)
+            edarg = StatRequest(entropy=True, distance=True, argmax=True)
+            masses = StatRequest(sink_k=4, spans=full.spans, recent=64, window_distance=128)
+            fns = [
+                lambda: flash_attn_func(qt, kt, vt, softmax_scale=sc, causal=True),
+                lambda: flash_attn_func(qt, kt, vt, softmax_scale=sc, causal=True, pack_gqa=False),
+                None,
+                lambda: fa4_stats.attention(q, k, v, scaling=sc, stats=full),
+                lambda: fa4_stats.attention(q, k, v, scaling=sc, stats=edarg),
+                lambda: fa4_stats.attention(q, k, v, scaling=sc, stats=masses),
+                lambda: ta.attention(q, k, v, scaling=sc, causal=True, stats=full),
+            ]
+
+            def cudnn():
+                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            fns[2] = cudnn
+            cells = []
+            t0 = None
+            for fn in fns:
+                try:
+                    with torch.no_grad():
+                        t = bench(fn)
+                    t0 = t if t0 is None else t0
+                    cells.append(f"{t:.2f} ({t0 / t:.2f}×)")
+                except Exception as e:  # noqa: BLE001
+                    cells.append(f"{type(e).__name__}")
+                    print(f"  {name} {N}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            print(f"| {name} H{H} G{G} d{d} | {N // 1024}k | " + " | ".join(cells) + " |", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--shapes", default="Llama-3-8B,Qwen2.5-7B,SmolLM2,Gemma-3")
+    ap.add_argument("--sizes", default="16384,32768")
+    a = ap.parse_args()
+    worst = {}
+    for args in ((2, 8, 2, 1000, 128, 0, [0, 3]), (1, 9, 3, 777, 64, 1, None), (1, 8, 4, 600, 256, 2, None),
+                 (1, 32, 8, 4096, 128, 3, None), (2, 4, 4, 1531, 64, 4, [7, 0])):
+        for temp in (1.0, 4.0):
+            e = check(*args[:6], key_pos0=args[6], temp=temp)
+            for n, v in e.items():
+                worst[n] = min(worst.get(n, 1.0), v) if n == "argmax_agree" else max(worst.get(n, 0.0), v)
+    print("worst: " + " ".join(f"{n}={v:.2e}" for n, v in worst.items()), flush=True)
+    if not a.check_only:
+        timing(a.shapes.split(","), [int(x) for x in a.sizes.split(",")])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Row statistics inside FlashAttention-4's Hopper forward: the scores are already in the softmax
+warpgroups' registers, so each statistic costs a few register operations per score and no extra
+pass (issue #13, "statistics accumulated in the softmax warpgroups").
+
+FlashAttention-4 (``flash_attn.cute``, flash-attn-4 4.0.0b36; Zadouri et al. 2026) runs on sm90 as
+FlashAttention-3 does (Shah et al. 2024, "FlashAttention-3: Fast and Accurate Attention with
+Asynchrony and Low-precision", Sec. 3.1-3.2): a producer warp loads K/V by TMA while two consumer
+warpgroups alternate between their QK^T / PV tensor-core products and their softmax, so CUDA-core
+work in the softmax overlaps the other warpgroup's matrix products. Its online softmax lives in one
+method, ``Softmax.online_softmax`` (per key block: row max, exp2, row sum, the rescale factor), and
+its end in ``Softmax.finalize`` (the LSE). This module extends exactly those two, and nothing else:
+
+* ``_StatsSoftmax.online_softmax`` does the same online softmax (running max ``m``, sum ``l`` in
+  base 2, every accumulator in the frame of the running max and multiplied by
+  ``alpha = exp2(m_old - m_new)`` when it moves; Milakov & Gimelshein 2018, Sec. 3) and also keeps,
+  per row and per thread, with ``e = exp2(x - m)`` (``x`` the base-2 scaled score):
+
+  - entropy: ``E = sum e (x - m)``; moving the frame adds ``l (m_old - m_new)`` before the rescale;
+    ``H = ln l - ln2 E / l`` (nats);
+  - distance: ``D = sum e (t - s)``; ``distance = D / l``;
+  - argmax: the first key whose raw score equals the (quad-wide) running max. Key blocks arrive
+    from the diagonal backwards, so a match in a later-visited block has a smaller index and
+    replaces an earlier one on ties; ``max_prob = 1 / l``;
+  - masses on few keys, only in the key blocks that can hold such keys (a runtime branch per
+    block): recent ``sum_{t-s<R} e``, the window band ``sum_{t-s<W} e`` and ``sum_{t-s<W} e (t-s)``
+    (``window_distance = (band_dist + W (l - band_mass)) / l``), sink ``sum_{s<sink_k} e`` and each
+    span ``sum_{a<=s<b} e``.
+
+  Thread partials are summed across the 4 threads of a row (a quad) in ``finalize``, as FA4 does
+  for ``l``.
+* ``_StatsSoftmax.finalize`` finishes them and writes one fp32 value per row and statistic to the
+  ``[slot, B, H, Q]`` buffer passed as FA4's first aux tensor (the second holds the runtime
+  parameters: sink_k, R, W, the span bounds, per-batch position shifts).
+* The kernel subclass only tells the softmax which key block it is on (``n_block``) and, on the
+  first block of a tile, where the tile lies (``m_block``, batch, head, the thread's MMA slice), all
+  read from the mask call FA4 already makes. Nothing else of the kernel changes.
+
+The forward itself (output, LSE, tiles, pipelines, scheduling) is FA4's own. Reference beside the
+fast path: ``reference.attention`` (fp32, whole matrix) defines every statistic; the GPU tests
+compare with it.
+
+Contract and limits (``supports`` says why a call is declined): causal self-attention with Q = K,
+no window, bf16/fp16, d in 64/128/256, FA4 importable on an sm90 GPU; every row statistic of
+``StatRequest`` (no column sums, no edits). ``run`` works on FA4's [B, N, H, d] layout;
+``fa4.attention`` calls it.
+"""
+from __future__ import annotations
+
+import torch
+
+# slots of the statistics buffer [slot, B, H, Q] (fp32); the sink and each span follow SLOT_SPAN0
+SLOT_ENTROPY, SLOT_DISTANCE, SLOT_WDIST, SLOT_RECENT, SLOT_MAXP, SLOT_ARGMAX = range(6)
+SLOT_SPAN0 = 6
+# runtime parameters (int32): sink_k, recent R, window W, then (start, end) per span; per-batch
+# position shifts of key index 0 follow at PARAM_POS0
+P_SINK, P_RECENT, P_WDIST, P_SPAN0 = 0, 1, 2, 3
+MAX_SPANS = 8
+PARAM_POS0 = P_SPAN0 + 2 * MAX_SPANS
+IDX_NONE = 1 << 30          # "no argmax in this thread yet" (exact in fp32)
+
+
+
+class Flags(tuple):
+    """Compile-time switches of one kernel variant: (entropy, distance, argmax, recent, wdist,
+    sink, n_spans)."""
+
+    __slots__ = ()
+
+    def __new__(cls, entropy=False, distance=False, argmax=False, recent=False, wdist=False,
+                sink=False, n_spans=0):
+        return super().__new__(cls, (bool(entropy), bool(distance), bool(argmax), bool(recent),
+                                     bool(wdist), bool(sink), int(n_spans)))
+
+    entropy = property(lambda s: s[0])
+    distance = property(lambda s: s[1])
+    argmax = property(lambda s: s[2])
+    recent = property(lambda s: s[3])
+    wdist = property(lambda s: s[4])
+    sink = property(lambda s: s[5])
+    n_spans = property(lambda s: s[6])
+
+    @property
+    def n_slots(self) -> int:
+        return SLOT_SPAN0 + (1 if self.sink else 0) + self.n_spans
+
+
+_KERNELS: dict = {}
+_CACHES: dict = {}
+
+
+def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stats: torch.Tensor):
+    """FA4's causal forward with row statistics. q [B, N, H, d], k, v [B, N, G, d] (FA4's layout),
+    ``params`` int32 [PARAM_POS0 + B] on q's device, ``out_stats`` fp32 [flags.n_slots, B, H, N]
+    (written). Returns (out [B, N, H, d], lse [B, H, N])."""
+    from flash_attn.cute import interface
+    from flash_attn.cute.softmax import Softmax
+
+    from .fa4_stats_sm90 import create_stats_softmax, make_kernel_class
+    if flags not in _KERNELS:
+        _KERNELS[flags] = make_kernel_class(flags)
+        _CACHES[flags] = {}
+    # FA4 compiles the kernel class named in its interface module, whose softmax comes from
+    # Softmax.create, into its compile cache; for this variant all three are ours, for this call only
+    saved = (interface.FlashAttentionForwardSm90, Softmax.__dict__["create"], interface._flash_attn_fwd.compile_cache)
+    interface.FlashAttentionForwardSm90 = _KERNELS[flags]
+    Softmax.create = staticmethod(create_stats_softmax)
+    interface._flash_attn_fwd.compile_cache = _CACHES[flags]
+    try:
+        res = interface._flash_attn_fwd(q, k, v, softmax_scale=float(scaling), causal=True, pack_gqa=False,
+                                        return_lse=True, aux_tensors=[out_stats, params])
+    finally:
+        interface.FlashAttentionForwardSm90, Softmax.create, interface._flash_attn_fwd.compile_cache = saved
+    return res[0], res[1]
+
+
+def flags_for(stats) -> Flags:
+    """The kernel variant a ``StatRequest`` needs (its row statistics; column sums are not here)."""
+    return Flags(entropy=stats.entropy, distance=stats.distance, argmax=stats.argmax, recent=bool(stats.recent),
+                 wdist=bool(stats.window_distance), sink=bool(stats.sink_k), n_spans=len(stats.spans))
+
+
+def attention(q, k, v, *, scaling: float, stats, key_pos0: torch.Tensor | None = None):
+    """Causal self-attention (Q = K) with row statistics: q [B, H, N, d], k, v [B, G, N, d] ->
+    (out [B, H, N, d] in q's dtype, dict of ``spec.StatRequest``'s row statistics + ``lse``, fp32
+    [B, H, N]; ``argmax`` int64). ``key_pos0`` [B]: the token position of key 0 (default 0), for
+    sink and span positions. The caller checks ``fa4.supports``-style limits; see ``supports``."""
+    B, H, N, d = q.shape
+    if len(stats.spans) > MAX_SPANS:
+        raise ValueError(f"fa4_stats takes up to {MAX_SPANS} spans, got {len(stats.spans)}")
+    fl = flags_for(stats)
+    par = [0] * PARAM_POS0
+    par[P_SINK], par[P_RECENT], par[P_WDIST] = int(stats.sink_k or 0), int(stats.recent or 0), int(stats.window_distance or 0)
+    for j, (a, b) in enumerate(stats.spans):
+        par[P_SPAN0 + 2 * j], par[P_SPAN0 + 2 * j + 1] = int(a), int(b)
+    params = torch.tensor(par, dtype=torch.int32).to(q.device, non_blocking=True)
+    pos0 = (key_pos0.to(device=q.device, dtype=torch.int32).reshape(B) if key_pos0 is not None
+            else torch.zeros(B, dtype=torch.int32, device=q.device))
+    params = torch.cat([params, pos0])
+    buf = torch.empty(fl.n_slots, B, H, N, dtype=torch.float32, device=q.device)
+    out, lse = run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scaling=scaling, flags=fl,
+                   params=params, out_stats=buf)
+    res = {"lse": lse.float().reshape(B, H, N) if lse.shape == (B, H, N) else lse.transpose(1, 2).float()}
+    if fl.entropy:
+        res["entropy"] = buf[SLOT_ENTROPY]
+    if fl.distance:
+        res["distance"] = buf[SLOT_DISTANCE]
+    if fl.wdist:
+        res["window_distance"] = buf[SLOT_WDIST]
+    if fl.recent:
+        res["recent_mass"] = buf[SLOT_RECENT]
+    if fl.argmax:
+        res["max_prob"] = buf[SLOT_MAXP]
+        res["argmax"] = buf[SLOT_ARGMAX].long()
+    j = SLOT_SPAN0
+    if fl.sink:
+        res["sink_mass"] = buf[j]
+        j += 1
+    if fl.n_spans:
+        res["span_mass"] = buf[j:j + fl.n_spans].permute(1, 2, 3, 0)
+    return out.transpose(1, 2), res

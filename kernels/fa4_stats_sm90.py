@@ -1,0 +1,262 @@
+"""The CuTe-DSL half of ``fa4_stats``: FlashAttention-4's sm90 softmax extended with row statistics,
+and the kernel subclass that tells it where it is. Imported only when flash_attn.cute (the optional
+``headscope[fa4]`` extra) is installed; ``fa4_stats`` documents the method and holds the host side.
+
+Shapes: ``acc_S`` is one thread's fragment of the [tile_m, tile_n] score tile, viewed as
+[rows, cols] (``reshape_acc_to_mn``); ``row_max``/``row_sum`` and every statistic accumulator hold
+one value per row of that view (FA4's layout: a row is shared by the 4 threads of a quad).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from types import SimpleNamespace
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+from flash_attn.cute import flash_fwd_sm90 as fwd90
+from flash_attn.cute import utils
+from flash_attn.cute.softmax import Softmax
+from quack import layout_utils
+
+from .fa4_stats import (IDX_NONE, P_RECENT, P_SINK, P_SPAN0, P_WDIST, PARAM_POS0, SLOT_ARGMAX,
+                        SLOT_DISTANCE, SLOT_ENTROPY, SLOT_MAXP, SLOT_RECENT, SLOT_SPAN0, SLOT_WDIST, Flags)
+
+LN2 = math.log(2.0)
+_CTX = SimpleNamespace()     # trace-time context of the tile being compiled (see begin_tile)
+
+
+class StatsSoftmax(Softmax):
+    """FA4's online softmax plus the row statistics above (see the module docstring)."""
+
+    # -- called by the kernel subclass ---------------------------------------------------
+    def begin_tile(self, mask_fn, flags):
+        """First key block of a tile: where the tile lies (from FA4's own mask call), and fresh
+        accumulators. Kept in the module's trace context ``_CTX``, not on the softmax: FA4's
+        dataclass is rebuilt from its fields wherever it enters a loop."""
+        kw = mask_fn.keywords
+        mask = mask_fn.func.__self__
+        hs = _CTX
+        n = cute.size(self.row_max)
+        # per-row thread partials: 0 E, 1 D, 2 band mass, 3 band distance, 4 recent, 5 sink,
+        # 6.. spans; best score and its key index
+        hs.acc = cute.make_rmem_tensor((n, 6 + flags.n_spans), Float32)
+        hs.acc.fill(0.0)
+        hs.best_v = cute.make_rmem_tensor(n, Float32)
+        hs.best_v.fill(-Float32.inf)
+        hs.best_i = cute.make_rmem_tensor(n, Float32)
+        hs.best_i.fill(Float32(IDX_NONE))
+        hs.flags = flags
+        hs.tile_m, hs.tile_n = mask.tile_m, mask.tile_n
+        hs.pack = mask.qhead_per_kvhead_packgqa
+        hs.m_block, hs.batch, hs.head = kw["m_block"], kw["batch_idx"], kw["head_idx"]
+        hs.seqlen_q = mask.seqlen_q
+        thr_mma = kw["thr_mma"]
+        cS = cute.make_identity_tensor((hs.tile_m, hs.tile_n))
+        hs.tScS = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cS))
+        hs.t0ScS = layout_utils.reshape_acc_to_mn(thr_mma.get_slice(0).partition_C(cS))
+        aux = kw["aux_data"].tensors
+        hs.out, hs.par = aux[0], aux[1]
+        # query position of each of this thread's rows (packed GQA: rows are (t, head) pairs)
+        hs.t = cute.make_rmem_tensor(cute.size(self.row_max), Int32)
+        for r in range(cute.size(self.row_max)):
+            row = hs.m_block * hs.tile_m + hs.tScS[r, 0][0]
+            hs.t[r] = row // hs.pack if hs.pack != 1 else row
+        shift = hs.par[PARAM_POS0 + hs.batch]          # token position of key index 0
+        hs.sink_lim = hs.par[P_SINK] - shift
+        hs.span_lo = [hs.par[P_SPAN0 + 2 * j] - shift for j in range(flags.n_spans)]
+        hs.span_hi = [hs.par[P_SPAN0 + 2 * j + 1] - shift for j in range(flags.n_spans)]
+        hs.R, hs.W = hs.par[P_RECENT], hs.par[P_WDIST]
+
+    def set_block(self, n_block):
+        _CTX.n_block = n_block
+
+    # -- FA4's hooks -------------------------------------------------------------------
+    @cute.jit
+    def online_softmax(self, acc_S, is_first: cutlass.Constexpr[bool] = False,
+                       check_inf: cutlass.Constexpr[bool] = True):
+        hs = _CTX
+        fl = hs.flags
+        S = layout_utils.reshape_acc_to_mn(acc_S)                    # [rows, cols] of this thread
+        row_scale = cute.make_fragment_like(self.row_max, Float32)
+        sl2 = self.scale_log2
+        ncol = cute.size(S, mode=[1])
+        col0 = hs.tScS[0, 0][1]                                       # this thread's first column
+        s0 = hs.n_block * hs.tile_n + col0                            # its key index in this block
+        # column offsets of this thread's scores (compile-time constants)
+        cc = cute.make_rmem_tensor_like(S[0, None], Float32)
+        for c in cutlass.range_constexpr(ncol):
+            cc[c] = Float32(hs.t0ScS[0, c][1])
+        ccv = cc.load()
+        # which few-key masses this block can hold (same for every row of the tile)
+        tile_t0 = hs.m_block * hs.tile_m
+        if const_expr(hs.pack != 1):
+            tile_t0 = tile_t0 // hs.pack
+        blk_lo = hs.n_block * hs.tile_n
+        blk_hi = blk_lo + hs.tile_n
+        band = 0
+        if const_expr(fl.recent):
+            band = hs.R
+        if const_expr(fl.wdist):
+            band = cutlass.max(band, hs.W) if const_expr(fl.recent) else hs.W
+        for r in cutlass.range_constexpr(cute.size(self.row_max)):
+            x = S[r, None].load()
+            m_old = self.row_max[r]
+            m_new = utils.fmax_reduce(x, init_val=m_old if const_expr(not is_first) else None,
+                                      arch=self.arch)
+            m_new = cute.arch.warp_reduction_max(m_new, threads_in_group=4)
+            self.row_max[r] = m_new
+            m_use = m_new
+            if const_expr(check_inf):
+                m_use = 0.0 if m_new == -Float32.inf else m_new
+            arg = x * sl2 - m_use * sl2
+            e = cute.math.exp2(arg, fastmath=True)
+            l_blk = utils.fadd_reduce(e, init_val=None, arch=self.arch)
+            l_old = Float32(0.0)
+            alpha = Float32(1.0)
+            if const_expr(not is_first):
+                alpha = cute.math.exp2((m_old - m_new) * sl2, fastmath=True)
+                l_old = self.row_sum[r]
+            row_scale[r] = alpha
+            self.row_sum[r] = l_old * alpha + l_blk
+            # ---- statistics, thread partials in the frame of m_new ----
+            if const_expr(fl.entropy):
+                shift_e = Float32(0.0)
+                if const_expr(not is_first):
+                    shift_e = (m_old - m_new) * sl2 * l_old if l_old > 0.0 else Float32(0.0)
+                e_blk = (e * arg).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                hs.acc[r, 0] = alpha * (hs.acc[r, 0] + shift_e) + e_blk
+            if const_expr(fl.distance):
+                base = Float32(hs.t[r] - s0)                          # t - s at this thread's column 0
+                ec = (e * ccv).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                hs.acc[r, 1] = alpha * hs.acc[r, 1] + (base * l_blk - ec)
+            if const_expr(fl.argmax):
+                cand = cute.where(x == m_new, ccv, Float32(IDX_NONE))
+                cmin = cand.reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
+                cmin = cmin if m_new > -Float32.inf else Float32(IDX_NONE)     # a masked row matches -inf
+                hs.best_v[r] = m_new if cmin < Float32(IDX_NONE) else hs.best_v[r]
+                hs.best_i[r] = Float32(s0) + cmin if cmin < Float32(IDX_NONE) else hs.best_i[r]
+            if const_expr(fl.recent or fl.wdist or fl.sink or fl.n_spans > 0):
+                for j in cutlass.range_constexpr(2, 6 + fl.n_spans):
+                    hs.acc[r, j] = hs.acc[r, j] * alpha
+            if const_expr(fl.recent or fl.wdist):
+                _band_sums(hs.acc, r, blk_hi + band > tile_t0 + 1, e, ccv, Float32(hs.t[r] - s0),
+                           hs.W, hs.R, fl.wdist, fl.recent)
+            if const_expr(fl.sink):
+                _key_range_sum(hs.acc, r, 5, blk_lo < hs.sink_lim, e, ccv, Float32(s0), -(1 << 30), hs.sink_lim)
+            for j in cutlass.range_constexpr(fl.n_spans):
+                _key_range_sum(hs.acc, r, 6 + j, blk_lo < hs.span_hi[j] and blk_hi > hs.span_lo[j], e, ccv,
+                               Float32(s0), hs.span_lo[j], hs.span_hi[j])
+            S[r, None].store(e)
+        return row_scale
+
+    @cute.jit
+    def finalize(self, final_scale: Float32 = 1.0, sink_val=None):
+        hs = _CTX
+        fl = hs.flags
+        n = cute.size(self.row_max)
+        l_row = cute.make_rmem_tensor(n, Float32)
+        l_row.store(utils.warp_reduce(self.row_sum.load(), operator.add, width=4))
+        for r in cutlass.range_constexpr(n):
+            for j in cutlass.range_constexpr(6 + fl.n_spans):
+                hs.acc[r, j] = utils.warp_reduce(hs.acc[r, j], operator.add, width=4)
+            if const_expr(fl.argmax):
+                bv = utils.warp_reduce(hs.best_v[r], cute.arch.fmax, width=4)
+                bi = hs.best_i[r] if hs.best_v[r] == bv else Float32(IDX_NONE)
+                hs.best_i[r] = utils.warp_reduce(bi, cute.arch.fmin, width=4)
+        row_scale = Softmax.finalize(self, final_scale, sink_val)           # row_sum becomes the LSE
+        # write: the thread holding column 0 of each row, rows inside the sequence
+        for r in cutlass.range_constexpr(n):
+            row = hs.m_block * hs.tile_m + hs.tScS[r, 0][0]
+            t = hs.t[r]
+            head = hs.head
+            if const_expr(hs.pack != 1):
+                head = hs.head * hs.pack + row % hs.pack
+            ok = (hs.tScS[0, 0][1] == 0) & (t < hs.seqlen_q)
+            l = l_row[r]
+            inv = Float32(1.0) / l
+            vals = []
+            if const_expr(fl.entropy):
+                vals.append((SLOT_ENTROPY, cute.math.log(l, fastmath=False) - Float32(LN2) * hs.acc[r, 0] * inv))
+            if const_expr(fl.distance):
+                vals.append((SLOT_DISTANCE, hs.acc[r, 1] * inv))
+            if const_expr(fl.wdist):
+                vals.append((SLOT_WDIST, (hs.acc[r, 3] + Float32(hs.W) * (l - hs.acc[r, 2])) * inv))
+            if const_expr(fl.recent):
+                vals.append((SLOT_RECENT, hs.acc[r, 4] * inv))
+            if const_expr(fl.argmax):
+                vals.append((SLOT_MAXP, inv))
+                vals.append((SLOT_ARGMAX, hs.best_i[r]))
+            j0 = SLOT_SPAN0
+            if const_expr(fl.sink):
+                vals.append((SLOT_SPAN0, hs.acc[r, 5] * inv))
+                j0 = SLOT_SPAN0 + 1
+            for j in cutlass.range_constexpr(fl.n_spans):
+                vals.append((j0 + j, hs.acc[r, 6 + j] * inv))
+            for slot, val in vals:
+                _store_if(hs.out, slot, hs.batch, head, t, val, ok)
+        return row_scale
+
+def make_kernel_class(flags: Flags):
+    """FA4's sm90 forward kernel whose softmax also keeps ``flags``' statistics."""
+
+    class StatsFwdSm90(fwd90.FlashAttentionForwardSm90):
+        stat_flags = flags
+
+        def first_half_block_overlap(self, *args, **kw):
+            kw["softmax"].begin_tile(kw["mask_fn"], self.stat_flags)
+            kw["softmax"].set_block(kw["n_block"])
+            return super().first_half_block_overlap(*args, **kw)
+
+        def mma_one_n_block(self, smem_pipe_read, *args, **kw):
+            if kw.get("is_first_n_block", False):
+                kw["softmax"].begin_tile(kw["mask_fn"], self.stat_flags)
+            kw["softmax"].set_block(kw["n_block"])
+            return super().mma_one_n_block(smem_pipe_read, *args, **kw)
+
+        def mma_one_n_block_intrawg_overlap(self, smem_pipe_read, *args, **kw):
+            kw["softmax"].set_block(kw["n_block"])
+            return super().mma_one_n_block_intrawg_overlap(smem_pipe_read, *args, **kw)
+
+    StatsFwdSm90.__name__ = StatsFwdSm90.__qualname__ = "StatsFwdSm90_" + "_".join(map(str, map(int, flags)))
+    return StatsFwdSm90
+
+
+@cute.jit
+def _band_sums(acc: cute.Tensor, r: cutlass.Constexpr[int], active, e, ccv, dt0, W, R,
+               WDIST: cutlass.Constexpr[bool], RECENT: cutlass.Constexpr[bool]):
+    """Row r's window band (t - s < W: mass in acc[r, 2], sum e (t - s) in acc[r, 3]) and recent
+    mass (t - s < R, acc[r, 4]), in a key block that can hold such keys (``active``, one runtime
+    branch per block). e: this row's exp scores; t - s = dt0 - ccv (column offsets)."""
+    if active:
+        d = dt0 - ccv
+        if const_expr(WDIST):
+            inw = d < Float32(W)
+            acc[r, 2] = acc[r, 2] + cute.where(inw, e, 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+            acc[r, 3] = acc[r, 3] + cute.where(inw, e * d, 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+        if const_expr(RECENT):
+            acc[r, 4] = acc[r, 4] + cute.where(d < Float32(R), e, 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+
+
+@cute.jit
+def _key_range_sum(acc: cute.Tensor, r: cutlass.Constexpr[int], j: cutlass.Constexpr[int], active, e, ccv,
+                   s0, lo, hi):
+    """acc[r, j] += the row's e over keys lo <= s < hi (s = s0 + ccv), in a block that meets the range."""
+    if active:
+        s = s0 + ccv
+        ins = (s >= Float32(lo)) & (s < Float32(hi))
+        acc[r, j] = acc[r, j] + cute.where(ins, e, 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+
+
+@cute.jit
+def _store_if(out: cute.Tensor, slot: cutlass.Constexpr[int], b, h, t, val, ok):
+    """out[slot, b, h, t] = val where ``ok`` (one thread per row, rows inside the sequence)."""
+    if ok:
+        out[slot, b, h, t] = val
+
+
+def create_stats_softmax(scale_log2, num_rows, arch=80, softmax_scale=None):
+    """Stands in for ``Softmax.create`` while a statistics kernel is traced (``fa4_stats.run``)."""
+    return StatsSoftmax(scale_log2, num_rows, cute.make_rmem_tensor(num_rows, Float32),
+                        cute.make_rmem_tensor(num_rows, Float32), arch, softmax_scale)
