@@ -43,7 +43,13 @@ def check(B, H, G, N, d, seed, key_pos0=None, temp=1.0):
     out, st = fa4_stats.attention(q, k, v, scaling=d ** -0.5, stats=req, key_pos0=kp0)
     ro, rs, p = reference.attention(q.float(), k.float(), v.float(), scaling=d ** -0.5, stats=req,
                                     key_pos0=kp0, want_probs=True)
-    errs = {"out": (out.float() - ro).abs().max().item()}
+    from flash_attn.cute import flash_attn_func
+    o4 = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=d ** -0.5,
+                         causal=True)
+    o4 = (o4[0] if isinstance(o4, tuple) else o4).transpose(1, 2)
+    o0, s0 = fa4_stats.attention(q, k, v, scaling=d ** -0.5, stats=StatRequest(), key_pos0=kp0)
+    errs = {"out": (out.float() - ro).abs().max().item(), "out_fa4": (o4.float() - ro).abs().max().item(),
+            "out_nostats": (o0.float() - ro).abs().max().item(), "lse_nostats": (s0["lse"] - rs["lse"]).abs().max().item()}
     for name in ("lse", "entropy", "distance", "window_distance", "recent_mass", "max_prob", "sink_mass", "span_mass"):
         errs[name] = (st[name].float() - rs[name].float()).abs().max().item()
     same = (st["argmax"] == rs["argmax"])
@@ -62,9 +68,10 @@ def bench(fn):
 
 def timing(shapes, sizes):
     from flash_attn.cute import flash_attn_func
-    print("| shape | N | FA4 ms | FA4 pack_gqa=False | cuDNN SDPA | FA4 + rows (ours) | FA4 + entropy/distance/argmax |"
-          " FA4 + masses | Triton + rows |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | N | FA4 ms | FA4 pack_gqa=False | cuDNN SDPA | ours: all rows | entropy+distance+argmax |"
+          " same, argmax scan | masses (sink, 2 spans, recent, window) | no statistic (LSE) | entropy | distance |"
+          " argmax | recent + window | Triton all rows |")
+    print("|---" * 15 + "|")
     for name in shapes:
         H, G, d = SHAPES[name]
         for N in sizes:
@@ -77,16 +84,28 @@ def timing(shapes, sizes):
             full = rows_request(N)
             edarg = StatRequest(entropy=True, distance=True, argmax=True)
             masses = StatRequest(sink_k=4, spans=full.spans, recent=64, window_distance=128)
+            from kernels import fa4_stats_sm90 as k90
+
+            def ours(req, search="branch"):
+                def f():
+                    k90.ARGMAX_SEARCH = search
+                    return fa4_stats.attention(q, k, v, scaling=sc, stats=req)
+                return f
             fns = [
                 lambda: flash_attn_func(qt, kt, vt, softmax_scale=sc, causal=True),
                 lambda: flash_attn_func(qt, kt, vt, softmax_scale=sc, causal=True, pack_gqa=False),
                 None,
-                lambda: fa4_stats.attention(q, k, v, scaling=sc, stats=full),
-                lambda: fa4_stats.attention(q, k, v, scaling=sc, stats=edarg),
-                lambda: fa4_stats.attention(q, k, v, scaling=sc, stats=masses),
+                ours(full),
+                ours(edarg),
+                ours(edarg, "scan"),
+                ours(masses),
+                ours(StatRequest()),
+                ours(StatRequest(entropy=True)),
+                ours(StatRequest(distance=True)),
+                ours(StatRequest(argmax=True)),
+                ours(StatRequest(recent=64, window_distance=128)),
                 lambda: ta.attention(q, k, v, scaling=sc, causal=True, stats=full),
             ]
-
             def cudnn():
                 with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

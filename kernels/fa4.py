@@ -55,6 +55,7 @@ import os
 
 import torch
 
+from . import fa4_stats
 from .spec import LayerEdits, StatRequest, decline_reason
 
 
@@ -169,14 +170,17 @@ def supports(q, k, v, stats: StatRequest | None, edits: LayerEdits | None, *, ca
         return decline_reason(name, SUPPORTED_STATS, SUPPORTED_EDITS, None, edits)
     if stats is not None:
         reason = decline_reason(name, SUPPORTED_STATS, SUPPORTED_EDITS, stats, None)
+        if reason is not None and _in_kernel(q, k, stats, causal, sliding_window) is None:
+            reason = None                    # every row statistic, inside FA4's own softmax (fa4_stats)
         if reason is not None:
-            return reason + " (it computes sink, span, recent and window-distance masses and the LSE only)"
+            return reason + (" (it computes sink, span, recent and window-distance masses and the LSE; the rest "
+                             "needs its in-kernel variant: " + _in_kernel(q, k, stats, causal, sliding_window) + ")")
         if not causal:
             return f"{name} computes statistics of causal attention only"
-        if _band(stats) > MAX_BAND:
+        if _band(stats) > MAX_BAND and _in_kernel(q, k, stats, causal, sliding_window) is not None:
             return f"{name} takes recent / window_distance bands up to {MAX_BAND} keys, got {_band(stats)}"
         n_sub = stats.sink_k + sum(b - a for a, b in stats.spans)
-        if n_sub > MAX_SUBSET_KEYS:
+        if n_sub > MAX_SUBSET_KEYS and _in_kernel(q, k, stats, causal, sliding_window) is not None:
             return f"{name} takes up to {MAX_SUBSET_KEYS} sink and span keys, got {n_sub}"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"{name} needs q, k, v as [batch, heads, len, head_dim]"
@@ -202,6 +206,16 @@ def supports(q, k, v, stats: StatRequest | None, edits: LayerEdits | None, *, ca
     if not (q.device == k.device == v.device) or not (_any_device or q.is_cuda):
         return f"{name} runs on CUDA tensors (q on {q.device}, k on {k.device}, v on {v.device})"
     return None
+
+
+def _in_kernel(q, k, stats, causal, sliding_window) -> str | None:
+    """None when ``fa4_stats`` (statistics inside FA4's sm90 softmax) takes this request with the real
+    FlashAttention-4 (not a ``set_impl`` stand-in), else why not."""
+    if _impl is not None and _impl is not False and getattr(_impl, "__module__", "").split(".")[0] != "flash_attn":
+        return "a stand-in FlashAttention-4 (set_impl) has no in-kernel statistics"
+    if q.dim() != 4 or k.dim() != 4:
+        return "q and k must be [batch, heads, len, head_dim]"
+    return fa4_stats.supports(q, k, stats, causal=causal, sliding_window=sliding_window)
 
 
 def _lse_bhq(lse: torch.Tensor | None, B: int, H: int, Q: int) -> torch.Tensor:
@@ -243,6 +257,12 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     elif window is not None:
         win = (window - 1, 0)                              # t - s < W  <=>  s >= t - (W - 1)
     want = stats is not None
+    if want and _in_kernel(q, k, stats, causal, sliding_window) is None:
+        try:
+            return fa4_stats.attention(q, k, v, scaling=scaling, stats=stats, key_pos0=key_pos0)
+        except Exception as e:  # noqa: BLE001
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise Unsupported(f"FlashAttention-4 with in-kernel statistics failed: {type(e).__name__}: {first}") from e
 
     def call(contiguous: bool):
         # [B, N, H|G, d] views of [B, H|G, N, d]: a model's q (and k, v without a cache) already lie

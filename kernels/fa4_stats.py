@@ -84,8 +84,52 @@ class Flags(tuple):
         return SLOT_SPAN0 + (1 if self.sink else 0) + self.n_spans
 
 
+# statistics computed in the kernel (every row statistic of StatRequest); column sums and edits are not
+SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_distance", "recent", "argmax"})
+# head dims checked against the reference on the H200 (benchmarks/fa4_stats_gpu.py). d256 is left out:
+# there FA4's sm90 kernel rescales O before its PV product (rescale_O_before_gemm) and this
+# variant's output was NaN on the GPU even with no statistic (2026-12-02; not understood yet)
+HEAD_DIMS = frozenset({64, 128})
+
 _KERNELS: dict = {}
 _CACHES: dict = {}
+_importable = None
+
+
+def importable() -> bool:
+    """flash_attn.cute's sm90 kernel and the CuTe DSL import (cached)."""
+    global _importable
+    if _importable is None:
+        try:
+            from . import fa4_stats_sm90  # noqa: F401
+            _importable = True
+        except Exception:  # noqa: BLE001  (not installed, or its CUDA libraries do not load)
+            _importable = False
+    return _importable
+
+
+def supports(q, k, stats, *, causal: bool = True, sliding_window: int | None = None) -> str | None:
+    """None when this path can compute ``stats`` for q [B, H, N, d], k [B, G, N, d] (the shape,
+    dtype and device checks of ``fa4.supports`` come first), else why not (one line)."""
+    name = "FlashAttention-4 with in-kernel statistics"
+    if stats is None:
+        return f"{name} is for calls with statistics"
+    extra = sorted(f for f in stats.__dataclass_fields__ if f not in SUPPORTED_STATS and getattr(stats, f))
+    if extra:
+        return f"{name} does not compute {', '.join(extra)}"
+    if not causal or q.shape[2] != k.shape[2]:
+        return f"{name} takes causal self-attention with as many queries as keys"
+    if sliding_window is not None and sliding_window < k.shape[2]:
+        return f"{name} does not take a sliding window"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"{name} takes head dims {sorted(HEAD_DIMS)}, got {q.shape[-1]}"
+    if len(stats.spans) > MAX_SPANS:
+        return f"{name} takes up to {MAX_SPANS} spans, got {len(stats.spans)}"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return f"{name} runs on Hopper (sm90) GPUs"
+    if not importable():
+        return f"{name} needs flash_attn.cute (pip install headscope[fa4])"
+    return None
 
 
 def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stats: torch.Tensor):
@@ -96,15 +140,17 @@ def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stat
     from flash_attn.cute.softmax import Softmax
 
     from .fa4_stats_sm90 import create_stats_softmax, make_kernel_class
-    if flags not in _KERNELS:
-        _KERNELS[flags] = make_kernel_class(flags)
-        _CACHES[flags] = {}
+    from . import fa4_stats_sm90
+    key = (flags, fa4_stats_sm90.ARGMAX_SEARCH)
+    if key not in _KERNELS:
+        _KERNELS[key] = make_kernel_class(flags)
+        _CACHES[key] = {}
     # FA4 compiles the kernel class named in its interface module, whose softmax comes from
     # Softmax.create, into its compile cache; for this variant all three are ours, for this call only
     saved = (interface.FlashAttentionForwardSm90, Softmax.__dict__["create"], interface._flash_attn_fwd.compile_cache)
-    interface.FlashAttentionForwardSm90 = _KERNELS[flags]
+    interface.FlashAttentionForwardSm90 = _KERNELS[key]
     Softmax.create = staticmethod(create_stats_softmax)
-    interface._flash_attn_fwd.compile_cache = _CACHES[flags]
+    interface._flash_attn_fwd.compile_cache = _CACHES[key]
     try:
         res = interface._flash_attn_fwd(q, k, v, softmax_scale=float(scaling), causal=True, pack_gqa=False,
                                         return_lse=True, aux_tensors=[out_stats, params])
@@ -150,7 +196,7 @@ def attention(q, k, v, *, scaling: float, stats, key_pos0: torch.Tensor | None =
         res["recent_mass"] = buf[SLOT_RECENT]
     if fl.argmax:
         res["max_prob"] = buf[SLOT_MAXP]
-        res["argmax"] = buf[SLOT_ARGMAX].long()
+        res["argmax"] = buf[SLOT_ARGMAX].long() + pos0.long().view(B, 1, 1)   # key index -> position
     j = SLOT_SPAN0
     if fl.sink:
         res["sink_mass"] = buf[j]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from types import SimpleNamespace
 
 import cutlass
@@ -24,6 +25,7 @@ from .fa4_stats import (IDX_NONE, P_RECENT, P_SINK, P_SPAN0, P_WDIST, PARAM_POS0
                         SLOT_DISTANCE, SLOT_ENTROPY, SLOT_MAXP, SLOT_RECENT, SLOT_SPAN0, SLOT_WDIST, Flags)
 
 LN2 = math.log(2.0)
+ARGMAX_SEARCH = os.environ.get("HEADSCOPE_FA4S_ARGMAX", "branch")   # "branch" | "scan" (A/B)
 _CTX = SimpleNamespace()     # trace-time context of the tile being compiled (see begin_tile)
 
 
@@ -103,8 +105,10 @@ class StatsSoftmax(Softmax):
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
             x = S[r, None].load()
             m_old = self.row_max[r]
-            m_new = utils.fmax_reduce(x, init_val=m_old if const_expr(not is_first) else None,
-                                      arch=self.arch)
+            m_loc = utils.fmax_reduce(x, init_val=None, arch=self.arch)      # this thread's block max
+            m_new = m_loc
+            if const_expr(not is_first):
+                m_new = cute.arch.fmax(m_loc, m_old)
             m_new = cute.arch.warp_reduction_max(m_new, threads_in_group=4)
             self.row_max[r] = m_new
             m_use = m_new
@@ -125,30 +129,38 @@ class StatsSoftmax(Softmax):
                 shift_e = Float32(0.0)
                 if const_expr(not is_first):
                     shift_e = (m_old - m_new) * sl2 * l_old if l_old > 0.0 else Float32(0.0)
-                e_blk = (e * arg).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                # e (x - m); a masked score is -inf with e = 0: clamp so that 0 * -inf is not NaN
+                e_blk = (e * cute.where(arg > Float32(-200.0), arg, Float32(-200.0))).reduce(
+                    cute.ReductionOp.ADD, Float32(0.0), 0)
                 hs.acc[r, 0] = alpha * (hs.acc[r, 0] + shift_e) + e_blk
             if const_expr(fl.distance):
                 base = Float32(hs.t[r] - s0)                          # t - s at this thread's column 0
                 ec = (e * ccv).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
                 hs.acc[r, 1] = alpha * hs.acc[r, 1] + (base * l_blk - ec)
             if const_expr(fl.argmax):
-                cand = cute.where(x == m_new, ccv, Float32(IDX_NONE))
-                cmin = cand.reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
-                cmin = cmin if m_new > -Float32.inf else Float32(IDX_NONE)     # a masked row matches -inf
-                hs.best_v[r] = m_new if cmin < Float32(IDX_NONE) else hs.best_v[r]
-                hs.best_i[r] = Float32(s0) + cmin if cmin < Float32(IDX_NONE) else hs.best_i[r]
+                if const_expr(ARGMAX_SEARCH == "branch"):
+                    # only a thread holding the row max in this block searches it (rare: the max
+                    # rose here, or ties it)
+                    _argmax_search(hs.best_v, hs.best_i, r, (m_loc == m_new) & (m_new > -Float32.inf),
+                                   x, m_new, ccv, Float32(s0))
+                else:
+                    cand = cute.where(x == m_new, ccv, Float32(IDX_NONE))
+                    cmin = cand.reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
+                    cmin = cmin if m_new > -Float32.inf else Float32(IDX_NONE)   # a masked row matches -inf
+                    hs.best_v[r] = m_new if cmin < Float32(IDX_NONE) else hs.best_v[r]
+                    hs.best_i[r] = Float32(s0) + cmin if cmin < Float32(IDX_NONE) else hs.best_i[r]
             if const_expr(fl.recent or fl.wdist or fl.sink or fl.n_spans > 0):
                 for j in cutlass.range_constexpr(2, 6 + fl.n_spans):
                     hs.acc[r, j] = hs.acc[r, j] * alpha
-            if const_expr(fl.recent or fl.wdist):
-                _band_sums(hs.acc, r, blk_hi + band > tile_t0 + 1, e, ccv, Float32(hs.t[r] - s0),
-                           hs.W, hs.R, fl.wdist, fl.recent)
-            if const_expr(fl.sink):
-                _key_range_sum(hs.acc, r, 5, blk_lo < hs.sink_lim, e, ccv, Float32(s0), -(1 << 30), hs.sink_lim)
-            for j in cutlass.range_constexpr(fl.n_spans):
-                _key_range_sum(hs.acc, r, 6 + j, blk_lo < hs.span_hi[j] and blk_hi > hs.span_lo[j], e, ccv,
-                               Float32(s0), hs.span_lo[j], hs.span_hi[j])
             S[r, None].store(e)
+        # masses on few keys: one runtime branch per key block and kind, over all rows (S now holds e)
+        if const_expr(fl.recent or fl.wdist):
+            _band_sums(hs.acc, S, hs.t, blk_hi + band > tile_t0 + 1, ccv, s0, hs.W, hs.R, fl.wdist, fl.recent)
+        if const_expr(fl.sink):
+            _key_range_sum(hs.acc, S, 5, blk_lo < hs.sink_lim, ccv, s0, -(1 << 30), hs.sink_lim)
+        for j in cutlass.range_constexpr(fl.n_spans):
+            _key_range_sum(hs.acc, S, 6 + j, (blk_lo < hs.span_hi[j]) & (blk_hi > hs.span_lo[j]), ccv, s0,
+                           hs.span_lo[j], hs.span_hi[j])
         return row_scale
 
     @cute.jit
@@ -224,29 +236,42 @@ def make_kernel_class(flags: Flags):
 
 
 @cute.jit
-def _band_sums(acc: cute.Tensor, r: cutlass.Constexpr[int], active, e, ccv, dt0, W, R,
-               WDIST: cutlass.Constexpr[bool], RECENT: cutlass.Constexpr[bool]):
-    """Row r's window band (t - s < W: mass in acc[r, 2], sum e (t - s) in acc[r, 3]) and recent
-    mass (t - s < R, acc[r, 4]), in a key block that can hold such keys (``active``, one runtime
-    branch per block). e: this row's exp scores; t - s = dt0 - ccv (column offsets)."""
+def _argmax_search(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexpr[int], active, x, m, ccv, s0):
+    """Row r: the first column of this thread whose score equals the row max m (``active``: this
+    thread holds it in this block); blocks come from the diagonal backwards, so it replaces any
+    earlier (later-key) index."""
     if active:
-        d = dt0 - ccv
-        if const_expr(WDIST):
-            inw = d < Float32(W)
-            acc[r, 2] = acc[r, 2] + cute.where(inw, e, 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
-            acc[r, 3] = acc[r, 3] + cute.where(inw, e * d, 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
-        if const_expr(RECENT):
-            acc[r, 4] = acc[r, 4] + cute.where(d < Float32(R), e, 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+        best_v[r] = m
+        best_i[r] = s0 + cute.where(x == m, ccv, Float32(IDX_NONE)).reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
 
 
 @cute.jit
-def _key_range_sum(acc: cute.Tensor, r: cutlass.Constexpr[int], j: cutlass.Constexpr[int], active, e, ccv,
-                   s0, lo, hi):
-    """acc[r, j] += the row's e over keys lo <= s < hi (s = s0 + ccv), in a block that meets the range."""
+def _band_sums(acc: cute.Tensor, S: cute.Tensor, t: cute.Tensor, active, ccv, s0, W, R,
+               WDIST: cutlass.Constexpr[bool], RECENT: cutlass.Constexpr[bool]):
+    """Each row's window band (t - s < W: mass in acc[r, 2], sum e (t - s) in acc[r, 3]) and recent
+    mass (t - s < R, acc[r, 4]), in a key block that can hold such keys (``active``: one runtime
+    branch per block). S [rows, cols]: the exp scores; t - s = (t_r - s0) - ccv (column offsets)."""
     if active:
-        s = s0 + ccv
+        for r in cutlass.range_constexpr(cute.size(S, mode=[0])):
+            e = S[r, None].load()
+            d = Float32(t[r] - s0) - ccv
+            if const_expr(WDIST):
+                inw = d < Float32(W)
+                acc[r, 2] = acc[r, 2] + cute.where(inw, e, 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                acc[r, 3] = acc[r, 3] + cute.where(inw, e * d, 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+            if const_expr(RECENT):
+                acc[r, 4] = acc[r, 4] + cute.where(d < Float32(R), e, 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+
+
+@cute.jit
+def _key_range_sum(acc: cute.Tensor, S: cute.Tensor, j: cutlass.Constexpr[int], active, ccv, s0, lo, hi):
+    """acc[r, j] += row r's exp scores over keys lo <= s < hi (s = s0 + ccv), in a block that meets
+    the range (``active``)."""
+    if active:
+        s = Float32(s0) + ccv
         ins = (s >= Float32(lo)) & (s < Float32(hi))
-        acc[r, j] = acc[r, j] + cute.where(ins, e, 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+        for r in cutlass.range_constexpr(cute.size(S, mode=[0])):
+            acc[r, j] = acc[r, j] + cute.where(ins, S[r, None].load(), 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
 
 
 @cute.jit

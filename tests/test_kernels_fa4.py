@@ -450,3 +450,54 @@ def test_real_fa4_in_the_probe():
     for name in rec.names:           # layer 0 sees the same q, k on both paths; layer 1 bf16-close ones
         close(rec[name, 0], ref[name, 0], 2e-4 * (32 if name == "window_distance" else 1), name)
         close(rec[name, 1], ref[name, 1], 3e-2 * (32 if name == "window_distance" else 1), name)
+
+
+# --------------------------------------------------------------------------- statistics inside FA4 (fa4_stats)
+def test_in_kernel_statistics_decline_with_reasons():
+    """fa4_stats says why it cannot take a call; fa4.supports passes that reason on for the row
+    statistics only it computes, and a stand-in FA4 never claims them."""
+    from headscope.kernels import fa4_stats
+    full = StatRequest(sink_k=4, spans=((1, 3),), entropy=True, distance=True, argmax=True, recent=8, window_distance=16)
+    q, k, _ = make(1, 4, 2, 32, 32, 64, torch.bfloat16, 0)
+    assert "Hopper" in fa4_stats.supports(q, k, full)                          # CPU tensors
+    assert "head dims" in fa4_stats.supports(*make(1, 4, 2, 32, 32, 256, torch.bfloat16, 0)[:2], full)
+    assert "sliding window" in fa4_stats.supports(q, k, full, sliding_window=8)
+    assert "causal" in fa4_stats.supports(q, k, full, causal=False)
+    assert "as many queries" in fa4_stats.supports(q[:, :, :1], k, full)
+    assert "received" in fa4_stats.supports(q, k, StatRequest(received=True))
+    assert "spans" in fa4_stats.supports(q, k, StatRequest(spans=tuple((i, i + 1) for i in range(9))))
+    fa4.set_impl(standin(), any_device=True)
+    try:
+        reason = fa4.supports(q, k, k, StatRequest(entropy=True), None)
+        assert "entropy" in reason and "stand-in" in reason
+        assert fa4.supports(q, k, k, StatRequest(sink_k=4), None) is None          # masses from the LSE
+    finally:
+        fa4.set_impl(None)
+    assert fa4_stats.Flags(sink=True, n_spans=2).n_slots == fa4_stats.SLOT_SPAN0 + 3
+    assert fa4_stats.flags_for(full) == fa4_stats.Flags(True, True, True, True, True, True, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention-4 runs on Hopper/Blackwell)")
+@pytest.mark.parametrize("shape", [(2, 8, 2, 128, 1000), (1, 9, 3, 64, 777), (2, 4, 4, 64, 1531)])
+@torch.no_grad()
+def test_in_kernel_statistics_equal_reference(shape):
+    """Every row statistic from inside FA4's softmax (fa4.attention routes there) against the fp32
+    reference: odd lengths, GQA, two batches with shifted positions, argmax exactly."""
+    if not _real_fa4():
+        pytest.skip(f"FlashAttention-4 not importable or not this GPU ({fa4.import_error() or 'not installed'})")
+    B, H, G, d, N = shape
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = (torch.randn(B, H, N, d, device="cuda", generator=g) * 3).bfloat16()
+    k = torch.randn(B, G, N, d, device="cuda", generator=g).bfloat16()
+    v = torch.randn(B, G, N, d, device="cuda", generator=g).bfloat16()
+    kpos = torch.arange(B, device="cuda") * 5
+    req = StatRequest(sink_k=5, spans=((3, 40), (N // 2, N // 2 + 77)), entropy=True, distance=True,
+                      window_distance=100, recent=37, argmax=True)
+    assert fa4.supports(q, k, v, req, None) is None
+    out, st = fa4.attention(q, k, v, scaling=d ** -0.5, key_pos0=kpos, stats=req)
+    out_ref, ref, _ = reference.attention(q.float(), k.float(), v.float(), scaling=d ** -0.5, key_pos0=kpos, stats=req)
+    close(out, out_ref, 3e-2, "out")
+    for name, tol in (("lse", 2e-5), ("entropy", 2e-5), ("recent_mass", 1e-5), ("max_prob", 1e-5),
+                      ("sink_mass", 1e-5), ("span_mass", 1e-5), ("window_distance", 1e-3), ("distance", 1e-2)):
+        close(st[name], ref[name], tol, name)
+    assert torch.equal(st["argmax"], ref["argmax"])
