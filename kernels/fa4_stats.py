@@ -81,15 +81,17 @@ class Flags(tuple):
 
     @property
     def n_slots(self) -> int:
+        """Rows of the statistics buffer this variant writes."""
         return SLOT_SPAN0 + (1 if self.sink else 0) + self.n_spans
 
 
 # statistics computed in the kernel (every row statistic of StatRequest); column sums and edits are not
 SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_distance", "recent", "argmax"})
-# head dims checked against the reference on the H200 (benchmarks/fa4_stats_gpu.py). d256 is left out:
-# there FA4's sm90 kernel rescales O before its PV product (rescale_O_before_gemm) and this
-# variant's output was NaN on the GPU even with no statistic (2026-12-02; not understood yet)
-HEAD_DIMS = frozenset({64, 128})
+# head dims the probe routes here: d128 only. d64 is exact on the H200 but slower than the Triton
+# kernels (FA4 runs 3 consumer warpgroups of 128 registers at tile_m = 192, and the statistics spill:
+# 0.38x FA4 vs Triton's 0.48x at 24k); d256 gave NaN even with no statistic (FA4 rescales O before its
+# PV product there, rescale_O_before_gemm; not understood yet). ``attention`` itself runs d64.
+HEAD_DIMS = frozenset({128})
 
 _KERNELS: dict = {}
 _CACHES: dict = {}

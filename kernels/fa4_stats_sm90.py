@@ -72,12 +72,15 @@ class StatsSoftmax(Softmax):
         hs.R, hs.W = hs.par[P_RECENT], hs.par[P_WDIST]
 
     def set_block(self, n_block):
+        """The key block (index of tile_n keys) the next ``online_softmax`` call works on."""
         _CTX.n_block = n_block
 
     # -- FA4's hooks -------------------------------------------------------------------
     @cute.jit
     def online_softmax(self, acc_S, is_first: cutlass.Constexpr[bool] = False,
                        check_inf: cutlass.Constexpr[bool] = True):
+        """FA4's online softmax of one key block (acc_S: this thread's scores, overwritten with
+        exp2(x - m)) -> the per-row rescale factor for O; plus the statistics' thread partials."""
         hs = _CTX
         fl = hs.flags
         S = layout_utils.reshape_acc_to_mn(acc_S)                    # [rows, cols] of this thread
@@ -165,6 +168,8 @@ class StatsSoftmax(Softmax):
 
     @cute.jit
     def finalize(self, final_scale: Float32 = 1.0, sink_val=None):
+        """FA4's finalize (row_sum becomes the LSE; returns 1 / l) after summing the statistics over
+        each row's quad, then each row's statistics written to the aux buffer."""
         hs = _CTX
         fl = hs.flags
         n = cute.size(self.row_max)
