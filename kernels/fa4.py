@@ -170,17 +170,16 @@ def supports(q, k, v, stats: StatRequest | None, edits: LayerEdits | None, *, ca
         return decline_reason(name, SUPPORTED_STATS, SUPPORTED_EDITS, None, edits)
     if stats is not None:
         reason = decline_reason(name, SUPPORTED_STATS, SUPPORTED_EDITS, stats, None)
-        if reason is not None and _in_kernel(q, k, stats, causal, sliding_window) is None:
-            reason = None                    # every row statistic, inside FA4's own softmax (fa4_stats)
-        if reason is not None:
+        in_kernel = _in_kernel(q, k, stats, causal, sliding_window)   # None: fa4_stats takes all of it
+        if reason is not None and in_kernel is not None:
             return reason + (" (it computes sink, span, recent and window-distance masses and the LSE; the rest "
-                             "needs its in-kernel variant: " + _in_kernel(q, k, stats, causal, sliding_window) + ")")
+                             "needs its in-kernel variant: " + in_kernel + ")")
         if not causal:
             return f"{name} computes statistics of causal attention only"
-        if _band(stats) > MAX_BAND and _in_kernel(q, k, stats, causal, sliding_window) is not None:
+        if _band(stats) > MAX_BAND and in_kernel is not None:
             return f"{name} takes recent / window_distance bands up to {MAX_BAND} keys, got {_band(stats)}"
         n_sub = stats.sink_k + sum(b - a for a, b in stats.spans)
-        if n_sub > MAX_SUBSET_KEYS and _in_kernel(q, k, stats, causal, sliding_window) is not None:
+        if n_sub > MAX_SUBSET_KEYS and in_kernel is not None:
             return f"{name} takes up to {MAX_SUBSET_KEYS} sink and span keys, got {n_sub}"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"{name} needs q, k, v as [batch, heads, len, head_dim]"

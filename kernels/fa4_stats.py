@@ -10,7 +10,7 @@ work in the softmax overlaps the other warpgroup's matrix products. Its online s
 method, ``Softmax.online_softmax`` (per key block: row max, exp2, row sum, the rescale factor), and
 its end in ``Softmax.finalize`` (the LSE). This module extends exactly those two, and nothing else:
 
-* ``_StatsSoftmax.online_softmax`` does the same online softmax (running max ``m``, sum ``l`` in
+* ``StatsSoftmax.online_softmax`` does the same online softmax (running max ``m``, sum ``l`` in
   base 2, every accumulator in the frame of the running max and multiplied by
   ``alpha = exp2(m_old - m_new)`` when it moves; Milakov & Gimelshein 2018, Sec. 3) and also keeps,
   per row and per thread, with ``e = exp2(x - m)`` (``x`` the base-2 scaled score):
@@ -28,7 +28,7 @@ its end in ``Softmax.finalize`` (the LSE). This module extends exactly those two
 
   Thread partials are summed across the 4 threads of a row (a quad) in ``finalize``, as FA4 does
   for ``l``.
-* ``_StatsSoftmax.finalize`` finishes them and writes one fp32 value per row and statistic to the
+* ``StatsSoftmax.finalize`` finishes them and writes one fp32 value per row and statistic to the
   ``[slot, B, H, Q]`` buffer passed as FA4's first aux tensor (the second holds the runtime
   parameters: sink_k, R, W, the span bounds, per-batch position shifts).
 * The kernel subclass only tells the softmax which key block it is on (``n_block``) and, on the
@@ -40,13 +40,15 @@ fast path: ``reference.attention`` (fp32, whole matrix) defines every statistic;
 compare with it.
 
 Contract and limits (``supports`` says why a call is declined): causal self-attention with Q = K,
-no window, bf16/fp16, d in 64/128/256, FA4 importable on an sm90 GPU; every row statistic of
+no window, bf16/fp16, head dims in ``HEAD_DIMS``, FA4 importable on an sm90 GPU; every row statistic of
 ``StatRequest`` (no column sums, no edits). ``run`` works on FA4's [B, N, H, d] layout;
 ``fa4.attention`` calls it.
 """
 from __future__ import annotations
 
 import torch
+
+from .spec import decline_reason
 
 # slots of the statistics buffer [slot, B, H, Q] (fp32); the sink and each span follow SLOT_SPAN0
 SLOT_ENTROPY, SLOT_DISTANCE, SLOT_WDIST, SLOT_RECENT, SLOT_MAXP, SLOT_ARGMAX = range(6)
@@ -57,7 +59,6 @@ P_SINK, P_RECENT, P_WDIST, P_SPAN0 = 0, 1, 2, 3
 MAX_SPANS = 8
 PARAM_POS0 = P_SPAN0 + 2 * MAX_SPANS
 IDX_NONE = 1 << 30          # "no argmax in this thread yet" (exact in fp32)
-
 
 
 class Flags(tuple):
@@ -116,9 +117,9 @@ def supports(q, k, stats, *, causal: bool = True, sliding_window: int | None = N
     name = "FlashAttention-4 with in-kernel statistics"
     if stats is None:
         return f"{name} is for calls with statistics"
-    extra = sorted(f for f in stats.__dataclass_fields__ if f not in SUPPORTED_STATS and getattr(stats, f))
-    if extra:
-        return f"{name} does not compute {', '.join(extra)}"
+    reason = decline_reason(name, SUPPORTED_STATS, frozenset(), stats, None)
+    if reason is not None:
+        return reason
     if not causal or q.shape[2] != k.shape[2]:
         return f"{name} takes causal self-attention with as many queries as keys"
     if sliding_window is not None and sliding_window < k.shape[2]:
@@ -141,17 +142,16 @@ def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stat
     from flash_attn.cute import interface
     from flash_attn.cute.softmax import Softmax
 
-    from .fa4_stats_sm90 import create_stats_softmax, make_kernel_class
-    from . import fa4_stats_sm90
-    key = (flags, fa4_stats_sm90.ARGMAX_SEARCH)
+    from . import fa4_stats_sm90 as k90
+    key = (flags, k90.ARGMAX_SEARCH)
     if key not in _KERNELS:
-        _KERNELS[key] = make_kernel_class(flags)
+        _KERNELS[key] = k90.make_kernel_class(flags)
         _CACHES[key] = {}
     # FA4 compiles the kernel class named in its interface module, whose softmax comes from
     # Softmax.create, into its compile cache; for this variant all three are ours, for this call only
     saved = (interface.FlashAttentionForwardSm90, Softmax.__dict__["create"], interface._flash_attn_fwd.compile_cache)
     interface.FlashAttentionForwardSm90 = _KERNELS[key]
-    Softmax.create = staticmethod(create_stats_softmax)
+    Softmax.create = staticmethod(k90.create_stats_softmax)
     interface._flash_attn_fwd.compile_cache = _CACHES[key]
     try:
         res = interface._flash_attn_fwd(q, k, v, softmax_scale=float(scaling), causal=True, pack_gqa=False,
@@ -187,7 +187,7 @@ def attention(q, k, v, *, scaling: float, stats, key_pos0: torch.Tensor | None =
     buf = torch.empty(fl.n_slots, B, H, N, dtype=torch.float32, device=q.device)
     out, lse = run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scaling=scaling, flags=fl,
                    params=params, out_stats=buf)
-    res = {"lse": lse.float().reshape(B, H, N) if lse.shape == (B, H, N) else lse.transpose(1, 2).float()}
+    res = {"lse": lse.float().view(B, H, N)}                 # FA4's LSE is [B, H, N]
     if fl.entropy:
         res["entropy"] = buf[SLOT_ENTROPY]
     if fl.distance:
