@@ -23,9 +23,11 @@ pass over the whole row (the lever of issue #13 "kernels at the speed of the bes
 
 ``masses_from_lse`` computes them in fp32 PyTorch from q, k and the LSE (batched over heads, in
 query chunks, so memory stays O(Q · band)); it does not depend on FlashAttention and the CPU tests
-hold it to ``reference.attention``. Entropy, mean distance, argmax / max_prob and column sums need
-every key of a row (or the forward loop itself); requests for them are declined here
-(``supports``), and the probe runs them on the Triton kernels with one message.
+hold it to ``reference.attention``. Entropy, mean distance and argmax / max_prob need every key of a
+row (or the forward loop itself): with the real FlashAttention-4 on Hopper, causal Q = K, no window,
+d in ``fa4_stats.HEAD_DIMS``, every row statistic is computed inside FA4's own softmax instead
+(``fa4_stats``, which ``attention`` calls). Outside that, and for column sums, requests are declined
+here (``supports``) and the probe runs them on the Triton kernels with one message.
 
     from headscope.kernels import fa4
     if fa4.available(q) and fa4.supports(q, k, v, stats, None) is None:

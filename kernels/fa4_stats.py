@@ -88,11 +88,10 @@ class Flags(tuple):
 
 # statistics computed in the kernel (every row statistic of StatRequest); column sums and edits are not
 SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_distance", "recent", "argmax"})
-# head dims the probe routes here: d128 only. d64 is exact on the H200 but slower than the Triton
+# head dims the probe routes here: d128 and d256. d64 is exact on the H200 but slower than the Triton
 # kernels (FA4 runs 3 consumer warpgroups of 128 registers at tile_m = 192, and the statistics spill:
-# 0.38x FA4 vs Triton's 0.48x at 24k); d256 gave NaN even with no statistic (FA4 rescales O before its
-# PV product there, rescale_O_before_gemm; not understood yet). ``attention`` itself runs d64.
-HEAD_DIMS = frozenset({128})
+# 0.38x FA4 vs Triton's 0.48x at 24k). ``attention`` itself runs d64 too.
+HEAD_DIMS = frozenset({128, 256})
 
 _KERNELS: dict = {}
 _CACHES: dict = {}

@@ -49,6 +49,12 @@ class StatsSoftmax(Softmax):
         hs.best_v.fill(-Float32.inf)
         hs.best_i = cute.make_rmem_tensor(n, Float32)
         hs.best_i.fill(Float32(IDX_NONE))
+        # the masses (acc[:, 2:]) are summed in few key blocks, so they keep their own frame (the
+        # row max of their last update) instead of being rescaled in every block
+        hs.mref = cute.make_rmem_tensor(n, Float32)
+        hs.mref.fill(-Float32.inf)
+        hs.mass_cols = ((2, 3) if flags.wdist else ()) + ((4,) if flags.recent else ()) + \
+            ((5,) if flags.sink else ()) + tuple(6 + j for j in range(flags.n_spans))
         hs.flags = flags
         hs.tile_m, hs.tile_n = mask.tile_m, mask.tile_n
         hs.pack = mask.qhead_per_kvhead_packgqa
@@ -71,9 +77,11 @@ class StatsSoftmax(Softmax):
         hs.span_hi = [hs.par[P_SPAN0 + 2 * j + 1] - shift for j in range(flags.n_spans)]
         hs.R, hs.W = hs.par[P_RECENT], hs.par[P_WDIST]
 
-    def set_block(self, n_block):
-        """The key block (index of tile_n keys) the next ``online_softmax`` call works on."""
+    def set_block(self, n_block, masked: bool):
+        """The key block (index of tile_n keys) the next ``online_softmax`` call works on, and whether
+        FA4 masks it (the diagonal and sequence-end blocks; only these hold -inf scores)."""
         _CTX.n_block = n_block
+        _CTX.masked = masked
 
     # -- FA4's hooks -------------------------------------------------------------------
     @cute.jit
@@ -123,7 +131,7 @@ class StatsSoftmax(Softmax):
             l_old = Float32(0.0)
             alpha = Float32(1.0)
             if const_expr(not is_first):
-                alpha = cute.math.exp2((m_old - m_new) * sl2, fastmath=True)
+                alpha = cute.math.exp2((m_old - m_use) * sl2, fastmath=True)     # FA4: the safe max (-inf -> 0)
                 l_old = self.row_sum[r]
             row_scale[r] = alpha
             self.row_sum[r] = l_old * alpha + l_blk
@@ -131,10 +139,13 @@ class StatsSoftmax(Softmax):
             if const_expr(fl.entropy):
                 shift_e = Float32(0.0)
                 if const_expr(not is_first):
-                    shift_e = (m_old - m_new) * sl2 * l_old if l_old > 0.0 else Float32(0.0)
-                # e (x - m); a masked score is -inf with e = 0: clamp so that 0 * -inf is not NaN
-                e_blk = (e * cute.where(arg > Float32(-200.0), arg, Float32(-200.0))).reduce(
-                    cute.ReductionOp.ADD, Float32(0.0), 0)
+                    shift_e = (m_old - m_use) * sl2 * l_old if l_old > 0.0 else Float32(0.0)
+                # e (x - m); in a masked block a score is -inf with e = 0: clamp so that 0 * -inf is
+                # not NaN (unmasked blocks, the bulk, skip the clamp)
+                arg_c = arg
+                if const_expr(hs.masked):
+                    arg_c = cute.where(arg > Float32(-200.0), arg, Float32(-200.0))
+                e_blk = (e * arg_c).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
                 hs.acc[r, 0] = alpha * (hs.acc[r, 0] + shift_e) + e_blk
             if const_expr(fl.distance):
                 base = Float32(hs.t[r] - s0)                          # t - s at this thread's column 0
@@ -152,17 +163,17 @@ class StatsSoftmax(Softmax):
                     cmin = cmin if m_new > -Float32.inf else Float32(IDX_NONE)   # a masked row matches -inf
                     hs.best_v[r] = m_new if cmin < Float32(IDX_NONE) else hs.best_v[r]
                     hs.best_i[r] = Float32(s0) + cmin if cmin < Float32(IDX_NONE) else hs.best_i[r]
-            if const_expr(fl.recent or fl.wdist or fl.sink or fl.n_spans > 0):
-                for j in cutlass.range_constexpr(2, 6 + fl.n_spans):
-                    hs.acc[r, j] = hs.acc[r, j] * alpha
             S[r, None].store(e)
         # masses on few keys: one runtime branch per key block and kind, over all rows (S now holds e)
         if const_expr(fl.recent or fl.wdist):
-            _band_sums(hs.acc, S, hs.t, blk_hi + band > tile_t0 + 1, ccv, s0, hs.W, hs.R, fl.wdist, fl.recent)
+            _band_sums(hs.acc, hs.mref, hs.mass_cols, self.row_max, sl2, S, hs.t, blk_hi + band > tile_t0 + 1, ccv, s0, hs.W, hs.R,
+                       fl.wdist, fl.recent)
         if const_expr(fl.sink):
-            _key_range_sum(hs.acc, S, 5, blk_lo < hs.sink_lim, ccv, s0, -(1 << 30), hs.sink_lim)
+            _key_range_sum(hs.acc, hs.mref, hs.mass_cols, self.row_max, sl2, S, 5, blk_lo < hs.sink_lim, ccv, s0, -(1 << 30),
+                           hs.sink_lim)
         for j in cutlass.range_constexpr(fl.n_spans):
-            _key_range_sum(hs.acc, S, 6 + j, (blk_lo < hs.span_hi[j]) & (blk_hi > hs.span_lo[j]), ccv, s0,
+            _key_range_sum(hs.acc, hs.mref, hs.mass_cols, self.row_max, sl2, S, 6 + j,
+                           (blk_lo < hs.span_hi[j]) & (blk_hi > hs.span_lo[j]), ccv, s0,
                            hs.span_lo[j], hs.span_hi[j])
         return row_scale
 
@@ -176,6 +187,8 @@ class StatsSoftmax(Softmax):
         l_row = cute.make_rmem_tensor(n, Float32)
         l_row.store(utils.warp_reduce(self.row_sum.load(), operator.add, width=4))
         for r in cutlass.range_constexpr(n):
+            # masses from their own frames into the row's final one
+            _to_frame(hs.acc, hs.mref, r, hs.mass_cols, self.row_max[r], self.scale_log2)
             for j in cutlass.range_constexpr(6 + fl.n_spans):
                 hs.acc[r, j] = utils.warp_reduce(hs.acc[r, j], operator.add, width=4)
             if const_expr(fl.argmax):
@@ -223,17 +236,17 @@ def make_kernel_class(flags: Flags):
 
         def first_half_block_overlap(self, *args, **kw):
             kw["softmax"].begin_tile(kw["mask_fn"], self.stat_flags)
-            kw["softmax"].set_block(kw["n_block"])
+            kw["softmax"].set_block(kw["n_block"], masked=True)
             return super().first_half_block_overlap(*args, **kw)
 
         def mma_one_n_block(self, smem_pipe_read, *args, **kw):
             if kw.get("is_first_n_block", False):
                 kw["softmax"].begin_tile(kw["mask_fn"], self.stat_flags)
-            kw["softmax"].set_block(kw["n_block"])
+            kw["softmax"].set_block(kw["n_block"], masked=kw.get("mask_fn") is not None)
             return super().mma_one_n_block(smem_pipe_read, *args, **kw)
 
         def mma_one_n_block_intrawg_overlap(self, smem_pipe_read, *args, **kw):
-            kw["softmax"].set_block(kw["n_block"])
+            kw["softmax"].set_block(kw["n_block"], masked=kw.get("mask_fn") is not None)
             return super().mma_one_n_block_intrawg_overlap(smem_pipe_read, *args, **kw)
 
     StatsFwdSm90.__name__ = StatsFwdSm90.__qualname__ = "StatsFwdSm90_" + "_".join(map(str, map(int, flags)))
@@ -251,13 +264,27 @@ def _argmax_search(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexp
 
 
 @cute.jit
-def _band_sums(acc: cute.Tensor, S: cute.Tensor, t: cute.Tensor, active, ccv, s0, W, R,
-               WDIST: cutlass.Constexpr[bool], RECENT: cutlass.Constexpr[bool]):
+def _to_frame(acc: cute.Tensor, mref: cute.Tensor, r: cutlass.Constexpr[int], cols: cutlass.Constexpr, row_max, sl2):
+    """Row r's masses (acc[r, c] for c in cols) from their frame mref[r] into that of ``row_max`` (the frame of this
+    block's exp scores: 0 for a row with no visible key yet, as FA4's check_inf). The frame's max
+    only grows while the masses are not 0; the exponent is capped at 0 so that 0 never meets inf."""
+    m = 0.0 if row_max == -Float32.inf else row_max
+    f = cute.math.exp2(cute.arch.fmin((mref[r] - m) * sl2, Float32(0.0)), fastmath=True)
+    for c in cols:
+        acc[r, c] = acc[r, c] * f
+    mref[r] = m
+
+
+@cute.jit
+def _band_sums(acc: cute.Tensor, mref: cute.Tensor, cols: cutlass.Constexpr, row_max: cute.Tensor, sl2,
+               S: cute.Tensor, t: cute.Tensor, active, ccv, s0, W, R, WDIST: cutlass.Constexpr[bool], RECENT: cutlass.Constexpr[bool]):
     """Each row's window band (t - s < W: mass in acc[r, 2], sum e (t - s) in acc[r, 3]) and recent
     mass (t - s < R, acc[r, 4]), in a key block that can hold such keys (``active``: one runtime
-    branch per block). S [rows, cols]: the exp scores; t - s = (t_r - s0) - ccv (column offsets)."""
+    branch per block). S [rows, cols]: the exp scores in the frame of row_max; t - s = (t_r - s0) - ccv
+    (column offsets)."""
     if active:
         for r in cutlass.range_constexpr(cute.size(S, mode=[0])):
+            _to_frame(acc, mref, r, cols, row_max[r], sl2)
             e = S[r, None].load()
             d = Float32(t[r] - s0) - ccv
             if const_expr(WDIST):
@@ -269,13 +296,16 @@ def _band_sums(acc: cute.Tensor, S: cute.Tensor, t: cute.Tensor, active, ccv, s0
 
 
 @cute.jit
-def _key_range_sum(acc: cute.Tensor, S: cute.Tensor, j: cutlass.Constexpr[int], active, ccv, s0, lo, hi):
+def _key_range_sum(acc: cute.Tensor, mref: cute.Tensor, cols: cutlass.Constexpr, row_max: cute.Tensor, sl2,
+                   S: cute.Tensor,
+                   j: cutlass.Constexpr[int], active, ccv, s0, lo, hi):
     """acc[r, j] += row r's exp scores over keys lo <= s < hi (s = s0 + ccv), in a block that meets
     the range (``active``)."""
     if active:
         s = Float32(s0) + ccv
         ins = (s >= Float32(lo)) & (s < Float32(hi))
         for r in cutlass.range_constexpr(cute.size(S, mode=[0])):
+            _to_frame(acc, mref, r, cols, row_max[r], sl2)
             acc[r, j] = acc[r, j] + cute.where(ins, S[r, None].load(), 0.0).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
 
 

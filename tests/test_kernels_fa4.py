@@ -460,8 +460,8 @@ def test_in_kernel_statistics_decline_with_reasons():
     full = StatRequest(sink_k=4, spans=((1, 3),), entropy=True, distance=True, argmax=True, recent=8, window_distance=16)
     q, k, _ = make(1, 4, 2, 32, 32, 128, torch.bfloat16, 0)
     assert "Hopper" in fa4_stats.supports(q, k, full)                          # CPU tensors
-    for d in (64, 256):                       # d64 slower than Triton there, d256 not working: declined
-        assert "head dims" in fa4_stats.supports(*make(1, 4, 2, 32, 32, d, torch.bfloat16, 0)[:2], full)
+    # d64: exact but slower than the Triton kernels there, so declined
+    assert "head dims" in fa4_stats.supports(*make(1, 4, 2, 32, 32, 64, torch.bfloat16, 0)[:2], full)
     assert "sliding window" in fa4_stats.supports(q, k, full, sliding_window=8)
     assert "causal" in fa4_stats.supports(q, k, full, causal=False)
     assert "as many queries" in fa4_stats.supports(q[:, :, :1], k, full)
@@ -479,7 +479,7 @@ def test_in_kernel_statistics_decline_with_reasons():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention-4 runs on Hopper/Blackwell)")
-@pytest.mark.parametrize("shape", [(2, 8, 2, 128, 1000), (1, 9, 3, 64, 777), (2, 4, 4, 64, 1531)])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 128, 1000), (1, 9, 3, 64, 777), (2, 4, 4, 64, 1531), (1, 8, 4, 256, 600)])
 @torch.no_grad()
 def test_in_kernel_statistics_equal_reference(shape):
     """Every row statistic from inside FA4's softmax (fa4.attention routes d128 there) against the fp32
