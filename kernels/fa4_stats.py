@@ -26,8 +26,9 @@ its end in ``Softmax.finalize`` (the LSE). This module extends exactly those two
     (``window_distance = (band_dist + W (l - band_mass)) / l``), sink ``sum_{s<sink_k} e`` and each
     span ``sum_{a<=s<b} e``.
 
-  Thread partials are summed across the 4 threads of a row (a quad) in ``finalize``, as FA4 does
-  for ``l``.
+  The masses change in a few key blocks per row, so they keep their own frame (the row max at
+  their last update) and are rescaled only then, and once more in ``finalize``. Thread partials
+  are summed across the 4 threads of a row (a quad) in ``finalize``, as FA4 does for ``l``.
 * ``StatsSoftmax.finalize`` finishes them and writes one fp32 value per row and statistic to the
   ``[slot, B, H, Q]`` buffer passed as FA4's first aux tensor (the second holds the runtime
   parameters: sink_k, R, W, the span bounds, per-batch position shifts).

@@ -135,7 +135,7 @@ class StatsSoftmax(Softmax):
                 l_old = self.row_sum[r]
             row_scale[r] = alpha
             self.row_sum[r] = l_old * alpha + l_blk
-            # ---- statistics, thread partials in the frame of m_new ----
+            # ---- statistics, thread partials in the frame of m_use (the masses: see _to_frame) ----
             if const_expr(fl.entropy):
                 shift_e = Float32(0.0)
                 if const_expr(not is_first):
@@ -166,11 +166,11 @@ class StatsSoftmax(Softmax):
             S[r, None].store(e)
         # masses on few keys: one runtime branch per key block and kind, over all rows (S now holds e)
         if const_expr(fl.recent or fl.wdist):
-            _band_sums(hs.acc, hs.mref, hs.mass_cols, self.row_max, sl2, S, hs.t, blk_hi + band > tile_t0 + 1, ccv, s0, hs.W, hs.R,
-                       fl.wdist, fl.recent)
+            _band_sums(hs.acc, hs.mref, hs.mass_cols, self.row_max, sl2, S, hs.t, blk_hi + band > tile_t0 + 1, ccv,
+                       s0, hs.W, hs.R, fl.wdist, fl.recent)
         if const_expr(fl.sink):
-            _key_range_sum(hs.acc, hs.mref, hs.mass_cols, self.row_max, sl2, S, 5, blk_lo < hs.sink_lim, ccv, s0, -(1 << 30),
-                           hs.sink_lim)
+            _key_range_sum(hs.acc, hs.mref, hs.mass_cols, self.row_max, sl2, S, 5, blk_lo < hs.sink_lim, ccv, s0,
+                           -(1 << 30), hs.sink_lim)
         for j in cutlass.range_constexpr(fl.n_spans):
             _key_range_sum(hs.acc, hs.mref, hs.mass_cols, self.row_max, sl2, S, 6 + j,
                            (blk_lo < hs.span_hi[j]) & (blk_hi > hs.span_lo[j]), ccv, s0,
@@ -189,7 +189,7 @@ class StatsSoftmax(Softmax):
         for r in cutlass.range_constexpr(n):
             # masses from their own frames into the row's final one
             _to_frame(hs.acc, hs.mref, r, hs.mass_cols, self.row_max[r], self.scale_log2)
-            for j in cutlass.range_constexpr(6 + fl.n_spans):
+            for j in ((0,) if fl.entropy else ()) + ((1,) if fl.distance else ()) + hs.mass_cols:
                 hs.acc[r, j] = utils.warp_reduce(hs.acc[r, j], operator.add, width=4)
             if const_expr(fl.argmax):
                 bv = utils.warp_reduce(hs.best_v[r], cute.arch.fmax, width=4)
@@ -227,6 +227,7 @@ class StatsSoftmax(Softmax):
             for slot, val in vals:
                 _store_if(hs.out, slot, hs.batch, head, t, val, ok)
         return row_scale
+
 
 def make_kernel_class(flags: Flags):
     """FA4's sm90 forward kernel whose softmax also keeps ``flags``' statistics."""
