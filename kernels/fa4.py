@@ -26,7 +26,8 @@ query chunks, so memory stays O(Q · band)); it does not depend on FlashAttentio
 hold it to ``reference.attention``. Entropy, mean distance and argmax / max_prob need every key of a
 row (or the forward loop itself): with the real FlashAttention-4 on Hopper, causal Q = K, no window,
 d in ``fa4_stats.HEAD_DIMS``, every row statistic is computed inside FA4's own softmax instead
-(``fa4_stats``, which ``attention`` calls). Outside that, and for column sums, requests are declined
+(``fa4_stats``, which ``attention`` calls), and column sums over all queries in one transposed FA4
+pass after it. Outside that (e.g. ``received_window``, or a stand-in FA4), requests are declined
 here (``supports``) and the probe runs them on the Triton kernels with one message.
 
     from headscope.kernels import fa4

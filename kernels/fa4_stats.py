@@ -40,10 +40,14 @@ The forward itself (output, LSE, tiles, pipelines, scheduling) is FA4's own. Ref
 fast path: ``reference.attention`` (fp32, whole matrix) defines every statistic; the GPU tests
 compare with it.
 
+Column sums (``received``) need every row's final LSE, so they come after the forward, from one more
+FA4 pass over the transposed problem (``received_sums``: keys as queries, ``ColSumSoftmax`` turns
+each score into ``exp2(x - lse2[t])`` and sums it; exact in fp32, no running max).
+
 Contract and limits (``supports`` says why a call is declined): causal self-attention with Q = K,
 no window, bf16/fp16, head dims in ``HEAD_DIMS``, FA4 importable on an sm90 GPU; every row statistic of
-``StatRequest`` (no column sums, no edits). ``run`` works on FA4's [B, N, H, d] layout;
-``fa4.attention`` calls it.
+``StatRequest`` and the column sums over all queries (no ``received_window``, no edits). ``run`` works
+on FA4's [B, N, H, d] layout; ``fa4.attention`` calls ``attention``.
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ P_SINK, P_RECENT, P_WDIST, P_SPAN0 = 0, 1, 2, 3
 MAX_SPANS = 8
 PARAM_POS0 = P_SPAN0 + 2 * MAX_SPANS
 IDX_NONE = 1 << 30          # "no argmax in this thread yet" (exact in fp32)
+_LOG2E = 1.4426950408889634
 
 
 class Flags(tuple):
@@ -87,8 +92,10 @@ class Flags(tuple):
         return SLOT_SPAN0 + (1 if self.sink else 0) + self.n_spans
 
 
-# statistics computed in the kernel (every row statistic of StatRequest); column sums and edits are not
-SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_distance", "recent", "argmax"})
+# statistics computed here: every row statistic of StatRequest in the forward, and the column sums over
+# all queries (``received``) in one transposed pass after it; not received_window, not edits
+SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_distance", "recent", "argmax",
+                             "received"})
 # head dims the probe routes here: d128 and d256. d64 is exact on the H200 but slower than the Triton
 # kernels (FA4 runs 3 consumer warpgroups of 128 registers at tile_m = 192, and the statistics spill:
 # 0.38x FA4 vs Triton's 0.48x at 24k). ``attention`` itself runs d64 too.
@@ -135,42 +142,82 @@ def supports(q, k, stats, *, causal: bool = True, sliding_window: int | None = N
     return None
 
 
-def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stats: torch.Tensor):
-    """FA4's causal forward with row statistics. q [B, N, H, d], k, v [B, N, G, d] (FA4's layout),
-    ``params`` int32 [PARAM_POS0 + B] on q's device, ``out_stats`` fp32 [flags.n_slots, B, H, N]
-    (written). Returns (out [B, N, H, d], lse [B, H, N])."""
+def _run_variant(key, make_class, create_softmax, q, k, v, **fa_kwargs):
+    """FA4's ``_flash_attn_fwd`` with the kernel class ``make_class()`` and its softmax from
+    ``create_softmax``, compiled once per ``key`` into this module's own cache."""
     from flash_attn.cute import interface
     from flash_attn.cute.softmax import Softmax
-
-    from . import fa4_stats_sm90 as k90
-    key = (flags, k90.ARGMAX_SEARCH)
     if key not in _KERNELS:
-        _KERNELS[key] = k90.make_kernel_class(flags)
+        _KERNELS[key] = make_class()
         _CACHES[key] = {}
     # FA4 compiles the kernel class named in its interface module, whose softmax comes from
     # Softmax.create, into its compile cache; for this variant all three are ours, for this call only
     saved = (interface.FlashAttentionForwardSm90, Softmax.__dict__["create"], interface._flash_attn_fwd.compile_cache)
     interface.FlashAttentionForwardSm90 = _KERNELS[key]
-    Softmax.create = staticmethod(k90.create_stats_softmax)
+    Softmax.create = staticmethod(create_softmax)
     interface._flash_attn_fwd.compile_cache = _CACHES[key]
     try:
-        res = interface._flash_attn_fwd(q, k, v, softmax_scale=float(scaling), causal=True, pack_gqa=False,
-                                        return_lse=True, aux_tensors=[out_stats, params])
+        return interface._flash_attn_fwd(q, k, v, pack_gqa=False, **fa_kwargs)
     finally:
         interface.FlashAttentionForwardSm90, Softmax.create, interface._flash_attn_fwd.compile_cache = saved
+
+
+def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stats: torch.Tensor):
+    """FA4's causal forward with row statistics. q [B, N, H, d], k, v [B, N, G, d] (FA4's layout),
+    ``params`` int32 [PARAM_POS0 + B] on q's device, ``out_stats`` fp32 [flags.n_slots, B, H, N]
+    (written). Returns (out [B, N, H, d], lse [B, H, N])."""
+    from . import fa4_stats_sm90 as k90
+    res = _run_variant((flags, k90.ARGMAX_SEARCH), lambda: k90.make_kernel_class(flags), k90.create_stats_softmax,
+                       q, k, v, softmax_scale=float(scaling), causal=True, return_lse=True,
+                       aux_tensors=[out_stats, params])
     return res[0], res[1]
 
 
+# width of the transposed pass's value tensor: its output is thrown away, but FA4 multiplies P by V
+COLSUM_DV = 16
+_ZEROS: dict = {}
+
+
+def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
+    """Column sums of causal self-attention, ``received_sum[b, h, s] = sum_{t >= s} p[t, s]``, from the
+    forward's LSE: q [B, H, N, d], k [B, G, N, d], lse [B, H, N] (natural log) -> [B, H, N] fp32.
+
+    One FA4 pass over the *transposed* problem (issue #13: "column sums are the exponentiated LSE of a
+    transposed attention"): the keys are its queries (each query head's KV head, so GQA costs a copy
+    of K per query head), the queries its keys, and FA4's local mask with window (0, none) keeps
+    exactly t >= s. Its softmax is ``ColSumSoftmax``: ``p = exp2(x log2e - lse[t] log2e)``, exact in
+    fp32 and never above 1, summed along the row; no running max, no rescale. The value product
+    it keeps (FA4 always multiplies P by V) runs on a COLSUM_DV-wide zero V."""
+    from . import fa4_stats_sm90 as k90
+    B, H, N, d = q.shape
+    G = k.shape[1]
+    kx = k.repeat_interleave(H // G, dim=1) if G != H else k                    # [B, H, N, d]
+    pad = 128                                  # >= every sm90 tile_n: a column block never reads past it
+    lse2 = torch.zeros(B, H, N + pad, dtype=torch.float32, device=q.device)
+    lse2[..., :N] = lse * _LOG2E
+    out = torch.empty(1, B, H, N, dtype=torch.float32, device=q.device)
+    zkey = (B, N, H, q.dtype, q.device)
+    if zkey not in _ZEROS:
+        _ZEROS.clear()
+        _ZEROS[zkey] = torch.zeros(B, N, H, COLSUM_DV, dtype=q.dtype, device=q.device)
+    _run_variant("colsum", k90.make_colsum_kernel_class, k90.create_colsum_softmax,
+                 kx.transpose(1, 2), q.transpose(1, 2), _ZEROS[zkey], softmax_scale=float(scaling),
+                 causal=False, window_size_left=0, window_size_right=None, return_lse=False,
+                 aux_tensors=[out, lse2])
+    return out[0]
+
+
 def flags_for(stats) -> Flags:
-    """The kernel variant a ``StatRequest`` needs (its row statistics; column sums are not here)."""
+    """The forward kernel variant a ``StatRequest`` needs (its row statistics; column sums run after it)."""
     return Flags(entropy=stats.entropy, distance=stats.distance, argmax=stats.argmax, recent=bool(stats.recent),
                  wdist=bool(stats.window_distance), sink=bool(stats.sink_k), n_spans=len(stats.spans))
 
 
 def attention(q, k, v, *, scaling: float, stats, key_pos0: torch.Tensor | None = None):
-    """Causal self-attention (Q = K) with row statistics: q [B, H, N, d], k, v [B, G, N, d] ->
+    """Causal self-attention (Q = K) with statistics: q [B, H, N, d], k, v [B, G, N, d] ->
     (out [B, H, N, d] in q's dtype, dict of ``spec.StatRequest``'s row statistics + ``lse``, fp32
-    [B, H, N]; ``argmax`` int64). ``key_pos0`` [B]: the token position of key 0 (default 0), for
+    [B, H, N]; ``argmax`` int64; with ``received``, ``received_sum`` [B, H, N] and
+    ``received_count`` [B, N]). ``key_pos0`` [B]: the token position of key 0 (default 0), for
     sink and span positions. The caller checks ``fa4.supports``-style limits; see ``supports``."""
     B, H, N, d = q.shape
     if len(stats.spans) > MAX_SPANS:
@@ -205,4 +252,8 @@ def attention(q, k, v, *, scaling: float, stats, key_pos0: torch.Tensor | None =
         j += 1
     if fl.n_spans:
         res["span_mass"] = buf[j:j + fl.n_spans].permute(1, 2, 3, 0)
+    if stats.received:
+        res["received_sum"] = received_sums(q, k, res["lse"], scaling=scaling)
+        # causal, Q = K: key s is seen by the N - s queries t >= s
+        res["received_count"] = (N - torch.arange(N, device=q.device, dtype=torch.float32)).expand(B, N).contiguous()
     return out.transpose(1, 2), res

@@ -229,8 +229,86 @@ class StatsSoftmax(Softmax):
         return row_scale
 
 
-def make_kernel_class(flags: Flags):
-    """FA4's sm90 forward kernel whose softmax also keeps ``flags``' statistics."""
+class ColSumSoftmax(Softmax):
+    """The softmax of the transposed pass (``fa4_stats.received_sums``): rows are keys s, columns
+    queries t, and each score becomes ``p = exp2(x - lse2[t])`` with the forward's saved LSE (base 2,
+    the second aux tensor, [B, H, N + pad]). Every p is <= 1, so the frame is fixed (row max 0) and
+    there is nothing to rescale; the row sum is the key's column sum, written by ``finalize`` to the
+    first aux tensor ([1, B, H, N])."""
+
+    def begin_tile(self, mask_fn, flags):
+        """First key block of a tile: where it lies (as ``StatsSoftmax.begin_tile``); frame 0."""
+        kw = mask_fn.keywords
+        mask = mask_fn.func.__self__
+        hs = _CTX
+        hs.tile_m, hs.tile_n = mask.tile_m, mask.tile_n
+        hs.m_block, hs.batch, hs.head = kw["m_block"], kw["batch_idx"], kw["head_idx"]
+        hs.seqlen_q = mask.seqlen_q
+        thr_mma = kw["thr_mma"]
+        cS = cute.make_identity_tensor((hs.tile_m, hs.tile_n))
+        hs.tScS = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cS))
+        hs.t0ScS = layout_utils.reshape_acc_to_mn(thr_mma.get_slice(0).partition_C(cS))
+        aux = kw["aux_data"].tensors
+        hs.out, hs.bias = aux[0], aux[1]
+        self.row_max.fill(0.0)
+
+    def set_block(self, n_block, masked: bool):
+        """The column block (index of tile_n queries) of the next ``online_softmax`` call."""
+        _CTX.n_block = n_block
+
+    @cute.jit
+    def online_softmax(self, acc_S, is_first: cutlass.Constexpr[bool] = False,
+                       check_inf: cutlass.Constexpr[bool] = True):
+        """acc_S (this thread's scores) -> exp2(x - lse2[t]) in place, added to the row sums;
+        returns the rescale factor of O, 1 (the frame never moves)."""
+        hs = _CTX
+        S = layout_utils.reshape_acc_to_mn(acc_S)                    # [rows, cols] of this thread
+        row_scale = cute.make_fragment_like(self.row_max, Float32)
+        row_scale.fill(1.0)
+        sl2 = self.scale_log2
+        t0 = hs.n_block * hs.tile_n + hs.tScS[0, 0][1]                # query index of this thread's column 0
+        lse2 = cute.make_rmem_tensor_like(S[0, None], Float32)          # the LSE of each column's query
+        for c in cutlass.range_constexpr(cute.size(S, mode=[1])):
+            lse2[c] = hs.bias[hs.batch, hs.head, t0 + hs.t0ScS[0, c][1]]
+        b = lse2.load()
+        for r in cutlass.range_constexpr(cute.size(self.row_max)):
+            e = cute.math.exp2(S[r, None].load() * sl2 - b, fastmath=True)     # masked: exp2(-inf) = 0
+            l_blk = utils.fadd_reduce(e, init_val=None, arch=self.arch)
+            if const_expr(is_first):
+                self.row_sum[r] = l_blk
+            else:
+                self.row_sum[r] = self.row_sum[r] + l_blk
+            S[r, None].store(e)
+        return row_scale
+
+    @cute.jit
+    def finalize(self, final_scale: Float32 = 1.0, sink_val=None):
+        """Each row's (key's) sum over its quad written to the aux buffer; then FA4's finalize."""
+        hs = _CTX
+        n = cute.size(self.row_max)
+        l_row = cute.make_rmem_tensor(n, Float32)
+        l_row.store(utils.warp_reduce(self.row_sum.load(), operator.add, width=4))
+        row_scale = Softmax.finalize(self, final_scale, sink_val)
+        for r in cutlass.range_constexpr(n):
+            s = hs.m_block * hs.tile_m + hs.tScS[r, 0][0]
+            _store_if(hs.out, 0, hs.batch, hs.head, s, l_row[r], (hs.tScS[0, 0][1] == 0) & (s < hs.seqlen_q))
+        return row_scale
+
+
+def create_colsum_softmax(scale_log2, num_rows, arch=80, softmax_scale=None):
+    """Stands in for ``Softmax.create`` while the column-sum kernel is traced."""
+    return ColSumSoftmax(scale_log2, num_rows, cute.make_rmem_tensor(num_rows, Float32),
+                         cute.make_rmem_tensor(num_rows, Float32), arch, softmax_scale)
+
+
+def make_colsum_kernel_class():
+    """FA4's sm90 forward kernel with ``ColSumSoftmax`` (the transposed column-sum pass)."""
+    return make_kernel_class(None, name="ColSumFwdSm90")
+
+
+def make_kernel_class(flags: Flags | None, name: str | None = None):
+    """FA4's sm90 forward kernel whose softmax also keeps ``flags``' statistics (the softmax class
+    itself comes from ``Softmax.create``, which ``fa4_stats`` swaps while tracing)."""
 
     class StatsFwdSm90(fwd90.FlashAttentionForwardSm90):
         stat_flags = flags
@@ -250,7 +328,7 @@ def make_kernel_class(flags: Flags):
             kw["softmax"].set_block(kw["n_block"], masked=kw.get("mask_fn") is not None)
             return super().mma_one_n_block_intrawg_overlap(smem_pipe_read, *args, **kw)
 
-    StatsFwdSm90.__name__ = StatsFwdSm90.__qualname__ = "StatsFwdSm90_" + "_".join(map(str, map(int, flags)))
+    StatsFwdSm90.__name__ = StatsFwdSm90.__qualname__ = name or "StatsFwdSm90_" + "_".join(map(str, map(int, flags)))
     return StatsFwdSm90
 
 

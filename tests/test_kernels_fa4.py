@@ -465,7 +465,7 @@ def test_in_kernel_statistics_decline_with_reasons():
     assert "sliding window" in fa4_stats.supports(q, k, full, sliding_window=8)
     assert "causal" in fa4_stats.supports(q, k, full, causal=False)
     assert "as many queries" in fa4_stats.supports(q[:, :, :1], k, full)
-    assert "received" in fa4_stats.supports(q, k, StatRequest(received=True))
+    assert "received_window" in fa4_stats.supports(q, k, StatRequest(received=True, received_window=(0, 4)))
     assert "spans" in fa4_stats.supports(q, k, StatRequest(spans=tuple((i, i + 1) for i in range(9))))
     fa4.set_impl(standin(), any_device=True)
     try:
@@ -493,7 +493,7 @@ def test_in_kernel_statistics_equal_reference(shape):
     v = torch.randn(B, G, N, d, device="cuda", generator=g).bfloat16()
     kpos = torch.arange(B, device="cuda") * 5
     req = StatRequest(sink_k=5, spans=((3, 40), (N // 2, N // 2 + 77)), entropy=True, distance=True,
-                      window_distance=100, recent=37, argmax=True)
+                      window_distance=100, recent=37, argmax=True, received=True)
     from headscope.kernels import fa4_stats
     if d in fa4_stats.HEAD_DIMS:                    # the probe's route; d64 runs here but is not routed
         assert fa4.supports(q, k, v, req, None) is None
@@ -504,3 +504,6 @@ def test_in_kernel_statistics_equal_reference(shape):
                       ("sink_mass", 1e-5), ("span_mass", 1e-5), ("window_distance", 1e-3), ("distance", 1e-2)):
         close(st[name], ref[name], tol, name)
     assert torch.equal(st["argmax"], ref["argmax"])
+    # column sums (the transposed pass): up to N per key; relative 1e-5 of the largest
+    close(st["received_sum"], ref["received_sum"], 1e-5 * ref["received_sum"].abs().max().item(), "received_sum")
+    assert torch.equal(st["received_count"], ref["received_count"])
