@@ -54,6 +54,12 @@ def check(B, H, G, N, d, seed, key_pos0=None, temp=1.0):
         errs[name] = (st[name].float() - rs[name].float()).abs().max().item()
     errs["received_rel"] = ((st["received_sum"] - rs["received_sum"]).abs().max() / rs["received_sum"].abs().max()).item()
     errs["count"] = (st["received_count"] - rs["received_count"]).abs().max().item()
+    saved = fa4_stats.COLSUM_MASK
+    for mask in ("local", "causal"):
+        fa4_stats.COLSUM_MASK = mask
+        r = fa4_stats.received_sums(q, k, rs["lse"], scaling=d ** -0.5)
+        errs[f"received_rel_{mask}"] = ((r - rs["received_sum"]).abs().max() / rs["received_sum"].abs().max()).item()
+    fa4_stats.COLSUM_MASK = saved
     same = (st["argmax"] == rs["argmax"])
     # where they differ, our key's probability must equal the max (a tie in fp32)
     p_ours = p.gather(-1, st["argmax"].clamp(0, N - 1).unsqueeze(-1)).squeeze(-1)
@@ -76,7 +82,7 @@ def bench(fn):
 def timing(shapes, sizes):
     from flash_attn.cute import flash_attn_func
     labels = ["FA4", "FA4 pack_gqa=False", "cuDNN SDPA", "ours: all rows", "all rows + column sums",
-              "column sums only (LSE kernel + transposed pass)", "transposed pass alone", "masses",
+              "column sums only (LSE kernel + transposed pass)", "transposed pass alone", "same, reversed + causal", "masses",
               "entropy+distance+argmax", "Triton all rows", "Triton rows + column sums"]
     print("| shape | N | " + " | ".join(labels) + " |")
     print("|---" * (len(labels) + 2) + "|")
@@ -98,6 +104,13 @@ def timing(shapes, sizes):
             def ours(req):
                 return lambda: fa4_stats.attention(q, k, v, scaling=sc, stats=req)
 
+            def colsum_causal():
+                fa4_stats.COLSUM_MASK = "causal"
+                try:
+                    return fa4_stats.received_sums(q, k, lse, scaling=sc)
+                finally:
+                    fa4_stats.COLSUM_MASK = "local"
+
             def cudnn():
                 with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -105,7 +118,7 @@ def timing(shapes, sizes):
                 lambda: flash_attn_func(qt, kt, vt, softmax_scale=sc, causal=True),
                 lambda: flash_attn_func(qt, kt, vt, softmax_scale=sc, causal=True, pack_gqa=False),
                 cudnn, ours(full), ours(cols), ours(StatRequest(received=True)),
-                lambda: fa4_stats.received_sums(q, k, lse, scaling=sc),
+                lambda: fa4_stats.received_sums(q, k, lse, scaling=sc), colsum_causal,
                 ours(masses), ours(edarg),
                 lambda: ta.attention(q, k, v, scaling=sc, causal=True, stats=full),
                 lambda: ta.attention(q, k, v, scaling=sc, causal=True, stats=cols),

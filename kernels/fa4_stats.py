@@ -51,6 +51,8 @@ on FA4's [B, N, H, d] layout; ``fa4.attention`` calls ``attention``.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .spec import decline_reason
@@ -175,6 +177,9 @@ def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stat
 
 # width of the transposed pass's value tensor: its output is thrown away, but FA4 multiplies P by V
 COLSUM_DV = 16
+# how the transposed pass keeps t >= s: "local" (FA4's local mask, window (0, none)) or "causal" (both
+# sequences reversed, so that it is FA4's causal mask and its persistent longest-first scheduler)
+COLSUM_MASK = os.environ.get("HEADSCOPE_FA4S_COLSUM", "local")
 _ZEROS: dict = {}
 
 
@@ -191,20 +196,23 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
     from . import fa4_stats_sm90 as k90
     B, H, N, d = q.shape
     G = k.shape[1]
-    kx = k.repeat_interleave(H // G, dim=1) if G != H else k                    # [B, H, N, d]
+    flip = COLSUM_MASK == "causal"
+    kk = k.flip(2) if flip else k
+    kx = kk.repeat_interleave(H // G, dim=1) if G != H else kk                   # [B, H, N, d]
+    qq = q.flip(2) if flip else q
     pad = 128                                  # >= every sm90 tile_n: a column block never reads past it
     lse2 = torch.zeros(B, H, N + pad, dtype=torch.float32, device=q.device)
-    lse2[..., :N] = lse * _LOG2E
+    lse2[..., :N] = (lse.flip(2) if flip else lse) * _LOG2E
     out = torch.empty(1, B, H, N, dtype=torch.float32, device=q.device)
     zkey = (B, N, H, q.dtype, q.device)
     if zkey not in _ZEROS:
         _ZEROS.clear()
         _ZEROS[zkey] = torch.zeros(B, N, H, COLSUM_DV, dtype=q.dtype, device=q.device)
-    _run_variant("colsum", k90.make_colsum_kernel_class, k90.create_colsum_softmax,
-                 kx.transpose(1, 2), q.transpose(1, 2), _ZEROS[zkey], softmax_scale=float(scaling),
-                 causal=False, window_size_left=0, window_size_right=None, return_lse=False,
-                 aux_tensors=[out, lse2])
-    return out[0]
+    mask = dict(causal=True) if flip else dict(causal=False, window_size_left=0, window_size_right=None)
+    _run_variant(("colsum", flip), k90.make_colsum_kernel_class, k90.create_colsum_softmax,
+                 kx.transpose(1, 2), qq.transpose(1, 2), _ZEROS[zkey], softmax_scale=float(scaling),
+                 return_lse=False, aux_tensors=[out, lse2], **mask)
+    return out[0].flip(2) if flip else out[0]
 
 
 def flags_for(stats) -> Flags:

@@ -253,8 +253,16 @@ class ColSumSoftmax(Softmax):
         self.row_max.fill(0.0)
 
     def set_block(self, n_block, masked: bool):
-        """The column block (index of tile_n queries) of the next ``online_softmax`` call."""
-        _CTX.n_block = n_block
+        """The column block (index of tile_n queries) of the next ``online_softmax`` call. Its
+        queries' LSEs are loaded here, before the kernel issues the block's QK^T: the loads (L2
+        latency) then overlap the matrix product instead of stalling the softmax."""
+        hs = _CTX
+        hs.n_block = n_block
+        ncol = cute.size(hs.tScS, mode=[1])
+        t0 = n_block * hs.tile_n + hs.tScS[0, 0][1]                  # query index of this thread's column 0
+        hs.lse2 = cute.make_rmem_tensor_like(hs.tScS[0, None], Float32)     # shaped as a row of acc_S
+        for c in range(ncol):
+            hs.lse2[c] = hs.bias[hs.batch, hs.head, t0 + hs.t0ScS[0, c][1]]
 
     @cute.jit
     def online_softmax(self, acc_S, is_first: cutlass.Constexpr[bool] = False,
@@ -266,11 +274,7 @@ class ColSumSoftmax(Softmax):
         row_scale = cute.make_fragment_like(self.row_max, Float32)
         row_scale.fill(1.0)
         sl2 = self.scale_log2
-        t0 = hs.n_block * hs.tile_n + hs.tScS[0, 0][1]                # query index of this thread's column 0
-        lse2 = cute.make_rmem_tensor_like(S[0, None], Float32)          # the LSE of each column's query
-        for c in cutlass.range_constexpr(cute.size(S, mode=[1])):
-            lse2[c] = hs.bias[hs.batch, hs.head, t0 + hs.t0ScS[0, c][1]]
-        b = lse2.load()
+        b = hs.lse2.load()                                            # each column's query's LSE (set_block)
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
             e = cute.math.exp2(S[r, None].load() * sl2 - b, fastmath=True)     # masked: exp2(-inf) = 0
             l_blk = utils.fadd_reduce(e, init_val=None, arch=self.arch)
