@@ -177,9 +177,15 @@ def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stat
 
 # width of the transposed pass's value tensor: its output is thrown away, but FA4 multiplies P by V
 COLSUM_DV = 16
+# zeros on both sides of the LSE buffer of the transposed pass: >= every sm90 tile_n, so a column block
+# (or the prefetch of the one before block 0) never reads outside it
+COLSUM_PAD = 128
 # how the transposed pass keeps t >= s: "local" (FA4's local mask, window (0, none)) or "causal" (both
 # sequences reversed, so that it is FA4's causal mask and its persistent longest-first scheduler)
 COLSUM_MASK = os.environ.get("HEADSCOPE_FA4S_COLSUM", "local")
+# rows (keys) per tile of the transposed pass at d <= 128: 0 keeps FA4's choice (128, two consumer
+# warpgroups); 192 runs three, so each loaded query tile serves 1.5x the keys
+COLSUM_TILE_M = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_TILE_M", "0"))
 _ZEROS: dict = {}
 
 
@@ -200,18 +206,19 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
     kk = k.flip(2) if flip else k
     kx = kk.repeat_interleave(H // G, dim=1) if G != H else kk                   # [B, H, N, d]
     qq = q.flip(2) if flip else q
-    pad = 128                                  # >= every sm90 tile_n: a column block never reads past it
-    lse2 = torch.zeros(B, H, N + pad, dtype=torch.float32, device=q.device)
-    lse2[..., :N] = (lse.flip(2) if flip else lse) * _LOG2E
+    lse2 = torch.zeros(B, H, N + 2 * COLSUM_PAD, dtype=torch.float32, device=q.device)
+    lse2[..., COLSUM_PAD:COLSUM_PAD + N] = (lse.flip(2) if flip else lse) * _LOG2E
     out = torch.empty(1, B, H, N, dtype=torch.float32, device=q.device)
     zkey = (B, N, H, q.dtype, q.device)
     if zkey not in _ZEROS:
         _ZEROS.clear()
         _ZEROS[zkey] = torch.zeros(B, N, H, COLSUM_DV, dtype=q.dtype, device=q.device)
     mask = dict(causal=True) if flip else dict(causal=False, window_size_left=0, window_size_right=None)
-    _run_variant(("colsum", flip), k90.make_colsum_kernel_class, k90.create_colsum_softmax,
-                 kx.transpose(1, 2), qq.transpose(1, 2), _ZEROS[zkey], softmax_scale=float(scaling),
-                 return_lse=False, aux_tensors=[out, lse2], **mask)
+    if COLSUM_TILE_M and d <= 128:
+        mask["tile_mn"] = (COLSUM_TILE_M, 128)
+    _run_variant(("colsum", flip, k90.COLSUM_PREFETCH, COLSUM_TILE_M), k90.make_colsum_kernel_class,
+                 k90.create_colsum_softmax, kx.transpose(1, 2), qq.transpose(1, 2), _ZEROS[zkey],
+                 softmax_scale=float(scaling), return_lse=False, aux_tensors=[out, lse2], **mask)
     return out[0].flip(2) if flip else out[0]
 
 

@@ -21,11 +21,12 @@ from flash_attn.cute import utils
 from flash_attn.cute.softmax import Softmax
 from quack import layout_utils
 
-from .fa4_stats import (IDX_NONE, P_RECENT, P_SINK, P_SPAN0, P_WDIST, PARAM_POS0, SLOT_ARGMAX,
+from .fa4_stats import (COLSUM_PAD, IDX_NONE, P_RECENT, P_SINK, P_SPAN0, P_WDIST, PARAM_POS0, SLOT_ARGMAX,
                         SLOT_DISTANCE, SLOT_ENTROPY, SLOT_MAXP, SLOT_RECENT, SLOT_SPAN0, SLOT_WDIST, Flags)
 
 LN2 = math.log(2.0)
 ARGMAX_SEARCH = os.environ.get("HEADSCOPE_FA4S_ARGMAX", "branch")   # "branch" | "scan" (A/B)
+COLSUM_PREFETCH = os.environ.get("HEADSCOPE_FA4S_PREFETCH", "block")  # "block" | "ahead" (A/B)
 _CTX = SimpleNamespace()     # trace-time context of the tile being compiled (see begin_tile)
 
 
@@ -251,18 +252,35 @@ class ColSumSoftmax(Softmax):
         aux = kw["aux_data"].tensors
         hs.out, hs.bias = aux[0], aux[1]
         self.row_max.fill(0.0)
+        hs.lse2 = cute.make_rmem_tensor_like(hs.tScS[0, None], Float32)     # shaped as a row of acc_S
+        hs.lse2_next = cute.make_rmem_tensor_like(hs.tScS[0, None], Float32)
+        hs.first = True
+
+    def _load_lse2(self, dst, n_block):
+        """dst[c] = lse2 of this thread's column c in key block n_block (blocks -1 and the one past the
+        end read the buffer's padding)."""
+        hs = _CTX
+        t0 = n_block * hs.tile_n + hs.tScS[0, 0][1] + COLSUM_PAD      # buffer index of this thread's column 0
+        for c in range(cute.size(dst)):
+            dst[c] = hs.bias[hs.batch, hs.head, t0 + hs.t0ScS[0, c][1]]
 
     def set_block(self, n_block, masked: bool):
-        """The column block (index of tile_n queries) of the next ``online_softmax`` call. Its
-        queries' LSEs are loaded here, before the kernel issues the block's QK^T: the loads (L2
-        latency) then overlap the matrix product instead of stalling the softmax."""
+        """The column block (index of tile_n queries) of the next ``online_softmax`` call, and its
+        queries' LSEs, loaded before the kernel issues the block's QK^T so that the loads (L2
+        latency) overlap tensor-core work instead of stalling the softmax. With
+        ``COLSUM_PREFETCH == "ahead"`` the next block's (blocks run from the last down) are loaded
+        one block earlier still, into a second register buffer."""
         hs = _CTX
         hs.n_block = n_block
-        ncol = cute.size(hs.tScS, mode=[1])
-        t0 = n_block * hs.tile_n + hs.tScS[0, 0][1]                  # query index of this thread's column 0
-        hs.lse2 = cute.make_rmem_tensor_like(hs.tScS[0, None], Float32)     # shaped as a row of acc_S
-        for c in range(ncol):
-            hs.lse2[c] = hs.bias[hs.batch, hs.head, t0 + hs.t0ScS[0, c][1]]
+        if const_expr(COLSUM_PREFETCH == "ahead"):
+            if hs.first:
+                self._load_lse2(hs.lse2, n_block)
+            else:
+                hs.lse2.store(hs.lse2_next.load())
+            self._load_lse2(hs.lse2_next, n_block - 1)
+        else:
+            self._load_lse2(hs.lse2, n_block)
+        hs.first = False
 
     @cute.jit
     def online_softmax(self, acc_S, is_first: cutlass.Constexpr[bool] = False,

@@ -1,0 +1,77 @@
+"""A/B of the transposed column-sum pass (``kernels/fa4_stats.received_sums``) on the GPU: mask
+(FA4 local window vs reversed sequences + causal), LSE prefetch (per block vs one block ahead) and
+tile_m (128 vs 192), each checked against the fp32 reference first, then timed against FA4 in the
+same run. Issue 13.
+
+    python benchmarks/colsum_ab.py [--sizes 16384,32768] [--shapes Llama-3-8B,Qwen2.5-7B]
+"""
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in (HERE, ROOT)]
+
+import torch  # noqa: E402
+import triton.testing  # noqa: E402
+
+from kernels import fa4_stats, reference  # noqa: E402
+from kernels import fa4_stats_sm90 as k90  # noqa: E402
+from kernels.spec import StatRequest  # noqa: E402
+
+SHAPES = {"Llama-3-8B": (32, 8, 128), "Qwen2.5-7B": (28, 4, 128), "Gemma-3": (8, 4, 256)}
+VARIANTS = [("local", "block", 0), ("local", "ahead", 0), ("local", "block", 192), ("causal", "ahead", 0),
+            ("causal", "block", 192)]
+
+
+def use(mask, prefetch, tile_m):
+    fa4_stats.COLSUM_MASK, k90.COLSUM_PREFETCH, fa4_stats.COLSUM_TILE_M = mask, prefetch, tile_m
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="Llama-3-8B,Qwen2.5-7B,Gemma-3")
+    ap.add_argument("--sizes", default="16384,32768")
+    a = ap.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, G, N, d = 2, 8, 2, 1531, 128
+    q = (torch.randn(B, H, N, d, device="cuda", generator=g) * 2).bfloat16()
+    k = torch.randn(B, G, N, d, device="cuda", generator=g).bfloat16()
+    _, ref, _ = reference.attention(q.float(), k.float(), k.float(), scaling=d ** -0.5,
+                                    stats=StatRequest(received=True))
+    ok = []
+    for var in VARIANTS:
+        use(*var)
+        try:
+            r = fa4_stats.received_sums(q, k, ref["lse"], scaling=d ** -0.5)
+            err = ((r - ref["received_sum"]).abs().max() / ref["received_sum"].abs().max()).item()
+            print(f"check {var}: rel err {err:.2e}", flush=True)
+            if err < 1e-5:
+                ok.append(var)
+        except Exception as e:  # noqa: BLE001
+            print(f"check {var}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    from flash_attn.cute import flash_attn_func
+    print("| shape | N | FA4 ms | " + " | ".join("/".join(map(str, v)) for v in ok) + " |")
+    print("|---" * (len(ok) + 3) + "|")
+    for name in a.shapes.split(","):
+        H, G, d = SHAPES[name]
+        for N in (int(x) for x in a.sizes.split(",")):
+            q = torch.randn(1, H, N, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            k = torch.randn(1, G, N, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            qt, kt = q.transpose(1, 2), k.transpose(1, 2)
+            lse = fa4_stats.attention(q, k, k, scaling=d ** -0.5, stats=StatRequest())[1]["lse"]
+            t4 = triton.testing.do_bench(lambda: flash_attn_func(qt, kt, kt, softmax_scale=d ** -0.5, causal=True),
+                                         warmup=25, rep=100, return_mode="median")
+            cells = []
+            for var in ok:
+                use(*var)
+                t = triton.testing.do_bench(lambda: fa4_stats.received_sums(q, k, lse, scaling=d ** -0.5),
+                                            warmup=25, rep=100, return_mode="median")
+                cells.append(f"{t:.2f} ({t / t4:.2f} FA4)")
+            print(f"| {name} | {N // 1024}k | {t4:.2f} | " + " | ".join(cells) + " |", flush=True)
+    use("local", "block", 0)
+
+
+if __name__ == "__main__":
+    main()
