@@ -52,6 +52,7 @@ def main():
         except Exception as e:  # noqa: BLE001
             print(f"check {var}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     from flash_attn.cute import flash_attn_func
+    units = {}
     print("| shape | N | FA4 ms | " + " | ".join("/".join(map(str, v)) for v in ok) + " |")
     print("|---" * (len(ok) + 3) + "|")
     for name in a.shapes.split(","):
@@ -69,8 +70,14 @@ def main():
                 t = triton.testing.do_bench(lambda: fa4_stats.received_sums(q, k, lse, scaling=d ** -0.5),
                                             warmup=25, rep=100, return_mode="median")
                 cells.append(f"{t:.2f} ({t / t4:.2f} FA4)")
+                if d <= 128:
+                    units.setdefault(var, []).append(t / t4)
             print(f"| {name} | {N // 1024}k | {t4:.2f} | " + " | ".join(cells) + " |", flush=True)
     use("local", "block", 0)
+    if units:
+        best = min(units, key=lambda v: sum(units[v]) / len(units[v]))
+        print("mean FA4 units at d <= 128: " + ", ".join(f"{v}: {sum(u) / len(u):.3f}" for v, u in units.items()))
+        print("BEST HEADSCOPE_FA4S_COLSUM=%s HEADSCOPE_FA4S_PREFETCH=%s HEADSCOPE_FA4S_COLSUM_TILE_M=%d" % best)
 
 
 if __name__ == "__main__":
