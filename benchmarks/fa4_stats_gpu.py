@@ -82,7 +82,7 @@ def bench(fn):
 def timing(shapes, sizes):
     from flash_attn.cute import flash_attn_func
     labels = ["FA4", "FA4 pack_gqa=False", "cuDNN SDPA", "ours: all rows", "all rows + column sums",
-              "column sums only (LSE kernel + transposed pass)", "transposed pass alone", "same, reversed + causal", "masses",
+              "column sums only (LSE kernel + transposed pass)", "transposed pass alone", "same, local mask, tile_m 128", "masses",
               "entropy+distance+argmax", "Triton all rows", "Triton rows + column sums"]
     print("| shape | N | " + " | ".join(labels) + " |")
     print("|---" * (len(labels) + 2) + "|")
@@ -104,12 +104,13 @@ def timing(shapes, sizes):
             def ours(req):
                 return lambda: fa4_stats.attention(q, k, v, scaling=sc, stats=req)
 
-            def colsum_causal():
-                fa4_stats.COLSUM_MASK = "causal"
+            def colsum_local():
+                saved = fa4_stats.COLSUM_MASK, fa4_stats.COLSUM_TILE_M
+                fa4_stats.COLSUM_MASK, fa4_stats.COLSUM_TILE_M = "local", 0
                 try:
                     return fa4_stats.received_sums(q, k, lse, scaling=sc)
                 finally:
-                    fa4_stats.COLSUM_MASK = "local"
+                    fa4_stats.COLSUM_MASK, fa4_stats.COLSUM_TILE_M = saved
 
             def cudnn():
                 with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
@@ -118,7 +119,7 @@ def timing(shapes, sizes):
                 lambda: flash_attn_func(qt, kt, vt, softmax_scale=sc, causal=True),
                 lambda: flash_attn_func(qt, kt, vt, softmax_scale=sc, causal=True, pack_gqa=False),
                 cudnn, ours(full), ours(cols), ours(StatRequest(received=True)),
-                lambda: fa4_stats.received_sums(q, k, lse, scaling=sc), colsum_causal,
+                lambda: fa4_stats.received_sums(q, k, lse, scaling=sc), colsum_local,
                 ours(masses), ours(edarg),
                 lambda: ta.attention(q, k, v, scaling=sc, causal=True, stats=full),
                 lambda: ta.attention(q, k, v, scaling=sc, causal=True, stats=cols),

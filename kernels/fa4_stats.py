@@ -180,12 +180,13 @@ COLSUM_DV = 16
 # zeros on both sides of the LSE buffer of the transposed pass: >= every sm90 tile_n, so a column block
 # (or the prefetch of the one before block 0) never reads outside it
 COLSUM_PAD = 128
-# how the transposed pass keeps t >= s: "local" (FA4's local mask, window (0, none)) or "causal" (both
-# sequences reversed, so that it is FA4's causal mask and its persistent longest-first scheduler)
-COLSUM_MASK = os.environ.get("HEADSCOPE_FA4S_COLSUM", "local")
-# rows (keys) per tile of the transposed pass at d <= 128: 0 keeps FA4's choice (128, two consumer
-# warpgroups); 192 runs three, so each loaded query tile serves 1.5x the keys
-COLSUM_TILE_M = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_TILE_M", "0"))
+# how the transposed pass keeps t >= s: "causal" (both sequences reversed, so that it is FA4's causal
+# mask and persistent longest-first scheduler) or "local" (FA4's local mask with window (0, none), no
+# reversal copies). On the H200 (benchmarks/colsum_ab.py) "causal" with tile_m 192 was fastest.
+COLSUM_MASK = os.environ.get("HEADSCOPE_FA4S_COLSUM", "causal")
+# rows (keys) per tile of the transposed pass at d <= 128: 192 runs three consumer warpgroups, so each
+# loaded query tile serves 1.5x the keys (5-6% faster than FA4's own 128); 0 keeps FA4's choice
+COLSUM_TILE_M = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_TILE_M", "192"))
 _ZEROS: dict = {}
 
 
@@ -195,8 +196,8 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
 
     One FA4 pass over the *transposed* problem (issue #13: "column sums are the exponentiated LSE of a
     transposed attention"): the keys are its queries (each query head's KV head, so GQA costs a copy
-    of K per query head), the queries its keys, and FA4's local mask with window (0, none) keeps
-    exactly t >= s. Its softmax is ``ColSumSoftmax``: ``p = exp2(x log2e - lse[t] log2e)``, exact in
+    of K per query head), the queries its keys, and t >= s is FA4's causal mask once both sequences
+    are reversed (``COLSUM_MASK``). Its softmax is ``ColSumSoftmax``: ``p = exp2(x log2e - lse[t] log2e)``, exact in
     fp32 and never above 1, summed along the row; no running max, no rescale. The value product
     it keeps (FA4 always multiplies P by V) runs on a COLSUM_DV-wide zero V."""
     from . import fa4_stats_sm90 as k90
@@ -216,7 +217,7 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
     mask = dict(causal=True) if flip else dict(causal=False, window_size_left=0, window_size_right=None)
     if COLSUM_TILE_M and d <= 128:
         mask["tile_mn"] = (COLSUM_TILE_M, 128)
-    _run_variant(("colsum", flip, k90.COLSUM_PREFETCH, COLSUM_TILE_M), k90.make_colsum_kernel_class,
+    _run_variant(("colsum", flip, COLSUM_TILE_M), k90.make_colsum_kernel_class,
                  k90.create_colsum_softmax, kx.transpose(1, 2), qq.transpose(1, 2), _ZEROS[zkey],
                  softmax_scale=float(scaling), return_lse=False, aux_tensors=[out, lse2], **mask)
     return out[0].flip(2) if flip else out[0]
