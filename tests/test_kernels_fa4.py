@@ -478,6 +478,44 @@ def test_in_kernel_statistics_decline_with_reasons():
     assert fa4_stats.flags_for(full) == fa4_stats.Flags(True, True, True, True, True, True, 1)
 
 
+def _transposed_pass(key, make_class, create_softmax, q, k, v, *, softmax_scale, return_lse, aux_tensors,
+                     causal=False, window_size_left=None, window_size_right=None, tile_mn=None):
+    """What FA4 with ``ColSumSoftmax`` computes (its documented contract), in fp32 PyTorch: rows are
+    q's positions, columns k's; out[0, b, h, i] = sum over visible j of exp2(x log2e scale - lse2[PAD + j])."""
+    from headscope.kernels import fa4_stats
+    assert not return_lse and key[0] == "colsum"
+    out, lse2 = aux_tensors
+    qh, kh = (t.transpose(1, 2).float() for t in (q, k))                   # [B, H, N, d]
+    N = qh.shape[2]
+    x = qh @ kh.transpose(-1, -2) * (softmax_scale * 1.4426950408889634)    # [B, H, N, N]
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    if causal:
+        vis = j <= i
+    else:
+        assert (window_size_left, window_size_right) == (0, None)
+        vis = j >= i
+    p = torch.exp2(x - lse2[:, :, None, fa4_stats.COLSUM_PAD:fa4_stats.COLSUM_PAD + N]).masked_fill(~vis, 0.0)
+    out[0] = p.sum(-1)
+
+
+@pytest.mark.parametrize("mask", ["causal", "local"])
+@pytest.mark.parametrize("B, H, G, N", [(2, 4, 2, 37), (1, 3, 3, 16), (1, 8, 1, 5)])
+def test_received_sums_host_side(monkeypatch, mask, B, H, G, N):
+    """received_sums' host side (GQA copies, reversed sequences for the causal variant, LSE buffer with
+    its padding, the flip back) around a PyTorch model of the transposed pass equals the reference's
+    column sums; the GPU test below holds the real kernel to the same reference."""
+    from headscope.kernels import fa4_stats
+    monkeypatch.setattr(fa4_stats, "_run_variant", _transposed_pass)
+    monkeypatch.setattr(fa4_stats, "COLSUM_MASK", mask)
+    monkeypatch.setitem(sys.modules, "headscope.kernels.fa4_stats_sm90", type(sys)("fa4_stats_sm90_stub"))
+    sys.modules["headscope.kernels.fa4_stats_sm90"].make_colsum_kernel_class = None
+    sys.modules["headscope.kernels.fa4_stats_sm90"].create_colsum_softmax = None
+    q, k, _ = make(B, H, G, N, N, 16, torch.float32, 3)
+    _, ref, _ = reference.attention(q, k, k, scaling=0.25, stats=StatRequest(received=True))
+    got = fa4_stats.received_sums(q, k, ref["lse"], scaling=0.25)
+    close(got, ref["received_sum"], 2e-5 * ref["received_sum"].abs().max().item(), "received_sum")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention-4 runs on Hopper/Blackwell)")
 @pytest.mark.parametrize("shape", [(2, 8, 2, 128, 1000), (1, 9, 3, 64, 777), (2, 4, 4, 64, 1531), (1, 8, 4, 256, 600)])
 @torch.no_grad()
