@@ -177,8 +177,8 @@ def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stat
 
 # width of the transposed pass's value tensor: its output is thrown away, but FA4 multiplies P by V
 COLSUM_DV = 16
-# zeros on both sides of the LSE buffer of the transposed pass: >= every sm90 tile_n, so a column block
-# (or the prefetch of the one before block 0) never reads outside it
+# zeros on both sides of the LSE buffer of the transposed pass (>= every sm90 tile_n): the last column
+# block reads past N into zeros, never outside the buffer
 COLSUM_PAD = 128
 # how the transposed pass keeps t >= s: "causal" (both sequences reversed, so that it is FA4's causal
 # mask and persistent longest-first scheduler) or "local" (FA4's local mask with window (0, none), no
@@ -197,9 +197,9 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
     One FA4 pass over the *transposed* problem (issue #13: "column sums are the exponentiated LSE of a
     transposed attention"): the keys are its queries (each query head's KV head, so GQA costs a copy
     of K per query head), the queries its keys, and t >= s is FA4's causal mask once both sequences
-    are reversed (``COLSUM_MASK``). Its softmax is ``ColSumSoftmax``: ``p = exp2(x log2e - lse[t] log2e)``, exact in
-    fp32 and never above 1, summed along the row; no running max, no rescale. The value product
-    it keeps (FA4 always multiplies P by V) runs on a COLSUM_DV-wide zero V."""
+    are reversed (``COLSUM_MASK``). Its softmax is ``ColSumSoftmax``: ``p = exp2(x log2e - lse[t]
+    log2e)``, exact in fp32 and never above 1, summed along the row; no running max, no rescale.
+    The value product it keeps (FA4 always multiplies P by V) runs on a COLSUM_DV-wide zero V."""
     from . import fa4_stats_sm90 as k90
     B, H, N, d = q.shape
     G = k.shape[1]
