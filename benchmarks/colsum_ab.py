@@ -1,5 +1,6 @@
 """A/B of the transposed column-sum pass (``kernels/fa4_stats.received_sums``) on the GPU: mask
-(FA4 local window vs reversed sequences + causal) and tile_m (128 vs 192), each checked against the fp32 reference first, then timed against FA4 in the
+(FA4 local window vs reversed sequences + causal), tile_m (128 vs 192) and whether the P.V product
+is issued at all, each checked against the fp32 reference first, then timed against FA4 in the
 same run. Issue 13.
 
     python benchmarks/colsum_ab.py [--sizes 16384,32768] [--shapes Llama-3-8B,Qwen2.5-7B]
@@ -19,11 +20,11 @@ from kernels import fa4_stats, reference  # noqa: E402
 from kernels.spec import StatRequest  # noqa: E402
 
 SHAPES = {"Llama-3-8B": (32, 8, 128), "Qwen2.5-7B": (28, 4, 128), "Gemma-3": (8, 4, 256)}
-VARIANTS = [("local", 0), ("local", 192), ("causal", 0), ("causal", 192)]
+VARIANTS = [("local", 0, "keep"), ("causal", 192, "keep"), ("causal", 192, "skip"), ("causal", 0, "skip")]
 
 
-def use(mask, tile_m):
-    fa4_stats.COLSUM_MASK, fa4_stats.COLSUM_TILE_M = mask, tile_m
+def use(mask, tile_m, pv):
+    fa4_stats.COLSUM_MASK, fa4_stats.COLSUM_TILE_M, fa4_stats.COLSUM_PV = mask, tile_m, pv
 
 
 def main():
@@ -70,11 +71,11 @@ def main():
                 if d <= 128:
                     units.setdefault(var, []).append(t / t4)
             print(f"| {name} | {N // 1024}k | {t4:.2f} | " + " | ".join(cells) + " |", flush=True)
-    use("causal", 192)
+    use("causal", 192, "keep")
     if units:
         best = min(units, key=lambda v: sum(units[v]) / len(units[v]))
         print("mean FA4 units at d <= 128: " + ", ".join(f"{v}: {sum(u) / len(u):.3f}" for v, u in units.items()))
-        print("BEST HEADSCOPE_FA4S_COLSUM=%s HEADSCOPE_FA4S_COLSUM_TILE_M=%d" % best)
+        print("BEST HEADSCOPE_FA4S_COLSUM=%s HEADSCOPE_FA4S_COLSUM_TILE_M=%d HEADSCOPE_FA4S_COLSUM_PV=%s" % best)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,8 @@ COLSUM_MASK = os.environ.get("HEADSCOPE_FA4S_COLSUM", "causal")
 # rows (keys) per tile of the transposed pass at d <= 128: 192 runs three consumer warpgroups, so each
 # loaded query tile serves 1.5x the keys (5-6% faster than FA4's own 128); 0 keeps FA4's choice
 COLSUM_TILE_M = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_TILE_M", "192"))
+# "skip": the transposed pass issues no P.V product at all (its output is thrown away); "keep": FA4's own
+COLSUM_PV = os.environ.get("HEADSCOPE_FA4S_COLSUM_PV", "keep")
 _ZEROS: dict = {}
 
 
@@ -217,7 +219,8 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
     mask = dict(causal=True) if flip else dict(causal=False, window_size_left=0, window_size_right=None)
     if COLSUM_TILE_M and d <= 128:
         mask["tile_mn"] = (COLSUM_TILE_M, 128)
-    _run_variant(("colsum", flip, COLSUM_TILE_M), k90.make_colsum_kernel_class,
+    skip = COLSUM_PV == "skip"
+    _run_variant(("colsum", flip, COLSUM_TILE_M, skip), lambda: k90.make_colsum_kernel_class(skip),
                  k90.create_colsum_softmax, kx.transpose(1, 2), qq.transpose(1, 2), _ZEROS[zkey],
                  softmax_scale=float(scaling), return_lse=False, aux_tensors=[out, lse2], **mask)
     return out[0].flip(2) if flip else out[0]

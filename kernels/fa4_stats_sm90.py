@@ -305,17 +305,37 @@ def create_colsum_softmax(scale_log2, num_rows, arch=80, softmax_scale=None):
                          cute.make_rmem_tensor(num_rows, Float32), arch, softmax_scale)
 
 
-def make_colsum_kernel_class():
-    """FA4's sm90 forward kernel with ``ColSumSoftmax`` (the transposed column-sum pass)."""
-    return make_kernel_class(None, name="ColSumFwdSm90")
+def make_colsum_kernel_class(skip_pv: bool = False):
+    """FA4's sm90 forward kernel with ``ColSumSoftmax`` (the transposed column-sum pass); with
+    ``skip_pv`` its P.V products are not issued (see ``_no_pv``)."""
+    return make_kernel_class(None, name="ColSumFwdSm90" + ("_nopv" if skip_pv else ""), skip_pv=skip_pv)
 
 
-def make_kernel_class(flags: Flags | None, name: str | None = None):
+def _no_pv(B_idx=None, zero_init=None, wg_wait: int = -1, **_):
+    """Stands in for FA4's ``mma_pv_fn`` when the output is not wanted: an empty WGMMA commit group,
+    so that FA4's ``wait_group(n)`` counts (which assume the P.V group) still wait for the QK^T."""
+    from cutlass.cute.nvgpu import warpgroup
+    warpgroup.fence()
+    warpgroup.commit_group()
+    if wg_wait >= 0:
+        warpgroup.wait_group(wg_wait)
+
+
+def make_kernel_class(flags: Flags | None, name: str | None = None, skip_pv: bool = False):
     """FA4's sm90 forward kernel whose softmax also keeps ``flags``' statistics (the softmax class
-    itself comes from ``Softmax.create``, which ``fa4_stats`` swaps while tracing)."""
+    itself comes from ``Softmax.create``, which ``fa4_stats`` swaps while tracing). ``skip_pv``: the
+    output O is not computed (for the column-sum pass, which only wants the softmax's sums)."""
+
+    def pv(kw):
+        if skip_pv and "mma_pv_fn" in kw:
+            kw["mma_pv_fn"] = _no_pv
+        return kw
 
     class StatsFwdSm90(fwd90.FlashAttentionForwardSm90):
         stat_flags = flags
+
+        def last_half_block_overlap(self, *args, **kw):
+            return super().last_half_block_overlap(*args, **pv(kw))
 
         def first_half_block_overlap(self, *args, **kw):
             kw["softmax"].begin_tile(kw["mask_fn"], self.stat_flags)
@@ -326,11 +346,11 @@ def make_kernel_class(flags: Flags | None, name: str | None = None):
             if kw.get("is_first_n_block", False):
                 kw["softmax"].begin_tile(kw["mask_fn"], self.stat_flags)
             kw["softmax"].set_block(kw["n_block"], masked=kw.get("mask_fn") is not None)
-            return super().mma_one_n_block(smem_pipe_read, *args, **kw)
+            return super().mma_one_n_block(smem_pipe_read, *args, **pv(kw))
 
         def mma_one_n_block_intrawg_overlap(self, smem_pipe_read, *args, **kw):
             kw["softmax"].set_block(kw["n_block"], masked=kw.get("mask_fn") is not None)
-            return super().mma_one_n_block_intrawg_overlap(smem_pipe_read, *args, **kw)
+            return super().mma_one_n_block_intrawg_overlap(smem_pipe_read, *args, **pv(kw))
 
     StatsFwdSm90.__name__ = StatsFwdSm90.__qualname__ = name or "StatsFwdSm90_" + "_".join(map(str, map(int, flags)))
     return StatsFwdSm90
