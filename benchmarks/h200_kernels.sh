@@ -11,6 +11,10 @@
 #   retrieval   the retrieval analyzer with and without the split-key path (MODEL=path to SmolLM2's GGUF
 #               or folder; needs rouge_score on PYTHONPATH, e.g. the .whl/pydeps folder)
 #   rowsab      benchmarks/rows_ab.py for this tree's kernels/flash_stats.py (label "tree")
+#   fa4stats    benchmarks/fa4_stats_gpu.py: in-kernel row statistics and column sums, checks + timing (after fa4)
+#   colsum      benchmarks/colsum_ab.py: the transposed column-sum pass's variants (after fa4)
+#   colsumskip  the FA4 GPU tests and fa4_stats_gpu's checks with the pass without P.V
+#               (HEADSCOPE_FA4S_COLSUM_PV=skip), what making it the default needs (after fa4)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
@@ -52,6 +56,17 @@ for step in "$@"; do
         | tee $OUT/retrieval_gpu.log | tail -8 ;;
     rowsab)
       python3 benchmarks/rows_ab.py tree 16384 65536 2>&1 | tee $OUT/rows_ab.md | tail -4 ;;
+    fa4stats)
+      python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B,Gemma-3} --sizes ${SIZES:-16384,32768} \
+        2>&1 | grep -v "Warn\|exe_args" | tee $OUT/fa4_stats.md | grep -v "^check" | tail -10 ;;
+    colsum)
+      python3 benchmarks/colsum_ab.py 2>&1 | grep -v "Warn\|exe_args" | tee $OUT/colsum_ab.md | tail -12 ;;
+    colsumskip)
+      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
+      (cd /tmp/hs/headscope && HEADSCOPE_FA4S_COLSUM_PV=skip PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q \
+         -p no:cacheprovider tests/test_kernels_fa4.py 2>&1 | tee $OUT/fa4check_skip.log | tail -3)
+      HEADSCOPE_FA4S_COLSUM_PV=skip python3 benchmarks/fa4_stats_gpu.py --check-only 2>&1 | grep "^worst" \
+        | tee $OUT/fa4_stats_skip_check.md ;;
     compare)
       python3 benchmarks/kernels.py --compare 2>&1 | tee $OUT/compare.log | tail -30 ;;
   esac
