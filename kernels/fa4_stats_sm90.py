@@ -29,6 +29,26 @@ ARGMAX_SEARCH = os.environ.get("HEADSCOPE_FA4S_ARGMAX", "branch")   # "branch" |
 _CTX = SimpleNamespace()     # trace-time context of the tile being compiled (see begin_tile)
 
 
+def _locate_tile(mask_fn):
+    """Where the tile being traced lies, read from the arguments of FA4's mask call (``mask_fn``, a
+    partial of ``AttentionMask.apply_mask``), into the trace context ``_CTX``: tile sizes, packed-GQA
+    factor, m_block / batch / head, seqlen_q, this thread's and thread 0's (row, col) coordinates
+    of its score fragment (``tScS``, ``t0ScS``, [rows, cols]) and the aux tensors. Returns ``_CTX``."""
+    kw = mask_fn.keywords
+    mask = mask_fn.func.__self__
+    hs = _CTX
+    hs.tile_m, hs.tile_n = mask.tile_m, mask.tile_n
+    hs.pack = mask.qhead_per_kvhead_packgqa
+    hs.m_block, hs.batch, hs.head = kw["m_block"], kw["batch_idx"], kw["head_idx"]
+    hs.seqlen_q = mask.seqlen_q
+    thr_mma = kw["thr_mma"]
+    cS = cute.make_identity_tensor((hs.tile_m, hs.tile_n))
+    hs.tScS = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cS))
+    hs.t0ScS = layout_utils.reshape_acc_to_mn(thr_mma.get_slice(0).partition_C(cS))
+    hs.aux = kw["aux_data"].tensors
+    return hs
+
+
 class StatsSoftmax(Softmax):
     """FA4's online softmax plus the row statistics above (see the module docstring)."""
 
@@ -37,9 +57,7 @@ class StatsSoftmax(Softmax):
         """First key block of a tile: where the tile lies (from FA4's own mask call), and fresh
         accumulators. Kept in the module's trace context ``_CTX``, not on the softmax: FA4's
         dataclass is rebuilt from its fields wherever it enters a loop."""
-        kw = mask_fn.keywords
-        mask = mask_fn.func.__self__
-        hs = _CTX
+        hs = _locate_tile(mask_fn)
         n = cute.size(self.row_max)
         # per-row thread partials: 0 E, 1 D, 2 band mass, 3 band distance, 4 recent, 5 sink,
         # 6.. spans; best score and its key index
@@ -56,16 +74,7 @@ class StatsSoftmax(Softmax):
         hs.mass_cols = ((2, 3) if flags.wdist else ()) + ((4,) if flags.recent else ()) + \
             ((5,) if flags.sink else ()) + tuple(6 + j for j in range(flags.n_spans))
         hs.flags = flags
-        hs.tile_m, hs.tile_n = mask.tile_m, mask.tile_n
-        hs.pack = mask.qhead_per_kvhead_packgqa
-        hs.m_block, hs.batch, hs.head = kw["m_block"], kw["batch_idx"], kw["head_idx"]
-        hs.seqlen_q = mask.seqlen_q
-        thr_mma = kw["thr_mma"]
-        cS = cute.make_identity_tensor((hs.tile_m, hs.tile_n))
-        hs.tScS = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cS))
-        hs.t0ScS = layout_utils.reshape_acc_to_mn(thr_mma.get_slice(0).partition_C(cS))
-        aux = kw["aux_data"].tensors
-        hs.out, hs.par = aux[0], aux[1]
+        hs.out, hs.par = hs.aux[0], hs.aux[1]
         # query position of each of this thread's rows (packed GQA: rows are (t, head) pairs)
         hs.t = cute.make_rmem_tensor(cute.size(self.row_max), Int32)
         for r in range(cute.size(self.row_max)):
@@ -237,19 +246,9 @@ class ColSumSoftmax(Softmax):
     first aux tensor ([1, B, H, N])."""
 
     def begin_tile(self, mask_fn, flags):
-        """First key block of a tile: where it lies (as ``StatsSoftmax.begin_tile``); frame 0."""
-        kw = mask_fn.keywords
-        mask = mask_fn.func.__self__
-        hs = _CTX
-        hs.tile_m, hs.tile_n = mask.tile_m, mask.tile_n
-        hs.m_block, hs.batch, hs.head = kw["m_block"], kw["batch_idx"], kw["head_idx"]
-        hs.seqlen_q = mask.seqlen_q
-        thr_mma = kw["thr_mma"]
-        cS = cute.make_identity_tensor((hs.tile_m, hs.tile_n))
-        hs.tScS = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cS))
-        hs.t0ScS = layout_utils.reshape_acc_to_mn(thr_mma.get_slice(0).partition_C(cS))
-        aux = kw["aux_data"].tensors
-        hs.out, hs.bias = aux[0], aux[1]
+        """First key block of a tile: where it lies (``_locate_tile``); frame 0."""
+        hs = _locate_tile(mask_fn)
+        hs.out, hs.bias = hs.aux[0], hs.aux[1]
         self.row_max.fill(0.0)
         hs.lse2 = cute.make_rmem_tensor_like(hs.tScS[0, None], Float32)     # shaped as a row of acc_S
 
