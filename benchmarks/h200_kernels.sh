@@ -15,6 +15,8 @@
 #   colsum      benchmarks/colsum_ab.py: the transposed column-sum pass's variants (after fa4)
 #   colsumskip  the FA4 GPU tests and fa4_stats_gpu's checks with the pass without P.V
 #               (HEADSCOPE_FA4S_COLSUM_PV=skip), what making it the default needs (after fa4)
+#   colsumbest  the same with the variant colsum_ab.py found fastest (the BEST line of
+#               $OUT/colsum_ab.md; after colsum)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
@@ -67,6 +69,13 @@ for step in "$@"; do
          -p no:cacheprovider tests/test_kernels_fa4.py 2>&1 | tee $OUT/fa4check_skip.log | tail -3)
       HEADSCOPE_FA4S_COLSUM_PV=skip python3 benchmarks/fa4_stats_gpu.py --check-only 2>&1 | grep "^worst" \
         | tee $OUT/fa4_stats_skip_check.md ;;
+    colsumbest)
+      best=$(grep "^BEST" $OUT/colsum_ab.md | cut -d" " -f2-)
+      echo "variant: $best" | tee $OUT/colsum_best.txt
+      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
+      (cd /tmp/hs/headscope && env $best PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q \
+         -p no:cacheprovider tests/test_kernels_fa4.py 2>&1 | tee $OUT/fa4check_best.log | tail -3)
+      env $best python3 benchmarks/fa4_stats_gpu.py --check-only 2>&1 | grep "^worst" | tee $OUT/fa4_stats_best_check.md ;;
     compare)
       python3 benchmarks/kernels.py --compare 2>&1 | tee $OUT/compare.log | tail -30 ;;
   esac

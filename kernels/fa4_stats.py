@@ -191,6 +191,12 @@ COLSUM_TILE_M = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_TILE_M", "192"))
 # 0.68 FA4 forwards on the H200, checked against the reference at d128 only, so not yet the default);
 # "keep": FA4's own, the variant the GPU tests ran with
 COLSUM_PV = os.environ.get("HEADSCOPE_FA4S_COLSUM_PV", "keep")
+# of every 8 columns of the transposed pass, how many take exp2 as a degree-5 polynomial on the FMA
+# pipe (FA4's ``utils.ex2_emulation``: 2^floor(x) through the exponent bits, 2^frac(x) by Horner;
+# relative error 1.5e-7 in fp32, the class of the MUFU's own ex2.approx; a masked score gives 2^-127,
+# not 0) instead of the MUFU (16 results per SM and clock), which, with the QK^T, bounds a pass
+# whose tensor cores run QK^T only. 0: every exp2 on the MUFU.
+COLSUM_EX2_EMU = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_EMU", "0"))
 _ZEROS: dict = {}
 
 
@@ -221,8 +227,8 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
     mask = dict(causal=True) if flip else dict(causal=False, window_size_left=0, window_size_right=None)
     if COLSUM_TILE_M and d <= 128:
         mask["tile_mn"] = (COLSUM_TILE_M, 128)
-    skip = COLSUM_PV == "skip"
-    _run_variant(("colsum", flip, COLSUM_TILE_M, skip), lambda: k90.make_colsum_kernel_class(skip),
+    skip, emu = COLSUM_PV == "skip", COLSUM_EX2_EMU
+    _run_variant(("colsum", flip, COLSUM_TILE_M, skip, emu), lambda: k90.make_colsum_kernel_class(skip, emu),
                  k90.create_colsum_softmax, kx.transpose(1, 2), qq.transpose(1, 2), _ZEROS[zkey],
                  softmax_scale=float(scaling), return_lse=False, aux_tensors=[out, lse2], **mask)
     return out[0].flip(2) if flip else out[0]

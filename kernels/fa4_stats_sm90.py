@@ -245,9 +245,11 @@ class ColSumSoftmax(Softmax):
     there is nothing to rescale; the row sum is the key's column sum, written by ``finalize`` to the
     first aux tensor ([1, B, H, N])."""
 
-    def begin_tile(self, mask_fn, flags):
-        """First key block of a tile: where it lies (``_locate_tile``); frame 0."""
+    def begin_tile(self, mask_fn, ex2_emu: int):
+        """First key block of a tile: where it lies (``_locate_tile``); frame 0. ``ex2_emu``: of every
+        8 columns, how many take exp2 on the FMA pipe (``fa4_stats.COLSUM_EX2_EMU``)."""
         hs = _locate_tile(mask_fn)
+        hs.ex2_emu = ex2_emu
         hs.out, hs.bias = hs.aux[0], hs.aux[1]
         self.row_max.fill(0.0)
         hs.lse2 = cute.make_rmem_tensor_like(hs.tScS[0, None], Float32)     # shaped as a row of acc_S
@@ -273,9 +275,18 @@ class ColSumSoftmax(Softmax):
         row_scale = cute.make_fragment_like(self.row_max, Float32)
         row_scale.fill(1.0)
         sl2 = self.scale_log2
-        b = hs.lse2.load()                                            # each column's query's LSE (set_block)
+        n_cols = cute.size(hs.lse2)
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
-            e = cute.math.exp2(S[r, None].load() * sl2 - b, fastmath=True)     # masked: exp2(-inf) = 0
+            if const_expr(hs.ex2_emu == 0):
+                e = cute.math.exp2(S[r, None].load() * sl2 - hs.lse2.load(), fastmath=True)  # masked: exp2(-inf) = 0
+            else:   # ex2_emu of every 8 columns on the FMA pipe (fa4_stats.COLSUM_EX2_EMU)
+                for c in cutlass.range_constexpr(n_cols):
+                    x = S[r, c] * sl2 - hs.lse2[c]
+                    if const_expr(c % 8 < hs.ex2_emu):
+                        S[r, c] = utils.ex2_emulation(x, poly_degree=5)    # masked: 2^-127 (~6e-39), not 0
+                    else:
+                        S[r, c] = cute.math.exp2(x, fastmath=True)
+                e = S[r, None].load()
             l_blk = utils.fadd_reduce(e, init_val=None, arch=self.arch)
             if const_expr(is_first):
                 self.row_sum[r] = l_blk
@@ -304,10 +315,12 @@ def create_colsum_softmax(scale_log2, num_rows, arch=80, softmax_scale=None):
                          cute.make_rmem_tensor(num_rows, Float32), arch, softmax_scale)
 
 
-def make_colsum_kernel_class(skip_pv: bool = False):
+def make_colsum_kernel_class(skip_pv: bool = False, ex2_emu: int = 0):
     """FA4's sm90 forward kernel with ``ColSumSoftmax`` (the transposed column-sum pass); with
-    ``skip_pv`` its P.V products are not issued (see ``_no_pv``)."""
-    return make_kernel_class(None, name="ColSumFwdSm90" + ("_nopv" if skip_pv else ""), skip_pv=skip_pv)
+    ``skip_pv`` its P.V products are not issued (see ``_no_pv``); ``ex2_emu`` of every 8 columns take
+    exp2 on the FMA pipe."""
+    return make_kernel_class(ex2_emu, name=f"ColSumFwdSm90_emu{ex2_emu}" + ("_nopv" if skip_pv else ""),
+                             skip_pv=skip_pv)
 
 
 def _no_pv(B_idx=None, zero_init=None, wg_wait: int = -1, **_):
@@ -320,10 +333,12 @@ def _no_pv(B_idx=None, zero_init=None, wg_wait: int = -1, **_):
         warpgroup.wait_group(wg_wait)
 
 
-def make_kernel_class(flags: Flags | None, name: str | None = None, skip_pv: bool = False):
+def make_kernel_class(flags, name: str | None = None, skip_pv: bool = False):
     """FA4's sm90 forward kernel whose softmax also keeps ``flags``' statistics (the softmax class
-    itself comes from ``Softmax.create``, which ``fa4_stats`` swaps while tracing). ``skip_pv``: the
-    output O is not computed (for the column-sum pass, which only wants the softmax's sums)."""
+    itself comes from ``Softmax.create``, which ``fa4_stats`` swaps while tracing; ``flags`` is what
+    its ``begin_tile`` gets: a ``Flags`` for ``StatsSoftmax``, the ex2 split for ``ColSumSoftmax``).
+    ``skip_pv``: the output O is not computed (for the column-sum pass, which only wants the
+    softmax's sums)."""
 
     def pv(kw):
         if skip_pv and "mma_pv_fn" in kw:
