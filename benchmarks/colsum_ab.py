@@ -16,6 +16,7 @@ sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in 
 import torch  # noqa: E402
 import triton.testing  # noqa: E402
 
+from benchmarks.gpu_clock import ClockSampler  # noqa: E402
 from kernels import fa4_stats, reference  # noqa: E402
 from kernels.spec import StatRequest  # noqa: E402
 
@@ -68,17 +69,19 @@ def main():
             k = torch.randn(1, G, N, d, device="cuda", dtype=torch.bfloat16, generator=g)
             qt, kt = q.transpose(1, 2), k.transpose(1, 2)
             lse = fa4_stats.attention(q, k, k, scaling=d ** -0.5, stats=StatRequest())[1]["lse"]
-            t4 = triton.testing.do_bench(lambda: flash_attn_func(qt, kt, kt, softmax_scale=d ** -0.5, causal=True),
-                                         warmup=25, rep=100, return_mode="median")
+            with ClockSampler() as c4:
+                t4 = triton.testing.do_bench(lambda: flash_attn_func(qt, kt, kt, softmax_scale=d ** -0.5, causal=True),
+                                             warmup=25, rep=300, return_mode="median")
             cells = []
             for var in ok:
                 use(*var)
-                t = triton.testing.do_bench(lambda: fa4_stats.received_sums(q, k, lse, scaling=d ** -0.5),
-                                            warmup=25, rep=100, return_mode="median")
-                cells.append(f"{t:.2f} ({t / t4:.2f} FA4)")
+                with ClockSampler() as c:
+                    t = triton.testing.do_bench(lambda: fa4_stats.received_sums(q, k, lse, scaling=d ** -0.5),
+                                                warmup=25, rep=300, return_mode="median")
+                cells.append(f"{t:.2f} ({t / t4:.2f} FA4; {c})")
                 if d <= 128:
                     units.setdefault(var, []).append(t / t4)
-            print(f"| {name} | {N // 1024}k | {t4:.2f} | " + " | ".join(cells) + " |", flush=True)
+            print(f"| {name} | {N // 1024}k | {t4:.2f} ({c4}) | " + " | ".join(cells) + " |", flush=True)
     use(*DEFAULT)
     if units:
         best = min(units, key=lambda v: sum(units[v]) / len(units[v]))

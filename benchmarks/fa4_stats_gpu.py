@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton.testing  # noqa: E402
 
+from benchmarks.gpu_clock import ClockSampler  # noqa: E402
 from kernels import fa4_stats, reference  # noqa: E402
 from kernels import triton_attention as ta  # noqa: E402
 from kernels.spec import StatRequest  # noqa: E402
@@ -76,7 +77,10 @@ def check(B, H, G, N, d, seed, key_pos0=None, temp=1.0):
 
 
 def bench(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    """(median ms, mean SM clock in MHz or None)."""
+    with ClockSampler() as c:
+        t = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return t, c.mhz
 
 
 def timing(shapes, sizes):
@@ -124,17 +128,21 @@ def timing(shapes, sizes):
                 lambda: ta.attention(q, k, v, scaling=sc, causal=True, stats=full),
                 lambda: ta.attention(q, k, v, scaling=sc, causal=True, stats=cols),
             ]
-            times = []
+            times, clocks = [], []
             for fn in fns:
                 try:
                     with torch.no_grad():
-                        times.append(bench(fn))
+                        t, mhz = bench(fn)
+                    times.append(t)
+                    clocks.append(f"{mhz:.0f}" if mhz else "-")
                 except Exception as e:  # noqa: BLE001
                     times.append(None)
+                    clocks.append("-")
                     print(f"  {name} {N}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             best = min(t for t in times[:2] if t is not None)      # the faster of FA4's two calls
             cells = [f"{t:.2f} ({best / t:.2f}×)" if t is not None else "failed" for t in times]
             print(f"| {name} H{H} G{G} d{d} | {N // 1024}k | " + " | ".join(cells) + " |", flush=True)
+            print(f"  SM clock (MHz), same order: {' '.join(clocks)}", flush=True)
 
 
 def main():
