@@ -217,7 +217,8 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
     kk = k.flip(2) if flip else k
     kx = kk.repeat_interleave(H // G, dim=1) if G != H else kk                   # [B, H, N, d]
     qq = q.flip(2) if flip else q
-    lse2 = torch.zeros(B, H, N + 2 * COLSUM_PAD, dtype=torch.float32, device=q.device)
+    # even length: the kernel loads the LSEs as fp32 pairs (one 64-bit load per two columns)
+    lse2 = torch.zeros(B, H, N + 2 * COLSUM_PAD + N % 2, dtype=torch.float32, device=q.device)
     lse2[..., COLSUM_PAD:COLSUM_PAD + N] = (lse.flip(2) if flip else lse) * _LOG2E
     out = torch.empty(1, B, H, N, dtype=torch.float32, device=q.device)
     zkey = (B, N, H, q.dtype, q.device)
@@ -230,7 +231,7 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
     skip, emu = COLSUM_PV == "skip", COLSUM_EX2_EMU
     _run_variant(("colsum", flip, COLSUM_TILE_M, skip, emu), lambda: k90.make_colsum_kernel_class(skip, emu),
                  k90.create_colsum_softmax, kx.transpose(1, 2), qq.transpose(1, 2), _ZEROS[zkey],
-                 softmax_scale=float(scaling), return_lse=False, aux_tensors=[out, lse2], **mask)
+                 softmax_scale=float(scaling), return_lse=False, aux_tensors=[out, lse2.view(torch.float64)], **mask)
     return out[0].flip(2) if flip else out[0]
 
 

@@ -241,18 +241,21 @@ class StatsSoftmax(Softmax):
 class ColSumSoftmax(Softmax):
     """The softmax of the transposed pass (``fa4_stats.received_sums``): rows are keys s, columns
     queries t, and each score becomes ``p = exp2(x - lse2[t])`` with the forward's saved LSE (base 2,
-    the second aux tensor, [B, H, N + pad]). Every p is <= 1, so the frame is fixed (row max 0) and
-    there is nothing to rescale; the row sum is the key's column sum, written by ``finalize`` to the
-    first aux tensor ([1, B, H, N])."""
+    the second aux tensor: fp32 [B, H, N + pad] seen as fp64 pairs, [B, H, (N + pad) / 2]). Every p is
+    <= 1, so the frame is fixed (row max 0) and there is nothing to rescale; the row sum is the key's
+    column sum, written by ``finalize`` to the first aux tensor ([1, B, H, N])."""
 
     def begin_tile(self, mask_fn, ex2_emu: int):
         """First key block of a tile: where it lies (``_locate_tile``); frame 0. ``ex2_emu``: of every
         8 columns, how many take exp2 on the FMA pipe (``fa4_stats.COLSUM_EX2_EMU``)."""
         hs = _locate_tile(mask_fn)
         hs.ex2_emu = ex2_emu
-        hs.out, hs.bias = hs.aux[0], hs.aux[1]
+        hs.out, hs.bias = hs.aux[0], hs.aux[1]       # bias: the LSE buffer seen as fp32 pairs (fp64 elements)
         self.row_max.fill(0.0)
-        hs.lse2 = cute.make_rmem_tensor_like(hs.tScS[0, None], Float32)     # shaped as a row of acc_S
+        # this thread's columns come in adjacent pairs (2i, 2i + 1) (the accumulator layout), so their
+        # LSEs are loaded as 64-bit pairs and viewed as fp32 in registers: half the load instructions
+        hs.lse_pairs = cute.make_rmem_tensor(cute.size(hs.tScS[0, None]) // 2, cutlass.Float64)
+        hs.lse2 = cute.recast_tensor(hs.lse_pairs, Float32)                 # shaped as a row of acc_S
 
     def set_block(self, n_block, masked: bool):
         """The column block (index of tile_n queries) of the next ``online_softmax`` call, and its
@@ -261,9 +264,10 @@ class ColSumSoftmax(Softmax):
         FA4 forwards at d128; loading one block further ahead gained nothing more)."""
         hs = _CTX
         hs.n_block = n_block
-        t0 = n_block * hs.tile_n + hs.tScS[0, 0][1] + COLSUM_PAD      # buffer index of this thread's column 0
-        for c in range(cute.size(hs.lse2)):
-            hs.lse2[c] = hs.bias[hs.batch, hs.head, t0 + hs.t0ScS[0, c][1]]
+        # pair index of this thread's column 0 (tile_n, its column and the pad are even)
+        h0 = (n_block * hs.tile_n + hs.tScS[0, 0][1] + COLSUM_PAD) // 2
+        for i in range(cute.size(hs.lse_pairs)):
+            hs.lse_pairs[i] = hs.bias[hs.batch, hs.head, h0 + hs.t0ScS[0, 2 * i][1] // 2]   # constant offsets
 
     @cute.jit
     def online_softmax(self, acc_S, is_first: cutlass.Constexpr[bool] = False,
@@ -277,16 +281,13 @@ class ColSumSoftmax(Softmax):
         sl2 = self.scale_log2
         n_cols = cute.size(hs.lse2)
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
-            if const_expr(hs.ex2_emu == 0):
-                e = cute.math.exp2(S[r, None].load() * sl2 - hs.lse2.load(), fastmath=True)  # masked: exp2(-inf) = 0
-            else:   # ex2_emu of every 8 columns on the FMA pipe (fa4_stats.COLSUM_EX2_EMU)
-                for c in cutlass.range_constexpr(n_cols):
-                    x = S[r, c] * sl2 - hs.lse2[c]
-                    if const_expr(c % 8 < hs.ex2_emu):
-                        S[r, c] = utils.ex2_emulation(x, poly_degree=5)    # masked: 2^-127 (~6e-39), not 0
-                    else:
-                        S[r, c] = cute.math.exp2(x, fastmath=True)
-                e = S[r, None].load()
+            for c in cutlass.range_constexpr(n_cols):
+                x = S[r, c] * sl2 - hs.lse2[c]
+                if const_expr(c % 8 < hs.ex2_emu):     # on the FMA pipe (fa4_stats.COLSUM_EX2_EMU)
+                    S[r, c] = utils.ex2_emulation(x, poly_degree=5)    # masked: 2^-127 (~6e-39), not 0
+                else:
+                    S[r, c] = cute.math.exp2(x, fastmath=True)        # masked: exp2(-inf) = 0
+            e = S[r, None].load()
             l_blk = utils.fadd_reduce(e, init_val=None, arch=self.arch)
             if const_expr(is_first):
                 self.row_sum[r] = l_blk

@@ -485,6 +485,8 @@ def _transposed_pass(key, make_class, create_softmax, q, k, v, *, softmax_scale,
     from headscope.kernels import fa4_stats
     assert not return_lse and key[0] == "colsum"
     out, lse2 = aux_tensors
+    assert lse2.dtype == torch.float64                    # the kernel reads the fp32 LSEs in 64-bit pairs
+    lse2 = lse2.view(torch.float32)
     qh, kh = (t.transpose(1, 2).float() for t in (q, k))                   # [B, H, N, d]
     N = qh.shape[2]
     x = qh @ kh.transpose(-1, -2) * (softmax_scale * 1.4426950408889634)    # [B, H, N, N]
