@@ -193,8 +193,8 @@ COLSUM_TILE_M = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_TILE_M", "192"))
 COLSUM_PV = os.environ.get("HEADSCOPE_FA4S_COLSUM_PV", "keep")
 # of every 8 columns of the transposed pass, how many take exp2 as a degree-5 polynomial on the FMA
 # pipe (FA4's ``utils.ex2_emulation``: 2^floor(x) through the exponent bits, 2^frac(x) by Horner;
-# relative error 1.5e-7 in fp32, the class of the MUFU's own ex2.approx; a masked score gives 2^-127,
-# not 0) instead of the MUFU (16 results per SM and clock), which, with the QK^T, bounds a pass
+# relative error 1.5e-7 in fp32, the class of the MUFU's own ex2.approx; x <= -127, masked scores
+# included, gives 0) instead of the MUFU (16 results per SM and clock), which, with the QK^T, bounds a pass
 # whose tensor cores run QK^T only. 0: every exp2 on the MUFU.
 COLSUM_EX2_EMU = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_EMU", "0"))
 _ZEROS: dict = {}

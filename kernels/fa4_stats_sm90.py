@@ -284,7 +284,7 @@ class ColSumSoftmax(Softmax):
             for c in cutlass.range_constexpr(n_cols):
                 x = S[r, c] * sl2 - hs.lse2[c]
                 if const_expr(c % 8 < hs.ex2_emu):     # on the FMA pipe (fa4_stats.COLSUM_EX2_EMU)
-                    S[r, c] = utils.ex2_emulation(x, poly_degree=5)    # masked: 2^-127 (~6e-39), not 0
+                    S[r, c] = utils.ex2_emulation(x, poly_degree=5)    # x <= -127 (masked too): 0
                 else:
                     S[r, c] = cute.math.exp2(x, fastmath=True)        # masked: exp2(-inf) = 0
             e = S[r, None].load()
