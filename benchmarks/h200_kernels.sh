@@ -13,8 +13,6 @@
 #   rowsab      benchmarks/rows_ab.py for this tree's kernels/flash_stats.py (label "tree")
 #   fa4stats    benchmarks/fa4_stats_gpu.py: in-kernel row statistics and column sums, checks + timing (after fa4)
 #   colsum      benchmarks/colsum_ab.py: the transposed column-sum pass's variants (after fa4)
-#   colsumskip  the FA4 GPU tests and fa4_stats_gpu's checks with the pass without P.V
-#               (HEADSCOPE_FA4S_COLSUM_PV=skip), what making it the default needs (after fa4)
 #   colsumbest  the same with the variant colsum_ab.py found fastest (the BEST line of
 #               $OUT/colsum_ab.md; after colsum)
 set -o pipefail
@@ -63,12 +61,6 @@ for step in "$@"; do
         2>&1 | grep -v "Warn\|exe_args" | tee $OUT/fa4_stats.md | grep -v "^check" | tail -10 ;;
     colsum)
       python3 benchmarks/colsum_ab.py 2>&1 | grep -v "Warn\|exe_args" | tee $OUT/colsum_ab.md | tail -12 ;;
-    colsumskip)
-      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
-      (cd /tmp/hs/headscope && HEADSCOPE_FA4S_COLSUM_PV=skip PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q \
-         -p no:cacheprovider tests/test_kernels_fa4.py 2>&1 | tee $OUT/fa4check_skip.log | tail -3)
-      HEADSCOPE_FA4S_COLSUM_PV=skip python3 benchmarks/fa4_stats_gpu.py --check-only 2>&1 | grep "^worst" \
-        | tee $OUT/fa4_stats_skip_check.md ;;
     colsumbest)
       best=$(grep "^BEST" $OUT/colsum_ab.md | cut -d" " -f2-)
       echo "variant: $best" | tee $OUT/colsum_best.txt

@@ -175,7 +175,7 @@ def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stat
     return res[0], res[1]
 
 
-# width of the transposed pass's value tensor: its output is thrown away, but FA4 multiplies P by V
+# width of the transposed pass's value tensor: its output is thrown away (and, by default, P.V not run)
 COLSUM_DV = 16
 # zeros on both sides of the LSE buffer of the transposed pass (>= every sm90 tile_n): the last column
 # block reads past N into zeros, never outside the buffer
@@ -187,10 +187,10 @@ COLSUM_MASK = os.environ.get("HEADSCOPE_FA4S_COLSUM", "causal")
 # rows (keys) per tile of the transposed pass at d <= 128: 192 runs three consumer warpgroups, so each
 # loaded query tile serves 1.5x the keys (5-6% faster than FA4's own 128); 0 keeps FA4's choice
 COLSUM_TILE_M = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_TILE_M", "192"))
-# "skip": the transposed pass issues no P.V product at all (its output is thrown away; 0.63 instead of
-# 0.68 FA4 forwards on the H200, checked against the reference at d128 only, so not yet the default);
-# "keep": FA4's own, the variant the GPU tests ran with
-COLSUM_PV = os.environ.get("HEADSCOPE_FA4S_COLSUM_PV", "keep")
+# "skip" (default): the transposed pass issues no P.V product at all (its output is thrown away; an
+# empty WGMMA group keeps FA4's wait counts): 0.62 instead of 0.67 FA4 forwards at 32k on the H200,
+# within 9e-7 of the reference at d128 and d256, GPU tests passed; "keep": FA4's own P.V on a zero V
+COLSUM_PV = os.environ.get("HEADSCOPE_FA4S_COLSUM_PV", "skip")
 # of every 8 columns of the transposed pass, how many take exp2 as a degree-5 polynomial on the FMA
 # pipe (FA4's ``utils.ex2_emulation``: 2^floor(x) through the exponent bits, 2^frac(x) by Horner;
 # relative error 1.5e-7 in fp32, the class of the MUFU's own ex2.approx; x <= -127, masked scores
@@ -209,7 +209,8 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
     of K per query head), the queries its keys, and t >= s is FA4's causal mask once both sequences
     are reversed (``COLSUM_MASK``). Its softmax is ``ColSumSoftmax``: ``p = exp2(x log2e - lse[t]
     log2e)``, exact in fp32 and never above 1, summed along the row; no running max, no rescale.
-    The value product it keeps (FA4 always multiplies P by V) runs on a COLSUM_DV-wide zero V."""
+    FA4 always multiplies P by V; here that product is not issued (``COLSUM_PV``), and V is a
+    COLSUM_DV-wide zero tensor that only fills FA4's arguments."""
     from . import fa4_stats_sm90 as k90
     B, H, N, d = q.shape
     G = k.shape[1]

@@ -26,6 +26,8 @@ from .fa4_stats import (COLSUM_PAD, IDX_NONE, P_RECENT, P_SINK, P_SPAN0, P_WDIST
 
 LN2 = math.log(2.0)
 ARGMAX_SEARCH = os.environ.get("HEADSCOPE_FA4S_ARGMAX", "branch")   # "branch" | "scan" (A/B)
+# independent partial sums per row reduction (``_tree_sum``); a power of two dividing every fragment row
+N_PARTIALS = int(os.environ.get("HEADSCOPE_FA4S_PARTIALS", "4"))
 _CTX = SimpleNamespace()     # trace-time context of the tile being compiled (see begin_tile)
 
 
@@ -136,7 +138,7 @@ class StatsSoftmax(Softmax):
                 m_use = 0.0 if m_new == -Float32.inf else m_new
             arg = x * sl2 - m_use * sl2
             e = cute.math.exp2(arg, fastmath=True)
-            l_blk = utils.fadd_reduce(e, init_val=None, arch=self.arch)
+            l_blk = _tree_sum(e)
             l_old = Float32(0.0)
             alpha = Float32(1.0)
             if const_expr(not is_first):
@@ -154,11 +156,11 @@ class StatsSoftmax(Softmax):
                 arg_c = arg
                 if const_expr(hs.masked):
                     arg_c = cute.where(arg > Float32(-200.0), arg, Float32(-200.0))
-                e_blk = (e * arg_c).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                e_blk = _tree_sum(e, arg_c)
                 hs.acc[r, 0] = alpha * (hs.acc[r, 0] + shift_e) + e_blk
             if const_expr(fl.distance):
                 base = Float32(hs.t[r] - s0)                          # t - s at this thread's column 0
-                ec = (e * ccv).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                ec = _tree_sum(e, ccv)
                 hs.acc[r, 1] = alpha * hs.acc[r, 1] + (base * l_blk - ec)
             if const_expr(fl.argmax):
                 if const_expr(ARGMAX_SEARCH == "branch"):
@@ -288,7 +290,7 @@ class ColSumSoftmax(Softmax):
                 else:
                     S[r, c] = cute.math.exp2(x, fastmath=True)        # masked: exp2(-inf) = 0
             e = S[r, None].load()
-            l_blk = utils.fadd_reduce(e, init_val=None, arch=self.arch)
+            l_blk = _tree_sum(e)
             if const_expr(is_first):
                 self.row_sum[r] = l_blk
             else:
@@ -308,6 +310,33 @@ class ColSumSoftmax(Softmax):
             s = hs.m_block * hs.tile_m + hs.tScS[r, 0][0]
             _store_if(hs.out, 0, hs.batch, hs.head, s, l_row[r], (hs.tScS[0, 0][1] == 0) & (s < hs.seqlen_q))
         return row_scale
+
+
+@cute.jit
+def _tree_sum(a: cute.TensorSSA, b: cute.TensorSSA | None = None) -> Float32:
+    """Sum of one row fragment (``sum a``, or ``sum a * b`` as FMAs) in N_PARTIALS independent partial
+    sums: dependency chains of n / N_PARTIALS adds instead of the n of a plain ``reduce`` (which
+    FA4's sm90 ``fadd_reduce`` is). Nsight Compute on the H200: the softmax warps' largest stall is
+    the wait on such fixed-latency dependencies, and one warp per scheduler runs the softmax."""
+    x = cute.make_rmem_tensor(a.shape, Float32)
+    x.store(a)
+    y = x
+    if const_expr(b is not None):
+        y = cute.make_rmem_tensor(b.shape, Float32)
+        y.store(b)
+    n = cute.size(x)
+    acc = [x[i] * y[i] if const_expr(b is not None) else x[i] for i in range(N_PARTIALS)]
+    for i in cutlass.range_constexpr(N_PARTIALS, n):
+        if const_expr(b is not None):
+            acc[i % N_PARTIALS] = acc[i % N_PARTIALS] + x[i] * y[i]
+        else:
+            acc[i % N_PARTIALS] = acc[i % N_PARTIALS] + x[i]
+    step = 1
+    for _ in cutlass.range_constexpr(N_PARTIALS.bit_length() - 1):      # pairwise: acc[0] += acc[step]...
+        for j in cutlass.range_constexpr(0, N_PARTIALS, 2 * step):
+            acc[j] = acc[j] + acc[j + step]
+        step *= 2
+    return acc[0]
 
 
 def create_colsum_softmax(scale_log2, num_rows, arch=80, softmax_scale=None):
