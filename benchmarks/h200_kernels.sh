@@ -15,6 +15,8 @@
 #   colsum      benchmarks/colsum_ab.py: the transposed column-sum pass's variants (after fa4)
 #   colsumbest  the same with the variant colsum_ab.py found fastest (the BEST line of
 #               $OUT/colsum_ab.md; after colsum)
+#   partials    fa4_stats_gpu.py once per number of partial sums per row reduction
+#               (HEADSCOPE_FA4S_PARTIALS in $PARTIALS_AB, default "1 4 8"; 1 = one dependency chain) (after fa4)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
@@ -61,6 +63,11 @@ for step in "$@"; do
         2>&1 | grep -v "Warn\|exe_args" | tee $OUT/fa4_stats.md | grep -v "^check" | tail -10 ;;
     colsum)
       python3 benchmarks/colsum_ab.py 2>&1 | grep -v "Warn\|exe_args" | tee $OUT/colsum_ab.md | tail -12 ;;
+    partials)
+      for P in ${PARTIALS_AB:-1 4 8}; do
+        HEADSCOPE_FA4S_PARTIALS=$P python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B} \
+          --sizes ${SIZES:-16384,32768} 2>&1 | grep -v "Warn\|exe_args" | tee $OUT/fa4_stats_p$P.md | grep "^|\|^worst" | tail -6
+      done ;;
     colsumbest)
       best=$(grep "^BEST" $OUT/colsum_ab.md | cut -d" " -f2-)
       echo "variant: $best" | tee $OUT/colsum_best.txt
