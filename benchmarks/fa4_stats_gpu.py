@@ -3,7 +3,8 @@
 128 / 256, two batches with shifted positions; (2) time against FA4 itself, cuDNN SDPA and our
 Triton row-statistics kernel, in one run. Issue 13.
 
-    python benchmarks/fa4_stats_gpu.py [--check-only] [--shapes Llama-3-8B,...] [--sizes 16384,32768]
+    python benchmarks/fa4_stats_gpu.py [--check-only | --no-check] [--shapes Llama-3-8B,...]
+        [--sizes 16384,32768] [--only "ours: all rows,transposed pass alone"]
 """
 import argparse
 import os
@@ -83,7 +84,7 @@ def bench(fn):
     return t, c.mhz
 
 
-def timing(shapes, sizes):
+def timing(shapes, sizes, only=None):
     from flash_attn.cute import flash_attn_func
     labels = ["FA4", "FA4 pack_gqa=False", "cuDNN SDPA", "ours: all rows", "all rows + column sums",
               "column sums only (LSE kernel + transposed pass)", "transposed pass alone", "same, local mask, tile_m 128", "masses",
@@ -128,6 +129,13 @@ def timing(shapes, sizes):
                 lambda: ta.attention(q, k, v, scaling=sc, causal=True, stats=full),
                 lambda: ta.attention(q, k, v, scaling=sc, causal=True, stats=cols),
             ]
+            if only is not None:     # the two FA4 calls (the reference) and the columns asked for
+                keep = [i for i, lab in enumerate(labels) if i < 2 or lab in only]
+                labels_run, fns = [labels[i] for i in keep], [fns[i] for i in keep]
+                if len(keep) - 2 != len(only):
+                    raise SystemExit(f"--only: unknown column in {sorted(only)}; columns: {labels}")
+            else:
+                labels_run = labels
             times, clocks = [], []
             for fn in fns:
                 try:
@@ -141,6 +149,8 @@ def timing(shapes, sizes):
                     print(f"  {name} {N}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             best = min(t for t in times[:2] if t is not None)      # the faster of FA4's two calls
             cells = [f"{t:.2f} ({best / t:.2f}×)" if t is not None else "failed" for t in times]
+            if only is not None:
+                print("  columns: " + ", ".join(labels_run), flush=True)
             print(f"| {name} H{H} G{G} d{d} | {N // 1024}k | " + " | ".join(cells) + " |", flush=True)
             print(f"  SM clock (MHz), same order: {' '.join(clocks)}", flush=True)
 
@@ -148,19 +158,25 @@ def timing(shapes, sizes):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated column labels to time (FA4's two calls always run)")
     ap.add_argument("--shapes", default="Llama-3-8B,Qwen2.5-7B,SmolLM2,Gemma-3")
     ap.add_argument("--sizes", default="16384,32768")
     a = ap.parse_args()
     worst = {}
-    for args in ((2, 8, 2, 1000, 128, 0, [0, 3]), (1, 9, 3, 777, 64, 1, None), (1, 8, 4, 600, 256, 2, None),
-                 (1, 32, 8, 4096, 128, 3, None), (2, 4, 4, 1531, 64, 4, [7, 0])):
+    cases = () if a.no_check else ((2, 8, 2, 1000, 128, 0, [0, 3]), (1, 9, 3, 777, 64, 1, None),
+                                   (1, 8, 4, 600, 256, 2, None), (1, 32, 8, 4096, 128, 3, None),
+                                   (2, 4, 4, 1531, 64, 4, [7, 0]))
+    for args in cases:
         for temp in (1.0, 4.0):
             e = check(*args[:6], key_pos0=args[6], temp=temp)
             for n, v in e.items():
                 worst[n] = min(worst.get(n, 1.0), v) if n == "argmax_agree" else max(worst.get(n, 0.0), v)
-    print("worst: " + " ".join(f"{n}={v:.2e}" for n, v in worst.items()), flush=True)
+    if worst:
+        print("worst: " + " ".join(f"{n}={v:.2e}" for n, v in worst.items()), flush=True)
     if not a.check_only:
-        timing(a.shapes.split(","), [int(x) for x in a.sizes.split(",")])
+        timing(a.shapes.split(","), [int(x) for x in a.sizes.split(",")],
+               only=None if a.only is None else set(a.only.split(",")))
 
 
 if __name__ == "__main__":
