@@ -5,7 +5,8 @@
 #   tests   GPU tests of the Triton kernels (decode + general) and the probe check
 #   decode  decode sweep + decode table;  sweep  prefill tile sweep (16k);  e2e  census vs SDPA at 32k
 #   compare FA4/cuDNN/flash/Flex/ours table, with the FA4 backend's columns (after fa4)
-#   fa4check  the FA4 backend's tests (tests/test_kernels_fa4.py: GPU tests against the reference) (after fa4)
+#   fa4check  the FA4 backend's tests (tests/test_kernels_fa4.py: GPU tests against the reference; extra pytest
+#             arguments in $FA4CHECK_ARGS, e.g. "-k in_kernel") (after fa4)
 #   masses  e2e at 32k: SDPA vs the sink/recent/window masses record vs headscope plain (after fa4)
 #   decodehost  per-call decode time, eager vs CUDA graph: SDPA, split-key path, query-block forward
 #   retrieval   the retrieval analyzer with and without the split-key path (MODEL=path to SmolLM2's GGUF
@@ -46,7 +47,7 @@ for step in "$@"; do
     fa4check)
       rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
       (cd /tmp/hs/headscope && PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider -rs \
-         tests/test_kernels_fa4.py 2>&1 | tee $OUT/fa4check.log | tail -25) ;;
+         tests/test_kernels_fa4.py $FA4CHECK_ARGS 2>&1 | tee $OUT/fa4check.log | tail -25) ;;
     masses)
       mkdir -p $OUT/masses
       python3 benchmarks/e2e_gpu.py --n 32768 --layers ${E2E_LAYERS:-8} --no-eager --masses-only --out $OUT/masses 2>&1 \
