@@ -17,7 +17,7 @@
 #   colsumbest  the same with the variant colsum_ab.py found fastest (the BEST line of
 #               $OUT/colsum_ab.md; after colsum)
 #   partials    fa4_stats_gpu.py once per number of partial sums per row reduction
-#               (HEADSCOPE_FA4S_PARTIALS in $PARTIALS_AB, default "1 4 8"; 1 = one dependency chain) (after fa4)
+#               (HEADSCOPE_FA4S_PARTIALS in $PARTIALS_AB, default "1 2 4"; 1 = one dependency chain) (after fa4)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
@@ -65,7 +65,7 @@ for step in "$@"; do
     colsum)
       python3 benchmarks/colsum_ab.py 2>&1 | grep -v "Warn\|exe_args" | tee $OUT/colsum_ab.md | tail -12 ;;
     partials)
-      for P in ${PARTIALS_AB:-1 4 8}; do
+      for P in ${PARTIALS_AB:-1 2 4}; do
         HEADSCOPE_FA4S_PARTIALS=$P python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B} \
           --sizes ${SIZES:-16384,32768} --no-check --only "ours: all rows,transposed pass alone" 2>&1 | grep -v "Warn\|exe_args" | tee $OUT/fa4_stats_p$P.md | grep "^|\|^worst" | tail -6
       done ;;

@@ -27,8 +27,9 @@ from .fa4_stats import (COLSUM_PAD, IDX_NONE, P_RECENT, P_SINK, P_SPAN0, P_WDIST
 LN2 = math.log(2.0)
 ARGMAX_SEARCH = os.environ.get("HEADSCOPE_FA4S_ARGMAX", "branch")   # "branch" | "scan" (A/B)
 # independent partial sums per row reduction (``_tree_sum``), a power of two. 1 is one dependency chain,
-# as FA4's own sm90 sums (the configuration the GPU tests passed with); 4 and 8 are the A/B of
-# ``h200_kernels.sh partials``, not yet run on the GPU, so not the default
+# as FA4's own sm90 sums (the configuration the GPU tests passed with); 2 and 4 are the A/B of
+# ``h200_kernels.sh partials``, not yet run on the GPU, so not the default. ptxas, every row statistic
+# at d128: 1 and 2 spill 4 bytes, 4 spills 8 (40 bytes loaded), 8 spills 168
 N_PARTIALS = int(os.environ.get("HEADSCOPE_FA4S_PARTIALS", "1"))
 _CTX = SimpleNamespace()     # trace-time context of the tile being compiled (see begin_tile)
 
