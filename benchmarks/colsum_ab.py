@@ -14,9 +14,8 @@ ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in (HERE, ROOT)]
 
 import torch  # noqa: E402
-import triton.testing  # noqa: E402
 
-from benchmarks.gpu_clock import ClockSampler  # noqa: E402
+from benchmarks.gpu_clock import bench  # noqa: E402
 from kernels import fa4_stats, reference  # noqa: E402
 from kernels.spec import StatRequest  # noqa: E402
 
@@ -69,15 +68,11 @@ def main():
             k = torch.randn(1, G, N, d, device="cuda", dtype=torch.bfloat16, generator=g)
             qt, kt = q.transpose(1, 2), k.transpose(1, 2)
             lse = fa4_stats.attention(q, k, k, scaling=d ** -0.5, stats=StatRequest())[1]["lse"]
-            with ClockSampler() as c4:
-                t4 = triton.testing.do_bench(lambda: flash_attn_func(qt, kt, kt, softmax_scale=d ** -0.5, causal=True),
-                                             warmup=25, rep=300, return_mode="median")
+            t4, c4 = bench(lambda: flash_attn_func(qt, kt, kt, softmax_scale=d ** -0.5, causal=True), rep=300)
             cells = []
             for var in ok:
                 use(*var)
-                with ClockSampler() as c:
-                    t = triton.testing.do_bench(lambda: fa4_stats.received_sums(q, k, lse, scaling=d ** -0.5),
-                                                warmup=25, rep=300, return_mode="median")
+                t, c = bench(lambda: fa4_stats.received_sums(q, k, lse, scaling=d ** -0.5), rep=300)
                 cells.append(f"{t:.2f} ({t / t4:.2f} FA4; {c})")
                 if d <= 128:
                     units.setdefault(var, []).append(t / t4)

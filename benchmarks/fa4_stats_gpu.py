@@ -16,9 +16,8 @@ sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in 
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton.testing  # noqa: E402
 
-from benchmarks.gpu_clock import ClockSampler  # noqa: E402
+from benchmarks.gpu_clock import bench as clocked_bench  # noqa: E402
 from kernels import fa4_stats, reference  # noqa: E402
 from kernels import triton_attention as ta  # noqa: E402
 from kernels.spec import StatRequest  # noqa: E402
@@ -79,8 +78,7 @@ def check(B, H, G, N, d, seed, key_pos0=None, temp=1.0):
 
 def bench(fn):
     """(median ms, mean SM clock in MHz or None)."""
-    with ClockSampler() as c:
-        t = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    t, c = clocked_bench(fn, rep=100)
     return t, c.mhz
 
 

@@ -6,6 +6,8 @@ limit. Issue 13.
     with ClockSampler() as c:
         t = triton.testing.do_bench(fn)
     c.mhz, c.watts        # means over the samples; None where NVML is not there (said once)
+
+    t, c = bench(fn, rep=100)     # the same: triton's median over ``rep`` ms, and the sampler
 """
 import threading
 
@@ -52,3 +54,11 @@ class ClockSampler:
 
     def __str__(self):
         return "" if self.mhz is None else f"{self.mhz:.0f} MHz {self.watts:.0f} W"
+
+
+def bench(fn, rep: int = 100):
+    """(median ms of ``fn`` by ``triton.testing.do_bench``, the ``ClockSampler`` that ran during it)."""
+    import triton.testing
+    with ClockSampler() as c:
+        t = triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    return t, c

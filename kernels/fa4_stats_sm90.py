@@ -22,7 +22,7 @@ from flash_attn.cute.softmax import Softmax
 from quack import layout_utils
 
 from .fa4_stats import (COLSUM_PAD, IDX_NONE, P_RECENT, P_SINK, P_SPAN0, P_WDIST, PARAM_POS0, SLOT_ARGMAX,
-                        SLOT_DISTANCE, SLOT_ENTROPY, SLOT_MAXP, SLOT_RECENT, SLOT_SPAN0, SLOT_WDIST, Flags)
+                        SLOT_DISTANCE, SLOT_ENTROPY, SLOT_MAXP, SLOT_RECENT, SLOT_SPAN0, SLOT_WDIST)
 
 LN2 = math.log(2.0)
 ARGMAX_SEARCH = os.environ.get("HEADSCOPE_FA4S_ARGMAX", "branch")   # "branch" | "scan" (A/B)
