@@ -18,6 +18,9 @@
 #               $OUT/colsum_ab.md; after colsum)
 #   partials    fa4_stats_gpu.py once per number of partial sums per row reduction
 #               (HEADSCOPE_FA4S_PARTIALS in $PARTIALS_AB, default "1 2 4"; 1 = one dependency chain) (after fa4)
+#   ncu         Nsight Compute over benchmarks/ncu_rows.py's sets in $NCU_SETS (default "split cols"):
+#               $OUT/ncu_SET.csv and its table (benchmarks/ncu_summary.py); with NCU_SASS=1 also the
+#               per-SASS-instruction stall samples of FA4 and of the all-rows kernel (ncu_sass_*.csv.gz) (after fa4)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
@@ -76,6 +79,24 @@ for step in "$@"; do
       (cd /tmp/hs/headscope && env $best PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q \
          -p no:cacheprovider tests/test_kernels_fa4.py 2>&1 | tee $OUT/fa4check_best.log | tail -3)
       env $best python3 benchmarks/fa4_stats_gpu.py --check-only 2>&1 | grep "^worst" | tee $OUT/fa4_stats_best_check.md ;;
+    ncu)
+      NCU=${NCU:-/usr/local/cuda/bin/ncu}
+      SECT="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section InstructionStats --section ComputeWorkloadAnalysis"
+      METR="--metrics regex:sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_(xu|fma|alu).avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
+      for s in ${NCU_SETS:-split cols}; do
+        case $s in rows|split) skip=5; n=5 ;; cols) skip=4; n=3 ;; esac
+        $NCU --kernel-name regex:Sm90 --launch-skip $skip --launch-count $n $SECT $METR --csv --page details \
+          python3 benchmarks/ncu_rows.py --set $s > $OUT/ncu_$s.csv 2> $OUT/ncu_$s.err
+        grep "^ncu:" $OUT/ncu_$s.csv
+        python3 benchmarks/ncu_summary.py $OUT/ncu_$s.csv | tee $OUT/ncu_$s.md
+      done
+      if [ "${NCU_SASS:-0}" = 1 ]; then       # rows set: launch 5 is FA4's profiled one, 9 the all-rows kernel
+        for sk in 5 9; do
+          $NCU --kernel-name regex:Sm90 --launch-skip $sk --launch-count 1 --section SourceCounters --csv --page source \
+            --print-source sass python3 benchmarks/ncu_rows.py --set rows 2> $OUT/ncu_sass_$sk.err | gzip > $OUT/ncu_sass_$sk.csv.gz
+          ls -la $OUT/ncu_sass_$sk.csv.gz
+        done
+      fi ;;
     compare)
       python3 benchmarks/kernels.py --compare 2>&1 | tee $OUT/compare.log | tail -30 ;;
   esac
