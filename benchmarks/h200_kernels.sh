@@ -18,8 +18,6 @@
 #               $OUT/colsum_ab.md; after colsum)
 #   partials    fa4_stats_gpu.py once per number of partial sums per row reduction
 #               (HEADSCOPE_FA4S_PARTIALS in $PARTIALS_AB, default "1 2 4"; 1 = one dependency chain) (after fa4)
-#   argmax      fa4_stats_gpu.py once per argmax search placement (HEADSCOPE_FA4S_ARGMAX in $ARGMAX_AB, default
-#               "hoisted branch hoisted branch") (after fa4)
 #   ncu         Nsight Compute over benchmarks/ncu_rows.py's sets in $NCU_SETS (default "split cols"):
 #               $OUT/ncu_SET.csv and its table (benchmarks/ncu_summary.py); with NCU_SASS=1 also the
 #               per-SASS-instruction stall samples of FA4 and of the all-rows kernel (ncu_sass_*.csv.gz) (after fa4)
@@ -73,13 +71,6 @@ for step in "$@"; do
       for P in ${PARTIALS_AB:-1 2 4}; do
         HEADSCOPE_FA4S_PARTIALS=$P python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B} \
           --sizes ${SIZES:-16384,32768} --no-check --only "ours: all rows,transposed pass alone" 2>&1 | grep -v "Warn\|exe_args" | tee $OUT/fa4_stats_p$P.md | grep "^|\|^worst" | tail -6
-      done ;;
-    argmax)
-      for A in ${ARGMAX_AB:-hoisted branch hoisted branch}; do
-        echo "HEADSCOPE_FA4S_ARGMAX=$A" | tee -a $OUT/fa4_stats_argmax.md
-        HEADSCOPE_FA4S_ARGMAX=$A python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B} \
-          --sizes ${SIZES:-16384,32768} --no-check --only "ours: all rows,entropy+distance+argmax" 2>&1 | grep -v "Warn\|exe_args" \
-          | tee -a $OUT/fa4_stats_argmax.md | grep "^|" | tail -4
       done ;;
     colsumbest)
       best=$(grep "^BEST" $OUT/colsum_ab.md | cut -d" " -f2-)

@@ -25,15 +25,15 @@ from .fa4_stats import (COLSUM_PAD, IDX_NONE, P_RECENT, P_SINK, P_SPAN0, P_WDIST
                         SLOT_DISTANCE, SLOT_ENTROPY, SLOT_MAXP, SLOT_RECENT, SLOT_SPAN0, SLOT_WDIST)
 
 LN2 = math.log(2.0)
-# where a row's argmax is searched: "hoisted" (after every row's max, before any exp: one branch per
-# row, outside the rows' exp and sum code), "branch" (the same search inside each row's loop, between
-# its exps and the next row: ptxas no longer interleaves the rows), "scan" (no branch, every column
-# every block); A/B in benchmarks/h200_kernels.sh argmax
-ARGMAX_SEARCH = os.environ.get("HEADSCOPE_FA4S_ARGMAX", "hoisted")
+# "branch": a row's argmax is searched in its own loop, only by a thread holding the row max of the
+# block; "scan": every column of every block, no branch (slower). Tried and dropped (BENCHMARKS.md,
+# commit 1a81c95): the searches hoisted after every row's max, before any exp -- argmax alone 4% fewer
+# cycles, but every row statistic 3% slower on the H200.
+ARGMAX_SEARCH = os.environ.get("HEADSCOPE_FA4S_ARGMAX", "branch")
 # independent partial sums per row reduction (``_tree_sum``), a power of two. 1 is one dependency chain,
-# as FA4's own sm90 sums (the configuration the GPU tests passed with); 2 and 4 are the A/B of
-# ``h200_kernels.sh partials``, not yet run on the GPU, so not the default. ptxas, every row statistic
-# at d128: 1 and 2 spill 4 bytes, 4 spills 8 (40 bytes loaded), 8 spills 168
+# as FA4's own sm90 sums. On the H200 (``h200_kernels.sh partials``, BENCHMARKS.md) 2 was no faster and
+# 4 slower (all rows 0.785x / 0.79x / 0.76x FA4 for 1 / 2 / 4), so 1 stays. ptxas, every row
+# statistic at d128: 1 and 2 spill 4 bytes, 4 spills 8 (40 bytes loaded), 8 spills 168
 N_PARTIALS = int(os.environ.get("HEADSCOPE_FA4S_PARTIALS", "1"))
 _CTX = SimpleNamespace()     # trace-time context of the tile being compiled (see begin_tile)
 
@@ -131,28 +131,15 @@ class StatsSoftmax(Softmax):
             band = hs.R
         if const_expr(fl.wdist):
             band = cutlass.max(band, hs.W) if const_expr(fl.recent) else hs.W
-        # every row's max first, then (argmax) the searches, then the exps and sums: a branch between
-        # two rows' reductions would keep ptxas from interleaving them, as it does in FA4's softmax
-        m_olds, m_locs, m_news = [], [], []
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
+            x = S[r, None].load()
             m_old = self.row_max[r]
-            m_loc = utils.fmax_reduce(S[r, None].load(), init_val=None, arch=self.arch)   # this thread's block max
+            m_loc = utils.fmax_reduce(x, init_val=None, arch=self.arch)      # this thread's block max
             m_new = m_loc
             if const_expr(not is_first):
                 m_new = cute.arch.fmax(m_loc, m_old)
             m_new = cute.arch.warp_reduction_max(m_new, threads_in_group=4)
             self.row_max[r] = m_new
-            m_olds.append(m_old)
-            m_locs.append(m_loc)
-            m_news.append(m_new)
-        if const_expr(fl.argmax and ARGMAX_SEARCH == "hoisted"):
-            # only a thread holding the row max in this block searches it (the max rose here, or ties it)
-            for r in cutlass.range_constexpr(cute.size(self.row_max)):
-                _argmax_search(hs.best_v, hs.best_i, r, (m_locs[r] == m_news[r]) & (m_news[r] > -Float32.inf),
-                               S[r, None].load(), m_news[r], ccv, Float32(s0))
-        for r in cutlass.range_constexpr(cute.size(self.row_max)):
-            x = S[r, None].load()
-            m_old, m_loc, m_new = m_olds[r], m_locs[r], m_news[r]
             m_use = m_new
             if const_expr(check_inf):
                 m_use = 0.0 if m_new == -Float32.inf else m_new
@@ -183,10 +170,9 @@ class StatsSoftmax(Softmax):
                 ec = _tree_sum(e, ccv)
                 hs.acc[r, 1] = alpha * hs.acc[r, 1] + (base * l_blk - ec)
             if const_expr(fl.argmax):
-                if const_expr(ARGMAX_SEARCH == "hoisted"):
-                    pass                                                    # searched above
-                elif const_expr(ARGMAX_SEARCH == "branch"):
-                    # the search in the row's own loop (the A/B against "hoisted")
+                if const_expr(ARGMAX_SEARCH == "branch"):
+                    # only a thread holding the row max in this block searches it (rare: the max
+                    # rose here, or ties it)
                     _argmax_search(hs.best_v, hs.best_i, r, (m_loc == m_new) & (m_new > -Float32.inf),
                                    x, m_new, ccv, Float32(s0))
                 else:
