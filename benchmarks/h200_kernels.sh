@@ -18,6 +18,9 @@
 #               $OUT/colsum_ab.md; after colsum)
 #   partials    fa4_stats_gpu.py once per number of partial sums per row reduction
 #               (HEADSCOPE_FA4S_PARTIALS in $PARTIALS_AB, default "1 2 4"; 1 = one dependency chain) (after fa4)
+#   sched       FA4's warp-scheduler barrier on/off in the row kernel and the column pass (HEADSCOPE_FA4S_SCHED,
+#               HEADSCOPE_FA4S_COLSUM_SCHED): the FA4 tests with it off, then fa4_stats_gpu.py once per
+#               setting in $SCHED_AB (default "on off on off") (after fa4)
 #   ncu         Nsight Compute over benchmarks/ncu_rows.py's sets in $NCU_SETS (default "split cols"):
 #               $OUT/ncu_SET.csv and its table (benchmarks/ncu_summary.py); with NCU_SASS=1 also the
 #               per-SASS-instruction stall samples of FA4 and of the all-rows kernel (ncu_sass_*.csv.gz) (after fa4)
@@ -79,6 +82,18 @@ for step in "$@"; do
       (cd /tmp/hs/headscope && env $best PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q \
          -p no:cacheprovider tests/test_kernels_fa4.py 2>&1 | tee $OUT/fa4check_best.log | tail -3)
       env $best python3 benchmarks/fa4_stats_gpu.py --check-only 2>&1 | grep "^worst" | tee $OUT/fa4_stats_best_check.md ;;
+    sched)
+      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
+      (cd /tmp/hs/headscope && HEADSCOPE_FA4S_SCHED=off HEADSCOPE_FA4S_COLSUM_SCHED=off PYTHONPATH=/tmp/hs:$PYTHONPATH \
+         python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fa4.py -k "in_kernel or received" 2>&1 \
+         | tee $OUT/fa4check_sched_off.log | tail -2)
+      for S in ${SCHED_AB:-on off on off}; do
+        echo "HEADSCOPE_FA4S_SCHED=$S HEADSCOPE_FA4S_COLSUM_SCHED=$S" | tee -a $OUT/fa4_stats_sched.md
+        HEADSCOPE_FA4S_SCHED=$S HEADSCOPE_FA4S_COLSUM_SCHED=$S python3 benchmarks/fa4_stats_gpu.py \
+          --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B} --sizes ${SIZES:-16384,32768} --no-check \
+          --only "ours: all rows,transposed pass alone" 2>&1 | grep -v "Warn\|exe_args" | tee -a $OUT/fa4_stats_sched.md \
+          | grep "^| [LQG]"
+      done ;;
     ncu)
       NCU=${NCU:-/usr/local/cuda/bin/ncu}
       SECT="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section InstructionStats --section ComputeWorkloadAnalysis"

@@ -164,12 +164,21 @@ def _run_variant(key, make_class, create_softmax, q, k, v, **fa_kwargs):
         interface.FlashAttentionForwardSm90, Softmax.create, interface._flash_attn_fwd.compile_cache = saved
 
 
+# the row-statistics kernel's warp-scheduler barrier (as ``COLSUM_SCHED`` below): "on" (FA4's) or "off".
+# A/B: benchmarks/h200_kernels.sh sched (not yet run on the GPU).
+ROWS_SCHED = os.environ.get("HEADSCOPE_FA4S_SCHED", "on")
+if ROWS_SCHED not in ("on", "off"):
+    raise ValueError(f"HEADSCOPE_FA4S_SCHED must be 'on' or 'off', not {ROWS_SCHED!r}")
+
+
 def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stats: torch.Tensor):
     """FA4's causal forward with row statistics. q [B, N, H, d], k, v [B, N, G, d] (FA4's layout),
     ``params`` int32 [PARAM_POS0 + B] on q's device, ``out_stats`` fp32 [flags.n_slots, B, H, N]
     (written). Returns (out [B, N, H, d], lse [B, H, N])."""
     from . import fa4_stats_sm90 as k90
-    res = _run_variant((flags, k90.ARGMAX_SEARCH), lambda: k90.make_kernel_class(flags), k90.create_stats_softmax,
+    sched = ROWS_SCHED != "off"
+    res = _run_variant((flags, k90.ARGMAX_SEARCH, sched), lambda: k90.make_kernel_class(flags, sched=sched),
+                       k90.create_stats_softmax,
                        q, k, v, softmax_scale=float(scaling), causal=True, return_lse=True,
                        aux_tensors=[out_stats, params])
     return res[0], res[1]
@@ -197,6 +206,13 @@ COLSUM_PV = os.environ.get("HEADSCOPE_FA4S_COLSUM_PV", "skip")
 # included, gives 0) instead of the MUFU (16 results per SM and clock), which, with the QK^T, bounds a pass
 # whose tensor cores run QK^T only. 0: every exp2 on the MUFU.
 COLSUM_EX2_EMU = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_EMU", "0"))
+# "on" (FA4's): the consumer warpgroups take turns issuing their matrix products (FA4's warp-scheduler
+# barrier, which lets one warpgroup's softmax run under another's products); "off": each issues when
+# ready. Nsight Compute on the H200 gives the pass 1.7 cycles per instruction of barrier stalls. Only
+# the order of issue changes, not a result. A/B: benchmarks/h200_kernels.sh sched (not yet run on the GPU).
+COLSUM_SCHED = os.environ.get("HEADSCOPE_FA4S_COLSUM_SCHED", "on")
+if COLSUM_SCHED not in ("on", "off"):
+    raise ValueError(f"HEADSCOPE_FA4S_COLSUM_SCHED must be 'on' or 'off', not {COLSUM_SCHED!r}")
 _ZEROS: dict = {}
 
 
@@ -229,8 +245,9 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
     mask = dict(causal=True) if flip else dict(causal=False, window_size_left=0, window_size_right=None)
     if COLSUM_TILE_M and d <= 128:
         mask["tile_mn"] = (COLSUM_TILE_M, 128)
-    skip, emu = COLSUM_PV == "skip", COLSUM_EX2_EMU
-    _run_variant(("colsum", flip, COLSUM_TILE_M, skip, emu), lambda: k90.make_colsum_kernel_class(skip, emu),
+    skip, emu, sched = COLSUM_PV == "skip", COLSUM_EX2_EMU, COLSUM_SCHED != "off"
+    _run_variant(("colsum", flip, COLSUM_TILE_M, skip, emu, sched),
+                 lambda: k90.make_colsum_kernel_class(skip, emu, sched=sched),
                  k90.create_colsum_softmax, kx.transpose(1, 2), qq.transpose(1, 2), _ZEROS[zkey],
                  softmax_scale=float(scaling), return_lse=False, aux_tensors=[out, lse2.view(torch.float64)], **mask)
     return out[0].flip(2) if flip else out[0]

@@ -352,12 +352,14 @@ def create_colsum_softmax(scale_log2, num_rows, arch=80, softmax_scale=None):
                          cute.make_rmem_tensor(num_rows, Float32), arch, softmax_scale)
 
 
-def make_colsum_kernel_class(skip_pv: bool = False, ex2_emu: int = 0):
+def make_colsum_kernel_class(skip_pv: bool = False, ex2_emu: int = 0, *, sched: bool = True):
     """FA4's sm90 forward kernel with ``ColSumSoftmax`` (the transposed column-sum pass); with
-    ``skip_pv`` its P.V products are not issued (see ``_no_pv``); ``ex2_emu`` of every 8 columns take
-    exp2 on the FMA pipe."""
-    return make_kernel_class(ex2_emu, name=f"ColSumFwdSm90_emu{ex2_emu}" + ("_nopv" if skip_pv else ""),
-                             skip_pv=skip_pv)
+    ``skip_pv`` its P.V products are not issued (see ``_no_pv``; ptxas then drops P's bf16
+    conversion as dead code); ``ex2_emu`` of every 8 columns take exp2 on the FMA pipe;
+    ``sched=False``: no warp-scheduler barrier between the consumer warpgroups
+    (``fa4_stats.COLSUM_SCHED``)."""
+    name = f"ColSumFwdSm90_emu{ex2_emu}" + ("_nopv" if skip_pv else "") + ("" if sched else "_nosched")
+    return make_kernel_class(ex2_emu, name=name, skip_pv=skip_pv, sched=sched)
 
 
 def _no_pv(B_idx=None, zero_init=None, wg_wait: int = -1, **_):
@@ -370,12 +372,13 @@ def _no_pv(B_idx=None, zero_init=None, wg_wait: int = -1, **_):
         warpgroup.wait_group(wg_wait)
 
 
-def make_kernel_class(flags, name: str | None = None, skip_pv: bool = False):
+def make_kernel_class(flags, name: str | None = None, skip_pv: bool = False, *, sched: bool = True):
     """FA4's sm90 forward kernel whose softmax also keeps ``flags``' statistics (the softmax class
     itself comes from ``Softmax.create``, which ``fa4_stats`` swaps while tracing; ``flags`` is what
     its ``begin_tile`` gets: a ``Flags`` for ``StatsSoftmax``, the ex2 split for ``ColSumSoftmax``).
     ``skip_pv``: the output O is not computed (for the column-sum pass, which only wants the
-    softmax's sums)."""
+    softmax's sums); ``sched=False``: FA4's warp-scheduler barrier is left out (the consumer
+    warpgroups issue their products in any order; results do not change)."""
 
     def pv(kw):
         if skip_pv and "mma_pv_fn" in kw:
@@ -403,7 +406,18 @@ def make_kernel_class(flags, name: str | None = None, skip_pv: bool = False):
             kw["softmax"].set_block(kw["n_block"], masked=kw.get("mask_fn") is not None)
             return super().mma_one_n_block_intrawg_overlap(smem_pipe_read, *args, **pv(kw))
 
-    StatsFwdSm90.__name__ = StatsFwdSm90.__qualname__ = name or "StatsFwdSm90_" + "_".join(map(str, map(int, flags)))
+        if not sched:         # FA4's mma_init only arrives on this barrier; its sync/arrive only order issue
+            def mma_init(self):
+                pass
+
+            def warp_scheduler_barrier_sync(self):
+                pass
+
+            def warp_scheduler_barrier_arrive(self):
+                pass
+
+    StatsFwdSm90.__name__ = StatsFwdSm90.__qualname__ = name or "StatsFwdSm90_" + "_".join(map(str, map(int, flags))) + \
+        ("" if sched else "_nosched")
     return StatsFwdSm90
 
 

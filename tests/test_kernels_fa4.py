@@ -553,3 +553,21 @@ def test_in_kernel_statistics_equal_reference(shape):
     # column sums (the transposed pass): up to N per key; relative 1e-5 of the largest
     close(st["received_sum"], ref["received_sum"], 1e-5 * ref["received_sum"].abs().max().item(), "received_sum")
     assert torch.equal(st["received_count"], ref["received_count"])
+
+
+@pytest.mark.parametrize("var", ["HEADSCOPE_FA4S_SCHED", "HEADSCOPE_FA4S_COLSUM_SCHED"])
+def test_scheduler_switches_refuse_unknown_values(var):
+    """The warp-scheduler switches of the in-kernel statistics take "on" or "off"; a typo is an error
+    at import that names the variable, not a silent default."""
+    import os
+    import subprocess
+    env = {**os.environ, var: "of"}
+    r = subprocess.run([sys.executable, "-c", "import headscope.kernels.fa4_stats"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert var in r.stderr and "'on' or 'off'" in r.stderr
+    env[var] = "off"
+    r = subprocess.run([sys.executable, "-c", "import headscope.kernels.fa4_stats as m; "
+                        "print(m.ROWS_SCHED, m.COLSUM_SCHED)"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "off" in r.stdout.split()
