@@ -18,6 +18,8 @@
 #               $OUT/colsum_ab.md; after colsum)
 #   partials    fa4_stats_gpu.py once per number of partial sums per row reduction
 #               (HEADSCOPE_FA4S_PARTIALS in $PARTIALS_AB, default "1 2 4"; 1 = one dependency chain) (after fa4)
+#   argmax      the FA4 tests with HEADSCOPE_FA4S_ARGMAX=tail (argmax searched after every row's exps), then
+#               fa4_stats_gpu.py once per placement in $ARGMAX_AB (default "branch tail branch tail") (after fa4)
 #   sched       FA4's warp-scheduler barrier on/off in the row kernel and the column pass (HEADSCOPE_FA4S_SCHED,
 #               HEADSCOPE_FA4S_COLSUM_SCHED): the FA4 tests with it off, then fa4_stats_gpu.py once per
 #               setting in $SCHED_AB (default "on off on off") (after fa4)
@@ -82,6 +84,17 @@ for step in "$@"; do
       (cd /tmp/hs/headscope && env $best PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q \
          -p no:cacheprovider tests/test_kernels_fa4.py 2>&1 | tee $OUT/fa4check_best.log | tail -3)
       env $best python3 benchmarks/fa4_stats_gpu.py --check-only 2>&1 | grep "^worst" | tee $OUT/fa4_stats_best_check.md ;;
+    argmax)
+      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
+      (cd /tmp/hs/headscope && HEADSCOPE_FA4S_ARGMAX=tail PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q \
+         -p no:cacheprovider tests/test_kernels_fa4.py -k "in_kernel or ties" 2>&1 | tee $OUT/fa4check_argmax_tail.log | tail -2)
+      HEADSCOPE_FA4S_ARGMAX=tail python3 benchmarks/fa4_stats_gpu.py --check-only 2>&1 | grep "^worst" | tee $OUT/check_argmax_tail.md
+      for A in ${ARGMAX_AB:-branch tail branch tail}; do
+        echo "HEADSCOPE_FA4S_ARGMAX=$A" | tee -a $OUT/fa4_stats_argmax.md
+        HEADSCOPE_FA4S_ARGMAX=$A python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B} \
+          --sizes ${SIZES:-16384,32768} --no-check --only "ours: all rows,entropy+distance+argmax" 2>&1 \
+          | grep -v "Warn\|exe_args" | tee -a $OUT/fa4_stats_argmax.md | grep "^| [LQG]"
+      done ;;
     sched)
       rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
       (cd /tmp/hs/headscope && HEADSCOPE_FA4S_SCHED=off HEADSCOPE_FA4S_COLSUM_SCHED=off PYTHONPATH=/tmp/hs:$PYTHONPATH \

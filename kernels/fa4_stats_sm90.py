@@ -26,10 +26,14 @@ from .fa4_stats import (COLSUM_PAD, IDX_NONE, P_RECENT, P_SINK, P_SPAN0, P_WDIST
 
 LN2 = math.log(2.0)
 # "branch": a row's argmax is searched in its own loop, only by a thread holding the row max of the
-# block; "scan": every column of every block, no branch (slower). Tried and dropped (BENCHMARKS.md,
-# commit 1a81c95): the searches hoisted after every row's max, before any exp -- argmax alone 4% fewer
+# block, on the scores; "scan": every column of every block, no branch (slower); "tail": the same
+# threads search after every row's exps, on the exp scores (see _argmax_search_e), so that no branch
+# splits the rows' code (not yet measured on the GPU). Tried and dropped (BENCHMARKS.md, commit
+# 1a81c95): the searches hoisted after every row's max, before any exp -- argmax alone 4% fewer
 # cycles, but every row statistic 3% slower on the H200.
 ARGMAX_SEARCH = os.environ.get("HEADSCOPE_FA4S_ARGMAX", "branch")
+if ARGMAX_SEARCH not in ("branch", "scan", "tail"):
+    raise ValueError(f"HEADSCOPE_FA4S_ARGMAX must be 'branch', 'scan' or 'tail', not {ARGMAX_SEARCH!r}")
 # independent partial sums per row reduction (``_tree_sum``), a power of two. 1 is one dependency chain,
 # as FA4's own sm90 sums. On the H200 (``h200_kernels.sh partials``, BENCHMARKS.md) 2 was no faster and
 # 4 slower (all rows 0.785x / 0.79x / 0.76x FA4 for 1 / 2 / 4), so 1 stays. ptxas, every row
@@ -131,6 +135,7 @@ class StatsSoftmax(Softmax):
             band = hs.R
         if const_expr(fl.wdist):
             band = cutlass.max(band, hs.W) if const_expr(fl.recent) else hs.W
+        tail = []                                 # ARGMAX_SEARCH "tail": (active, row max) per row
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
             x = S[r, None].load()
             m_old = self.row_max[r]
@@ -170,7 +175,9 @@ class StatsSoftmax(Softmax):
                 ec = _tree_sum(e, ccv)
                 hs.acc[r, 1] = alpha * hs.acc[r, 1] + (base * l_blk - ec)
             if const_expr(fl.argmax):
-                if const_expr(ARGMAX_SEARCH == "branch"):
+                if const_expr(ARGMAX_SEARCH == "tail"):
+                    tail.append(((m_loc == m_new) & (m_new > -Float32.inf), m_new))
+                elif const_expr(ARGMAX_SEARCH == "branch"):
                     # only a thread holding the row max in this block searches it (rare: the max
                     # rose here, or ties it)
                     _argmax_search(hs.best_v, hs.best_i, r, (m_loc == m_new) & (m_new > -Float32.inf),
@@ -182,6 +189,8 @@ class StatsSoftmax(Softmax):
                     hs.best_v[r] = m_new if cmin < Float32(IDX_NONE) else hs.best_v[r]
                     hs.best_i[r] = Float32(s0) + cmin if cmin < Float32(IDX_NONE) else hs.best_i[r]
             S[r, None].store(e)
+        for r, (active, m_new) in enumerate(tail):       # S now holds e
+            _argmax_search_e(hs.best_v, hs.best_i, r, active, S[r, None].load(), m_new, ccv, Float32(s0))
         # masses on few keys: one runtime branch per key block and kind, over all rows (S now holds e)
         if const_expr(fl.recent or fl.wdist):
             _band_sums(hs.acc, hs.mref, hs.mass_cols, self.row_max, sl2, S, hs.t, blk_hi + band > tile_t0 + 1, ccv,
@@ -429,6 +438,19 @@ def _argmax_search(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexp
     if active:
         best_v[r] = m
         best_i[r] = s0 + cute.where(x == m, ccv, Float32(IDX_NONE)).reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
+
+
+@cute.jit
+def _argmax_search_e(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexpr[int], active, e, m, ccv, s0):
+    """As ``_argmax_search``, on the exp scores e = exp2(x sl2 - m sl2) of row r (``active``: this
+    thread holds the row max m in this block): the first column whose e equals the thread's largest.
+    The column holding m has that largest e (the FFMA before the exp2 is monotonic in x), so this is
+    the first index of the block's largest probability in fp32, as ``p.max()`` of the reference
+    picks; scores closer than fp32 resolves in p count as ties."""
+    if active:
+        emax = e.reduce(cute.ReductionOp.MAX, Float32(0.0), 0)
+        best_v[r] = m
+        best_i[r] = s0 + cute.where(e == emax, ccv, Float32(IDX_NONE)).reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
 
 
 @cute.jit

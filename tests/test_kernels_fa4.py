@@ -555,6 +555,31 @@ def test_in_kernel_statistics_equal_reference(shape):
     assert torch.equal(st["received_count"], ref["received_count"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention-4 runs on Hopper/Blackwell)")
+@pytest.mark.parametrize("search", ["branch", "tail"])
+@torch.no_grad()
+def test_in_kernel_argmax_ties_go_to_the_first_key(monkeypatch, search):
+    """Keys copied to later positions (same key block and other blocks, so the copies tie exactly):
+    the in-kernel argmax is the first of the tied keys, as the reference's ``p.max()``, for each
+    search placement (``fa4_stats_sm90.ARGMAX_SEARCH``)."""
+    if not _real_fa4():
+        pytest.skip(f"FlashAttention-4 not importable or not this GPU ({fa4.import_error() or 'not installed'})")
+    from headscope.kernels import fa4_stats, fa4_stats_sm90
+    monkeypatch.setattr(fa4_stats_sm90, "ARGMAX_SEARCH", search)
+    B, H, G, d, N = 1, 4, 2, 128, 700
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = (torch.randn(B, H, N, d, device="cuda", generator=g) * 3).bfloat16()
+    k = torch.randn(B, G, N, d, device="cuda", generator=g).bfloat16()
+    for src, dst in ((5, 60), (5, 300), (200, 201), (130, 650), (640, 699)):   # same and other blocks
+        k[:, :, dst] = k[:, :, src]
+    q[:, :, 400:] = k[:, :1, 130:131] * 4                      # these rows' max: key 130 and its copy
+    req = StatRequest(argmax=True)
+    _, st = fa4_stats.attention(q, k, k, scaling=d ** -0.5, stats=req)
+    _, ref, _ = reference.attention(q.float(), k.float(), k.float(), scaling=d ** -0.5, stats=req)
+    assert torch.equal(st["argmax"], ref["argmax"])
+    assert (st["argmax"][:, :2, 650:] == 130).all()            # heads of KV head 0: the first copy wins
+
+
 @pytest.mark.parametrize("var", ["HEADSCOPE_FA4S_SCHED", "HEADSCOPE_FA4S_COLSUM_SCHED"])
 def test_scheduler_switches_refuse_unknown_values(var):
     """The warp-scheduler switches of the in-kernel statistics take "on" or "off"; a typo is an error
