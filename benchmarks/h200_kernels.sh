@@ -18,11 +18,10 @@
 #               $OUT/colsum_ab.md; after colsum)
 #   partials    fa4_stats_gpu.py once per number of partial sums per row reduction
 #               (HEADSCOPE_FA4S_PARTIALS in $PARTIALS_AB, default "1 2 4"; 1 = one dependency chain) (after fa4)
-#   argmax      the FA4 tests with HEADSCOPE_FA4S_ARGMAX=tail (argmax searched after every row's exps), then
-#               fa4_stats_gpu.py once per placement in $ARGMAX_AB (default "branch tail branch tail") (after fa4)
-#   sched       FA4's warp-scheduler barrier on/off in the row kernel and the column pass (HEADSCOPE_FA4S_SCHED,
-#               HEADSCOPE_FA4S_COLSUM_SCHED): the FA4 tests with it off, then fa4_stats_gpu.py once per
-#               setting in $SCHED_AB (default "on off on off") (after fa4)
+#   abtest      the experimental switches of kernels/fa4_stats (each setting of $AB, "+" joining
+#               VAR=value pairs; "-" is the defaults): the FA4 GPU tests of the in-kernel statistics and
+#               column sums, and fa4_stats_gpu.py --check-only, with each non-default setting (after fa4)
+#   abtime      fa4_stats_gpu.py timing of every setting of $AB, $AB_ROUNDS rounds (default 2), interleaved
 #   ncu         Nsight Compute over benchmarks/ncu_rows.py's sets in $NCU_SETS (default "split cols"):
 #               $OUT/ncu_SET.csv and its table (benchmarks/ncu_summary.py); with NCU_SASS=1 also the
 #               per-SASS-instruction stall samples of FA4 and of the all-rows kernel (ncu_sass_*.csv.gz) (after fa4)
@@ -31,6 +30,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
 export PYTHONPATH=/tmp/pp:$PWD PYTHONUNBUFFERED=1
 SITE=/tmp/fa4site
+# the experimental switches of kernels/fa4_stats (see abtest/abtime)
+AB_DEFAULT="- HEADSCOPE_FA4S_ARGMAX=tail HEADSCOPE_FA4S_RESCALE=threshold HEADSCOPE_FA4S_SCHED=off+HEADSCOPE_FA4S_COLSUM_SCHED=off"
 export KERNELS_BEST=${KERNELS_BEST:-$HOME/kernels_best.json}
 if [ -d $SITE/nvidia_cutlass_dsl ]; then export PYTHONPATH=$PYTHONPATH:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages; fi
 for step in "$@"; do
@@ -84,28 +85,24 @@ for step in "$@"; do
       (cd /tmp/hs/headscope && env $best PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q \
          -p no:cacheprovider tests/test_kernels_fa4.py 2>&1 | tee $OUT/fa4check_best.log | tail -3)
       env $best python3 benchmarks/fa4_stats_gpu.py --check-only 2>&1 | grep "^worst" | tee $OUT/fa4_stats_best_check.md ;;
-    argmax)
+    abtest)
       rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
-      (cd /tmp/hs/headscope && HEADSCOPE_FA4S_ARGMAX=tail PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q \
-         -p no:cacheprovider tests/test_kernels_fa4.py -k "in_kernel or ties" 2>&1 | tee $OUT/fa4check_argmax_tail.log | tail -2)
-      HEADSCOPE_FA4S_ARGMAX=tail python3 benchmarks/fa4_stats_gpu.py --check-only 2>&1 | grep "^worst" | tee $OUT/check_argmax_tail.md
-      for A in ${ARGMAX_AB:-branch tail branch tail}; do
-        echo "HEADSCOPE_FA4S_ARGMAX=$A" | tee -a $OUT/fa4_stats_argmax.md
-        HEADSCOPE_FA4S_ARGMAX=$A python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B} \
-          --sizes ${SIZES:-16384,32768} --no-check --only "ours: all rows,entropy+distance+argmax" 2>&1 \
-          | grep -v "Warn\|exe_args" | tee -a $OUT/fa4_stats_argmax.md | grep "^| [LQG]"
+      for setting in ${AB:-$AB_DEFAULT}; do
+        [ "$setting" = "-" ] && continue
+        echo "== $setting" | tee -a $OUT/abtest.log
+        (cd /tmp/hs/headscope && env ${setting//+/ } PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider \
+           tests/test_kernels_fa4.py -k "in_kernel or ties or received" 2>&1 | tee -a $OUT/abtest.log | tail -1)
+        env ${setting//+/ } python3 benchmarks/fa4_stats_gpu.py --check-only 2>&1 | grep "^worst" | tee -a $OUT/abtest.log
       done ;;
-    sched)
-      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
-      (cd /tmp/hs/headscope && HEADSCOPE_FA4S_SCHED=off HEADSCOPE_FA4S_COLSUM_SCHED=off PYTHONPATH=/tmp/hs:$PYTHONPATH \
-         python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fa4.py -k "in_kernel or received" 2>&1 \
-         | tee $OUT/fa4check_sched_off.log | tail -2)
-      for S in ${SCHED_AB:-on off on off}; do
-        echo "HEADSCOPE_FA4S_SCHED=$S HEADSCOPE_FA4S_COLSUM_SCHED=$S" | tee -a $OUT/fa4_stats_sched.md
-        HEADSCOPE_FA4S_SCHED=$S HEADSCOPE_FA4S_COLSUM_SCHED=$S python3 benchmarks/fa4_stats_gpu.py \
-          --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B} --sizes ${SIZES:-16384,32768} --no-check \
-          --only "ours: all rows,transposed pass alone" 2>&1 | grep -v "Warn\|exe_args" | tee -a $OUT/fa4_stats_sched.md \
-          | grep "^| [LQG]"
+    abtime)
+      for round in $(seq ${AB_ROUNDS:-2}); do
+        for setting in ${AB:-$AB_DEFAULT}; do
+          echo "== $setting" | tee -a $OUT/abtime.md
+          vars=${setting//+/ }; [ "$setting" = "-" ] && vars=      # "-": the defaults ("env -" would empty the env)
+          env $vars python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B} \
+            --sizes ${SIZES:-16384,32768} --no-check --only "ours: all rows,transposed pass alone" 2>&1 \
+            | grep -v "Warn\|exe_args" | tee -a $OUT/abtime.md | grep "^| [LQG]"
+        done
       done ;;
     ncu)
       NCU=${NCU:-/usr/local/cuda/bin/ncu}

@@ -177,7 +177,7 @@ def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stat
     (written). Returns (out [B, N, H, d], lse [B, H, N])."""
     from . import fa4_stats_sm90 as k90
     sched = ROWS_SCHED != "off"
-    res = _run_variant((flags, k90.ARGMAX_SEARCH, sched), lambda: k90.make_kernel_class(flags, sched=sched),
+    res = _run_variant((flags, k90.ARGMAX_SEARCH, k90.RESCALE, sched), lambda: k90.make_kernel_class(flags, sched=sched),
                        k90.create_stats_softmax,
                        q, k, v, softmax_scale=float(scaling), causal=True, return_lse=True,
                        aux_tensors=[out_stats, params])

@@ -39,6 +39,16 @@ if ARGMAX_SEARCH not in ("branch", "scan", "tail"):
 # 4 slower (all rows 0.785x / 0.79x / 0.76x FA4 for 1 / 2 / 4), so 1 stays. ptxas, every row
 # statistic at d128: 1 and 2 spill 4 bytes, 4 spills 8 (40 bytes loaded), 8 spills 168
 N_PARTIALS = int(os.environ.get("HEADSCOPE_FA4S_PARTIALS", "1"))
+# "always" (FA4's sm90 softmax): each block's exps are taken against the row's running max, so O and
+# the sums are rescaled whenever it rises. "threshold": the frame (the max the exps are taken against)
+# moves only when the running max passes it by more than RESCALE_TAU in log2 units, as FA4's sm100
+# softmax does (its rescale_threshold); exps are then at most 2^RESCALE_TAU, every statistic is
+# computed in the frame as before, and O is rescaled only in a warp where some row's frame moved. Not
+# yet measured on the GPU, so not the default (benchmarks/h200_kernels.sh rescale).
+RESCALE = os.environ.get("HEADSCOPE_FA4S_RESCALE", "always")
+if RESCALE not in ("always", "threshold"):
+    raise ValueError(f"HEADSCOPE_FA4S_RESCALE must be 'always' or 'threshold', not {RESCALE!r}")
+RESCALE_TAU = 8.0
 _CTX = SimpleNamespace()     # trace-time context of the tile being compiled (see begin_tile)
 
 
@@ -84,6 +94,9 @@ class StatsSoftmax(Softmax):
         # row max of their last update) instead of being rescaled in every block
         hs.mref = cute.make_rmem_tensor(n, Float32)
         hs.mref.fill(-Float32.inf)
+        # RESCALE "threshold": each row's true running max (row_max holds the frame)
+        hs.mtrue = cute.make_rmem_tensor(n, Float32)
+        hs.mtrue.fill(-Float32.inf)
         hs.mass_cols = ((2, 3) if flags.wdist else ()) + ((4,) if flags.recent else ()) + \
             ((5,) if flags.sink else ()) + tuple(6 + j for j in range(flags.n_spans))
         hs.flags = flags
@@ -138,16 +151,21 @@ class StatsSoftmax(Softmax):
         tail = []                                 # ARGMAX_SEARCH "tail": (active, row max) per row
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
             x = S[r, None].load()
-            m_old = self.row_max[r]
+            m_old = self.row_max[r]                                   # the frame of the sums so far
             m_loc = utils.fmax_reduce(x, init_val=None, arch=self.arch)      # this thread's block max
             m_new = m_loc
             if const_expr(not is_first):
-                m_new = cute.arch.fmax(m_loc, m_old)
-            m_new = cute.arch.warp_reduction_max(m_new, threads_in_group=4)
-            self.row_max[r] = m_new
-            m_use = m_new
+                m_new = cute.arch.fmax(m_loc, m_old if const_expr(RESCALE == "always") else hs.mtrue[r])
+            m_new = cute.arch.warp_reduction_max(m_new, threads_in_group=4)     # the row's running max
+            frame = m_new
+            if const_expr(RESCALE == "threshold"):
+                hs.mtrue[r] = m_new
+                if const_expr(not is_first):     # (-inf) - (-inf) is NaN: compares false, frame kept
+                    frame = m_new if (m_new - m_old) * sl2 > Float32(RESCALE_TAU) else m_old
+            self.row_max[r] = frame
+            m_use = frame
             if const_expr(check_inf):
-                m_use = 0.0 if m_new == -Float32.inf else m_new
+                m_use = 0.0 if frame == -Float32.inf else frame
             arg = x * sl2 - m_use * sl2
             e = cute.math.exp2(arg, fastmath=True)
             l_blk = _tree_sum(e)
@@ -243,7 +261,12 @@ class StatsSoftmax(Softmax):
             if const_expr(fl.recent):
                 vals.append((SLOT_RECENT, hs.acc[r, 4] * inv))
             if const_expr(fl.argmax):
-                vals.append((SLOT_MAXP, inv))
+                if const_expr(RESCALE == "threshold"):       # the max's exp in the row's frame, over l
+                    fr = self.row_max[r]
+                    fr = 0.0 if fr == -Float32.inf else fr
+                    vals.append((SLOT_MAXP, cute.math.exp2((hs.mtrue[r] - fr) * self.scale_log2, fastmath=True) * inv))
+                else:
+                    vals.append((SLOT_MAXP, inv))
                 vals.append((SLOT_ARGMAX, hs.best_i[r]))
             j0 = SLOT_SPAN0
             if const_expr(fl.sink):
@@ -254,6 +277,19 @@ class StatsSoftmax(Softmax):
             for slot, val in vals:
                 _store_if(hs.out, slot, hs.batch, head, t, val, ok)
         return row_scale
+
+    @cute.jit
+    def rescale_O(self, acc_O: cute.Tensor, row_scale: cute.Tensor) -> None:
+        """FA4's rescale of O by each row's factor; with RESCALE "threshold", only in a warp where
+        some row's factor is not 1 (its frame moved): multiplying by 1 changes nothing."""
+        if const_expr(RESCALE == "threshold"):
+            moved = row_scale[0] != Float32(1.0)
+            for r in cutlass.range_constexpr(1, cute.size(row_scale)):
+                moved = moved | (row_scale[r] != Float32(1.0))
+            if cute.arch.vote_any_sync(moved):
+                Softmax.rescale_O(self, acc_O, row_scale)
+        else:
+            Softmax.rescale_O(self, acc_O, row_scale)
 
 
 class ColSumSoftmax(Softmax):

@@ -580,6 +580,35 @@ def test_in_kernel_argmax_ties_go_to_the_first_key(monkeypatch, search):
     assert (st["argmax"][:, :2, 650:] == 130).all()            # heads of KV head 0: the first copy wins
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention-4 runs on Hopper/Blackwell)")
+@pytest.mark.parametrize("rescale", ["always", "threshold"])
+@torch.no_grad()
+def test_in_kernel_statistics_when_the_max_jumps_last(monkeypatch, rescale):
+    """A sink-like key 0 far above every other score, met last (FA4 walks the key blocks from the
+    diagonal back to block 0), next to rows whose max rises by small steps: every row statistic
+    against the fp32 reference, for each rescale rule (``fa4_stats_sm90.RESCALE``: with "threshold"
+    the frame moves only on jumps over 2^RESCALE_TAU)."""
+    if not _real_fa4():
+        pytest.skip(f"FlashAttention-4 not importable or not this GPU ({fa4.import_error() or 'not installed'})")
+    from headscope.kernels import fa4_stats, fa4_stats_sm90
+    monkeypatch.setattr(fa4_stats_sm90, "RESCALE", rescale)
+    B, H, G, d, N = 1, 4, 2, 128, 900
+    g = torch.Generator(device="cuda").manual_seed(4)
+    q = torch.randn(B, H, N, d, device="cuda", generator=g).bfloat16()
+    k = torch.randn(B, G, N, d, device="cuda", generator=g).bfloat16()
+    q[:, :2, ::2] += k[:, :1, :1] * 2            # even rows of heads 0-1: key 0 ~23 nats above the rest
+    req = StatRequest(sink_k=4, spans=((3, 40),), entropy=True, distance=True, window_distance=100,
+                      recent=37, argmax=True)
+    out, st = fa4_stats.attention(q, k, k, scaling=d ** -0.5, stats=req)
+    out_ref, ref, _ = reference.attention(q.float(), k.float(), k.float(), scaling=d ** -0.5, stats=req)
+    assert ref["sink_mass"][:, :2, 200::2].min() > 0.99            # the jump happens: key 0 dominates
+    close(out, out_ref, 3e-2, "out")
+    for name, tol in (("lse", 2e-5), ("entropy", 2e-5), ("recent_mass", 1e-5), ("max_prob", 1e-5),
+                      ("sink_mass", 1e-5), ("span_mass", 1e-5), ("window_distance", 1e-3), ("distance", 1e-2)):
+        close(st[name], ref[name], tol, name)
+    assert torch.equal(st["argmax"], ref["argmax"])
+
+
 @pytest.mark.parametrize("var", ["HEADSCOPE_FA4S_SCHED", "HEADSCOPE_FA4S_COLSUM_SCHED"])
 def test_scheduler_switches_refuse_unknown_values(var):
     """The warp-scheduler switches of the in-kernel statistics take "on" or "off"; a typo is an error
