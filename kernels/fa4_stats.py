@@ -165,7 +165,7 @@ def _run_variant(key, make_class, create_softmax, q, k, v, **fa_kwargs):
 
 
 # the row-statistics kernel's warp-scheduler barrier (as ``COLSUM_SCHED`` below): "on" (FA4's) or "off".
-# A/B: benchmarks/h200_kernels.sh sched (not yet run on the GPU).
+# A/B: benchmarks/h200_kernels.sh abtest abtime (not yet run on the GPU).
 ROWS_SCHED = os.environ.get("HEADSCOPE_FA4S_SCHED", "on")
 if ROWS_SCHED not in ("on", "off"):
     raise ValueError(f"HEADSCOPE_FA4S_SCHED must be 'on' or 'off', not {ROWS_SCHED!r}")
@@ -209,7 +209,8 @@ COLSUM_EX2_EMU = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_EMU", "0"))
 # "on" (FA4's): the consumer warpgroups take turns issuing their matrix products (FA4's warp-scheduler
 # barrier, which lets one warpgroup's softmax run under another's products); "off": each issues when
 # ready. Nsight Compute on the H200 gives the pass 1.7 cycles per instruction of barrier stalls. Only
-# the order of issue changes, not a result. A/B: benchmarks/h200_kernels.sh sched (not yet run on the GPU).
+# the order of issue changes, not a result. A/B: benchmarks/h200_kernels.sh abtest abtime (not yet run
+# on the GPU).
 COLSUM_SCHED = os.environ.get("HEADSCOPE_FA4S_COLSUM_SCHED", "on")
 if COLSUM_SCHED not in ("on", "off"):
     raise ValueError(f"HEADSCOPE_FA4S_COLSUM_SCHED must be 'on' or 'off', not {COLSUM_SCHED!r}")

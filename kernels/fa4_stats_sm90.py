@@ -44,7 +44,7 @@ N_PARTIALS = int(os.environ.get("HEADSCOPE_FA4S_PARTIALS", "1"))
 # moves only when the running max passes it by more than RESCALE_TAU in log2 units, as FA4's sm100
 # softmax does (its rescale_threshold); exps are then at most 2^RESCALE_TAU, every statistic is
 # computed in the frame as before, and O is rescaled only in a warp where some row's frame moved. Not
-# yet measured on the GPU, so not the default (benchmarks/h200_kernels.sh rescale).
+# yet measured on the GPU, so not the default (benchmarks/h200_kernels.sh abtest abtime).
 RESCALE = os.environ.get("HEADSCOPE_FA4S_RESCALE", "always")
 if RESCALE not in ("always", "threshold"):
     raise ValueError(f"HEADSCOPE_FA4S_RESCALE must be 'always' or 'threshold', not {RESCALE!r}")
@@ -478,8 +478,9 @@ def _argmax_search(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexp
 
 @cute.jit
 def _argmax_search_e(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexpr[int], active, e, m, ccv, s0):
-    """As ``_argmax_search``, on the exp scores e = exp2(x sl2 - m sl2) of row r (``active``: this
-    thread holds the row max m in this block): the first column whose e equals the thread's largest.
+    """As ``_argmax_search``, on the exp scores e = exp2((x - f) sl2) of row r in its frame f
+    (``active``: this thread holds the row max m in this block): the first column whose e equals the
+    thread's largest.
     The column holding m has that largest e (the FFMA before the exp2 is monotonic in x), so this is
     the first index of the block's largest probability in fp32, as ``p.max()`` of the reference
     picks; scores closer than fp32 resolves in p count as ties."""
