@@ -16,12 +16,11 @@
 #   colsum      benchmarks/colsum_ab.py: the transposed column-sum pass's variants (after fa4)
 #   colsumbest  the same with the variant colsum_ab.py found fastest (the BEST line of
 #               $OUT/colsum_ab.md; after colsum)
-#   partials    fa4_stats_gpu.py once per number of partial sums per row reduction
-#               (HEADSCOPE_FA4S_PARTIALS in $PARTIALS_AB, default "1 2 4"; 1 = one dependency chain) (after fa4)
 #   abtest      the experimental switches of kernels/fa4_stats (each setting of $AB, "+" joining
 #               VAR=value pairs; "-" is the defaults): the FA4 GPU tests of the in-kernel statistics and
 #               column sums, and fa4_stats_gpu.py --check-only, with each non-default setting (after fa4)
 #   abtime      fa4_stats_gpu.py timing of every setting of $AB, $AB_ROUNDS rounds (default 2), interleaved
+#               (e.g. AB="HEADSCOPE_FA4S_PARTIALS=1 HEADSCOPE_FA4S_PARTIALS=4" for the partial-sums A/B)
 #   ncu         Nsight Compute over benchmarks/ncu_rows.py's sets in $NCU_SETS (default "split cols"):
 #               $OUT/ncu_SET.csv and its table (benchmarks/ncu_summary.py); with NCU_SASS=1 also the
 #               per-SASS-instruction stall samples of FA4 and of the all-rows kernel (ncu_sass_*.csv.gz) (after fa4)
@@ -34,6 +33,8 @@ SITE=/tmp/fa4site
 AB_DEFAULT="- HEADSCOPE_FA4S_ARGMAX=tail HEADSCOPE_FA4S_RESCALE=threshold HEADSCOPE_FA4S_SCHED=off+HEADSCOPE_FA4S_COLSUM_SCHED=off"
 export KERNELS_BEST=${KERNELS_BEST:-$HOME/kernels_best.json}
 if [ -d $SITE/nvidia_cutlass_dsl ]; then export PYTHONPATH=$PYTHONPATH:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages; fi
+# pytest maps the repo root (it has an __init__.py) to a package named after its folder: tests run in a copy
+copy_tree() { rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope; }
 for step in "$@"; do
   case $step in
     fa4)
@@ -42,8 +43,7 @@ for step in "$@"; do
       export PYTHONPATH=$PYTHONPATH:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages
       python3 -c "from flash_attn.cute import flash_attn_func; print('FA4 import ok')" 2>&1 | tail -3 ;;
     tests)
-      # pytest maps the repo root (it has an __init__.py) to a package named after its folder
-      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
+      copy_tree
       (cd /tmp/hs/headscope && PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider \
          tests/test_kernels_decode.py tests/test_triton_kernels.py 2>&1 | tee $OUT/tests.log | tail -15)
       python3 benchmarks/cuda_probe_check.py 2>&1 | tee $OUT/probe_check.log | tail -15 ;;
@@ -54,7 +54,7 @@ for step in "$@"; do
     e2e)
       python3 benchmarks/e2e_gpu.py --n 32768 --layers ${E2E_LAYERS:-8} --no-eager 2>&1 | tee $OUT/e2e.log | tail -8 ;;
     fa4check)
-      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
+      copy_tree
       (cd /tmp/hs/headscope && PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider -rs \
          tests/test_kernels_fa4.py $FA4CHECK_ARGS 2>&1 | tee $OUT/fa4check.log | tail -25) ;;
     masses)
@@ -73,20 +73,15 @@ for step in "$@"; do
         2>&1 | grep -v "Warn\|exe_args" | tee $OUT/fa4_stats.md | grep -v "^check" | tail -10 ;;
     colsum)
       python3 benchmarks/colsum_ab.py 2>&1 | grep -v "Warn\|exe_args" | tee $OUT/colsum_ab.md | tail -12 ;;
-    partials)
-      for P in ${PARTIALS_AB:-1 2 4}; do
-        HEADSCOPE_FA4S_PARTIALS=$P python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B} \
-          --sizes ${SIZES:-16384,32768} --no-check --only "ours: all rows,transposed pass alone" 2>&1 | grep -v "Warn\|exe_args" | tee $OUT/fa4_stats_p$P.md | grep "^|\|^worst" | tail -6
-      done ;;
     colsumbest)
       best=$(grep "^BEST" $OUT/colsum_ab.md | cut -d" " -f2-)
       echo "variant: $best" | tee $OUT/colsum_best.txt
-      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
+      copy_tree
       (cd /tmp/hs/headscope && env $best PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q \
          -p no:cacheprovider tests/test_kernels_fa4.py 2>&1 | tee $OUT/fa4check_best.log | tail -3)
       env $best python3 benchmarks/fa4_stats_gpu.py --check-only 2>&1 | grep "^worst" | tee $OUT/fa4_stats_best_check.md ;;
     abtest)
-      rm -rf /tmp/hs && mkdir -p /tmp/hs && cp -r "$PWD" /tmp/hs/headscope
+      copy_tree
       for setting in ${AB:-$AB_DEFAULT}; do
         [ "$setting" = "-" ] && continue
         echo "== $setting" | tee -a $OUT/abtest.log

@@ -108,6 +108,17 @@ _CACHES: dict = {}
 _importable = None
 
 
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """The value of environment variable ``name`` (``default`` when unset), one of ``choices``; any
+    other value is a ValueError that names the variable and the choices (the kernel switches below
+    and in ``fa4_stats_sm90``: a typo must not fall back to a default without a word)."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        allowed = ", ".join(f"'{c}'" for c in choices[:-1]) + f" or '{choices[-1]}'"
+        raise ValueError(f"{name} must be {allowed}, not {value!r}")
+    return value
+
+
 def importable() -> bool:
     """flash_attn.cute's sm90 kernel and the CuTe DSL import (cached)."""
     global _importable
@@ -166,9 +177,7 @@ def _run_variant(key, make_class, create_softmax, q, k, v, **fa_kwargs):
 
 # the row-statistics kernel's warp-scheduler barrier (as ``COLSUM_SCHED`` below): "on" (FA4's) or "off".
 # A/B: benchmarks/h200_kernels.sh abtest abtime (not yet run on the GPU).
-ROWS_SCHED = os.environ.get("HEADSCOPE_FA4S_SCHED", "on")
-if ROWS_SCHED not in ("on", "off"):
-    raise ValueError(f"HEADSCOPE_FA4S_SCHED must be 'on' or 'off', not {ROWS_SCHED!r}")
+ROWS_SCHED = env_choice("HEADSCOPE_FA4S_SCHED", "on", ("on", "off"))
 
 
 def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stats: torch.Tensor):
@@ -211,9 +220,7 @@ COLSUM_EX2_EMU = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_EMU", "0"))
 # ready. Nsight Compute on the H200 gives the pass 1.7 cycles per instruction of barrier stalls. Only
 # the order of issue changes, not a result. A/B: benchmarks/h200_kernels.sh abtest abtime (not yet run
 # on the GPU).
-COLSUM_SCHED = os.environ.get("HEADSCOPE_FA4S_COLSUM_SCHED", "on")
-if COLSUM_SCHED not in ("on", "off"):
-    raise ValueError(f"HEADSCOPE_FA4S_COLSUM_SCHED must be 'on' or 'off', not {COLSUM_SCHED!r}")
+COLSUM_SCHED = env_choice("HEADSCOPE_FA4S_COLSUM_SCHED", "on", ("on", "off"))
 _ZEROS: dict = {}
 
 

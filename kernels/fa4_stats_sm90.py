@@ -22,20 +22,18 @@ from flash_attn.cute.softmax import Softmax
 from quack import layout_utils
 
 from .fa4_stats import (COLSUM_PAD, IDX_NONE, P_RECENT, P_SINK, P_SPAN0, P_WDIST, PARAM_POS0, SLOT_ARGMAX,
-                        SLOT_DISTANCE, SLOT_ENTROPY, SLOT_MAXP, SLOT_RECENT, SLOT_SPAN0, SLOT_WDIST)
+                        SLOT_DISTANCE, SLOT_ENTROPY, SLOT_MAXP, SLOT_RECENT, SLOT_SPAN0, SLOT_WDIST, env_choice)
 
 LN2 = math.log(2.0)
 # "branch": a row's argmax is searched in its own loop, only by a thread holding the row max of the
 # block, on the scores; "scan": every column of every block, no branch (slower); "tail": the same
-# threads search after every row's exps, on the exp scores (see _argmax_search_e), so that no branch
+# threads search after every row's exps, on the exp scores (see _argmax_search), so that no branch
 # splits the rows' code (not yet measured on the GPU). Tried and dropped (BENCHMARKS.md, commit
 # 1a81c95): the searches hoisted after every row's max, before any exp -- argmax alone 4% fewer
 # cycles, but every row statistic 3% slower on the H200.
-ARGMAX_SEARCH = os.environ.get("HEADSCOPE_FA4S_ARGMAX", "branch")
-if ARGMAX_SEARCH not in ("branch", "scan", "tail"):
-    raise ValueError(f"HEADSCOPE_FA4S_ARGMAX must be 'branch', 'scan' or 'tail', not {ARGMAX_SEARCH!r}")
+ARGMAX_SEARCH = env_choice("HEADSCOPE_FA4S_ARGMAX", "branch", ("branch", "scan", "tail"))
 # independent partial sums per row reduction (``_tree_sum``), a power of two. 1 is one dependency chain,
-# as FA4's own sm90 sums. On the H200 (``h200_kernels.sh partials``, BENCHMARKS.md) 2 was no faster and
+# as FA4's own sm90 sums. On the H200 (an interleaved A/B, BENCHMARKS.md) 2 was no faster and
 # 4 slower (all rows 0.785x / 0.79x / 0.76x FA4 for 1 / 2 / 4), so 1 stays. ptxas, every row
 # statistic at d128: 1 and 2 spill 4 bytes, 4 spills 8 (40 bytes loaded), 8 spills 168
 N_PARTIALS = int(os.environ.get("HEADSCOPE_FA4S_PARTIALS", "1"))
@@ -45,9 +43,7 @@ N_PARTIALS = int(os.environ.get("HEADSCOPE_FA4S_PARTIALS", "1"))
 # softmax does (its rescale_threshold); exps are then at most 2^RESCALE_TAU, every statistic is
 # computed in the frame as before, and O is rescaled only in a warp where some row's frame moved. Not
 # yet measured on the GPU, so not the default (benchmarks/h200_kernels.sh abtest abtime).
-RESCALE = os.environ.get("HEADSCOPE_FA4S_RESCALE", "always")
-if RESCALE not in ("always", "threshold"):
-    raise ValueError(f"HEADSCOPE_FA4S_RESCALE must be 'always' or 'threshold', not {RESCALE!r}")
+RESCALE = env_choice("HEADSCOPE_FA4S_RESCALE", "always", ("always", "threshold"))
 RESCALE_TAU = 8.0
 _CTX = SimpleNamespace()     # trace-time context of the tile being compiled (see begin_tile)
 
@@ -208,7 +204,7 @@ class StatsSoftmax(Softmax):
                     hs.best_i[r] = Float32(s0) + cmin if cmin < Float32(IDX_NONE) else hs.best_i[r]
             S[r, None].store(e)
         for r, (active, m_new) in enumerate(tail):       # S now holds e
-            _argmax_search_e(hs.best_v, hs.best_i, r, active, S[r, None].load(), m_new, ccv, Float32(s0))
+            _argmax_search(hs.best_v, hs.best_i, r, active, S[r, None].load(), m_new, ccv, Float32(s0), on_exp=True)
         # masses on few keys: one runtime branch per key block and kind, over all rows (S now holds e)
         if const_expr(fl.recent or fl.wdist):
             _band_sums(hs.acc, hs.mref, hs.mass_cols, self.row_max, sl2, S, hs.t, blk_hi + band > tile_t0 + 1, ccv,
@@ -467,27 +463,19 @@ def make_kernel_class(flags, name: str | None = None, skip_pv: bool = False, *, 
 
 
 @cute.jit
-def _argmax_search(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexpr[int], active, x, m, ccv, s0):
-    """Row r: the first column of this thread whose score equals the row max m (``active``: this
-    thread holds it in this block); blocks come from the diagonal backwards, so it replaces any
-    earlier (later-key) index."""
+def _argmax_search(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexpr[int], active, v, m, ccv, s0,
+                   on_exp: cutlass.Constexpr[bool] = False):
+    """Row r: the first column of this thread whose value in ``v`` is the block's largest (``active``:
+    this thread holds the row max m in this block); blocks come from the diagonal backwards, so it
+    replaces any earlier (later-key) index. ``v`` is the scores x (the column equal to m), or, with
+    ``on_exp``, the exp scores e = exp2((x - f) sl2) in the row's frame f (the column equal to the
+    thread's largest e: the FFMA before the exp2 is monotonic in x, so this is the first index of the
+    block's largest probability in fp32, as ``p.max()`` of the reference picks; scores closer than
+    fp32 resolves in p count as ties)."""
     if active:
+        target = v.reduce(cute.ReductionOp.MAX, Float32(0.0), 0) if const_expr(on_exp) else m
         best_v[r] = m
-        best_i[r] = s0 + cute.where(x == m, ccv, Float32(IDX_NONE)).reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
-
-
-@cute.jit
-def _argmax_search_e(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexpr[int], active, e, m, ccv, s0):
-    """As ``_argmax_search``, on the exp scores e = exp2((x - f) sl2) of row r in its frame f
-    (``active``: this thread holds the row max m in this block): the first column whose e equals the
-    thread's largest.
-    The column holding m has that largest e (the FFMA before the exp2 is monotonic in x), so this is
-    the first index of the block's largest probability in fp32, as ``p.max()`` of the reference
-    picks; scores closer than fp32 resolves in p count as ties."""
-    if active:
-        emax = e.reduce(cute.ReductionOp.MAX, Float32(0.0), 0)
-        best_v[r] = m
-        best_i[r] = s0 + cute.where(e == emax, ccv, Float32(IDX_NONE)).reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
+        best_i[r] = s0 + cute.where(v == target, ccv, Float32(IDX_NONE)).reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
 
 
 @cute.jit
