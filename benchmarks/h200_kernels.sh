@@ -30,7 +30,7 @@ mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
 export PYTHONPATH=/tmp/pp:$PWD PYTHONUNBUFFERED=1
 SITE=/tmp/fa4site
 # the experimental switches of kernels/fa4_stats (see abtest/abtime)
-AB_DEFAULT="- HEADSCOPE_FA4S_ARGMAX=tail HEADSCOPE_FA4S_RESCALE=threshold HEADSCOPE_FA4S_SCHED=off+HEADSCOPE_FA4S_COLSUM_SCHED=off"
+AB_DEFAULT="- HEADSCOPE_FA4S_RESCALE=always"
 export KERNELS_BEST=${KERNELS_BEST:-$HOME/kernels_best.json}
 if [ -d $SITE/nvidia_cutlass_dsl ]; then export PYTHONPATH=$PYTHONPATH:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages; fi
 # pytest maps the repo root (it has an __init__.py) to a package named after its folder: tests run in a copy

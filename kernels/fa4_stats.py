@@ -10,17 +10,20 @@ work in the softmax overlaps the other warpgroup's matrix products. Its online s
 method, ``Softmax.online_softmax`` (per key block: row max, exp2, row sum, the rescale factor), and
 its end in ``Softmax.finalize`` (the LSE). This module extends exactly those two, and nothing else:
 
-* ``StatsSoftmax.online_softmax`` does the same online softmax (running max ``m``, sum ``l`` in
-  base 2, every accumulator in the frame of the running max and multiplied by
-  ``alpha = exp2(m_old - m_new)`` when it moves; Milakov & Gimelshein 2018, Sec. 3) and also keeps,
-  per row and per thread, with ``e = exp2(x - m)`` (``x`` the base-2 scaled score):
+* ``StatsSoftmax.online_softmax`` does the same online softmax (sum ``l`` in base 2 of the exps
+  against a frame ``m``, every accumulator in that frame and multiplied by ``alpha = exp2(m_old -
+  m_new)`` when it moves; Milakov & Gimelshein 2018, Sec. 3). The frame is the running max rounded
+  down: it moves to the running max only when that passes it by more than ``RESCALE_TAU`` (8, in
+  log2 units), the rule of FA4's sm100 softmax (``fa4_stats_sm90.RESCALE``; "always" follows every
+  rise, as FA4's sm90 softmax does). It also keeps, per row and per thread, with ``e = exp2(x - m)``
+  (``x`` the base-2 scaled score):
 
   - entropy: ``E = sum e (x - m)``; moving the frame adds ``l (m_old - m_new)`` before the rescale;
     ``H = ln l - ln2 E / l`` (nats);
   - distance: ``D = sum e (t - s)``; ``distance = D / l``;
   - argmax: the first key whose raw score equals the (quad-wide) running max. Key blocks arrive
     from the diagonal backwards, so a match in a later-visited block has a smaller index and
-    replaces an earlier one on ties; ``max_prob = 1 / l``;
+    replaces an earlier one on ties; ``max_prob = exp2(max - m) / l``;
   - masses on few keys, only in the key blocks that can hold such keys (a runtime branch per
     block): recent ``sum_{t-s<R} e``, the window band ``sum_{t-s<W} e`` and ``sum_{t-s<W} e (t-s)``
     (``window_distance = (band_dist + W (l - band_mass)) / l``), sink ``sum_{s<sink_k} e`` and each
@@ -175,18 +178,12 @@ def _run_variant(key, make_class, create_softmax, q, k, v, **fa_kwargs):
         interface.FlashAttentionForwardSm90, Softmax.create, interface._flash_attn_fwd.compile_cache = saved
 
 
-# the row-statistics kernel's warp-scheduler barrier (as ``COLSUM_SCHED`` below): "on" (FA4's) or "off".
-# A/B: benchmarks/h200_kernels.sh abtest abtime (not yet run on the GPU).
-ROWS_SCHED = env_choice("HEADSCOPE_FA4S_SCHED", "on", ("on", "off"))
-
-
 def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stats: torch.Tensor):
     """FA4's causal forward with row statistics. q [B, N, H, d], k, v [B, N, G, d] (FA4's layout),
     ``params`` int32 [PARAM_POS0 + B] on q's device, ``out_stats`` fp32 [flags.n_slots, B, H, N]
     (written). Returns (out [B, N, H, d], lse [B, H, N])."""
     from . import fa4_stats_sm90 as k90
-    sched = ROWS_SCHED != "off"
-    res = _run_variant((flags, k90.ARGMAX_SEARCH, k90.RESCALE, sched), lambda: k90.make_kernel_class(flags, sched=sched),
+    res = _run_variant((flags, k90.ARGMAX_SEARCH, k90.RESCALE), lambda: k90.make_kernel_class(flags),
                        k90.create_stats_softmax,
                        q, k, v, softmax_scale=float(scaling), causal=True, return_lse=True,
                        aux_tensors=[out_stats, params])
@@ -201,26 +198,20 @@ COLSUM_PAD = 128
 # how the transposed pass keeps t >= s: "causal" (both sequences reversed, so that it is FA4's causal
 # mask and persistent longest-first scheduler) or "local" (FA4's local mask with window (0, none), no
 # reversal copies). On the H200 (benchmarks/colsum_ab.py) "causal" with tile_m 192 was fastest.
-COLSUM_MASK = os.environ.get("HEADSCOPE_FA4S_COLSUM", "causal")
+COLSUM_MASK = env_choice("HEADSCOPE_FA4S_COLSUM", "causal", ("causal", "local"))
 # rows (keys) per tile of the transposed pass at d <= 128: 192 runs three consumer warpgroups, so each
 # loaded query tile serves 1.5x the keys (5-6% faster than FA4's own 128); 0 keeps FA4's choice
 COLSUM_TILE_M = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_TILE_M", "192"))
 # "skip" (default): the transposed pass issues no P.V product at all (its output is thrown away; an
 # empty WGMMA group keeps FA4's wait counts): 0.62 instead of 0.67 FA4 forwards at 32k on the H200,
 # within 9e-7 of the reference at d128 and d256, GPU tests passed; "keep": FA4's own P.V on a zero V
-COLSUM_PV = os.environ.get("HEADSCOPE_FA4S_COLSUM_PV", "skip")
+COLSUM_PV = env_choice("HEADSCOPE_FA4S_COLSUM_PV", "skip", ("skip", "keep"))
 # of every 8 columns of the transposed pass, how many take exp2 as a degree-5 polynomial on the FMA
 # pipe (FA4's ``utils.ex2_emulation``: 2^floor(x) through the exponent bits, 2^frac(x) by Horner;
 # relative error 1.5e-7 in fp32, the class of the MUFU's own ex2.approx; x <= -127, masked scores
 # included, gives 0) instead of the MUFU (16 results per SM and clock), which, with the QK^T, bounds a pass
 # whose tensor cores run QK^T only. 0: every exp2 on the MUFU.
 COLSUM_EX2_EMU = int(os.environ.get("HEADSCOPE_FA4S_COLSUM_EMU", "0"))
-# "on" (FA4's): the consumer warpgroups take turns issuing their matrix products (FA4's warp-scheduler
-# barrier, which lets one warpgroup's softmax run under another's products); "off": each issues when
-# ready. Nsight Compute on the H200 gives the pass 1.7 cycles per instruction of barrier stalls. Only
-# the order of issue changes, not a result. A/B: benchmarks/h200_kernels.sh abtest abtime (not yet run
-# on the GPU).
-COLSUM_SCHED = env_choice("HEADSCOPE_FA4S_COLSUM_SCHED", "on", ("on", "off"))
 _ZEROS: dict = {}
 
 
@@ -253,9 +244,9 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
     mask = dict(causal=True) if flip else dict(causal=False, window_size_left=0, window_size_right=None)
     if COLSUM_TILE_M and d <= 128:
         mask["tile_mn"] = (COLSUM_TILE_M, 128)
-    skip, emu, sched = COLSUM_PV == "skip", COLSUM_EX2_EMU, COLSUM_SCHED != "off"
-    _run_variant(("colsum", flip, COLSUM_TILE_M, skip, emu, sched),
-                 lambda: k90.make_colsum_kernel_class(skip, emu, sched=sched),
+    skip, emu = COLSUM_PV == "skip", COLSUM_EX2_EMU
+    _run_variant(("colsum", flip, COLSUM_TILE_M, skip, emu),
+                 lambda: k90.make_colsum_kernel_class(skip, emu),
                  k90.create_colsum_softmax, kx.transpose(1, 2), qq.transpose(1, 2), _ZEROS[zkey],
                  softmax_scale=float(scaling), return_lse=False, aux_tensors=[out, lse2.view(torch.float64)], **mask)
     return out[0].flip(2) if flip else out[0]

@@ -26,24 +26,25 @@ from .fa4_stats import (COLSUM_PAD, IDX_NONE, P_RECENT, P_SINK, P_SPAN0, P_WDIST
 
 LN2 = math.log(2.0)
 # "branch": a row's argmax is searched in its own loop, only by a thread holding the row max of the
-# block, on the scores; "scan": every column of every block, no branch (slower); "tail": the same
-# threads search after every row's exps, on the exp scores (see _argmax_search), so that no branch
-# splits the rows' code (not yet measured on the GPU). Tried and dropped (BENCHMARKS.md, commit
-# 1a81c95): the searches hoisted after every row's max, before any exp -- argmax alone 4% fewer
-# cycles, but every row statistic 3% slower on the H200.
-ARGMAX_SEARCH = env_choice("HEADSCOPE_FA4S_ARGMAX", "branch", ("branch", "scan", "tail"))
+# block, on the scores; "scan": every column of every block, no branch (slower). Tried on the H200 and
+# dropped (BENCHMARKS.md): the searches hoisted after every row's max, before any exp (commit 1a81c95:
+# argmax alone 4% fewer cycles, every row statistic 3% slower), and after every row's exps, on the exp
+# scores, so that no branch splits the rows' code (commit 1863060, "tail": every row statistic 2-4%
+# slower in 8 of 8 interleaved pairs).
+ARGMAX_SEARCH = env_choice("HEADSCOPE_FA4S_ARGMAX", "branch", ("branch", "scan"))
 # independent partial sums per row reduction (``_tree_sum``), a power of two. 1 is one dependency chain,
 # as FA4's own sm90 sums. On the H200 (an interleaved A/B, BENCHMARKS.md) 2 was no faster and
 # 4 slower (all rows 0.785x / 0.79x / 0.76x FA4 for 1 / 2 / 4), so 1 stays. ptxas, every row
 # statistic at d128: 1 and 2 spill 4 bytes, 4 spills 8 (40 bytes loaded), 8 spills 168
 N_PARTIALS = int(os.environ.get("HEADSCOPE_FA4S_PARTIALS", "1"))
-# "always" (FA4's sm90 softmax): each block's exps are taken against the row's running max, so O and
-# the sums are rescaled whenever it rises. "threshold": the frame (the max the exps are taken against)
-# moves only when the running max passes it by more than RESCALE_TAU in log2 units, as FA4's sm100
-# softmax does (its rescale_threshold); exps are then at most 2^RESCALE_TAU, every statistic is
-# computed in the frame as before, and O is rescaled only in a warp where some row's frame moved. Not
-# yet measured on the GPU, so not the default (benchmarks/h200_kernels.sh abtest abtime).
-RESCALE = env_choice("HEADSCOPE_FA4S_RESCALE", "always", ("always", "threshold"))
+# "threshold" (default): a row's frame (the max its exps are taken against) moves only when the
+# running max passes it by more than RESCALE_TAU in log2 units, as FA4's sm100 softmax does (its
+# rescale_threshold); exps are then at most 2^RESCALE_TAU, every statistic is computed in the frame, and
+# O is rescaled only in a warp where some row's frame moved. "always" (FA4's sm90 softmax): each block's
+# exps are taken against the row's running max, so O and the sums are rescaled whenever it rises. On
+# the H200 (interleaved, BENCHMARKS.md) "threshold" took every row statistic 1-3% less time at 32k (7 of
+# 8 pairs, the 8th within 0.3%) and the end-to-end census 0.5-1% less (3 of 3); GPU tests pass for both.
+RESCALE = env_choice("HEADSCOPE_FA4S_RESCALE", "threshold", ("threshold", "always"))
 RESCALE_TAU = 8.0
 _CTX = SimpleNamespace()     # trace-time context of the tile being compiled (see begin_tile)
 
@@ -144,7 +145,6 @@ class StatsSoftmax(Softmax):
             band = hs.R
         if const_expr(fl.wdist):
             band = cutlass.max(band, hs.W) if const_expr(fl.recent) else hs.W
-        tail = []                                 # ARGMAX_SEARCH "tail": (active, row max) per row
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
             x = S[r, None].load()
             m_old = self.row_max[r]                                   # the frame of the sums so far
@@ -189,9 +189,7 @@ class StatsSoftmax(Softmax):
                 ec = _tree_sum(e, ccv)
                 hs.acc[r, 1] = alpha * hs.acc[r, 1] + (base * l_blk - ec)
             if const_expr(fl.argmax):
-                if const_expr(ARGMAX_SEARCH == "tail"):
-                    tail.append(((m_loc == m_new) & (m_new > -Float32.inf), m_new))
-                elif const_expr(ARGMAX_SEARCH == "branch"):
+                if const_expr(ARGMAX_SEARCH == "branch"):
                     # only a thread holding the row max in this block searches it (rare: the max
                     # rose here, or ties it)
                     _argmax_search(hs.best_v, hs.best_i, r, (m_loc == m_new) & (m_new > -Float32.inf),
@@ -203,8 +201,6 @@ class StatsSoftmax(Softmax):
                     hs.best_v[r] = m_new if cmin < Float32(IDX_NONE) else hs.best_v[r]
                     hs.best_i[r] = Float32(s0) + cmin if cmin < Float32(IDX_NONE) else hs.best_i[r]
             S[r, None].store(e)
-        for r, (active, m_new) in enumerate(tail):       # S now holds e
-            _argmax_search(hs.best_v, hs.best_i, r, active, S[r, None].load(), m_new, ccv, Float32(s0), on_exp=True)
         # masses on few keys: one runtime branch per key block and kind, over all rows (S now holds e)
         if const_expr(fl.recent or fl.wdist):
             _band_sums(hs.acc, hs.mref, hs.mass_cols, self.row_max, sl2, S, hs.t, blk_hi + band > tile_t0 + 1, ccv,
@@ -393,14 +389,12 @@ def create_colsum_softmax(scale_log2, num_rows, arch=80, softmax_scale=None):
                          cute.make_rmem_tensor(num_rows, Float32), arch, softmax_scale)
 
 
-def make_colsum_kernel_class(skip_pv: bool = False, ex2_emu: int = 0, *, sched: bool = True):
+def make_colsum_kernel_class(skip_pv: bool = False, ex2_emu: int = 0):
     """FA4's sm90 forward kernel with ``ColSumSoftmax`` (the transposed column-sum pass); with
     ``skip_pv`` its P.V products are not issued (see ``_no_pv``; ptxas then drops P's bf16
-    conversion as dead code); ``ex2_emu`` of every 8 columns take exp2 on the FMA pipe;
-    ``sched=False``: no warp-scheduler barrier between the consumer warpgroups
-    (``fa4_stats.COLSUM_SCHED``)."""
-    name = f"ColSumFwdSm90_emu{ex2_emu}" + ("_nopv" if skip_pv else "") + ("" if sched else "_nosched")
-    return make_kernel_class(ex2_emu, name=name, skip_pv=skip_pv, sched=sched)
+    conversion as dead code); ``ex2_emu`` of every 8 columns take exp2 on the FMA pipe."""
+    name = f"ColSumFwdSm90_emu{ex2_emu}" + ("_nopv" if skip_pv else "")
+    return make_kernel_class(ex2_emu, name=name, skip_pv=skip_pv)
 
 
 def _no_pv(B_idx=None, zero_init=None, wg_wait: int = -1, **_):
@@ -413,13 +407,14 @@ def _no_pv(B_idx=None, zero_init=None, wg_wait: int = -1, **_):
         warpgroup.wait_group(wg_wait)
 
 
-def make_kernel_class(flags, name: str | None = None, skip_pv: bool = False, *, sched: bool = True):
+def make_kernel_class(flags, name: str | None = None, skip_pv: bool = False):
     """FA4's sm90 forward kernel whose softmax also keeps ``flags``' statistics (the softmax class
     itself comes from ``Softmax.create``, which ``fa4_stats`` swaps while tracing; ``flags`` is what
     its ``begin_tile`` gets: a ``Flags`` for ``StatsSoftmax``, the ex2 split for ``ColSumSoftmax``).
     ``skip_pv``: the output O is not computed (for the column-sum pass, which only wants the
-    softmax's sums); ``sched=False``: FA4's warp-scheduler barrier is left out (the consumer
-    warpgroups issue their products in any order; results do not change)."""
+    softmax's sums). Tried on the H200 and dropped (BENCHMARKS.md, commit 1863060): leaving out FA4's
+    warp-scheduler barrier (the consumer warpgroups' turn-taking) made every row statistic
+    0.4-4% slower and did not change the column pass consistently."""
 
     def pv(kw):
         if skip_pv and "mma_pv_fn" in kw:
@@ -447,35 +442,19 @@ def make_kernel_class(flags, name: str | None = None, skip_pv: bool = False, *, 
             kw["softmax"].set_block(kw["n_block"], masked=kw.get("mask_fn") is not None)
             return super().mma_one_n_block_intrawg_overlap(smem_pipe_read, *args, **pv(kw))
 
-        if not sched:         # FA4's mma_init only arrives on this barrier; its sync/arrive only order issue
-            def mma_init(self):
-                pass
-
-            def warp_scheduler_barrier_sync(self):
-                pass
-
-            def warp_scheduler_barrier_arrive(self):
-                pass
-
-    StatsFwdSm90.__name__ = StatsFwdSm90.__qualname__ = name or "StatsFwdSm90_" + "_".join(map(str, map(int, flags))) + \
-        ("" if sched else "_nosched")
+    StatsFwdSm90.__name__ = StatsFwdSm90.__qualname__ = name or "StatsFwdSm90_" + "_".join(map(str, map(int, flags)))
     return StatsFwdSm90
 
 
 @cute.jit
-def _argmax_search(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexpr[int], active, v, m, ccv, s0,
-                   on_exp: cutlass.Constexpr[bool] = False):
-    """Row r: the first column of this thread whose value in ``v`` is the block's largest (``active``:
-    this thread holds the row max m in this block); blocks come from the diagonal backwards, so it
-    replaces any earlier (later-key) index. ``v`` is the scores x (the column equal to m), or, with
-    ``on_exp``, the exp scores e = exp2((x - f) sl2) in the row's frame f (the column equal to the
-    thread's largest e: the FFMA before the exp2 is monotonic in x, so this is the first index of the
-    block's largest probability in fp32, as ``p.max()`` of the reference picks; scores closer than
-    fp32 resolves in p count as ties)."""
+def _argmax_search(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexpr[int], active, x, m, ccv, s0):
+    """Row r: the first column of this thread whose score x is the block's row max m (``active``: this
+    thread holds m in this block); blocks come from the diagonal backwards, so it replaces any earlier
+    (later-key) index. The first key of the largest score is the first of the largest probability,
+    as ``p.max()`` of the reference picks."""
     if active:
-        target = v.reduce(cute.ReductionOp.MAX, Float32(0.0), 0) if const_expr(on_exp) else m
         best_v[r] = m
-        best_i[r] = s0 + cute.where(v == target, ccv, Float32(IDX_NONE)).reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
+        best_i[r] = s0 + cute.where(x == m, ccv, Float32(IDX_NONE)).reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
 
 
 @cute.jit

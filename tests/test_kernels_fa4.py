@@ -556,7 +556,7 @@ def test_in_kernel_statistics_equal_reference(shape):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention-4 runs on Hopper/Blackwell)")
-@pytest.mark.parametrize("search", ["branch", "tail"])
+@pytest.mark.parametrize("search", ["branch", "scan"])
 @torch.no_grad()
 def test_in_kernel_argmax_ties_go_to_the_first_key(monkeypatch, search):
     """Keys copied to later positions (same key block and other blocks, so the copies tie exactly):
@@ -609,19 +609,21 @@ def test_in_kernel_statistics_when_the_max_jumps_last(monkeypatch, rescale):
     assert torch.equal(st["argmax"], ref["argmax"])
 
 
-@pytest.mark.parametrize("var", ["HEADSCOPE_FA4S_SCHED", "HEADSCOPE_FA4S_COLSUM_SCHED"])
-def test_scheduler_switches_refuse_unknown_values(var):
-    """The warp-scheduler switches of the in-kernel statistics take "on" or "off"; a typo is an error
-    at import that names the variable, not a silent default."""
+@pytest.mark.parametrize("var, bad, good", [("HEADSCOPE_FA4S_COLSUM", "casual", "local"),
+                                            ("HEADSCOPE_FA4S_COLSUM_PV", "skp", "keep")])
+def test_kernel_switches_refuse_unknown_values(var, bad, good):
+    """The named switches of the in-kernel statistics (read at import, ``fa4_stats.env_choice``) take
+    one of their values; a typo is an error at import that names the variable and the choices, not a
+    silent default."""
     import os
     import subprocess
-    env = {**os.environ, var: "of"}
+    env = {**os.environ, var: bad}
     r = subprocess.run([sys.executable, "-c", "import headscope.kernels.fa4_stats"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    assert var in r.stderr and "'on' or 'off'" in r.stderr
-    env[var] = "off"
+    assert var in r.stderr and repr(bad) in r.stderr and repr(good) in r.stderr
+    env[var] = good
     r = subprocess.run([sys.executable, "-c", "import headscope.kernels.fa4_stats as m; "
-                        "print(m.ROWS_SCHED, m.COLSUM_SCHED)"], env=env, capture_output=True, text=True, timeout=120)
+                        "print(m.COLSUM_MASK, m.COLSUM_PV)"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "off" in r.stdout.split()
+    assert good in r.stdout.split()
