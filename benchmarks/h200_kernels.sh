@@ -19,7 +19,8 @@
 #   abtest      the experimental switches of kernels/fa4_stats (each setting of $AB, "+" joining
 #               VAR=value pairs; "-" is the defaults): the FA4 GPU tests of the in-kernel statistics and
 #               column sums, and fa4_stats_gpu.py --check-only, with each non-default setting (after fa4)
-#   abtime      fa4_stats_gpu.py timing of every setting of $AB, $AB_ROUNDS rounds (default 2), interleaved
+#   abtime      fa4_stats_gpu.py timing of every setting of $AB, $AB_ROUNDS rounds (default 2), interleaved,
+#               shapes $SHAPES (default the two d128 ones; add SmolLM2,Gemma-3 for the d64/d256 tiles)
 #               (e.g. AB="HEADSCOPE_FA4S_PARTIALS=1 HEADSCOPE_FA4S_PARTIALS=4" for the partial-sums A/B)
 #   ncu         Nsight Compute over benchmarks/ncu_rows.py's sets in $NCU_SETS (default "split cols"):
 #               $OUT/ncu_SET.csv and its table (benchmarks/ncu_summary.py); with NCU_SASS=1 also the
@@ -30,7 +31,7 @@ mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
 export PYTHONPATH=/tmp/pp:$PWD PYTHONUNBUFFERED=1
 SITE=/tmp/fa4site
 # the experimental switches of kernels/fa4_stats (see abtest/abtime)
-AB_DEFAULT="- HEADSCOPE_FA4S_RESCALE=always"
+AB_DEFAULT="- HEADSCOPE_FA4S_TILES=64:128x96,128:128x96,256:128x64 HEADSCOPE_FA4S_TILES=64:128x128,128:128x112 HEADSCOPE_FA4S_P=smem"
 export KERNELS_BEST=${KERNELS_BEST:-$HOME/kernels_best.json}
 if [ -d $SITE/nvidia_cutlass_dsl ]; then export PYTHONPATH=$PYTHONPATH:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages; fi
 # pytest maps the repo root (it has an __init__.py) to a package named after its folder: tests run in a copy

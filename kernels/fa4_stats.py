@@ -178,15 +178,58 @@ def _run_variant(key, make_class, create_softmax, q, k, v, **fa_kwargs):
         interface.FlashAttentionForwardSm90, Softmax.create, interface._flash_attn_fwd.compile_cache = saved
 
 
+
+
+def env_tiles(name: str) -> dict[int, tuple[int, int]]:
+    """Tile sizes per head dim from environment variable ``name``: "" (unset) for none, else
+    comma-separated ``d:MxN`` items (e.g. "64:128x96,128:128x112"); anything else is a ValueError
+    that names the variable and says what it takes."""
+    tiles = {}
+    for item in filter(None, os.environ.get(name, "").split(",")):
+        try:
+            d, mn = item.split(":")
+            m, n = mn.split("x")
+            d, m, n = int(d), int(m), int(n)
+        except ValueError:
+            raise ValueError(f"{name} takes comma-separated d:MxN items, e.g. '64:128x96', not {item!r}") from None
+        if d not in (64, 128, 256) or m not in (64, 128, 192) or n % 16 or not 64 <= n <= 192:
+            raise ValueError(f"{name}: {item!r} needs d 64, 128 or 256, M 64, 128 or 192, "
+                             "and N a multiple of 16 from 64 to 192")
+        tiles[d] = (m, n)
+    return tiles
+
+
+# the row-statistics kernel's tile (query rows x key columns) per head dim, where it differs from FA4's
+# choice (d64: 192x128, three consumer warpgroups; d128: 128x128; d256: 128x80). The statistics need
+# registers that FA4's tiles do not leave: ptxas, every row statistic, spills (stores/loads, bytes) at
+# FA4's tiles: d64 1712/2060 (192 rows leave 128 registers a thread), d128 12/48, d256 224/232; at
+# d64 128x128 4/8 and 128x96 none, d128 128x112 and 128x96 none, d256 128x64 8/48. Fewer columns also
+# mean less code (all rows at d128: 218 MUFU.EX2 and 1610 FADD in SASS at 128 columns, 170 and 1226 at
+# 96), at the price of more key blocks, each with its fixed cost (max shuffles, barriers).
+# HEADSCOPE_FA4S_TILES="64:128x96,128:128x112" sets them (``env_tiles``). A/B pending on the GPU
+# (benchmarks/h200_kernels.sh abtest abtime).
+ROWS_TILES = env_tiles("HEADSCOPE_FA4S_TILES")
+# where the row kernel's P.V product reads P at d <= 128: "registers" (FA4's choice at d128 and d64:
+# the WGMMA takes P from registers) or "smem" (P stored to shared memory first, as FA4 does at
+# d 80-96; no spills at d128, one shared-memory round trip of P per block). A/B pending on the GPU.
+ROWS_P = env_choice("HEADSCOPE_FA4S_P", "registers", ("registers", "smem"))
+
+
 def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stats: torch.Tensor):
     """FA4's causal forward with row statistics. q [B, N, H, d], k, v [B, N, G, d] (FA4's layout),
     ``params`` int32 [PARAM_POS0 + B] on q's device, ``out_stats`` fp32 [flags.n_slots, B, H, N]
     (written). Returns (out [B, N, H, d], lse [B, H, N])."""
     from . import fa4_stats_sm90 as k90
+    d = q.shape[-1]
+    tiles = {}
+    if d in ROWS_TILES:
+        tiles["tile_mn"] = ROWS_TILES[d]
+    if d <= 128 and ROWS_P == "smem":
+        tiles["mma_pv_is_rs"] = False
     res = _run_variant((flags, k90.ARGMAX_SEARCH, k90.RESCALE), lambda: k90.make_kernel_class(flags),
                        k90.create_stats_softmax,
                        q, k, v, softmax_scale=float(scaling), causal=True, return_lse=True,
-                       aux_tensors=[out_stats, params])
+                       aux_tensors=[out_stats, params], **tiles)
     return res[0], res[1]
 
 

@@ -610,7 +610,8 @@ def test_in_kernel_statistics_when_the_max_jumps_last(monkeypatch, rescale):
 
 
 @pytest.mark.parametrize("var, bad, good", [("HEADSCOPE_FA4S_COLSUM", "casual", "local"),
-                                            ("HEADSCOPE_FA4S_COLSUM_PV", "skp", "keep")])
+                                            ("HEADSCOPE_FA4S_COLSUM_PV", "skp", "keep"),
+                                            ("HEADSCOPE_FA4S_P", "shared", "smem")])
 def test_kernel_switches_refuse_unknown_values(var, bad, good):
     """The named switches of the in-kernel statistics (read at import, ``fa4_stats.env_choice``) take
     one of their values; a typo is an error at import that names the variable and the choices, not a
@@ -624,6 +625,20 @@ def test_kernel_switches_refuse_unknown_values(var, bad, good):
     assert var in r.stderr and repr(bad) in r.stderr and repr(good) in r.stderr
     env[var] = good
     r = subprocess.run([sys.executable, "-c", "import headscope.kernels.fa4_stats as m; "
-                        "print(m.COLSUM_MASK, m.COLSUM_PV)"], env=env, capture_output=True, text=True, timeout=120)
+                        "print(m.COLSUM_MASK, m.COLSUM_PV, m.ROWS_P)"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert good in r.stdout.split()
+
+
+def test_tile_switch_reads_head_dims_and_refuses_bad_tiles(monkeypatch):
+    """``HEADSCOPE_FA4S_TILES`` ("d:MxN" items) gives the row kernel's tile per head dim; a malformed
+    item or a tile FA4 cannot take is an error that names the variable."""
+    from headscope.kernels import fa4_stats
+    monkeypatch.setenv("HEADSCOPE_FA4S_TILES", "64:128x96,128:128x112")
+    assert fa4_stats.env_tiles("HEADSCOPE_FA4S_TILES") == {64: (128, 96), 128: (128, 112)}
+    monkeypatch.delenv("HEADSCOPE_FA4S_TILES")
+    assert fa4_stats.env_tiles("HEADSCOPE_FA4S_TILES") == {}
+    for bad in ("64:128x100", "96:128x96", "128:256x96", "128-128x96", "64:128"):
+        monkeypatch.setenv("HEADSCOPE_FA4S_TILES", bad)
+        with pytest.raises(ValueError, match="HEADSCOPE_FA4S_TILES"):
+            fa4_stats.env_tiles("HEADSCOPE_FA4S_TILES")
