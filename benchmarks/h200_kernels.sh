@@ -31,7 +31,9 @@ mkdir -p /tmp/pp && ln -sfn "$PWD" /tmp/pp/headscope
 export PYTHONPATH=/tmp/pp:$PWD PYTHONUNBUFFERED=1
 SITE=/tmp/fa4site
 # the experimental switches of kernels/fa4_stats (see abtest/abtime)
-AB_DEFAULT="- HEADSCOPE_FA4S_TILES=64:128x96,128:128x96,256:128x64 HEADSCOPE_FA4S_TILES=64:128x128,128:128x112 HEADSCOPE_FA4S_P=smem"
+# (row-kernel and column-pass switches paired: the two kernels are timed in separate columns)
+AB_DEFAULT="- HEADSCOPE_FA4S_TILES=64:128x96,128:128x96,256:128x64+HEADSCOPE_FA4S_COLSUM_TILE_N=160 \
+HEADSCOPE_FA4S_TILES=64:128x128,128:128x112+HEADSCOPE_FA4S_COLSUM_TILE_N=176 HEADSCOPE_FA4S_P=smem+HEADSCOPE_FA4S_COLSUM_TILE_N=144"
 export KERNELS_BEST=${KERNELS_BEST:-$HOME/kernels_best.json}
 if [ -d $SITE/nvidia_cutlass_dsl ]; then export PYTHONPATH=$PYTHONPATH:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages; fi
 # pytest maps the repo root (it has an __init__.py) to a package named after its folder: tests run in a copy

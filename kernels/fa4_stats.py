@@ -178,8 +178,6 @@ def _run_variant(key, make_class, create_softmax, q, k, v, **fa_kwargs):
         interface.FlashAttentionForwardSm90, Softmax.create, interface._flash_attn_fwd.compile_cache = saved
 
 
-
-
 def env_tiles(name: str) -> dict[int, tuple[int, int]]:
     """Tile sizes per head dim from environment variable ``name``: "" (unset) for none, else
     comma-separated ``d:MxN`` items (e.g. "64:128x96,128:128x112"); anything else is a ValueError
@@ -235,9 +233,14 @@ def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stat
 
 # width of the transposed pass's value tensor: its output is thrown away (and, by default, P.V not run)
 COLSUM_DV = 16
-# zeros on both sides of the LSE buffer of the transposed pass (>= every sm90 tile_n): the last column
-# block reads past N into zeros, never outside the buffer
-COLSUM_PAD = 128
+# columns (queries) per tile of the transposed pass at d <= 128 (FA4's: 128). Without P.V its threads
+# have registers to spare: ptxas spills nothing up to 176 columns at 192 rows (192 columns: 8 bytes).
+# Wider tiles share each block's fixed cost (barriers, the LSE loads' latency) among more exps. A/B
+# pending on the GPU (benchmarks/h200_kernels.sh abtest abtime).
+COLSUM_TILE_N = int(env_choice("HEADSCOPE_FA4S_COLSUM_TILE_N", "128", ("128", "144", "160", "176", "192")))
+# zeros on both sides of the LSE buffer of the transposed pass (>= every tile_n it runs with): the last
+# column block reads past N into zeros, never outside the buffer
+COLSUM_PAD = max(128, COLSUM_TILE_N)
 # how the transposed pass keeps t >= s: "causal" (both sequences reversed, so that it is FA4's causal
 # mask and persistent longest-first scheduler) or "local" (FA4's local mask with window (0, none), no
 # reversal copies). On the H200 (benchmarks/colsum_ab.py) "causal" with tile_m 192 was fastest.
@@ -286,9 +289,9 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
         _ZEROS[zkey] = torch.zeros(B, N, H, COLSUM_DV, dtype=q.dtype, device=q.device)
     mask = dict(causal=True) if flip else dict(causal=False, window_size_left=0, window_size_right=None)
     if COLSUM_TILE_M and d <= 128:
-        mask["tile_mn"] = (COLSUM_TILE_M, 128)
+        mask["tile_mn"] = (COLSUM_TILE_M, COLSUM_TILE_N)
     skip, emu = COLSUM_PV == "skip", COLSUM_EX2_EMU
-    _run_variant(("colsum", flip, COLSUM_TILE_M, skip, emu),
+    _run_variant(("colsum", flip, COLSUM_TILE_M, COLSUM_TILE_N, skip, emu),
                  lambda: k90.make_colsum_kernel_class(skip, emu),
                  k90.create_colsum_softmax, kx.transpose(1, 2), qq.transpose(1, 2), _ZEROS[zkey],
                  softmax_scale=float(scaling), return_lse=False, aux_tensors=[out, lse2.view(torch.float64)], **mask)

@@ -611,7 +611,8 @@ def test_in_kernel_statistics_when_the_max_jumps_last(monkeypatch, rescale):
 
 @pytest.mark.parametrize("var, bad, good", [("HEADSCOPE_FA4S_COLSUM", "casual", "local"),
                                             ("HEADSCOPE_FA4S_COLSUM_PV", "skp", "keep"),
-                                            ("HEADSCOPE_FA4S_P", "shared", "smem")])
+                                            ("HEADSCOPE_FA4S_P", "shared", "smem"),
+                                            ("HEADSCOPE_FA4S_COLSUM_TILE_N", "150", "160")])
 def test_kernel_switches_refuse_unknown_values(var, bad, good):
     """The named switches of the in-kernel statistics (read at import, ``fa4_stats.env_choice``) take
     one of their values; a typo is an error at import that names the variable and the choices, not a
@@ -625,7 +626,7 @@ def test_kernel_switches_refuse_unknown_values(var, bad, good):
     assert var in r.stderr and repr(bad) in r.stderr and repr(good) in r.stderr
     env[var] = good
     r = subprocess.run([sys.executable, "-c", "import headscope.kernels.fa4_stats as m; "
-                        "print(m.COLSUM_MASK, m.COLSUM_PV, m.ROWS_P)"], env=env, capture_output=True, text=True, timeout=120)
+                        "print(m.COLSUM_MASK, m.COLSUM_PV, m.ROWS_P, m.COLSUM_TILE_N)"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert good in r.stdout.split()
 
