@@ -101,9 +101,10 @@ class Flags(tuple):
 # all queries (``received``) in one transposed pass after it; not received_window, not edits
 SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_distance", "recent", "argmax",
                              "received"})
-# head dims the probe routes here: d128 and d256. d64 is exact on the H200 but slower than the Triton
-# kernels (FA4 runs 3 consumer warpgroups of 128 registers at tile_m = 192, and the statistics spill:
-# 0.38x FA4 vs Triton's 0.48x at 24k). ``attention`` itself runs d64 too.
+# head dims the probe routes here: d128 and d256, and any other head dim given a tile in
+# HEADSCOPE_FA4S_TILES (``ROWS_TILES``). d64 at FA4's tile is exact on the H200 but slower than the
+# Triton kernels (FA4 runs 3 consumer warpgroups of 128 registers at tile_m = 192, and the statistics
+# spill: 0.38x FA4 vs Triton's 0.48x at 24k). ``attention`` itself runs d64 at any tile.
 HEAD_DIMS = frozenset({128, 256})
 
 _KERNELS: dict = {}
@@ -147,8 +148,9 @@ def supports(q, k, stats, *, causal: bool = True, sliding_window: int | None = N
         return f"{name} takes causal self-attention with as many queries as keys"
     if sliding_window is not None and sliding_window < k.shape[2]:
         return f"{name} does not take a sliding window"
-    if q.shape[-1] not in HEAD_DIMS:
-        return f"{name} takes head dims {sorted(HEAD_DIMS)}, got {q.shape[-1]}"
+    if q.shape[-1] not in HEAD_DIMS | set(ROWS_TILES):
+        return (f"{name} takes head dims {sorted(HEAD_DIMS)} (others with a tile in HEADSCOPE_FA4S_TILES), "
+                f"got {q.shape[-1]}")
     if len(stats.spans) > MAX_SPANS:
         return f"{name} takes up to {MAX_SPANS} spans, got {len(stats.spans)}"
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:

@@ -453,7 +453,7 @@ def test_real_fa4_in_the_probe():
 
 
 # --------------------------------------------------------------------------- statistics inside FA4 (fa4_stats)
-def test_in_kernel_statistics_decline_with_reasons():
+def test_in_kernel_statistics_decline_with_reasons(monkeypatch):
     """fa4_stats says why it cannot take a call; fa4.supports passes that reason on for the row
     statistics only it computes, and a stand-in FA4 never claims them."""
     from headscope.kernels import fa4_stats
@@ -461,7 +461,11 @@ def test_in_kernel_statistics_decline_with_reasons():
     q, k, _ = make(1, 4, 2, 32, 32, 128, torch.bfloat16, 0)
     assert "Hopper" in fa4_stats.supports(q, k, full)                          # CPU tensors
     # d64: exact but slower than the Triton kernels there, so declined
-    assert "head dims" in fa4_stats.supports(*make(1, 4, 2, 32, 32, 64, torch.bfloat16, 0)[:2], full)
+    q64, k64, _ = make(1, 4, 2, 32, 32, 64, torch.bfloat16, 0)
+    assert "head dims" in fa4_stats.supports(q64, k64, full)
+    monkeypatch.setattr(fa4_stats, "ROWS_TILES", {64: (128, 96)})       # given its own tile, d64 is taken
+    assert "Hopper" in fa4_stats.supports(q64, k64, full)
+    monkeypatch.setattr(fa4_stats, "ROWS_TILES", {})
     assert "sliding window" in fa4_stats.supports(q, k, full, sliding_window=8)
     assert "causal" in fa4_stats.supports(q, k, full, causal=False)
     assert "as many queries" in fa4_stats.supports(q[:, :, :1], k, full)
