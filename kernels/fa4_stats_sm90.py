@@ -43,7 +43,7 @@ N_PARTIALS = int(os.environ.get("HEADSCOPE_FA4S_PARTIALS", "1"))
 # O is rescaled only in a warp where some row's frame moved. "always" (FA4's sm90 softmax): each block's
 # exps are taken against the row's running max, so O and the sums are rescaled whenever it rises. On
 # the H200 (interleaved, BENCHMARKS.md) "threshold" took every row statistic 1-3% less time at 32k (7 of
-# 8 pairs, the 8th within 0.3%) and the end-to-end census 0.5-1% less (3 of 3); GPU tests pass for both.
+# 8 pairs, the 8th within 0.3%) and the end-to-end census 0.5-1.2% less (3 of 3); GPU tests pass for both.
 RESCALE = env_choice("HEADSCOPE_FA4S_RESCALE", "threshold", ("threshold", "always"))
 RESCALE_TAU = 8.0
 _CTX = SimpleNamespace()     # trace-time context of the tile being compiled (see begin_tile)

@@ -630,7 +630,8 @@ def test_kernel_switches_refuse_unknown_values(var, bad, good):
     assert var in r.stderr and repr(bad) in r.stderr and repr(good) in r.stderr
     env[var] = good
     r = subprocess.run([sys.executable, "-c", "import headscope.kernels.fa4_stats as m; "
-                        "print(m.COLSUM_MASK, m.COLSUM_PV, m.ROWS_P, m.COLSUM_TILE_N)"], env=env, capture_output=True, text=True, timeout=120)
+                        "print(m.COLSUM_MASK, m.COLSUM_PV, m.ROWS_P, m.COLSUM_TILE_N)"],
+                       env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert good in r.stdout.split()
 
