@@ -123,6 +123,25 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def env_tiles(name: str) -> dict[int, tuple[int, int]]:
+    """Tile sizes per head dim from environment variable ``name``: "" (unset) for none, else
+    comma-separated ``d:MxN`` items (e.g. "64:128x96,128:128x112"); anything else is a ValueError
+    that names the variable and says what it takes."""
+    tiles = {}
+    for item in filter(None, os.environ.get(name, "").split(",")):
+        try:
+            d, mn = item.split(":")
+            m, n = mn.split("x")
+            d, m, n = int(d), int(m), int(n)
+        except ValueError:
+            raise ValueError(f"{name} takes comma-separated d:MxN items, e.g. '64:128x96', not {item!r}") from None
+        if d not in (64, 128, 256) or m not in (64, 128, 192) or n % 16 or not 64 <= n <= 192:
+            raise ValueError(f"{name}: {item!r} needs d 64, 128 or 256, M 64, 128 or 192, "
+                             "and N a multiple of 16 from 64 to 192")
+        tiles[d] = (m, n)
+    return tiles
+
+
 def importable() -> bool:
     """flash_attn.cute's sm90 kernel and the CuTe DSL import (cached)."""
     global _importable
@@ -178,25 +197,6 @@ def _run_variant(key, make_class, create_softmax, q, k, v, **fa_kwargs):
         return interface._flash_attn_fwd(q, k, v, pack_gqa=False, **fa_kwargs)
     finally:
         interface.FlashAttentionForwardSm90, Softmax.create, interface._flash_attn_fwd.compile_cache = saved
-
-
-def env_tiles(name: str) -> dict[int, tuple[int, int]]:
-    """Tile sizes per head dim from environment variable ``name``: "" (unset) for none, else
-    comma-separated ``d:MxN`` items (e.g. "64:128x96,128:128x112"); anything else is a ValueError
-    that names the variable and says what it takes."""
-    tiles = {}
-    for item in filter(None, os.environ.get(name, "").split(",")):
-        try:
-            d, mn = item.split(":")
-            m, n = mn.split("x")
-            d, m, n = int(d), int(m), int(n)
-        except ValueError:
-            raise ValueError(f"{name} takes comma-separated d:MxN items, e.g. '64:128x96', not {item!r}") from None
-        if d not in (64, 128, 256) or m not in (64, 128, 192) or n % 16 or not 64 <= n <= 192:
-            raise ValueError(f"{name}: {item!r} needs d 64, 128 or 256, M 64, 128 or 192, "
-                             "and N a multiple of 16 from 64 to 192")
-        tiles[d] = (m, n)
-    return tiles
 
 
 # the row-statistics kernel's tile (query rows x key columns) per head dim, where it differs from FA4's
