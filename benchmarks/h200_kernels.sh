@@ -5,8 +5,8 @@
 #   tests   GPU tests of the Triton kernels (decode + general) and the probe check
 #   decode  decode sweep + decode table;  sweep  prefill tile sweep (16k);  e2e  census vs SDPA at 32k
 #   compare FA4/cuDNN/flash/Flex/ours table, with the FA4 backend's columns (after fa4)
-#   fa4check  the FA4 backend's tests (tests/test_kernels_fa4.py: GPU tests against the reference; extra pytest
-#             arguments in $FA4CHECK_ARGS, e.g. "-k in_kernel") (after fa4)
+#   fa4check  the FA4 backend's tests (tests/test_kernels_fa4.py: GPU tests against the reference; a pytest -k
+#             expression in $FA4CHECK_K, e.g. "in_kernel or received") (after fa4)
 #   masses  e2e at 32k: SDPA vs the sink/recent/window masses record vs headscope plain (after fa4)
 #   decodehost  per-call decode time, eager vs CUDA graph: SDPA, split-key path, query-block forward
 #   retrieval   the retrieval analyzer with and without the split-key path (MODEL=path to SmolLM2's GGUF
@@ -32,8 +32,8 @@ export PYTHONPATH=/tmp/pp:$PWD PYTHONUNBUFFERED=1
 SITE=/tmp/fa4site
 # the experimental switches of kernels/fa4_stats (see abtest/abtime)
 # (row-kernel and column-pass switches paired: the two kernels are timed in separate columns)
-AB_DEFAULT="- HEADSCOPE_FA4S_TILES=64:128x96,128:128x96,256:128x64+HEADSCOPE_FA4S_COLSUM_TILE_N=160 \
-HEADSCOPE_FA4S_TILES=64:128x128,128:128x112+HEADSCOPE_FA4S_COLSUM_TILE_N=176 HEADSCOPE_FA4S_P=smem+HEADSCOPE_FA4S_COLSUM_TILE_N=144"
+# (controls for the tile defaults of 2026-12-02: FA4's d64/d256 row tiles, the column pass at 128 for d64)
+AB_DEFAULT="- HEADSCOPE_FA4S_TILES=64:192x128,256:128x80+HEADSCOPE_FA4S_COLSUM_TILE_N=128"
 export KERNELS_BEST=${KERNELS_BEST:-$HOME/kernels_best.json}
 if [ -d $SITE/nvidia_cutlass_dsl ]; then export PYTHONPATH=$PYTHONPATH:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages; fi
 # pytest maps the repo root (it has an __init__.py) to a package named after its folder: tests run in a copy
@@ -59,7 +59,7 @@ for step in "$@"; do
     fa4check)
       copy_tree
       (cd /tmp/hs/headscope && PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider -rs \
-         tests/test_kernels_fa4.py $FA4CHECK_ARGS 2>&1 | tee $OUT/fa4check.log | tail -25) ;;
+         tests/test_kernels_fa4.py ${FA4CHECK_K:+-k "$FA4CHECK_K"} 2>&1 | tee $OUT/fa4check.log | tail -25) ;;
     masses)
       mkdir -p $OUT/masses
       python3 benchmarks/e2e_gpu.py --n 32768 --layers ${E2E_LAYERS:-8} --no-eager --masses-only --out $OUT/masses 2>&1 \

@@ -101,11 +101,9 @@ class Flags(tuple):
 # all queries (``received``) in one transposed pass after it; not received_window, not edits
 SUPPORTED_STATS = frozenset({"sink_k", "spans", "entropy", "distance", "window_distance", "recent", "argmax",
                              "received"})
-# head dims the probe routes here: d128 and d256, and any other head dim given a tile in
-# HEADSCOPE_FA4S_TILES (``ROWS_TILES``). d64 at FA4's tile is exact on the H200 but slower than the
-# Triton kernels (FA4 runs 3 consumer warpgroups of 128 registers at tile_m = 192, and the statistics
-# spill: 0.38x FA4 vs Triton's 0.48x at 24k). ``attention`` itself runs d64 at any tile.
-HEAD_DIMS = frozenset({128, 256})
+# head dims the probe routes here: d64, d128 and d256 (each at its tile in ``ROWS_TILES``), and any other
+# head dim given a tile in HEADSCOPE_FA4S_TILES. ``attention`` itself runs any head dim FA4 takes.
+HEAD_DIMS = frozenset({64, 128, 256})
 
 _KERNELS: dict = {}
 _CACHES: dict = {}
@@ -206,12 +204,17 @@ def _run_variant(key, make_class, create_softmax, q, k, v, **fa_kwargs):
 # d64 128x128 4/8 and 128x96 none, d128 128x112 and 128x96 none, d256 128x64 8/48. Fewer columns also
 # mean less code (all rows at d128: 218 MUFU.EX2 and 1610 FADD in SASS at 128 columns, 170 and 1226 at
 # 96), at the price of more key blocks, each with its fixed cost (max shuffles, barriers).
-# HEADSCOPE_FA4S_TILES="64:128x96,128:128x112" sets them (``env_tiles``). A/B pending on the GPU
-# (benchmarks/h200_kernels.sh abtest abtime).
-ROWS_TILES = env_tiles("HEADSCOPE_FA4S_TILES")
+# Measured on the H200 (BENCHMARKS.md, "Row-kernel tiles", 2026-12-02, interleaved, every row statistic):
+# d64 at 128x128 runs 0.52x/0.61x FA4 at 16k/32k against 0.39x/0.50x on the Triton kernels (and 0.38x
+# at FA4's 192x128), d256 at 128x64 0.88x/0.93x against 0.81x/0.85x at 128x80; at d128, 128x112 and
+# 128x96 were slower than FA4's 128x128 (0.73-0.79x against 0.79-0.83x), so d128 keeps it.
+# HEADSCOPE_FA4S_TILES="64:128x96,128:128x112" overrides them per head dim (``env_tiles``).
+DEFAULT_ROWS_TILES = {64: (128, 128), 256: (128, 64)}
+ROWS_TILES = {**DEFAULT_ROWS_TILES, **env_tiles("HEADSCOPE_FA4S_TILES")}
 # where the row kernel's P.V product reads P at d <= 128: "registers" (FA4's choice at d128 and d64:
 # the WGMMA takes P from registers) or "smem" (P stored to shared memory first, as FA4 does at
-# d 80-96; no spills at d128, one shared-memory round trip of P per block). A/B pending on the GPU.
+# d 80-96; no spills at d128, one shared-memory round trip of P per block). On the H200 "smem" was 3-6%
+# slower at d128 in every interleaved pair (BENCHMARKS.md, "Row-kernel tiles"): the default stays.
 ROWS_P = env_choice("HEADSCOPE_FA4S_P", "registers", ("registers", "smem"))
 
 
@@ -237,12 +240,23 @@ def run(q, k, v, *, scaling: float, flags: Flags, params: torch.Tensor, out_stat
 COLSUM_DV = 16
 # columns (queries) per tile of the transposed pass at d <= 128 (FA4's: 128). Without P.V its threads
 # have registers to spare: ptxas spills nothing up to 176 columns at 192 rows (192 columns: 8 bytes).
-# Wider tiles share each block's fixed cost (barriers, the LSE loads' latency) among more exps. A/B
-# pending on the GPU (benchmarks/h200_kernels.sh abtest abtime).
-COLSUM_TILE_N = int(env_choice("HEADSCOPE_FA4S_COLSUM_TILE_N", "128", ("128", "144", "160", "176", "192")))
+# Wider tiles share each block's fixed cost (barriers, the LSE loads' latency) among more exps. On the
+# H200 (BENCHMARKS.md, "Row-kernel tiles", interleaved): at d64, 160 columns ran the pass in 1.80 ms
+# at 32k against 2.04-2.06 at 128 (144 and 176: 1.83-1.84); at d128 no width was faster in every
+# pair (Qwen2.5-7B 32k: 7.20-7.25 ms at 128, 7.33-7.56 wider), so d128 (and d256, where FA4's tile
+# applies) keep 128. HEADSCOPE_FA4S_COLSUM_TILE_N=144..192 sets one width for every head dim.
+DEFAULT_COLSUM_TILE_N = {64: 160}
+COLSUM_TILE_N = env_choice("HEADSCOPE_FA4S_COLSUM_TILE_N", "auto", ("auto", "128", "144", "160", "176", "192"))
+
+
+def colsum_tile_n(d: int) -> int:
+    """Query columns per tile of the transposed pass at head dim ``d`` (``COLSUM_TILE_N``)."""
+    return DEFAULT_COLSUM_TILE_N.get(d, 128) if COLSUM_TILE_N == "auto" else int(COLSUM_TILE_N)
+
+
 # zeros on both sides of the LSE buffer of the transposed pass (>= every tile_n it runs with): the last
 # column block reads past N into zeros, never outside the buffer
-COLSUM_PAD = max(128, COLSUM_TILE_N)
+COLSUM_PAD = 192
 # how the transposed pass keeps t >= s: "causal" (both sequences reversed, so that it is FA4's causal
 # mask and persistent longest-first scheduler) or "local" (FA4's local mask with window (0, none), no
 # reversal copies). On the H200 (benchmarks/colsum_ab.py) "causal" with tile_m 192 was fastest.
@@ -290,10 +304,11 @@ def received_sums(q, k, lse, *, scaling: float) -> torch.Tensor:
         _ZEROS.clear()
         _ZEROS[zkey] = torch.zeros(B, N, H, COLSUM_DV, dtype=q.dtype, device=q.device)
     mask = dict(causal=True) if flip else dict(causal=False, window_size_left=0, window_size_right=None)
+    tile_n = colsum_tile_n(d)
     if COLSUM_TILE_M and d <= 128:
-        mask["tile_mn"] = (COLSUM_TILE_M, COLSUM_TILE_N)
+        mask["tile_mn"] = (COLSUM_TILE_M, tile_n)
     skip, emu = COLSUM_PV == "skip", COLSUM_EX2_EMU
-    _run_variant(("colsum", flip, COLSUM_TILE_M, COLSUM_TILE_N, skip, emu),
+    _run_variant(("colsum", flip, COLSUM_TILE_M, tile_n, skip, emu),
                  lambda: k90.make_colsum_kernel_class(skip, emu),
                  k90.create_colsum_softmax, kx.transpose(1, 2), qq.transpose(1, 2), _ZEROS[zkey],
                  softmax_scale=float(scaling), return_lse=False, aux_tensors=[out, lse2.view(torch.float64)], **mask)

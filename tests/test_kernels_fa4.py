@@ -460,11 +460,11 @@ def test_in_kernel_statistics_decline_with_reasons(monkeypatch):
     full = StatRequest(sink_k=4, spans=((1, 3),), entropy=True, distance=True, argmax=True, recent=8, window_distance=16)
     q, k, _ = make(1, 4, 2, 32, 32, 128, torch.bfloat16, 0)
     assert "Hopper" in fa4_stats.supports(q, k, full)                          # CPU tensors
-    # d64: exact but slower than the Triton kernels there, so declined
-    q64, k64, _ = make(1, 4, 2, 32, 32, 64, torch.bfloat16, 0)
-    assert "head dims" in fa4_stats.supports(q64, k64, full)
-    monkeypatch.setattr(fa4_stats, "ROWS_TILES", {64: (128, 96)})       # given its own tile, d64 is taken
-    assert "Hopper" in fa4_stats.supports(q64, k64, full)
+    # d96: no measured tile, so declined; given one in HEADSCOPE_FA4S_TILES (ROWS_TILES), taken
+    q96, k96, _ = make(1, 4, 2, 32, 32, 96, torch.bfloat16, 0)
+    assert "head dims" in fa4_stats.supports(q96, k96, full)
+    monkeypatch.setattr(fa4_stats, "ROWS_TILES", {96: (128, 96)})
+    assert "Hopper" in fa4_stats.supports(q96, k96, full)
     monkeypatch.setattr(fa4_stats, "ROWS_TILES", {})
     assert "sliding window" in fa4_stats.supports(q, k, full, sliding_window=8)
     assert "causal" in fa4_stats.supports(q, k, full, causal=False)
@@ -532,7 +532,7 @@ def test_received_sums_host_side(monkeypatch, mask, B, H, G, N):
 @pytest.mark.parametrize("shape", [(2, 8, 2, 128, 1000), (1, 9, 3, 64, 777), (2, 4, 4, 64, 1531), (1, 8, 4, 256, 600)])
 @torch.no_grad()
 def test_in_kernel_statistics_equal_reference(shape):
-    """Every row statistic from inside FA4's softmax (fa4.attention routes d128 there) against the fp32
+    """Every row statistic from inside FA4's softmax (fa4.attention routes d64, d128 and d256 there) against the fp32
     reference: odd lengths, GQA, two batches with shifted positions, argmax exactly."""
     if not _real_fa4():
         pytest.skip(f"FlashAttention-4 not importable or not this GPU ({fa4.import_error() or 'not installed'})")
@@ -545,7 +545,7 @@ def test_in_kernel_statistics_equal_reference(shape):
     req = StatRequest(sink_k=5, spans=((3, 40), (N // 2, N // 2 + 77)), entropy=True, distance=True,
                       window_distance=100, recent=37, argmax=True, received=True)
     from headscope.kernels import fa4_stats
-    if d in fa4_stats.HEAD_DIMS:                    # the probe's route; d64 runs here but is not routed
+    if d in fa4_stats.HEAD_DIMS:                    # the probe's route
         assert fa4.supports(q, k, v, req, None) is None
     out, st = fa4_stats.attention(q, k, v, scaling=d ** -0.5, key_pos0=kpos, stats=req)
     out_ref, ref, _ = reference.attention(q.float(), k.float(), v.float(), scaling=d ** -0.5, key_pos0=kpos, stats=req)
@@ -634,6 +634,18 @@ def test_kernel_switches_refuse_unknown_values(var, bad, good):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert good in r.stdout.split()
+
+
+def test_column_pass_tile_width_per_head_dim(monkeypatch):
+    """The transposed pass's query columns per tile: the measured default per head dim (d64 wider),
+    one width for all under HEADSCOPE_FA4S_COLSUM_TILE_N, and always within the LSE buffer's pad."""
+    from headscope.kernels import fa4_stats
+    monkeypatch.setattr(fa4_stats, "COLSUM_TILE_N", "auto")
+    assert fa4_stats.colsum_tile_n(64) == fa4_stats.DEFAULT_COLSUM_TILE_N[64] != 128
+    assert fa4_stats.colsum_tile_n(128) == 128
+    monkeypatch.setattr(fa4_stats, "COLSUM_TILE_N", "176")
+    assert fa4_stats.colsum_tile_n(64) == fa4_stats.colsum_tile_n(128) == 176
+    assert all(int(n) <= fa4_stats.COLSUM_PAD for n in ("128", "144", "160", "176", "192"))
 
 
 def test_tile_switch_reads_head_dims_and_refuses_bad_tiles(monkeypatch):
