@@ -532,8 +532,8 @@ def test_received_sums_host_side(monkeypatch, mask, B, H, G, N):
 @pytest.mark.parametrize("shape", [(2, 8, 2, 128, 1000), (1, 9, 3, 64, 777), (2, 4, 4, 64, 1531), (1, 8, 4, 256, 600)])
 @torch.no_grad()
 def test_in_kernel_statistics_equal_reference(shape):
-    """Every row statistic from inside FA4's softmax (fa4.attention routes d64, d128 and d256 there) against the fp32
-    reference: odd lengths, GQA, two batches with shifted positions, argmax exactly."""
+    """Every row statistic from inside FA4's softmax (fa4.attention routes d64, d128 and d256 there)
+    against the fp32 reference: odd lengths, GQA, two batches with shifted positions, argmax exactly."""
     if not _real_fa4():
         pytest.skip(f"FlashAttention-4 not importable or not this GPU ({fa4.import_error() or 'not installed'})")
     B, H, G, d, N = shape
