@@ -32,6 +32,7 @@ import os
 
 import torch
 
+from .device_cache import cached
 from .spec import LayerEdits, StatRequest, decline_reason
 
 
@@ -198,22 +199,8 @@ def _redistribution_tables(reds, H, dev):
             torch.tensor(src, dtype=i64, device=dev).reshape(-1), torch.tensor(tgt, dtype=i64, device=dev).reshape(-1))
 
 
-# small device tensors built from Python values (dummies, span tables, zero positions, counts): made
-# once per device and value, so a call costs no host-to-device copies after the first layer
-_CACHE: dict = {}
-
-
-def _cached(key, make):
-    t = _CACHE.get(key)
-    if t is None:
-        if len(_CACHE) > 512:
-            _CACHE.clear()
-        t = _CACHE[key] = make()
-    return t
-
-
 def _dummies(dev):
-    return _cached(("dummies", dev), lambda: (torch.zeros(1, dtype=torch.float32, device=dev),
+    return cached(("dummies", dev), lambda: (torch.zeros(1, dtype=torch.float32, device=dev),
                                              torch.zeros(2, dtype=torch.int64, device=dev),
                                              torch.zeros(1, dtype=torch.int32, device=dev),
                                              torch.zeros(1, dtype=torch.uint8, device=dev)))
@@ -237,7 +224,7 @@ def _heads_per_program(n_programs: int, R: int, dev) -> int:
 
 def _received_count(B, Q, K, *, causal, sliding_window, received_window, key_padding, device):
     """How many queries may see key s (and fall in the received window): closed form, [B, K] fp32."""
-    base = _cached(("count", device, B, Q, K, bool(causal), sliding_window, received_window),
+    base = cached(("count", device, B, Q, K, bool(causal), sliding_window, received_window),
                    lambda: _count_base(B, Q, K, causal, sliding_window, received_window, device))
     if key_padding is None:
         return base.clone()
@@ -323,7 +310,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
     # ---- per-call tables ----
     kpos0 = (key_pos0.to(device=dev, dtype=i64).contiguous() if key_pos0 is not None
-             else _cached(("pos0", dev, B), lambda: torch.zeros(B, dtype=i64, device=dev)))
+             else cached(("pos0", dev, B), lambda: torch.zeros(B, dtype=i64, device=dev)))
     pad = None
     if key_padding is not None:
         pad = key_padding.to(device=dev)
@@ -342,7 +329,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     rd_hastgt = dummy_i32
     rd_src = rd_tgt = dummy_i
     if redist:
-        (nsrc, ntgt, rd_factor, rd_maxr, rd_mint, rd_hastgt, rd_src, rd_tgt) = _cached(
+        (nsrc, ntgt, rd_factor, rd_maxr, rd_mint, rd_hastgt, rd_src, rd_tgt) = cached(
             ("redist", dev, H, ed.redistributions), lambda: _redistribution_tables(ed.redistributions, H, dev))
 
     # ---- buffers ----

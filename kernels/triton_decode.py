@@ -27,6 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .device_cache import cached
 from .spec import decline_reason
 
 from .flash_stats import IDX_BIG, LN2, LOG2E, NEG_BIG  # noqa: E402  (one definition of the constants)
@@ -317,7 +318,6 @@ MERGE_BLOCK_S = 32
 INTERPRET_BLOCK_N = 16
 
 _SM: dict = {}
-_CONST: dict = {}
 
 
 def _pow2(n: int) -> int:
@@ -327,15 +327,6 @@ def _pow2(n: int) -> int:
 def _interpreting() -> bool:
     import os
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _const(key, make):
-    t = _CONST.get(key)
-    if t is None:
-        if len(_CONST) > 256:
-            _CONST.clear()
-        t = _CONST[key] = make()
-    return t
 
 
 def eligible(q, k, *, stats=None, edits=None, min_k: int | None = None) -> str | None:
@@ -416,13 +407,13 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
     st = stats
     nspan, spans = span_table(st, dev)
-    dummy_f = _const(("f", dev), lambda: torch.zeros(1, dtype=f32, device=dev))
-    dummy_i = _const(("i", dev), lambda: torch.zeros(2, dtype=i64, device=dev))
-    dummy_i32 = _const(("i32", dev), lambda: torch.zeros(1, dtype=torch.int32, device=dev))
-    dummy_u8 = _const(("u8", dev), lambda: torch.zeros(1, dtype=torch.uint8, device=dev))
+    dummy_f = cached(("f", dev), lambda: torch.zeros(1, dtype=f32, device=dev))
+    dummy_i = cached(("i", dev), lambda: torch.zeros(2, dtype=i64, device=dev))
+    dummy_i32 = cached(("i32", dev), lambda: torch.zeros(1, dtype=torch.int32, device=dev))
+    dummy_u8 = cached(("u8", dev), lambda: torch.zeros(1, dtype=torch.uint8, device=dev))
     spans = spans if nspan else dummy_i
     kpos0 = (key_pos0.to(device=dev, dtype=i64).contiguous() if key_pos0 is not None
-             else _const(("pos0", dev, B), lambda: torch.zeros(B, dtype=i64, device=dev)))
+             else cached(("pos0", dev, B), lambda: torch.zeros(B, dtype=i64, device=dev)))
     pad = dummy_u8
     if key_padding is not None:
         pad = key_padding.to(device=dev)
@@ -490,7 +481,7 @@ def span_table(stats, device):
         spans += [(int(a), int(b)) for a, b in stats.spans]
     if not spans:
         return 0, None
-    return len(spans), _const(("spans", device, tuple(spans)),
+    return len(spans), cached(("spans", device, tuple(spans)),
                               lambda: torch.tensor(spans, dtype=torch.int64, device=device).reshape(-1))
 
 

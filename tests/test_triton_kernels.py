@@ -381,3 +381,23 @@ def test_long_context_cuda():
         if n != "argmax":
             torch.testing.assert_close(got[n], want[n], atol=2e-3 * (9000 if "dist" in n or n == "received_sum" else 1),
                                        rtol=1e-3, msg=lambda m: f"{n}: {m}")
+
+
+def test_device_cache_builds_once_and_stays_bounded(monkeypatch):
+    """``device_cache.cached`` hands back the same tensor for a key (built once), a new one for a new
+    key, and empties itself at MAX_ENTRIES instead of growing with every shape a session meets."""
+    from headscope.kernels import device_cache
+    monkeypatch.setattr(device_cache, "_CACHE", {})
+    monkeypatch.setattr(device_cache, "MAX_ENTRIES", 3)
+    built = []
+
+    def make(n):
+        built.append(n)
+        return torch.zeros(n)
+    a = device_cache.cached(("z", 2), lambda: make(2))
+    assert device_cache.cached(("z", 2), lambda: make(2)) is a and built == [2]
+    assert device_cache.cached(("z", 3), lambda: make(3)).shape == (3,) and built == [2, 3]
+    for n in (4, 5, 6):
+        device_cache.cached(("z", n), lambda n=n: make(n))
+    assert len(device_cache._CACHE) <= 3
+    assert device_cache.cached(("z", 2), lambda: make(2)) is not a          # evicted, built again
