@@ -1,6 +1,7 @@
 """End-to-end on one GPU (issue #3): a Llama-3-8B-shaped model with random weights (32 layers,
-H=32, G=8, d=128, bf16) at N tokens: full head census (every statistic on every layer, through the
-headscope attention path and its Triton kernels) versus the same model's plain SDPA forward, and
+H=32, G=8, d=128, bf16; ``--shape`` picks Qwen2.5-7B, SmolLM2 (d64) or a d256 attention) at N
+tokens: full head census (every statistic on every layer, through the headscope attention path
+and its kernels) versus the same model's plain SDPA forward, and
 HF eager attention with output_attentions=True (what TransformerLens and nnsight rely on).
 
     python benchmarks/e2e_gpu.py --n 32768 --layers 32 [--no-eager]
@@ -31,14 +32,34 @@ import time
 import torch
 
 
-def build(layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                      max_position_embeddings=131072, rope_theta=500000.0)
+# model shapes (random weights): attention as in the named model, Llama architecture except Qwen2.5
+# (its own, with q/k/v biases). "d256" has Gemma-3-1B's attention (4 heads, 1 KV head, head dim 256)
+# without its sliding-window layers, which the in-kernel statistics do not take.
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=128256, rope_theta=500000.0),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                       vocab_size=152064, rope_theta=1000000.0),
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                    vocab_size=49152, rope_theta=100000.0),
+    "d256": dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
+                 head_dim=256, vocab_size=262144, rope_theta=1000000.0),
+}
+
+
+def config(shape: str, layers: int):
+    """The transformers config of ``shape`` (a key of SHAPES) with ``layers`` layers."""
+    from transformers import LlamaConfig, Qwen2Config
+    cls = Qwen2Config if shape == "qwen2.5-7b" else LlamaConfig
+    return cls(num_hidden_layers=layers, max_position_embeddings=131072, **SHAPES[shape])
+
+
+def build(layers: int, shape: str = "llama3-8b"):
+    from transformers import AutoModelForCausalLM
+    cfg = config(shape, layers)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg)
+        model = AutoModelForCausalLM.from_config(cfg)
     torch.set_default_dtype(torch.float32)
     return model.eval()
 
@@ -60,6 +81,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="+", default=[32768])
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b",
+                    help="attention shape of the random model (default Llama-3-8B)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--masses-only", action="store_true",
@@ -67,12 +90,12 @@ def main():
     a = ap.parse_args()
     import headscope as hs
     from headscope.kernels import fa4
-    model = build(a.layers)
+    model = build(a.layers, a.shape)
     rows = []
     for n in a.n:
-        toks = torch.randint(0, 128256, (1, n), device="cuda")
+        toks = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
         base = model.model
-        res = {"n": n, "layers": a.layers, "device": torch.cuda.get_device_name()}
+        res = {"n": n, "layers": a.layers, "shape": a.shape, "device": torch.cuda.get_device_name()}
         with torch.no_grad():
             model.set_attn_implementation("sdpa")
             torch.cuda.reset_peak_memory_stats()
@@ -136,15 +159,15 @@ def main():
             model.set_attn_implementation("sdpa")
         rows.append(res)
         print(json.dumps(res), flush=True)
-    lines = ["| N | layers | default SDPA forward (s) | census, all stats all layers (s, ×SDPA) | row stats only "
+    lines = ["| shape | N | layers | default SDPA forward (s) | census, all stats all layers (s, ×SDPA) | row stats only "
              "(s, ×SDPA) | sink + recent + window distance (s, ×SDPA) | headscope, nothing recorded (×SDPA) "
              "| FA4 backend | census peak GB | eager + output_attentions |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r, key):
         return f"{r[key + '_s']:.3f} ({r[key + '_ratio']:.2f}×)" if key + "_s" in r else "not run"
     for r in rows:
-        lines.append(f"| {r['n']} | {r['layers']} | {r['sdpa_s']:.3f} | {cell(r, 'census')} | {cell(r, 'rows')} | "
+        lines.append(f"| {r['shape']} | {r['n']} | {r['layers']} | {r['sdpa_s']:.3f} | {cell(r, 'census')} | {cell(r, 'rows')} | "
                      f"{cell(r, 'masses')} | {r['headscope_plain_ratio']:.2f}× | {'yes' if r['fa4'] else 'no'} | "
                      f"{r.get('census_peak_gb', float('nan')):.1f} | {r.get('eager_output_attentions', 'not run')} |")
     table = "\n".join(lines)

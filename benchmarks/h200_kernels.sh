@@ -4,6 +4,7 @@
 #   fa4     install FlashAttention-4 from the wheels in $WHEELS (default .whl) into /tmp/fa4site
 #   tests   GPU tests of the Triton kernels (decode + general) and the probe check
 #   decode  decode sweep + decode table;  sweep  prefill tile sweep (16k);  e2e  census vs SDPA at 32k
+#           ($E2E_SHAPE: llama3-8b (default), qwen2.5-7b, smollm2 or d256; $E2E_LAYERS, default 8)
 #   compare FA4/cuDNN/flash/Flex/ours table, with the FA4 backend's columns (after fa4)
 #   fa4check  the FA4 backend's tests (tests/test_kernels_fa4.py: GPU tests against the reference; a pytest -k
 #             expression in $FA4CHECK_K, e.g. "in_kernel or received") (after fa4)
@@ -55,7 +56,8 @@ for step in "$@"; do
     sweep)
       python3 benchmarks/kernels.py --sweep --sweep-sizes 16384 2>&1 | tee $OUT/sweep.log | tail -30 ;;
     e2e)
-      python3 benchmarks/e2e_gpu.py --n 32768 --layers ${E2E_LAYERS:-8} --no-eager 2>&1 | tee $OUT/e2e.log | tail -8 ;;
+      python3 benchmarks/e2e_gpu.py --n 32768 --layers ${E2E_LAYERS:-8} --shape ${E2E_SHAPE:-llama3-8b} --no-eager 2>&1 \
+        | tee -a $OUT/e2e.log | tail -3 ;;
     fa4check)
       copy_tree
       (cd /tmp/hs/headscope && PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider -rs \
