@@ -26,3 +26,24 @@ def cached(key, make):
             _CACHE.clear()
         value = _CACHE[key] = make()
     return value
+
+
+def dummies(dev):
+    """(fp32 [1], int64 [2], int32 [1], uint8 [1]) zero tensors on ``dev``: what the Triton kernels
+    receive for pointer arguments a call does not use."""
+    import torch
+    return cached(("dummies", dev), lambda: (torch.zeros(1, dtype=torch.float32, device=dev),
+                                             torch.zeros(2, dtype=torch.int64, device=dev),
+                                             torch.zeros(1, dtype=torch.int32, device=dev),
+                                             torch.zeros(1, dtype=torch.uint8, device=dev)))
+
+
+_SM_COUNT: dict = {}
+
+
+def sm_count(dev) -> int:
+    """Streaming multiprocessors of CUDA device ``dev`` (asked once per device)."""
+    if dev not in _SM_COUNT:
+        import torch
+        _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _SM_COUNT[dev]

@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from .device_cache import cached
+from .device_cache import cached, dummies, sm_count
 from .spec import LayerEdits, StatRequest, decline_reason
 
 
@@ -199,23 +199,11 @@ def _redistribution_tables(reds, H, dev):
             torch.tensor(src, dtype=i64, device=dev).reshape(-1), torch.tensor(tgt, dtype=i64, device=dev).reshape(-1))
 
 
-def _dummies(dev):
-    return cached(("dummies", dev), lambda: (torch.zeros(1, dtype=torch.float32, device=dev),
-                                             torch.zeros(2, dtype=torch.int64, device=dev),
-                                             torch.zeros(1, dtype=torch.int32, device=dev),
-                                             torch.zeros(1, dtype=torch.uint8, device=dev)))
-
-
-_SM_COUNT: dict = {}
-
-
 def _heads_per_program(n_programs: int, R: int, dev) -> int:
     """Largest divisor of the GQA ratio R that still gives RECV_MIN_PROGRAMS_PER_SM programs per SM."""
     if dev.type != "cuda":   # interpreter: exercise both the split and the multi-head loop
         return R // 2 if R % 2 == 0 else R
-    if dev not in _SM_COUNT:
-        _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    target = RECV_MIN_PROGRAMS_PER_SM * _SM_COUNT[dev]
+    target = RECV_MIN_PROGRAMS_PER_SM * sm_count(dev)
     for hpp in sorted((x for x in range(1, R + 1) if R % x == 0), reverse=True):
         if n_programs * (R // hpp) >= target:
             return hpp
@@ -300,7 +288,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     BD = max(16, _pow2(D))
     f32, i64 = torch.float32, torch.int64
-    dummy_f, dummy_i, dummy_i32, dummy_u8 = _dummies(dev)
+    dummy_f, dummy_i, dummy_i32, dummy_u8 = dummies(dev)
     n_rows = B * H * Q
 
     st = stats

@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .device_cache import cached
+from .device_cache import cached, dummies, sm_count
 from .spec import decline_reason
 
 from .flash_stats import IDX_BIG, LN2, LOG2E, NEG_BIG  # noqa: E402  (one definition of the constants)
@@ -317,7 +317,6 @@ DECODE_PROGRAMS_PER_SM = 2  # aim for this many partial programs per SM (H200 sw
 MERGE_BLOCK_S = 32
 INTERPRET_BLOCK_N = 16
 
-_SM: dict = {}
 
 
 def _pow2(n: int) -> int:
@@ -353,13 +352,10 @@ def eligible(q, k, *, stats=None, edits=None, min_k: int | None = None) -> str |
 def n_splits_for(B: int, G: int, K_vis: int, block_n: int, device) -> tuple[int, int]:
     """(number of key splits, keys per split): about DECODE_PROGRAMS_PER_SM programs per SM, each
     split at least two key blocks long."""
-    import torch
     if device.type != "cuda":                  # interpreter: several splits on tiny problems
         split = 2 * block_n
     else:
-        if device not in _SM:
-            _SM[device] = torch.cuda.get_device_properties(device).multi_processor_count
-        want = max(1, (DECODE_PROGRAMS_PER_SM * _SM[device]) // max(1, B * G))
+        want = max(1, (DECODE_PROGRAMS_PER_SM * sm_count(device)) // max(1, B * G))
         split = max(2 * block_n, -(-K_vis // want))
         split = -(-split // block_n) * block_n
     return max(1, -(-K_vis // split)), split
@@ -407,10 +403,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
     st = stats
     nspan, spans = span_table(st, dev)
-    dummy_f = cached(("f", dev), lambda: torch.zeros(1, dtype=f32, device=dev))
-    dummy_i = cached(("i", dev), lambda: torch.zeros(2, dtype=i64, device=dev))
-    dummy_i32 = cached(("i32", dev), lambda: torch.zeros(1, dtype=torch.int32, device=dev))
-    dummy_u8 = cached(("u8", dev), lambda: torch.zeros(1, dtype=torch.uint8, device=dev))
+    dummy_f, dummy_i, dummy_i32, dummy_u8 = dummies(dev)
     spans = spans if nspan else dummy_i
     kpos0 = (key_pos0.to(device=dev, dtype=i64).contiguous() if key_pos0 is not None
              else cached(("pos0", dev, B), lambda: torch.zeros(B, dtype=i64, device=dev)))
