@@ -4,7 +4,7 @@
 Triton row-statistics kernel, in one run. Issue 13.
 
     python benchmarks/fa4_stats_gpu.py [--check-only | --no-check] [--shapes Llama-3-8B,...]
-        [--sizes 16384,32768] [--only "ours: all rows,transposed pass alone"]
+        [--sizes 16384,32768] [--only "ours: all rows,transposed pass alone"] [--rep 100]
 """
 import argparse
 import os
@@ -76,9 +76,12 @@ def check(B, H, G, N, d, seed, key_pos0=None, temp=1.0):
     return errs
 
 
+REP_MS = 100     # do_bench's time budget per column (--rep; at 64k-128k one call takes 50-300 ms)
+
+
 def bench(fn):
     """(median ms, mean SM clock in MHz or None)."""
-    t, c = clocked_bench(fn, rep=100)
+    t, c = clocked_bench(fn, rep=REP_MS)
     return t, c.mhz
 
 
@@ -157,7 +160,10 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated column labels to time (FA4's two calls always run)")
     ap.add_argument("--shapes", default="Llama-3-8B,Qwen2.5-7B,SmolLM2,Gemma-3")
     ap.add_argument("--sizes", default="16384,32768")
+    ap.add_argument("--rep", type=int, default=100, help="ms of timed calls per column (do_bench's rep)")
     a = ap.parse_args()
+    global REP_MS
+    REP_MS = a.rep
     worst = {}
     cases = () if a.no_check else ((2, 8, 2, 1000, 128, 0, [0, 3]), (1, 9, 3, 777, 64, 1, None),
                                    (1, 8, 4, 600, 256, 2, None), (1, 32, 8, 4096, 128, 3, None),

@@ -14,6 +14,9 @@
 #               or folder; needs rouge_score on PYTHONPATH, e.g. the .whl/pydeps folder)
 #   rowsab      benchmarks/rows_ab.py for this tree's kernels/flash_stats.py (label "tree")
 #   fa4stats    benchmarks/fa4_stats_gpu.py: in-kernel row statistics and column sums, checks + timing (after fa4)
+#   long        fa4_stats_gpu.py timing at long context: $SHAPES (default the two d128 ones) at $LONG_SIZES
+#               (default 65536,131072), 2 s of calls per column; all rows, rows + column sums, the pass (after fa4)
+#   decodeprof  benchmarks/decode_host_profile.py: where an eager decode step's host time goes (cProfile)
 #   colsum      benchmarks/colsum_ab.py: the transposed column-sum pass's variants (after fa4)
 #   colsumbest  the same with the variant colsum_ab.py found fastest (the BEST line of
 #               $OUT/colsum_ab.md; after colsum)
@@ -22,7 +25,9 @@
 #               column sums, and fa4_stats_gpu.py --check-only, with each non-default setting (after fa4)
 #   abtime      fa4_stats_gpu.py timing of every setting of $AB, $AB_ROUNDS rounds (default 2), interleaved,
 #               shapes $SHAPES (default the two d128 ones; add SmolLM2,Gemma-3 for the d64/d256 tiles)
-#               (e.g. AB="HEADSCOPE_FA4S_PARTIALS=1 HEADSCOPE_FA4S_PARTIALS=4" for the partial-sums A/B)
+#               (e.g. AB="HEADSCOPE_FA4S_PARTIALS=1 HEADSCOPE_FA4S_PARTIALS=4" for the partial-sums A/B);
+#               $AB_ONLY: the columns (default "ours: all rows,transposed pass alone"), $AB_REP: ms of calls per column
+#   launch      benchmarks/launch_overhead.py: an eager decode step's host cost taken apart
 #   ncu         Nsight Compute over benchmarks/ncu_rows.py's sets in $NCU_SETS (default "split cols"):
 #               $OUT/ncu_SET.csv and its table (benchmarks/ncu_summary.py); with NCU_SASS=1 also the
 #               per-SASS-instruction stall samples of FA4 and of the all-rows kernel (ncu_sass_*.csv.gz) (after fa4)
@@ -76,6 +81,14 @@ for step in "$@"; do
     fa4stats)
       python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B,Gemma-3} --sizes ${SIZES:-16384,32768} \
         2>&1 | grep -v "Warn\|exe_args" | tee $OUT/fa4_stats.md | grep -v "^check" | tail -10 ;;
+    long)
+      python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B} --sizes ${LONG_SIZES:-65536,131072} \
+        --no-check --rep 2000 --only "cuDNN SDPA,ours: all rows,all rows + column sums,transposed pass alone,masses,entropy+distance+argmax" \
+        2>&1 | grep -v "Warn\|exe_args" | tee -a $OUT/fa4_stats_long.md | tail -12 ;;
+    launch)
+      python3 benchmarks/launch_overhead.py 2>&1 | tee $OUT/launch_overhead.md | tail -8 ;;
+    decodeprof)
+      python3 benchmarks/decode_host_profile.py 2>&1 | tee $OUT/decode_host_profile.md | grep "^##" ;;
     colsum)
       python3 benchmarks/colsum_ab.py 2>&1 | grep -v "Warn\|exe_args" | tee $OUT/colsum_ab.md | tail -12 ;;
     colsumbest)
@@ -100,7 +113,8 @@ for step in "$@"; do
           echo "== $setting" | tee -a $OUT/abtime.md
           vars=${setting//+/ }; [ "$setting" = "-" ] && vars=      # "-": the defaults ("env -" would empty the env)
           env $vars python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B} \
-            --sizes ${SIZES:-16384,32768} --no-check --only "ours: all rows,transposed pass alone" 2>&1 \
+            --sizes ${SIZES:-16384,32768} --no-check --only "${AB_ONLY:-ours: all rows,transposed pass alone}" \
+            --rep ${AB_REP:-100} 2>&1 \
             | grep -v "Warn\|exe_args" | tee -a $OUT/abtime.md | grep "^| [LQG]"
         done
       done ;;

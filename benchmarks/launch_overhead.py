@@ -1,0 +1,114 @@
+"""Host cost of one eager decode step, taken apart on the GPU: the whole call
+(``triton_attention.attention`` -> ``triton_decode``), the two Triton launches alone through
+``JITFunction`` (``kernel[grid](...)``, with the same arguments), the same two launches through the
+compiled kernels (``CompiledKernel[grid]``, no argument binding or cache-key work), and the
+buffers' ``torch.empty`` calls; default SDPA for scale. Wall µs per call over back-to-back calls.
+Issue 13.
+
+    python benchmarks/launch_overhead.py [--calls 2000]          # on a GPU
+"""
+import argparse
+import inspect
+import os as _os
+import sys as _sys
+import time
+
+_here = _os.path.dirname(_os.path.realpath(__file__))   # benchmarks/kernels.py would shadow transformers'
+_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from headscope.kernels import triton_attention as ta  # noqa: E402
+from headscope.kernels import triton_decode as td  # noqa: E402
+from headscope.kernels.spec import StatRequest  # noqa: E402
+
+
+class Recorder:
+    """Stands in for a ``@triton.jit`` kernel: records each launch's grid and arguments, then launches."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.calls.append((grid, args, kw))
+            return self.fn[grid](*args, **kw)
+        return launch
+
+
+def wall_us(fn, n):
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=2000)
+    a = ap.parse_args()
+    print("| case | SDPA | whole call | 2 launches, JITFunction | 2 launches, compiled kernel | torch.empty x6 |")
+    print("|---|---|---|---|---|---|")
+    for name, K, req in (("Llama-3-8B 8k plain", 8192, None), ("Llama-3-8B 8k argmax", 8192, StatRequest(argmax=True)),
+                         ("Llama-3-8B 32k all rows", 32768, StatRequest(sink_k=4, entropy=True, distance=True,
+                                                                         recent=64, argmax=True))):
+        B, H, G, d = 1, 32, 8, 128
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(B, H, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
+
+        def whole():
+            return ta.attention(q, k, v, scaling=d ** -0.5, causal=True, stats=req)
+        saved = td.decode_partial_kernel, td.decode_merge_kernel
+        rec = [Recorder(f) for f in saved]
+        td.decode_partial_kernel, td.decode_merge_kernel = rec
+        with torch.no_grad():
+            whole()
+        td.decode_partial_kernel, td.decode_merge_kernel = saved
+        (g1, a1, k1), (g2, a2, k2) = rec[0].calls[0], rec[1].calls[0]
+
+        def jit_launches():
+            saved[0][g1](*a1, **k1)
+            saved[1][g2](*a2, **k2)
+        compiled = []
+        try:
+            for f, gr, args, kw in ((saved[0], g1, a1, k1), (saved[1], g2, a2, k2)):
+                kern = f[gr](*args, **kw)                   # JITFunction.run returns the compiled kernel
+                params = inspect.signature(f.fn).parameters
+                bound = inspect.signature(f.fn).bind(*args, **{n: x for n, x in kw.items() if n in params})
+                bound.apply_defaults()
+                compiled.append((kern[gr], tuple(bound.arguments.values())))
+        except Exception as e:  # noqa: BLE001
+            print(f"  compiled kernels: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+        def compiled_launches():
+            if not compiled:
+                raise RuntimeError("no compiled kernels (above)")
+            for run, vals in compiled:
+                run(*vals)
+
+        def empties():
+            for _ in range(6):
+                torch.empty(4096, dtype=torch.float32, device="cuda")
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        cells = []
+        with torch.no_grad():
+            for f in (sdpa, whole, jit_launches, compiled_launches, empties):
+                try:
+                    cells.append(f"{wall_us(f, a.calls):.1f}")
+                except Exception as e:  # noqa: BLE001
+                    cells.append("failed")
+                    print(f"  {f.__name__}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
