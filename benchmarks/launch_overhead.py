@@ -1,5 +1,6 @@
 """Host cost of one eager decode step, taken apart on the GPU: the whole call
-(``triton_attention.attention`` -> ``triton_decode``), the two Triton launches alone through
+(``triton_attention.attention`` -> ``triton_decode``) with the compiled-kernel launch of
+``kernels/launch.py`` (the default) and without it, the two Triton launches alone through
 ``JITFunction`` (``kernel[grid](...)``, with the same arguments), the same two launches through the
 compiled kernels (``CompiledKernel[grid]``, no argument binding or cache-key work), and the
 buffers' ``torch.empty`` calls; default SDPA for scale. Wall µs per call over back-to-back calls.
@@ -19,6 +20,7 @@ _sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from headscope.kernels import launch  # noqa: E402
 from headscope.kernels import triton_attention as ta  # noqa: E402
 from headscope.kernels import triton_decode as td  # noqa: E402
 from headscope.kernels.spec import StatRequest  # noqa: E402
@@ -52,8 +54,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=2000)
     a = ap.parse_args()
-    print("| case | SDPA | whole call | 2 launches, JITFunction | 2 launches, compiled kernel | torch.empty x6 |")
-    print("|---|---|---|---|---|---|")
+    print("| case | SDPA | whole call | whole call, fast launch off | 2 launches, JITFunction | 2 launches, compiled kernel "
+          "| torch.empty x6 |")
+    print("|---|---|---|---|---|---|---|")
     for name, K, req in (("Llama-3-8B 8k plain", 8192, None), ("Llama-3-8B 8k argmax", 8192, StatRequest(argmax=True)),
                          ("Llama-3-8B 32k all rows", 32768, StatRequest(sink_k=4, entropy=True, distance=True,
                                                                          recent=64, argmax=True))):
@@ -83,7 +86,7 @@ def main():
                 params = inspect.signature(f.fn).parameters
                 bound = inspect.signature(f.fn).bind(*args, **{n: x for n, x in kw.items() if n in params})
                 bound.apply_defaults()
-                compiled.append((kern[gr], tuple(bound.arguments.values())))
+                compiled.append((kern[tuple(gr) + (1,) * (3 - len(gr))], tuple(bound.arguments.values())))
         except Exception as e:  # noqa: BLE001
             print(f"  compiled kernels: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
@@ -93,6 +96,17 @@ def main():
             for run, vals in compiled:
                 run(*vals)
 
+        def whole_jit():
+            fl = [launch.fast(f) for f in saved]
+            on = [f.on for f in fl]
+            for f in fl:
+                f.on = False
+            try:
+                return whole()
+            finally:
+                for f, o in zip(fl, on):
+                    f.on = o
+
         def empties():
             for _ in range(6):
                 torch.empty(4096, dtype=torch.float32, device="cuda")
@@ -101,7 +115,7 @@ def main():
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         cells = []
         with torch.no_grad():
-            for f in (sdpa, whole, jit_launches, compiled_launches, empties):
+            for f in (sdpa, whole, whole_jit, jit_launches, compiled_launches, empties):
                 try:
                     cells.append(f"{wall_us(f, a.calls):.1f}")
                 except Exception as e:  # noqa: BLE001

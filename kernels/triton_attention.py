@@ -33,6 +33,7 @@ import os
 import torch
 
 from .device_cache import cached, dummies, sm_count
+from .launch import fast
 from .spec import LayerEdits, StatRequest, decline_reason
 
 
@@ -248,7 +249,7 @@ def _received_sums(q, k, lse, coef, st, common, flags, rd_args, nsrc, ntgt, cfg,
     rw = st.received_window
     R = H // G
     hpp = _heads_per_program(triton.cdiv(K, RBN) * B * G, R, q.device)
-    received_kernel[(triton.cdiv(K, RBN), B * G * (R // hpp))](
+    fast(received_kernel)[(triton.cdiv(K, RBN), B * G * (R // hpp))](
         q, k, lse, coef, recv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         recv.stride(0), recv.stride(1), **common, HEADS_PER_PROG=hpp,
@@ -352,7 +353,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
     def fwd(mode, with_stats, write_lse):
         s = st if with_stats else None
-        fs._attn_fwd[grid](
+        fast(fs._attn_fwd)[grid](
             q, k, v, out, lse, rows, arg, coef, *strides, **common,
             Spans=spans, wdist_w=int(s.window_distance or 0) if s else 0,
             recent_r=int(s.recent or 0) if s else 0,

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .device_cache import cached, dummies, sm_count
+from .launch import fast
 from .spec import decline_reason
 
 from .flash_stats import IDX_BIG, LN2, LOG2E, NEG_BIG  # noqa: E402  (one definition of the constants)
@@ -423,21 +424,27 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     any_row = bool(nspan or ent or dis or wd or rec or am)
     n_prow = B * G * S * RQ
     n_rows = B * H * Q
-    # one allocation for the partials: m, l, acc, stats slots (5 + spans if any), idx
+    # one allocation for the partials (m, l, acc, stats slots (5 + spans if any), the int32 idx) and one
+    # for the results (the int64 argmax first, so that its fp32 pair view is 8-byte aligned, then the
+    # LSE and the row slots): each torch.empty is host time in every eager decode step
     n_slot = (5 + nspan) if any_row else 0
-    part = torch.empty(n_prow * (2 + D + n_slot), dtype=f32, device=dev)
+    part = torch.empty(n_prow * (2 + D + n_slot + (1 if am else 0)), dtype=f32, device=dev)
     pm, pl = part[:n_prow], part[n_prow:2 * n_prow]
     pacc = part[2 * n_prow:(2 + D) * n_prow]
-    pstats = part[(2 + D) * n_prow:] if any_row else dummy_f
-    pidx = torch.empty(n_prow, dtype=torch.int32, device=dev) if am else dummy_i32
+    pstats = part[(2 + D) * n_prow:(2 + D + n_slot) * n_prow] if any_row else dummy_f
+    pidx = part[(2 + D + n_slot) * n_prow:].view(torch.int32) if am else dummy_i32
 
     out = torch.empty(B, H, Q, D, dtype=q.dtype, device=dev)
-    lse = torch.empty(n_rows, dtype=f32, device=dev) if st is not None else dummy_f
-    rows = torch.empty(5 + nspan, n_rows, dtype=f32, device=dev) if any_row else dummy_f
-    arg = torch.empty(n_rows, dtype=i64, device=dev) if am else dummy_i
+    lse, rows, arg = dummy_f, dummy_f, dummy_i
+    if st is not None:
+        n_arg = 2 * n_rows if am else 0
+        res = torch.empty(n_arg + n_rows * (1 + (5 + nspan if any_row else 0)), dtype=f32, device=dev)
+        arg = res[:n_arg].view(i64) if am else dummy_i
+        lse = res[n_arg:n_arg + n_rows]
+        rows = res[n_arg + n_rows:].view(5 + nspan, n_rows) if any_row else dummy_f
 
     flags = dict(HEAD_D=D, BLOCK_D=BD, NSPAN=nspan, ENTROPY=ent, DISTANCE=dis, WDIST=wd, RECENT=rec, ARGMAX=am)
-    decode_partial_kernel[(S, B * G)](
+    fast(decode_partial_kernel)[(S, B * G)](
         q, k, v, pm, pl, pacc, pstats, pidx,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -451,7 +458,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
         DOT_UPCAST=interp and q.dtype == torch.bfloat16, **flags,
         num_warps=warps, num_stages=stages,
     )
-    decode_merge_kernel[(n_rows,)](
+    fast(decode_merge_kernel)[(n_rows,)](
         pm, pl, pacc, pstats, pidx, out, lse, rows, arg,
         out.stride(0), out.stride(1), out.stride(2), H, G, Q, S, n_rows, kpos0,
         RQ=RQ, BLOCK_S=min(MERGE_BLOCK_S, max(2, _pow2(S))), WRITE_LSE=st is not None, **flags,

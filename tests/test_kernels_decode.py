@@ -168,3 +168,31 @@ def test_decode_nan_row_stays_nan():
     assert out[0, 1].isnan().all() and not out[0, [0, 2, 3]].isnan().any()
     for n in ("lse", "sink_mass", "entropy", "distance", "max_prob"):
         assert got[n][0, 1].isnan().all() and not got[n][0, [0, 2, 3]].isnan().any(), n
+
+
+@pytest.mark.skipif(not CUDA, reason="the compiled-kernel launch (kernels/launch.py) is off in the interpreter")
+def test_decode_steps_through_the_compiled_kernel_launch_stay_exact():
+    """A decode loop as generation runs it: the cache grows by one key per step, K / V are views at
+    varying offsets, and the query is at times not 16-byte aligned (a kernel specialised for aligned
+    pointers would fault or misread on it). The first call of each specialisation compiles, later
+    ones launch the kept compiled kernel (``launch.fast``); every step matches the reference."""
+    try:
+        from headscope.kernels import launch
+    except ImportError:
+        from kernels import launch
+    prob = _problem(B=1, H=8, G=2, K=75, D=64, dtype=torch.bfloat16)
+    req = StatRequest(**ALL_ROW)
+    kk, vv, q = prob["k"], prob["v"], prob["q"]
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEV)
+    q_odd = buf[1:].view(q.shape)                          # 2 bytes past a 16-byte boundary
+    q_odd.copy_(q)
+    assert q_odd.data_ptr() % 16 != 0
+    steps = [(2000, 0, q), (2001, 0, q), (2002, 1, q), (2003, 0, q_odd), (2016, 3, q_odd), (2017, 0, q_odd),
+             (2018, 0, q)]
+    for K, off, qq in steps:
+        p = dict(prob, q=qq, k=kk[:, :, off:off + K], v=vv[:, :, off:off + K])
+        out, got = td.attention(**p, stats=req)
+        _check(p, out, got, req)
+    fl = launch.fast(td.decode_partial_kernel)
+    assert fl.on and fl.plans and any(checked for _, checked in fl.plans.values()), \
+        "no key was reused: the loop did not exercise the compiled-kernel launch"

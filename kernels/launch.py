@@ -1,0 +1,145 @@
+"""Launching a ``@triton.jit`` kernel again without Triton's per-call work (issue 13).
+
+``kernel[grid](*args, **kwargs)`` runs ``JITFunction.run`` on every call. That binds the arguments,
+specialises each one (its dtype, 16-byte alignment, integer range, ``== 1``, divisibility by 16),
+builds a cache-key string, checks the kernel's globals, and only then launches. On the H200 two
+such launches took 63-107 µs of host time against 31-43 µs through the compiled kernels, for a
+decode step whose GPU work is 10-40 µs (``benchmarks/launch_overhead.py``, BENCHMARKS.md "Decode
+per call, eager vs graph"). An eager decode step is host-bound, so that is most of its time.
+
+``fast(kernel)[grid](*args, **kwargs)`` takes the same arguments as ``kernel[grid]``:
+
+- Each call is keyed on what Triton's specialisation reads (``specialization_fact``, value by
+  value), on the constexpr and option values, and on the current CUDA device.
+- The first call with a key goes through ``kernel[grid]``, which compiles as usual and returns the
+  compiled kernel. That kernel is kept.
+- Later calls with the key launch the kept kernel directly (``CompiledKernel[grid]``).
+- The first reuse of each key is checked against Triton's own choice (``JITFunction.warmup``, which
+  specialises and looks up without launching). If Triton picks another compiled kernel, it
+  specialises on something the key does not hold: fast launches stop for the process, said once.
+
+Off under the interpreter (``TRITON_INTERPRET=1``), for anything that is not a ``JITFunction``, and
+when ``HEADSCOPE_TRITON_FAST_LAUNCH=0``; then ``fast(kernel)[grid]`` is ``kernel[grid]``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("headscope")
+_I32 = (-(1 << 31), 1 << 31)
+_I64_MAX = 1 << 63
+ENABLED = os.environ.get("HEADSCOPE_TRITON_FAST_LAUNCH", "1") not in ("0", "")
+
+
+def specialization_fact(x):
+    """What Triton's specialisation of a non-constexpr argument depends on (Triton 3.x,
+    ``native_specialize_impl``): a tensor's dtype and whether its address is a multiple of 16; an
+    int's being 1, its range (i32 / i64 / u64) and divisibility by 16; for floats, bools and None
+    only the kind. Two values with equal facts get the same compiled kernel."""
+    t = type(x)
+    if t is int:
+        if x == 1:
+            return 1
+        return (x % 16 == 0, 0 if _I32[0] <= x < _I32[1] else (1 if x < _I64_MAX else 2))
+    if isinstance(x, torch.Tensor):
+        return (x.dtype, x.data_ptr() % 16 == 0)
+    if t is float:
+        return "f"
+    if t is bool:
+        return "b"
+    if x is None:
+        return None
+    return (t, x)          # anything else: its value (hashable, or the key fails and the call falls back)
+
+
+class FastLaunch:
+    """``kernel[grid]`` with the compiled kernel kept per specialisation key (module docstring)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.plans: dict = {}          # key -> [compiled kernel, checked against Triton's choice]
+        self.on = ENABLED and _jit_function(kernel) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+        if self.on:
+            params = kernel.params
+            self.names = [p.name for p in params]
+            self.name_set = frozenset(self.names)
+            self.constexpr = [bool(p.is_constexpr) for p in params]
+            import inspect
+            sig = inspect.signature(kernel.fn)
+            self.defaults = {n: p.default for n, p in sig.parameters.items()
+                             if p.default is not inspect.Parameter.empty}
+            self._tails: dict = {}      # number of positional args -> names that come after them
+
+    def __getitem__(self, grid):
+        if not self.on or callable(grid):
+            return self.kernel[grid]
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _values(self, args, kwargs):
+        """Every parameter's value, in the kernel's order (positional, keyword, default)."""
+        tail = self._tails.get(len(args))
+        if tail is None:
+            tail = self._tails[len(args)] = self.names[len(args):]
+        d = self.defaults
+        return args + tuple(kwargs[n] if n in kwargs else d[n] for n in tail)
+
+    def _launch(self, grid, args, kwargs):
+        try:
+            vals = self._values(args, kwargs)
+            ce = self.constexpr
+            key = (torch.cuda.current_device(),
+                   tuple((n, v) for n, v in kwargs.items() if n not in self.name_set),     # options
+                   tuple(v if c else specialization_fact(v) for v, c in zip(vals, ce)))
+            plan = self.plans.get(key)
+        except (KeyError, TypeError):        # a missing argument or an unhashable value: Triton says what
+            return self.kernel[grid](*args, **kwargs)
+        if plan is None:
+            compiled = self.kernel[grid](*args, **kwargs)
+            if compiled is not None and hasattr(compiled, "run"):
+                self.plans[key] = [compiled, False]
+            return compiled
+        compiled, checked = plan
+        if not checked:
+            if self.kernel.warmup(*args, grid=grid, **kwargs) is not compiled:
+                self._stop(f"Triton chose another compiled {self.kernel.__name__} for arguments with the "
+                           "same specialisation facts")
+                return self.kernel[grid](*args, **kwargs)
+            plan[1] = True
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        compiled[g](*vals)
+        return compiled
+
+    def _stop(self, reason: str):
+        global ENABLED
+        ENABLED = False
+        self.on = False
+        for f in _FAST.values():
+            f.on = False
+        log.warning("headscope: %s; Triton kernels now launch through JITFunction (same results, more host "
+                    "time per call)", reason)
+
+
+def _jit_function(kernel) -> bool:
+    """``kernel`` is a Triton ``JITFunction`` with what ``FastLaunch`` reads (its parameters'
+    names and constexpr flags, ``warmup``)."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return False
+    params = getattr(kernel, "params", None)
+    return (isinstance(kernel, JITFunction) and hasattr(kernel, "warmup") and params is not None
+            and all(hasattr(p, "name") and hasattr(p, "is_constexpr") for p in params))
+
+
+_FAST: dict = {}
+
+
+def fast(kernel) -> FastLaunch:
+    """The ``FastLaunch`` of ``kernel`` (one per kernel per process)."""
+    f = _FAST.get(id(kernel))
+    if f is None or f.kernel is not kernel:
+        f = _FAST[id(kernel)] = FastLaunch(kernel)
+    return f

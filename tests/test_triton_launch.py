@@ -1,0 +1,140 @@
+"""``kernels/launch.py``: the compiled-kernel launch keeps Triton's specialisation (its key holds
+everything Triton's own ``native_specialize_impl`` reads) and falls back, saying so once, when
+Triton disagrees. On the CPU with a stand-in for the compiled kernel; the GPU tests of the Triton
+paths (``test_kernels_decode.py``, ``test_triton_kernels.py``) run the real launches."""
+import itertools
+import logging
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from kernels import launch  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+def _values():
+    ints = [0, 1, 2, 15, 16, 17, 32, 48, -16, -1, 2 ** 31 - 16, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 16,
+            -2 ** 31, -2 ** 31 - 16, 2 ** 62, 2 ** 63, 2 ** 63 + 16]
+    base = torch.zeros(64, dtype=torch.float32)
+    tensors = [base, base[1:], base[4:], base[8:]]
+    for dt in (torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool):
+        t = torch.zeros(64, dtype=dt)
+        tensors += [t, t[1:], t[16:]]
+    return ints + tensors + [0.0, 1.0, 1.5, -2.0, True, False, None]
+
+
+def test_equal_facts_mean_equal_triton_specialisation():
+    """Two argument values with the same ``specialization_fact`` get the same specialisation from
+    Triton itself, for ints around every boundary, tensors of several dtypes and alignments,
+    floats, bools and None. (A finer key only costs cache entries; a coarser one would reuse a
+    kernel compiled for the wrong arguments, which this would catch after a Triton upgrade.)"""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError as e:
+        pytest.skip(f"this Triton has no native_specialize_impl to compare with ({e})")
+    vals = _values()
+    facts = [launch.specialization_fact(v) for v in vals]
+    native = [native_specialize_impl(BaseBackend, v, False, True, True) for v in vals]
+    for (i, a), (j, b) in itertools.combinations(enumerate(facts), 2):
+        if a == b:
+            assert native[i] == native[j], (vals[i], vals[j], a, native[i], native[j])
+    # and the facts do tell apart what Triton tells apart
+    assert len(set(facts)) == len(set(map(str, native)))
+
+
+def toy(X, n, scale, Y, BLOCK: tl.constexpr, FLAG: tl.constexpr = False):
+    pass
+
+
+class Compiled:
+    """Stands in for a ``CompiledKernel``: records each direct launch."""
+
+    def __init__(self, name):
+        self.name, self.launches = name, []
+
+    def run(self, *args):
+        raise AssertionError("launched through __getitem__ only")
+
+    def __getitem__(self, grid):
+        return lambda *vals: self.launches.append((grid, vals))
+
+
+class ToyJIT(JITFunction):
+    """A real ``JITFunction`` whose launch and warmup are recorded instead of compiled."""
+
+    def __init__(self, fn):
+        super().__init__(fn)
+        self.jit_launches, self.warmups, self.compiled, self.other = [], 0, {}, None
+
+    def _kernel_for(self, kw):
+        key = (kw["BLOCK"], kw.get("FLAG", False))
+        return self.compiled.setdefault(key, Compiled(key))
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.jit_launches.append((grid, args, kw))
+            return self._kernel_for(kw)
+        return run
+
+    def warmup(self, *args, grid, **kw):
+        self.warmups += 1
+        return self.other if self.other is not None else self._kernel_for(kw)
+
+
+@pytest.fixture
+def toy_kernel(monkeypatch):
+    monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch, "ENABLED", True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    k = ToyJIT(toy)
+    f = launch.FastLaunch(k)
+    assert f.on
+    yield k, f
+    launch._FAST.pop(id(k), None)
+
+
+def test_first_call_compiles_then_the_compiled_kernel_is_launched(toy_kernel):
+    k, f = toy_kernel
+    x, y = torch.zeros(32), torch.zeros(32)
+    f[(4,)](x, 17, 0.5, y, BLOCK=64, num_warps=4)          # new key: through JITFunction
+    assert len(k.jit_launches) == 1 and k.warmups == 0
+    f[(4,)](x, 33, 0.25, Y=y, BLOCK=64, num_warps=4)       # same facts (n not 1, not /16, i32): reused,
+    assert len(k.jit_launches) == 1 and k.warmups == 1     # checked once against Triton's choice
+    c = k.compiled[(64, False)]
+    assert c.launches == [((4, 1, 1), (x, 33, 0.25, y, 64, False))]      # every parameter, in order
+    f[(8, 2)](x, 49, 1.0, y, BLOCK=64, num_warps=4)
+    assert k.warmups == 1 and c.launches[-1] == ((8, 2, 1), (x, 49, 1.0, y, 64, False))
+    # what Triton specialises on makes a new key: n divisible by 16, n == 1, a constexpr, an option,
+    # a misaligned tensor
+    for args, kw in (((x, 32, 1.0, y), dict(BLOCK=64, num_warps=4)), ((x, 1, 1.0, y), dict(BLOCK=64, num_warps=4)),
+                     ((x, 17, 1.0, y), dict(BLOCK=128, num_warps=4)), ((x, 17, 1.0, y), dict(BLOCK=64, num_warps=8)),
+                     ((x[1:], 17, 1.0, y), dict(BLOCK=64, num_warps=4))):
+        before = len(k.jit_launches)
+        f[(4,)](*args, **kw)
+        assert len(k.jit_launches) == before + 1, (args[1], kw)
+
+
+def test_a_disagreement_with_triton_turns_fast_launch_off_once(toy_kernel, caplog):
+    k, f = toy_kernel
+    x, y = torch.zeros(32), torch.zeros(32)
+    f[(4,)](x, 17, 0.5, y, BLOCK=64)
+    k.other = Compiled("another")
+    with caplog.at_level(logging.WARNING, logger="headscope"):
+        f[(4,)](x, 33, 0.5, y, BLOCK=64)
+    assert [r.getMessage() for r in caplog.records if "JITFunction" in r.getMessage()]
+    assert not f.on and len(k.jit_launches) == 2 and not k.compiled[(64, False)].launches
+    f[(4,)](x, 33, 0.5, y, BLOCK=64)                       # from now on: JITFunction, every call
+    assert len(k.jit_launches) == 3
+
+
+def test_off_under_the_interpreter_and_for_other_callables(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not launch.FastLaunch(ToyJIT(toy)).on
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not launch.FastLaunch(lambda: None).on
+    monkeypatch.setattr(launch, "ENABLED", False)
+    assert not launch.FastLaunch(ToyJIT(toy)).on
