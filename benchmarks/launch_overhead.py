@@ -3,7 +3,8 @@
 ``kernels/launch.py`` (the default) and without it, the two Triton launches alone through
 ``JITFunction`` (``kernel[grid](...)``, with the same arguments), the same two launches through the
 compiled kernels (``CompiledKernel[grid]``, no argument binding or cache-key work), and the
-buffers' ``torch.empty`` calls; default SDPA for scale. Wall µs per call over back-to-back calls.
+buffers' ``torch.empty`` calls; default SDPA for scale. Wall µs per call over back-to-back calls;
+SDPA and the whole call with and without the fast launch take turns (9 rounds, medians).
 Issue 13.
 
     python benchmarks/launch_overhead.py [--calls 2000]          # on a GPU
@@ -48,6 +49,16 @@ def wall_us(fn, n):
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n * 1e6
+
+
+def interleaved_us(fns, n, rounds=9):
+    """Median over ``rounds`` of each function's wall µs per call (``n`` calls), the functions taking
+    turns, so that a slow spell of the host touches all of them."""
+    got = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            got[i].append(wall_us(fn, n))
+    return [sorted(g)[len(g) // 2] for g in got]
 
 
 def main():
@@ -115,7 +126,12 @@ def main():
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         cells = []
         with torch.no_grad():
-            for f in (sdpa, whole, whole_jit, jit_launches, compiled_launches, empties):
+            try:
+                cells += [f"{c:.1f}" for c in interleaved_us((sdpa, whole, whole_jit), a.calls // 4)]
+            except Exception as e:  # noqa: BLE001
+                cells += ["failed"] * 3
+                print(f"  whole call: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            for f in (jit_launches, compiled_launches, empties):
                 try:
                     cells.append(f"{wall_us(f, a.calls):.1f}")
                 except Exception as e:  # noqa: BLE001

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from operator import itemgetter
 
 import torch
 
@@ -66,7 +67,11 @@ class FastLaunch:
             params = kernel.params
             self.names = [p.name for p in params]
             self.name_set = frozenset(self.names)
-            self.constexpr = [bool(p.is_constexpr) for p in params]
+            ce = [i for i, p in enumerate(params) if p.is_constexpr]
+            rest = [i for i, p in enumerate(params) if not p.is_constexpr]
+            # (itemgetter of one index returns the value, not a 1-tuple: wrap it)
+            self.constexpr_values = _getter(ce)
+            self.other_values = _getter(rest)
             import inspect
             sig = inspect.signature(kernel.fn)
             self.defaults = {n: p.default for n, p in sig.parameters.items()
@@ -89,10 +94,10 @@ class FastLaunch:
     def _launch(self, grid, args, kwargs):
         try:
             vals = self._values(args, kwargs)
-            ce = self.constexpr
             key = (torch.cuda.current_device(),
-                   tuple((n, v) for n, v in kwargs.items() if n not in self.name_set),     # options
-                   tuple(v if c else specialization_fact(v) for v, c in zip(vals, ce)))
+                   frozenset((n, kwargs[n]) for n in kwargs.keys() - self.name_set),     # options
+                   self.constexpr_values(vals),
+                   tuple(map(specialization_fact, self.other_values(vals))))
             plan = self.plans.get(key)
         except (KeyError, TypeError):        # a missing argument or an unhashable value: Triton says what
             return self.kernel[grid](*args, **kwargs)
@@ -120,6 +125,14 @@ class FastLaunch:
             f.on = False
         log.warning("headscope: %s; Triton kernels now launch through JITFunction (same results, more host "
                     "time per call)", reason)
+
+
+def _getter(idx):
+    """vals -> the tuple of vals[i] for i in idx."""
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda vals: (vals[i],)
+    return itemgetter(*idx) if idx else (lambda vals: ())
 
 
 def _jit_function(kernel) -> bool:

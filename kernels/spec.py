@@ -226,17 +226,29 @@ class LayerEdits:
 COLUMN_STATS = ("received_sum", "received_count")
 
 
+_ACTIVE: dict = {}        # id(StatRequest) -> (the request, its active fields)
+
+
 def active(obj) -> frozenset[str]:
     """Names of the fields of a ``StatRequest`` or ``LayerEdits`` that ask for something (not None,
     not False / 0 / empty). None -> empty set."""
     if obj is None:
         return frozenset()
+    if isinstance(obj, StatRequest):     # frozen: the answer is kept per instance (every layer asks)
+        got = _ACTIVE.get(id(obj))
+        if got is not None and got[0] is obj:
+            return got[1]
     out = set()
     for name in obj.__dataclass_fields__:
         v = getattr(obj, name)
         if isinstance(v, torch.Tensor) or (v is not None and v is not False and v != 0 and v != ()):
             out.add(name)
-    return frozenset(out)
+    out = frozenset(out)
+    if isinstance(obj, StatRequest):
+        if len(_ACTIVE) >= 256:
+            _ACTIVE.clear()
+        _ACTIVE[id(obj)] = (obj, out)        # the request itself is kept, so its id is not reused
+    return out
 
 
 def expected_keys(stats: StatRequest | None) -> frozenset[str]:

@@ -446,8 +446,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     flags = dict(HEAD_D=D, BLOCK_D=BD, NSPAN=nspan, ENTROPY=ent, DISTANCE=dis, WDIST=wd, RECENT=rec, ARGMAX=am)
     fast(decode_partial_kernel)[(S, B * G)](
         q, k, v, pm, pl, pacc, pstats, pidx,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         H, G, Q, K, key_lo, split_len, S,
         float(scaling), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
@@ -460,7 +459,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     )
     fast(decode_merge_kernel)[(n_rows,)](
         pm, pl, pacc, pstats, pidx, out, lse, rows, arg,
-        out.stride(0), out.stride(1), out.stride(2), H, G, Q, S, n_rows, kpos0,
+        *out.stride()[:3], H, G, Q, S, n_rows, kpos0,
         RQ=RQ, BLOCK_S=min(MERGE_BLOCK_S, max(2, _pow2(S))), WRITE_LSE=st is not None, **flags,
         num_warps=4 if BD >= 128 else 2,
     )
