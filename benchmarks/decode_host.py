@@ -10,14 +10,13 @@ import os as _os
 import sys as _sys
 
 _here = _os.path.dirname(_os.path.realpath(__file__))   # benchmarks/kernels.py would shadow transformers'
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
+_sys.path[:] = [_os.path.dirname(_here)] + [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
 
-import time
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton.testing  # noqa: E402
 
-import torch
-import torch.nn.functional as F
-import triton.testing
-
+from benchmarks.host_timing import decode_inputs, wall_us  # noqa: E402
 from headscope.kernels import triton_attention as ta
 from headscope.kernels import triton_decode as td
 from headscope.kernels.spec import StatRequest
@@ -27,17 +26,6 @@ SHAPES = [  # name, B, H, G, d, K values, left padding of row 0
     ("Llama-3-8B", 1, 32, 8, 128, (8192, 32768), 0),
 ]
 REQUESTS = {"plain": None, "argmax": StatRequest(argmax=True)}
-
-
-def eager_us(fn, n=300):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
 
 
 def graph_us(fn):
@@ -51,13 +39,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for name, B, H, G, d, Ks, pad in SHAPES:
         for K in Ks:
-            g = torch.Generator(device="cuda").manual_seed(0)
-            q = torch.randn(B, H, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            k = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            v = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            kp = torch.ones(B, K, dtype=torch.bool, device="cuda")
-            kp[0, :pad] = False
-            mask = kp[:, None, None, :]
+            q, k, v, kp, mask = decode_inputs(B, H, G, d, K, pad)
 
             def sdpa():
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if pad else None, enable_gqa=True)
@@ -69,7 +51,7 @@ def main():
                 for fn, min_k in ((sdpa, None), (ours, default_min_k), (ours, 1 << 40)):
                     td.DECODE_MIN_K = min_k if min_k is not None else default_min_k
                     with torch.no_grad():
-                        cells.append(f"{eager_us(fn):.0f} [{graph_us(fn):.0f}]")
+                        cells.append(f"{wall_us(fn, 300):.0f} [{graph_us(fn):.0f}]")
                 td.DECODE_MIN_K = default_min_k
                 print(f"| {name} | {B} | {K // 1024}k | {rname} | " + " | ".join(cells) + " |", flush=True)
 

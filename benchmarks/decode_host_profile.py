@@ -10,14 +10,13 @@ import cProfile
 import os as _os
 import pstats
 import sys as _sys
-import time
-
 _here = _os.path.dirname(_os.path.realpath(__file__))   # benchmarks/kernels.py would shadow transformers'
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
+_sys.path[:] = [_os.path.dirname(_here)] + [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.host_timing import decode_inputs, wall_us  # noqa: E402
 from headscope.kernels import triton_attention as ta  # noqa: E402
 from headscope.kernels.spec import StatRequest  # noqa: E402
 
@@ -29,17 +28,6 @@ CASES = [  # name, B, H, G, d, K, left padding of row 0, request
      StatRequest(sink_k=4, spans=((4, 68),), entropy=True, distance=True, window_distance=128, recent=64, argmax=True)),
     ("SmolLM2 B3 8k argmax, padded", 3, 9, 3, 64, 8192, 100, StatRequest(argmax=True)),
 ]
-
-
-def wall_us(fn, n):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
 
 
 def profile(fn, n, top):
@@ -63,13 +51,7 @@ def main():
     ap.add_argument("--top", type=int, default=18)
     a = ap.parse_args()
     for name, B, H, G, d, K, pad, req in CASES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(B, H, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        k = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        v = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        kp = torch.ones(B, K, dtype=torch.bool, device="cuda")
-        kp[0, :pad] = False
-        mask = kp[:, None, None, :]
+        q, k, v, kp, mask = decode_inputs(B, H, G, d, K, pad)
 
         def sdpa():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if pad else None, enable_gqa=True)

@@ -13,14 +13,13 @@ import argparse
 import inspect
 import os as _os
 import sys as _sys
-import time
-
 _here = _os.path.dirname(_os.path.realpath(__file__))   # benchmarks/kernels.py would shadow transformers'
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
+_sys.path[:] = [_os.path.dirname(_here)] + [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.host_timing import decode_inputs, wall_us  # noqa: E402
 from headscope.kernels import launch  # noqa: E402
 from headscope.kernels import triton_attention as ta  # noqa: E402
 from headscope.kernels import triton_decode as td  # noqa: E402
@@ -40,24 +39,13 @@ class Recorder:
         return launch
 
 
-def wall_us(fn, n):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
-
-
 def interleaved_us(fns, n, rounds=9):
     """Median over ``rounds`` of each function's wall µs per call (``n`` calls), the functions taking
     turns, so that a slow spell of the host touches all of them."""
     got = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
-            got[i].append(wall_us(fn, n))
+            got[i].append(wall_us(fn, n, warmup=50))
     return [sorted(g)[len(g) // 2] for g in got]
 
 
@@ -72,10 +60,7 @@ def main():
                          ("Llama-3-8B 32k all rows", 32768, StatRequest(sink_k=4, entropy=True, distance=True,
                                                                          recent=64, argmax=True))):
         B, H, G, d = 1, 32, 8, 128
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(B, H, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        k = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        v = torch.randn(B, G, K, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        q, k, v, _, _ = decode_inputs(B, H, G, d, K)
 
         def whole():
             return ta.attention(q, k, v, scaling=d ** -0.5, causal=True, stats=req)
@@ -133,7 +118,7 @@ def main():
                 print(f"  whole call: {type(e).__name__}: {str(e)[:300]}", flush=True)
             for f in (jit_launches, compiled_launches, empties):
                 try:
-                    cells.append(f"{wall_us(f, a.calls):.1f}")
+                    cells.append(f"{wall_us(f, a.calls, warmup=50):.1f}")
                 except Exception as e:  # noqa: BLE001
                     cells.append("failed")
                     print(f"  {f.__name__}: {type(e).__name__}: {str(e)[:300]}", flush=True)
