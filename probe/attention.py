@@ -123,7 +123,8 @@ def _key_pos0(position_ids, B: int, K: int, device) -> torch.Tensor:
     if position_ids is None:
         return torch.zeros(B, dtype=torch.long, device=device)
     last = position_ids[:, -1].to(device=device, dtype=torch.long)
-    return (last + 1 - K).expand(B) if last.shape[0] == 1 else last + 1 - K
+    pos0 = last + (1 - K)                                       # one kernel, not two, per layer
+    return pos0.expand(B) if last.shape[0] == 1 else pos0
 
 
 def _fa4_try(q, k, v, key_padding, scaling, sliding_window, softcap, causal, key_pos0, stats, edits, sinks,
