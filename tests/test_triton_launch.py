@@ -138,3 +138,21 @@ def test_off_under_the_interpreter_and_for_other_callables(monkeypatch):
     assert not launch.FastLaunch(lambda: None).on
     monkeypatch.setattr(launch, "ENABLED", False)
     assert not launch.FastLaunch(ToyJIT(toy)).on
+
+
+def test_a_triton_without_what_the_fast_launch_reads_is_said_once(monkeypatch, caplog):
+    """Another Triton's JITFunction without ``params`` / ``warmup`` as read here: Triton's own launch,
+    and one warning that says so (not one per kernel)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(launch, "ENABLED", True)
+    monkeypatch.setattr(launch, "_SAID", set())
+    k1, k2 = ToyJIT(toy), ToyJIT(toy)
+    for k in (k1, k2):
+        monkeypatch.setattr(k, "params", [object()])           # no .name / .is_constexpr
+    with caplog.at_level(logging.WARNING, logger="headscope"):
+        assert not launch.FastLaunch(k1).on and not launch.FastLaunch(k2).on
+    said = [r.getMessage() for r in caplog.records if "JITFunction" in r.getMessage()]
+    assert len(said) == 1, said
+    f = launch.FastLaunch(k1)
+    f[(2,)](torch.zeros(4), 3, 1.0, torch.zeros(4), BLOCK=16)
+    assert len(k1.jit_launches) == 1                        # through Triton
