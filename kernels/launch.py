@@ -33,6 +33,7 @@ log = logging.getLogger("headscope")
 _I32 = (-(1 << 31), 1 << 31)
 _I64_MAX = 1 << 63
 ENABLED = os.environ.get("HEADSCOPE_TRITON_FAST_LAUNCH", "1") not in ("0", "")
+MAX_PLANS = 1024           # kept compiled kernels per kernel (Triton keeps its own cache besides)
 
 
 def specialization_fact(x):
@@ -104,6 +105,8 @@ class FastLaunch:
         if plan is None:
             compiled = self.kernel[grid](*args, **kwargs)
             if compiled is not None and hasattr(compiled, "run"):
+                if len(self.plans) >= MAX_PLANS:        # keys made of raw values (an odd argument type)
+                    self.plans.clear()                  # must not grow without bound
                 self.plans[key] = [compiled, False]
             return compiled
         compiled, checked = plan
