@@ -2,10 +2,11 @@
 
 ``kernel[grid](*args, **kwargs)`` runs ``JITFunction.run`` on every call. That binds the arguments,
 specialises each one (its dtype, 16-byte alignment, integer range, ``== 1``, divisibility by 16),
-builds a cache-key string, checks the kernel's globals, and only then launches. On the H200 two
-such launches took 63-107 µs of host time against 31-43 µs through the compiled kernels, for a
-decode step whose GPU work is 10-40 µs (``benchmarks/launch_overhead.py``, BENCHMARKS.md "Decode
-per call, eager vs graph"). An eager decode step is host-bound, so that is most of its time.
+builds a cache-key string, checks the kernel's globals, and only then launches. On the H200 a
+decode step's two launches took 46-107 µs of host time that way against 15-31 µs through the
+compiled kernels, for 10-40 µs of GPU work; the whole eager step became 17-18 µs faster with this
+module (``benchmarks/launch_overhead.py``, BENCHMARKS.md "Decode per call: the host cost taken
+apart, and the compiled-kernel launch").
 
 ``fast(kernel)[grid](*args, **kwargs)`` takes the same arguments as ``kernel[grid]``:
 
