@@ -127,8 +127,7 @@ class FastLaunch:
         self.on = False
         for f in _FAST.values():
             f.on = False
-        log.warning("headscope: %s; Triton kernels now launch through JITFunction (same results, more host "
-                    "time per call)", reason)
+        _say_once(reason)
 
 
 def _getter(idx):
@@ -140,6 +139,14 @@ def _getter(idx):
 
 
 _SAID: set = set()
+
+
+def _say_once(reason: str) -> None:
+    """Log, once per process and reason, why Triton kernels launch through ``JITFunction``."""
+    if reason not in _SAID:
+        _SAID.add(reason)
+        log.warning("headscope: %s; Triton kernels launch through JITFunction (same results, more host "
+                    "time per call)", reason)
 
 
 def _jit_function(kernel) -> bool:
@@ -156,10 +163,7 @@ def _jit_function(kernel) -> bool:
     if hasattr(kernel, "warmup") and params is not None and \
             all(hasattr(p, "name") and hasattr(p, "is_constexpr") for p in params):
         return True
-    if "api" not in _SAID:
-        _SAID.add("api")
-        log.warning("headscope: this Triton's JITFunction has no params/warmup as headscope reads them; "
-                    "Triton kernels launch through JITFunction (same results, more host time per call)")
+    _say_once("this Triton's JITFunction has no params/warmup as headscope reads them")
     return False
 
 
