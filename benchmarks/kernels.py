@@ -594,6 +594,7 @@ def decode_sweep(args):
                   flush=True)
     (cfg, pps) = min(total, key=total.get)
     td.DECODE_CONFIGS[128], td.DECODE_PROGRAMS_PER_SM = cfg, pps
+    td.clear_plans()                                   # plans made before hold the old tiles
     print(f"decode sweep: best {cfg} at {pps} programs/SM (default was {(64, 4, 3)} at 4)", flush=True)
 
 

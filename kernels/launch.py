@@ -19,6 +19,11 @@ apart, and the compiled-kernel launch").
   specialises and looks up without launching). If Triton picks another compiled kernel, it
   specialises on something the key does not hold: fast launches stop for the process, said once.
 
+Bound launches: ``b = fast(kernel).bind(BLOCK_N=64, ..., num_warps=4)`` fixes the constexprs and
+options once (a caller keeps ``b`` per configuration); ``b[grid](*args)`` then passes the runtime
+arguments alone. The key and the kept kernels are the same as above; only the per-call work of
+reading keywords and defaults is gone.
+
 Off under the interpreter (``TRITON_INTERPRET=1``), for anything that is not a ``JITFunction``, and
 when ``HEADSCOPE_TRITON_FAST_LAUNCH=0``; then ``fast(kernel)[grid]`` is ``kernel[grid]``.
 """
@@ -41,16 +46,18 @@ def specialization_fact(x):
     """What Triton's specialisation of a non-constexpr argument depends on (Triton 3.x,
     ``native_specialize_impl``): a tensor's dtype and whether its address is a multiple of 16; an
     int's being 1, its range (i32 / i64 / u64) and divisibility by 16; for floats, bools and None
-    only the kind. Two values with equal facts get the same compiled kernel."""
+    only the kind. Two values with equal facts get the same compiled kernel. (Ints are coded as
+    small ints: 1, or 2 / 4 / 6 for the range plus 1 when divisible by 16; this runs for every
+    argument of every launch.)"""
     t = type(x)
     if t is int:
         if x == 1:
             return 1
-        return (x % 16 == 0, 0 if _I32[0] <= x < _I32[1] else (1 if x < _I64_MAX else 2))
-    if isinstance(x, torch.Tensor):
-        return (x.dtype, x.data_ptr() % 16 == 0)
+        return (2 if _I32[0] <= x < _I32[1] else (4 if x < _I64_MAX else 6)) + (not x & 15)
     if t is float:
         return "f"
+    if isinstance(x, torch.Tensor):
+        return (x.dtype, not x.data_ptr() & 15)
     if t is bool:
         return "b"
     if x is None:
@@ -85,6 +92,12 @@ class FastLaunch:
             return self.kernel[grid]
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
+    def bind(self, **constants) -> "Bound":
+        """``constants`` (every constexpr the call sets, and options such as ``num_warps``) fixed
+        once: ``bound[grid](*args)`` then takes the runtime arguments alone, in the kernel's order,
+        and skips the per-call sorting of keywords (module docstring, "Bound launches")."""
+        return Bound(self, constants)
+
     def _values(self, args, kwargs):
         """Every parameter's value, in the kernel's order (positional, keyword, default)."""
         tail = self._tails.get(len(args))
@@ -103,6 +116,11 @@ class FastLaunch:
             plan = self.plans.get(key)
         except (KeyError, TypeError):        # a missing argument or an unhashable value: Triton says what
             return self.kernel[grid](*args, **kwargs)
+        return self._run(plan, key, grid, args, kwargs, vals)
+
+    def _run(self, plan, key, grid, args, kwargs, vals):
+        """Launch through ``plan`` (the kept compiled kernel of ``key``), or through Triton when
+        there is none yet (then keep what Triton compiled)."""
         if plan is None:
             compiled = self.kernel[grid](*args, **kwargs)
             if compiled is not None and hasattr(compiled, "run"):
@@ -128,6 +146,57 @@ class FastLaunch:
         for f in _FAST.values():
             f.on = False
         _say_once(reason)
+
+
+class Bound:
+    """``FastLaunch`` with its constexprs and options fixed (``FastLaunch.bind``). The key of a
+    call is the same as ``FastLaunch``'s, so both share the kept compiled kernels; what ``bind``
+    fixed is not looked at again. A kernel whose constexprs are not all after its runtime
+    parameters, or a call with another number of runtime arguments, goes through
+    ``FastLaunch``'s general path (same result)."""
+
+    def __init__(self, fl: FastLaunch, constants: dict):
+        self.fl, self.constants = fl, constants
+        self.ok = fl.on
+        params = getattr(fl.kernel, "params", None) if _jit_function(fl.kernel) else None
+        self.runtime_names = None if params is None else [p.name for p in params if not p.is_constexpr]
+        if self.ok:
+            ce = [p.name for p in params if p.is_constexpr]
+            self.n_runtime = len(params) - len(ce)
+            trailing = all(p.is_constexpr for p in params[self.n_runtime:])
+            try:
+                tail = tuple(constants[n] if n in constants else fl.defaults[n] for n in ce)
+                options = frozenset((n, constants[n]) for n in constants.keys() - fl.name_set)
+                hash((tail, options))
+            except (KeyError, TypeError):       # a missing constexpr or an unhashable value
+                trailing = False
+            self.ok = trailing
+            if self.ok:
+                self.tail, self.options = tail, options
+
+    def __getitem__(self, grid):
+        if not (self.ok and self.fl.on) or callable(grid):
+            return lambda *args: self._general(grid, args)
+        return lambda *args: self._launch(grid, args)
+
+    def _general(self, grid, args):
+        """``FastLaunch``'s keyword path; the runtime arguments by name where constexprs sit
+        between them (positions would not line up)."""
+        names = self.runtime_names
+        if names is not None and len(args) <= len(names):
+            return self.fl[grid](**dict(zip(names, args)), **self.constants)
+        return self.fl[grid](*args, **self.constants)
+
+    def _launch(self, grid, args):
+        fl = self.fl
+        if len(args) != self.n_runtime:
+            return self._general(grid, args)
+        try:
+            key = (torch.cuda.current_device(), self.options, self.tail, tuple(map(specialization_fact, args)))
+            plan = fl.plans.get(key)
+        except TypeError:                       # an unhashable argument: Triton says what
+            return fl.kernel[grid](*args, **self.constants)
+        return fl._run(plan, key, grid, args, self.constants, args + self.tail)
 
 
 def _getter(idx):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import sys
 
 import torch
 
@@ -130,6 +131,15 @@ def _edit_tensors(edits: LayerEdits | None):
     return edits.tensors()
 
 
+_TRITON: list = []          # [whether triton is importable], asked once (an eager decode step is host-bound)
+
+
+def _triton_installed() -> bool:
+    if not _TRITON:
+        _TRITON.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON[0]
+
+
 def _check(q, k, v, key_padding, key_pos0, edits, block):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise Unsupported("q, k, v must be [batch, heads, len, head_dim]")
@@ -145,11 +155,10 @@ def _check(q, k, v, key_padding, key_pos0, edits, block):
         raise Unsupported(f"head_dim {D} > 256")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise Unsupported(f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: need one of fp16/bf16/fp32 for all")
-    if not interpreting():
-        if not all(x.is_cuda for x in (q, k, v)):
-            raise Unsupported("tensors are not on CUDA (set TRITON_INTERPRET=1 to run Triton on the CPU)")
-        if importlib.util.find_spec("triton") is None:
-            raise Unsupported("triton is not installed")
+    if not (q.is_cuda and k.is_cuda and v.is_cuda) and not interpreting():
+        raise Unsupported("tensors are not on CUDA (set TRITON_INTERPRET=1 to run Triton on the CPU)")
+    if not _triton_installed():
+        raise Unsupported("triton is not installed")
     if k.device != q.device or v.device != q.device:
         raise Unsupported("q, k, v are on different devices")
     if torch.is_grad_enabled():
@@ -262,6 +271,14 @@ def _received_sums(q, k, lse, coef, st, common, flags, rd_args, nsrc, ntgt, cfg,
     return {"received_sum": recv, "received_count": count}
 
 
+def _decode_module():
+    """``triton_decode`` (imported on first use: it imports triton)."""
+    td = sys.modules.get(__package__ + ".triton_decode")
+    if td is None:
+        from . import triton_decode as td
+    return td
+
+
 def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
               key_padding: torch.Tensor | None = None, softcap: float | None = None,
               key_pos0: torch.Tensor | None = None, stats: StatRequest | None = None,
@@ -275,7 +292,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     if reason is not None:
         raise Unsupported(reason)
     _check(q, k, v, key_padding, key_pos0, edits, block)
-    from . import triton_decode as td
+    td = _decode_module()
     if block is None and td.eligible(q, k, stats=stats, edits=edits) is None:   # few queries, many keys
         return td.attention(q, k, v, scaling=scaling, causal=causal, sliding_window=sliding_window,
                             key_padding=key_padding, softcap=softcap, key_pos0=key_pos0, stats=stats, edits=edits)
@@ -324,11 +341,11 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     # ---- buffers ----
     out = torch.empty(B, H, Q, D, dtype=q.dtype, device=dev)
     need_lse = st is not None or redist
-    lse = torch.empty(n_rows, dtype=f32, device=dev) if need_lse else dummy_f
+    lse = torch.empty(B, H, Q, dtype=f32, device=dev) if need_lse else dummy_f
     any_row = st is not None and (nspan or st.entropy or st.distance or st.window_distance
                                    or st.recent or st.argmax)
-    rows = torch.empty(fs.SLOT_SPAN0.value + nspan, n_rows, dtype=f32, device=dev) if any_row else dummy_f
-    arg = torch.empty(n_rows, dtype=i64, device=dev) if st is not None and st.argmax else dummy_i
+    rows = torch.empty(fs.SLOT_SPAN0.value + nspan, B, H, Q, dtype=f32, device=dev) if any_row else dummy_f
+    arg = torch.empty(B, H, Q, dtype=i64, device=dev) if st is not None and st.argmax else dummy_i
     coef = torch.empty(3, n_rows, dtype=f32, device=dev) if redist else dummy_f
 
     kind = "edit" if (redist or (ed is not None and ed.gate is not None)) else ("stats" if any_row else "plain")
@@ -377,7 +394,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
     if st is None:
         return out, {}
-    res = td.row_results(st, lse, rows, arg, B, H, Q)
+    res = td.row_results(st, lse, rows, arg)
     if received:
         res.update(_received_sums(q, k, lse, coef, st, common, flags, rd_args, nsrc, ntgt,
                                   (RBM, RBN, rwarps, rstages), causal, sliding_window, key_padding))

@@ -44,18 +44,19 @@ from .flash_stats import SLOT_WDIST as P_WDIST  # noqa: E402
 
 @triton.jit
 def decode_partial_kernel(
-    Q, K, V, PM, PL, PAcc, PStats, PIdx,
+    Q, K, V, Part,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-    H, G, NQ, NK, key_lo, split_len, n_splits,
+    H, G, NQ, NK, key_lo, split_len, n_splits, n_pad,
     scaling, softcap, window,
     QScale, KPos0, Pad, Spans, wdist_w, recent_r,
     RQ: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_QSCALE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    NSPAN: tl.constexpr, ENTROPY: tl.constexpr, DISTANCE: tl.constexpr, WDIST: tl.constexpr,
-    RECENT: tl.constexpr, ARGMAX: tl.constexpr,
+    NSPAN: tl.constexpr, N_SLOT: tl.constexpr, ENTROPY: tl.constexpr, DISTANCE: tl.constexpr,
+    WDIST: tl.constexpr, RECENT: tl.constexpr, ARGMAX: tl.constexpr,
 ):
-    """One key split of one (batch, KV head): partial softmax state and statistics of its RQ rows."""
+    """One key split of one (batch, KV head): partial softmax state and statistics of its RQ rows,
+    written to the ``Part`` buffer (``partials_layout``)."""
     sp = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // G
@@ -180,9 +181,14 @@ def decode_partial_kernel(
         kt_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
 
-    # ---- partials: [B*G, S, RQ] (+ slot / head-dim axes) ----
+    # ---- partials: [B*G, S, RQ] (+ slot / head-dim axes), each region n_pad rows apart ----
     prow = (bg.to(tl.int64) * n_splits + sp) * RQ + offs_r
-    n_prow = tl.num_programs(1).to(tl.int64) * n_splits * RQ
+    n_prow = n_pad.to(tl.int64)
+    PM = Part
+    PL = Part + n_prow
+    PAcc = Part + 2 * n_prow
+    PStats = Part + (2 + HEAD_D) * n_prow
+    PIdx = (Part + (2 + HEAD_D + N_SLOT) * n_prow).to(tl.pointer_type(tl.int32), bitcast=True)
     tl.store(PM + prow, m_i, mask=row_ok)
     tl.store(PL + prow, l_i, mask=row_ok)
     tl.store(PAcc + prow[:, None] * HEAD_D + offs_d[None, :], acc,
@@ -204,13 +210,14 @@ def decode_partial_kernel(
 
 @triton.jit
 def decode_merge_kernel(
-    PM, PL, PAcc, PStats, PIdx, Out, Lse, Rows, Arg,
-    sob, soh, som, H, G, NQ, n_splits, n_rows, KPos0,
+    Part, Out, Res, Arg,
+    sob, soh, som, H, G, NQ, n_splits, n_rows, n_pad, KPos0,
     RQ: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    NSPAN: tl.constexpr, ENTROPY: tl.constexpr, DISTANCE: tl.constexpr, WDIST: tl.constexpr,
-    RECENT: tl.constexpr, ARGMAX: tl.constexpr, WRITE_LSE: tl.constexpr,
+    NSPAN: tl.constexpr, N_SLOT: tl.constexpr, ENTROPY: tl.constexpr, DISTANCE: tl.constexpr,
+    WDIST: tl.constexpr, RECENT: tl.constexpr, ARGMAX: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
-    """One program per (batch, head, query) row: merge the S partial results of that row."""
+    """One program per (batch, head, query) row: merge the S partial results of that row (from
+    ``Part``) into the output and ``Res`` (the LSE in slot 0, the row statistics after it)."""
     row = tl.program_id(0)                           # b * H * NQ + h * NQ + i
     b = row // (H * NQ)
     hq = row % (H * NQ)
@@ -220,7 +227,14 @@ def decode_merge_kernel(
     g = h // R
     r = (h % R) * NQ + qi                            # row inside the GQA group
     bg = b * G + g
-    n_prow = (tl.num_programs(0) // (H * NQ)).to(tl.int64) * G * n_splits * RQ
+    n_prow = n_pad.to(tl.int64)
+    PM = Part
+    PL = Part + n_prow
+    PAcc = Part + 2 * n_prow
+    PStats = Part + (2 + HEAD_D) * n_prow
+    PIdx = (Part + (2 + HEAD_D + N_SLOT) * n_prow).to(tl.pointer_type(tl.int32), bitcast=True)
+    Lse = Res
+    Rows = Res + n_rows
     base = bg.to(tl.int64) * n_splits * RQ + r
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -350,16 +364,89 @@ def eligible(q, k, *, stats=None, edits=None, min_k: int | None = None) -> str |
     return None
 
 
-def n_splits_for(B: int, G: int, K_vis: int, block_n: int, device) -> tuple[int, int]:
-    """(number of key splits, keys per split): about DECODE_PROGRAMS_PER_SM programs per SM, each
-    split at least two key blocks long."""
-    if device.type != "cuda":                  # interpreter: several splits on tiny problems
-        split = 2 * block_n
-    else:
-        want = max(1, (DECODE_PROGRAMS_PER_SM * sm_count(device)) // max(1, B * G))
-        split = max(2 * block_n, -(-K_vis // want))
-        split = -(-split // block_n) * block_n
-    return max(1, -(-K_vis // split)), split
+class _Plan:
+    """What a decode call needs that depends on neither the key count nor the tensors' addresses:
+    tiles, the constexprs of both kernels (bound once, ``launch.Bound``), the span table, the
+    partial-buffer width. Kept per (device, dtype, shapes but K, masks, request), so that an eager
+    decode step's host time goes to the two launches and the three buffers."""
+
+    def __init__(self, dev, dtype, B, H, Q, D, G, causal, window, softcap, pad, qscale, stats, config):
+        import torch
+        self.stats = stats                           # held: the plan is keyed on id(stats)
+        RQ = (H // G) * Q
+        BD = max(16, _pow2(D))
+        interp = _interpreting()
+        if config is not None:
+            BN, warps, stages = config
+        elif interp:
+            BN, warps, stages = INTERPRET_BLOCK_N, 4, 1
+        else:
+            BN, warps, stages = DECODE_CONFIGS[BD]
+            if dtype == torch.float32:
+                BN, stages = min(BN, 32), 2
+        st = stats
+        nspan, spans = span_table(st, dev)
+        self.dummy_f, self.dummy_i, _, self.dummy_u8 = dummies(dev)
+        self.spans = spans if nspan else self.dummy_i
+        self.kpos0 = cached(("pos0", dev, B), lambda: torch.zeros(B, dtype=torch.int64, device=dev))
+        ent, dis, wd = bool(st and st.entropy), bool(st and st.distance), bool(st and st.window_distance)
+        rec, am = bool(st and st.recent), bool(st and st.argmax)
+        any_row = bool(nspan or ent or dis or wd or rec or am)
+        self.n_slot = (5 + nspan) if any_row else 0
+        # partials: m, l, acc [D], the statistic slots, the int32 argmax index: n_pad rows each
+        self.part_width = 2 + D + self.n_slot + (1 if am else 0)
+        # results: the LSE, then (with any row statistic) 5 + spans slots, each [B, H, Q]
+        self.res_slots = 1 + ((5 + nspan) if any_row else 0)
+        self.argmax = am
+        self.BN, self.RQ, self.rows_per_bh = BN, RQ, B * G
+        self.sms = sm_count(dev) if dev.type == "cuda" else None
+        self.wdist_w = int(st.window_distance or 0) if st else 0
+        self.recent_r = int(st.recent or 0) if st else 0
+        flags = dict(HEAD_D=D, BLOCK_D=BD, NSPAN=nspan, N_SLOT=self.n_slot, ENTROPY=ent, DISTANCE=dis,
+                     WDIST=wd, RECENT=rec, ARGMAX=am)
+        self.partial = fast(decode_partial_kernel).bind(
+            RQ=RQ, BLOCK_M=max(16, _pow2(RQ)), BLOCK_N=BN, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+            HAS_PAD=pad, HAS_SOFTCAP=softcap, HAS_QSCALE=qscale,
+            DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
+            DOT_UPCAST=interp and dtype == torch.bfloat16, **flags,
+            num_warps=warps, num_stages=stages)
+        self._merge_flags = dict(RQ=RQ, WRITE_LSE=st is not None, **flags, num_warps=4 if BD >= 128 else 2)
+        self._merges: dict = {}
+
+    def merge(self, S: int):
+        """The merge kernel bound for ``S`` splits (its BLOCK_S)."""
+        bs = min(MERGE_BLOCK_S, max(2, _pow2(S)))
+        m = self._merges.get(bs)
+        if m is None:
+            m = self._merges[bs] = fast(decode_merge_kernel).bind(BLOCK_S=bs, **self._merge_flags)
+        return m
+
+
+_PLANS: dict = {}
+MAX_PLANS = 256            # plans kept (shapes x requests) before the cache is emptied
+
+
+def clear_plans() -> None:
+    """Forget the kept plans (after changing ``DECODE_CONFIGS`` or ``INTERPRET_BLOCK_N``, or the
+    kernels themselves, in a running process: benchmarks do)."""
+    _PLANS.clear()
+
+
+def _plan(dev, dtype, B, H, Q, D, G, causal, window, softcap, pad, qscale, stats, config) -> _Plan:
+    key = (dev, dtype, B, H, Q, D, G, causal, window, softcap, pad, qscale, id(stats), config)
+    p = _PLANS.get(key)
+    if p is None or p.stats is not stats:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        p = _PLANS[key] = _Plan(dev, dtype, B, H, Q, D, G, causal, window, softcap, pad, qscale, stats, config)
+    return p
+
+
+def partials_layout(n_prow: int) -> int:
+    """Rows between the regions of the partial buffer (m, l, acc [D], each statistic slot, the argmax
+    index, in that order): ``n_prow = B * G * S * R * Q`` rounded up to 16, so that every region
+    starts 64-byte aligned and the kernels' offsets are multiples of 16 (Triton specialises on it)."""
+    return -(-n_prow // 16) * 16
 
 
 def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
@@ -372,101 +459,64 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     import torch
 
     B, H, Q, D = q.shape
-    G, K = k.shape[1], k.shape[2]
-    R = H // G
-    RQ = R * Q
+    _, G, K, _ = k.shape
     dev = q.device
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    f32, i64 = torch.float32, torch.int64
-    BD = max(16, _pow2(D))
-    BM = max(16, _pow2(RQ))
-    interp = _interpreting()
-    if config is not None:
-        BN, warps, stages = config
-    elif interp:
-        BN, warps, stages = INTERPRET_BLOCK_N, 4, 1
-    else:
-        BN, warps, stages = DECODE_CONFIGS[BD]
-        if q.dtype == torch.float32:
-            BN, stages = min(BN, 32), 2
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
+    if sq[3] != 1 or sk[3] != 1 or sv[3] != 1:
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        sq, sk, sv = q.stride(), k.stride(), v.stride()
+    ed = edits if edits is not None and not edits.empty else None
+    has_qscale = ed is not None and ed.q_scale is not None
+    st = stats
+    p = _plan(dev, q.dtype, B, H, Q, D, G, bool(causal), sliding_window, softcap is not None,
+              key_padding is not None, has_qscale, st, config)
 
     # visible key range [key_lo, K): with a window, keys before the first query's window are skipped
+    BN = p.BN
     key_lo = 0
     if sliding_window is not None:
         key_lo = max(0, K - Q - int(sliding_window) + 1)
         key_lo = (key_lo // BN) * BN
     K_vis = K - key_lo
-    S, split_len = n_splits_for(B, G, K_vis, BN, dev)
     if splits is not None:
         S = max(1, min(int(splits), -(-K_vis // BN)))
         split_len = -(-(-(-K_vis // S)) // BN) * BN
-        S = -(-K_vis // split_len)
+    elif p.sms is None:                        # interpreter: several splits on tiny problems
+        split_len = 2 * BN
+    else:                                      # about DECODE_PROGRAMS_PER_SM programs per SM
+        want = max(1, (DECODE_PROGRAMS_PER_SM * p.sms) // p.rows_per_bh)
+        split_len = max(2 * BN, -(-K_vis // want))
+        split_len = -(-split_len // BN) * BN
+    S = -(-K_vis // split_len)
 
-    st = stats
-    nspan, spans = span_table(st, dev)
-    dummy_f, dummy_i, dummy_i32, dummy_u8 = dummies(dev)
-    spans = spans if nspan else dummy_i
-    kpos0 = (key_pos0.to(device=dev, dtype=i64).contiguous() if key_pos0 is not None
-             else cached(("pos0", dev, B), lambda: torch.zeros(B, dtype=i64, device=dev)))
-    pad = dummy_u8
+    kpos0 = p.kpos0 if key_pos0 is None else key_pos0.to(device=dev, dtype=torch.int64).contiguous()
+    pad = p.dummy_u8
     if key_padding is not None:
         pad = key_padding.to(device=dev)
         pad = (pad.view(torch.uint8) if pad.dtype == torch.bool else (pad != 0).view(torch.uint8)).contiguous()
-    ed = edits if edits is not None and not edits.empty else None
-    qscale = (ed.q_scale.detach().to(device=dev, dtype=f32).reshape(H).contiguous()
-              if ed is not None and ed.q_scale is not None else dummy_f)
+    qscale = (ed.q_scale.detach().to(device=dev, dtype=torch.float32).reshape(H).contiguous()
+              if has_qscale else p.dummy_f)
 
-    ent = bool(st and st.entropy)
-    dis = bool(st and st.distance)
-    wd = bool(st and st.window_distance)
-    rec = bool(st and st.recent)
-    am = bool(st and st.argmax)
-    any_row = bool(nspan or ent or dis or wd or rec or am)
-    n_prow = B * G * S * RQ
+    # three buffers a call: the partials (one allocation, regions n_pad rows apart), the output, and
+    # the results [1 + slots, B, H, Q] (the int64 argmax apart); each torch.empty is host time
     n_rows = B * H * Q
-    # one allocation for the partials (m, l, acc, stats slots (5 + spans if any), the int32 idx) and one
-    # for the results (the int64 argmax first, so that its fp32 pair view is 8-byte aligned, then the
-    # LSE and the row slots): each torch.empty is host time in every eager decode step
-    n_slot = (5 + nspan) if any_row else 0
-    part = torch.empty(n_prow * (2 + D + n_slot + (1 if am else 0)), dtype=f32, device=dev)
-    pm, pl = part[:n_prow], part[n_prow:2 * n_prow]
-    pacc = part[2 * n_prow:(2 + D) * n_prow]
-    pstats = part[(2 + D) * n_prow:(2 + D + n_slot) * n_prow] if any_row else dummy_f
-    pidx = part[(2 + D + n_slot) * n_prow:].view(torch.int32) if am else dummy_i32
-
+    n_pad = partials_layout(p.rows_per_bh * S * p.RQ)
+    part = torch.empty(n_pad * p.part_width, dtype=torch.float32, device=dev)
     out = torch.empty(B, H, Q, D, dtype=q.dtype, device=dev)
-    lse, rows, arg = dummy_f, dummy_f, dummy_i
-    if st is not None:
-        n_arg = 2 * n_rows if am else 0
-        res = torch.empty(n_arg + n_rows * (1 + (5 + nspan if any_row else 0)), dtype=f32, device=dev)
-        arg = res[:n_arg].view(i64) if am else dummy_i
-        lse = res[n_arg:n_arg + n_rows]
-        rows = res[n_arg + n_rows:].view(5 + nspan, n_rows) if any_row else dummy_f
+    res = torch.empty(p.res_slots, B, H, Q, dtype=torch.float32, device=dev) if st is not None else p.dummy_f
+    arg = torch.empty(B, H, Q, dtype=torch.int64, device=dev) if p.argmax else p.dummy_i
 
-    flags = dict(HEAD_D=D, BLOCK_D=BD, NSPAN=nspan, ENTROPY=ent, DISTANCE=dis, WDIST=wd, RECENT=rec, ARGMAX=am)
-    fast(decode_partial_kernel)[(S, B * G)](
-        q, k, v, pm, pl, pacc, pstats, pidx,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        H, G, Q, K, key_lo, split_len, S,
+    p.partial[(S, B * G)](
+        q, k, v, part, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+        H, G, Q, K, key_lo, split_len, S, n_pad,
         float(scaling), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
-        qscale, kpos0, pad, spans, int(st.window_distance or 0) if st else 0, int(st.recent or 0) if st else 0,
-        RQ=RQ, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=bool(causal), HAS_WINDOW=sliding_window is not None,
-        HAS_PAD=key_padding is not None, HAS_SOFTCAP=softcap is not None, HAS_QSCALE=qscale is not dummy_f,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=interp and q.dtype == torch.bfloat16, **flags,
-        num_warps=warps, num_stages=stages,
-    )
-    fast(decode_merge_kernel)[(n_rows,)](
-        pm, pl, pacc, pstats, pidx, out, lse, rows, arg,
-        *out.stride()[:3], H, G, Q, S, n_rows, kpos0,
-        RQ=RQ, BLOCK_S=min(MERGE_BLOCK_S, max(2, _pow2(S))), WRITE_LSE=st is not None, **flags,
-        num_warps=4 if BD >= 128 else 2,
-    )
+        qscale, kpos0, pad, p.spans, p.wdist_w, p.recent_r)
+    p.merge(S)[(n_rows,)](part, out, res, arg, H * Q * D, Q * D, D, H, G, Q, S, n_rows, n_pad, kpos0)
 
     if st is None:
         return out, {}
-    return out, row_results(st, lse, rows, arg, B, H, Q)
+    return out, row_results(st, res[0], res, arg, first=1)
 
 
 def span_table(stats, device):
@@ -484,23 +534,27 @@ def span_table(stats, device):
                               lambda: torch.tensor(spans, dtype=torch.int64, device=device).reshape(-1))
 
 
-def row_results(stats, lse, rows, arg, B: int, H: int, Q: int) -> dict:
+def row_results(stats, lse, rows, arg, first: int = 0) -> dict:
     """The statistics dict of a request from the kernels' row buffers (flash_stats and the decode
-    merge share the layout): lse [B*H*Q], rows [5 + spans, B*H*Q] (entropy, distance, window
-    distance, recent mass, max prob, then the sink and each span), arg [B*H*Q] int64."""
-    res = {"lse": lse.view(B, H, Q)}
-    j = 5
+    merge share the layout): lse [B, H, Q], rows [first + 5 + spans, B, H, Q] (from slot ``first``:
+    entropy, distance, window distance, recent mass, max prob, then the sink and each span), arg
+    [B, H, Q] int64. Each statistic is one view of ``rows``."""
+    res = {"lse": lse}
+    j = first + 5
     if stats.sink_k:
-        res["sink_mass"] = rows[j].view(B, H, Q)
+        res["sink_mass"] = rows[j]
         j += 1
     if stats.spans:
-        n = len(stats.spans)
-        res["span_mass"] = rows[j:j + n].view(n, B, H, Q).permute(1, 2, 3, 0).contiguous()
-    for flag, slot, name in ((stats.entropy, 0, "entropy"), (stats.distance, 1, "distance"),
-                             (stats.window_distance, 2, "window_distance"), (stats.recent, 3, "recent_mass")):
-        if flag:
-            res[name] = rows[slot].view(B, H, Q)
+        res["span_mass"] = rows[j:j + len(stats.spans)].permute(1, 2, 3, 0).contiguous()
+    if stats.entropy:
+        res["entropy"] = rows[first]
+    if stats.distance:
+        res["distance"] = rows[first + 1]
+    if stats.window_distance:
+        res["window_distance"] = rows[first + 2]
+    if stats.recent:
+        res["recent_mass"] = rows[first + 3]
     if stats.argmax:
-        res["max_prob"] = rows[4].view(B, H, Q)
-        res["argmax"] = arg.view(B, H, Q)
+        res["max_prob"] = rows[first + 4]
+        res["argmax"] = arg
     return res

@@ -109,6 +109,25 @@ def test_decode_plain_argmax_only_and_qscale():
     _check(prob, out, got, req, edits=e)
 
 
+def test_kept_plans_give_every_call_its_own_answer():
+    """The host keeps a plan per shape and request (tiles, constexprs, buffer widths); K is not part
+    of it. A decode loop whose cache grows by one key a step, alternating two requests (one of them
+    the same object every step, one new each step), with and without padding, matches the
+    reference at every step, and the statistics dict holds separate tensors."""
+    kept = StatRequest(**ALL_ROW)
+    base = _problem(B=1, H=6, G=3, K=70, D=48, pad=True, seed=5)
+    K0 = base["k"].shape[2]
+    for step in range(4):
+        K = K0 - 3 + step
+        prob = dict(base, k=base["k"][:, :, :K], v=base["v"][:, :, :K],
+                    key_padding=base["key_padding"][:, :K] if step % 2 else None)
+        for req in (kept, StatRequest(argmax=True, recent=3 + step)):
+            out, got = td.attention(**prob, stats=req)
+            _check(prob, out, got, req)
+            ptrs = [t.data_ptr() for n, t in got.items() if n not in ("span_mass", "argmax")]
+            assert len(set(ptrs)) == len(ptrs)
+
+
 def test_decode_split_count_does_not_change_the_result():
     """One split (no merge) and many splits agree to rounding; rows that see no key (all padded)
     give lse -inf, zero output and zero statistics."""

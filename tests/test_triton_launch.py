@@ -156,3 +156,43 @@ def test_a_triton_without_what_the_fast_launch_reads_is_said_once(monkeypatch, c
     f = launch.FastLaunch(k1)
     f[(2,)](torch.zeros(4), 3, 1.0, torch.zeros(4), BLOCK=16)
     assert len(k1.jit_launches) == 1                        # through Triton
+
+
+def middle(X, BLOCK: tl.constexpr, n):
+    pass
+
+
+def test_bound_launches_share_the_kept_kernels_and_pass_every_parameter(toy_kernel):
+    """``bind`` fixes the constexprs and options: the bound call takes the runtime arguments alone,
+    finds the kernel the keyword call kept (same key), launches it with every parameter in order,
+    and makes a new key for what Triton specialises on."""
+    k, f = toy_kernel
+    x, y = torch.zeros(32), torch.zeros(32)
+    f[(4,)](x, 17, 0.5, y, BLOCK=64, num_warps=4)          # kept through the keyword path
+    b = f.bind(BLOCK=64, num_warps=4)
+    b[(4,)](x, 33, 0.25, y)
+    assert len(k.jit_launches) == 1 and k.warmups == 1
+    assert k.compiled[(64, False)].launches == [((4, 1, 1), (x, 33, 0.25, y, 64, False))]
+    b[(2, 3)](x, 32, 0.25, y)                              # 32 is divisible by 16: a new key
+    assert len(k.jit_launches) == 2 and k.jit_launches[-1][2] == dict(BLOCK=64, num_warps=4)
+    b2 = f.bind(BLOCK=64, FLAG=True, num_warps=4)          # another constexpr: another kernel
+    b2[(4,)](x, 17, 0.5, y)
+    assert len(k.jit_launches) == 3 and (64, True) in k.compiled
+    b[(4,)](x, 17, 0.5)                                    # too few arguments: Triton's launch says what
+    assert len(k.jit_launches) == 4
+
+
+def test_bound_launch_of_a_kernel_with_constexprs_between_its_arguments_goes_through_triton(monkeypatch):
+    monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch, "ENABLED", True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    k = ToyJIT(middle)
+    k._kernel_for = lambda kw: k.compiled.setdefault(kw["BLOCK"], Compiled(kw["BLOCK"]))
+    f = launch.FastLaunch(k)
+    b = f.bind(BLOCK=16)
+    assert f.on and not b.ok
+    x = torch.zeros(4)
+    for _ in range(3):
+        b[(1,)](x, 5)                                      # X and n by name, not by position
+    assert len(k.jit_launches) == 1 and k.jit_launches[0][2] == dict(X=x, n=5, BLOCK=16)
+    assert k.compiled[16].launches == [((1, 1, 1), (x, 16, 5))] * 2

@@ -1,0 +1,89 @@
+"""The Python host work of one eager decode call, on the CPU (no GPU needed): ``triton_attention.
+attention`` -> ``triton_decode.attention`` with both kernel launches replaced by no-ops, so what is
+timed is our own code (argument checks, the plan, the buffers, the statistics dict), not Triton's
+launch nor the GPU. A proxy for the part of an eager decode step that a GPU run cannot take apart
+cheaply; the launches are timed on the GPU by ``launch_overhead.py``. Issue 13.
+
+``--repo`` imports headscope from another checkout, e.g. a ``git worktree`` of an older commit, for
+an A/B on the same machine (run each side in its own process, several times, and compare medians).
+
+    python benchmarks/decode_host_cpu.py [--repo PATH] [--calls 3000]
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
+                    help="the checkout to import headscope from (default: this one)")
+    ap.add_argument("--calls", type=int, default=3000)
+    a = ap.parse_args()
+    os.environ["TRITON_INTERPRET"] = "1"            # Triton accepts CPU tensors; nothing is interpreted here
+    link_dir = tempfile.mkdtemp(prefix="hs_repo_")
+    os.symlink(os.path.realpath(a.repo), os.path.join(link_dir, "headscope"))
+    sys.path.insert(0, link_dir)
+    import torch
+
+    from headscope.kernels import triton_attention as ta
+    from headscope.kernels import triton_decode as td
+    from headscope.kernels.spec import StatRequest
+
+    class NoLaunch:                                   # stands in for fast(kernel) and its bound form
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+        def bind(self, **constants):
+            return self
+
+    td.fast = lambda kernel: NoLaunch()
+    td.INTERPRET_BLOCK_N = 64                         # the GPU's BLOCK_N at d128
+    sms = 132                                         # split as on an H200 (132 SMs, 2 programs per SM)
+    if hasattr(td, "_Plan"):
+        make = td._Plan.__init__
+
+        def gpu_like(self, *args, **kwargs):
+            make(self, *args, **kwargs)
+            self.sms = sms
+        td._Plan.__init__ = gpu_like
+    else:                                             # before the plans (commit 7547907 and earlier)
+        def n_splits_for(B, G, K_vis, block_n, device):
+            want = max(1, (2 * sms) // max(1, B * G))
+            split = -(-max(2 * block_n, -(-K_vis // want)) // block_n) * block_n
+            return max(1, -(-K_vis // split)), split
+        td.n_splits_for = n_splits_for
+
+    def best_us(fn, n):
+        for _ in range(200):
+            fn()
+        got = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            got.append((time.perf_counter() - t0) / n * 1e6)
+        return sorted(got)[len(got) // 2]
+
+    B, H, G, d = 1, 32, 8, 128
+    print(f"repo: {os.path.realpath(a.repo)}; Llama-3-8B shapes, B=1, one query; µs per call (median of 7 x {a.calls})")
+    print("| request | K | host µs, launches stubbed |")
+    print("|---|---|---|")
+    for name, K, req in (
+            ("plain", 8192, None), ("argmax", 8192, StatRequest(argmax=True)),
+            ("all rows", 32768, StatRequest(sink_k=4, entropy=True, distance=True, recent=64, argmax=True)),
+            ("all rows + 2 spans", 32768, StatRequest(sink_k=4, spans=((4, 68), (100, 356)), entropy=True,
+                                                      distance=True, window_distance=128, recent=64, argmax=True))):
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(B, H, 1, d, dtype=torch.bfloat16, generator=g)
+        k = torch.randn(B, G, K, d, dtype=torch.bfloat16, generator=g)
+        v = torch.randn(B, G, K, d, dtype=torch.bfloat16, generator=g)
+        with torch.no_grad():
+            us = best_us(lambda: ta.attention(q, k, v, scaling=d ** -0.5, causal=True, stats=req), a.calls)
+        print(f"| {name} | {K} | {us:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
