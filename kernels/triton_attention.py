@@ -271,12 +271,13 @@ def _received_sums(q, k, lse, coef, st, common, flags, rd_args, nsrc, ntgt, cfg,
     return {"received_sum": recv, "received_count": count}
 
 
-def _decode_module():
-    """``triton_decode`` (imported on first use: it imports triton)."""
-    td = sys.modules.get(__package__ + ".triton_decode")
-    if td is None:
-        from . import triton_decode as td
-    return td
+def _module(name: str):
+    """The Triton module ``kernels.<name>`` (``triton_decode``, ``flash_stats``), imported on first
+    use (they import triton); a dictionary lookup afterwards, as every layer of every step asks."""
+    m = sys.modules.get(f"{__package__}.{name}")
+    if m is None:
+        m = importlib.import_module(f".{name}", __package__)
+    return m
 
 
 def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
@@ -292,13 +293,11 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     if reason is not None:
         raise Unsupported(reason)
     _check(q, k, v, key_padding, key_pos0, edits, block)
-    td = _decode_module()
+    td = _module("triton_decode")
     if block is None and td.eligible(q, k, stats=stats, edits=edits) is None:   # few queries, many keys
         return td.attention(q, k, v, scaling=scaling, causal=causal, sliding_window=sliding_window,
                             key_padding=key_padding, softcap=softcap, key_pos0=key_pos0, stats=stats, edits=edits)
-    import triton
-
-    from . import flash_stats as fs
+    fs = _module("flash_stats")
 
     B, H, Q, D = q.shape
     G, K = k.shape[1], k.shape[2]
@@ -366,7 +365,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     rd_args = dict(RdHasTgt=rd_hastgt, RdSrc=rd_src, RdTgt=rd_tgt)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
-    grid = (triton.cdiv(Q, BM), B * H)
+    grid = (-(-Q // BM), B * H)
 
     def fwd(mode, with_stats, write_lse):
         s = st if with_stats else None
