@@ -1,5 +1,6 @@
 """The Python host work of one eager decode call, on the CPU (no GPU needed): ``triton_attention.
-attention`` -> ``triton_decode.attention`` with both kernel launches replaced by no-ops, so what is
+attention`` -> ``triton_decode.attention`` (the split-key path, from ``DECODE_MIN_K`` keys) or the
+query-block forward (fewer keys), with the kernel launches replaced by no-ops, so what is
 timed is our own code (argument checks, the plan, the buffers, the statistics dict), not Triton's
 launch nor the GPU. A proxy for the part of an eager decode step that a GPU run cannot take apart
 cheaply; the launches are timed on the GPU by ``launch_overhead.py``. Issue 13.
@@ -39,7 +40,7 @@ def main():
         def bind(self, **constants):
             return self
 
-    td.fast = lambda kernel: NoLaunch()
+    td.fast = ta.fast = lambda kernel: NoLaunch()
     td.INTERPRET_BLOCK_N = 64                         # the GPU's BLOCK_N at d128
     sms = 132                                         # split as on an H200 (132 SMs, 2 programs per SM)
     if hasattr(td, "_Plan"):
@@ -67,22 +68,27 @@ def main():
             got.append((time.perf_counter() - t0) / n * 1e6)
         return sorted(got)[len(got) // 2]
 
-    B, H, G, d = 1, 32, 8, 128
-    print(f"repo: {os.path.realpath(a.repo)}; Llama-3-8B shapes, B=1, one query; µs per call (median of 7 x {a.calls})")
-    print("| request | K | host µs, launches stubbed |")
-    print("|---|---|---|")
-    for name, K, req in (
-            ("plain", 8192, None), ("argmax", 8192, StatRequest(argmax=True)),
-            ("all rows", 32768, StatRequest(sink_k=4, entropy=True, distance=True, recent=64, argmax=True)),
-            ("all rows + 2 spans", 32768, StatRequest(sink_k=4, spans=((4, 68), (100, 356)), entropy=True,
-                                                      distance=True, window_distance=128, recent=64, argmax=True))):
+    print(f"repo: {os.path.realpath(a.repo)}; one query a row; µs per call (median of 7 x {a.calls})")
+    print("| shape | path | request | K | host µs, launches stubbed |")
+    print("|---|---|---|---|---|")
+    rows = StatRequest(sink_k=4, entropy=True, distance=True, recent=64, argmax=True)
+    llama, smol = ("Llama-3-8B B=1", 1, 32, 8, 128), ("SmolLM2 B=3", 3, 9, 3, 64)
+    for (shape, B, H, G, d), path, name, K, req in (
+            (llama, "split keys", "plain", 8192, None), (llama, "split keys", "argmax", 8192, StatRequest(argmax=True)),
+            (llama, "split keys", "all rows", 32768, rows),
+            (llama, "split keys", "all rows + 2 spans", 32768, StatRequest(
+                sink_k=4, spans=((4, 68), (100, 356)), entropy=True, distance=True, window_distance=128, recent=64,
+                argmax=True)),
+            (smol, "query-block forward", "plain", 2048, None),
+            (smol, "query-block forward", "argmax", 2048, StatRequest(argmax=True)),
+            (smol, "query-block forward", "all rows", 2048, rows)):
         g = torch.Generator().manual_seed(0)
         q = torch.randn(B, H, 1, d, dtype=torch.bfloat16, generator=g)
         k = torch.randn(B, G, K, d, dtype=torch.bfloat16, generator=g)
         v = torch.randn(B, G, K, d, dtype=torch.bfloat16, generator=g)
         with torch.no_grad():
             us = best_us(lambda: ta.attention(q, k, v, scaling=d ** -0.5, causal=True, stats=req), a.calls)
-        print(f"| {name} | {K} | {us:.1f} |", flush=True)
+        print(f"| {shape} | {path} | {name} | {K} | {us:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,10 @@
 #               shapes $SHAPES (default the two d128 ones; add SmolLM2,Gemma-3 for the d64/d256 tiles)
 #               (e.g. AB="HEADSCOPE_FA4S_PARTIALS=1 HEADSCOPE_FA4S_PARTIALS=4" for the partial-sums A/B);
 #               $AB_ONLY: the columns (default "ours: all rows,transposed pass alone"), $AB_REP: ms of calls per column
-#   launch      benchmarks/launch_overhead.py: an eager decode step's host cost taken apart
+#   launch      benchmarks/launch_overhead.py: an eager decode step's host cost taken apart ($BASELINE: a
+#               kernels/ folder of another commit, e.g. .baseline/kernels_7547907 from `git archive`,
+#               carried to the device, timed in turns with this tree's)
+#   hosttests   the GPU tests of the decode path and the compiled-kernel launch alone (quick)
 #   ncu         Nsight Compute over benchmarks/ncu_rows.py's sets in $NCU_SETS (default "split cols"):
 #               $OUT/ncu_SET.csv and its table (benchmarks/ncu_summary.py); with NCU_SASS=1 also the
 #               per-SASS-instruction stall samples of FA4 and of the all-rows kernel (ncu_sass_*.csv.gz) (after fa4)
@@ -86,7 +89,11 @@ for step in "$@"; do
         --no-check --rep 2000 --only "cuDNN SDPA,ours: all rows,all rows + column sums,transposed pass alone,masses,entropy+distance+argmax" \
         2>&1 | grep -v "Warn\|exe_args" | tee -a $OUT/fa4_stats_long.md | tail -12 ;;
     launch)
-      python3 benchmarks/launch_overhead.py 2>&1 | tee $OUT/launch_overhead.md | tail -8 ;;
+      python3 benchmarks/launch_overhead.py ${BASELINE:+--baseline "$BASELINE"} 2>&1 | tee $OUT/launch_overhead.md | tail -8 ;;
+    hosttests)
+      copy_tree
+      (cd /tmp/hs/headscope && PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider \
+         tests/test_kernels_decode.py tests/test_triton_launch.py 2>&1 | tee $OUT/hosttests.log | tail -6) ;;
     decodeprof)
       python3 benchmarks/decode_host_profile.py 2>&1 | tee $OUT/decode_host_profile.md | grep "^##" ;;
     colsum)

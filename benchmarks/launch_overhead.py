@@ -8,8 +8,14 @@ SDPA and the whole call with and without the fast launch take turns (9 rounds, m
 Issue 13.
 
     python benchmarks/launch_overhead.py [--calls 2000]          # on a GPU
+    python benchmarks/launch_overhead.py --baseline .baseline/kernels_7547907
+
+``--baseline DIR``: a ``kernels/`` folder of another commit (``git archive REV kernels`` unpacked
+under a package name of its own; it imports nothing outside itself) whose whole call takes turns
+with this checkout's, in the same process: a before/after on one machine start.
 """
 import argparse
+import importlib
 import inspect
 import os as _os
 import sys as _sys
@@ -52,10 +58,17 @@ def interleaved_us(fns, n, rounds=9):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--baseline", default=None, help="a kernels/ folder of another commit (module docstring)")
     a = ap.parse_args()
-    print("| case | SDPA | whole call | whole call, fast launch off | 2 launches, JITFunction | 2 launches, compiled kernel "
-          "| torch.empty x3 |")
-    print("|---|---|---|---|---|---|---|")
+    base = None
+    if a.baseline:
+        path = _os.path.realpath(a.baseline)
+        _sys.path.insert(0, _os.path.dirname(path))
+        base = importlib.import_module(_os.path.basename(path) + ".triton_attention")
+        print(f"baseline: {path}")
+    print("| case | SDPA | whole call | whole call, fast launch off | " + ("whole call, baseline | " if base else "")
+          + "2 launches, JITFunction | 2 launches, compiled kernel | torch.empty x3 |")
+    print("|---|---|---|---|" + ("---|" if base else "") + "---|---|---|")
     for name, K, req in (("Llama-3-8B 8k plain", 8192, None), ("Llama-3-8B 8k argmax", 8192, StatRequest(argmax=True)),
                          ("Llama-3-8B 32k all rows", 32768, StatRequest(sink_k=4, entropy=True, distance=True,
                                                                          recent=64, argmax=True))):
@@ -110,12 +123,15 @@ def main():
 
         def sdpa():
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        def whole_baseline():
+            return base.attention(q, k, v, scaling=d ** -0.5, causal=True, stats=req)
+        turns = (sdpa, whole, whole_jit) + ((whole_baseline,) if base else ())
         cells = []
         with torch.no_grad():
             try:
-                cells += [f"{c:.1f}" for c in interleaved_us((sdpa, whole, whole_jit), a.calls // 4)]
+                cells += [f"{c:.1f}" for c in interleaved_us(turns, a.calls // 4)]
             except Exception as e:  # noqa: BLE001
-                cells += ["failed"] * 3
+                cells += ["failed"] * len(turns)
                 print(f"  whole call: {type(e).__name__}: {str(e)[:300]}", flush=True)
             for f in (jit_launches, compiled_launches, empties):
                 try:
