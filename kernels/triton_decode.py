@@ -43,6 +43,15 @@ from .flash_stats import SLOT_WDIST as P_WDIST  # noqa: E402
 
 
 @triton.jit
+def _partial_regions(Part, n_pad, HEAD_D: tl.constexpr, N_SLOT: tl.constexpr):
+    """The regions of the partial buffer (``partials_layout``), each ``n_pad`` rows apart: m, l,
+    acc [rows, HEAD_D], N_SLOT statistic slots, the int32 argmax index; and the region stride."""
+    n_prow = n_pad.to(tl.int64)
+    PIdx = (Part + (2 + HEAD_D + N_SLOT) * n_prow).to(tl.pointer_type(tl.int32), bitcast=True)
+    return Part, Part + n_prow, Part + 2 * n_prow, Part + (2 + HEAD_D) * n_prow, PIdx, n_prow
+
+
+@triton.jit
 def decode_partial_kernel(
     Q, K, V, Part,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
@@ -183,12 +192,7 @@ def decode_partial_kernel(
 
     # ---- partials: [B*G, S, RQ] (+ slot / head-dim axes), each region n_pad rows apart ----
     prow = (bg.to(tl.int64) * n_splits + sp) * RQ + offs_r
-    n_prow = n_pad.to(tl.int64)
-    PM = Part
-    PL = Part + n_prow
-    PAcc = Part + 2 * n_prow
-    PStats = Part + (2 + HEAD_D) * n_prow
-    PIdx = (Part + (2 + HEAD_D + N_SLOT) * n_prow).to(tl.pointer_type(tl.int32), bitcast=True)
+    PM, PL, PAcc, PStats, PIdx, n_prow = _partial_regions(Part, n_pad, HEAD_D, N_SLOT)
     tl.store(PM + prow, m_i, mask=row_ok)
     tl.store(PL + prow, l_i, mask=row_ok)
     tl.store(PAcc + prow[:, None] * HEAD_D + offs_d[None, :], acc,
@@ -227,12 +231,7 @@ def decode_merge_kernel(
     g = h // R
     r = (h % R) * NQ + qi                            # row inside the GQA group
     bg = b * G + g
-    n_prow = n_pad.to(tl.int64)
-    PM = Part
-    PL = Part + n_prow
-    PAcc = Part + 2 * n_prow
-    PStats = Part + (2 + HEAD_D) * n_prow
-    PIdx = (Part + (2 + HEAD_D + N_SLOT) * n_prow).to(tl.pointer_type(tl.int32), bitcast=True)
+    PM, PL, PAcc, PStats, PIdx, n_prow = _partial_regions(Part, n_pad, HEAD_D, N_SLOT)
     Lse = Res
     Rows = Res + n_rows
     base = bg.to(tl.int64) * n_splits * RQ + r
