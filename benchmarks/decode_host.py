@@ -5,7 +5,11 @@ one-program-per-query-block forward it replaced (``DECODE_MIN_K`` set beyond any
 SmolLM2 (batch 3, left-padded, as the retrieval analyzer decodes) and Llama-3-8B (batch 1). Issue 13.
 
     python benchmarks/decode_host.py            # on a GPU; prints a markdown table
+    python benchmarks/decode_host.py --targets  # issue 13's decode grid: Llama-3-8B, B = 1 and 8,
+                                                # K = 8k, 32k, 128k; argmax and every row statistic,
+                                                # eager and graph, as ratios to default SDPA
 """
+import argparse
 import os as _os
 import sys as _sys
 
@@ -32,7 +36,41 @@ def graph_us(fn):
     return triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
 
 
+def all_rows(K: int) -> StatRequest:
+    """Every row statistic, as the decode sweep of ``kernels.py`` asks: sink 4, a span at the start
+    and one in the middle, entropy, distance, window distance 128, recent 64, argmax."""
+    return StatRequest(sink_k=4, spans=((4, 68), (K // 2, K // 2 + 256)), entropy=True, distance=True,
+                       window_distance=128, recent=64, argmax=True)
+
+
+def targets():
+    """Issue 13's decode targets: with argmax <= 1.3x and every row statistic <= 1.5x default SDPA's
+    decode time (Llama-3-8B shapes, B = 1 and 8, K = 8k-128k), eager wall and CUDA-graph time; the
+    split-key path as chosen automatically (``DECODE_MIN_K``)."""
+    print("| B | K | request | SDPA eager µs [graph] | ours eager µs [graph] | eager ratio | graph ratio | target |")
+    print("|---|---|---|---|---|---|---|---|")
+    H, G, d = 32, 8, 128
+    for B in (1, 8):
+        for K in (8192, 32768, 131072):
+            q, k, v, _, _ = decode_inputs(B, H, G, d, K)
+
+            def sdpa():
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            for rname, req, target in (("argmax", StatRequest(argmax=True), 1.3), ("all rows", all_rows(K), 1.5)):
+                def ours():
+                    return ta.attention(q, k, v, scaling=d ** -0.5, causal=True, stats=req)
+                with torch.no_grad():
+                    se, sg, oe, og = wall_us(sdpa, 300), graph_us(sdpa), wall_us(ours, 300), graph_us(ours)
+                print(f"| {B} | {K // 1024}k | {rname} | {se:.0f} [{sg:.0f}] | {oe:.0f} [{og:.0f}] | "
+                      f"{oe / se:.2f} | {og / sg:.2f} | ≤ {target} |", flush=True)
+            del q, k, v
+
+
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--targets", action="store_true", help="issue 13's decode grid (module docstring)")
+    if ap.parse_args().targets:
+        return targets()
     default_min_k = td.DECODE_MIN_K
     print("| shape | B | K | request | SDPA eager µs [graph] | decode path eager µs [graph] | "
           "query-block fwd eager µs [graph] |")

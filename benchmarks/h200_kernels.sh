@@ -10,6 +10,8 @@
 #             expression in $FA4CHECK_K, e.g. "in_kernel or received") (after fa4)
 #   masses  e2e at 32k: SDPA vs the sink/recent/window masses record vs headscope plain (after fa4)
 #   decodehost  per-call decode time, eager vs CUDA graph: SDPA, split-key path, query-block forward
+#   decodetargets  issue 13's decode grid (Llama-3-8B, B 1 and 8, K 8k/32k/128k, argmax and all rows),
+#               eager and graph ratios to default SDPA
 #   retrieval   the retrieval analyzer with and without the split-key path (MODEL=path to SmolLM2's GGUF
 #               or folder; needs rouge_score on PYTHONPATH, e.g. the .whl/pydeps folder)
 #   rowsab      benchmarks/rows_ab.py for this tree's kernels/flash_stats.py (label "tree")
@@ -76,6 +78,8 @@ for step in "$@"; do
         | tee $OUT/e2e_masses.log | tail -8 ;;
     decodehost)
       python3 benchmarks/decode_host.py 2>&1 | tee $OUT/decode_host.md | tail -14 ;;
+    decodetargets)
+      python3 benchmarks/decode_host.py --targets 2>&1 | tee $OUT/decode_targets.md | tail -14 ;;
     retrieval)
       python3 -u benchmarks/retrieval_gpu.py --model "${MODEL:?set MODEL}" --repeats 2 2>&1 | grep -v "it/s\]" \
         | tee $OUT/retrieval_gpu.log | tail -8 ;;
