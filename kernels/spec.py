@@ -251,10 +251,25 @@ def active(obj) -> frozenset[str]:
     return out
 
 
+_KEYS: dict = {}          # id(StatRequest) -> (the request, its expected keys)
+
+
 def expected_keys(stats: StatRequest | None) -> frozenset[str]:
-    """The keys of the statistics dict every path returns for ``stats`` (the reference's keys)."""
+    """The keys of the statistics dict every path returns for ``stats`` (the reference's keys);
+    kept per request instance, as ``active``'s answer (every layer of every step asks)."""
     if stats is None:
         return frozenset()
+    got = _KEYS.get(id(stats))
+    if got is not None and got[0] is stats:
+        return got[1]
+    keys = _expected_keys(stats)
+    if len(_KEYS) >= 256:
+        _KEYS.clear()
+    _KEYS[id(stats)] = (stats, keys)
+    return keys
+
+
+def _expected_keys(stats: StatRequest) -> frozenset[str]:
     keys = {"lse"}
     if stats.sink_k:
         keys.add("sink_mass")

@@ -95,7 +95,8 @@ def _check_kwargs(module, dropout, kwargs) -> None:
             f"{type(module).__name__} asks for attention dropout p={dropout} (the module is in training "
             "mode); headscope's attention does not implement dropout. Call model.eval() (or set the "
             "config's attention_dropout to 0 to train without it).")
-    bad = {k: v for k, v in kwargs.items() if k not in IGNORED_KWARGS and v is not None}
+    extra = kwargs.keys() - IGNORED_KWARGS          # (every layer of every step: set arithmetic first)
+    bad = {k: kwargs[k] for k in extra if kwargs[k] is not None} if extra else None
     if bad:
         names = ", ".join(f"{k}={type(v).__name__}" for k, v in bad.items())
         raise NotImplementedError(
@@ -269,24 +270,26 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
         return out.transpose(1, 2).contiguous(), None
 
     hooks = plan.hooks
-    from .hooks import Hook, hook_name
+    score_hook = pattern_hook = call = None
+    if hooks:
+        from .hooks import Hook, hook_name
 
-    def call(kind, t):
-        for fn in hooks.get(kind, ()):
-            r = fn(t, hook=Hook(hook_name(kind, layer)))
-            if r is not None:
-                t = r
-        return t
+        def call(kind, t):
+            for fn in hooks.get(kind, ()):
+                r = fn(t, hook=Hook(hook_name(kind, layer)))
+                if r is not None:
+                    t = r
+            return t
 
-    # TransformerLens shapes for q/k/v/z: [batch, pos, head, d_head]
-    if "q" in hooks:
-        query = call("q", query.transpose(1, 2)).transpose(1, 2)
-    if "k" in hooks:
-        key = call("k", key.transpose(1, 2)).transpose(1, 2)
-    if "v" in hooks:
-        value = call("v", value.transpose(1, 2)).transpose(1, 2)
-    score_hook = (lambda s: call("attn_scores", s)) if "attn_scores" in hooks else None
-    pattern_hook = (lambda p: call("pattern", p)) if "pattern" in hooks else None
+        # TransformerLens shapes for q/k/v/z: [batch, pos, head, d_head]
+        if "q" in hooks:
+            query = call("q", query.transpose(1, 2)).transpose(1, 2)
+        if "k" in hooks:
+            key = call("k", key.transpose(1, 2)).transpose(1, 2)
+        if "v" in hooks:
+            value = call("v", value.transpose(1, 2)).transpose(1, 2)
+        score_hook = (lambda s: call("attn_scores", s)) if "attn_scores" in hooks else None
+        pattern_hook = (lambda p: call("pattern", p)) if "pattern" in hooks else None
 
     key_pos0 = _key_pos0(position_ids, B, K, query.device)
     if plan.edits is not None and plan.edits.redistributions:
@@ -301,7 +304,7 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
     out = out.transpose(1, 2)                                   # [B, Q, H, d]
     if plan.out_edits:                                          # output-space edits, once, in PyTorch
         out = apply_output_edits(out, plan.out_edits)
-    if "z" in hooks:
+    if hooks and "z" in hooks:
         out = call("z", out)
     return out.contiguous(), None
 
