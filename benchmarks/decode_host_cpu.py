@@ -30,6 +30,7 @@ def main():
     import torch
 
     from headscope.kernels import triton_attention as ta
+    assert ta.__file__.startswith(link_dir), f"headscope was imported from {ta.__file__}, not from --repo"
     from headscope.kernels import triton_decode as td
     from headscope.kernels.spec import StatRequest
 
