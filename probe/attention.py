@@ -119,13 +119,25 @@ def _triton_module():
     return _triton or None
 
 
+# The last answer of ``_key_pos0``: every layer of one forward gets the same position_ids tensor and
+# key count, so all but the first take it from here. The entry holds the tensor itself (its id cannot
+# be reused while held) and its version counter (an in-place change makes a new key).
+_POS0_LAST: list = [None]
+
+
 def _key_pos0(position_ids, B: int, K: int, device) -> torch.Tensor:
     """Token position of cache index 0, per sequence [B] (see kernels/spec.py)."""
     if position_ids is None:
         return torch.zeros(B, dtype=torch.long, device=device)
+    kept = _POS0_LAST[0]
+    if (kept is not None and kept[0] is position_ids and kept[1] == position_ids._version
+            and kept[2] == (B, K, device)):
+        return kept[3]
     last = position_ids[:, -1].to(device=device, dtype=torch.long)
-    pos0 = last + (1 - K)                                       # one kernel, not two, per layer
-    return pos0.expand(B) if last.shape[0] == 1 else pos0
+    pos0 = last + (1 - K)                                       # one kernel, not two, per forward
+    pos0 = pos0.expand(B) if last.shape[0] == 1 else pos0
+    _POS0_LAST[0] = (position_ids, position_ids._version, (B, K, device), pos0)
+    return pos0
 
 
 def _fa4_try(q, k, v, key_padding, scaling, sliding_window, softcap, causal, key_pos0, stats, edits, sinks,

@@ -330,3 +330,19 @@ def test_state_is_read_only_outside_push_and_pop(m):
         m.state.pop(handle)
     assert seen == ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre"]
     assert not m.state.active()
+
+
+def test_key_positions_are_kept_per_position_tensor_and_follow_in_place_changes():
+    """Every layer of a forward shares one position_ids tensor: the key positions are computed once
+    for it, and computed again for another tensor, another key count, or after an in-place change."""
+    from headscope.probe import attention as pa
+    pos = torch.tensor([[5, 6, 7], [0, 1, 2]])
+    a = pa._key_pos0(pos, 2, 10, pos.device)
+    assert a.tolist() == [-2, -7]
+    assert pa._key_pos0(pos, 2, 10, pos.device) is a                  # the next layer: kept
+    assert pa._key_pos0(pos, 2, 12, pos.device).tolist() == [-4, -9]  # another key count
+    pos.add_(1)                                                        # in place: a new version
+    assert pa._key_pos0(pos, 2, 12, pos.device).tolist() == [-3, -8]
+    assert pa._key_pos0(pos.clone(), 2, 12, pos.device).tolist() == [-3, -8]
+    one = torch.tensor([[3, 4]])
+    assert pa._key_pos0(one, 3, 4, one.device).tolist() == [1, 1, 1]  # one row for the batch
