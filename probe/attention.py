@@ -121,7 +121,8 @@ def _triton_module():
 
 # The last answer of ``_key_pos0``: every layer of one forward gets the same position_ids tensor and
 # key count, so all but the first take it from here. The entry holds the tensor itself (its id cannot
-# be reused while held) and its version counter (an in-place change makes a new key).
+# be reused while held) and its version counter (an in-place change makes a new key). Tensors made
+# under torch.inference_mode have no version counter: they are not kept.
 _POS0_LAST: list = [None]
 
 
@@ -129,14 +130,16 @@ def _key_pos0(position_ids, B: int, K: int, device) -> torch.Tensor:
     """Token position of cache index 0, per sequence [B] (see kernels/spec.py)."""
     if position_ids is None:
         return torch.zeros(B, dtype=torch.long, device=device)
+    version = None if position_ids.is_inference() else position_ids._version
     kept = _POS0_LAST[0]
-    if (kept is not None and kept[0] is position_ids and kept[1] == position_ids._version
+    if (version is not None and kept is not None and kept[0] is position_ids and kept[1] == version
             and kept[2] == (B, K, device)):
         return kept[3]
     last = position_ids[:, -1].to(device=device, dtype=torch.long)
     pos0 = last + (1 - K)                                       # one kernel, not two, per forward
     pos0 = pos0.expand(B) if last.shape[0] == 1 else pos0
-    _POS0_LAST[0] = (position_ids, position_ids._version, (B, K, device), pos0)
+    if version is not None:
+        _POS0_LAST[0] = (position_ids, version, (B, K, device), pos0)
     return pos0
 
 

@@ -346,3 +346,21 @@ def test_key_positions_are_kept_per_position_tensor_and_follow_in_place_changes(
     assert pa._key_pos0(pos.clone(), 2, 12, pos.device).tolist() == [-3, -8]
     one = torch.tensor([[3, 4]])
     assert pa._key_pos0(one, 3, 4, one.device).tolist() == [1, 1, 1]  # one row for the batch
+    with torch.inference_mode():                                       # no version counter: not kept
+        inf = torch.tensor([[5, 6, 7]])
+        assert pa._key_pos0(inf, 1, 10, inf.device).tolist() == [-2]
+        inf.add_(1)
+        assert pa._key_pos0(inf, 1, 10, inf.device).tolist() == [-1]
+
+
+def test_recording_under_inference_mode_matches_no_grad(smollm2):
+    """A forward under torch.inference_mode (tensors without version counters) records what the
+    same forward under torch.no_grad records."""
+    toks = smollm2.to_tokens("The capital of France is Paris. The capital of Italy is")
+    got = []
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx(), smollm2.record(hs.Stats(sink_k=1, argmax=True)) as rec:
+            smollm2(toks)
+        got.append({n: rec[n, 3].clone() for n in ("sink_mass", "argmax")})
+    assert torch.equal(got[0]["argmax"], got[1]["argmax"])
+    torch.testing.assert_close(got[0]["sink_mass"], got[1]["sink_mass"])
