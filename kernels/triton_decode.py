@@ -468,7 +468,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     has_qscale = ed is not None and ed.q_scale is not None
     st = stats
     p = _plan(dev, q.dtype, B, H, Q, D, G, bool(causal), sliding_window, softcap is not None,
-              key_padding is not None, has_qscale, st, config)
+              key_padding is not None, has_qscale, st, tuple(config) if config is not None else None)
 
     # visible key range [key_lo, K): with a window, keys before the first query's window are skipped
     BN = p.BN
