@@ -226,7 +226,22 @@ class LayerEdits:
 COLUMN_STATS = ("received_sum", "received_count")
 
 
+def _kept(cache: dict, request: StatRequest, compute):
+    """``compute(request)``, kept per request instance: a ``StatRequest`` is frozen and every layer
+    of every step asks the same questions of it. The request itself is held, so its id is not
+    reused while the answer is kept; at most 256 are kept."""
+    got = cache.get(id(request))
+    if got is not None and got[0] is request:
+        return got[1]
+    answer = compute(request)
+    if len(cache) >= 256:
+        cache.clear()
+    cache[id(request)] = (request, answer)
+    return answer
+
+
 _ACTIVE: dict = {}        # id(StatRequest) -> (the request, its active fields)
+_KEYS: dict = {}          # id(StatRequest) -> (the request, its expected keys)
 
 
 def active(obj) -> frozenset[str]:
@@ -234,39 +249,25 @@ def active(obj) -> frozenset[str]:
     not False / 0 / empty). None -> empty set."""
     if obj is None:
         return frozenset()
-    if isinstance(obj, StatRequest):     # frozen: the answer is kept per instance (every layer asks)
-        got = _ACTIVE.get(id(obj))
-        if got is not None and got[0] is obj:
-            return got[1]
+    if isinstance(obj, StatRequest):
+        return _kept(_ACTIVE, obj, _active_fields)
+    return _active_fields(obj)
+
+
+def _active_fields(obj) -> frozenset[str]:
     out = set()
     for name in obj.__dataclass_fields__:
         v = getattr(obj, name)
         if isinstance(v, torch.Tensor) or (v is not None and v is not False and v != 0 and v != ()):
             out.add(name)
-    out = frozenset(out)
-    if isinstance(obj, StatRequest):
-        if len(_ACTIVE) >= 256:
-            _ACTIVE.clear()
-        _ACTIVE[id(obj)] = (obj, out)        # the request itself is kept, so its id is not reused
-    return out
-
-
-_KEYS: dict = {}          # id(StatRequest) -> (the request, its expected keys)
+    return frozenset(out)
 
 
 def expected_keys(stats: StatRequest | None) -> frozenset[str]:
-    """The keys of the statistics dict every path returns for ``stats`` (the reference's keys);
-    kept per request instance, as ``active``'s answer (every layer of every step asks)."""
+    """The keys of the statistics dict every path returns for ``stats`` (the reference's keys)."""
     if stats is None:
         return frozenset()
-    got = _KEYS.get(id(stats))
-    if got is not None and got[0] is stats:
-        return got[1]
-    keys = _expected_keys(stats)
-    if len(_KEYS) >= 256:
-        _KEYS.clear()
-    _KEYS[id(stats)] = (stats, keys)
-    return keys
+    return _kept(_KEYS, stats, _expected_keys)
 
 
 def _expected_keys(stats: StatRequest) -> frozenset[str]:

@@ -26,6 +26,7 @@ LoFiT's affine, steering) are not kernel arguments: the probe applies them to th
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -131,13 +132,9 @@ def _edit_tensors(edits: LayerEdits | None):
     return edits.tensors()
 
 
-_TRITON: list = []          # [whether triton is importable], asked once (an eager decode step is host-bound)
-
-
+@functools.cache                # asked once: an eager decode step is host-bound
 def _triton_installed() -> bool:
-    if not _TRITON:
-        _TRITON.append(importlib.util.find_spec("triton") is not None)
-    return _TRITON[0]
+    return importlib.util.find_spec("triton") is not None
 
 
 def _check(q, k, v, key_padding, key_pos0, edits, block):
