@@ -4,7 +4,7 @@ SDPA, the split-key decode path (``kernels/triton_decode.py``, chosen automatica
 one-program-per-query-block forward it replaced (``DECODE_MIN_K`` set beyond any context). Shapes of
 SmolLM2 (batch 3, left-padded, as the retrieval analyzer decodes) and Llama-3-8B (batch 1). Issue 13.
 
-    python benchmarks/decode_host.py            # on a GPU; prints a markdown table
+    python benchmarks/decode_host.py [--min-k N] # on a GPU; prints a markdown table
     python benchmarks/decode_host.py --targets  # issue 13's decode grid: Llama-3-8B, B = 1 and 8,
                                                 # K = 8k, 32k, 128k; argmax and every row statistic,
                                                 # eager and graph, as ratios to default SDPA
@@ -26,8 +26,8 @@ from headscope.kernels import triton_decode as td
 from headscope.kernels.spec import StatRequest
 
 SHAPES = [  # name, B, H, G, d, K values, left padding of row 0
-    ("SmolLM2", 3, 9, 3, 64, (2048, 4096, 7168), 100),
-    ("Llama-3-8B", 1, 32, 8, 128, (8192, 32768), 0),
+    ("SmolLM2", 3, 9, 3, 64, (512, 1024, 2048, 4096, 7168), 100),
+    ("Llama-3-8B", 1, 32, 8, 128, (512, 1024, 2048, 4096, 8192, 32768), 0),
 ]
 REQUESTS = {"plain": None, "argmax": StatRequest(argmax=True)}
 
@@ -61,7 +61,7 @@ def targets():
                     return ta.attention(q, k, v, scaling=d ** -0.5, causal=True, stats=req)
                 with torch.no_grad():
                     se, sg, oe, og = wall_us(sdpa, 300), graph_us(sdpa), wall_us(ours, 300), graph_us(ours)
-                print(f"| {B} | {K // 1024}k | {rname} | {se:.0f} [{sg:.0f}] | {oe:.0f} [{og:.0f}] | "
+                print(f"| {B} | {K / 1024:g}k | {rname} | {se:.0f} [{sg:.0f}] | {oe:.0f} [{og:.0f}] | "
                       f"{oe / se:.2f} | {og / sg:.2f} | ≤ {target} |", flush=True)
             del q, k, v
 
@@ -69,9 +69,15 @@ def targets():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", action="store_true", help="issue 13's decode grid (module docstring)")
-    if ap.parse_args().targets:
+    ap.add_argument("--min-k", type=int, default=None,
+                    help="the decode-path column's DECODE_MIN_K (default the library's; 0 forces the split-key "
+                         "path at every K, to re-pick the threshold)")
+    args = ap.parse_args()
+    if args.targets:
         return targets()
     default_min_k = td.DECODE_MIN_K
+    split_min_k = default_min_k if args.min_k is None else args.min_k
+    print(f"decode-path column: DECODE_MIN_K = {split_min_k}")
     print("| shape | B | K | request | SDPA eager µs [graph] | decode path eager µs [graph] | "
           "query-block fwd eager µs [graph] |")
     print("|---|---|---|---|---|---|---|")
@@ -86,12 +92,12 @@ def main():
                     return ta.attention(q, k, v, scaling=d ** -0.5, causal=True, key_padding=kp if pad else None,
                                         stats=req)
                 cells = []
-                for fn, min_k in ((sdpa, None), (ours, default_min_k), (ours, 1 << 40)):
+                for fn, min_k in ((sdpa, None), (ours, split_min_k), (ours, 1 << 40)):
                     td.DECODE_MIN_K = min_k if min_k is not None else default_min_k
                     with torch.no_grad():
                         cells.append(f"{wall_us(fn, 300):.0f} [{graph_us(fn):.0f}]")
                 td.DECODE_MIN_K = default_min_k
-                print(f"| {name} | {B} | {K // 1024}k | {rname} | " + " | ".join(cells) + " |", flush=True)
+                print(f"| {name} | {B} | {K / 1024:g}k | {rname} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@
 #             expression in $FA4CHECK_K, e.g. "in_kernel or received") (after fa4)
 #   masses  e2e at 32k: SDPA vs the sink/recent/window masses record vs headscope plain (after fa4)
 #   decodehost  per-call decode time, eager vs CUDA graph: SDPA, split-key path, query-block forward
+#               ($DECODE_MIN_K: the split-key column's threshold, 0 to force it at every K)
 #   decodetargets  issue 13's decode grid (Llama-3-8B, B 1 and 8, K 8k/32k/128k, argmax and all rows),
 #               eager and graph ratios to default SDPA
 #   retrieval   the retrieval analyzer with and without the split-key path (MODEL=path to SmolLM2's GGUF
@@ -77,7 +78,7 @@ for step in "$@"; do
       python3 benchmarks/e2e_gpu.py --n 32768 --layers ${E2E_LAYERS:-8} --no-eager --masses-only --out $OUT/masses 2>&1 \
         | tee $OUT/e2e_masses.log | tail -8 ;;
     decodehost)
-      python3 benchmarks/decode_host.py 2>&1 | tee $OUT/decode_host.md | tail -14 ;;
+      python3 benchmarks/decode_host.py ${DECODE_MIN_K:+--min-k $DECODE_MIN_K} 2>&1 | tee $OUT/decode_host.md | tail -14 ;;
     decodetargets)
       python3 benchmarks/decode_host.py --targets 2>&1 | tee $OUT/decode_targets.md | tail -14 ;;
     retrieval)

@@ -317,13 +317,14 @@ SUPPORTED_EDITS = frozenset({"q_scale"})
 DECODE_MAX_Q = 16          # queries per call taken by the decode path (more: flash_stats)
 DECODE_MAX_ROWS = 64       # query rows per KV head (R * Q) held by one program
 # Fewer keys (K, the cache length) than this: flash_stats' one program per query block. On the GPU
-# alone the split path wins from ~1k keys (H200: 7-13 vs 30-132 µs at 2k-8k), but an eager decode step
-# is host-bound: with the compiled-kernel launch (kernels/launch.py) the split path's two launches cost
-# 75-100 µs a call, the forward's one 60-76 µs, and the forward's GPU time grows ~14 µs per 1k keys, so
-# they cross at ~5.5k (plain) to ~7k keys (argmax) (SmolLM2 shapes, B=3: 77-100 vs 60-101 µs at 2k-7k;
-# Llama-3-8B at 8k: 75-97 vs 132 µs). Under CUDA graphs (no host cost) set it to 1024.
-# benchmarks/decode_host.py, BENCHMARKS.md "Decode per call, eager vs graph".
-DECODE_MIN_K = 6144
+# alone the split path wins from ~1k keys (H200: 7-13 vs 30-132 µs at 2k-8k). Since the decode plans
+# (``_Plan``) and bound launches (kernels/launch.py) an eager step costs no more on it either: at 1k
+# keys 76-96 µs against the forward's 81-106 (noise ~10 µs), at 2k-8k 61-142 against 78-177
+# (SmolLM2 shapes B=3 and Llama-3-8B B=1, H200, 2026-12-03;
+# fewer than 1k keys not measured on the split path).
+# It was 6144 while the split path's host work was twice as long.
+# benchmarks/decode_host.py --min-k 0, BENCHMARKS.md "Decode on the H200 after the host rebuild".
+DECODE_MIN_K = 1024
 MAX_SPANS = 8              # sink + spans held by the partial kernel
 # (BLOCK_N, num_warps, num_stages) by padded head dim; chosen on the H200 (benchmarks/kernels.py --decode)
 DECODE_CONFIGS = {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
