@@ -13,6 +13,8 @@
 #               ($DECODE_MIN_K: the split-key column's threshold, 0 to force it at every K)
 #   decodetargets  issue 13's decode grid (Llama-3-8B, B 1 and 8, K 8k/32k/128k, argmax and all rows),
 #               eager and graph ratios to default SDPA
+#   decodee2e   benchmarks/decode_e2e_gpu.py: a whole model's eager decode step, SDPA vs headscope with nothing,
+#               argmax or every row statistic recorded ($DECODE_E2E_ARGS: its options, e.g. "--grid 1:8192")
 #   retrieval   the retrieval analyzer with and without the split-key path (MODEL=path to SmolLM2's GGUF
 #               or folder; needs rouge_score on PYTHONPATH, e.g. the .whl/pydeps folder)
 #   rowsab      benchmarks/rows_ab.py for this tree's kernels/flash_stats.py (label "tree")
@@ -79,6 +81,8 @@ for step in "$@"; do
         | tee $OUT/e2e_masses.log | tail -8 ;;
     decodehost)
       python3 benchmarks/decode_host.py ${DECODE_MIN_K:+--min-k $DECODE_MIN_K} 2>&1 | tee $OUT/decode_host.md | tail -14 ;;
+    decodee2e)
+      python3 benchmarks/decode_e2e_gpu.py ${DECODE_E2E_ARGS:-} 2>&1 | tee -a $OUT/decode_e2e.log | tail -10 ;;
     decodetargets)
       python3 benchmarks/decode_host.py --targets 2>&1 | tee $OUT/decode_targets.md | tail -14 ;;
     retrieval)
