@@ -23,7 +23,7 @@ from .checks import as_index, as_indices, check_range
 from .edits import EDIT_TYPES, OutputEdit, compile_edits
 from .cache import ActivationCache
 from .hf_compat import GENERATE_CACHE_KWARG
-from .hooks import Hook, hook_name, parse
+from .hooks import hook_name, parse
 from .record import Recorder
 from .state import ProbeState
 from .tl_idioms import TLConfigNames, TLIdioms, bos_token_id, tokens_with_bos
@@ -106,7 +106,9 @@ class HookedModel(TLIdioms, nn.Module):
             a._headscope = self.state          # read by the attention function
             a._headscope_layer = i
         self._check_dispatch()
-        self._install_torch_hooks()
+        self._torch_hooks = module_hooks.LazyHooks(self.state)
+        self._install_torch_hooks(self._torch_hooks)
+        self.state.on_hooks = self._torch_hooks.register     # registered by the first push of hooks
 
     def _check_dispatch(self):
         """Run two tokens and refuse the model unless every layer's attention module went through
@@ -127,57 +129,57 @@ class HookedModel(TLIdioms, nn.Module):
                 "the checkpoint to one), or run this model without headscope.")
 
     # ---------------------------------------------------------------- permanent torch hooks
-    def _install_torch_hooks(self):
-        st = self.state
-
-        def run(layer, kind, t):
-            for fn in st.hooks.get((layer, kind), ()):
-                r = fn(t, hook=Hook(hook_name(kind, layer)))
-                if r is not None:
-                    t = r
-            return t
+    def _install_torch_hooks(self, hooks: module_hooks.LazyHooks):
+        """The hook points served by torch module hooks (resid_pre/mid/post, result, and
+        ``module_hooks.install``'s), handed to ``hooks``: registered when hooks are first used. Each
+        hook reads the active hooks from the module it runs on (``module_hooks.active_hooks``)."""
+        active, run = module_hooks.active_hooks, module_hooks.run
+        H, d = self.cfg.n_heads, self.cfg.d_head
 
         for i, layer in enumerate(self.layers):
             def pre(mod, args, kwargs, i=i):
-                if not st.hooks.get((i, "resid_pre")):
+                hk = active(mod)
+                if not hk.get((i, "resid_pre")):
                     return None
                 if args:
-                    return (run(i, "resid_pre", args[0]),) + tuple(args[1:]), kwargs
-                kwargs["hidden_states"] = run(i, "resid_pre", kwargs["hidden_states"])
+                    return (run(hk, i, "resid_pre", args[0]),) + tuple(args[1:]), kwargs
+                kwargs["hidden_states"] = run(hk, i, "resid_pre", kwargs["hidden_states"])
                 return args, kwargs
 
             def post(mod, args, kwargs, output, i=i):
-                if not st.hooks.get((i, "resid_post")):
+                hk = active(mod)
+                if not hk.get((i, "resid_post")):
                     return None
                 if isinstance(output, tuple):
-                    return (run(i, "resid_post", output[0]),) + tuple(output[1:])
-                return run(i, "resid_post", output)
+                    return (run(hk, i, "resid_post", output[0]),) + tuple(output[1:])
+                return run(hk, i, "resid_post", output)
 
-            layer.register_forward_pre_hook(pre, with_kwargs=True)
-            layer.register_forward_hook(post, with_kwargs=True)
+            hooks.forward_pre(layer, pre, with_kwargs=True)
+            hooks.forward(layer, post, with_kwargs=True)
             norm = next((getattr(layer, n) for n in _PRE_MLP_NORM if hasattr(layer, n)), None)
             if norm is not None:
                 def mid(mod, args, i=i):
-                    if not st.hooks.get((i, "resid_mid")):
+                    hk = active(mod)
+                    if not hk.get((i, "resid_mid")):
                         return None
-                    return (run(i, "resid_mid", args[0]),) + tuple(args[1:])
-                norm.register_forward_pre_hook(mid)
+                    return (run(hk, i, "resid_mid", args[0]),) + tuple(args[1:])
+                hooks.forward_pre(norm, mid)
             proj = next((getattr(self.attn[i], n) for n in _OUT_PROJ if hasattr(self.attn[i], n)), None)
             if proj is not None:
-                def result(mod, args, output, i=i, proj=proj):
-                    if not st.hooks.get((i, "result")):
+                def result(mod, args, output, i=i):                          # mod: the output projection
+                    hk = active(mod)
+                    if not hk.get((i, "result")):
                         return None
                     z = args[0]                                               # [B, pos, H*d]
-                    W = proj.weight if isinstance(proj, nn.Linear) else proj.weight.T  # [d_model, H*d]
-                    H, d = self.cfg.n_heads, self.cfg.d_head
+                    W = mod.weight if isinstance(mod, nn.Linear) else mod.weight.T  # [d_model, H*d]
                     W = W.view(W.shape[0], H, d)
                     res = torch.einsum("bphd,mhd->bphm", z.view(*z.shape[:-1], H, d), W)  # [B, pos, H, d_model]
-                    new = run(i, "result", res)
+                    new = run(hk, i, "result", res)
                     if new is res:
                         return None
                     return output + (new - res).sum(-2)
-                proj.register_forward_hook(result)
-        module_hooks.install(self)          # hook_embed, hook_attn_out, hook_mlp_in, hook_mlp_out
+                hooks.forward(proj, result)
+        module_hooks.install(self, hooks)   # hook_embed, hook_attn_out, hook_mlp_in, hook_mlp_out
 
     # ---------------------------------------------------------------- tokens
     def to_tokens(self, text, prepend_bos: bool = True, chat: bool = False) -> torch.Tensor:

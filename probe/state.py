@@ -12,6 +12,7 @@ forward hooks run in the thread that called the model, so they read the caller's
 from __future__ import annotations
 
 import contextvars
+import copy
 import itertools
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -88,11 +89,17 @@ class ProbeState:
         self.n_layers = n_layers
         self._var: contextvars.ContextVar[Frame] = contextvars.ContextVar(f"headscope_probe_{next(_ids)}",
                                                                           default=_EMPTY)
+        self.on_hooks = None        # called by each push that adds hooks (HookedModel: register its module hooks)
 
     def __deepcopy__(self, memo):
         """A deep copy of the HF model (e.g. ``copy.deepcopy(model.model)``) gets a fresh, empty
-        state: a ContextVar cannot be copied, and the copy must not see the original's contexts."""
-        return ProbeState(self.n_layers)
+        state: a ContextVar cannot be copied, and the copy must not see the original's contexts. Its
+        ``on_hooks`` is copied with it (the copied model's lazy module hooks, on the copied modules)."""
+        new = ProbeState(self.n_layers)
+        memo[id(self)] = new
+        if self.on_hooks is not None:           # the copy registers its own (copied) modules' hooks
+            new.on_hooks = copy.deepcopy(self.on_hooks, memo)
+        return new
 
     # ---------------------------------------------------------------- read
     @property
@@ -151,6 +158,8 @@ class ProbeState:
     def push(self, *, recorders=(), edit_sets=(), hooks=(), hooks_first: bool = False):
         """Activate more entries for the current call; returns a handle for ``pop``. ``hooks_first``:
         the new hooks run before the active ones on the same hook point (``add_hook``'s hooks)."""
+        if hooks and self.on_hooks is not None:
+            self.on_hooks()                  # the model's torch module hooks, registered on first use
         old = self.frame
         new = Frame(old.recorders + tuple(recorders), old.edit_sets + tuple(edit_sets),
                     tuple(hooks) + old.hooks if hooks_first else old.hooks + tuple(hooks))

@@ -459,3 +459,37 @@ def test_direct_logit_attribution_matches_transformerlens(smollm2, tl, hs_cache)
     close(dla.sum(0), logits[..., mary] - logits[..., john])                  # attributions add up
     h = c.stack_head_results()
     close(c.logit_attrs(h[:, :, -1], tl["mary"], pos_slice=-1), tl["dla_heads"])
+
+
+def test_module_hooks_are_registered_on_first_use_and_follow_a_deepcopy():
+    """A model that never uses TransformerLens hooks runs without torch module hooks (they cost host
+    time on every decode step); the first hooks context registers them, and a deep copy (made
+    before or after that) serves its own hooks only: module-served hook points (resid_pre, mlp_out)
+    read the copy's state, not the original's."""
+    m = hs.load("tiny-llama")
+    toks = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(5))
+    layer = m.layers[0]
+    assert not layer._forward_pre_hooks and not layer._forward_hooks          # nothing registered at load
+    early = copy.deepcopy(m)                                                  # copied before registration
+    seen = []
+
+    def note(tag):
+        return lambda t, hook: seen.append((tag, hook.name))
+    with m.hooks([("blocks.0.hook_resid_pre", note("orig")), ("blocks.1.hook_mlp_out", note("orig"))]):
+        m(toks)
+    assert layer._forward_pre_hooks and layer._forward_hooks                  # registered by the first use
+    assert seen == [("orig", "blocks.0.hook_resid_pre"), ("orig", "blocks.1.hook_mlp_out")]
+    late = copy.deepcopy(m)                                                   # copied after registration
+    for twin, tag in ((early, "early"), (late, "late")):
+        seen.clear()
+        with m.hooks([("blocks.0.hook_resid_pre", note("orig"))]):
+            twin(toks)                                                        # the original's hooks: not here
+        assert seen == []
+        with twin.hooks([("blocks.0.hook_resid_pre", note(tag))]):
+            twin(toks)
+            m(toks)                                                           # nor the copy's in the original
+        assert seen == [(tag, "blocks.0.hook_resid_pre")]
+    with m.hooks([("blocks.0.hook_resid_pre", lambda t, hook: t * 0)]):       # registration is idempotent
+        zeroed = m(toks)
+    assert torch.allclose(early(toks), late(toks)) and not torch.allclose(zeroed, m(toks))
+    assert len(layer._forward_pre_hooks) == 1
