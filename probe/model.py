@@ -128,7 +128,7 @@ class HookedModel(TLIdioms, nn.Module):
                 "AttentionInterface (Llama, Qwen2/3, Mistral, Gemma, GPT-2, GPT-NeoX, OPT, ...; e.g. convert "
                 "the checkpoint to one), or run this model without headscope.")
 
-    # ---------------------------------------------------------------- permanent torch hooks
+    # ---------------------------------------------------------------- torch module hooks (registered on first use)
     def _install_torch_hooks(self, hooks: module_hooks.LazyHooks):
         """The hook points served by torch module hooks (resid_pre/mid/post, result, and
         ``module_hooks.install``'s), handed to ``hooks``: registered when hooks are first used. Each
