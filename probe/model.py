@@ -97,18 +97,24 @@ class HookedModel(TLIdioms, nn.Module):
         self.model = hf_model.eval()
         self.tokenizer = tokenizer
         self.cfg = _info(hf_model, name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
-        self.state = ProbeState(self.cfg.n_layers)
         self._token_masks = WeakIdKeyDictionary()   # to_tokens output -> its padding mask
         self.model.set_attn_implementation(_attention.NAME)
         self.layers = _decoder_layers(hf_model, self.cfg.n_layers)
         self.attn = [_attention_module(l) for l in self.layers]
+        # a second load of the same HF model shares the first one's state and module hooks, so that
+        # both wrappers keep working (a fresh state would leave the first one recording nothing)
+        prior = getattr(self.attn[0], "_headscope", None) if self.attn else None
+        shared = isinstance(prior, ProbeState) and prior.n_layers == self.cfg.n_layers and \
+            all(a.__dict__.get("_headscope") is prior for a in self.attn)
+        self.state = prior if shared else ProbeState(self.cfg.n_layers)
         for i, a in enumerate(self.attn):
             a._headscope = self.state          # read by the attention function
             a._headscope_layer = i
         self._check_dispatch()
-        self._torch_hooks = module_hooks.LazyHooks(self.state)
-        self._install_torch_hooks(self._torch_hooks)
-        self.state.on_hooks = self._torch_hooks.register     # registered by the first push of hooks
+        hooks = module_hooks.LazyHooks(self.state)
+        self._install_torch_hooks(hooks)       # the module search (its errors) and the hooks, queued
+        if not shared:                         # shared: the first wrapper's hooks serve both; these are dropped
+            self.state.on_hooks = hooks.register          # registered by the first push of hooks
 
     def _check_dispatch(self):
         """Run two tokens and refuse the model unless every layer's attention module went through

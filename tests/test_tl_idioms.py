@@ -493,3 +493,23 @@ def test_module_hooks_are_registered_on_first_use_and_follow_a_deepcopy():
         zeroed = m(toks)
     assert torch.allclose(early(toks), late(toks)) and not torch.allclose(zeroed, m(toks))
     assert len(layer._forward_pre_hooks) == 1
+
+
+def test_loading_the_same_hf_model_twice_keeps_both_wrappers_working():
+    """``hs.load(hf)`` on a model that is already loaded (a notebook cell run again) shares the first
+    wrapper's state and module hooks: both record, both serve hooks, and each hook runs once (before,
+    the first wrapper silently recorded nothing and lost its module-served hooks)."""
+    m1 = hs.load("tiny-llama")
+    m2 = hs.load(m1.model)
+    assert m2.state is m1.state
+    toks = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(7))
+    for m in (m1, m2):
+        with m.record(hs.Stats(argmax=True)) as rec:
+            m(toks)
+        assert rec.stack("argmax").shape == (m.cfg.n_layers, 1, m.cfg.n_heads, 6)
+        seen = []
+        with m.hooks([("blocks.0.hook_resid_pre", lambda t, hook: seen.append(hook.name)),
+                      ("blocks.0.attn.hook_z", lambda z, hook: seen.append(hook.name))]):
+            m(toks)
+        assert sorted(seen) == ["blocks.0.attn.hook_z", "blocks.0.hook_resid_pre"]   # once each
+    assert len(m1.layers[0]._forward_pre_hooks) == 1
