@@ -134,6 +134,19 @@ class HookedModel(TLIdioms, nn.Module):
                 "AttentionInterface (Llama, Qwen2/3, Mistral, Gemma, GPT-2, GPT-NeoX, OPT, ...; e.g. convert "
                 "the checkpoint to one), or run this model without headscope.")
 
+    def _check_attention_path(self) -> None:
+        """Refuse a context (record, edit, hooks) when the model no longer runs its attention through
+        headscope: after ``set_attn_implementation("sdpa")`` (or any other) on the HF model, the
+        statistics, edits and attention hooks would be silently ignored."""
+        for i, a in enumerate(self.attn):
+            impl = getattr(getattr(a, "config", None), "_attn_implementation", _attention.NAME)
+            if impl != _attention.NAME:
+                raise RuntimeError(
+                    f"layer {i} of {self.cfg.name} runs its attention through {impl!r}, not headscope's, so "
+                    "statistics, edits and attention hooks would be ignored: call "
+                    f"model.model.set_attn_implementation({_attention.NAME!r}) (or hs.load the model again) "
+                    "before this block")
+
     # ---------------------------------------------------------------- torch module hooks (registered on first use)
     def _install_torch_hooks(self, hooks: module_hooks.LazyHooks):
         """The hook points served by torch module hooks (resid_pre/mid/post, result, and
@@ -409,6 +422,7 @@ class HookedModel(TLIdioms, nn.Module):
                 layer, kind = parse(n, self.cfg.n_layers)
                 module_hooks.check(self, layer, kind)
                 added.append((layer, kind, fn))
+        self._check_attention_path()
         handle = self.state.push(hooks=added, hooks_first=first)
         try:
             yield self
@@ -504,6 +518,7 @@ class HookedModel(TLIdioms, nn.Module):
             heads = list(as_indices(heads, "record heads"))
             for h in heads:
                 check_range(h, n_heads, "head", f"{self.cfg.name} has {n_heads} heads per layer")
+        self._check_attention_path()
         rec = Recorder(request, layers, heads, self.device)
         handle = self.state.push(recorders=[rec])
         try:
@@ -522,6 +537,7 @@ class HookedModel(TLIdioms, nn.Module):
             raise TypeError(f"model.edit takes an edit or a list of edits ({EDIT_TYPES}), got {edits!r}")
         compiled = compile_edits(list(edits), self.cfg.n_layers, self.cfg.n_heads, self.cfg.d_head,
                                  [module_device(a) for a in self.attn])
+        self._check_attention_path()
         handle = self.state.push(edit_sets=[compiled])
         try:
             yield self

@@ -513,3 +513,21 @@ def test_loading_the_same_hf_model_twice_keeps_both_wrappers_working():
             m(toks)
         assert sorted(seen) == ["blocks.0.attn.hook_z", "blocks.0.hook_resid_pre"]   # once each
     assert len(m1.layers[0]._forward_pre_hooks) == 1
+
+
+def test_contexts_refuse_a_model_switched_off_the_headscope_attention():
+    """After ``set_attn_implementation("sdpa")`` on the wrapped HF model, its attention no longer runs
+    through headscope: a record, edit or hooks block then raises with the fix instead of ignoring
+    every statistic and edit; switching back makes them work again."""
+    m = hs.load("tiny-llama")
+    toks = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    clean = m(toks)
+    m.model.set_attn_implementation("sdpa")
+    for ctx in (lambda: m.record(hs.Stats(argmax=True)), lambda: m.edit([hs.Ablate(layer=0, head=0)]),
+                lambda: m.hooks([("blocks.0.attn.hook_z", lambda z, hook: z)])):
+        with pytest.raises(RuntimeError, match="set_attn_implementation"):
+            with ctx():
+                m(toks)
+    m.model.set_attn_implementation("headscope")
+    with m.edit([hs.Ablate(layer=0, head=0)]):
+        assert not torch.allclose(m(toks), clean)
