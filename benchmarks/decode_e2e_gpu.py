@@ -7,7 +7,7 @@ random keys per layer, B rows, one new token per row a step. Modes, taking turns
 - ``plain``: the headscope attention path with nothing recorded;
 - ``argmax``: ``hm.record(Stats(argmax=True))`` around the steps (argmax and max_prob, every layer);
 - ``all rows``: every row statistic on every layer (sink 4, two spans, entropy, distance, window
-  distance 10, recent 256, argmax; ``decode_host.all_rows``).
+  distance 10, recent 256, argmax; ``e2e_gpu.row_stats``, the census' row statistics).
 
 Each mode runs ``--steps`` back-to-back steps from the same cache (grown by one key a step, cropped
 back to K after), GPU drained before and after: wall ms per step, host launch cost included. The
@@ -47,17 +47,10 @@ def _sibling(name):
     return mod
 
 
-def all_rows_request(hs):
-    """Every row statistic (``decode_host.all_rows``'s request, without its K-dependent span)."""
-    return hs.Stats(sink_k=4, spans=((0, 64), (1000, 2000)), entropy=True, distance=True, window_distance=10,
-                    recent=256, argmax=True)
-
-
-def random_cache(cfg, layers: int, B: int, K: int, device, dtype, seed: int = 0):
+def random_cache(cfg, layers: int, B: int, K: int, d: int, device, dtype, seed: int = 0):
     """A DynamicCache holding K random keys and values per layer ([B, G, K, d] each)."""
     from transformers import DynamicCache
     G = cfg.num_key_value_heads
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     g = torch.Generator(device=device).manual_seed(seed)
     cache = DynamicCache()
     for layer in range(layers):
@@ -95,7 +88,7 @@ def main():
     ap.add_argument("--grid", nargs="+", default=["1:8192", "1:32768", "1:131072", "8:8192", "8:32768", "8:131072"],
                     help="B:K cells")
     ap.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
-    ap.add_argument("--rounds", type=int, default=5, help="runs per mode, modes taking turns; the median is kept")
+    ap.add_argument("--rounds", type=int, default=5, help="runs per mode, modes taking turns; the median and the fastest are reported")
     ap.add_argument("--kv-gb", type=float, default=90.0, help="largest KV cache to allocate (GB)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, 2 cells, 2 rounds of 2 steps")
@@ -118,7 +111,7 @@ def main():
         clean = e2e.build(a.layers, a.shape)             # never loaded into headscope: the SDPA baseline
         grid, steps, rounds = a.grid, a.steps, a.rounds
     base = model.model
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d = e2e.head_dim(cfg)
     kv_bytes_per_layer_key = 2 * cfg.num_key_value_heads * d * torch.finfo(dtype).bits // 8
     clean.set_attn_implementation("sdpa")
     hm = hs.load(model)                                  # registers the headscope attention path
@@ -127,7 +120,7 @@ def main():
     if device.type == "cuda":
         from headscope.kernels import fa4 as fa4_mod
         fa4 = fa4_mod.available(device)
-    requests = {"argmax": hs.Stats(argmax=True), "all rows": all_rows_request(hs)}
+    requests = {"argmax": hs.Stats(argmax=True), "all rows": e2e.row_stats(hs)}
     rows = []
     for cell in grid:
         B, K = map(int, cell.split(":"))
@@ -136,7 +129,7 @@ def main():
             print(f"skipping B={B} K={K}: its cache over {layers} layers is {need:.0f} GB, over --kv-gb "
                   f"{a.kv_gb:g} (give fewer --layers)", flush=True)
             continue
-        cache = random_cache(cfg, layers, B, K, device, dtype)
+        cache = random_cache(cfg, layers, B, K, d, device, dtype)
 
         def mode_fn(name):
             def f():

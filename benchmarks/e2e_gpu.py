@@ -54,6 +54,17 @@ def config(shape: str, layers: int):
     return cls(num_hidden_layers=layers, max_position_embeddings=131072, **SHAPES[shape])
 
 
+def head_dim(cfg) -> int:
+    """The attention head dim of a transformers config (its ``head_dim``, else hidden / heads)."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def row_stats(hs):
+    """Every row statistic, as the census records them (no column sums)."""
+    return hs.Stats(sink_k=4, spans=((0, 64), (1000, 2000)), entropy=True, distance=True,
+                    window_distance=10, recent=256, argmax=True)
+
+
 def build(layers: int, shape: str = "llama3-8b"):
     from transformers import AutoModelForCausalLM
     cfg = config(shape, layers)
@@ -132,8 +143,7 @@ def main():
             res["census_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
             rec = census()
             res["census_ratio"] = res["census_s"] / res["sdpa_s"]
-            rows_only = hs.Stats(sink_k=4, spans=((0, 64), (1000, 2000)), entropy=True, distance=True,
-                                 window_distance=10, recent=256, argmax=True)
+            rows_only = row_stats(hs)
 
             def census_rows():
                 with hm.record(rows_only):

@@ -33,7 +33,6 @@ class Recorder:
         """Take one forward call's statistics of ``layer`` ({name: tensor}, from the attention function):
         row statistics are appended (concatenated along the query axis when read), column statistics
         summed (zero-padded to the longer key axis)."""
-        rows = self._rows
         for name, t in stats.items():
             if t.requires_grad:                     # a tensor without grad has no history to cut
                 t = t.detach()
@@ -46,12 +45,8 @@ class Recorder:
                     old = torch.nn.functional.pad(old, (0, n - old.shape[-1]))
                     t = torch.nn.functional.pad(t, (0, n - t.shape[-1]))
                 self._cols[(name, layer)] = t if old is None else old + t
-            else:                                   # (one call per layer and decode step: kept cheap)
-                kept = rows.get((name, layer))
-                if kept is None:
-                    rows[(name, layer)] = [t]
-                else:
-                    kept.append(t)
+            else:
+                self._rows.setdefault((name, layer), []).append(t)
 
     # what users read -------------------------------------------------------------------------
     @property
