@@ -89,7 +89,7 @@ def timing(shapes, sizes, only=None):
     from flash_attn.cute import flash_attn_func
     labels = ["FA4", "FA4 pack_gqa=False", "cuDNN SDPA", "ours: all rows", "all rows + column sums",
               "column sums only (LSE kernel + transposed pass)", "transposed pass alone", "same, local mask, tile_m 128", "masses",
-              "entropy+distance+argmax", "Triton all rows", "Triton rows + column sums"]
+              "entropy+distance+argmax", "Triton all rows", "Triton rows + column sums", "entropy+distance", "argmax"]
     keep = range(len(labels))
     if only is not None:     # the two FA4 calls (the reference) and the columns asked for
         keep = [i for i, lab in enumerate(labels) if i < 2 or lab in only]
@@ -134,6 +134,7 @@ def timing(shapes, sizes, only=None):
                 ours(masses), ours(edarg),
                 lambda: ta.attention(q, k, v, scaling=sc, causal=True, stats=full),
                 lambda: ta.attention(q, k, v, scaling=sc, causal=True, stats=cols),
+                ours(StatRequest(entropy=True, distance=True)), ours(StatRequest(argmax=True)),
             ]
             fns = [fns[i] for i in keep]
             times, clocks = [], []

@@ -25,13 +25,17 @@ from .fa4_stats import (COLSUM_PAD, IDX_NONE, P_RECENT, P_SINK, P_SPAN0, P_WDIST
                         SLOT_DISTANCE, SLOT_ENTROPY, SLOT_MAXP, SLOT_RECENT, SLOT_SPAN0, SLOT_WDIST, env_choice)
 
 LN2 = math.log(2.0)
-# "branch": a row's argmax is searched in its own loop, only by a thread holding the row max of the
-# block, on the scores; "scan": every column of every block, no branch (slower). Tried on the H200 and
-# dropped (BENCHMARKS.md): the searches hoisted after every row's max, before any exp (commit 1a81c95:
-# argmax alone 4% fewer cycles, every row statistic 3% slower), and after every row's exps, on the exp
-# scores, so that no branch splits the rows' code (commit 1863060, "tail": every row statistic 2-4%
-# slower in 8 of 8 interleaved pairs).
-ARGMAX_SEARCH = env_choice("HEADSCOPE_FA4S_ARGMAX", "branch", ("branch", "scan"))
+# How a row's argmax is found in a key block, only by a thread holding the row max of the block (the
+# max rose here, or ties it), on the scores. "select" (default): a select chain from the thread's last
+# column back (a compare and a select a column, in ARGMAX_CHAINS independent chains, then their min);
+# "branch": a compare, a select and a min tree (one instruction a column more). On the H200 (interleaved
+# A/B, BENCHMARKS.md, 2026-12-03) "select" took every row statistic 1.2-3.3% less time at d128 16k-32k,
+# 8 of 8 pairs. "scan": every column of every block, no branch (slower). Tried and dropped: the searches
+# hoisted after every row's max, before any exp (commit 1a81c95: argmax alone 4% fewer cycles, every row
+# statistic 3% slower), and after every row's exps, on the exp scores, so that no branch splits the
+# rows' code (commit 1863060, "tail": every row statistic 2-4% slower in 8 of 8 interleaved pairs).
+ARGMAX_SEARCH = env_choice("HEADSCOPE_FA4S_ARGMAX", "select", ("select", "branch", "scan"))
+ARGMAX_CHAINS = 4
 # independent partial sums per row reduction (``_tree_sum``), a power of two. 1 is one dependency chain,
 # as FA4's own sm90 sums. On the H200 (an interleaved A/B, BENCHMARKS.md) 2 was no faster and
 # 4 slower (all rows 0.785x / 0.79x / 0.76x FA4 for 1 / 2 / 4), so 1 stays. ptxas, every row
@@ -194,6 +198,9 @@ class StatsSoftmax(Softmax):
                     # rose here, or ties it)
                     _argmax_search(hs.best_v, hs.best_i, r, (m_loc == m_new) & (m_new > -Float32.inf),
                                    x, m_new, ccv, Float32(s0))
+                elif const_expr(ARGMAX_SEARCH == "select"):
+                    _argmax_select(hs.best_v, hs.best_i, r, (m_loc == m_new) & (m_new > -Float32.inf),
+                                   S, m_new, hs.t0ScS, Float32(s0))
                 else:
                     cand = cute.where(x == m_new, ccv, Float32(IDX_NONE))
                     cmin = cand.reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
@@ -455,6 +462,26 @@ def _argmax_search(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexp
     if active:
         best_v[r] = m
         best_i[r] = s0 + cute.where(x == m, ccv, Float32(IDX_NONE)).reduce(cute.ReductionOp.MIN, Float32(IDX_NONE), 0)
+
+
+@cute.jit
+def _argmax_select(best_v: cute.Tensor, best_i: cute.Tensor, r: cutlass.Constexpr[int], active, S: cute.Tensor, m,
+                   t0ScS: cute.Tensor, s0):
+    """As ``_argmax_search``, on row r of S (still the scores): from this thread's last column back,
+    each chain keeps the column of the latest match (so the first one in key order), then the least
+    column over the ARGMAX_CHAINS chains."""
+    if active:
+        n = cute.size(S, mode=[1])
+        idx = [Float32(IDX_NONE) for _ in range(ARGMAX_CHAINS)]
+        for i in cutlass.range_constexpr(n):
+            c = n - 1 - i
+            j = c % ARGMAX_CHAINS
+            idx[j] = Float32(t0ScS[0, c][1]) if S[r, c] == m else idx[j]
+        best = idx[0]
+        for j in cutlass.range_constexpr(1, ARGMAX_CHAINS):
+            best = cute.arch.fmin(best, idx[j])
+        best_v[r] = m
+        best_i[r] = s0 + best
 
 
 @cute.jit
