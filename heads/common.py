@@ -78,19 +78,38 @@ def run_quietly(model, tokens, fwd_hooks=()):
 
 
 def received_importance(model, tokens: torch.Tensor, batch_size: int = 16, progress: bool = True,
-                        desc: str = "received") -> torch.Tensor:
-    """alpha[sample, layer, head, key]: mean attention each key receives from the queries that can
-    see it (Gu et al. 2024 eq. 1; ACT's a_j), from ``Stats(received=True)`` — O(N) per layer."""
+                        desc: str = "received", divide_by: str = "causal") -> torch.Tensor:
+    """alpha[sample, layer, head, key] = (1 / (T - s)) * sum_{t >= s} A[t, s] for tokens [sample, T]
+    (unpadded), from ``Stats(received=True)`` — O(N) per layer.
+
+    ``divide_by="causal"`` (default): the column sum over the T - s queries at or after key s, as Gu
+    et al. 2024 eq. 1 (alpha_k, 1 / (T - k + 1) with 1-based k) and its reference
+    (sail-sg/Attention-Sink ``compute_attention_sink``) and ACT's a_j (GATECH-EIC/ACT divides column
+    sums by N - j). ``divide_by="visible"``: by the number of queries that can actually see s, which
+    is smaller on sliding-window layers once T exceeds the window (identical on full-attention
+    layers)."""
     from tqdm.auto import tqdm
 
+    if divide_by not in ("causal", "visible"):
+        raise ValueError(f"divide_by must be 'causal' (T - s queries, the papers' rule) or 'visible', "
+                         f"got {divide_by!r}")
     L = model.cfg.n_layers
     out = []
     for b0 in tqdm(range(0, tokens.shape[0], batch_size), disable=not progress, desc=desc):
         toks = tokens[b0:b0 + batch_size]
         with torch.no_grad(), model.record(Stats(received=True)) as rec:
             run_quietly(model, toks)
-        out.append(torch.stack([rec.received_mean(l).float().cpu() for l in range(L)], 1))  # [b, L, H, T]
+        out.append(torch.stack([_received(rec, l, divide_by) for l in range(L)], 1))    # [b, L, H, T]
     return torch.cat(out, 0)
+
+
+def _received(rec, layer: int, divide_by: str) -> torch.Tensor:
+    """One layer's received attention [b, H, T], divided as ``received_importance`` says."""
+    if divide_by == "visible":
+        return rec.received_mean(layer).float().cpu()
+    s = rec["received_sum", layer].float().cpu()                                         # [b, H, T]
+    T = s.shape[-1]
+    return s / torch.arange(T, 0, -1, dtype=s.dtype)                                     # T - s queries
 
 
 def resid_pre_all(model, tokens: torch.Tensor, **kwargs):

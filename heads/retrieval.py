@@ -182,7 +182,7 @@ class Retrieval(Analyzer):
     """Retrieval heads by the needle-in-a-haystack copy-paste score (Wu et al. 2024, §2 eq. 1).
 
     ``lengths`` are haystack + needle tokens (the question and chat template come on top); None =
-    the paper's 20 lengths from 1000 to the model's context minus ``buffer``. ``depths`` in percent.
+    the paper's 20 context lengths from 1000 to the model's context, each minus ``buffer``. ``depths`` in percent.
     ``needles``: how many of the shipped needles to use (or None = all). The quick default (3 lengths
     × 3 depths × 1 needle, 24 new tokens) needs about 45 s of one CPU core on SmolLM2;
     ``Retrieval.paper_config()`` is the reference grid (20 lengths × 10 depths, all needles, 50 tokens).
@@ -208,7 +208,7 @@ class Retrieval(Analyzer):
     max_new_tokens: int = 24
     rouge_gate: float = 0.5
     span_overlap: float = 0.9
-    buffer: int = 200                    # paper lengths: up to max_ctx - buffer (room for question + answer)
+    buffer: int = 200                    # paper grid: context length - buffer (room for question + answer)
     n_lengths: int = 20                  # paper grid when lengths is None
     chat: bool | None = None             # None: use the chat template when the tokenizer has one
     batch_size: int = 3                  # prompts decoded together (left-padded); 1 = the reference's loop
@@ -225,13 +225,15 @@ class Retrieval(Analyzer):
 
     def grid_lengths(self, model) -> list[int]:
         """The haystack lengths (tokens) to test: ``lengths`` as ints, or with ``lengths=None`` the paper's
-        grid (Wu et al. 2024 §2): ``n_lengths`` evenly spaced from min(1000, max_ctx - buffer) to
-        max_ctx - buffer, rounded and deduplicated."""
+        grid (Wu et al. 2024 §2) as the reference builds it (nightdessert/Retrieval_Head
+        ``context_lengths`` and ``insert_needle``): ``n_lengths`` context lengths evenly spaced from
+        min(1000, max_ctx) to max_ctx, rounded, each minus ``buffer`` (the reference's
+        ``final_context_length_buffer``), deduplicated."""
         if self.lengths is not None:
             return [int(n) for n in self.lengths]
-        hi = model.cfg.max_ctx - self.buffer
-        lo = min(1000, hi)
-        return sorted({int(round(x)) for x in torch.linspace(lo, hi, self.n_lengths).tolist()})
+        hi = model.cfg.max_ctx
+        ctx = torch.linspace(min(1000, hi), hi, self.n_lengths, dtype=torch.float64).round()   # [n_lengths]
+        return sorted({int(c) - self.buffer for c in ctx.tolist()})
 
     def tests(self, model, data=None) -> list[NeedleTest]:
         """The NeedleTests for ``data``: None (shipped haystack + needles), a dict with optional keys

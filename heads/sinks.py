@@ -1,9 +1,13 @@
 """Attention sinks (Gu et al. 2024) and hidden attention sinks (ACT, Yu et al. 2024).
 
-Both read one O(N) statistic, the attention each key receives from the queries that can see it
-(``Stats(received=True)`` -> ``Recorder.received_mean``), never an N×N pattern:
+Both read one O(N) statistic, the column sums of ``Stats(received=True)`` (``received_importance``),
+never an N×N pattern:
 
   alpha[l, h, s] = (1 / (T - s)) * sum_{t >= s} A[l, h][t, s]        (0-based positions, causal)
+
+The divisor is always T - s, the queries at or after s, as Gu et al.'s eq. 1 and both reference
+codes have it; on sliding-window layers with T > window fewer queries see s, and its alpha is still
+divided by T - s (``received_importance(divide_by="visible")`` gives the other reading).
 
 * ``Sinks`` (Gu et al. 2024, "When Attention Sink Emerges in Language Models",
   §3.1 eq. 1; reference ``eval_sink_open_source.py`` of sail-sg/Attention-Sink): the importance of
@@ -43,7 +47,8 @@ class Sinks(Analyzer):
     """Attention sink on the k-th token (Gu et al. 2024, §3.1, eq. 1 and the Sink_k^eps metric).
 
     score[l, h] = alpha_k of head (l, h) averaged over samples, where alpha_k = mean attention the
-    k-th token (1-based) receives from the T - k + 1 queries that see it. Extra tensors:
+    k-th token (1-based) receives from the T - k + 1 queries at or after it (eq. 1; the divisor stays
+    T - k + 1 on sliding-window layers, as in the reference's ``compute_attention_sink``). Extra tensors:
     ``sink_rate`` [L, H] share of samples with alpha_k > eps; ``sink_metric`` (scalar) =
     Sink_k^eps in percent = 100 · mean(sink_rate) = percent of (layer, head) pairs with
     alpha_k > eps, averaged over samples; ``alpha_by_position`` [L, H, T] and
@@ -159,8 +164,9 @@ def find_hidden_sinks(model, data=None, n_samples: int = 8, n_tokens: int = 128,
                       prepend_bos: bool = True, progress: bool = True) -> HiddenSinkResult:
     """Hidden attention sinks (ACT, Yu et al. 2024, §3 and Algorithm 1).
 
-    For each sample and head: a_j = mean attention key j receives from the queries that can see it
-    (the reference's column sum / (N - j)); sinks S = {j : a_j > thr}, minus the first one found
+    For each sample and head: a_j = column sum of key j / (N - j), the mean attention j receives
+    from the N - j queries at or after it (the reference's ``sum(dim=0) / arange(N, 0, -1)``, also on
+    sliding-window layers); sinks S = {j : a_j > thr}, minus the first one found
     (the smallest such j, normally the first token), as ``indices[1:]`` in the reference code.
     ``rule="mean"``: thr = ``threshold`` (0.1, the reference's THRES); ``rule="alpha_over_n"``:
     thr = ``alpha`` / N, the paper's phrasing (alpha = 5 is our default, not the paper's: it gives

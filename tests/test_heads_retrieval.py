@@ -63,6 +63,21 @@ def test_registered():
     assert p.lengths is None and len(p.depths) == 10 and p.max_new_tokens == 50
 
 
+def test_paper_grid_is_the_reference_grid():
+    """Wu et al. 2024's reference (nightdessert/Retrieval_Head) takes context lengths
+    np.round(np.linspace(1000, max, 20)) and trims each haystack + needle to length - 200
+    (``final_context_length_buffer``): 800 .. max - 200 tokens, not 1000 .. max - 200."""
+    import numpy as np
+    from types import SimpleNamespace
+    m = SimpleNamespace(cfg=SimpleNamespace(max_ctx=8192))
+    want = (np.round(np.linspace(1000, 8192, 20)).astype(int) - 200).tolist()
+    assert Retrieval.paper_config().grid_lengths(m) == want
+    assert want[0] == 800 and want[-1] == 7992
+    tiny = SimpleNamespace(cfg=SimpleNamespace(max_ctx=512))        # shorter than 1000: one length
+    assert Retrieval.paper_config().grid_lengths(tiny) == [312]
+    assert Retrieval(lengths=(300, 500)).grid_lengths(m) == [300, 500]
+
+
 # ------------------------------------------------------------------------------- planted copy head
 def _needle_tests():
     g = torch.Generator().manual_seed(0)

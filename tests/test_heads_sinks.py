@@ -152,3 +152,28 @@ def test_smollm2_sinks(smollm2):
     assert sink_metric(r) > 50                                  # SmolLM2 dumps attention on its first token
     res = find_hidden_sinks(smollm2, toks, n_tokens=64, min_queries=8, progress=False)
     assert all(isinstance(s.token, str) and s.position <= 56 for s in res.sinks)
+
+
+def test_sliding_window_layers_divide_by_T_minus_k():
+    """Gu et al. 2024 eq. 1 (reference ``compute_attention_sink``) and ACT (column sum / (N - j)) divide
+    key k's column sum by the T - k + 1 queries at or after it, also on sliding-window layers where
+    fewer of them see k. tiny-gemma3's layers 0 and 2 slide over 6 keys; T = 24."""
+    from headscope.heads.common import received_importance
+    m = hs.load("tiny-gemma3")
+    T = 24
+    toks = torch.randint(3, 128, (3, T), generator=torch.Generator().manual_seed(4))
+    _, cache = m.run_with_cache(toks, names_filter=lambda n: n.endswith("hook_pattern"))
+    div = torch.arange(T, 0, -1).float()                                               # T - s
+    alpha = torch.stack([(cache["pattern", l].float() / div).sum(-2) for l in range(3)], 1)   # [S, L, H, T]
+    r = Sinks(n_tokens=T, n_samples=3).score(m, toks, progress=False)
+    assert torch.allclose(r.scores, alpha[..., 0].mean(0), atol=1e-5)
+    assert torch.allclose(r.extra["alpha_by_position"], alpha.mean(0), atol=1e-5)
+    res = find_hidden_sinks(m, toks, n_tokens=T, progress=False)
+    above = alpha > 0.1
+    assert torch.equal(res.count, (above.sum(-1) - 1).clamp_min(0).float())
+    # the "visible queries" reading differs exactly on the sliding layers (the check is not vacuous)
+    vis = received_importance(m, toks, progress=False, divide_by="visible")
+    assert not torch.allclose(vis[:, 0], alpha[:, 0], atol=1e-3)
+    assert torch.allclose(vis[:, 1], alpha[:, 1], atol=1e-5)
+    with pytest.raises(ValueError, match="divide_by"):
+        received_importance(m, toks, progress=False, divide_by="all")
