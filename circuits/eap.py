@@ -15,8 +15,12 @@ head's q/k/v projection only:
 dM/d(hook_q|k|v of that head) back through the layer's own norm and projection to hook_resid_pre
 (autograd on the layer-local graph), so no architecture-specific code is involved. For EAP the
 gradient is taken on the clean run; for EAP-IG it is averaged over ``steps`` runs whose token
-embeddings lie on the straight line from the corrupted to the clean embeddings (alpha = i/steps,
-i = 1..steps). Node scores use the same rule on the node's own output (hook_z for heads,
+embeddings lie on the straight line e_corr + alpha (e_clean - e_corr) from the corrupted to the
+clean embeddings. The points follow the reference code, hannamw/EAP-IG ``get_scores_eap_ig``
+(``for step in range(0, steps)``): alpha = i/steps, i = 0..steps-1, so the corrupted input is one
+point and the clean input none (``ig_points="code"``, the default); ``ig_points="paper"`` takes
+i = 1..steps (the right Riemann sum of Hanna et al. 2024, eq. 2, as in Sundararajan et al. 2017),
+whose last point is the clean run itself. Node scores use the same rule on the node's own output (hook_z for heads,
 hook_mlp_out for MLPs) and are reported like patching, as the estimated relative drop
 -(score)/M_clean. Edge scores are estimated metric changes (rank by |score|).
 
@@ -61,16 +65,35 @@ def node_kinds(edges: bool) -> tuple:
 
 
 @torch.no_grad()
-def corrupt_activations(model, tokens, edges: bool) -> dict:
-    """One forward on the corrupted prompts: {"embed": [b, N, D], "z": [L, b, N, H, d],
-    "mlp_out": [L, b, N, D], "result": [L, b, N, H, D] (edges only)}."""
+def run_activations(model, tokens, edges: bool):
+    """One forward without gradients: ({"embed": [b, N, D], "z": [L, b, N, H, d], "mlp_out": [L, b, N, D],
+    "result": [L, b, N, H, D] (edges only)}, last-position logits [b, vocab])."""
     L = model.cfg.n_layers
     kinds = node_kinds(edges)
     names = ["hook_embed"] + [hook_name(k, l) for l in range(L) for k in kinds]
-    _, c = model.run_with_cache(tokens, names_filter=names, logits_to_keep=1)
+    logits, c = model.run_with_cache(tokens, names_filter=names, logits_to_keep=1)
     out = {k: torch.stack([c[k, l] for l in range(L)]).float() for k in kinds}
     out["embed"] = c["hook_embed"].float()
-    return out
+    return out, logits[:, -1]
+
+
+def corrupt_activations(model, tokens, edges: bool) -> dict:
+    """One forward on the corrupted prompts: the activations of ``run_activations``."""
+    return run_activations(model, tokens, edges)[0]
+
+
+IG_POINTS = ("code", "paper")
+
+
+def ig_alphas(steps: int, points: str = "code") -> list:
+    """EAP-IG interpolation points alpha (input = e_corr + alpha (e_clean - e_corr)), one per step.
+    "code": i/steps for i = 0..steps-1, as hannamw/EAP-IG's ``get_scores_eap_ig`` (its loop
+    ``for step in range(0, steps)``); "paper": i = 1..steps (Hanna et al. 2024, "Have Faith in
+    Faithfulness", §3 eq. 2). Where the reference code and the paper differ, the code is the default."""
+    if points not in IG_POINTS:
+        raise ValueError(f"ig_points={points!r}: use 'code' (hannamw/EAP-IG, i = 0..steps-1) or 'paper' (i = 1..steps)")
+    first = 0 if points == "code" else 1
+    return [i / steps for i in range(first, first + steps)]
 
 
 def sender_stack(acts: dict) -> torch.Tensor:
@@ -165,16 +188,27 @@ def _grad_pass(model, task, rows, tokens, e_corr, alpha: float, edges: bool, sca
     return recv, g_logits.float(), gz.float(), gm.float(), clean
 
 
+def clean_run(model, task, rows, edges: bool):
+    """The clean run of ``rows`` when no gradient pass was one (EAP-IG with ``ig_points="code"``):
+    (activations as ``run_activations`` returns them, metric summed over the rows)."""
+    acts, logits = run_activations(model, task.clean[rows], edges)
+    return acts, float(task.per_example(logits, rows).sum())
+
+
 def attribute(model, task, method: str = "eap", steps: int = 5, edges: bool = True, batch_size: int | None = None,
-              check: bool = True, progress: bool = False) -> Circuit:
+              check: bool = True, progress: bool = False, ig_points: str = "code") -> Circuit:
     """EAP ("eap") or EAP-IG ("eap-ig", ``steps`` points) node and edge scores as a ``Circuit``.
     Node scores: estimated relative drop of the metric when the node is patched with its corrupted
     value (comparable to ``patch_heads(how="resample")``); edge scores: estimated metric change
     (ranked by |score|).
 
+    ``ig_points`` (EAP-IG only): "code" (default, alpha = i/steps for i = 0..steps-1, as
+    hannamw/EAP-IG) or "paper" (i = 1..steps, Hanna et al. 2024 eq. 2); see ``ig_alphas``.
+
     Cost per batch of prompts: one forward on the corrupted prompts (their activations) and one
     forward + backward per step on the clean tokens (EAP: 1 step, the clean run, whose activations
-    and metric are kept; EAP-IG: ``steps``, the last one alpha = 1 = the clean run). ``batch_size``
+    and metric are kept; EAP-IG: ``steps``; with ``ig_points="paper"`` the last one, alpha = 1, is
+    the clean run, with "code" one more forward without gradients reads the clean run). ``batch_size``
     (default 64 prompts, 32 with ``edges``: the edge scores hold a [receivers, batch, pos, d_model]
     gradient per layer): prompts per pass, split into near-equal batches; few large batches run
     much faster on a CPU than many small ones."""
@@ -192,7 +226,7 @@ def attribute(model, task, method: str = "eap", steps: int = 5, edges: bool = Tr
     node_heads = torch.zeros(L, H)
     node_mlps = torch.zeros(L)
     B = len(task)
-    alphas = [1.0] if method == "eap" else [i / steps for i in range(1, steps + 1)]
+    alphas = [1.0] if method == "eap" else ig_alphas(steps, ig_points)
     m_clean = 0.0
     s_layer_t = torch.tensor(s_layer)
     batches = row_chunks(B, batch_size or (32 if edges else 64))
@@ -211,7 +245,7 @@ def attribute(model, task, method: str = "eap", steps: int = 5, edges: bool = Tr
                 bar.update(1)
         k = len(alphas)
         recv, gl, gz, gm = [x / k for x in acc[0]], acc[1] / k, acc[2] / k, acc[3] / k
-        cacts, m_sum = clean
+        cacts, m_sum = clean if clean is not None else clean_run(model, task, rows, edges)
         m_clean += m_sum
         node_heads += ((corr["z"] - cacts["z"]) * gz).sum((1, 2, 4)).cpu()          # dz [L, b, N, H, d]
         node_mlps += ((corr["mlp_out"] - cacts["mlp_out"]) * gm).sum((1, 2, 3)).cpu()
@@ -240,7 +274,7 @@ def attribute(model, task, method: str = "eap", steps: int = 5, edges: bool = Tr
     paper = ("Syed et al. 2023, Attribution Patching Outperforms Automated Circuit Discovery" if method == "eap" else
              "Hanna et al. 2024, Have Faith in Faithfulness (EAP-IG)")
     return Circuit(method=method, task=task.name, model=cfg.to_dict(), nodes=nodes, edges=edge_dict,
-                   params={"steps": len(alphas), "n": B, "edges": edges, "rank_by_abs": True,
+                   params={"steps": len(alphas), "alphas": alphas, "n": B, "edges": edges, "rank_by_abs": True,
                            "node_score": "estimated relative drop -(delta a . grad)/M_clean",
                            "edge_score": "estimated metric change (delta a . grad), rank by |score|"},
                    paper=paper, m_clean=m_clean, task_report=report,
@@ -255,5 +289,6 @@ def eap(model, task, **kw) -> Circuit:
 
 
 def eap_ig(model, task, steps: int = 5, **kw) -> Circuit:
-    """EAP-IG (Hanna et al. 2024), ``steps`` = 5 by default."""
+    """EAP-IG (Hanna et al. 2024), ``steps`` = 5 by default; interpolation points as hannamw/EAP-IG
+    (``ig_points="code"``, alpha = i/steps, i = 0..steps-1) unless ``ig_points="paper"`` (i = 1..steps)."""
     return attribute(model, task, "eap-ig", steps=steps, **kw)

@@ -5,8 +5,10 @@ For every head, its result (``hook_result``, the head's write to the residual) a
 positions is one vector per prompt (expressed in an orthonormal basis of the span of that head's
 vectors, see ``span_coordinates``). On ``n_examples`` positive (clean, solvable) and as many
 negative (corrupted) prompts, one small SAE per head (all heads trained at once, as one batched
-model: the per-task SAE set) with ``n_latents`` = 200 ReLU latents, loss = MSE + ``l1`` (0.02) x L1 of
-the latents, Adam (lr 1e-3) for ``epochs`` = 500 full-batch steps. Each head's code on a prompt is
+model: the per-task SAE set) with ``n_latents`` = 200 ReLU latents, Adam (lr 1e-3) for ``epochs`` = 500
+full-batch steps, and the reference's loss (src/train.py ``loss_fn``, see ``sae_loss``): MSE averaged
+over rows and d_model coordinates + ``l1`` (0.02) x the L1 norm of a row's latent vector averaged over
+rows. Each head's code on a prompt is
 its argmax latent, read on all of the task's prompts. Node score of a head = the number of codes seen on positive prompts and never on
 negative ones, softmax over heads; edge score of (u, v), u below v = the number of code pairs
 (code_u, code_v) seen on positive prompts and never on negative ones (normalised to sum 1).
@@ -36,8 +38,9 @@ def head_means(model, tokens, batch_size: int = 32) -> torch.Tensor:
 
 def span_coordinates(xs: torch.Tensor) -> torch.Tensor:
     """[U, n, D] -> [U, n, k] (k = min(n, D)): each unit's vectors in an orthonormal basis of their
-    span (SVD). Distances, norms and hence the SAE's reconstruction error are unchanged for
-    decoders in that span, where the best decoder lies; with 20 prompts this makes training on
+    span (SVD). Distances, norms and hence the SAE's summed squared reconstruction error are
+    unchanged for decoders in that span, where the best decoder lies (the mean over coordinates is
+    not: ``sae_loss`` divides by d_model, not k); with 20 prompts this makes training on
     d_model = 576 about 29x cheaper. (Adam and the random init are not rotation invariant, so the
     optimiser's path differs from training in the original coordinates.)"""
     if xs.shape[1] >= xs.shape[2]:
@@ -51,6 +54,7 @@ def train_saes(x: torch.Tensor, n_latents: int = 200, l1: float = 0.02, lr: floa
     """One SAE per unit, trained jointly on the rows ``train`` of x (default all): x [n, units, D]
     -> codes [n, units] (argmax latents of every row)."""
     n, U, D = x.shape
+    d_model = D                                                              # the MSE's denominator
     g = torch.Generator().manual_seed(seed)
     allx = span_coordinates(x.transpose(0, 1).contiguous())                  # [U, n, min(n, D)]
     xs = allx if train is None else allx[:, train]
@@ -67,7 +71,7 @@ def train_saes(x: torch.Tensor, n_latents: int = 200, l1: float = 0.02, lr: floa
         # on 2 at load 4)
         torch.set_num_threads(1)
     try:
-        _fit(xs, w_enc, b_enc, w_dec, b_dec, opt, l1, epochs)
+        _fit(xs, w_enc, b_enc, w_dec, b_dec, opt, l1, epochs, d_model)
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():
@@ -88,12 +92,24 @@ def adam(params, lr):
         return torch.optim.Adam(params, lr=lr)
 
 
-def _fit(xs, w_enc, b_enc, w_dec, b_dec, opt, l1, epochs):
+def sae_loss(xs: torch.Tensor, rec: torch.Tensor, z: torch.Tensor, l1: float, d_model: int) -> torch.Tensor:
+    """O'Neill & Bui 2024's SAE loss (charlieoneill11/sae-circuits, src/train.py ``loss_fn``: ``F.mse_loss``
+    + lambda x mean over rows of ``torch.norm(latents, p=1, dim=1)``) of each unit, summed over the units
+    (each unit's SAE gets the gradient it would get alone). xs, rec [U, n, k]: inputs and reconstructions
+    in span coordinates (k <= d_model; the squared error is the same as in the d_model original
+    coordinates, so it is averaged over n x d_model entries, as F.mse_loss does there); z [U, n, latents]."""
+    n = xs.shape[1]
+    mse = ((rec - xs) ** 2).sum((1, 2)) / (n * d_model)                      # [U]
+    sparsity = z.abs().sum(-1).mean(1)                                       # [U]: mean L1 norm of a row's code
+    return (mse + l1 * sparsity).sum()
+
+
+def _fit(xs, w_enc, b_enc, w_dec, b_dec, opt, l1, epochs, d_model):
     with torch.enable_grad():
         for _ in range(epochs):
             z = torch.relu(torch.bmm(xs - b_dec, w_enc) + b_enc)               # [U, n, latents]
             rec = torch.bmm(z, w_dec) + b_dec
-            loss = ((rec - xs) ** 2).mean() + l1 * z.abs().mean()
+            loss = sae_loss(xs, rec, z, l1, d_model)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -277,7 +277,8 @@ def test_eap_node_scores_equal_a_direct_gradient_computation(planted, eap_circui
 
 def test_eap_runs_one_corrupted_forward_and_one_pass_per_step(planted):
     """Per batch: one forward on the corrupted prompts, then one forward+backward per step (EAP: 1,
-    EAP-IG: steps) whose alpha = 1 run is the clean run — no separate clean forwards."""
+    EAP-IG: steps). EAP's step and EAP-IG's alpha = 1 step (ig_points="paper") are the clean run;
+    with the reference code's points (i = 0..steps-1, no alpha = 1) one forward reads the clean run."""
     m, task = planted
     calls = []
     h = m.model.get_input_embeddings().register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))
@@ -285,12 +286,68 @@ def test_eap_runs_one_corrupted_forward_and_one_pass_per_step(planted):
         C.attribute(m, task, "eap", edges=True, check=False, batch_size=8)
         n_eap = len(calls)
         calls.clear()
+        C.attribute(m, task, "eap-ig", steps=3, edges=False, check=False, batch_size=16, ig_points="paper")
+        n_ig_paper = len(calls)
+        calls.clear()
         C.attribute(m, task, "eap-ig", steps=3, edges=False, check=False, batch_size=16)
-        n_ig = len(calls)
+        n_ig_code = len(calls)
     finally:
         h.remove()
     assert n_eap == 2 * 2                                   # 2 batches x (corrupted + clean)
-    assert n_ig == 1 * (1 + 3)                              # 1 batch x (corrupted + 3 steps)
+    assert n_ig_paper == 1 * (1 + 3)                        # 1 batch x (corrupted + 3 steps)
+    assert n_ig_code == 1 * (1 + 1 + 3)                     # 1 batch x (corrupted + clean + 3 steps)
+
+
+@pytest.mark.parametrize("points,alphas", [("code", (0.0, 0.5)), ("paper", (0.5, 1.0))])
+def test_eap_ig_interpolation_points(planted, points, alphas):
+    """EAP-IG (Hanna et al. 2024, §3 eq. 2) averages dM/dz over inputs e_corr + alpha (e_clean - e_corr).
+    The default points are the reference code's, hannamw/EAP-IG ``get_scores_eap_ig`` (``for step in
+    range(0, steps)``: alpha = 0, 1/steps, .., (steps-1)/steps); ig_points="paper" takes i = 1..steps.
+    Node scores are recomputed here with plain hooks and compared (steps = 2 tells the two apart)."""
+    m, task = planted
+    names = [f"blocks.{l}.attn.hook_z" for l in range(2)]
+    _, cl = m.run_with_cache(task.clean, names_filter=["hook_embed"] + names)
+    _, co = m.run_with_cache(task.corrupt, names_filter=["hook_embed"] + names)
+    e_cl, e_co = cl["hook_embed"], co["hook_embed"]                              # [B, N, D]
+    grads = []
+    for a in alphas:
+        got = {}
+
+        def interp(t, hook, a=a):
+            return (e_co + a * (e_cl - e_co)).clone().requires_grad_(True)
+        lg = m.run_with_hooks(task.clean, fwd_hooks=[("hook_embed", interp)],
+                              bwd_hooks=[(n, lambda g, hook: got.__setitem__(hook.name, g)) for n in names])
+        task.metric(lg).backward()
+        grads.append(torch.stack([got[n] for n in names]))                      # [L, B, N, H, d]
+    g = torch.stack(grads).mean(0)
+    dz = torch.stack([co["z", l] - cl["z", l] for l in range(2)])
+    with torch.no_grad():
+        m_clean = float(task.metric(m(task.clean)))
+    want = -(dz * g).sum((1, 2, 4)) / m_clean                                   # [L, H]
+    c = C.eap_ig(m, task, steps=2, ig_points=points, edges=False, check=False)
+    assert c.params["alphas"] == list(alphas)
+    got = torch.tensor([[c.nodes[f"L{l}H{h}"] for h in range(4)] for l in range(2)])
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="ig_points"):
+        C.eap_ig(m, task, steps=2, ig_points="midpoint", edges=False, check=False)
+
+
+def test_sae_loss_is_the_reference_loss():
+    """O'Neill & Bui's loss (charlieoneill11/sae-circuits, src/train.py ``loss_fn``): F.mse_loss over
+    all entries in the original d_model coordinates + l1 x mean over rows of each row's latent L1 norm.
+    Computed in span coordinates (k = n < d_model) it must be the same number: the squared error is
+    kept by the rotation, so the mean is over d_model entries, not k."""
+    import torch.nn.functional as F
+    from headscope.circuits.sae import sae_loss, span_coordinates
+    g = torch.Generator().manual_seed(0)
+    U, n, D, n_lat, l1 = 3, 6, 40, 10, 0.02
+    x = torch.randn(U, n, D, generator=g)
+    xs = span_coordinates(x)                                                     # [U, n, n]
+    basis = torch.linalg.pinv(xs) @ x                                            # [U, n, D]: xs @ basis = x
+    rec_s = xs + 0.1 * torch.randn(xs.shape, generator=g)                        # a reconstruction in the span
+    z = torch.relu(torch.randn(U, n, n_lat, generator=g))
+    want = sum(F.mse_loss(rec_s[u] @ basis[u], x[u]) + l1 * torch.norm(z[u], p=1, dim=1).mean() for u in range(U))
+    torch.testing.assert_close(sae_loss(xs, rec_s, z, l1, D), want, rtol=1e-4, atol=1e-6)
 
 
 def test_edge_receiver_vjps_batched_equal_one_at_a_time(planted, eap_circuits):
