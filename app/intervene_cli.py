@@ -10,10 +10,10 @@ DIR is written in a temporary folder beside it and renamed into place at the end
 
 Methods:
 - ``act`` (Yu et al. 2024, ACT §3.3): select heads on a labelled calibration split by calibrating
-  each head of layers 1..L-2 alone (batched sweep), evaluate on held-out data: base vs ACT-selected
+  each head of layers 2..L-2 alone (``--first-layer``; batched sweep), evaluate on held-out data: base vs ACT-selected
   vs random head sets of the same size vs all heads. ACT's sinks depend on the input, so the edit
   file holds the calibration as built for the first held-out example, and ``results.json`` the
-  heads, beta and threshold that rebuild it for any input (``act.act_edits(act.hidden_sinks(...))``).
+  heads, beta and threshold that rebuild it for any input (``act.online_act_edits``).
 - ``var`` (Kang et al. 2025, VAR §4) on the context-QA task (facts among prose passages): base vs VAR
   (all heads, the paper) vs VAR on the target-centric heads vs random head sets of that size. The
   edit file holds VAR as built for the first held-out example (sinks and context span are per input).
@@ -73,6 +73,9 @@ def add_parser(subparsers):
     g.add_argument("--beta", type=float, default=0.4, help="ACT: scale of the hidden sinks' attention")
     g.add_argument("--threshold", type=float, default=0.1, help="ACT: hidden sink if a_j > threshold")
     g.add_argument("--top-k", type=int, default=None, help="ACT: keep at most the K best heads")
+    g.add_argument("--first-layer", type=int, default=2,
+                   help="ACT: first layer whose heads are calibrated (2, the reference code; 1, the paper's "
+                        "'not the first layer')")
     g.add_argument("--facts", type=int, default=4, help="VAR: facts (answer candidates) per context")
     g.add_argument("--passages", type=int, default=3, help="VAR: prose passages per context")
     g.add_argument("--tau", default="20", help="VAR: massive-activation threshold, or 'auto' = min(20, 0.8 x peak)")
@@ -256,11 +259,13 @@ def _act(args, model):
         task = tasks.load_task(args.task, model)
     sp = task.splits(args.seed, n_train=0, n_calibration=args.n_calibration, n_test=args.n_test)
     rows, extra, p_test = act.compare(model, sp["calibration"], sp["test"], args.beta, args.threshold,
-                                      args.n_random, args.seed, args.batch_size, top_k=args.top_k)
-    edits = act.act_edits(p_test.sinks[0], extra["kept_heads"], args.beta)
+                                      args.n_random, args.seed, args.batch_size, top_k=args.top_k,
+                                      first_layer=args.first_layer)
+    edits = act.online_act_edits(model, sp["test"][0].tokens, extra["kept_heads"], args.beta, args.threshold)
     extra.update(task=task.name, task_description=task.description,
-                 edit_file="ACT as built for held-out example 0 (its hidden sinks); for another input x: "
-                           "act.act_edits(act.hidden_sinks(model, x, threshold), kept_heads, beta)")
+                 edit_file="ACT as built for held-out example 0 (its hidden sinks, found layer by layer in the "
+                           "calibrated forward as the reference does); for another input x: "
+                           "act.online_act_edits(model, x, kept_heads, beta, threshold)")
     return edits, controls.table(rows, seed=args.seed), extra
 
 

@@ -4,13 +4,15 @@ calibration split, accuracy on a disjoint held-out split, against the base model
 
 Task (default ``sentiment-chat``, 2,999 VADER words, ``interventions/tasks.py``): a two-way
 classification read from the next-token logits of " positive" / " negative" (ACT's classification
-setting). Selection is the paper's rule: calibrate each head of layers 1..L-2 alone on the
+setting). Selection is the paper's rule: calibrate each head of layers 2..L-2 (the reference code's;
+``--first-layer 1`` for the paper's "all but the first") alone on the
 calibration split and keep those that raise its accuracy (``--min-gain``, optionally ``--top-k``).
 The per-head sweep is batched (``interventions.act.task_pass``): one recorded pass per batch, then
 one forward per layer for all its heads at once; the held-out conditions run the ``ScaleKeys`` edits.
 
     python experiments/act.py --model smollm2 --device cuda --out runs/act
-    python experiments/act.py --model tiny-llama --task copy --calibration 8 --heldout 8 --max-heads 4   # smoke test
+    python experiments/act.py --model tiny-llama --task copy --calibration 8 --heldout 8 --max-heads 4 \
+        --first-layer 1   # smoke test
 """
 from __future__ import annotations
 
@@ -28,11 +30,11 @@ from headscope.interventions.edits_io import atomic_folder
 
 def run(model, task: tasks.Task, n_cal: int, n_test: int, beta: float = 0.4, threshold: float = 0.1,
         seed: int = 0, n_random: int = 10, batch_size: int = 16, max_heads: int | None = None,
-        min_gain: float = 0.0, top_k: int | None = None, progress: bool = True) -> dict:
+        min_gain: float = 0.0, top_k: int | None = None, progress: bool = True, first_layer: int = 2) -> dict:
     """The whole experiment on a loaded model: -> results dict (rows with CIs, heads, timings)."""
     sp = task.splits(seed, n_train=0, n_calibration=n_cal, n_test=n_test)
     rows, extra, _ = act.compare(model, sp["calibration"], sp["test"], beta, threshold, n_random, seed, batch_size,
-                                 min_gain, top_k, max_heads, progress)
+                                 min_gain, top_k, max_heads, progress, first_layer=first_layer)
     res = {"task": task.name, "task_description": task.description, "seed": seed, **extra}
     res["rows"] = controls.table(rows, seed=seed)
     res["table_md"] = controls.format_table(res["rows"])
@@ -56,6 +58,7 @@ def main(argv=None):
     p.add_argument("--min-gain", type=float, default=0.0, help="keep heads whose calibration gain exceeds this")
     p.add_argument("--top-k", type=int, default=None, help="keep at most this many heads (best gains)")
     p.add_argument("--max-heads", type=int, default=None, help="sweep only the first N candidate heads (smoke test)")
+    p.add_argument("--first-layer", type=int, default=2, help="first calibrated layer (2: reference code; 1: paper)")
     p.add_argument("--n-random", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -69,7 +72,7 @@ def main(argv=None):
     m = hs.load(a.model, device=a.device)
     task = load_task(a.task, m)
     res = run(m, task, a.calibration, a.heldout, a.beta, a.threshold, a.seed, a.n_random, a.batch_size,
-              a.max_heads, a.min_gain, a.top_k)
+              a.max_heads, a.min_gain, a.top_k, first_layer=a.first_layer)
     res.update(model=m.cfg.name, device=str(m.device), seconds_total=time.time() - t0, args=vars(a),
                date=time.strftime("%Y-%m-%d %H:%M:%S"))
     print(res["table_md"])

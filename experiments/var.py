@@ -39,7 +39,8 @@ def run(model, n_cal: int, n_test: int, n_facts: int = 6, n_passages: int = 3, s
     t0 = time.time()
     try:
         rows, extra = var.compare(model, cal, test, p, rho, min_target, tau, select_rate, n_random, seed,
-                                  batch_size, via, progress)
+                                  batch_size, via, progress,
+                                  queries="all" if via == "edits" else "after_target")
     except ValueError as e:
         raise SystemExit(str(e)) from None
     extra.pop("sinks_example0", None)

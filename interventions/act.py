@@ -10,7 +10,17 @@ Per input, two forward passes through the probe:
    attention (§3.2 eq. 4), post-softmax, inside the attention path.
 
 Head selection (§3.3): calibrate one head at a time on a small labelled calibration set and keep
-the heads whose calibration raises accuracy; the first and last layers are never calibrated.
+the heads whose calibration raises accuracy. The paper excludes the first and last layers; the
+reference code scans layers 2..L-2 (its ``calibration.sh`` and ``signal in range(2, 31)`` for a
+32-layer model), so the candidates are layers ``first_layer``..L-2 with ``FIRST_LAYER`` = 2 by
+default and ``first_layer=1`` for the paper's wording.
+
+Several heads at once: the reference code (``atten_process_eval`` in GATECH-EIC/ACT,
+``models/llama_modelling_aug.py``) finds each calibrated head's hidden sinks in the attention map of
+the forward being calibrated, so a head above a calibrated layer sees sinks of the already
+calibrated model. ``online_act_edits`` and ``evaluate_heads(sinks=None)`` do the same (``compare``'s
+default, ``sinks="online"``); ``act_edits`` with ``hidden_sinks`` of the unedited model is the
+cheaper variant (identical for one head, or heads of one layer).
 
 Tasks are multiple choice: a prompt, the candidate answers' first tokens, and the right one;
 accuracy compares the next-token logits of the candidates at the last prompt token.
@@ -29,6 +39,16 @@ from ..probe import ScaleKeys
 from .evaluate import choice_scores, score_intervention, selected_vs_random
 from .redistribute import redistribute_rows
 
+
+# the first layer whose heads ACT may calibrate: the reference code's 2 (the paper: "not the first")
+FIRST_LAYER = 2
+
+
+def candidate_layers(n_layers: int, first_layer: int = FIRST_LAYER) -> list[int]:
+    """Layers ACT calibrates: first_layer..L-2 (the last layer never)."""
+    if first_layer < 0:
+        raise ValueError(f"first_layer must be >= 0, got {first_layer}")
+    return list(range(first_layer, n_layers - 1))
 
 @dataclass
 class Example:
@@ -71,6 +91,26 @@ def act_edits(sinks: dict[tuple[int, int], list[int]], heads, beta: float = 0.4)
     """The ScaleKeys edits that calibrate ``heads`` [(layer, head)] given one input's hidden sinks."""
     return [ScaleKeys(l, h, keys=[(p, p + 1) for p in sinks[(l, h)]], factor=beta)
             for l, h in heads if sinks.get((l, h))]
+
+
+def online_act_edits(model, tokens: torch.Tensor, heads, beta: float = 0.4,
+                     threshold: float = 0.1) -> list[ScaleKeys]:
+    """tokens [N], heads [(layer, head)] -> the ScaleKeys edits of the reference's calibration:
+    layer by layer (lowest first), each head's hidden sinks come from its attention with the lower
+    layers already calibrated (one forward per calibrated layer)."""
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        by_layer.setdefault(int(l), []).append(int(h))
+    edits: list[ScaleKeys] = []
+    for l, hh in sorted(by_layer.items()):
+        name = f"blocks.{l}.attn.hook_pattern"
+        with torch.no_grad(), model.edit(edits):
+            _, cache = model.run_with_cache(tokens[None], names_filter=name)
+        mask = torch.ones(1, tokens.shape[-1], dtype=torch.long)
+        sm = sink_mask_from_pattern(cache[name], mask, threshold)[0]                 # [H, N]
+        edits += act_edits({(l, h): sm[h].nonzero().flatten().tolist() for h in hh},
+                           [(l, h) for h in hh], beta)
+    return edits
 
 
 @dataclass
@@ -126,13 +166,15 @@ class ACTResult:
 
 
 def select_heads(model, calibration: list[Example], beta: float = 0.4, threshold: float = 0.1,
-                 layers=None, min_gain: float = 1e-9, progress: bool = True) -> ACTResult:
+                 layers=None, min_gain: float = 1e-9, progress: bool = True,
+                 first_layer: int = FIRST_LAYER) -> ACTResult:
     """ACT §3.3: calibrate each head alone on ``calibration``; keep the heads whose accuracy beats
-    the uncalibrated model by more than ``min_gain``. Layers: all but the first and the last."""
+    the uncalibrated model by more than ``min_gain``. Layers: ``layers``, or ``candidate_layers``
+    (first_layer..L-2)."""
     from tqdm.auto import tqdm
     t0 = time.time()
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    layers = list(range(1, L - 1)) if layers is None else [int(l) for l in layers]
+    layers = candidate_layers(L, first_layer) if layers is None else [int(l) for l in layers]
     prepared = [prepare(model, ex, threshold) for ex in calibration]
     base = accuracy(model, calibration, (), beta, threshold, prepared)
     gain = torch.zeros(L, H)
@@ -298,20 +340,43 @@ def calibration_hooks(sinks: list, heads, pad: list[int], n_pos: int, n_heads: i
             for l, m in sorted(by_layer.items()) if m.any()]
 
 
-def evaluate_heads(model, examples: list[Example], sinks: list, heads, beta: float = 0.4,
-                   batch_size: int = 16, via: str = "hooks") -> tuple[torch.Tensor, torch.Tensor]:
-    """(correct [n] bool, margin [n]) with ``heads`` [(layer, head)] calibrated with each example's
-    hidden sinks (``task_pass(...).sinks``). ``via="edits"``: one forward per example with the
-    ``ScaleKeys`` edits (``act_edits``); ``via="hooks"`` (default): batches of examples, the same
+def online_calibration_hooks(heads, pad: list[int], n_pos: int, n_heads: int, beta: float = 0.4,
+                             threshold: float = 0.1):
+    """fwd_hooks calibrating ``heads`` [(layer, head)] of a left-padded batch (``pad[b]`` padding
+    tokens, ``n_pos`` positions) with hidden sinks found in the pattern each hook receives, i.e. in
+    the forward being calibrated (the reference's ``atten_process_eval``). -> [(hook name, fn)]."""
+    mask = (torch.arange(n_pos)[None, :] >= torch.tensor(pad)[:, None]).long()          # [B, N]
+    by_layer: dict[int, torch.Tensor] = {}
+    for l, h in heads:
+        by_layer.setdefault(int(l), torch.zeros(n_heads, dtype=torch.bool))[int(h)] = True
+
+    def hook(sel):
+        def fn(p, hook):
+            src = sink_mask_from_pattern(p, mask, threshold) & sel.to(p.device)[None, :, None]   # [B, H, N]
+            return calibrate_pattern(p, src, beta)
+        return fn
+    return [(f"blocks.{l}.attn.hook_pattern", hook(sel)) for l, sel in sorted(by_layer.items())]
+
+
+def evaluate_heads(model, examples: list[Example], sinks: list | None, heads, beta: float = 0.4,
+                   batch_size: int = 16, via: str = "hooks", threshold: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct [n] bool, margin [n]) with ``heads`` [(layer, head)] calibrated. ``sinks``: each
+    example's hidden sinks from the unedited pass (``task_pass(...).sinks``), or None for the
+    reference's online sinks (found in the calibrated forward itself with ``threshold``;
+    ``online_act_edits`` / ``online_calibration_hooks``). ``via="edits"``: one forward per example
+    with the ``ScaleKeys`` edits; ``via="hooks"`` (default): batches of examples, the same
     calibration applied per example by ``hook_pattern`` hooks (``calibrate_pattern``; the layers
     with a calibrated head then run the full-pattern reference path)."""
     heads = [(int(l), int(h)) for l, h in heads]
-    return score_intervention(
-        model, examples,
-        hooks_for_batch=lambda rows, pad, n_pos: calibration_hooks(sinks[rows], heads, pad, n_pos,
-                                                                   model.cfg.n_heads, beta),
-        edits_for_example=lambda i: act_edits(sinks[i], heads, beta),
-        batch_size=batch_size, via=via)
+    H = model.cfg.n_heads
+    if sinks is None:
+        hooks = lambda rows, pad, n_pos: online_calibration_hooks(heads, pad, n_pos, H, beta, threshold)
+        edits = lambda i: online_act_edits(model, examples[i].tokens, heads, beta, threshold)
+    else:
+        hooks = lambda rows, pad, n_pos: calibration_hooks(sinks[rows], heads, pad, n_pos, H, beta)
+        edits = lambda i: act_edits(sinks[i], heads, beta)
+    return score_intervention(model, examples, hooks_for_batch=hooks, edits_for_example=edits,
+                              batch_size=batch_size, via=via)
 
 
 def select_from_sweep(p: TaskPass, layers, min_gain: float = 0.0, top_k: int | None = None) -> tuple[list, torch.Tensor]:
@@ -329,20 +394,26 @@ def select_from_sweep(p: TaskPass, layers, min_gain: float = 0.0, top_k: int | N
 
 def compare(model, calibration: list[Example], test: list[Example], beta: float = 0.4, threshold: float = 0.1,
             n_random: int = 10, seed: int = 0, batch_size: int = 16, min_gain: float = 0.0,
-            top_k: int | None = None, max_heads: int | None = None, progress: bool = True):
+            top_k: int | None = None, max_heads: int | None = None, progress: bool = True,
+            sinks: str = "online", first_layer: int = FIRST_LAYER):
     """ACT end to end: select heads on ``calibration`` (the paper's rule, batched sweep over every
-    head of layers 1..L-2, or the first ``max_heads`` of them), then evaluate on ``test`` the base
+    head of layers first_layer..L-2, or the first ``max_heads`` of them), then evaluate on ``test`` the base
     model, the selected heads, ``n_random`` random head sets of the same size (from the same layers)
-    and all candidate heads. -> (rows [controls.Row], extra dict, test TaskPass)."""
+    and all candidate heads. ``sinks``: "online" (the reference: each calibrated head's hidden sinks
+    from the calibrated forward) or "unedited" (from the unedited pass, ``task_pass``).
+    -> (rows [controls.Row], extra dict, test TaskPass)."""
+    if sinks not in ("online", "unedited"):
+        raise ValueError(f"sinks={sinks!r}: use 'online' (the reference code) or 'unedited'")
     from . import controls
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    layers = list(range(1, L - 1))
+    layers = candidate_layers(L, first_layer)
     cand = [(l, h) for l in layers for h in range(H)]
     if max_heads is not None:
         cand = cand[:max_heads]
         layers = sorted({l for l, _ in cand})
     if not layers:
-        raise ValueError(f"{model.cfg.name} has {L} layers: ACT calibrates layers 1..L-2, none here")
+        raise ValueError(f"{model.cfg.name} has {L} layers: ACT calibrates layers {first_layer}..L-2, none here "
+                         f"(pass first_layer=1, the paper's wording, for a model this shallow)")
     t0 = time.time()
     p_cal = task_pass(model, calibration, layers, beta, threshold, sweep=True, batch_size=batch_size,
                       progress=progress, desc="ACT sweep (calibration)")
@@ -357,15 +428,17 @@ def compare(model, calibration: list[Example], test: list[Example], beta: float 
              "candidate_heads": len(cand), "kept_heads": heads, "n_kept": len(heads),
              "calibration_base_accuracy": float(p_cal.correct.float().mean()),
              "gain_calibration": gain.tolist(), "heads_with_gain": int((gain > min_gain).sum()),
-             "heads_with_loss": int((gain < 0).sum()), "min_gain": min_gain, "top_k": top_k}
+             "heads_with_loss": int((gain < 0).sum()), "min_gain": min_gain, "top_k": top_k, "sinks": sinks}
+    s_cal, s_test = (None, None) if sinks == "online" else (p_cal.sinks, p_test.sinks)
     if heads:
-        c_cal, _ = evaluate_heads(model, calibration, p_cal.sinks, heads, beta, batch_size)
+        c_cal, _ = evaluate_heads(model, calibration, s_cal, heads, beta, batch_size, threshold=threshold)
         extra["calibration_act_accuracy"] = float(c_cal.float().mean())
-        rows += selected_vs_random(lambda s: evaluate_heads(model, test, p_test.sinks, s, beta, batch_size),
+        rows += selected_vs_random(lambda s: evaluate_heads(model, test, s_test, s, beta, batch_size,
+                                                            threshold=threshold),
                                    heads, L, H, layers, n_random, seed,
                                    "ACT-selected ({k} heads)", "random {k} heads").rows
         rows.append(controls.Row(f"all heads of layers {layers[0]}..{layers[-1]}",
-                                 evaluate_heads(model, test, p_test.sinks, cand, beta, batch_size)[0],
+                                 evaluate_heads(model, test, s_test, cand, beta, batch_size, threshold=threshold)[0],
                                  n_heads=len(cand)))
     extra["seconds_sweep"] = t_sweep
     extra["seconds_heldout"] = time.time() - t1

@@ -11,7 +11,9 @@ the full-pattern reference path). On a row of p:
     p'[s] = p[s] · (1 + freed / mass(T))    for s in T = tgt minus src,  freed = (1 - factor) · mass(src)
 
 rows with no mass in T stay unchanged; with ``max_ratio`` (VAR) a row changes only when
-mass(src ∩ tgt) / mass(tgt) <= max_ratio and mass(tgt) >= min_target. ``tests/test_interventions.py``
+mass(src ∩ tgt) / mass(tgt) <= max_ratio and mass(tgt) >= min_target; with ``queries`` only the
+query rows marked there may change (VAR's reference code redistributes only the prompt's queries
+after the image, ``VARProcessor.attn_redist`` in MICV-yonsei/VisAttnSink). ``tests/test_interventions.py``
 holds it equal to the ``ScaleKeys`` edit.
 """
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch
 
 
 def redistribute_rows(p: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor | None = None, factor: float = 0.4,
-                      max_ratio: float | None = None, min_target: float = 0.0) -> torch.Tensor:
+                      max_ratio: float | None = None, min_target: float = 0.0,
+                      queries: torch.Tensor | None = None) -> torch.Tensor:
     """p [B, H, Q, K] probabilities; src [B, H|1, K] bool keys to scale; tgt [B, H|1, K] bool keys
-    that receive the freed mass (None: every key) -> p' [B, H, Q, K]."""
+    that receive the freed mass (None: every key); queries [B, Q] bool rows allowed to change (None:
+    every row) -> p' [B, H, Q, K]."""
     if not 0.0 <= factor <= 1.0:
         raise ValueError(f"factor must be in [0, 1], got {factor}")
     sm = src.to(p.device)[:, :, None, :]                                          # [B, H|1, 1, K]
@@ -37,4 +41,6 @@ def redistribute_rows(p: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor | No
         m_tgt = (p * tm).sum(-1, keepdim=True)
         ratio = (p * (sm & tm)).sum(-1, keepdim=True) / m_tgt.clamp_min(1e-30)
         keep = keep & (ratio <= max_ratio) & (m_tgt >= min_target)
+    if queries is not None:
+        keep = keep & queries.to(p.device)[:, None, :, None]                      # [B, 1, Q, 1]
     return torch.where(keep, new, p)

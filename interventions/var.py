@@ -7,12 +7,19 @@ context passage).
    token's RMS-normalised hidden state (no weight) is huge, |x_d| / rms(x) > tau = 20, at layers >= 2.
 2. Sink tokens (``sink_tokens``), per layer l >= 2: tokens whose normalised input to layer l
    (``blocks.l.hook_resid_pre``) exceeds tau on one of those dimensions (§3.1).
-3. Redistribution (``var_edits``), every layer from 2 up to the last but one, every head: on the
-   rows of a head that look at the target group (attention on it >= 0.2) but not mostly at its
-   sinks (sink share of that attention <= rho = 0.5: "target-centric" heads, §4.1), the attention
-   on the group's sink tokens is multiplied by p = 0.6 and the freed mass goes to the group's other
-   tokens in proportion to their attention (§4.2). This is ``ScaleKeys(keys=sinks in the group,
-   factor=p, target=group, max_ratio=rho, min_target=0.2)``, applied inside the attention path.
+3. Redistribution (``var_edits``), every layer from 2 up to the last but one that has a sink token
+   inside the target group, every head: on the rows of a head that look at the target group
+   (attention on it >= 0.2) but not mostly at its sinks (share of that attention on the group's own
+   sink tokens <= rho = 0.5: "target-centric" heads, §4.1), the attention on every sink token of the
+   layer (inside the group or not, e.g. the first token) is multiplied by p = 0.6 and the freed mass
+   goes to the group's non-sink tokens in proportion to their attention (§4.2; the reference's
+   ``VARProcessor.attn_redist`` scales ``text_indices`` and ``vis_indices`` and gives both budgets to
+   the image). This is ``ScaleKeys(keys=all sinks, factor=p, target=group, max_ratio=rho,
+   min_target=0.2)``, applied inside the attention path to every query row.
+4. Query rows: the reference redistributes only the prompt's queries after the target group (during
+   decoding, every new token); the batched path (``var_hooks`` / ``evaluate_var`` / ``compare``) does
+   the same by default (``queries="after_target"``); ``queries="all"`` edits every row, as ``var_edits``
+   does (a ``ScaleKeys`` edit cannot restrict query rows).
 
 Positions are token positions of one unpadded sequence.
 """
@@ -74,7 +81,11 @@ def sink_tokens(model, tokens: torch.Tensor, dims: list[int], tau: float = 20.0,
 
 def var_edits(model, sinks: dict[int, list[int]], target: list[Span], p: float = 0.6, rho: float = 0.5,
               min_target: float = 0.2, heads=None) -> list[ScaleKeys]:
-    """The VAR edits for one input: per layer in [2, L - 2] with sink tokens inside ``target``."""
+    """The VAR edits for one input: per layer in [2, L - 2] with a sink token inside ``target``, every
+    sink token of that layer scaled by ``p`` (Kang et al. 2025 §4.2; in- and out-of-group sinks alike,
+    as the reference's ``attn_redist``), the freed mass to the group's other tokens, on the rows that
+    pass the row rule (§4.1). Every query row is eligible: for the reference's rows (queries after the
+    group only) use ``var_hooks`` / ``evaluate_var(queries="after_target")``."""
     if not target:
         raise ValueError("VAR needs a target token group: target=[(start, end), ...] token positions")
     L = model.cfg.n_layers
@@ -84,8 +95,8 @@ def var_edits(model, sinks: dict[int, list[int]], target: list[Span], p: float =
     for l, pos in sorted(sinks.items()):
         if l < 2 or l >= L - 1:
             continue
-        keys = [(t, t + 1) for t in pos if inside(t)]
-        if keys:
+        keys = [(t, t + 1) for t in pos]
+        if any(inside(t) for t in pos):
             out.append(ScaleKeys(l, heads, keys=keys, factor=p, target=list(target), max_ratio=rho,
                                  min_target=min_target))
     return out
@@ -175,11 +186,26 @@ def var_pass(model, examples, dims: list[int], tau: float = 20.0, rho: float = 0
     return VarPass(torch.cat(correct), torch.cat(margin), sinks, torch.cat(applies), torch.cat(tmass))
 
 
+def query_rows(examples, pad: list[int], n_pos: int, queries: str = "after_target") -> torch.Tensor | None:
+    """[B, N] bool: the query rows VAR may change in a left-padded batch. ``"after_target"``: positions
+    at or after each example's target end (the reference's prefill rule, ``attn_redist``:
+    ``query_coord[im + pa <= query_coord]``); ``"all"``: None, every row (``var_edits``)."""
+    if queries == "all":
+        return None
+    if queries != "after_target":
+        raise ValueError(f"queries={queries!r}: use 'after_target' (the reference) or 'all' (every query row)")
+    cols = torch.arange(n_pos)
+    ends = torch.tensor([pad[b] + ex.target[1] for b, ex in enumerate(examples)])
+    return cols[None, :] >= ends[:, None]
+
+
 def var_hooks(examples, sinks: list, heads, pad: list[int], n_pos: int, n_layers: int, n_heads: int,
-              p: float = 0.6, rho: float = 0.5, min_target: float = 0.2):
+              p: float = 0.6, rho: float = 0.5, min_target: float = 0.2, queries: str = "after_target"):
     """fwd_hooks applying VAR (``var_edits``' rule) to ``heads`` [(layer, head)] (None: every head of
-    layers 2..L-2) of a left-padded batch of ``examples`` with per-example ``sinks``."""
+    layers 2..L-2) of a left-padded batch of ``examples`` with per-example ``sinks``; ``queries``
+    which rows may change (``query_rows``)."""
     from .redistribute import redistribute_rows
+    rows = query_rows(examples, pad, n_pos, queries)                                   # [B, N] or None
     if heads is None:
         heads = [(l, h) for l in range(2, n_layers - 1) for h in range(n_heads)]
     tgt = _target_mask(examples, pad, n_pos)                                          # [B, N]
@@ -195,18 +221,24 @@ def var_hooks(examples, sinks: list, heads, pad: list[int], n_pos: int, n_layers
             if pos:
                 cols = torch.zeros(n_pos, dtype=torch.bool)
                 cols[pos] = True
-                src[b, hh] = cols & tgt[b]
+                if (cols & tgt[b]).any():                   # VAR acts only with a sink inside the group
+                    src[b, hh] = cols                        # ... and then scales every sink (§4.2)
         if src.any():
             hooks.append((f"blocks.{l}.attn.hook_pattern",
-                          lambda pr, hook, src=src: redistribute_rows(pr, src, tgt[:, None], p, rho, min_target)))
+                          lambda pr, hook, src=src: redistribute_rows(pr, src, tgt[:, None], p, rho, min_target,
+                                                                      rows)))
     return hooks
 
 
 def evaluate_var(model, examples, sinks: list, heads=None, p: float = 0.6, rho: float = 0.5,
-                 min_target: float = 0.2, batch_size: int = 8, via: str = "hooks"):
+                 min_target: float = 0.2, batch_size: int = 8, via: str = "hooks", queries: str = "after_target"):
     """(correct [n] bool, margin [n]) with VAR on ``heads`` (None: all heads of layers 2..L-2).
-    ``via="edits"``: one forward per example with ``var_edits``' ScaleKeys; ``"hooks"``: batched."""
+    ``via="edits"``: one forward per example with ``var_edits``' ScaleKeys (every query row, so it
+    needs ``queries="all"``); ``"hooks"``: batched, rows per ``queries`` (``query_rows``)."""
     from .evaluate import score_intervention
+    if via == "edits" and queries != "all":
+        raise ValueError(f"via='edits' (ScaleKeys) edits every query row; pass queries='all', or via='hooks' "
+                         f"for queries={queries!r}")
     L, H = model.cfg.n_layers, model.cfg.n_heads
     by_layer = None
     if via == "edits" and heads is not None:
@@ -226,17 +258,18 @@ def evaluate_var(model, examples, sinks: list, heads=None, p: float = 0.6, rho: 
     return score_intervention(
         model, examples,
         hooks_for_batch=lambda rows, pad, n_pos: var_hooks(examples[rows], sinks[rows], heads, pad, n_pos, L, H,
-                                                           p, rho, min_target),
+                                                           p, rho, min_target, queries),
         edits_for_example=edits_for_example, batch_size=batch_size, via=via)
 
 
 def compare(model, calibration, test, p: float = 0.6, rho: float = 0.5, min_target: float = 0.2,
             tau: float | None = 20.0, select_rate: float = 0.5, n_random: int = 10, seed: int = 0,
-            batch_size: int = 8, via: str = "hooks", progress: bool = True):
+            batch_size: int = 8, via: str = "hooks", progress: bool = True, queries: str = "after_target"):
     """VAR end to end on context examples (``target`` = the context span): base; VAR as in the paper
     (every head of layers 2..L-2, the row rule per query); VAR on the target-centric heads (the rule
     holds at the last query on >= ``select_rate`` of ``calibration``); VAR on ``n_random`` random
     head sets of that size. ``tau`` None: min(20, 0.8 x the first token's peak, ``first_token_peak``).
+    ``queries``: the rows VAR may change (``query_rows``; default the reference's, after the context).
     -> (rows [controls.Row], extra dict). Raises ValueError when the model has no massive dimension."""
     from . import controls
     from .evaluate import selected_vs_random
@@ -255,12 +288,12 @@ def compare(model, calibration, test, p: float = 0.6, rho: float = 0.5, min_targ
     rate = vc.applies.float().mean(0)                                                  # [L, H]
     heads = sorted((l, h) for l in range(2, L - 1) for h in range(H) if rate[l, h] >= select_rate)
     vt = var_pass(model, test, dims, tau, rho, min_target, batch_size, progress, "VAR pass (held-out)")
-    kw = dict(p=p, rho=rho, min_target=min_target, batch_size=batch_size, via=via)
+    kw = dict(p=p, rho=rho, min_target=min_target, batch_size=batch_size, via=via, queries=queries)
     rows = [controls.Row("base", vt.correct)]
     c_all, m_all = evaluate_var(model, test, vt.sinks, None, **kw)
     rows.append(controls.Row(f"VAR, all heads of layers 2..{L - 2} (paper)", c_all, n_heads=(L - 3) * H))
     extra = {"massive_dims": dims, "first_token_peak": peak, "tau": tau, "p": p, "rho": rho,
-             "min_target": min_target, "select_rate": select_rate, "selected_heads": heads, "n_selected": len(heads),
+             "min_target": min_target, "select_rate": select_rate, "queries": queries, "selected_heads": heads, "n_selected": len(heads),
              "rule_rate_calibration": rate.tolist(),
              "mean_sinks_in_context_per_layer": [
                  sum(sum(1 for t in s.get(l, ()) if ex.target[0] <= t < ex.target[1]) for s, ex in zip(vt.sinks, test))

@@ -49,11 +49,11 @@ def test_hidden_sinks_follow_the_rule(tiny):
 
 
 def test_select_heads_is_consistent(tiny):
-    """Kept heads are exactly those whose solo calibration beat the baseline; first and last layers
-    are never tried; accuracy() with no heads is the baseline."""
+    """Kept heads are exactly those whose solo calibration beat the baseline; layers before
+    ``first_layer`` and the last layer are never tried; accuracy() with no heads is the baseline."""
     g = torch.Generator().manual_seed(3)
     exs = [act.Example(torch.randint(1, 128, (24,), generator=g), [5, 9], int(i % 2)) for i in range(8)]
-    r = act.select_heads(tiny, exs, beta=0.4, threshold=0.05, progress=False)
+    r = act.select_heads(tiny, exs, beta=0.4, threshold=0.05, progress=False, first_layer=1)
     L = tiny.cfg.n_layers
     assert r.base_accuracy == act.accuracy(tiny, exs, (), threshold=0.05)
     assert torch.all(r.gain[0] == 0) and torch.all(r.gain[L - 1] == 0)
@@ -61,6 +61,20 @@ def test_select_heads_is_consistent(tiny):
         assert r.gain[l, h] > 0
         assert act.accuracy(tiny, exs, [(l, h)], threshold=0.05) == pytest.approx(r.base_accuracy + float(r.gain[l, h]))
     assert set(r.heads) == {(l, h) for l in range(L) for h in range(tiny.cfg.n_heads) if r.gain[l, h] > 0}
+
+
+def test_act_candidate_layers_follow_the_reference(tiny):
+    """GATECH-EIC/ACT calibrates layers 2..30 of a 32-layer model (``signal in range(2, 31)``); the
+    paper's "all but the first and last" is first_layer=1. A model too shallow for the default says so."""
+    assert act.candidate_layers(32) == list(range(2, 31))
+    assert act.candidate_layers(32, first_layer=1) == list(range(1, 31))
+    with pytest.raises(ValueError, match="first_layer"):
+        act.candidate_layers(32, first_layer=-1)
+    g = torch.Generator().manual_seed(5)
+    exs = [act.Example(torch.randint(1, 128, (16,), generator=g), [5, 9], int(i % 2)) for i in range(4)]
+    assert tiny.cfg.n_layers == 3                                  # layers 2..1: no candidate
+    with pytest.raises(ValueError, match="first_layer=1"):
+        act.compare(tiny, exs, exs, n_random=1, progress=False)
 
 
 def test_harm_task(smollm2):
@@ -72,7 +86,7 @@ def test_harm_task(smollm2):
 
 def test_var_sinks_and_edits_on_smollm2(smollm2):
     """VAR (interventions/var.py): the massive dimension and sink tokens follow the tau = 20 rule on
-    the normalised hidden states; the edits cover layers 2..L-2 and only sinks inside the target;
+    the normalised hidden states; the edits cover layers 2..L-2 with a sink inside the target;
     under them, a row that passes the row rule has its in-target sink attention scaled by 0.6 with the
     freed mass on the target's other tokens, and a row that fails it is unchanged."""
     from headscope.interventions import var
@@ -111,3 +125,40 @@ def test_var_sinks_and_edits_on_smollm2(smollm2):
     torch.testing.assert_close(p1[passed][:, S], 0.6 * p0[passed][:, S], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(p1[~passed], p0[~passed], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(p1.sum(-1), torch.ones_like(p1.sum(-1)), atol=1e-5, rtol=0)
+
+
+def test_var_scales_every_sink_and_feeds_the_group(smollm2):
+    """VAR §4.2 (Kang et al. 2025; reference ``VARProcessor.attn_redist`` scales ``text_indices`` and
+    ``vis_indices``): with the target group = positions 1..19, on a row that passes the row rule
+    (share of the group's attention on its own sinks <= 0.5, group mass >= 0.2) every sink token of
+    the layer is scaled by 0.6, the first token outside the group included; all the freed mass goes
+    to the group's non-sink tokens in proportion; keys outside the group that are not sinks keep
+    their attention; failing rows are unchanged."""
+    from headscope.interventions import var
+    toks = smollm2.to_tokens("A tall heron waited in the reeds while small fish darted below. At dusk it "
+                             "flew over the marsh toward the distant pines, calling twice.")[0]
+    N = toks.shape[0]
+    sinks = var.sink_tokens(smollm2, toks, var.massive_dims(smollm2, toks))
+    T0, T1 = 1, 20
+    edits = var.var_edits(smollm2, sinks, [(T0, T1)])
+    e = next(x for x in edits if 0 in sinks[x.layer] and any(T0 <= t < T1 for t in sinks[x.layer]))
+    l = e.layer
+    S = torch.zeros(N, dtype=torch.bool)
+    S[sinks[l]] = True
+    T = torch.zeros(N, dtype=torch.bool)
+    T[T0:T1] = True
+    name = f"blocks.{l}.attn.hook_pattern"
+    _, c0 = smollm2.run_with_cache(toks[None], names_filter=name)
+    with smollm2.edit([e]):
+        _, c1 = smollm2.run_with_cache(toks[None], names_filter=name)
+    p0, p1 = c0[name][0].double(), c1[name][0].double()                     # [head, q, k]
+    m_t = p0[..., T].sum(-1)
+    passed = (p0[..., S & T].sum(-1) / m_t.clamp_min(1e-30) <= 0.5) & (m_t >= 0.2)   # [head, q]
+    assert passed.any() and (~passed).any()
+    a, b = p0[passed], p1[passed]                                            # [rows, k]
+    torch.testing.assert_close(b[:, S], 0.6 * a[:, S], atol=1e-6, rtol=1e-5)     # position 0 too
+    rest = T & ~S
+    gain = 0.4 * a[:, S].sum(-1, keepdim=True) / a[:, rest].sum(-1, keepdim=True)
+    torch.testing.assert_close(b[:, rest], a[:, rest] * (1 + gain), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b[:, ~S & ~T], a[:, ~S & ~T], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(p1[~passed], p0[~passed], atol=1e-6, rtol=1e-5)

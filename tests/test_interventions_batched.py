@@ -63,6 +63,30 @@ def test_act_sweep_and_hooks_equal_scalekeys(tiny):
     assert torch.equal(c1, c2)
 
 
+def test_act_online_sinks_come_from_the_calibrated_forward(tiny):
+    """ACT's reference (``atten_process_eval``, GATECH-EIC/ACT) finds a calibrated head's hidden sinks
+    in the attention of the forward being calibrated: with heads on every layer, the sinks used at
+    layer l are ``hidden_sinks`` of the model with the layers below l calibrated, which here differ
+    from the unedited model's on some example; the batched online hooks equal the online edits."""
+    exs = _examples()
+    L, H = tiny.cfg.n_layers, tiny.cfg.n_heads
+    heads = [(l, h) for l in range(L) for h in range(H)]
+    differs = False
+    for ex in exs:
+        on = act.online_act_edits(tiny, ex.tokens, heads, beta=0.4, threshold=0.1)
+        used = {(e.layer, e.head): [a for a, _ in e.keys] for e in on}
+        for l in range(L):
+            with tiny.edit([e for e in on if e.layer < l]):
+                expect = {k: v for k, v in act.hidden_sinks(tiny, ex.tokens, 0.1).items() if k[0] == l and v}
+            assert {k: v for k, v in used.items() if k[0] == l} == expect
+        unedited = {k: v for k, v in act.hidden_sinks(tiny, ex.tokens, 0.1).items() if v}
+        differs |= used != unedited
+    assert differs, "online and unedited sinks agree everywhere: the comparison proves nothing"
+    _, m1 = act.evaluate_heads(tiny, exs, None, heads, via="edits")
+    _, m2 = act.evaluate_heads(tiny, exs, None, heads, batch_size=3)
+    torch.testing.assert_close(m2, m1, atol=2e-5, rtol=1e-4)
+
+
 def test_select_from_sweep_keeps_gains(tiny):
     exs = _examples()
     L = tiny.cfg.n_layers
@@ -100,13 +124,35 @@ def test_var_hooks_equal_scalekeys(deep):
     sinks = [{l: [1, 2 + (i % 3)] for l in range(2, L)} for i in range(len(exs))]
     base = act.task_pass(deep, exs, [1], sweep=False, progress=False).margin
     for heads in (None, [(2, 0), (3, 1), (3, 3)]):
-        _, m1 = var.evaluate_var(deep, exs, sinks, heads, rho=1.0, min_target=0.0, via="edits")
-        _, m2 = var.evaluate_var(deep, exs, sinks, heads, rho=1.0, min_target=0.0, batch_size=4)
+        _, m1 = var.evaluate_var(deep, exs, sinks, heads, rho=1.0, min_target=0.0, via="edits", queries="all")
+        _, m2 = var.evaluate_var(deep, exs, sinks, heads, rho=1.0, min_target=0.0, batch_size=4, queries="all")
         torch.testing.assert_close(m2, m1, atol=2e-5, rtol=1e-4)
         assert float((m1 - base).abs().max()) > 1e-3
-    _, m1 = var.evaluate_var(deep, exs, sinks, None, via="edits")         # the paper's row rule
-    _, m2 = var.evaluate_var(deep, exs, sinks, None, batch_size=3)
+    _, m1 = var.evaluate_var(deep, exs, sinks, None, via="edits", queries="all")     # the paper's row rule
+    _, m2 = var.evaluate_var(deep, exs, sinks, None, batch_size=3, queries="all")
     torch.testing.assert_close(m2, m1, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="queries='all'"):
+        var.evaluate_var(deep, exs, sinks, None, via="edits")
+
+
+def test_var_hooks_change_only_rows_after_the_target():
+    """The reference's query rule (VisAttnSink ``attn_redist``: prompt rows ``im + pa <= q`` only): with
+    queries="after_target" the hook leaves every row before the target's end unchanged and gives the
+    rows after it exactly what queries="all" gives; the sink outside the group (key 0) is scaled too."""
+    exs = [tasks.ContextExample(torch.arange(10, 10 + n), [5, 6], 0, target=(2, n - 3)) for n in (9, 12)]
+    N = 12
+    pad = [N - len(e.tokens) for e in exs]
+    sinks = [{2: [0, 3]}, {2: [0, 4]}]                                 # key 0 outside the group, one inside
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(2, 2, N, N, generator=g), -1)       # [B, H, Q, K]
+    run = lambda q: var.var_hooks(exs, sinks, None, pad, N, 5, 2, rho=1.0, min_target=0.0, queries=q)[0][1](p, None)
+    after, every = run("after_target"), run("all")
+    for b, ex in enumerate(exs):
+        end = pad[b] + ex.target[1]
+        torch.testing.assert_close(after[b, :, :end], p[b, :, :end])
+        torch.testing.assert_close(after[b, :, end:], every[b, :, end:])
+        torch.testing.assert_close(after[b, :, end:, pad[b]], 0.6 * p[b, :, end:, pad[b]])     # key 0
+    assert not torch.allclose(every[:, :, :pad[1] + exs[1].target[1]], p[:, :, :pad[1] + exs[1].target[1]])
 
 
 def test_splits_are_disjoint():

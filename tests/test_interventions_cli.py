@@ -74,7 +74,8 @@ def test_act_cli_on_tiny(tmp_path):
     from headscope.interventions import act, load_edits
     out = tmp_path / "act"
     assert intervene_cli.run(_args(["act", "--model", "tiny-llama", "--task", "copy", "--n-calibration", "16",
-                                    "--n-test", "12", "--n-random", "3", "--out", str(out)])) == 0
+                                    "--n-test", "12", "--n-random", "3", "--first-layer", "1",
+                                    "--out", str(out)])) == 0
     res = json.loads((out / "results.json").read_text())
     names = [r["condition"] for r in res["rows"]]
     assert names[0] == "base" and len(res["rows"]) in (1, 4)
