@@ -68,6 +68,10 @@ def add_parser(subparsers):
     g.add_argument("--lam", type=float, default=5e-4, help="L1 weight on the scales A (step 1)")
     g.add_argument("--lr-scale", type=float, default=5e-3)
     g.add_argument("--lr-offset", type=float, default=1e-2)
+    g.add_argument("--schedule", choices=("linear", "constant"), default="linear",
+                   help="learning-rate schedule of both steps: linear decay to 0 (the reference's) or constant")
+    g.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip each update's gradient to this total norm (the reference's 1.0); 0 = no clipping")
     g = p.add_argument_group("act / var")
     g.add_argument("--n-calibration", type=int, default=200, help="calibration examples (head selection)")
     g.add_argument("--beta", type=float, default=0.4, help="ACT: scale of the hidden sinks' attention")
@@ -175,7 +179,8 @@ def _lofit(args, model):
         n_other = min(args.n_train, len(ot.examples))
         other = ot.splits(args.seed, n_train=n_other, n_calibration=0, n_test=0)["train"]
     cfg = lofit.LoFiTConfig(k=args.k, lam=args.lam, lr_scale=args.lr_scale, lr_offset=args.lr_offset,
-                            epochs=args.epochs, batch_size=args.train_batch, seed=args.seed)
+                            epochs=args.epochs, batch_size=args.train_batch, seed=args.seed,
+                            schedule=args.schedule, max_grad_norm=args.max_grad_norm or None)
     cmp = lofit.compare(model, sp["train"], sp["test"], cfg, other, args.n_random, args.batch_size,
                         dataset=args.task)
     summ = controls.table(cmp.rows, seed=args.seed)

@@ -12,6 +12,10 @@ PyTorch, so gradients reach A and v while every weight of the model stays frozen
 
 The paper's defaults for Llama-2-7B are K = 32 of 1024 heads (3%), lr 5e-3 (step 1) and 1e-2
 (step 2), 5 epochs, batch 8; here K, epochs and sizes are arguments (small models, small tasks).
+Both steps train as the reference does (``lofit_trainer.py``: Hugging Face ``Trainer`` with its
+default ``TrainingArguments``): AdamW without weight decay, the learning rate decaying linearly from
+its value to 0 over all steps, no warm-up, gradients clipped to a total norm of 1.0
+(``LoFiTConfig.schedule`` / ``max_grad_norm``; "constant" and None switch them off).
 The task loss is the cross-entropy of the right answer's token at the last prompt position
 (``tasks.score_examples`` measures it).
 
@@ -37,7 +41,9 @@ PAPER = "Yin et al. 2024, LoFiT: Localized Fine-tuning on LLM Representations (N
 class LoFiTConfig:
     """LoFiT settings (Yin et al. 2024, §3; the paper's Llama-2-7B values in the module docstring).
     Fields: k heads kept for step 2; lam L1 weight on A in step 1; lr_scale, lr_offset the AdamW learning
-    rates of steps 1 and 2; epochs, batch_size per step; init_std std of A and v at init; seed."""
+    rates of steps 1 and 2; epochs, batch_size per step; init_std std of A and v at init; seed;
+    schedule "linear" (the reference's: the rate decays linearly to 0 over the step's updates) or
+    "constant"; max_grad_norm the total gradient norm each update is clipped to (None: no clipping)."""
     k: int = 8                   # heads kept for step 2
     lam: float = 5e-4            # L1 weight on A in step 1
     lr_scale: float = 5e-3       # step 1 learning rate
@@ -46,6 +52,24 @@ class LoFiTConfig:
     batch_size: int = 8
     init_std: float = 1e-3
     seed: int = 0
+    schedule: str = "linear"     # the reference's (HF Trainer default): lr decays linearly to 0
+    max_grad_norm: float | None = 1.0   # HF Trainer default clipping
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"LoFiTConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"LoFiTConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+
+SCHEDULES = ("linear", "constant")
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The learning rate's multiplier at update ``step`` (0-based) of ``total``: "linear" decays from 1
+    to 0 as transformers' ``get_linear_schedule_with_warmup`` with no warm-up, (total - step) / total;
+    "constant" is 1."""
+    return max(0.0, (total - step) / total) if schedule == "linear" else 1.0
 
 
 def _task_loss(model, toks, mask, choices, labels, edits) -> torch.Tensor:
@@ -69,8 +93,10 @@ def _unfreeze(model, flags) -> None:
         p.requires_grad_(f)
 
 
-def _train(model, examples, params, make_edits, lr, epochs, batch_size, seed, penalty, desc, progress):
-    """AdamW on ``params`` only; returns the loss of every step."""
+def _train(model, examples, params, make_edits, lr, epochs, batch_size, seed, penalty, desc, progress,
+           schedule: str = "linear", max_grad_norm: float | None = 1.0):
+    """AdamW on ``params`` only, the rate scheduled by ``lr_factor``, gradients clipped to
+    ``max_grad_norm``; returns the loss of every step."""
     from tqdm.auto import tqdm
     if not examples:
         raise ValueError("no training examples")
@@ -79,9 +105,11 @@ def _train(model, examples, params, make_edits, lr, epochs, batch_size, seed, pe
     g = torch.Generator().manual_seed(seed)
     pid = pad_id(model)
     steps_per_epoch = (len(examples) + batch_size - 1) // batch_size
+    n_updates = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(schedule, step, n_updates))
     losses = []
     try:
-        with tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress) as bar:
+        with tqdm(total=n_updates, desc=desc, disable=not progress) as bar:
             for _ in range(epochs):
                 order = torch.randperm(len(examples), generator=g).tolist()
                 for toks, mask, choices, labels in batches([examples[i] for i in order], batch_size, pid):
@@ -89,7 +117,10 @@ def _train(model, examples, params, make_edits, lr, epochs, batch_size, seed, pe
                     total = loss + penalty() if penalty is not None else loss
                     opt.zero_grad()
                     total.backward()
+                    if max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     opt.step()
+                    sched.step()
                     losses.append(float(loss.detach()))
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -118,7 +149,8 @@ def train_scales(model, train: list[Example], cfg: LoFiTConfig = LoFiTConfig(), 
     # kept on the CPU: compile_edits moves the compiled edit to the model's device (differentiably)
     A = (torch.randn(L, H, d, generator=g) * cfg.init_std).requires_grad_()
     losses = _train(model, train, [A], lambda: scale_edits(A), cfg.lr_scale, cfg.epochs, cfg.batch_size,
-                    cfg.seed, lambda: cfg.lam * A.abs().sum(), "LoFiT step 1 (scales A)", progress)
+                    cfg.seed, lambda: cfg.lam * A.abs().sum(), "LoFiT step 1 (scales A)", progress,
+                    cfg.schedule, cfg.max_grad_norm)
     return A.detach(), losses
 
 
@@ -138,7 +170,8 @@ def train_offsets(model, train: list[Example], heads, cfg: LoFiTConfig = LoFiTCo
     g = torch.Generator().manual_seed(cfg.seed + 1)
     v = (torch.randn(len(heads), model.cfg.d_head, generator=g) * cfg.init_std).requires_grad_()
     losses = _train(model, train, [v], lambda: offset_edits(heads, v), cfg.lr_offset, cfg.epochs,
-                    cfg.batch_size, cfg.seed + 1, None, "LoFiT step 2 (offsets v)", progress)
+                    cfg.batch_size, cfg.seed + 1, None, "LoFiT step 2 (offsets v)", progress,
+                    cfg.schedule, cfg.max_grad_norm)
     return v.detach(), losses
 
 

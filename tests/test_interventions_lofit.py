@@ -39,6 +39,42 @@ def test_training_lowers_loss_and_touches_only_a_v(tiny):
     assert min(float(s[l, h]) for l, h in res.heads) >= float(s.flatten().sort(descending=True).values[2])
 
 
+def test_schedule_is_the_reference_trainers():
+    """The reference trains with Hugging Face's Trainer defaults: the rate decays linearly to 0 with no
+    warm-up (transformers.get_linear_schedule_with_warmup) and gradients are clipped to norm 1.0."""
+    from transformers import get_linear_schedule_with_warmup
+    for total in (1, 4, 7):
+        opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sch = get_linear_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=total)
+        for step in range(total):
+            assert lofit.lr_factor("linear", step, total) == pytest.approx(opt.param_groups[0]["lr"])
+            opt.step()
+            sch.step()
+        assert lofit.lr_factor("constant", total - 1, total) == 1.0
+    cfg = lofit.LoFiTConfig()
+    assert (cfg.schedule, cfg.max_grad_norm) == ("linear", 1.0)
+    with pytest.raises(ValueError, match="schedule"):
+        lofit.LoFiTConfig(schedule="cosine")
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        lofit.LoFiTConfig(max_grad_norm=0.0)
+
+
+def test_clipping_bounds_the_first_update(tiny):
+    """Adam's first update moves each coordinate by about lr whatever the gradient's size, so clipping
+    shows in AdamW's second moment only; here: with clipping at 1e-8 every gradient is tiny, Adam's eps
+    (1e-8) dominates, and v moves far less than without clipping (one update, lr 1e-2)."""
+    task = tasks.token_task(n=16, seed=3)
+    train = task.splits(seed=0, n_train=8, n_calibration=0, n_test=8)["train"]
+    heads = [(0, 1), (2, 3)]
+    moved = {}
+    for clip in (None, 1e-8):
+        cfg = lofit.LoFiTConfig(k=2, epochs=1, batch_size=8, lr_offset=1e-2, max_grad_norm=clip, init_std=0.0)
+        v, _ = lofit.train_offsets(tiny, train, heads, cfg, progress=False)
+        moved[clip] = v.abs().max().item()
+    assert moved[None] == pytest.approx(1e-2, rel=0.05)                 # Adam: |step| = lr on the first update
+    assert moved[1e-8] < 0.6e-2                                          # clipped: g ~ eps, step ~ lr * g / (g + eps)
+
+
 def test_fold_equals_edit(tiny):
     L, H, d = tiny.cfg.n_layers, tiny.cfg.n_heads, tiny.cfg.d_head
     g = torch.Generator().manual_seed(3)
