@@ -75,7 +75,8 @@ def add_parser(subparsers):
     g = p.add_argument_group("act / var")
     g.add_argument("--n-calibration", type=int, default=200, help="calibration examples (head selection)")
     g.add_argument("--beta", type=float, default=0.4, help="ACT: scale of the hidden sinks' attention")
-    g.add_argument("--threshold", type=float, default=0.1, help="ACT: hidden sink if a_j > threshold")
+    g.add_argument("--threshold", default="0.1",
+                   help="ACT: hidden sink if a_j > threshold: a number (the reference's 0.1) or 'alpha/N' (the paper's, e.g. 5/N)")
     g.add_argument("--top-k", type=int, default=None, help="ACT: keep at most the K best heads")
     g.add_argument("--first-layer", type=int, default=2,
                    help="ACT: first layer whose heads are calibrated (2, the reference code; 1, the paper's "
@@ -146,6 +147,12 @@ def validate(args) -> None:
             raise SystemExit("--top-k must be >= 1")
         if not 0.0 <= args.beta <= 1.0:
             raise SystemExit("--beta must be in [0, 1]")
+        if args.method == "act":
+            from ..interventions.act import parse_threshold
+            try:
+                args.threshold = parse_threshold(str(args.threshold))
+            except ValueError as e:
+                raise SystemExit(f"--threshold: {e}") from None
         if args.tau != "auto":
             try:
                 float(args.tau)

@@ -28,7 +28,7 @@ from headscope.interventions import act, controls, tasks
 from headscope.interventions.edits_io import atomic_folder
 
 
-def run(model, task: tasks.Task, n_cal: int, n_test: int, beta: float = 0.4, threshold: float = 0.1,
+def run(model, task: tasks.Task, n_cal: int, n_test: int, beta: float = 0.4, threshold: float | str = 0.1,
         seed: int = 0, n_random: int = 10, batch_size: int = 16, max_heads: int | None = None,
         min_gain: float = 0.0, top_k: int | None = None, progress: bool = True, first_layer: int = 2) -> dict:
     """The whole experiment on a loaded model: -> results dict (rows with CIs, heads, timings)."""
@@ -54,7 +54,7 @@ def main(argv=None):
     p.add_argument("--calibration", type=int, default=400)
     p.add_argument("--heldout", type=int, default=600)
     p.add_argument("--beta", type=float, default=0.4)
-    p.add_argument("--threshold", type=float, default=0.1)
+    p.add_argument("--threshold", default="0.1", help="a number (reference: 0.1) or 'alpha/N' (paper, e.g. 5/N)")
     p.add_argument("--min-gain", type=float, default=0.0, help="keep heads whose calibration gain exceeds this")
     p.add_argument("--top-k", type=int, default=None, help="keep at most this many heads (best gains)")
     p.add_argument("--max-heads", type=int, default=None, help="sweep only the first N candidate heads (smoke test)")
@@ -71,7 +71,7 @@ def main(argv=None):
     t0 = time.time()
     m = hs.load(a.model, device=a.device)
     task = load_task(a.task, m)
-    res = run(m, task, a.calibration, a.heldout, a.beta, a.threshold, a.seed, a.n_random, a.batch_size,
+    res = run(m, task, a.calibration, a.heldout, a.beta, act.parse_threshold(a.threshold), a.seed, a.n_random, a.batch_size,
               a.max_heads, a.min_gain, a.top_k, first_layer=a.first_layer)
     res.update(model=m.cfg.name, device=str(m.device), seconds_total=time.time() - t0, args=vars(a),
                date=time.strftime("%Y-%m-%d %H:%M:%S"))

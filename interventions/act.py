@@ -76,11 +76,37 @@ def harm_task(model, queries_harmful: list[str], queries_harmless: list[str]) ->
     return out
 
 
-def hidden_sinks(model, tokens: torch.Tensor, threshold: float = 0.1) -> dict[tuple[int, int], list[int]]:
-    """tokens [N] -> {(layer, head): hidden-sink positions} (ACT's rule, first sink excluded)."""
+def parse_threshold(text: str) -> float | str:
+    """A command-line threshold: a number, or "alpha/N" (checked by ``sink_threshold``)."""
+    try:
+        return float(text)
+    except ValueError:
+        sink_threshold(text, 1)
+        return text
+
+
+def sink_threshold(threshold: float | str, n_tokens):
+    """The hidden-sink threshold on a_j for sequences of ``n_tokens`` real tokens (an int or a tensor):
+    a number is used as it is (the reference code's THRES = 0.1); a string "alpha/N" (e.g. "5/N") is
+    the paper's phrasing, alpha / N (ACT §3.1)."""
+    if isinstance(threshold, str):
+        head, _, tail = threshold.replace(" ", "").partition("/")
+        try:
+            alpha = float(head)
+        except ValueError:
+            alpha = None
+        if tail != "N" or alpha is None or alpha <= 0:
+            raise ValueError(f"threshold {threshold!r}: give a number (e.g. 0.1) or 'alpha/N' (e.g. '5/N')")
+        return alpha / n_tokens
+    return float(threshold)
+
+
+def hidden_sinks(model, tokens: torch.Tensor, threshold: float | str = 0.1) -> dict[tuple[int, int], list[int]]:
+    """tokens [N] -> {(layer, head): hidden-sink positions} (ACT's rule, first sink excluded);
+    ``threshold`` as ``sink_threshold`` takes it."""
     toks = tokens[None]
     a = received_importance(model, toks, progress=False)                       # [1, L, H, N]
-    r = hidden_sinks_from_importance(model, toks, a, threshold)
+    r = hidden_sinks_from_importance(model, toks, a, sink_threshold(threshold, toks.shape[-1]))
     out: dict[tuple[int, int], list[int]] = {}
     for s in r.sinks:
         out.setdefault((s.layer, s.head), []).append(s.position)
@@ -94,7 +120,7 @@ def act_edits(sinks: dict[tuple[int, int], list[int]], heads, beta: float = 0.4)
 
 
 def online_act_edits(model, tokens: torch.Tensor, heads, beta: float = 0.4,
-                     threshold: float = 0.1) -> list[ScaleKeys]:
+                     threshold: float | str = 0.1) -> list[ScaleKeys]:
     """tokens [N], heads [(layer, head)] -> the ScaleKeys edits of the reference's calibration:
     layer by layer (lowest first), each head's hidden sinks come from its attention with the lower
     layers already calibrated (one forward per calibrated layer)."""
@@ -124,7 +150,7 @@ class Prepared:
     base: torch.Tensor            # [n_choices] logits
 
 
-def prepare(model, ex: Example, threshold: float) -> Prepared:
+def prepare(model, ex: Example, threshold: float | str) -> Prepared:
     """One unedited pass over an example: its hidden sinks, every layer's input and the choice logits."""
     logits, resid = resid_pre_all(model, ex.tokens[None], logits_to_keep=1)
     return Prepared(ex, hidden_sinks(model, ex.tokens, threshold), resid,
@@ -142,7 +168,7 @@ def _choice_logits(model, p: Prepared, heads, beta: float) -> torch.Tensor:
     return logits[0, -1, p.ex.choices].float()
 
 
-def accuracy(model, examples: list[Example], heads=(), beta: float = 0.4, threshold: float = 0.1,
+def accuracy(model, examples: list[Example], heads=(), beta: float = 0.4, threshold: float | str = 0.1,
              prepared: list[Prepared] | None = None) -> float:
     """Share of examples whose right answer has the largest logit, with ``heads`` calibrated."""
     prepared = prepared or [prepare(model, ex, threshold) for ex in examples]
@@ -160,12 +186,12 @@ class ACTResult:
     gain: torch.Tensor                      # [layer, head] calibration accuracy - baseline (0: not tried)
     base_accuracy: float
     beta: float
-    threshold: float
+    threshold: float | str
     seconds: float
     params: dict = field(default_factory=dict)
 
 
-def select_heads(model, calibration: list[Example], beta: float = 0.4, threshold: float = 0.1,
+def select_heads(model, calibration: list[Example], beta: float = 0.4, threshold: float | str = 0.1,
                  layers=None, min_gain: float = 1e-9, progress: bool = True,
                  first_layer: int = FIRST_LAYER) -> ACTResult:
     """ACT §3.3: calibrate each head alone on ``calibration``; keep the heads whose accuracy beats
@@ -205,16 +231,20 @@ def select_heads(model, calibration: list[Example], beta: float = 0.4, threshold
 # ``ScaleKeys`` edit itself. Held-out evaluation of a head set spanning several layers uses the
 # ``ScaleKeys`` edits (``evaluate_heads``): there the later layers' attention has already changed.
 
-def sink_mask_from_pattern(pattern: torch.Tensor, mask: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+def sink_mask_from_pattern(pattern: torch.Tensor, mask: torch.Tensor, threshold: float | str = 0.1) -> torch.Tensor:
     """ACT's hidden sinks from an attention pattern. pattern [B, H, N, N] of a left-padded batch,
     mask [B, N] (1 = real token) -> [B, H, N] bool over key columns: a_j = mean attention key j
-    receives from the real queries that can see it (column sum / (N - j)); sinks a_j > threshold,
-    minus the first one found (the reference's ``indices[1:]``; ``heads.sinks.find_hidden_sinks``)."""
+    receives from the real queries that can see it (column sum / (N - j)); sinks a_j > threshold
+    (``sink_threshold``: a number, or "alpha/N" with N each example's real tokens), minus the first
+    one found (the reference's ``indices[1:]``; ``heads.sinks.find_hidden_sinks``)."""
     B, H, N, _ = pattern.shape
     m = mask.to(pattern.device).bool()
     col = (pattern.float() * m[:, None, :, None]).sum(-2)                         # [B, H, N]
     seen = torch.arange(N, 0, -1, device=pattern.device, dtype=torch.float32)     # queries per key
-    above = (col / seen > threshold) & m[:, None, :]
+    thr = sink_threshold(threshold, m.sum(-1).float())                            # float or [B]
+    if isinstance(thr, torch.Tensor):
+        thr = thr[:, None, None]                                                  # [B, 1, 1]
+    above = (col / seen > thr) & m[:, None, :]
     idx = torch.arange(N, device=pattern.device)
     first = torch.where(above, idx, N).min(-1).values                            # [B, H]
     return above & (idx != first[..., None])
@@ -248,7 +278,7 @@ class TaskPass:
     sweep_margin: torch.Tensor | None = None
 
 
-def task_pass(model, examples: list[Example], layers, beta: float = 0.4, threshold: float = 0.1,
+def task_pass(model, examples: list[Example], layers, beta: float = 0.4, threshold: float | str = 0.1,
               sweep: bool = True, batch_size: int = 16, progress: bool = True, desc: str = "ACT pass") -> TaskPass:
     """Unedited accuracy, every example's hidden sinks on ``layers``, and (``sweep``) the accuracy
     with each head of ``layers`` calibrated alone, in batches of ``batch_size`` examples."""
@@ -341,7 +371,7 @@ def calibration_hooks(sinks: list, heads, pad: list[int], n_pos: int, n_heads: i
 
 
 def online_calibration_hooks(heads, pad: list[int], n_pos: int, n_heads: int, beta: float = 0.4,
-                             threshold: float = 0.1):
+                             threshold: float | str = 0.1):
     """fwd_hooks calibrating ``heads`` [(layer, head)] of a left-padded batch (``pad[b]`` padding
     tokens, ``n_pos`` positions) with hidden sinks found in the pattern each hook receives, i.e. in
     the forward being calibrated (the reference's ``atten_process_eval``). -> [(hook name, fn)]."""
@@ -359,7 +389,7 @@ def online_calibration_hooks(heads, pad: list[int], n_pos: int, n_heads: int, be
 
 
 def evaluate_heads(model, examples: list[Example], sinks: list | None, heads, beta: float = 0.4,
-                   batch_size: int = 16, via: str = "hooks", threshold: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+                   batch_size: int = 16, via: str = "hooks", threshold: float | str = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct [n] bool, margin [n]) with ``heads`` [(layer, head)] calibrated. ``sinks``: each
     example's hidden sinks from the unedited pass (``task_pass(...).sinks``), or None for the
     reference's online sinks (found in the calibrated forward itself with ``threshold``;
@@ -392,7 +422,7 @@ def select_from_sweep(p: TaskPass, layers, min_gain: float = 0.0, top_k: int | N
     return sorted(cand), gain
 
 
-def compare(model, calibration: list[Example], test: list[Example], beta: float = 0.4, threshold: float = 0.1,
+def compare(model, calibration: list[Example], test: list[Example], beta: float = 0.4, threshold: float | str = 0.1,
             n_random: int = 10, seed: int = 0, batch_size: int = 16, min_gain: float = 0.0,
             top_k: int | None = None, max_heads: int | None = None, progress: bool = True,
             sinks: str = "online", first_layer: int = FIRST_LAYER):

@@ -63,6 +63,28 @@ def test_select_heads_is_consistent(tiny):
     assert set(r.heads) == {(l, h) for l in range(L) for h in range(tiny.cfg.n_heads) if r.gain[l, h] > 0}
 
 
+def test_act_alpha_over_n_threshold(tiny):
+    """ACT §3.1 phrases the sink threshold as alpha / N; "alpha/N" gives it, N = the example's real
+    tokens (left padding excluded), and equals the number alpha / N passed as such."""
+    assert act.sink_threshold("5/N", 50) == pytest.approx(0.1)
+    assert act.sink_threshold(0.2, 50) == 0.2
+    for bad in ("5/M", "x/N", "-1/N"):
+        with pytest.raises(ValueError, match="alpha/N"):
+            act.sink_threshold(bad, 10)
+    assert act.parse_threshold("0.25") == 0.25 and act.parse_threshold("3/N") == "3/N"
+    g = torch.Generator().manual_seed(7)
+    p = torch.rand(2, 3, 12, 12, generator=g).tril()
+    p = p / p.sum(-1, keepdim=True)                                       # [B, H, N, N] causal rows
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0                                                       # example 1: 8 real tokens
+    got = act.sink_mask_from_pattern(p, mask, "2/N")
+    assert torch.equal(got[0], act.sink_mask_from_pattern(p[:1], mask[:1], 2 / 12)[0])
+    assert torch.equal(got[1], act.sink_mask_from_pattern(p[1:], mask[1:], 2 / 8)[0])
+    assert not torch.equal(got[1], act.sink_mask_from_pattern(p[1:], mask[1:], 2 / 12)[0])   # per-example N
+    toks = torch.randint(3, 128, (20,), generator=g)
+    assert act.hidden_sinks(tiny, toks, "2/N") == act.hidden_sinks(tiny, toks, 2 / 20)
+
+
 def test_act_candidate_layers_follow_the_reference(tiny):
     """GATECH-EIC/ACT calibrates layers 2..30 of a 32-layer model (``signal in range(2, 31)``); the
     paper's "all but the first and last" is first_layer=1. A model too shallow for the default says so."""

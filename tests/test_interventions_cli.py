@@ -25,6 +25,7 @@ def _args(argv):
     (["act", "--task", "context-qa", "--out", "X"], "act runs on"),
     (["var", "--task", "sentiment", "--out", "X"], "var runs on"),
     (["act", "--n-calibration", "1", "--out", "X"], "--n-calibration must be >= 2"),
+    (["act", "--threshold", "5/M", "--out", "X"], "alpha/N"),
     (["var", "--tau", "big", "--out", "X"], "a number or 'auto'"),
     (["influence", "--heads", "L1H2,banana", "--out", "X"], "neither"),
     (["lofit", "--n-random", "-1", "--out", "X"], "--n-random"),
