@@ -163,9 +163,9 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None = None):
 # ------------------------------------------------------------------------------------------------
 # decoding
 
-def stop_ids(model) -> list[int]:
-    """The model's EOS ids (tokenizer and generation config), its end-of-turn token and the newline
-    token (the retrieval-head reference stops decoding at a newline)."""
+def end_of_turn_ids(model) -> list[int]:
+    """The ids that end a response: EOS (tokenizer and generation config) and the chat end-of-turn
+    tokens (``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``) the vocabulary has."""
     tok = model.tokenizer
     out = []
     gc = getattr(model.model, "generation_config", None)
@@ -175,14 +175,23 @@ def stop_ids(model) -> list[int]:
     if tok is not None:
         if tok.eos_token_id is not None:
             out.append(int(tok.eos_token_id))
+        vocab = tok.get_vocab()
+        for s in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
+            if s in vocab:
+                out.append(int(tok.convert_tokens_to_ids(s)))
+    return sorted(set(out))
+
+
+def stop_ids(model) -> list[int]:
+    """``end_of_turn_ids`` and the newline token (the retrieval-head reference stops decoding at a
+    newline)."""
+    out = end_of_turn_ids(model)
+    tok = model.tokenizer
+    if tok is not None:
         for nl in ("\n", "\n\n"):                      # the reference stops at a newline
             ids = tok.encode(nl, add_special_tokens=False)
             if len(ids) == 1:
                 out.append(int(ids[0]))
-        for s in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
-            i = tok.convert_tokens_to_ids(s) if s in tok.get_vocab() else None
-            if i is not None:
-                out.append(int(i))
     return sorted(set(out))
 
 

@@ -37,7 +37,7 @@ import torch
 
 from ..probe import Stats
 from .base import Analyzer, register
-from .common import PLAIN_TEMPLATE, has_chat_template, template_name, token_strings
+from .common import PLAIN_TEMPLATE, end_of_turn_ids, has_chat_template, template_name, token_strings
 from .data import load_reasoning_prompts
 
 
@@ -244,15 +244,14 @@ class Preplan(Analyzer):
         return "", ids
 
     def generate(self, model, prompt) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy response ids (EOS and what follows dropped) -> (prompt ids, response ids)."""
+        """Greedy response ids (cut at the first EOS, end-of-turn or pad token) -> (prompt ids,
+        response ids)."""
         _, ids = self._prompt_ids(model, prompt)
         out = model.generate(ids[None], max_new_tokens=self.max_new_tokens)[0, len(ids):].cpu()
         tok = model.tokenizer
-        stops = set()
-        if tok is not None:
-            for t in (tok.eos_token_id, tok.pad_token_id):
-                if t is not None:
-                    stops.add(int(t))
+        stops = set(end_of_turn_ids(model))
+        if tok is not None and tok.pad_token_id is not None:
+            stops.add(int(tok.pad_token_id))
         cut = next((i for i, t in enumerate(out.tolist()) if t in stops), len(out))
         return ids, out[:cut]
 

@@ -162,3 +162,20 @@ def test_smollm2_preplan(smollm2):
     ok = torch.isfinite(r.fai)
     assert int(ok.sum()) == T_ - 10 and (r.fai[ok] >= 0).all() and (r.fai[ok] <= 1).all()
     assert int(r.preplan.sum()) == round(0.4 * (T_ - 1)) and int(r.anchor.sum()) == round(0.4 * (T_ - 10))
+
+
+def test_response_is_cut_at_an_end_of_turn_token(gemma3):
+    """Gemma-3 ends a chat turn with <end_of_turn>, which is not its EOS: a generated response stops
+    there (it used to keep it and what followed); a newline is no stop for a reasoning response."""
+    from types import SimpleNamespace
+    from headscope.heads.common import end_of_turn_ids
+    tok = gemma3.tokenizer
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert eot != tok.eos_token_id and eot in end_of_turn_ids(gemma3)
+    assert tok.encode("\n", add_special_tokens=False)[0] not in end_of_turn_ids(gemma3)
+    tail = torch.tensor([[11, 12, eot, 13, tok.eos_token_id]])
+    stub = SimpleNamespace(tokenizer=tok, model=gemma3.model,
+                           generate=lambda ids, max_new_tokens: torch.cat([ids, tail], 1))
+    prompt = torch.tensor([2, 100, 200])
+    ids, resp = Preplan().generate(stub, prompt)
+    assert ids.tolist() == prompt.tolist() and resp.tolist() == [11, 12]
