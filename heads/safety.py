@@ -242,7 +242,8 @@ class Ships(Analyzer):
     layer's heads ablated together, ranked by the same KL) keeps the 4 layers with the largest KL
     and only their heads are scored (the others get 0; ``extra["scored_layers"]``). The screen is a
     headscope shortcut, not in the paper. ``Ships.paper_config()``: every shipped request, every
-    head (the paper uses AdvBench / MaliciousInstruct / JailbreakBench).
+    head, the raw request without a template as the reference code (the paper uses AdvBench /
+    MaliciousInstruct / JailbreakBench).
 
     Parameters: ``n_queries`` (requests used; None = all), ``template`` ("chat", a ``{q}`` string or
     None; "chat" falls back to the plain "## Query:" template without a chat template), ``system``
@@ -275,8 +276,11 @@ class Ships(Analyzer):
 
     @classmethod
     def paper_config(cls, **kw) -> "Ships":
-        """Every shipped request, every head of every layer."""
-        return cls(**{"n_queries": None, "screen_layers": None, **kw})
+        """Every shipped request, every head of every layer, each request as raw text with the
+        tokenizer's own special tokens and no template, as the reference's ``get_ships`` feeds it by
+        default (ydyjya/SafetyHeadAttribution ``SHIPS.main``, ``use_tem=False``; its ``use_tem`` variant is
+        ``template="## Query:{q} \\n## Answer:"``, and "chat" the chat template)."""
+        return cls(**{"n_queries": None, "screen_layers": None, "template": None, **kw})
 
     def score(self, model, data=None, progress: bool = True):
         """``data``: None (shipped harmful requests), a list of requests, or token ids [B, N] / 1-D id tensors."""

@@ -199,6 +199,8 @@ def test_layer_screen_keeps_planted_layer(planted_llama, how, tmp_path):
     back = HeadScores.load(s.save(tmp_path / "sahara"))
     assert back.extra["greedy_heads"].tolist()[0] == list(PLANT) and back.method == "sahara"
     assert Ships.paper_config().screen_layers is None and Sahara.paper_config().candidates is None
+    # the reference's get_ships feeds the raw request (SHIPS.main, use_tem=False): no template
+    assert Ships.paper_config().template is None and Ships().template == "chat"
 
 
 @pytest.mark.slow
