@@ -16,8 +16,8 @@ sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in 
 import torch  # noqa: E402
 
 from benchmarks.gpu_clock import bench  # noqa: E402
-from kernels import fa4_stats, reference  # noqa: E402
-from kernels.spec import StatRequest  # noqa: E402
+from headscope.kernels import fa4_stats, reference  # noqa: E402
+from headscope.kernels.spec import StatRequest  # noqa: E402
 
 SHAPES = {"Llama-3-8B": (32, 8, 128), "Qwen2.5-7B": (28, 4, 128), "Gemma-3": (8, 4, 256)}
 # (mask, tile_m at d <= 128 (0: FA4's), P.V "keep" | "skip", exp2 on the FMA pipe per 8 columns)

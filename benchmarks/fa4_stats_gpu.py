@@ -18,9 +18,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.gpu_clock import bench as clocked_bench  # noqa: E402
-from kernels import fa4_stats, reference  # noqa: E402
-from kernels import triton_attention as ta  # noqa: E402
-from kernels.spec import StatRequest  # noqa: E402
+from headscope.kernels import fa4_stats, reference  # noqa: E402
+from headscope.kernels import triton_attention as ta  # noqa: E402
+from headscope.kernels.spec import StatRequest  # noqa: E402
 
 SHAPES = {  # H, G, d
     "Llama-3-8B": (32, 8, 128), "Qwen2.5-7B": (28, 4, 128), "SmolLM2": (9, 3, 64), "Gemma-3": (8, 4, 256),

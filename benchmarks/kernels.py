@@ -37,12 +37,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
-# this file is named kernels.py: keep its folder off the path so that `kernels` is the package
+# this file is named kernels.py: keep its folder off the path (transformers imports a package `kernels`)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in (HERE, ROOT)]
 
-from kernels import fa4  # noqa: E402
-from kernels import triton_attention as ta  # noqa: E402
-from kernels.spec import StatRequest  # noqa: E402
+from headscope.kernels import fa4  # noqa: E402
+from headscope.kernels import triton_attention as ta  # noqa: E402
+from headscope.kernels.spec import StatRequest  # noqa: E402
 
 
 def row_request(N: int) -> StatRequest:
@@ -487,7 +487,7 @@ def compare(args):
 # ---------------------------------------------------------------------------------------------
 # --decode: one query against K cached keys
 def decode(args):
-    from kernels import triton_decode as td
+    from headscope.kernels import triton_decode as td
     import triton.testing
     out = os.environ.get("OUT")
     path = os.path.join(out, "kernels_decode.md") if out else None
@@ -569,7 +569,7 @@ def decode(args):
 def decode_sweep(args):
     """Time the decode kernels' (BLOCK_N, warps, stages) and programs-per-SM choices (CUDA-graph
     replays, all row statistics) at B=1 and 8, K=8k and 32k; keep the best total for --decode."""
-    from kernels import triton_decode as td
+    from headscope.kernels import triton_decode as td
     import triton.testing
     H, G, d = 32, 8, 128
     total = {}

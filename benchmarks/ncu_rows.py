@@ -22,8 +22,8 @@ sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in 
 
 import torch  # noqa: E402
 
-from kernels import fa4_stats  # noqa: E402
-from kernels.spec import StatRequest  # noqa: E402
+from headscope.kernels import fa4_stats  # noqa: E402
+from headscope.kernels.spec import StatRequest  # noqa: E402
 
 
 def main(which: str = "rows", N: int = 16384, H: int = 32, G: int = 8, d: int = 128):

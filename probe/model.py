@@ -119,7 +119,7 @@ class HookedModel(TLIdioms, nn.Module):
     def _check_dispatch(self):
         """Run two tokens and refuse the model unless every layer's attention module went through
         the registered attention function: a model class whose attention does not dispatch through
-        transformers' ``AttentionInterface`` (e.g. Falcon in transformers 5) would otherwise load,
+        transformers' ``AttentionInterface`` (e.g. Falcon before transformers 5.25) would otherwise load,
         run its own attention and silently ignore every hook, statistic and edit."""
         with torch.no_grad(), _attention.watch_calls(self.attn) as seen:
             self.model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.device), use_cache=False)

@@ -4,8 +4,10 @@ instrumented chunked path runs, not SDPA), and greedy generation under an edit (
 path) agrees with full forwards under the same edit. A family whose attention does not dispatch
 through transformers' ``AttentionInterface`` (Falcon) is refused at load with a message naming it."""
 import copy
+import inspect
 import logging
 import sys
+import types
 
 import pytest
 import torch
@@ -15,7 +17,16 @@ import headscope as hs
 from headscope.kernels.spec import expected_keys
 from headscope.probe.tiny import ARCHS, TINY, tiny_model
 
-REFUSED = {"tiny-falcon": "FalconAttention"}       # bypasses AttentionInterface in transformers 5
+
+
+def _falcon_dispatches() -> bool:
+    """Falcon's attention calls ALL_ATTENTION_FUNCTIONS from transformers 5.25 on; before, it ran
+    its own attention."""
+    from transformers.models.falcon import modeling_falcon
+    return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(modeling_falcon.FalconAttention.forward)
+
+
+REFUSED = {} if _falcon_dispatches() else {"tiny-falcon": "FalconAttention"}
 NAMES = sorted(set(TINY) | set(ARCHS) - set(REFUSED))
 ALL = hs.Stats(sink_k=2, spans=((3, 7),), entropy=True, distance=True, window_distance=4, recent=3,
                argmax=True, received=True)
@@ -82,10 +93,35 @@ def test_logits_and_edited_generation_match(name):
                                                                           lambda z, hook: z * 0)]))
 
 
-@pytest.mark.parametrize("name", sorted(REFUSED))
+def _bypassing_llama():
+    """A tiny Llama whose attention modules compute attention themselves (plain SDPA, no
+    AttentionInterface), as custom or older model classes do."""
+    hf = tiny_model("tiny-llama")
+
+    def own_attention(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        B, N, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, N, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(B, N, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(B, N, -1, self.head_dim).transpose(1, 2)
+        z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(z.transpose(1, 2).reshape(B, N, -1)), None
+
+    for layer in hf.model.layers:
+        layer.self_attn.forward = types.MethodType(own_attention, layer.self_attn)
+    return hf
+
+
+BYPASSING = {"llama-own-attention": (_bypassing_llama, "LlamaAttention"),
+             **{name: (lambda name=name: tiny_model(name), cls) for name, cls in REFUSED.items()}}
+
+
+@pytest.mark.parametrize("name", sorted(BYPASSING))
 def test_model_bypassing_attention_interface_is_refused(name):
-    with pytest.raises(TypeError, match=f"{REFUSED[name]}.*ALL_ATTENTION_FUNCTIONS"):
-        hs.load(tiny_model(name))
+    build, cls = BYPASSING[name]
+    hf = build()
+    assert hf(torch.zeros(1, 3, dtype=torch.long)).logits.isfinite().all()   # the model itself runs
+    with pytest.raises(TypeError, match=f"{cls}.*ALL_ATTENTION_FUNCTIONS"):
+        hs.load(hf)
 
 
 @torch.no_grad()

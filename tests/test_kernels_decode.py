@@ -17,12 +17,8 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-try:
-    from headscope.kernels import reference, triton_attention as ta, triton_decode as td
-    from headscope.kernels.spec import LayerEdits, Redistribution, StatRequest
-except ImportError:  # a bare checkout (the GPU machine): the repo root is on sys.path
-    from kernels import reference, triton_attention as ta, triton_decode as td
-    from kernels.spec import LayerEdits, Redistribution, StatRequest
+from headscope.kernels import reference, triton_attention as ta, triton_decode as td
+from headscope.kernels.spec import LayerEdits, Redistribution, StatRequest
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -195,10 +191,7 @@ def test_decode_steps_through_the_compiled_kernel_launch_stay_exact():
     varying offsets, and the query is at times not 16-byte aligned (a kernel specialised for aligned
     pointers would fault or misread on it). The first call of each specialisation compiles, later
     ones launch the kept compiled kernel (``launch.fast``); every step matches the reference."""
-    try:
-        from headscope.kernels import launch
-    except ImportError:
-        from kernels import launch
+    from headscope.kernels import launch
     prob = _problem(B=1, H=8, G=2, K=75, D=64, dtype=torch.bfloat16)
     req = StatRequest(**ALL_ROW)
     kk, vv, q = prob["k"], prob["v"], prob["q"]

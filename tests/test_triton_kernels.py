@@ -21,12 +21,8 @@ triton = pytest.importorskip("triton")
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-try:
-    from headscope.kernels import chunked, reference, triton_attention as ta
-    from headscope.kernels.spec import LayerEdits, Redistribution, StatRequest
-except ImportError:  # a bare checkout (e.g. on the GPU machine): the repo root is on sys.path
-    from kernels import chunked, reference, triton_attention as ta
-    from kernels.spec import LayerEdits, Redistribution, StatRequest
+from headscope.kernels import chunked, reference, triton_attention as ta
+from headscope.kernels.spec import LayerEdits, Redistribution, StatRequest
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

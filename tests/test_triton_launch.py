@@ -11,7 +11,7 @@ import torch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from kernels import launch  # noqa: E402
+from headscope.kernels import launch  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 

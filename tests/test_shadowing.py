@@ -1,0 +1,54 @@
+"""The repository root on sys.path must not break transformers.
+
+``python -m pytest`` (README's test command) and notebooks started in the repository root put the
+root on ``sys.path``, where the folder ``kernels/`` (``headscope.kernels``) shadows the top-level
+name ``kernels`` of Hugging Face's hub-kernels package, which transformers >= 5.25 imports. The
+folder steps aside under that name (kernels/__init__.py); these tests run fresh interpreters from
+the root to see it.
+"""
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _installed("kernels"), reason="Hugging Face's 'kernels' is not installed")
+def test_top_level_kernels_from_the_root_is_the_installed_package():
+    code = (
+        "import os, sys, kernels\n"
+        f"root = {ROOT!r}\n"
+        "assert not os.path.abspath(kernels.__file__).startswith(os.path.join(root, 'kernels')), kernels.__file__\n"
+        "assert sys.modules['kernels'] is kernels\n"
+        "from transformers import modeling_utils\n"
+        "import headscope.kernels as ours\n"
+        "assert os.path.abspath(ours.__file__) == os.path.join(root, 'kernels', '__init__.py'), ours.__file__\n"
+        "assert ours.StatRequest.__module__ == 'headscope.kernels.spec'\n"
+        "print('fine')\n")
+    done = _run(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "fine"
+
+
+def test_top_level_kernels_without_an_installed_package_says_what_to_do():
+    # -S: no site-packages, so no installed 'kernels'; only the repository root is searched
+    done = _run(f"import sys; sys.path.insert(0, {ROOT!r}); import kernels", "-S")
+    assert done.returncode != 0
+    assert "ModuleNotFoundError" in done.stderr
+    assert "import headscope.kernels" in done.stderr
