@@ -32,15 +32,15 @@ from headscope.interventions.edits_io import atomic_folder
 
 def run(model, n_cal: int, n_test: int, n_facts: int = 6, n_passages: int = 3, seed: int = 0, p: float = 0.6,
         rho: float = 0.5, min_target: float = 0.2, tau: float | None = 20.0, select_rate: float = 0.5,
-        n_random: int = 10, batch_size: int = 8, via: str = "hooks", progress: bool = True) -> dict:
+        n_random: int = 10, batch_size: int = 8, via: str = "hooks", progress: bool = True,
+        queries: str = "after_target") -> dict:
     task = tasks.context_qa_task(model, n_cal + n_test, n_facts, n_passages, seed)
     sp = task.splits(seed, n_train=0, n_calibration=n_cal, n_test=n_test)
     cal, test = sp["calibration"], sp["test"]
     t0 = time.time()
     try:
         rows, extra = var.compare(model, cal, test, p, rho, min_target, tau, select_rate, n_random, seed,
-                                  batch_size, via, progress,
-                                  queries="all" if via == "edits" else "after_target")
+                                  batch_size, via, progress, queries=queries)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     extra.pop("sinks_example0", None)
@@ -70,6 +70,8 @@ def main(argv=None):
     ap.add_argument("--n-random", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--via", choices=("hooks", "edits"), default="hooks")
+    ap.add_argument("--queries", choices=("after_target", "all"), default="after_target",
+                    help="query rows VAR edits: after the context (the reference) or all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
@@ -81,7 +83,7 @@ def main(argv=None):
     m = hs.load(a.model, device=a.device)
     tau = float(a.tau) if a.tau != "auto" else None
     res = run(m, a.calibration, a.heldout, a.facts, a.passages, a.seed, a.p, a.rho, a.min_target, tau,
-              a.select_rate, a.n_random, a.batch_size, a.via)
+              a.select_rate, a.n_random, a.batch_size, a.via, queries=a.queries)
     res.update(model=m.cfg.name, device=str(m.device), seconds_total=time.time() - t0, args=vars(a),
                date=time.strftime("%Y-%m-%d %H:%M:%S"))
     print(res["table_md"])

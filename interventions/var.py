@@ -15,11 +15,11 @@ context passage).
    goes to the group's non-sink tokens in proportion to their attention (§4.2; the reference's
    ``VARProcessor.attn_redist`` scales ``text_indices`` and ``vis_indices`` and gives both budgets to
    the image). This is ``ScaleKeys(keys=all sinks, factor=p, target=group, max_ratio=rho,
-   min_target=0.2)``, applied inside the attention path to every query row.
+   min_target=0.2, min_query=group end)``, applied inside the attention path.
 4. Query rows: the reference redistributes only the prompt's queries after the target group (during
-   decoding, every new token); the batched path (``var_hooks`` / ``evaluate_var`` / ``compare``) does
-   the same by default (``queries="after_target"``); ``queries="all"`` edits every row, as ``var_edits``
-   does (a ``ScaleKeys`` edit cannot restrict query rows).
+   decoding, every new token); ``var_edits`` (``min_query``) and the batched path (``var_hooks`` /
+   ``evaluate_var`` / ``compare``) do the same by default (``queries="after_target"``);
+   ``queries="all"`` edits every row, as methods' wording "selected rows" can also be read.
 
 Positions are token positions of one unpadded sequence.
 """
@@ -32,6 +32,13 @@ import torch
 from ..probe import ScaleKeys
 
 Span = tuple[int, int]
+
+
+def _check_queries(queries: str) -> str:
+    """The ``queries`` option of the functions below, or a ValueError saying which exist."""
+    if queries not in ("after_target", "all"):
+        raise ValueError(f"queries={queries!r}: use 'after_target' (the reference) or 'all' (every query row)")
+    return queries
 
 
 def _normalised(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -80,14 +87,16 @@ def sink_tokens(model, tokens: torch.Tensor, dims: list[int], tau: float = 20.0,
 
 
 def var_edits(model, sinks: dict[int, list[int]], target: list[Span], p: float = 0.6, rho: float = 0.5,
-              min_target: float = 0.2, heads=None) -> list[ScaleKeys]:
+              min_target: float = 0.2, heads=None, queries: str = "after_target") -> list[ScaleKeys]:
     """The VAR edits for one input: per layer in [2, L - 2] with a sink token inside ``target``, every
     sink token of that layer scaled by ``p`` (Kang et al. 2025 §4.2; in- and out-of-group sinks alike,
     as the reference's ``attn_redist``), the freed mass to the group's other tokens, on the rows that
-    pass the row rule (§4.1). Every query row is eligible: for the reference's rows (queries after the
-    group only) use ``var_hooks`` / ``evaluate_var(queries="after_target")``."""
+    pass the row rule (§4.1). ``queries="after_target"`` (the reference): only queries at or after
+    the group's end (``ScaleKeys.min_query``); ``"all"``: every query row."""
     if not target:
         raise ValueError("VAR needs a target token group: target=[(start, end), ...] token positions")
+    _check_queries(queries)
+    min_query = max(int(b) for _, b in target) if queries == "after_target" else None
     L = model.cfg.n_layers
     heads = list(range(model.cfg.n_heads)) if heads is None else list(heads)
     inside = lambda t: any(a <= t < b for a, b in target)
@@ -98,7 +107,7 @@ def var_edits(model, sinks: dict[int, list[int]], target: list[Span], p: float =
         keys = [(t, t + 1) for t in pos]
         if any(inside(t) for t in pos):
             out.append(ScaleKeys(l, heads, keys=keys, factor=p, target=list(target), max_ratio=rho,
-                                 min_target=min_target))
+                                 min_target=min_target, min_query=min_query))
     return out
 
 
@@ -190,10 +199,8 @@ def query_rows(examples, pad: list[int], n_pos: int, queries: str = "after_targe
     """[B, N] bool: the query rows VAR may change in a left-padded batch. ``"after_target"``: positions
     at or after each example's target end (the reference's prefill rule, ``attn_redist``:
     ``query_coord[im + pa <= query_coord]``); ``"all"``: None, every row (``var_edits``)."""
-    if queries == "all":
+    if _check_queries(queries) == "all":
         return None
-    if queries != "after_target":
-        raise ValueError(f"queries={queries!r}: use 'after_target' (the reference) or 'all' (every query row)")
     cols = torch.arange(n_pos)
     ends = torch.tensor([pad[b] + ex.target[1] for b, ex in enumerate(examples)])
     return cols[None, :] >= ends[:, None]
@@ -233,12 +240,10 @@ def var_hooks(examples, sinks: list, heads, pad: list[int], n_pos: int, n_layers
 def evaluate_var(model, examples, sinks: list, heads=None, p: float = 0.6, rho: float = 0.5,
                  min_target: float = 0.2, batch_size: int = 8, via: str = "hooks", queries: str = "after_target"):
     """(correct [n] bool, margin [n]) with VAR on ``heads`` (None: all heads of layers 2..L-2).
-    ``via="edits"``: one forward per example with ``var_edits``' ScaleKeys (every query row, so it
-    needs ``queries="all"``); ``"hooks"``: batched, rows per ``queries`` (``query_rows``)."""
+    ``via="edits"``: one forward per example with ``var_edits``' ScaleKeys; ``"hooks"``: batched.
+    Either way the rows per ``queries`` (``query_rows``)."""
     from .evaluate import score_intervention
-    if via == "edits" and queries != "all":
-        raise ValueError(f"via='edits' (ScaleKeys) edits every query row; pass queries='all', or via='hooks' "
-                         f"for queries={queries!r}")
+    _check_queries(queries)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     by_layer = None
     if via == "edits" and heads is not None:
@@ -252,7 +257,7 @@ def evaluate_var(model, examples, sinks: list, heads=None, p: float = 0.6, rho: 
             if by_layer is not None and l not in by_layer:
                 continue
             eds += var_edits(model, {l: pos}, [tuple(examples[i].target)], p, rho, min_target,
-                             heads=None if by_layer is None else by_layer[l])
+                             heads=None if by_layer is None else by_layer[l], queries=queries)
         return eds
 
     return score_intervention(

@@ -198,7 +198,7 @@ def _stats_block(q, k, v, vis, scaling, softcap, stats, edits, key_pos, q_idx, k
         p = p * alive[..., None]
     if edits is not None:
         for red in edits.redistributions:
-            p = redistribute(p, red, key_pos)
+            p = redistribute(p, red, key_pos, key_pos[:, :1] - k_idx[:1] + q_idx[None, :])   # [B, Qb] query positions
     if alive is None:
         alive = torch.ones(1, 1, Qb, dtype=torch.bool, device=q.device)
 

@@ -29,9 +29,10 @@ def scale_queries(q: torch.Tensor, q_scale: torch.Tensor | None) -> torch.Tensor
     return q * q_scale.to(q.dtype).view(1, -1, 1, 1)
 
 
-def redistribute(p: torch.Tensor, r: Redistribution, key_pos: torch.Tensor) -> torch.Tensor:
+def redistribute(p: torch.Tensor, r: Redistribution, key_pos: torch.Tensor,
+                 query_pos: torch.Tensor) -> torch.Tensor:
     """Step 2: apply one ``Redistribution`` (ACT / VAR) to probabilities p [B, H, Qb, Kb];
-    key_pos [B, Kb] are the keys' token positions."""
+    key_pos [B, Kb] and query_pos [B, Qb] are the keys' and the queries' token positions."""
     src = _span_mask(key_pos, r.source)[:, None, None, :]                      # [B, 1, 1, Kb]
     tgt = (_span_mask(key_pos, r.target)[:, None, None, :] if r.target is not None
            else torch.ones_like(src))
@@ -49,6 +50,8 @@ def redistribute(p: torch.Tensor, r: Redistribution, key_pos: torch.Tensor) -> t
         m_src_in_tgt = (ph * (src & tgt)).sum(-1, keepdim=True)
         ratio = m_src_in_tgt / m_tgt.clamp_min(1e-30)
         keep = keep & (ratio <= r.max_ratio) & (m_tgt >= r.min_target)
+    if r.min_query is not None:                                                  # query rows
+        keep = keep & (query_pos >= r.min_query)[:, None, :, None]
     new = torch.where(keep, new, ph)
     out = p.clone()
     out[:, heads] = new
@@ -146,7 +149,7 @@ def attend_block(q, k, v, *, scaling: float, q_start: int, k_start: int, causal:
     key_pos = key_pos0[:, None] + k_idx[None, :]                                 # [B, Kb] positions s
     if edits is not None:
         for red in edits.redistributions:
-            p = redistribute(p, red, key_pos)
+            p = redistribute(p, red, key_pos, key_pos0[:, None] + q_idx[None, :])
     if pattern_hook is not None:
         p = pattern_hook(p)
 

@@ -156,7 +156,9 @@ class Redistribution:
     in source.
     Rows sum to 1 afterwards (if mass(T) == 0 the row is left unchanged).
     Rows are selected when ``max_ratio`` is None, or (VAR, Kang et al. 2025) when
-    mass(source ∩ target) / mass(target) <= max_ratio and mass(target) >= min_target.
+    mass(source ∩ target) / mass(target) <= max_ratio and mass(target) >= min_target; and, when
+    ``min_query`` is set, only rows of queries at token position >= min_query (VAR's reference code
+    edits the queries after the image only).
     """
 
     heads: tuple[int, ...]
@@ -165,6 +167,7 @@ class Redistribution:
     target: tuple[Span, ...] | None = None
     max_ratio: float | None = None
     min_target: float = 0.0
+    min_query: int | None = None
 
     def __post_init__(self):
         f = float(self.factor)

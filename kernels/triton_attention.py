@@ -206,6 +206,23 @@ def _redistribution_tables(reds, H, dev):
             torch.tensor(src, dtype=i64, device=dev).reshape(-1), torch.tensor(tgt, dtype=i64, device=dev).reshape(-1))
 
 
+def _restrict_query_rows(coef, reds, kpos0, B: int, H: int, Q: int, K: int) -> None:
+    """``Redistribution.min_query``: rows of queries before it keep coefficient 1 (and entropy
+    constant 0), i.e. stay unedited. coef [3, B*H*Q] from the first pass, rows (b, h, i) at
+    (b*H + h)*Q + i; query i sits at position kpos0[b] + K - Q + i."""
+    limited = [r for r in reds if r.min_query is not None]
+    if not limited:
+        return
+    qpos = kpos0[:, None] + (K - Q) + torch.arange(Q, device=coef.device)          # [B, Q]
+    c = coef.view(3, B, H, Q)
+    for r in limited:
+        heads = torch.tensor([h % H for h in r.heads], device=coef.device)
+        before = (qpos < r.min_query)[:, None, :].expand(B, len(heads), Q)           # [B, h, Q]
+        for j, fill in enumerate((1.0, 1.0, 0.0)):
+            cj = c[j, :, heads]                                                       # [B, h, Q] (a copy)
+            c[j, :, heads] = torch.where(before, torch.full_like(cj, fill), cj)
+
+
 def _heads_per_program(n_programs: int, R: int, dev) -> int:
     """Largest divisor of the GQA ratio R that still gives RECV_MIN_PROGRAMS_PER_SM programs per SM."""
     if dev.type != "cuda":   # interpreter: exercise both the split and the multi-head loop
@@ -384,6 +401,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
     if redist:
         fwd(1, False, True)     # class masses -> coefficients (and the LSE)
+        _restrict_query_rows(coef, ed.redistributions, kpos0, B, H, Q, K)
         fwd(2, True, False)     # edited output and statistics
     else:
         fwd(0, True, need_lse)

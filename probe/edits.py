@@ -241,7 +241,11 @@ class ScaleKeys:
 
     ACT (Yu et al. 2024, §3.2 eq. 4): keys = the hidden sinks, factor beta = 0.4, target None.
     VAR (Kang et al. 2025, §4.2): keys = sink tokens, factor p = 0.6, target = the token group,
-    max_ratio rho = 0.5, min_target 0.2 (only rows that look at the group but not mostly at sinks).
+    max_ratio rho = 0.5, min_target 0.2 (only rows that look at the group but not mostly at sinks),
+    min_query = the group's end (the reference code edits only the queries after the image).
+
+    ``min_query``: only rows of queries at token position >= min_query change (None: every row;
+    during generation every new token is past it).
 
     ``layer``: the layer; ``head``: one head (int) or several (a list).
     """
@@ -253,6 +257,7 @@ class ScaleKeys:
     target: Sequence[Span] | None = None
     max_ratio: float | None = None
     min_target: float = 0.0
+    min_query: int | None = None
 
     def __post_init__(self):
         _norm_target(self, self.layer, self.head)
@@ -267,6 +272,11 @@ class ScaleKeys:
         if self.max_ratio is not None:
             object.__setattr__(self, "max_ratio", as_real(self.max_ratio, "ScaleKeys max_ratio", 0.0, 1.0))
         object.__setattr__(self, "min_target", as_real(self.min_target, "ScaleKeys min_target", 0.0, 1.0))
+        if self.min_query is not None:
+            q = as_index(self.min_query, "ScaleKeys min_query")
+            if q < 0:
+                raise ValueError(f"ScaleKeys min_query must be a token position >= 0, got {q}")
+            object.__setattr__(self, "min_query", q)
 
     @property
     def output_space(self) -> bool:
@@ -279,7 +289,7 @@ class ScaleKeys:
         e.redistributions = e.redistributions + (Redistribution(
             heads=_heads(self.head), factor=self.factor, source=tuple(self.keys),
             target=None if self.target is None else tuple(self.target),
-            max_ratio=self.max_ratio, min_target=self.min_target),)
+            max_ratio=self.max_ratio, min_target=self.min_target, min_query=self.min_query),)
 
 
 @dataclass(frozen=True)

@@ -128,11 +128,37 @@ def test_var_hooks_equal_scalekeys(deep):
         _, m2 = var.evaluate_var(deep, exs, sinks, heads, rho=1.0, min_target=0.0, batch_size=4, queries="all")
         torch.testing.assert_close(m2, m1, atol=2e-5, rtol=1e-4)
         assert float((m1 - base).abs().max()) > 1e-3
-    _, m1 = var.evaluate_var(deep, exs, sinks, None, via="edits", queries="all")     # the paper's row rule
-    _, m2 = var.evaluate_var(deep, exs, sinks, None, batch_size=3, queries="all")
-    torch.testing.assert_close(m2, m1, atol=2e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="queries='all'"):
-        var.evaluate_var(deep, exs, sinks, None, via="edits")
+    for queries in ("all", "after_target"):                                           # the paper's row rule
+        _, m1 = var.evaluate_var(deep, exs, sinks, None, via="edits", queries=queries)
+        _, m2 = var.evaluate_var(deep, exs, sinks, None, batch_size=3, queries=queries)
+        torch.testing.assert_close(m2, m1, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="queries='before'"):
+        var.evaluate_var(deep, exs, sinks, None, via="edits", queries="before")
+
+
+def test_var_edits_hold_back_the_rows_before_the_target_end(deep):
+    """var_edits(queries="after_target") is ScaleKeys with min_query = the group's end, inside the
+    kernels: the logits at positions before it are the unedited model's, and every logit equals the
+    pattern-hook path's (``var_hooks``, rows from ``query_rows``), which is not the every-row edit."""
+    tokens = torch.arange(3, 19)
+    N, L, H = len(tokens), deep.cfg.n_layers, deep.cfg.n_heads
+    sinks = {l: [0, 3] for l in range(2, L)}
+    after = var.var_edits(deep, sinks, [(2, 9)], rho=1.0, min_target=0.0)
+    every = var.var_edits(deep, sinks, [(2, 9)], rho=1.0, min_target=0.0, queries="all")
+    assert after and all(e.min_query == 9 for e in after) and all(e.min_query is None for e in every)
+    ex = tasks.ContextExample(tokens, [5, 6], 0, target=(2, 9))
+    hooks = var.var_hooks([ex], [sinks], None, [0], N, L, H, rho=1.0, min_target=0.0)
+    with torch.no_grad():
+        plain = deep(tokens[None])
+        with deep.edit(after):
+            la = deep(tokens[None])
+        with deep.edit(every):
+            le = deep(tokens[None])
+        lh = deep.run_with_hooks(tokens[None], fwd_hooks=hooks)
+    torch.testing.assert_close(la[:, :9], plain[:, :9])
+    torch.testing.assert_close(la, lh, atol=2e-5, rtol=1e-4)
+    assert float((la[:, 9:] - plain[:, 9:]).abs().max()) > 1e-3
+    assert float((la - le).abs().max()) > 1e-3
 
 
 def test_var_hooks_change_only_rows_after_the_target():

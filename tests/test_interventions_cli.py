@@ -141,3 +141,5 @@ def test_var_cli_on_smollm2(smollm2, tmp_path, monkeypatch):
     eds = load_edits(out)
     assert eds and all(type(e).__name__ == "ScaleKeys" and e.factor == 0.6 and e.max_ratio == 0.5 for e in eds)
     assert all(2 <= e.layer <= 28 for e in eds)
+    # the saved edits keep the reference's query rows: only queries after the context change
+    assert all(e.min_query == max(b for _, b in e.target) and e.min_query > 0 for e in eds)

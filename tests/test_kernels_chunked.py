@@ -35,7 +35,7 @@ def edits_for(H, d, seed):
     return LayerEdits(q_scale=torch.where(torch.arange(H) == 0, 1e-4, 1.0),
                       redistributions=(Redistribution((1 % H,), 0.4, ((0, 2),)),
                                        Redistribution((H - 1,), 0.6, ((1, 3),), target=((0, 12),),
-                                                      max_ratio=0.5, min_target=0.2)),
+                                                      max_ratio=0.5, min_target=0.2, min_query=6)),
                       gate=torch.rand(H, generator=g), gate_sink=2, gate_recent=5)
 
 
@@ -153,3 +153,29 @@ def test_block_default_and_memory_is_linear():
     k = torch.randn(1, 1, N, 16)
     out, st = chunked.attention(q, k, k, scaling=0.25, stats=ALL)
     assert out.shape == q.shape and st["entropy"].shape == (1, H, N)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_min_query_edits_only_the_later_query_rows(native):
+    """``Redistribution.min_query``: rows of queries at positions < min_query are the unedited
+    attention, rows at or after it the every-row edit (positions shift with left padding)."""
+    B, H, G, K, d = 2, 4, 2, 23, 16
+    q, k, v, kp, kpos = make(B, H, G, K, K, d, torch.float32, 3, pad=4)
+    red = dict(heads=(1, 2), factor=0.2, source=((0, 2),), target=((2, 12),))
+    run = lambda e: chunked.attention(q, k, v, scaling=d ** -0.5, causal=True, key_padding=kp, key_pos0=kpos,
+                                      edits=e, stats=ALL, block=8)
+    with native_rows(native):
+        plain, _ = run(None)
+        every, _ = run(LayerEdits(redistributions=(Redistribution(**red),)))
+        later, st = run(LayerEdits(redistributions=(Redistribution(**red, min_query=9),)))
+    qpos = kpos[:, None] + torch.arange(K)                                      # [B, Q] positions
+    before = (qpos < 9)[:, None, :, None]
+    torch.testing.assert_close(later, torch.where(before, plain, every))
+    assert not torch.allclose(every, plain, atol=1e-3)                          # the edit does something
+    assert not torch.allclose(later, every, atol=1e-3)                          # ... and min_query holds it back
+    ref, want, _ = reference.attention(q, k, v, scaling=d ** -0.5, causal=True, key_padding=kp, key_pos0=kpos,
+                                       edits=LayerEdits(redistributions=(Redistribution(**red, min_query=9),)),
+                                       stats=ALL)
+    torch.testing.assert_close(later, ref, atol=2e-5, rtol=2e-5)
+    for name in want:
+        torch.testing.assert_close(st[name].float(), want[name].float(), atol=2e-5, rtol=2e-5)

@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 import types  # noqa: E402
 
@@ -230,7 +231,8 @@ def edits(draw, H, D, K):
         reds.append(Redistribution(heads=(perm[i],), factor=draw(st.sampled_from([0.0, 0.4, 0.6, 1.0])),
                                    source=src, target=tgt,
                                    max_ratio=draw(st.sampled_from([0.3, 0.5, 0.9])) if var else None,
-                                   min_target=draw(st.sampled_from([0.0, 0.2])) if var else 0.0))
+                                   min_target=draw(st.sampled_from([0.0, 0.2])) if var else 0.0,
+                                   min_query=draw(st.sampled_from([None, None, 0, K // 2, K - 1]))))
     e.redistributions = tuple(reds)
     if draw(st.booleans()):
         e.gate = torch.rand(H)
@@ -257,6 +259,25 @@ def test_edits(data):
     atol, rtol = OUT_TOL[out.dtype]
     _close("out", out.float(), ref, atol=atol, rtol=rtol)
     _check_stats(prob, got, want, probs, K)
+
+
+def test_min_query_holds_back_earlier_rows():
+    """``Redistribution.min_query`` (VAR's query rows): the kernel's first pass gives coefficients
+    for every row, rows of queries before min_query get 1 back; output, row statistics and column
+    sums equal the reference's, under left padding (positions shift) and Q < K (a cached prefix)."""
+    kp = torch.ones(2, 45, dtype=torch.bool, device=DEV)
+    kp[1, :5] = False
+    prob = _fixed_problem(Q=29, key_padding=kp, key_pos0=-(~kp).sum(-1))
+    red = Redistribution(heads=(1, 2), factor=0.2, source=((0, 3),), target=((3, 20),), min_query=30)
+    e = LayerEdits(redistributions=(red,))
+    req = StatRequest(**ALL_ROW, received=True)
+    out, got = ta.attention(**prob, stats=req, edits=e, block=BLOCK)
+    ref, want, probs = _ref(prob, stats=req, edits=e)
+    _close("out", out.float(), ref, atol=2e-5, rtol=2e-5)
+    _check_stats(prob, got, want, probs, prob["k"].shape[2])
+    every, _ = ta.attention(**prob, edits=LayerEdits(redistributions=(dataclasses.replace(red, min_query=None),)),
+                            block=BLOCK)
+    assert float((every.float() - out.float()).abs().max()) > 1e-3       # min_query changed something
 
 
 # ---------------------------------------------------------------------------------------------
