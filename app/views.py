@@ -377,7 +377,9 @@ def var_playground_edits(model, toks: torch.Tensor, target: str = "", p: float =
                          tau: float = 20.0) -> tuple[list, str]:
     """VAR (Kang et al. 2025, §3-4) for this prompt: sink tokens (massive activations above ``tau``)
     inside the token group ``target`` (see ``target_spans``) keep ``p`` of their attention, the rest
-    goes to the group's other tokens, in the target-centric heads' rows. -> (edits, a line)."""
+    goes to the group's other tokens, in the target-centric heads' rows, on every query row (the
+    reference edits only the queries after the group; here the group may be the whole prompt, so the
+    playground shows every row: ``var_edits(queries="all")``). -> (edits, a line)."""
     from ..interventions.var import massive_dims, sink_tokens, var_edits
     L = model.cfg.n_layers
     if L < 4:
@@ -389,13 +391,14 @@ def var_playground_edits(model, toks: torch.Tensor, target: str = "", p: float =
         raise ValueError(f"{model.cfg.name} shows no massive-activation dimension above tau = {tau} on this prompt, "
                          "so VAR finds no sink tokens: lower tau")
     sinks = sink_tokens(model, toks[0], dims, tau)
-    edits = var_edits(model, sinks, spans, p=p, rho=rho)
+    edits = var_edits(model, sinks, spans, p=p, rho=rho, queries="all")
     if not edits:
         raise ValueError(f"no sink token lies inside the token group {spans} at layers 2..{L - 2} "
                          f"(sinks per layer: {sinks}); widen the group (an empty group is the whole prompt)")
     pos = sorted({k for e in edits for k, _ in e.keys})
     return edits, (f"massive dimensions {dims}; sink tokens {pos} inside the group {spans} keep {p} of their "
-                   f"attention on {len(edits)} layers (rows with sink share <= {rho})")
+                   f"attention on {len(edits)} layers (rows with sink share <= {rho}; every query row, where the "
+                   "reference edits only those after the group)")
 
 
 def kv_stream(model, heads: list[tuple[int, int]]) -> dict[int, list[int]]:

@@ -126,7 +126,7 @@ def test_var_sinks_and_edits_on_smollm2(smollm2):
     assert 0 in sinks[5]                                                     # the first token
     N = toks.shape[0]
     target = [(0, N)]
-    edits = var.var_edits(smollm2, sinks, target)
+    edits = var.var_edits(smollm2, sinks, target, queries="all")            # every row: the row rule alone
     assert edits and all(2 <= e.layer <= L - 2 for e in edits)
     assert not var.var_edits(smollm2, sinks, [(N, N + 5)])                   # no sink inside: no edit
     with pytest.raises(ValueError, match="target"):
@@ -155,7 +155,8 @@ def test_var_scales_every_sink_and_feeds_the_group(smollm2):
     (share of the group's attention on its own sinks <= 0.5, group mass >= 0.2) every sink token of
     the layer is scaled by 0.6, the first token outside the group included; all the freed mass goes
     to the group's non-sink tokens in proportion; keys outside the group that are not sinks keep
-    their attention; failing rows are unchanged."""
+    their attention; failing rows, and every row before the group's end (the reference's query
+    rows, ``min_query``), are unchanged."""
     from headscope.interventions import var
     toks = smollm2.to_tokens("A tall heron waited in the reeds while small fish darted below. At dusk it "
                              "flew over the marsh toward the distant pines, calling twice.")[0]
@@ -176,6 +177,8 @@ def test_var_scales_every_sink_and_feeds_the_group(smollm2):
     p0, p1 = c0[name][0].double(), c1[name][0].double()                     # [head, q, k]
     m_t = p0[..., T].sum(-1)
     passed = (p0[..., S & T].sum(-1) / m_t.clamp_min(1e-30) <= 0.5) & (m_t >= 0.2)   # [head, q]
+    assert passed[:, :T1].any()                                              # would pass, held back
+    passed[:, :T1] = False
     assert passed.any() and (~passed).any()
     a, b = p0[passed], p1[passed]                                            # [rows, k]
     torch.testing.assert_close(b[:, S], 0.6 * a[:, S], atol=1e-6, rtol=1e-5)     # position 0 too
