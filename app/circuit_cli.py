@@ -36,6 +36,8 @@ def add_parser(subparsers):
     p.add_argument("--metric", default="kl", help="ACDC distance: kl or task")
     p.add_argument("--level", default="nodes", help="ACDC level: nodes or edges (EAP's top --candidates edges)")
     p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--sae-design", default="shared", choices=("shared", "per_head"),
+                   help="sae: one SAE for all heads (the reference code) or one per head")
     p.add_argument("--receivers", default="logits",
                    help="path patching receivers: 'logits' or comma-separated LAYER.HEAD.q|k|v (k/v: KV head)")
     p.add_argument("--compare", nargs=2, metavar=("DIR1", "DIR2"), help="compare two saved circuits")
@@ -119,7 +121,7 @@ def compute(model, task, a, progress: bool = True):
             return C.acdc_nodes(model, task, tau=a.tau, metric=a.metric, check=check, progress=progress)
         cands = C.eap(model, task, check=check).top_edges(a.candidates)
         return C.acdc_edges(model, task, cands, tau=a.tau, metric=a.metric, check=check, progress=progress)
-    return C.sae_circuit(model, task, check=check)
+    return C.sae_circuit(model, task, check=check, design=a.sae_design)
 
 
 def write_html(circuit, path: Path):

@@ -69,6 +69,8 @@ def main(argv=None):
                     help="comma list of patching, patching-resample, patching-zero, eap, eap-ig, edges (edge-level "
                          "EAP), sae, acdc-nodes, acdc-edges (needs edges), path, co-patching, gt-patching")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--sae-designs", default="shared", help="sae: comma-separated designs (shared, per_head)")
+    ap.add_argument("--sae-seeds", default="0", help="sae: comma-separated seeds")
     ap.add_argument("--out", default=None)
     ap.add_argument("--candidates", type=int, default=100, help="acdc-edges: EAP's top edges to search")
     a = ap.parse_args(argv)
@@ -96,10 +98,15 @@ def main(argv=None):
         out["eap_edges"] = c
         res["top_edges_eap"] = c.top_edges(20)
         print("eap edges", times["eap_edges"], c.top_edges(10), flush=True)
-    if "sae" in methods:
-        c, times["sae"] = timed(C.sae_circuit, model, ioi, label="sae")
-        out["sae"] = c
-        print("sae", times["sae"], c.top_nodes(10), flush=True)
+    sae_runs = {}
+    if "sae" in methods:                                     # every design x seed; the first is "sae"
+        for design in a.sae_designs.split(","):
+            for seed in (int(s) for s in a.sae_seeds.split(",")):
+                label = f"sae_{design}_seed{seed}"
+                c, times[label] = timed(C.sae_circuit, model, ioi, design=design, seed=seed, label=label)
+                sae_runs[label] = c
+                out.setdefault("sae", c)
+                print(label, times[label], c.top_nodes(10), flush=True)
     if "patching" in methods:
         hs_mean, times["patching_mean"] = timed(C.patch_heads, model, ioi, how="mean", label="patching_mean")
         out["patching_mean"] = hs_mean
@@ -155,7 +162,9 @@ def main(argv=None):
         n_truth = max(1, round(0.1 * L * H))
         if "sae" in out:
             res["sae_vs_patching"] = C.roc_auc(out["sae"], pc, n_truth=n_truth)
-            print("sae vs patching top-10%", res["sae_vs_patching"], flush=True)
+            res["sae_runs_vs_patching"] = {k: C.roc_auc(c, pc, n_truth=n_truth) for k, c in sae_runs.items()}
+            for k, v in res["sae_runs_vs_patching"].items():
+                print(k, "vs patching top-10%", v, flush=True)
         if "path_logits" in out:
             sp["patching_mean~path_logits"] = C.spearman(out["patching_mean"], out["path_logits"])
         for m in ("eap", "eap-ig", "acdc_nodes"):

@@ -2,14 +2,23 @@
 Embeddings / Circuit discovery with discrete SAEs", repo charlieoneill11/sae-circuits, §3).
 
 For every head, its result (``hook_result``, the head's write to the residual) averaged over
-positions is one vector per prompt (expressed in an orthonormal basis of the span of that head's
-vectors, see ``span_coordinates``). On ``n_examples`` positive (clean, solvable) and as many
-negative (corrupted) prompts, one small SAE per head (all heads trained at once, as one batched
-model: the per-task SAE set) with ``n_latents`` = 200 ReLU latents, Adam (lr 1e-3) for ``epochs`` = 500
-full-batch steps, and the reference's loss (src/train.py ``loss_fn``, see ``sae_loss``): MSE averaged
-over rows and d_model coordinates + ``l1`` (0.02) x the L1 norm of a row's latent vector averaged over
-rows. Each head's code on a prompt is
-its argmax latent, read on all of the task's prompts. Node score of a head = the number of codes seen on positive prompts and never on
+positions is one vector per prompt. ``n_latents`` = 200 ReLU latents, Adam (lr 1e-3) for ``epochs`` =
+500 full-batch steps, and the reference's loss (src/train.py ``loss_fn``, see ``sae_loss``): MSE
+averaged over rows and d_model coordinates + ``l1`` (0.02) x the L1 norm of a row's latent vector
+averaged over rows. Two designs:
+
+- ``design="shared"`` (the reference code, src/main.py + src/sae.py; the default): ONE SAE for every
+  head, in d_model coordinates, trained on ``n_examples`` = 10 prompts drawn at random from the
+  pooled positive and negative prompts (each prompt gives one vector per head). As the reference's
+  ``SparseAutoencoder``: a tied bias (zero at start) subtracted before encoding and added after
+  decoding, an encoder bias, no decoder bias, and encoder and decoder weights whose rows are held at
+  unit norm (``ConstrainedUnitNormLinear``: renormalised before every use, and the gradient's radial
+  part removed). The reference's config uses 300 latents (``num_unique``); pass ``n_latents=300``.
+- ``design="per_head"``: one small SAE per head (all heads trained at once, as one batched model),
+  on ``n_examples`` positive and as many negative prompts, each head's vectors expressed in an
+  orthonormal basis of their span (``span_coordinates``), no norm constraint.
+
+Each head's code on a prompt is its argmax latent, read on all of the task's prompts. Node score of a head = the number of codes seen on positive prompts and never on
 negative ones, softmax over heads; edge score of (u, v), u below v = the number of code pairs
 (code_u, code_v) seen on positive prompts and never on negative ones (normalised to sum 1).
 """
@@ -104,6 +113,53 @@ def sae_loss(xs: torch.Tensor, rec: torch.Tensor, z: torch.Tensor, l1: float, d_
     return (mse + l1 * sparsity).sum()
 
 
+def unit_rows(w: torch.Tensor) -> torch.Tensor:
+    """``w`` with every row scaled to unit L2 norm (``ConstrainedUnitNormLinear``'s constraint)."""
+    return torch.nn.functional.normalize(w, dim=-1)
+
+
+def drop_radial(grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The gradient of unit-norm rows ``w`` without its part along each row (the reference's
+    backward hook): a step then moves a row around the sphere, not off it."""
+    return grad - (grad * w).sum(-1, keepdim=True) * unit_rows(w)
+
+
+def train_shared_sae(x: torch.Tensor, n_latents: int = 200, l1: float = 0.02, lr: float = 1e-3,
+                     epochs: int = 500, seed: int = 0, train=None) -> torch.Tensor:
+    """One SAE for every unit (the reference's design, see the module docstring), trained on the
+    rows ``train`` of x (default all): x [n, units, D] -> codes [n, units] (argmax latents)."""
+    n, U, D = x.shape
+    g = torch.Generator().manual_seed(seed)
+    xs = x if train is None else x[train]                                    # [m, U, D]
+    dev = x.device
+    w_enc = unit_rows(torch.randn(n_latents, D, generator=g)).to(dev).requires_grad_(True)   # [latents, D]
+    b_enc = ((torch.rand(n_latents, generator=g) * 2 - 1) / D ** 0.5).to(dev).requires_grad_(True)
+    w_dec = unit_rows(torch.randn(D, n_latents, generator=g)).to(dev).requires_grad_(True)   # [D, latents]
+    tied = torch.zeros(D, device=dev, requires_grad=True)                   # pre-encoder = post-decoder bias
+    opt = adam([w_enc, b_enc, w_dec, tied], lr)
+
+    def encode(v):
+        return torch.relu((v - tied) @ w_enc.T + b_enc)                      # [.., U, latents]
+
+    with torch.enable_grad():
+        for _ in range(epochs):
+            with torch.no_grad():
+                w_enc.copy_(unit_rows(w_enc))
+                w_dec.copy_(unit_rows(w_dec))
+            z = encode(xs)
+            rec = z @ w_dec.T + tied                                         # [m, U, D]
+            loss = torch.nn.functional.mse_loss(rec, xs) + l1 * z.abs().sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                w_enc.grad.copy_(drop_radial(w_enc.grad, w_enc))
+                w_dec.grad.copy_(drop_radial(w_dec.grad, w_dec))
+            opt.step()
+    with torch.no_grad():
+        w_enc.copy_(unit_rows(w_enc))
+        return encode(x).argmax(-1)                                          # [n, U]
+
+
 def _fit(xs, w_enc, b_enc, w_dec, b_dec, opt, l1, epochs, d_model):
     with torch.enable_grad():
         for _ in range(epochs):
@@ -116,11 +172,16 @@ def _fit(xs, w_enc, b_enc, w_dec, b_dec, opt, l1, epochs, d_model):
 
 
 def sae_circuit(model, task, n_examples: int = 10, n_latents: int = 200, l1: float = 0.02, lr: float = 1e-3,
-                epochs: int = 500, seed: int = 0, check: bool = True) -> Circuit:
+                epochs: int = 500, seed: int = 0, check: bool = True, design: str = "shared") -> Circuit:
     """Discrete-SAE node and edge scores (see the module docstring). Positive prompts: the task's
-    clean prompts; negative: its corrupted prompts. The SAEs train on the first ``n_examples`` of
-    each; codes are then read on all of the task's prompts (counting needs more prompts than ten:
-    with 20 points and 200 latents every prompt can get its own code)."""
+    clean prompts; negative: its corrupted prompts. ``design="shared"``: one SAE trained on
+    ``n_examples`` prompts drawn (``seed``) from both pools together; ``"per_head"``: one SAE per head
+    trained on the first ``n_examples`` of each pool. Codes are then read on all of the task's
+    prompts (counting needs more prompts than ten: with 20 points and 200 latents every prompt can
+    get its own code)."""
+    if design not in ("shared", "per_head"):
+        raise ValueError(f"design={design!r}: use 'shared' (one SAE for all heads, the reference code) or "
+                         "'per_head' (one SAE per head)")
     t0 = time.time()
     report = task.check(model) if check else (task.report or {})
     L, H = model.cfg.n_layers, model.cfg.n_heads
@@ -128,8 +189,12 @@ def sae_circuit(model, task, n_examples: int = 10, n_latents: int = 200, l1: flo
     k = min(n_examples, n)
     pos = head_means(model, task.clean)
     neg = head_means(model, task.corrupt)
-    train = torch.cat([torch.arange(k), n + torch.arange(k)])
-    codes = train_saes(torch.cat([pos, neg]), n_latents, l1, lr, epochs, seed, train=train)   # [2n, U]
+    if design == "shared":                        # the reference's prepare_data: a random draw from the pool
+        train = torch.randperm(2 * n, generator=torch.Generator().manual_seed(seed))[:min(n_examples, 2 * n)]
+        codes = train_shared_sae(torch.cat([pos, neg]), n_latents, l1, lr, epochs, seed, train=train)
+    else:
+        train = torch.cat([torch.arange(k), n + torch.arange(k)])
+        codes = train_saes(torch.cat([pos, neg]), n_latents, l1, lr, epochs, seed, train=train)   # [2n, U]
     cp, cn = codes[:n], codes[n:]
     U = L * H
     counts = torch.zeros(U)
@@ -153,7 +218,7 @@ def sae_circuit(model, task, n_examples: int = 10, n_latents: int = 200, l1: flo
         edges[f"{head_node(u // H, u % H)}->{head_node(v // H, v % H)}"] = c / total
     nodes = {head_node(u // H, u % H): float(node[u]) for u in range(U)}
     return Circuit(method="sae", task=task.name, model=model.cfg.to_dict(), nodes=nodes, edges=edges,
-                   params={"n_examples": k, "n_latents": n_latents, "l1": l1, "lr": lr, "epochs": epochs,
+                   params={"design": design, "n_examples": len(train), "n_latents": n_latents, "l1": l1, "lr": lr, "epochs": epochs,
                            "seed": seed, "positive": "clean prompts", "negative": "corrupted prompts"},
                    paper="O'Neill & Bui 2024, discrete sparse autoencoders for circuit discovery",
                    task_report=report, tensors={"codes": codes, "counts": counts.view(L, H)},
