@@ -16,8 +16,8 @@ if __name__ == "kernels":
     import importlib.util
     import os
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))   # realpath: the root by any name
+    _path = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None or _spec.loader is None:
         raise ModuleNotFoundError(

@@ -52,3 +52,14 @@ def test_top_level_kernels_without_an_installed_package_says_what_to_do():
     assert done.returncode != 0
     assert "ModuleNotFoundError" in done.stderr
     assert "import headscope.kernels" in done.stderr
+
+
+@pytest.mark.skipif(not _installed("kernels"), reason="Hugging Face's 'kernels' is not installed")
+def test_root_on_the_path_under_two_names(tmp_path):
+    """The root reached through a symlink as well as by its own name: the folder still steps aside
+    (an abspath comparison would find it again under the second name and recurse)."""
+    link = tmp_path / "repo"
+    link.symlink_to(ROOT, target_is_directory=True)
+    done = _run(f"import os, sys; sys.path[:0] = [{str(link)!r}, {ROOT!r}]; import kernels; "
+                f"assert os.path.realpath(kernels.__file__) != {os.path.join(ROOT, 'kernels', '__init__.py')!r}, kernels.__file__")
+    assert done.returncode == 0, done.stderr
