@@ -40,6 +40,8 @@ X = torch.arange(3, 11)[None]             # 8 tokens
     (lambda: hs.ScaleKeys(0, 1, keys=(3,), factor=0.5), TypeError, "not a (start, end) pair"),
     (lambda: hs.ScaleKeys(0, 1, keys=((0, 1),), target=((5, 1),), factor=0.5), ValueError, "target: span (5, 1)"),
     (lambda: hs.ScaleKeys(0, 1, keys=((0, 1),), factor=0.5, max_ratio=2.0), ValueError, "max_ratio must be in"),
+    (lambda: hs.ScaleKeys(0, 1, keys=((0, 1),), factor=0.5, min_query=-3), ValueError, "min_query must be a token position"),
+    (lambda: hs.ScaleKeys(0, 1, keys=((0, 1),), factor=0.5, min_query=2.5), TypeError, "min_query must be an integer"),
     (lambda: hs.StreamingGate(0, [0, 1], alpha=torch.ones(3)), ValueError, "one per head"),
     (lambda: hs.StreamingGate(0, 0, alpha=torch.ones(1), sink=-1), ValueError, "sink must be >= 0"),
     (lambda: hs.Stats(sink_k=-1), ValueError, "sink_k must be >= 0"),
