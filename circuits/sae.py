@@ -18,8 +18,9 @@ averaged over rows. Two designs:
   on ``n_examples`` positive and as many negative prompts, each head's vectors expressed in an
   orthonormal basis of their span (``span_coordinates``), no norm constraint.
 
-Each head's code on a prompt is its argmax latent, read on all of the task's prompts. Node score of a head = the number of codes seen on positive prompts and never on
-negative ones, softmax over heads; edge score of (u, v), u below v = the number of code pairs
+Each head's code on a prompt is its argmax latent, read on all of the task's prompts. Node score
+of a head = the number of codes seen on positive prompts and never on negative ones, softmax over
+heads; edge score of (u, v), u below v = the number of code pairs
 (code_u, code_v) seen on positive prompts and never on negative ones (normalised to sum 1).
 """
 from __future__ import annotations
@@ -218,8 +219,8 @@ def sae_circuit(model, task, n_examples: int = 10, n_latents: int = 200, l1: flo
         edges[f"{head_node(u // H, u % H)}->{head_node(v // H, v % H)}"] = c / total
     nodes = {head_node(u // H, u % H): float(node[u]) for u in range(U)}
     return Circuit(method="sae", task=task.name, model=model.cfg.to_dict(), nodes=nodes, edges=edges,
-                   params={"design": design, "n_examples": len(train), "n_latents": n_latents, "l1": l1, "lr": lr, "epochs": epochs,
-                           "seed": seed, "positive": "clean prompts", "negative": "corrupted prompts"},
+                   params={"design": design, "n_examples": len(train), "n_latents": n_latents, "l1": l1,
+                           "lr": lr, "epochs": epochs, "seed": seed, "positive": "clean prompts", "negative": "corrupted prompts"},
                    paper="O'Neill & Bui 2024, discrete sparse autoencoders for circuit discovery",
                    task_report=report, tensors={"codes": codes, "counts": counts.view(L, H)},
                    seconds=time.time() - t0)
