@@ -20,13 +20,23 @@ if __name__ == "kernels":
     _path = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(
-            "'kernels' was found as headscope's kernels/ folder because the repository root is on "
-            "sys.path, and no installed package 'kernels' exists; import headscope.kernels, or run "
-            "from outside the repository root", name="kernels")
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds
-    _spec.loader.exec_module(_module)
+        # Nothing installed under that name. Raising here would break transformers 5.17-5.24, which
+        # finds this folder with find_spec and imports it to read a version; instead the module is
+        # left empty, without __file__ or __version__ (transformers then counts the package as not
+        # installed: a namespace shadow), and any name taken from it says what to do.
+        del __file__
+
+        def __getattr__(name):
+            if name.startswith("__"):      # getattr(m, "__version__", default) and the like
+                raise AttributeError(name)
+            raise ModuleNotFoundError(
+                f"'kernels' (asked for {name!r}) was found as headscope's kernels/ folder because the "
+                "repository root is on sys.path, and no installed package 'kernels' exists; import "
+                "headscope.kernels, or run from outside the repository root", name="kernels")
+    else:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds
+        _spec.loader.exec_module(_module)
 else:
     from . import chunked, reference
     from .spec import LayerEdits, Redistribution, StatRequest
