@@ -16,8 +16,12 @@ if __name__ == "kernels":
     import importlib.util
     import os
 
-    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))   # realpath: the root by any name
-    _path = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
+    def _is_headscope_root(path):
+        """A headscope checkout (this one by any name, or a copy): its kernels/ is this folder again."""
+        path = os.path.realpath(path or os.curdir)
+        return all(os.path.exists(os.path.join(path, *part)) for part in (("kernels", "spec.py"), ("probe",)))
+
+    _path = [p for p in sys.path if not _is_headscope_root(p)]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None or _spec.loader is None:
         # Nothing installed under that name. Raising here would break transformers 5.17-5.24, which

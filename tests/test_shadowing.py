@@ -8,6 +8,7 @@ the root to see it.
 """
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 
@@ -100,10 +101,14 @@ def test_transformers_counts_the_folder_as_no_package():
 
 @pytest.mark.skipif(not _installed("kernels"), reason="Hugging Face's 'kernels' is not installed")
 def test_root_on_the_path_under_two_names(tmp_path):
-    """The root reached through a symlink as well as by its own name: the folder still steps aside
-    (an abspath comparison would find it again under the second name and recurse)."""
+    """The root reached through a symlink as well as by its own name, and a copy of the checkout on the
+    path too: the folder still steps aside (an abspath comparison would find it again under the second
+    name, and the copy would find this one, and recurse)."""
     link = tmp_path / "repo"
     link.symlink_to(ROOT, target_is_directory=True)
-    done = _run(f"import os, sys; sys.path[:0] = [{str(link)!r}, {ROOT!r}]; import kernels; "
+    copy = tmp_path / "copy"
+    for part in ("kernels", "probe"):
+        shutil.copytree(os.path.join(ROOT, part), copy / part, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    done = _run(f"import os, sys; sys.path[:0] = [{str(copy)!r}, {str(link)!r}, {ROOT!r}]; import kernels; "
                 f"assert os.path.realpath(kernels.__file__) != {os.path.join(ROOT, 'kernels', '__init__.py')!r}, kernels.__file__")
     assert done.returncode == 0, done.stderr
