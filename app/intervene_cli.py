@@ -19,7 +19,10 @@ Methods:
   edit file holds VAR as built for the first held-out example (sinks and context span are per input).
 - ``kv`` (DuoAttention / RazorAttention): ``--frac`` of the KV heads keep only sink + recent tokens,
   drawn from outside the retrieval heads' KV groups, vs as many random KV heads, vs the full cache:
-  accuracy, cache bytes and decode tokens/s. The edit file is the mask-only equivalent
+  accuracy, cache bytes and decode tokens/s. ``--preset duo`` (default) is DuoAttention's budget
+  (sink 64, recent 256, half the KV heads); ``--preset razor`` RazorAttention's (§3.2-3.3: its own
+  retrieval set of induction and echo heads keeps the full cache, every other KV head 4 sink tokens
+  + the last max(4000, N/5) with the compensation token). The edit file is the mask-only equivalent
   (``StreamingGate(alpha=0)`` on the streaming heads), which applies to any input; ``results.json``
   holds the head sets.
 - ``lofit`` (Yin et al. 2024: task-selected heads vs random heads vs heads selected for another task
@@ -29,6 +32,7 @@ Methods:
 """
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 import time
@@ -86,10 +90,17 @@ def add_parser(subparsers):
     g.add_argument("--tau", default="20", help="VAR: massive-activation threshold, or 'auto' = min(20, 0.8 x peak)")
     g.add_argument("--select-rate", type=float, default=0.5, help="VAR: target-centric head if the rule holds this often")
     g = p.add_argument_group("kv")
-    g.add_argument("--frac", type=float, default=0.5, help="share of KV heads that become streaming")
-    g.add_argument("--sink", type=int, default=64)
-    g.add_argument("--recent", type=int, default=256)
-    g.add_argument("--compensate", action="store_true", help="RazorAttention's compensation token")
+    g.add_argument("--preset", choices=("duo", "razor"), default="duo",
+                   help="duo: DuoAttention's deployment (--frac 0.5 of the KV heads outside the retrieval heads' "
+                        "groups stream, sink 64, recent 256); razor: RazorAttention's (retrieval set = top 14%% "
+                        "induction u top 1%% echo KV heads unless --heads; every other KV head keeps 4 sink "
+                        "tokens + the last max(4000, N/5), with the compensation token). The flags below override")
+    g.add_argument("--frac", type=float, default=None, help="share of KV heads that become streaming "
+                   "(duo 0.5, razor 1 = all outside the retrieval set)")
+    g.add_argument("--sink", type=int, default=None, help="sink tokens kept (duo 64, razor 4)")
+    g.add_argument("--recent", type=int, default=None, help="recent tokens kept (duo 256, razor max(4000, N/5))")
+    g.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
+                   help="RazorAttention's compensation token (razor: on)")
     g.add_argument("--max-new-tokens", type=int, default=24)
     g = p.add_argument_group("influence")
     g.add_argument("--heads", default=None,
@@ -163,9 +174,11 @@ def validate(args) -> None:
     if args.method == "kv":
         if args.task not in KV_TASKS:
             raise SystemExit(f"--task {args.task!r}: kv runs on {', '.join(KV_TASKS)}")
+        _kv_preset(args)
         if not 0.0 < args.frac <= 1.0:
             raise SystemExit("--frac must be in (0, 1]")
-        if args.sink < 0 or args.recent < 1 or args.max_new_tokens < 1 or args.n_test < 1:
+        if args.sink < 0 or (args.recent is not None and args.recent < 1) or args.max_new_tokens < 1 \
+                or args.n_test < 1:
             raise SystemExit("--sink must be >= 0, --recent, --max-new-tokens and --n-test >= 1")
     if args.method in ("influence", "kv"):
         if args.heads is not None and _parse_heads(args.heads) is None:
@@ -320,14 +333,44 @@ def _kv_tests(args, model):
     return out
 
 
+def _kv_preset(args) -> None:
+    """Fill the kv flags left unset from ``--preset`` (``args.recent`` stays None under razor: it is
+    max(4000, N/5) per prompt)."""
+    from ..interventions import kv_compress as kv
+    razor = args.preset == "razor"
+    if args.frac is None:
+        args.frac = 1.0 if razor else 0.5
+    if args.sink is None:
+        args.sink = kv.RAZOR_SINK if razor else kv.DUO_SINK
+    if args.recent is None and not razor:
+        args.recent = kv.DUO_RECENT
+    if args.compensate is None:
+        args.compensate = razor
+
+
+def _kv_keep(args, model):
+    """The query heads named (None under razor's own set), the (layer, KV head) pairs that keep the
+    full cache, and where they came from: the KV groups
+    of --heads; else, under razor, RazorAttention's retrieval set (§3.2, ranked per KV head); else the
+    KV groups of the retrieval analyzer's top heads."""
+    from ..interventions import kv_compress
+    if args.preset == "razor" and args.heads is None:
+        from ..heads.classic import razor_heads, razor_retrieval_set
+        print("scoring induction and echo heads (RazorAttention's retrieval set) ...", file=sys.stderr)
+        r = razor_heads(model, block_len=min(200, model.cfg.vocab_size // 2))    # the analyzers' default probe
+        keep = razor_retrieval_set(r["induction"], r["echo"], level="kv")
+        return None, set(keep), "RazorAttention retrieval set: top 14% induction u top 1% echo KV heads (heads.classic)"
+    heads, source = _heads_arg(args, model, "to find the KV groups that keep the full cache ")
+    return heads, kv_compress.kv_groups(heads, model.cfg.n_heads, model.cfg.n_kv_heads), source
+
+
 def _kv(args, model):
     import torch
 
     from ..interventions import controls, kv_compress
     from tqdm.auto import tqdm
     L, G = model.cfg.n_layers, model.cfg.n_kv_heads
-    heads, source = _heads_arg(args, model, "to find the KV groups that keep the full cache ")
-    keep = kv_compress.kv_groups(heads, model.cfg.n_heads, G)
+    heads, keep, source = _kv_keep(args, model)
     stream = kv_compress.head_class_stream(L, G, keep, args.frac, args.seed)
     n = sum(len(v) for v in stream.values())
     if n == 0:
@@ -340,7 +383,8 @@ def _kv(args, model):
     for name, st in conds + [(f"random {n} KV heads streaming", s) for s in sets]:
         sc, nb, tps = [], [], []
         for prompt, score in tqdm(tests, desc=name[:40], leave=False):
-            new, b, sec = kv_compress.generate_compressed(model, prompt, st, args.sink, args.recent,
+            recent = args.recent if args.recent is not None else kv_compress.razor_recent(prompt.numel())
+            new, b, sec = kv_compress.generate_compressed(model, prompt, st, args.sink, recent,
                                                           args.max_new_tokens, args.compensate)
             sc.append(score(new))
             nb.append(b)
@@ -361,10 +405,17 @@ def _kv(args, model):
     extra = {"task": args.task, "retrieval_heads": heads, "heads_source": source, "kept_kv_groups": sorted(keep),
              "stream": {str(k): v for k, v in stream.items()}, "random_streams": [{str(k): v for k, v in s.items()}
                                                                                  for s in sets],
-             "sink": args.sink, "recent": args.recent, "compensate": args.compensate, "frac": args.frac,
+             "preset": args.preset, "sink": args.sink,
+             "recent": args.recent if args.recent is not None else "max(4000, N // 5) per prompt",
+             "compensate": args.compensate, "frac": args.frac,
              "n_tests": len(tests), "note": "accuracy column = mean score per test (niah: ROUGE-1 recall of the "
                                               "needle; tokens: first new token = the value)"}
-    edits = kv_compress.streaming_edits(model, stream, args.sink, args.recent)
+    recent = args.recent
+    if recent is None:                 # razor: the edit file holds the first test prompt's window
+        recent = kv_compress.razor_recent(tests[0][0].numel())
+        extra["edit_file"] = (f"StreamingGate with recent {recent} = max(4000, N // 5) for the first test prompt; "
+                              "prompts up to sink + recent tokens lose nothing")
+    edits = kv_compress.streaming_edits(model, stream, args.sink, recent)
     return edits, summ, extra
 
 
@@ -426,7 +477,6 @@ def run(args) -> int:
 def main(argv=None) -> int:
     """Stand-alone entry (``python -m headscope.app.intervene_cli lofit ...``) until app/cli.py
     wires ``add_parser`` in."""
-    import argparse
     ap = argparse.ArgumentParser(prog="headscope")
     sub = ap.add_subparsers(dest="cmd", required=True)
     add_parser(sub)

@@ -37,6 +37,21 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..probe.edits import StreamingGate
 
+# The two deployments' budgets. DuoAttention (Xiao et al. 2024, §3.3 and its experiments): streaming
+# heads keep 64 attention-sink tokens and the 256 most recent ones. RazorAttention (Tang et al. 2024,
+# §3.3): every head outside the retrieval set keeps 4 sink tokens and the last max(4000, N/5) tokens
+# (``razor_recent``), the dropped ones folded into one compensation token.
+DUO_SINK, DUO_RECENT = 64, 256
+RAZOR_SINK = 4
+
+
+def razor_recent(n_tokens: int) -> int:
+    """RazorAttention's recent window for an N-token input (§3.3): max(4000, N // 5) tokens. Inputs of
+    at most 4004 tokens therefore lose nothing (4 sinks + 4000 recent cover them)."""
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+    return max(4000, int(n_tokens) // 5)
+
 
 class HeadClassLayer(DynamicLayer):
     """One layer's cache with KV heads ``stream`` kept as sink + recent tokens only. ``window``: the
@@ -177,7 +192,8 @@ class HeadClassCache(Cache):
     each layer's sliding window or None (``model.cfg.windows``; Gemma-3: 512 on 5 of 6 layers), so
     that full heads of sliding layers keep only their window; None = no layer has one."""
 
-    def __init__(self, stream: dict[int, list[int]], n_layers: int, sink: int = 64, recent: int = 256,
+    def __init__(self, stream: dict[int, list[int]], n_layers: int, sink: int = DUO_SINK,
+                 recent: int = DUO_RECENT,
                  compensate: bool = False, windows=None):
         if sink < 0 or recent < 1:
             raise ValueError(f"sink must be >= 0 and recent >= 1, got sink={sink}, recent={recent}")
@@ -193,7 +209,8 @@ class HeadClassCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
-def streaming_edits(model, stream: dict[int, list[int]], sink: int = 64, recent: int = 256) -> list[StreamingGate]:
+def streaming_edits(model, stream: dict[int, list[int]], sink: int = DUO_SINK,
+                    recent: int = DUO_RECENT) -> list[StreamingGate]:
     """StreamingGate(alpha=0) on the query heads of each streaming KV head (GQA: H/G query heads
     share one KV head): pure streaming attention, the mask-only version of the compressed cache."""
     rep = model.cfg.n_heads // model.cfg.n_kv_heads
@@ -256,8 +273,8 @@ def random_stream(n_layers: int, n_kv_heads: int, n: int, n_sets: int, seed: int
     return sets
 
 
-def generate_compressed(model, prompt: torch.Tensor, stream: dict[int, list[int]], sink: int = 64,
-                        recent: int = 256, max_new_tokens: int = 24, compensate: bool = False):
+def generate_compressed(model, prompt: torch.Tensor, stream: dict[int, list[int]], sink: int = DUO_SINK,
+                        recent: int = DUO_RECENT, max_new_tokens: int = 24, compensate: bool = False):
     """Greedy decoding of prompt [N] with the compressed cache (streaming KV heads ``stream``) and the
     matching streaming edits; full heads of sliding-window layers keep only their window.
     -> (new tokens [n], cache bytes at the end, seconds)."""

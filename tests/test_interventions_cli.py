@@ -119,6 +119,31 @@ def test_kv_cli_on_tiny(tmp_path):
     assert torch.equal(new, masked)
 
 
+def test_kv_cli_razor_preset_on_tiny(tmp_path):
+    """--preset razor: RazorAttention's own retrieval set keeps the full cache, every other KV head
+    streams with 4 sinks, max(4000, N/5) recent tokens and the compensation token; prompts of 97
+    tokens lose nothing, so every test decodes as with the full cache. Explicit flags override."""
+    out = tmp_path / "razor"
+    assert intervene_cli.run(_args(["kv", "--model", "tiny-llama", "--task", "tokens", "--preset", "razor",
+                                    "--n-test", "3", "--n-random", "0", "--max-new-tokens", "2",
+                                    "--out", str(out)])) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (res["preset"], res["sink"], res["compensate"], res["frac"]) == ("razor", 4, True, 1.0)
+    assert res["recent"] == "max(4000, N // 5) per prompt" and "RazorAttention" in res["heads_source"]
+    keep = {tuple(g) for g in res["kept_kv_groups"]}
+    stream = {(int(l), g) for l, gs in res["stream"].items() for g in gs}
+    assert keep and not keep & stream and len(keep | stream) == 3 * 2        # tiny-llama: 3 layers x 2 KV heads
+    full, cls = res["rows"]
+    assert cls["accuracy"] == full["accuracy"]
+    out2 = tmp_path / "razor8"
+    assert intervene_cli.run(_args(["kv", "--model", "tiny-llama", "--task", "tokens", "--preset", "razor",
+                                    "--recent", "8", "--no-compensate", "--heads", "L1H0", "--n-test", "2",
+                                    "--n-random", "0", "--max-new-tokens", "2", "--out", str(out2)])) == 0
+    res2 = json.loads((out2 / "results.json").read_text())
+    assert (res2["recent"], res2["compensate"], res2["heads_source"]) == (8, False, "--heads")
+    assert res2["rows"][1]["cache_mb"] < res2["rows"][0]["cache_mb"]
+
+
 def test_var_cli_needs_a_tokenizer(tmp_path):
     with pytest.raises(SystemExit, match="no tokenizer"):
         intervene_cli.run(_args(["var", "--model", "tiny-llama", "--out", str(tmp_path / "v")]))

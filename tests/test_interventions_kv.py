@@ -134,3 +134,10 @@ def test_beam_search_and_cropping_are_refused():
     with pytest.raises(NotImplementedError, match="num_beams=1"):
         m.generate(toks, max_new_tokens=3, num_beams=2, do_sample=False,
                    cache=kv_compress.HeadClassCache({0: [1]}, m.cfg.n_layers, 2, 4))
+
+
+def test_razor_recent_is_max_4000_or_a_fifth():
+    """RazorAttention §3.3: the last max(4000, N/5) tokens stay."""
+    assert [kv_compress.razor_recent(n) for n in (0, 100, 20000, 20004, 50000)] == [4000, 4000, 4000, 4000, 10000]
+    with pytest.raises(ValueError, match="n_tokens"):
+        kv_compress.razor_recent(-1)
