@@ -173,7 +173,7 @@ def main(argv=None):
     tuned = hs.load(str(folder))
     harmless = attack_success_rate(tuned, queries=split["harmless_test"], **kw)
     res["tuned_harmless_answered"] = harmless["asr"]
-    ships = Ships(n_queries=a.ships_queries, screen_layers=a.screen_layers or None).score(
+    ships = Ships(n_queries=a.ships_queries, screen_layers=a.screen_layers or None, template="chat").score(
         tuned, data=split["harmful_test"])
     res["ships_top"] = [(int(l), int(h), float(s)) for l, h, s in ships.top(10)]
     top = ships.top(1)[0][:2]

@@ -26,6 +26,9 @@ def main(argv=None):
     p.add_argument("--n-random", type=int, default=3)
     p.add_argument("--mask-lengths", type=int, nargs="+", default=None, help="masking grid (default: the scoring grid)")
     p.add_argument("--mask-depths", type=float, nargs="+", default=None)
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="also stop decoding at EOS / end of turn (headscope's earlier rule; default: the "
+                        "reference's, the newline token only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--save", default=None, help="write the HeadScores here (PATH.json + PATH.safetensors)")
@@ -42,6 +45,7 @@ def main(argv=None):
         kw["needles"] = a.needles
     if a.max_new_tokens:
         kw["max_new_tokens"] = a.max_new_tokens
+    kw["stop_at_eos"] = a.stop_at_eos
     an = Retrieval.paper_config(**kw) if a.paper else Retrieval(**kw)
     res = an.score(m)
     if a.save:

@@ -13,7 +13,7 @@ import torch
 
 import headscope as hs
 from headscope.heads.common import random_heads
-from headscope.heads.safety import Sahara, Ships, attack_success_rate
+from headscope.heads.safety import SHIPS_TEMPLATE, Sahara, Ships, attack_success_rate
 from headscope.heads.scores import write_json
 
 
@@ -26,6 +26,9 @@ def main(argv=None):
                    help="quick layer screen: score heads of this many layers only (0 = every layer, the paper)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--candidates", type=int, default=8, help="heads tried after round 1 (0 = all)")
+    p.add_argument("--template", default="chat", choices=("chat", "none", "ships"),
+                   help="Ships' prompt: 'chat' (default here, as reports/safety.md was made), 'none' (the raw "
+                        "request: the reference's and the library's default) or 'ships' (## Query:{q} \\n## Answer:)")
     p.add_argument("--system", default=None, help="system prompt for the chat template (default: template's)")
     p.add_argument("--asr-queries", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -42,7 +45,8 @@ def main(argv=None):
     screen = a.screen_layers or None
     heads = {}
     if "ships" not in skip:
-        r = Ships(n_queries=a.queries, system=a.system, screen_layers=screen).score(m)
+        template = {"chat": "chat", "none": None, "ships": SHIPS_TEMPLATE}[a.template]
+        r = Ships(n_queries=a.queries, template=template, system=a.system, screen_layers=screen).score(m)
         print(f"Ships ({r.seconds:.1f}s, {r.dataset}, layers scored "
               f"{torch.nonzero(r.extra['scored_layers'][:, 0]).flatten().tolist()}) top heads:")
         for l, h, s in r.top(10):

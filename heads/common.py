@@ -19,6 +19,9 @@ from ..probe import Stats, logits_at, output_cache
 # template used for models without a chat template (base models such as Gemma-3-270M).
 PLAIN_TEMPLATE = "## Query:{q}\n## Answer:"
 
+# SentencePiece's byte-fallback token for "\n" (Llama-2, Mistral, Gemma vocabularies).
+NEWLINE_BYTE_TOKEN = "<0x0A>"
+
 
 # ------------------------------------------------------------------------------------------------
 # prompt templates
@@ -182,14 +185,37 @@ def end_of_turn_ids(model) -> list[int]:
     return sorted(set(out))
 
 
-def stop_ids(model) -> list[int]:
-    """``end_of_turn_ids`` and the newline token (the retrieval-head reference stops decoding at a
-    newline)."""
-    out = end_of_turn_ids(model)
+def newline_ids(model) -> list[int]:
+    """The newline token ids: the tokenizer's encoding of "\\n" when that is one token, and the
+    SentencePiece byte token ``<0x0A>`` when the vocabulary has it. Tokens that merely contain a
+    newline ("\\n\\n", ".\\n") are not in the list. [] without a tokenizer."""
     tok = model.tokenizer
-    if tok is not None:
-        for nl in ("\n", "\n\n"):                      # the reference stops at a newline
-            ids = tok.encode(nl, add_special_tokens=False)
+    if tok is None:
+        return []
+    out = []
+    ids = tok.encode("\n", add_special_tokens=False)
+    if len(ids) == 1:
+        out.append(int(ids[0]))
+    if NEWLINE_BYTE_TOKEN in tok.get_vocab():
+        out.append(int(tok.convert_tokens_to_ids(NEWLINE_BYTE_TOKEN)))
+    return sorted(set(out))
+
+
+def stop_ids(model, at_eos: bool = False) -> list[int]:
+    """The tokens that end a retrieval-head decode (Wu et al. 2024 §2).
+
+    ``at_eos=False`` (default, the reference's rule): the newline token only (``newline_ids``). The
+    reference (nightdessert/Retrieval_Head, ``retrieval_head_detection.py``,
+    ``LLMNeedleHaystackTester.decode``) stops when the generated token is the newline byte token
+    ``<0x0A>`` (or its hard-coded id 144) and otherwise decodes every step, through EOS.
+    ``at_eos=True``: headscope's earlier rule, which also stops at ``end_of_turn_ids`` (EOS and the
+    chat end-of-turn tokens) and at a blank-line token ("\\n\\n" when it is one token)."""
+    out = newline_ids(model)
+    tok = model.tokenizer
+    if at_eos:
+        out += end_of_turn_ids(model)
+        if tok is not None:
+            ids = tok.encode("\n\n", add_special_tokens=False)
             if len(ids) == 1:
                 out.append(int(ids[0]))
     return sorted(set(out))
@@ -221,7 +247,11 @@ def decode(model, prompts, max_new_tokens: int, stop_ids=None, record: bool = Fa
     from the last prompt token with ``edits`` active (decoding only) and, if ``record``, the
     ``argmax`` statistic on every layer. Returns a list of (new token ids [T_i] up to and including
     the first stop token, argmax [L, H, T_i] or None): row i is the top-1 key (token position, 0 =
-    first prompt token) of the query that produced new token i."""
+    first prompt token) of the query that produced new token i.
+
+    ``stop_ids``: the tokens that end a row (None: ``stop_ids(model)``, the newline token); ``[]``
+    decodes all ``max_new_tokens`` steps (the generation config's EOS does not stop it either). A
+    row that has stopped waits (its later tokens are dropped) while the others go on."""
     single = torch.is_tensor(prompts) and prompts.dim() == 1
     prompts = [torch.as_tensor(p).reshape(-1).cpu() for p in ([prompts] if single else prompts)]
     if any(p.numel() < 2 for p in prompts):
@@ -238,8 +268,7 @@ def decode(model, prompts, max_new_tokens: int, stop_ids=None, record: bool = Fa
     ids, mask = ids.to(model.device), mask.to(model.device)
     stops = _model_stop_ids(model) if stop_ids is None else list(stop_ids)
     kw = dict(generate_kw)
-    if stops:
-        kw["eos_token_id"] = stops
+    kw["eos_token_id"] = stops or None          # None: no stop at all, not the generation config's EOS
     padded = bool((mask == 0).any())
     cache = prefill(model, ids[:, :-1], mask[:, :-1] if padded else None)
     rec_ctx = model.record(argmax=True) if record else contextlib.nullcontext()

@@ -13,6 +13,14 @@ than 90% of the answer's token set (reference ``find_needle_idx``). As in the re
 minus its last token is prefilled once (here: on the plain fast path, nothing recorded), and decoding
 starts by feeding the last prompt token, so every recorded ``argmax`` row is a decode step.
 
+The prompt and the stop rule follow the reference (``retrieval_head_detection.py``,
+``LLMNeedleHaystackTester.evaluate_and_log`` and ``decode``). With a chat template: one user turn
+``<book>{context}</book>\nBased on the content of the book, Question: {q}\nAnswer:``. Without one:
+the text ``context + "Based on the content of the book, Question: {q}\nAnswer:"`` (no separator),
+tokenized with the tokenizer's own special tokens (a BOS only where the tokenizer adds one).
+Decoding stops only at the newline token (the step that emits it is scored) and otherwise runs all
+``max_new_tokens`` steps, through EOS; ``stop_at_eos=True`` also stops at EOS and end-of-turn tokens.
+
 ``masking_experiment`` repeats the test with the top-k heads made uniform (``hs.Ablate(how="uniform")``,
 query × 1e-4) during decoding only (the prefill runs unedited, like the reference which zeroes the
 heads' queries in its decode loop), against k random heads (seeded draws outside the top heads).
@@ -37,6 +45,9 @@ from .data import load_haystack, load_needles  # noqa: F401  (load_haystack: pub
 from .scores import HeadScores
 
 SENTENCE_END = (".", '."', ".'", "!", "?", '!"', '?"')
+
+# Wu et al. 2024's question (reference ``evaluate_and_log``); the plain prompt is context + QUESTION.
+QUESTION = "Based on the content of the book, Question: {q}\nAnswer:"
 
 
 # ------------------------------------------------------------------------------------ ROUGE-1
@@ -139,11 +150,13 @@ class _Builder:
         return self.tok.decode(ids)
 
     def prompt(self, context: str, question: str) -> torch.Tensor:
+        """The prompt ids [N] as the reference builds them (``evaluate_and_log``): with the chat
+        template one user turn "<book>{context}</book>\\n" + QUESTION; without it the text
+        context + QUESTION, tokenized with the tokenizer's default special tokens."""
+        q = QUESTION.replace("{q}", question)
         if self.chat:
-            text = f"<book>{context}</book>\nBased on the content of the book, Question: {question}\nAnswer:"
-        else:
-            text = f"{context}\nBased on the content of the book, Question: {question}\nAnswer:"
-        return self.model.to_tokens(text, chat=self.chat)[0]
+            return self.model.to_tokens(f"<book>{context}</book>\n{q}", chat=True)[0]
+        return torch.tensor(self.tok(context + q)["input_ids"], dtype=torch.long)
 
     def build(self, needles: list[dict], lengths, depths) -> list[NeedleTest]:
         tests = []
@@ -191,8 +204,12 @@ class Retrieval(Analyzer):
     counts when the answer's ROUGE-1 recall exceeds it; 0.5), ``span_overlap`` (0.9, the needle-span
     overlap of the reference's ``find_needle_idx``, passed to ``find_needle_span``), ``n_lengths``
     (points of the paper grid), ``chat`` (wrap in the chat template; None: when the tokenizer has
-    one), ``batch_size`` (prompts decoded together,
-    left-padded; 1 = the reference's loop), ``generate_kwargs`` (passed on to ``model.generate``).
+    one; without it the prompt is context + question as plain text with the tokenizer's own special
+    tokens, as the reference), ``stop_at_eos`` (False, the reference's rule: a decode stops only at the
+    newline token and otherwise runs all ``max_new_tokens`` steps, through EOS; True: headscope's
+    earlier rule, which also stops at EOS, end-of-turn and blank-line tokens), ``batch_size`` (prompts
+    decoded together, left-padded; 1 = the reference's loop; a row that has stopped waits for the
+    others), ``generate_kwargs`` (passed on to ``model.generate``).
     """
 
     name = "retrieval"
@@ -211,6 +228,7 @@ class Retrieval(Analyzer):
     buffer: int = 200                    # paper grid: context length - buffer (room for question + answer)
     n_lengths: int = 20                  # paper grid when lengths is None
     chat: bool | None = None             # None: use the chat template when the tokenizer has one
+    stop_at_eos: bool = False            # False: stop at the newline token only (reference); True: also EOS
     batch_size: int = 3                  # prompts decoded together (left-padded); 1 = the reference's loop
     generate_kwargs: dict | None = None  # passed on to model.generate (e.g. a logits_processor)
 
@@ -261,8 +279,9 @@ class Retrieval(Analyzer):
         return tests
 
     def template_used(self, model, data=None) -> str:
-        """"chat" (the tokenizer's chat template), "plain" (context, question and "Answer:" as text:
-        models without a chat template) or "given tests" (``data`` = NeedleTests)."""
+        """"chat" (the tokenizer's chat template), "plain" (context + question as text with the
+        tokenizer's default special tokens: models without a chat template) or "given tests"
+        (``data`` = NeedleTests)."""
         if isinstance(data, (list, tuple)) and data and isinstance(data[0], NeedleTest):
             return "given tests"
         return "chat" if (has_chat_template(model) if self.chat is None else self.chat) else "plain"
@@ -283,7 +302,7 @@ class Retrieval(Analyzer):
         tests = self.tests(model, data)
         self.check_tests(model, tests)
         results = [None] * len(tests)
-        stop = stop_ids(model)
+        stop = stop_ids(model, self.stop_at_eos)
         bar = tqdm(total=len(tests), desc="retrieval NIAH", disable=not progress)
         for idx in self.test_batches(tests):
             for i, r in zip(idx, self.run_batch(model, [tests[i] for i in idx], stop)):
@@ -299,8 +318,9 @@ class Retrieval(Analyzer):
 
     def run_batch(self, model, tests: list[NeedleTest], stop=None) -> list[tuple]:
         """Decode ``tests`` together (left-padded) and score them: per test (scores [L, H] by eq. 1,
-        the output (text or ids), its ROUGE-1 recall)."""
-        stop = stop_ids(model) if stop is None else stop
+        the output (text or ids), its ROUGE-1 recall). ``stop``: the stop token ids (None:
+        ``stop_ids(model, self.stop_at_eos)``)."""
+        stop = stop_ids(model, self.stop_at_eos) if stop is None else stop
         got = decode(model, [t.prompt for t in tests], self.max_new_tokens, stop_ids=stop, record=True,
                      **(self.generate_kwargs or {}))
         out = []
@@ -351,7 +371,8 @@ class Retrieval(Analyzer):
             test_span=torch.tensor([t.span for t in tests]),
             grid_lengths=torch.tensor(lengths), grid_depths=torch.tensor(depths),
             grid_scores=grid, grid_counted=grid_n, grid_recall=grid_recall,
-            params=dict(template_used=self.template_used(model, data)),
+            params=dict(template_used=self.template_used(model, data),
+                        stop_token_ids=stop_ids(model, self.stop_at_eos)),
             info=dict(outputs=[o if isinstance(o, str) else list(o) for o in outputs]))
         return res
 
@@ -371,10 +392,13 @@ def _ablations(heads):
 
 
 def niah_accuracy(model, tests: list[NeedleTest], heads=(), max_new_tokens: int = 24, progress: bool = False,
-                  desc: str = "NIAH", batch_size: int = 3, **generate_kw) -> tuple[float, list[float], list]:
-    """Mean ROUGE-1 recall over ``tests`` with ``heads`` made uniform while decoding."""
+                  desc: str = "NIAH", batch_size: int = 3, stop_at_eos: bool = False,
+                  **generate_kw) -> tuple[float, list[float], list]:
+    """Mean ROUGE-1 recall over ``tests`` with ``heads`` made uniform while decoding; decoding stops as
+    ``stop_ids(model, stop_at_eos)`` says (default: the newline token only, as the reference's
+    ``needle_in_haystack_with_mask.py``)."""
     edits = _ablations(heads) if heads else ()
-    stop = stop_ids(model)
+    stop = stop_ids(model, stop_at_eos)
     rec, outs = [0.0] * len(tests), [None] * len(tests)
     bar = tqdm(total=len(tests), desc=desc, disable=not progress)
     for idx in batches(tests, batch_size, key=lambda t: t.prompt.numel()):
@@ -416,13 +440,15 @@ def masking_experiment(model, scores, k: int = 20, n_random: int = 3, seed: int 
         n_ex = max(k, exclude_top)
     excluded = order[:n_ex]
     draws = [random_heads(L, H, k, excluded, seed + j) for j in range(n_random)]
-    gk = an.generate_kwargs or {}
-    base, base_r, base_o = baseline if baseline is not None else niah_accuracy(
-        model, tests, (), an.max_new_tokens, progress, "NIAH no mask", an.batch_size, **gk)
-    topk, top_r, top_o = niah_accuracy(model, tests, top, an.max_new_tokens, progress, f"NIAH top-{k} masked",
-                                       an.batch_size, **gk)
-    rand = [niah_accuracy(model, tests, d, an.max_new_tokens, progress, f"NIAH random-{k} #{j}", an.batch_size,
-                          **gk) for j, d in enumerate(draws)]
+    gk = dict(an.generate_kwargs or {})
+
+    def accuracy(heads, desc):
+        return niah_accuracy(model, tests, heads, an.max_new_tokens, progress, desc, an.batch_size,
+                             stop_at_eos=an.stop_at_eos, **gk)
+
+    base, base_r, base_o = baseline if baseline is not None else accuracy((), "NIAH no mask")
+    topk, top_r, top_o = accuracy(top, f"NIAH top-{k} masked")
+    rand = [accuracy(d, f"NIAH random-{k} #{j}") for j, d in enumerate(draws)]
     rand_acc = [r[0] for r in rand]
     mean = statistics.fmean(rand_acc) if rand_acc else float("nan")
     sd = statistics.stdev(rand_acc) if len(rand_acc) > 1 else 0.0                  # sample std (n - 1)

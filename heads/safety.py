@@ -11,7 +11,10 @@ alternatives the paper discusses.
   query q, Ships(q; l, h) = KL(p || p_ablated) of the next-token distribution at the last prompt
   token, both distributions smoothed by +1e-12. The reference keeps the top 10 heads per query
   (``sort_ships_dict(sorted_item=10)``); the HeadScores here is the mean Ships over queries, with the
-  per-query scores and how often each head is in a query's top 10 as extras.
+  per-query scores and how often each head is in a query's top 10 as extras. The prompt is the raw
+  query tokenized with the tokenizer's own special tokens, as ``SHIPS.main`` feeds ``get_ships`` by
+  default; ``template=SHIPS_TEMPLATE`` is its ``use_tem=True`` variant, ``template="chat"`` the chat
+  template.
 * ``Sahara`` (§3.2, Algorithm 1; ``lib/Sahara/attribution.py`` + ``svd.py``): stack the last-layer,
   last-token hidden states (after the final norm, HF ``hidden_states[-1]``) of N harmful queries
   formatted "## Query:{q}\\n## Answer:" into M (N x d). The score of head h is the angle in degrees
@@ -49,11 +52,14 @@ from einops import rearrange
 
 from ..probe import Ablate
 from .base import Analyzer, register
-from .common import (PLAIN_TEMPLATE, apply_template, batches, last_token_forward, random_heads, resolve_template,
-                     template_name)
+from .common import (PLAIN_TEMPLATE, apply_template, batches, has_chat_template, last_token_forward, random_heads,
+                     resolve_template, template_name)
 from .data import load_requests  # noqa: F401  (public here too)
 
 SAHARA_TEMPLATE = PLAIN_TEMPLATE
+# Ships' optional template (Zhou et al. 2025, reference ``SHIPS.main(use_tem=True)``): note the space
+# before the newline, which Sahara's template does not have.
+SHIPS_TEMPLATE = "## Query:{q} \n## Answer:"
 
 # GCG / AdvBench refusal prefixes: Zou et al. 2023, "Universal and Transferable Adversarial Attacks on
 # Aligned Language Models", llm-attacks `test_prefixes` (matched anywhere in the answer, case-sensitive).
@@ -78,7 +84,8 @@ def is_refusal(text: str, phrases=REFUSAL_PHRASES, min_chars: int = 32) -> bool:
 
 def _encode(model, data, template, system, n):
     """data (None = shipped harmful requests, list of strings, or token ids [B, N] / list of 1-D id
-    tensors) -> (texts or None, list of 1-D id tensors)."""
+    tensors) -> (texts or None, list of 1-D id tensors). A ``system`` prompt needs the chat template."""
+    _check_system(model, template, system)
     if data is None:
         data = load_requests("harmful")
     if isinstance(data, torch.Tensor):
@@ -100,6 +107,18 @@ def _encode(model, data, template, system, n):
         return list(data), ids
     ids = [torch.as_tensor(x).long().flatten() for x in data]
     return None, ids
+
+
+def _check_system(model, template, system) -> None:
+    """Refuse a system prompt that would be dropped: only the chat template has a place for one."""
+    if system is None:
+        return
+    if template != "chat":
+        raise ValueError(f"system={system!r} is used only with template='chat' (got template={template!r}): "
+                         "pass template='chat' or leave system=None")
+    if not has_chat_template(model):
+        raise ValueError(f"{model.cfg.name} has no chat template, so system={system!r} has no place in the "
+                         "prompt: leave system=None")
 
 
 def _right_pad(ids: list[torch.Tensor], model):
@@ -216,10 +235,11 @@ def _screen(layers, score_layer, keep, progress, desc):
     return kept, vals
 
 
-def ships_of(model, heads, data=None, n: int | None = 8, template: str | None = "chat", system: str | None = None,
+def ships_of(model, heads, data=None, n: int | None = 8, template: str | None = None, system: str | None = None,
              how: str = "uniform", eps: float = 1e-4, batch_size: int = 16) -> torch.Tensor:
     """Ships of the listed heads [(layer, head), ...] only, each ablated alone, on ``data`` (default:
-    the shipped harmful requests; pass ``load_requests("harmless")`` for a control): [queries, heads]."""
+    the shipped harmful requests; pass ``load_requests("harmless")`` for a control): [queries, heads].
+    ``template`` as in ``Ships`` (default None: the raw query, as the reference)."""
     _, ids = _encode(model, data, template, system, n)
     heads = [(int(l), int(h)) for l, h in heads]
     out = []
@@ -238,16 +258,19 @@ class Ships(Analyzer):
     """Ships (Zhou et al. 2025 §3.1 eq. 3-4): KL(p || p_ablated) of the next-token distribution at
     the last prompt token of harmful queries when one head's attention is made uniform.
 
-    Quick default: the first 4 shipped harmful requests in the chat template; a layer screen (each
+    Quick default: the first 4 shipped harmful requests, each the raw request with the tokenizer's
+    own special tokens and no template, as the reference feeds ``get_ships`` (ydyjya/SafetyHeadAttribution
+    ``lib/SHIPS/get_ships.py``, ``SHIPS.main`` with ``use_tem=False``); a layer screen (each
     layer's heads ablated together, ranked by the same KL) keeps the 4 layers with the largest KL
     and only their heads are scored (the others get 0; ``extra["scored_layers"]``). The screen is a
     headscope shortcut, not in the paper. ``Ships.paper_config()``: every shipped request, every
-    head, the raw request without a template as the reference code (the paper uses AdvBench /
-    MaliciousInstruct / JailbreakBench).
+    head, the raw request (the paper uses AdvBench / MaliciousInstruct / JailbreakBench).
 
-    Parameters: ``n_queries`` (requests used; None = all), ``template`` ("chat", a ``{q}`` string or
-    None; "chat" falls back to the plain "## Query:" template without a chat template), ``system``
-    (system prompt for "chat"; None keeps the template's default), ``how`` (the ablation: "uniform"
+    Parameters: ``n_queries`` (requests used; None = all), ``template`` (None = the raw request, the
+    reference's default; ``SHIPS_TEMPLATE`` = "## Query:{q} \\n## Answer:", the reference's
+    ``use_tem`` variant; "chat" = the tokenizer's chat template, which falls back to the plain
+    "## Query:{q}\\n## Answer:" template without one; or any ``{q}`` string), ``system`` (system prompt
+    for "chat"; None keeps the template's default; refused with any other template), ``how`` (the ablation: "uniform"
     = query times ``eps``, "zero", "mean"), ``eps``, ``top_k`` (heads kept per query for
     ``extra["top_count"]``; paper 10), ``layers`` (layers to score; None = all), ``screen_layers``
     (layers kept by the screen; None = no screen), ``batch_size`` (requests per forward),
@@ -264,7 +287,7 @@ class Ships(Analyzer):
     threshold = None
 
     n_queries: int | None = 4
-    template: str | None = "chat"
+    template: str | None = None          # the raw request, as the reference; SHIPS_TEMPLATE or "chat" on request
     system: str | None = None
     how: str = "uniform"
     eps: float = 1e-4
@@ -279,7 +302,7 @@ class Ships(Analyzer):
         """Every shipped request, every head of every layer, each request as raw text with the
         tokenizer's own special tokens and no template, as the reference's ``get_ships`` feeds it by
         default (ydyjya/SafetyHeadAttribution ``SHIPS.main``, ``use_tem=False``; its ``use_tem`` variant is
-        ``template="## Query:{q} \\n## Answer:"``, and "chat" the chat template)."""
+        ``template=SHIPS_TEMPLATE``, and "chat" the chat template)."""
         return cls(**{"n_queries": None, "screen_layers": None, "template": None, **kw})
 
     def score(self, model, data=None, progress: bool = True):

@@ -132,26 +132,25 @@ def test_registry_is_complete():
 def test_template_recorded_base_and_chat(name, base_model):
     """Issue 8: a base model (no chat template) runs with the paper's plain template
     "## Query:{q}\\n## Answer:" (retrieval: the plain prompt) and the result says which; the same
-    analyzer on a chat tokenizer says "chat"."""
+    analyzer on a chat tokenizer says "chat". Ships feeds the raw request on both, as its reference
+    (``get_ships``), and says "none"."""
     base = tiny(name).score(base_model, progress=False)
-    want = "plain" if name == "retrieval" else PLAIN_TEMPLATE
-    if name == "sahara":
-        want = PLAIN_TEMPLATE                           # Sahara's own default is the plain template
+    want = {"retrieval": "plain", "ships": "none"}.get(name, PLAIN_TEMPLATE)   # Sahara: the plain template
     assert base.params["template_used"] == want
     chat = hs.load("tiny-llama")
     chat.tokenizer = tiny_tokenizer("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
                                     "{% if add_generation_prompt %}<s>{% endif %}")
     r = tiny(name).score(chat, progress=False)
-    assert r.params["template_used"] == ("chat" if name != "sahara" else PLAIN_TEMPLATE)
+    assert r.params["template_used"] == {"sahara": PLAIN_TEMPLATE, "ships": "none"}.get(name, "chat")
     if name in ("ships", "sahara"):
         assert r.info["queries"] == base.info["queries"]
 
 
 def test_ships_plain_template_prompt(base_model):
-    """The plain template's text reaches the model: Ships on a base model scores prompts formatted
-    "## Query:{q}\\n## Answer:" (the same scores as passing that template explicitly)."""
+    """The plain template's text reaches the model: Ships(template="chat") on a base model scores prompts
+    formatted "## Query:{q}\\n## Answer:" (the same scores as passing that template explicitly)."""
     from headscope.heads.safety import Ships
-    auto = Ships(n_queries=2).score(base_model, progress=False)
+    auto = Ships(n_queries=2, template="chat").score(base_model, progress=False)
     explicit = Ships(n_queries=2, template=PLAIN_TEMPLATE).score(base_model, progress=False)
     assert torch.equal(auto.scores, explicit.scores)
     with pytest.raises(ValueError, match="chat template"):

@@ -6,9 +6,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import headscope as hs
 from headscope.heads import ANALYZERS
-from headscope.heads.retrieval import (NeedleTest, Retrieval, decode, find_needle_span, load_haystack,
+from headscope.heads.retrieval import (QUESTION, NeedleTest, Retrieval, decode, find_needle_span, load_haystack,
                                        load_needles, masking_experiment, random_heads, retrieval_step_scores,
-                                       rouge1_recall)
+                                       rouge1_recall, stop_ids)
 
 EOS = 2                     # tiny-llama's generation-config EOS
 COPY, OFF_BY_ONE, BOS_HEAD = (1, 2), (1, 0), (2, 1)
@@ -100,6 +100,20 @@ def _needle_tests():
     return tests, forced
 
 
+class _Script(LogitsProcessor):
+    """Row b of the batch emits scripts[b][i] at decode step i (the last entry once the script ends)."""
+
+    def __init__(self, scripts, n_prompt):
+        self.scripts, self.n = scripts, n_prompt
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.n
+        out = torch.full_like(scores, -1e9)
+        for b, seq in enumerate(self.scripts):
+            out[b, seq[min(step, len(seq) - 1)]] = 0.0
+        return out
+
+
 class _Force(LogitsProcessor):
     """Makes the model emit a fixed answer per prompt (the planted 'model behaviour')."""
 
@@ -172,6 +186,30 @@ def test_planted_copy_head_is_the_only_retrieval_head(planted):
     # the failed test: the head still looks at the needle, but no generated token equals the token there
     assert res.extra["test_scores"][2][COPY] == 0.0
     assert res.extra["grid_scores"].shape[-2:] == (3, 4)
+    # no tokenizer, so no newline token: like the reference, decoding runs through EOS to the last step
+    assert res.info["outputs"][0] == list(range(101, 109)) + [EOS, EOS]
+
+
+def test_stop_at_eos_keeps_the_earlier_rule(planted):
+    """``stop_at_eos=True`` stops at the generation config's EOS (headscope's earlier rule); the copy
+    scores are the same, as the steps after EOS copy nothing here."""
+    m, tests, an, res = planted
+    old = Retrieval(max_new_tokens=10, batch_size=1, stop_at_eos=True, generate_kwargs=an.generate_kwargs)
+    with m.hooks(_plant(tests)):
+        r = old.score(m, data=tests, progress=False)
+    assert r.info["outputs"][0] == list(range(101, 109)) + [EOS]
+    assert torch.equal(r.scores, res.scores)
+    assert r.params["stop_token_ids"] == [EOS] and res.params["stop_token_ids"] == []
+
+
+def test_empty_stop_list_decodes_every_step():
+    """``decode(stop_ids=[])`` decodes all steps: the generation config's EOS (tiny-llama: 2) does not
+    end it either (it used to stop after the first EOS)."""
+    m = hs.load("tiny-llama")
+    prompt = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(4))
+    always_eos = LogitsProcessorList([_Script([[EOS]], n_prompt=12)])
+    new, am = decode(m, prompt, 4, stop_ids=[], record=True, logits_processor=always_eos)
+    assert new.tolist() == [EOS] * 4 and am.shape == (3, 4, 4)
 
 
 def test_masking_experiment_structure(planted):
@@ -263,3 +301,61 @@ def test_span_overlap_reaches_the_needle_search(smollm2, monkeypatch):
     monkeypatch.setattr(R, "find_needle_span", spy)
     tests = Retrieval(lengths=(200,), depths=(50.0,), span_overlap=0.75).tests(smollm2)
     assert len(tests) == 1 and seen and set(seen) == {0.75}
+
+
+@pytest.mark.slow
+def test_plain_prompt_is_the_reference_text(smollm2):
+    """Without a chat template the reference (Retrieval_Head ``evaluate_and_log``) tokenizes
+    context + "Based on the content of the book, ..." (no newline between them) with the tokenizer's
+    default special tokens. SmolLM2's tokenizer adds no BOS, so the prompt has none; headscope used to
+    insert "\\n" and prepend a BOS through ``to_tokens``."""
+    from headscope.heads.retrieval import _Builder
+    tok = smollm2.tokenizer
+    assert QUESTION == "Based on the content of the book, Question: {q}\nAnswer:"
+    b = _Builder(smollm2, "One two three. Four five six.", chat=False)
+    want = tok("Some context.Based on the content of the book, Question: Where?\nAnswer:")["input_ids"]
+    assert b.prompt("Some context.", "Where?").tolist() == want
+    assert want[0] != tok.bos_token_id
+    an = Retrieval(chat=False, lengths=(60,), depths=(100.0,))
+    t = an.tests(smollm2)[0]
+    text = tok.decode(t.prompt)
+    assert text.endswith("sunny day.Based on the content of the book, Question: "
+                         "What is the best thing to do in San Francisco?\nAnswer:"), text[-160:]
+    assert t.prompt.tolist() == tok(text)["input_ids"] and int(t.prompt[0]) != tok.bos_token_id
+    assert an.template_used(smollm2) == "plain"
+
+
+def _scripted_tests(tok, n=12):
+    g = torch.Generator().manual_seed(5)
+    return [NeedleTest(torch.randint(1000, 5000, (n,), generator=g), (2, 5), ans) for ans in ("Paris is nice", "Rome")]
+
+
+@pytest.mark.slow
+def test_decoding_stops_at_the_newline_only(smollm2):
+    """The reference decodes until the newline token and otherwise all its steps, through EOS
+    (Retrieval_Head ``decode``: break on the newline token only). Row 0 emits <|im_end|> (SmolLM2's
+    EOS) and a blank-line token before its newline and goes on; row 1 stops at once, and waiting in
+    the batch does not change row 0. ``stop_at_eos=True`` is the earlier rule (stop at EOS)."""
+    tok = smollm2.tokenizer
+    w = {s: tok.encode(s, add_special_tokens=False) for s in (" Paris", " is", " nice", "\n", "\n\n", "Rome")}
+    assert all(len(v) == 1 for v in w.values())
+    w = {s: v[0] for s, v in w.items()}
+    eos, nl = tok.eos_token_id, w["\n"]
+    assert stop_ids(smollm2) == [nl] and eos in stop_ids(smollm2, at_eos=True)
+    scripts = [[w[" Paris"], eos, w[" is"], w["\n\n"], w[" nice"], nl, w[" is"], w[" is"]],
+               [w["Rome"], nl, w[" is"]]]
+    tests = _scripted_tests(tok)
+    force = LogitsProcessorList([_Script(scripts, n_prompt=12)])
+    got = decode(smollm2, [t.prompt for t in tests], 8, stop_ids=stop_ids(smollm2), record=True,
+                 logits_processor=force)
+    assert got[0][0].tolist() == scripts[0][:6] and got[1][0].tolist() == scripts[1][:2]
+    assert got[0][1].shape == (30, 9, 6) and got[1][1].shape == (30, 9, 2)
+    alone = decode(smollm2, tests[0].prompt, 8, record=True, logits_processor=LogitsProcessorList(
+        [_Script(scripts[:1], n_prompt=12)]))
+    assert torch.equal(alone[0], got[0][0]) and torch.equal(alone[1], got[0][1])
+    res = Retrieval(max_new_tokens=8, batch_size=2, generate_kwargs={"logits_processor": force}).score(
+        smollm2, data=tests, progress=False)
+    assert res.info["outputs"] == ["Paris is\n\n nice", "Rome"]
+    assert res.extra["test_recall"].tolist() == [1.0, 1.0]
+    old = Retrieval(max_new_tokens=8, batch_size=2, stop_at_eos=True, generate_kwargs={"logits_processor": force})
+    assert old.score(smollm2, data=tests, progress=False).info["outputs"] == ["Paris", "Rome"]

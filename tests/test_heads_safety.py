@@ -5,8 +5,8 @@ import torch
 
 import headscope as hs
 from headscope.heads import HeadScores
-from headscope.heads.safety import (REFUSAL_PHRASES, Sahara, Ships, _Ablator, attack_success_rate,
-                                    is_refusal, kl_smoothed, load_requests, top1_angle)
+from headscope.heads.safety import (REFUSAL_PHRASES, SHIPS_TEMPLATE, Sahara, Ships, _Ablator, attack_success_rate,
+                                    is_refusal, kl_smoothed, load_requests, ships_of, top1_angle)
 
 TRIGGER, TARGET, A, B = 5, 77, 0, 1      # trigger token, "refusal" token; residual dims: trigger flag, constant
 PLANT = (1, 2)
@@ -185,6 +185,11 @@ def test_errors(planted_llama):
         Ships().score(m, ["a harmful request"], progress=False)
     with pytest.raises(ValueError, match="allows at most"):
         Ships().score(m, [torch.ones(600, dtype=torch.long)], progress=False)
+    # a system prompt has a place only in the chat template: refused, not dropped
+    with pytest.raises(ValueError, match="system=.*template='chat'"):
+        Ships(system="Be brief.").score(m, queries(2), progress=False)
+    with pytest.raises(ValueError, match="no chat template"):
+        Ships(system="Be brief.", template="chat").score(m, queries(2), progress=False)
 
 
 @pytest.mark.parametrize("how", ["uniform", "zero"])
@@ -200,14 +205,14 @@ def test_layer_screen_keeps_planted_layer(planted_llama, how, tmp_path):
     assert back.extra["greedy_heads"].tolist()[0] == list(PLANT) and back.method == "sahara"
     assert Ships.paper_config().screen_layers is None and Sahara.paper_config().candidates is None
     # the reference's get_ships feeds the raw request (SHIPS.main, use_tem=False): no template
-    assert Ships.paper_config().template is None and Ships().template == "chat"
+    assert Ships.paper_config().template is None and Ships().template is None
 
 
 @pytest.mark.slow
 @torch.no_grad()
 def test_smollm2_ships_and_asr(smollm2):
     m = smollm2
-    r = Ships(n_queries=2, layers=(15, 29)).score(m, progress=False)
+    r = Ships(n_queries=2, layers=(15, 29), template="chat").score(m, progress=False)
     assert r.shape == (30, 9) and r.scores[[15, 29]].min() >= 0 and r.scores.max() > 1e-4
     assert (r.scores[:15] == 0).all() and r.extra["scored_layers"][[15, 29]].all()
     (l, h, s) = r.top(1)[0]
@@ -223,6 +228,30 @@ def test_smollm2_ships_and_asr(smollm2):
     res = attack_success_rate(m, n=2, max_new_tokens=8, heads=[(l, h)])
     assert len(res["answers"]) == 2 and 0.0 <= res["asr"] <= 1.0
     assert all(isinstance(a, str) and a for a in res["answers"])
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_ships_default_prompt_is_the_raw_request(smollm2):
+    """Zhou et al.'s reference (SafetyHeadAttribution ``SHIPS.main``) feeds ``get_ships`` the raw
+    request, tokenized with the tokenizer's defaults (``tokenizer(input_text)``); ``use_tem=True``
+    formats "## Query:{} \\n## Answer:" (a space before the newline). Ships' default used to be the
+    chat template."""
+    m, tok = smollm2, smollm2.tokenizer
+    qs = load_requests("harmful")[:2]
+    kw = dict(n_queries=2, layers=(29,))
+    raw = Ships(**kw).score(m, progress=False)
+    ids = [torch.tensor(tok(q)["input_ids"]) for q in qs]
+    assert torch.equal(raw.scores, Ships(**kw).score(m, ids, progress=False).scores)
+    assert raw.params["template_used"] == "none" and raw.scores[29].max() > 1e-4
+    chat = Ships(**kw, template="chat").score(m, progress=False)
+    assert not torch.allclose(chat.scores, raw.scores)
+    assert SHIPS_TEMPLATE == "## Query:{q} \n## Answer:"
+    tem = Ships(**kw, template=SHIPS_TEMPLATE).score(m, progress=False)
+    ids = [torch.tensor(tok(f"## Query:{q} \n## Answer:")["input_ids"]) for q in qs]
+    assert torch.equal(tem.scores, Ships(**kw).score(m, ids, progress=False).scores)
+    # ships_of follows the same default
+    torch.testing.assert_close(ships_of(m, [(29, 0), (29, 4)], n=2).mean(0), raw.scores[29, [0, 4]])
 
 
 def _experiment(name):
