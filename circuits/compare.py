@@ -1,7 +1,7 @@
-"""Comparing circuits: ROC AUC, precision and recall of one method's head scores against another
-circuit taken as ground truth (as Conmy et al. 2023 §4.1 and O'Neill & Bui 2024 §4 score methods
-against the manual circuits), and the overlap of two tasks' circuits (Merullo et al. 2023 §5:
-share of in-circuit heads reused across tasks)."""
+"""Comparing circuits: ROC AUC and precision at k = |truth| (equal to recall there) of one method's
+head scores against another circuit taken as ground truth (as Conmy et al. 2023 §4.1 and O'Neill &
+Bui 2024 §4 score methods against the manual circuits), and the overlap of two tasks' circuits
+(Merullo et al. 2023 §5: share of in-circuit heads reused across tasks)."""
 from __future__ import annotations
 
 import torch
@@ -25,8 +25,13 @@ def _truth(truth, n_truth):
 
 def roc_auc(scores, truth, n_truth: int = 10) -> dict:
     """ROC AUC of ``scores`` (Circuit / HeadScores / [layer, head] tensor) for the heads of
-    ``truth`` (a Circuit's top-``n_truth`` heads, or a bool mask), plus precision and recall of the
-    scores' own top-k (k = number of true heads)."""
+    ``truth`` (a Circuit's top-``n_truth`` heads, or a bool mask), plus the precision of the scores'
+    own top-k heads with k = ``n_true`` = the number of true heads.
+
+    Returns {"auc", "precision", "recall", "n_true"}. Because k equals the number of true heads,
+    precision (hits / k) and recall (hits / number of true heads) are the same number by
+    construction: the R-precision. ``recall`` is kept, equal to ``precision``, for the callers that
+    read it (the ``headscope circuit --compare`` printout, saved JSON); it is not a second measure."""
     from sklearn.metrics import roc_auc_score
     s = _scores(scores).flatten().numpy()
     t = _truth(truth, n_truth).flatten().numpy()
@@ -36,7 +41,8 @@ def roc_auc(scores, truth, n_truth: int = 10) -> dict:
     top = torch.zeros(len(s), dtype=torch.bool)
     top[torch.as_tensor(s).topk(k).indices] = True
     tp = int((top & torch.as_tensor(t)).sum())
-    return {"auc": float(roc_auc_score(t, s)), "precision": tp / k, "recall": tp / int(t.sum()), "n_true": k}
+    precision = tp / k
+    return {"auc": float(roc_auc_score(t, s)), "precision": precision, "recall": precision, "n_true": k}
 
 
 def overlap(a, b, n: int = 10) -> dict:

@@ -24,6 +24,17 @@ the given tokenizer, so every answer / wrong answer is one token and a clean pro
 partner have the same length; all prompts of a task have one length (templates are grouped by
 length), so positions line up across the batch (mean ablation "at the same position"). Seeded.
 
+Tokens follow TransformerLens' ``to_tokens`` (and headscope's ``model.to_tokens``): with
+``prepend_bos=True`` (the default, TransformerLens' argument name) every prompt starts with exactly one
+BOS, whether or not the tokenizer adds one by itself (``probe.tl_idioms.tokens_with_bos``: SmolLM2's
+and Qwen2's tokenizers add none, Llama's and Gemma's do); ``prepend_bos=False`` gives no BOS. So
+``task.clean[i]`` is ``model.to_tokens(task.texts[i])[0]``, and a TransformerLens user who re-runs a
+shipped task scores the same sequences. Before 2026-12-03 the tasks used the tokenizer's own special
+tokens: those sequences are ``prepend_bos=False`` on tokenizers that add no BOS (SmolLM2, Qwen2) and
+the default on tokenizers that add one (Llama, Gemma). With the BOS every position moves one to the
+right (the answers are read at the last position, which stays the last); prompts given as token ids
+to ``Task.from_prompts`` are used as given.
+
 ``Task.evaluate(model)`` reports the clean accuracy and metric first; ``Task.check(model)`` raises
 ``TaskNotSolved`` when the model cannot do the task, and the circuit methods call it before analysing.
 Accuracy and chance: with ``choices`` (the candidate answers of each prompt, e.g. the three listed
@@ -42,6 +53,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+
+from ..probe.tl_idioms import tokens_with_bos
 
 NAMES = ["Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Kate", "Anna", "Lisa", "Paul", "Mark",
          "Sarah", "David", "Michael", "Emma", "Jack", "Alice", "Bob", "Peter", "Laura", "Rachel", "Steve", "Chris",
@@ -89,6 +102,7 @@ class Task:
     paper: str = ""
     report: dict | None = None          # filled by evaluate()
     choices: torch.Tensor | None = None  # [batch, k] candidate answer ids incl. the answer (-1 pads), or None
+    prepend_bos: bool | None = None      # how text prompts were tokenized (module docstring); None: ids given
 
     def __post_init__(self):
         if self.clean.shape != self.corrupt.shape or self.clean.dim() != 2:
@@ -119,7 +133,7 @@ class Task:
         return Task(self.name, self.clean[idx], self.corrupt[idx], self.answer[idx], self.wrong[idx], self.kind,
                     [self.texts[i] for i in idx.tolist()] if self.texts else [],
                     [self.corrupt_texts[i] for i in idx.tolist()] if self.corrupt_texts else [], self.paper,
-                    choices=None if self.choices is None else self.choices[idx])
+                    choices=None if self.choices is None else self.choices[idx], prepend_bos=self.prepend_bos)
 
     # ------------------------------------------------------------------ metric
     def per_example(self, logits: torch.Tensor, rows=None) -> torch.Tensor:
@@ -157,6 +171,7 @@ class Task:
         p = binomial_tail(k, len(self), chance)
         solved = acc >= chance + SOLVED_MARGIN and p < SOLVED_P and float(clean.mean()) > float(corr.mean())
         self.report = {"task": self.name, "model": model.cfg.name, "n": len(self), "metric": self.kind,
+                       "prepend_bos": self.prepend_bos,
                        "clean_metric": float(clean.mean()), "corrupt_metric": float(corr.mean()),
                        "clean_accuracy": acc, "chance": chance, "p_value": p, "solved": solved,
                        "solved_rule": f"accuracy >= chance + {SOLVED_MARGIN}, binomial p < {SOLVED_P}, "
@@ -188,13 +203,15 @@ class Task:
 
     @classmethod
     def from_prompts(cls, model, clean, corrupt, answer, wrong, name: str = "custom",
-                     kind: str = "logit_diff") -> "Task":
+                     kind: str = "logit_diff", prepend_bos: bool = True) -> "Task":
         """A user's own task: lists of clean and corrupted prompts (strings or token-id lists), the
         answer and wrong answer per prompt (strings of ONE token each, with their leading space, or
-        ids). Every pair must tokenize to the same length, and all prompts to one length."""
+        ids). Every pair must tokenize to the same length, and all prompts to one length.
+        String prompts are tokenized as ``model.to_tokens(text, prepend_bos=prepend_bos)``
+        (TransformerLens' rule: exactly one BOS by default); token-id prompts are used as given."""
         tok = model.tokenizer
-        clean_ids = [_ids(tok, c) for c in clean]
-        corr_ids = [_ids(tok, c) for c in corrupt]
+        clean_ids = [_ids(tok, c, prepend_bos) for c in clean]
+        corr_ids = [_ids(tok, c, prepend_bos) for c in corrupt]
         if len(clean_ids) != len(corr_ids) or not clean_ids:
             raise ValueError(f"{len(clean_ids)} clean and {len(corr_ids)} corrupted prompts: give equally many (>0)")
         lens = {len(c) for c in clean_ids} | {len(c) for c in corr_ids}
@@ -215,8 +232,10 @@ class Task:
             return ids
         ans = _pad([one(a) for a in answer])
         wr = _pad([one(w) for w in wrong])
+        texts = any(isinstance(c, str) for c in list(clean) + list(corrupt))
         return cls(name, torch.tensor(clean_ids), torch.tensor(corr_ids), ans, wr, kind,
-                   [c if isinstance(c, str) else "" for c in clean], [c if isinstance(c, str) else "" for c in corrupt])
+                   [c if isinstance(c, str) else "" for c in clean], [c if isinstance(c, str) else "" for c in corrupt],
+                   prepend_bos=prepend_bos if texts else None)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -236,16 +255,16 @@ def _last_logits(model, toks):
         return model(toks)[:, -1]
 
 
-def _bos(tok) -> list:
-    enc = tok("a", add_special_tokens=True)["input_ids"]
-    plain = tok.encode("a", add_special_tokens=False)
-    return enc[:len(enc) - len(plain)] if enc[-len(plain):] == plain else []
-
-
-def _ids(tok, text):
+def _ids(tok, text, prepend_bos: bool) -> list[int]:
+    """One prompt's token ids as ``model.to_tokens(text, prepend_bos)`` gives them (TransformerLens'
+    rule: one BOS first, also on tokenizers that add none, never two); token ids are used as given."""
+    if not isinstance(prepend_bos, bool):
+        raise TypeError(f"prepend_bos must be True or False, not {prepend_bos!r}")
     if not isinstance(text, str):
         return list(text)
-    return _bos(tok) + tok.encode(text, add_special_tokens=False)
+    if tok is None:
+        raise ValueError("this model has no tokenizer: give the prompts as token ids")
+    return tokens_with_bos(tok, text, prepend_bos=prepend_bos)["input_ids"][0].tolist()
 
 
 def _pad(rows):
@@ -265,11 +284,11 @@ def _need(words, n, what, tok):
     return words
 
 
-def _build(model, name, rows, kind, paper, n):
+def _build(model, name, rows, kind, paper, n, prepend_bos):
     """rows: (clean text, corrupt text, answer ids, wrong ids[, choice ids]); keep the most common token
     length."""
     tok = model.tokenizer
-    pairs = [((_ids(tok, r[0]), _ids(tok, r[1])) + tuple(r[2:]), r) for r in rows]
+    pairs = [((_ids(tok, r[0], prepend_bos), _ids(tok, r[1], prepend_bos)) + tuple(r[2:]), r) for r in rows]
     pairs = [(e, r) for e, r in pairs if len(e[0]) == len(e[1])]             # equal-length clean/corrupt pairs
     length = Counter(len(e[0]) for e, _ in pairs).most_common(1)[0][0]
     keep = [(e, r) for e, r in pairs if len(e[0]) == length][:n]
@@ -278,7 +297,7 @@ def _build(model, name, rows, kind, paper, n):
     choices = _pad([e[4] for e, _ in keep]) if len(keep[0][0]) > 4 else None
     return Task(name, torch.tensor([e[0] for e, _ in keep]), torch.tensor([e[1] for e, _ in keep]),
                 _pad([e[2] for e, _ in keep]), _pad([e[3] for e, _ in keep]), kind,
-                [r[0] for _, r in keep], [r[1] for _, r in keep], paper, choices=choices)
+                [r[0] for _, r in keep], [r[1] for _, r in keep], paper, choices=choices, prepend_bos=prepend_bos)
 
 
 def _tid(tok, word):
@@ -286,9 +305,10 @@ def _tid(tok, word):
 
 
 # ---------------------------------------------------------------------- the tasks
-def ioi(model, n: int = 40, seed: int = 0, templates=None) -> Task:
-    """Indirect object identification (Wang et al. 2022): half ABBA, half BABA; ABC corruption;
-    metric logit(IO) - logit(S)."""
+def ioi(model, n: int = 40, seed: int = 0, templates=None, prepend_bos: bool = True) -> Task:
+    """Indirect object identification (Wang et al. 2022, §2): half ABBA, half BABA; ABC corruption
+    (§3.1); metric logit(IO) - logit(S). ``prepend_bos``: one BOS first, as ``model.to_tokens``
+    (module docstring)."""
     tok = model.tokenizer
     rng = random.Random(seed)
     names = _need(single_tokens(tok, NAMES), 5, "names", tok)
@@ -296,7 +316,7 @@ def ioi(model, n: int = 40, seed: int = 0, templates=None) -> Task:
     objects = _need(single_tokens(tok, OBJECTS), 1, "objects", tok)
     templates = templates or IOI_TEMPLATES
     # group templates by token length (names/places/objects are single tokens, so the template fixes it)
-    probe = {t: len(_ids(tok, t.format(A=names[0], B=names[1], PLACE=places[0], OBJECT=objects[0])))
+    probe = {t: len(_ids(tok, t.format(A=names[0], B=names[1], PLACE=places[0], OBJECT=objects[0]), prepend_bos))
              for t in templates}
     length = Counter(probe.values()).most_common(1)[0][0]
     templates = [t for t in templates if probe[t] == length]
@@ -309,7 +329,8 @@ def ioi(model, n: int = 40, seed: int = 0, templates=None) -> Task:
         clean = _fill_ioi(t, first, second, b, place, obj)
         corrupt = _fill_ioi(t, c, d, e, place, obj)
         rows.append((clean, corrupt, [_tid(tok, a)], [_tid(tok, b)]))
-    return _build(model, "ioi", rows, "logit_diff", "Wang et al. 2022, Interpretability in the Wild (IOI)", n)
+    return _build(model, "ioi", rows, "logit_diff", "Wang et al. 2022, Interpretability in the Wild (IOI)", n,
+                  prepend_bos)
 
 
 def _fill_ioi(t, first, second, subject, place, obj):
@@ -318,10 +339,10 @@ def _fill_ioi(t, first, second, subject, place, obj):
     return s.replace("{PLACE}", place).replace("{OBJECT}", obj)
 
 
-def greater_than(model, n: int = 40, seed: int = 0) -> Task:
-    """Greater-than (Hanna et al. 2023): "The war lasted from the year 17YY to the year 17";
+def greater_than(model, n: int = 40, seed: int = 0, prepend_bos: bool = True) -> Task:
+    """Greater-than (Hanna et al. 2023, §2): "The war lasted from the year 17YY to the year 17";
     corrupted YY = 01; metric = P(year > YY) - P(year <= YY) (see the module docstring for
-    tokenizers that split digits)."""
+    tokenizers that split digits, and for ``prepend_bos``)."""
     tok = model.tokenizer
     rng = random.Random(seed)
     nouns = _need(single_tokens(tok, NOUNS), 1, "nouns", tok)
@@ -346,7 +367,7 @@ def greater_than(model, n: int = 40, seed: int = 0) -> Task:
         corrupt = f"The {noun} lasted from the year 1701 to the year 17"
         rows.append((clean, corrupt, ans, wr))
     return _build(model, "greater-than", rows, "prob_diff", "Hanna et al. 2023, How does GPT-2 compute greater-than?",
-                  n)
+                  n, prepend_bos)
 
 
 CO_COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "brown", "black"]
@@ -362,11 +383,12 @@ def _co_question(surface, start, colors, objects, q):
             f"What color is the {objects[q]}?\nA:")
 
 
-def colored_objects(model, n: int = 40, seed: int = 0, shots: int = 1) -> Task:
-    """Colored Objects in the format of Merullo et al. 2023 (see the module docstring): ``shots``
+def colored_objects(model, n: int = 40, seed: int = 0, shots: int = 1, prepend_bos: bool = True) -> Task:
+    """Colored Objects in the format of Merullo et al. 2023, §2.2 (see the module docstring): ``shots``
     solved examples (default 1, as in their data) before the question; answers " Red", " Blue", ...
     (capitalised, one token each); corrupted = the same prompt asking about another listed object,
-    wrong = that object's color; ``choices`` = the three listed colors (chance 1/3)."""
+    wrong = that object's color; ``choices`` = the three listed colors (chance 1/3); ``prepend_bos``
+    as ``model.to_tokens``."""
     tok = model.tokenizer
     rng = random.Random(seed)
     caps = [c for c in CO_COLORS if len(tok.encode(" " + c.title(), add_special_tokens=False)) == 1]
@@ -390,15 +412,16 @@ def colored_objects(model, n: int = 40, seed: int = 0, shots: int = 1) -> Task:
         ids = [_tid(tok, x.title()) for x in c]
         rows.append((clean, corrupt, [ids[q]], [ids[other]], ids))
     return _build(model, "colored-objects", rows, "logit_diff",
-                  "Merullo et al. 2023, Circuit Component Reuse Across Tasks (Colored Objects)", n)
+                  "Merullo et al. 2023, Circuit Component Reuse Across Tasks (Colored Objects)", n, prepend_bos)
 
 
 TASKS = {"ioi": ioi, "greater-than": greater_than, "colored-objects": colored_objects}
 
 
-def make_task(name: str, model, n: int = 40, seed: int = 0) -> Task:
+def make_task(name: str, model, n: int = 40, seed: int = 0, prepend_bos: bool = True) -> Task:
     """The shipped task ``name`` (one of ``TASKS``: "ioi", "greater-than", "colored-objects") built for
-    ``model``'s tokenizer with ``n`` examples; ValueError for an unknown name."""
+    ``model``'s tokenizer with ``n`` examples, tokenized as ``model.to_tokens(text, prepend_bos)``
+    (module docstring); ValueError for an unknown name."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)} or build one with Task.from_prompts")
-    return TASKS[name](model, n=n, seed=seed)
+    return TASKS[name](model, n=n, seed=seed, prepend_bos=prepend_bos)

@@ -239,9 +239,16 @@ def test_task_datasets_single_token_answers(request, fixture, name):
     task = C.make_task(name, model, n=20, seed=1)
     tok = model.tokenizer
     assert task.clean.shape == task.corrupt.shape and task.clean.shape[0] == 20
+    bos = model.tokenizer.bos_token_id
+    for i in range(len(task)):          # TL's to_tokens: one BOS, on SmolLM2 (adds none) and Gemma (adds one)
+        assert model.to_tokens(task.texts[i])[0].tolist() == task.clean[i].tolist()
+        assert model.to_tokens(task.corrupt_texts[i])[0].tolist() == task.corrupt[i].tolist()
+        assert task.clean[i, 0] == bos and int((task.clean[i] == bos).sum()) == 1
+    old = C.make_task(name, model, n=20, seed=1, prepend_bos=False)   # the sequences before 2026-12-03 on SmolLM2
+    assert old.texts == task.texts and torch.equal(old.answer, task.answer)
     for i in range(len(task)):
-        assert tok(task.texts[i], add_special_tokens=True)["input_ids"] == task.clean[i].tolist()
-        assert tok(task.corrupt_texts[i], add_special_tokens=True)["input_ids"] == task.corrupt[i].tolist()
+        assert tok(task.texts[i], add_special_tokens=False)["input_ids"] == old.clean[i].tolist()
+        assert task.clean[i, 1:].tolist() == old.clean[i].tolist()
         for ids in (task.answer[i], task.wrong[i]):
             for t in ids[ids >= 0].tolist():
                 assert len(tok.encode(tok.decode([t]), add_special_tokens=False)) == 1
@@ -422,3 +429,90 @@ def test_per_head_sae_circuit_ranks_planted_heads_first(planted):
     assert set(c.top_nodes(2)) == PLANTED_NODES, c.top_nodes(4)
     assert c.tensors["codes"].shape == (32, 8)
     assert "L0H1->L1H2" in c.top_edges(2)
+
+
+def _task_tokenizer(prepends_bos: bool):
+    """A word-level tokenizer in which every word of the shipped tasks is one token and digits are
+    split (as SmolLM2's); it adds a BOS by itself (as Llama's and Gemma's) or not (as SmolLM2's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from headscope.circuits import tasks as T
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    texts = (T.NAMES + T.PLACES + T.OBJECTS + T.NOUNS + T.CO_COLORS + [c.title() for c in T.CO_COLORS] + T.CO_OBJECTS
+             + T.CO_SURFACES + T.CO_STARTS + T.IOI_TEMPLATES + ["0123456789 an The lasted from the year to",
+                                                                   "Q: On the , and . What color is the ?\nA:"])
+    pieces = sorted({p for t in texts for p, _ in pre.pre_tokenize_str(t)})
+    tk = Tokenizer(models.WordLevel({"<unk>": 0, "<eos>": 1, "<bos>": 2, **{p: i + 3 for i, p in enumerate(pieces)}},
+                                    unk_token="<unk>"))
+    tk.pre_tokenizer = pre
+    if prepends_bos:
+        tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<eos>")
+
+
+@pytest.fixture
+def word_model():
+    """tiny-llama with ``_task_tokenizer`` (only tokenized here, never run)."""
+    return hs.load("tiny-llama")
+
+
+@pytest.mark.parametrize("prepends", [False, True], ids=["tokenizer-adds-no-bos", "tokenizer-adds-bos"])
+@pytest.mark.parametrize("name", ["ioi", "greater-than", "colored-objects"])
+def test_task_tokens_are_to_tokens_with_one_bos(word_model, prepends, name):
+    """The shipped tasks tokenize as ``model.to_tokens`` (TransformerLens' prepend_bos=True): exactly
+    one BOS first, also when the tokenizer adds none (SmolLM2) and not two when it adds one (Gemma);
+    ``prepend_bos=False`` drops it and changes nothing else (prompts, answers, choices)."""
+    m = word_model
+    m.tokenizer = _task_tokenizer(prepends)
+    bos = m.tokenizer.bos_token_id
+    task = C.make_task(name, m, n=8, seed=2)
+    for i in range(len(task)):
+        assert task.clean[i].tolist() == m.to_tokens(task.texts[i])[0].tolist()
+        assert task.corrupt[i].tolist() == m.to_tokens(task.corrupt_texts[i])[0].tolist()
+    for toks in (task.clean, task.corrupt):
+        assert bool((toks[:, 0] == bos).all()) and bool(((toks == bos).sum(1) == 1).all())
+    plain = C.make_task(name, m, n=8, seed=2, prepend_bos=False)
+    assert task.prepend_bos is True and plain.prepend_bos is False and task.subset([1, 2]).prepend_bos is True
+    assert plain.texts == task.texts and plain.corrupt_texts == task.corrupt_texts
+    assert torch.equal(plain.clean, task.clean[:, 1:]) and torch.equal(plain.corrupt, task.corrupt[:, 1:])
+    assert not bool((plain.clean == bos).any())
+    assert torch.equal(plain.answer, task.answer) and torch.equal(plain.wrong, task.wrong)
+    if name == "colored-objects":
+        assert torch.equal(plain.choices, task.choices)
+    if name == "ioi":       # IO once and S twice per clean prompt, one position right of the BOS-less ones
+        for i in range(len(task)):
+            io, s = int(task.answer[i, 0]), int(task.wrong[i, 0])
+            pos = {x: (task.clean[i] == x).nonzero().flatten().tolist() for x in (io, s)}
+            old = {x: (plain.clean[i] == x).nonzero().flatten().tolist() for x in (io, s)}
+            assert len(pos[io]) == 1 and len(pos[s]) == 2
+            assert pos == {x: [p + 1 for p in old[x]] for x in (io, s)}
+            assert not bool(((task.corrupt[i] == io) | (task.corrupt[i] == s)).any())    # ABC: other names
+
+
+def test_from_prompts_tokenizes_text_as_to_tokens(word_model):
+    """String prompts get TransformerLens' BOS (``prepend_bos=False``: none); token ids are used as
+    given; ``prepend_bos`` must be a bool (TransformerLens' None = "the model's default" is refused)."""
+    m = word_model
+    m.tokenizer = _task_tokenizer(False)
+    t = C.Task.from_prompts(m, ["Then, Mary and John"], ["Then, Tom and Sid"], [" Mary"], [" John"])
+    assert t.clean.tolist() == m.to_tokens(["Then, Mary and John"]).tolist() and t.clean[0, 0] == 2
+    assert t.corrupt.tolist() == m.to_tokens(["Then, Tom and Sid"]).tolist()
+    assert t.prepend_bos is True
+    f = C.Task.from_prompts(m, ["Then, Mary and John"], ["Then, Tom and Sid"], [" Mary"], [" John"], prepend_bos=False)
+    assert f.clean.tolist() == [t.clean[0, 1:].tolist()] and f.prepend_bos is False
+    ids = C.Task.from_prompts(m, [[5, 6, 7]], [[5, 6, 8]], [9], [10])
+    assert ids.clean.tolist() == [[5, 6, 7]] and ids.prepend_bos is None
+    with pytest.raises(TypeError, match="prepend_bos"):
+        C.Task.from_prompts(m, ["Mary"], ["Tom"], [" Mary"], [" John"], prepend_bos=None)
+
+
+def test_roc_auc_precision_equals_recall_at_k_true_heads():
+    """k = the number of true heads, so precision (hits / k) = recall (hits / true heads): one
+    number, kept under both keys."""
+    truth = torch.zeros(2, 3, dtype=torch.bool)
+    truth[0, 0] = truth[1, 2] = True
+    scores = torch.tensor([[0.9, 0.8, 0.0], [0.1, 0.2, 0.3]])     # top-2 = L0H0 (true), L0H1 (false)
+    r = C.roc_auc(scores, truth)
+    assert r["n_true"] == 2 and r["precision"] == r["recall"] == 0.5
+    assert r["auc"] == pytest.approx(7 / 8)                        # L1H2 (0.3) is below L0H1 (0.8) only
