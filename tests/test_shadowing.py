@@ -22,6 +22,13 @@ def _run(code: str, *flags: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+def _runs_fine(code: str) -> None:
+    """``code`` (which ends by printing "fine") runs from the root without an error."""
+    done = _run(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "fine"
+
+
 def _installed(dist: str) -> bool:
     try:
         importlib.metadata.distribution(dist)
@@ -42,9 +49,7 @@ def test_top_level_kernels_from_the_root_is_the_installed_package():
         "assert os.path.abspath(ours.__file__) == os.path.join(root, 'kernels', '__init__.py'), ours.__file__\n"
         "assert ours.StatRequest.__module__ == 'headscope.kernels.spec'\n"
         "print('fine')\n")
-    done = _run(code)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "fine"
+    _runs_fine(code)
 
 
 def test_top_level_kernels_without_an_installed_package_says_what_to_do():
@@ -94,9 +99,7 @@ def test_transformers_counts_the_folder_as_no_package():
         "import headscope.kernels as ours\n"
         "assert ours.StatRequest.__module__ == 'headscope.kernels.spec'\n"
         "print('fine')\n")
-    done = _run(code)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "fine"
+    _runs_fine(code)
 
 
 @pytest.mark.skipif(not _installed("kernels"), reason="Hugging Face's 'kernels' is not installed")
