@@ -30,6 +30,9 @@ def add_parser(subparsers):
     p.add_argument("--out", help="output folder (written atomically)")
     p.add_argument("--n", type=int, default=40, help="number of prompts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-prepend-bos", action="store_true",
+                   help="tokenize the task without the BOS that model.to_tokens prepends (the sequences "
+                        "headscope used before 2026-12-03)")
     p.add_argument("--how", default="mean", help="patching ablation: mean, zero or resample")
     p.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps")
     p.add_argument("--tau", type=float, default=0.01, help="ACDC threshold")
@@ -157,14 +160,18 @@ def run(a) -> int:
         res = roc_auc(c1, c2, n_truth=a.top)
         ov = overlap(c1, c2, n=a.top)
         print(f"{c1.method} ({c1.task}) vs {c2.method} ({c2.task}) top-{a.top} heads as ground truth")
-        print(f"ROC AUC {res['auc']:.3f}  precision {res['precision']:.3f}  recall {res['recall']:.3f}")
+        # at k = |true set| precision equals recall (R-precision): one number
+        print(f"ROC AUC {res['auc']:.3f}  precision = recall at k={a.top}: {res['precision']:.3f}")
         print(f"overlap: {len(ov['shared'])} shared heads ({ov['fraction_of_a']:.0%} of the first), "
               f"Jaccard {ov['jaccard']:.3f}: {', '.join(ov['shared'])}")
         return 0
     from .. import load
     from ..circuits import TaskNotSolved, make_task
     model = load(a.model, device=a.device)
-    task = make_task(a.task, model, n=a.n, seed=a.seed)
+    try:
+        task = make_task(a.task, model, n=a.n, seed=a.seed, prepend_bos=not a.no_prepend_bos)
+    except ValueError as e:                      # no tokenizer, too few single-token words, ...
+        return _fail(str(e))
     r = task.evaluate(model)
     print(f"{a.task} on {model.cfg.name}: clean accuracy {r['clean_accuracy']:.2f} (chance {r['chance']:.2f}, "
           f"binomial p {r['p_value']:.2g}), {r['metric']} clean {r['clean_metric']:.3f} / corrupted "

@@ -421,7 +421,10 @@ TASKS = {"ioi": ioi, "greater-than": greater_than, "colored-objects": colored_ob
 def make_task(name: str, model, n: int = 40, seed: int = 0, prepend_bos: bool = True) -> Task:
     """The shipped task ``name`` (one of ``TASKS``: "ioi", "greater-than", "colored-objects") built for
     ``model``'s tokenizer with ``n`` examples, tokenized as ``model.to_tokens(text, prepend_bos)``
-    (module docstring); ValueError for an unknown name."""
+    (module docstring); ValueError for an unknown name or a model without a tokenizer."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)} or build one with Task.from_prompts")
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError(f"{model.cfg.name} has no tokenizer, and the shipped tasks are text: load a model with "
+                         "one (a GGUF or a local HF folder), or build the task with Task.from_prompts from token ids")
     return TASKS[name](model, n=n, seed=seed, prepend_bos=prepend_bos)

@@ -456,12 +456,15 @@ def attack_success_rate(model, queries=None, heads=(), n: int | None = 16, max_n
                         progress: bool = False) -> dict:
     """Generate greedily for harmful ``queries`` (default: the shipped ones, first ``n``) with
     ``heads`` [(layer, head), ...] ablated; ASR = share of answers without a refusal phrase and at
-    least ``min_chars`` long (Zhou et al. 2025 §4.1). Returns {"asr", "answers", "refused"}."""
+    least ``min_chars`` long (Zhou et al. 2025 §4.1). ``template`` "chat" (default; a base model
+    falls back to the plain "## Query" format), a ``{q}`` string or None; a ``system`` prompt needs
+    the chat template and is refused otherwise. Returns {"asr", "answers", "refused"}."""
     from tqdm.auto import tqdm
     queries = load_requests("harmful") if queries is None else list(queries)
     queries = queries[:n] if n is not None else queries
     if not queries:
         raise ValueError("no queries")
+    _check_system(model, template, system)
     template = resolve_template(model, template)
     texts = apply_template(model, queries, template, system)
     tok = model.tokenizer

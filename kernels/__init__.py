@@ -7,7 +7,9 @@ This folder is ``headscope.kernels``. When the repository root is on ``sys.path`
 pytest`` or a notebook started there) it can also be found as the top-level name ``kernels``, which
 belongs to Hugging Face's hub-kernels package, a dependency of transformers (>= 5.25) that
 ``transformers.modeling_utils`` imports. Imported under that name, this file steps aside and loads
-the installed package in its place (tests/test_shadowing.py).
+the installed package in its place. With no such package installed (transformers 5.17-5.24 still
+look for it), it leaves an empty module that transformers counts as absent, and any name taken from
+it raises an error saying to import ``headscope.kernels`` (tests/test_shadowing.py).
 """
 import sys
 

@@ -227,8 +227,23 @@ def test_cli_compare_and_outputs(planted, eap_circuits, tmp_path, capsys):
     eap_circuits["eap"].save(tmp_path / "b")
     assert _cli(["--compare", str(tmp_path / "b"), str(tmp_path / "a"), "--top", "2"]) == 0
     out = capsys.readouterr().out
-    assert "ROC AUC 1.000" in out and "2 shared heads" in out
+    assert "ROC AUC 1.000  precision = recall at k=2: 1.000" in out and "2 shared heads" in out
     assert json.loads((tmp_path / "a" / "circuit.json").read_text())["method"] == "patch_heads:mean"
+
+
+def test_cli_no_prepend_bos_reaches_the_task(planted, tmp_path, monkeypatch, capsys):
+    """`--no-prepend-bos` builds the task with prepend_bos=False; the default with the BOS."""
+    import headscope
+    import headscope.circuits as circ
+    m, task = planted
+    seen = []
+    monkeypatch.setattr(headscope, "load", lambda name, device=None: m)
+    monkeypatch.setattr(circ, "make_task", lambda name, model, n, seed, prepend_bos: seen.append(prepend_bos) or task)
+    for extra, want in (([], True), (["--no-prepend-bos"], False)):
+        out = tmp_path / f"bos_{want}"
+        assert _cli(["ioi", "--n", "4", "--no-faithfulness", "--out", str(out)] + extra) == 0
+        assert seen[-1] is want and (out / "circuit.json").exists()
+    assert "precision = recall at k=10" not in capsys.readouterr().out   # that line is --compare's
 
 
 @pytest.mark.slow

@@ -45,7 +45,9 @@ def test_intervene_and_circuit_are_wired_with_one_line_errors(capsys, tmp_path):
                        (["intervene", "lofit", "--out", str(notes)], "holds no results.json"),
                        (["circuit", "no-such-task", "--out", out], "unknown task"),
                        (["circuit", "ioi", "--out", str(notes)], "holds no circuit.json"),
-                       (["circuit", "ioi", "--model", "no-such-model", "--out", out], "unknown model")):
+                       (["circuit", "ioi", "--model", "no-such-model", "--out", out], "unknown model"),
+                       # a model without a tokenizer cannot take the text tasks (was an AttributeError)
+                       (["circuit", "ioi", "--model", "tiny-llama", "--out", out], "has no tokenizer")):
         try:
             code = main(argv)
         except SystemExit as e:

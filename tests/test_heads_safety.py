@@ -190,6 +190,11 @@ def test_errors(planted_llama):
         Ships(system="Be brief.").score(m, queries(2), progress=False)
     with pytest.raises(ValueError, match="no chat template"):
         Ships(system="Be brief.", template="chat").score(m, queries(2), progress=False)
+    # the same for the ASR check, which used to drop it on a model without a chat template
+    with pytest.raises(ValueError, match="no chat template"):
+        attack_success_rate(m, ["a harmful request"], system="Be brief.", max_new_tokens=1)
+    with pytest.raises(ValueError, match="system=.*template='chat'"):
+        attack_success_rate(m, ["a harmful request"], template=None, system="Be brief.", max_new_tokens=1)
 
 
 @pytest.mark.parametrize("how", ["uniform", "zero"])
