@@ -16,7 +16,8 @@ prompt + response records three O(N) statistics per head (never an N x N pattern
   averaged over global heads). It is reported for response keys s only; for those every query t
   with t - s >= 10 lies in the response, so the queries are response positions as the paper asks
   (the window is cut at the end of the text). Keys in the last 10 positions have no such query:
-  their FAI is NaN and they are never anchors.
+  their FAI is NaN and they are never anchors. The mean is over every such t, also on a sliding-
+  window layer whose window does not reach from t back to s (attention 0 there).
 * Preplan tokens: the top 40% of |WAAD_t - WAAD_{t+1}| (t = 0 .. T-2 of the response), flagged at
   t, the token after which the local-attention rhythm breaks. Anchor tokens: the top 40% by FAI.
 
@@ -287,10 +288,14 @@ class Preplan(Analyzer):
         k = max(1, int(round(self.head_frac * len(cand))))
         local, glob = order[:k], order[::-1][:k]
         waad = torch.stack([rec["window_distance", l][0, h, P:].float().cpu() for l, h in local]).mean(0)   # [T]
+        # FAI's denominator: every query t in [s + a, s + b] of the text, whether or not it sees s (a
+        # sliding window narrower than b gives those queries attention 0 on s; the probe's
+        # received_count counts only queries that see s, so it is not used here)
+        pos = torch.arange(P, N)
+        c = (torch.clamp(pos + b, max=N - 1) - (pos + a) + 1).clamp_min(0).float()    # [T]
         fai_h = []
         for l, h in glob:
-            s = rec["received_sum", l][0, h, P:N].float().cpu()
-            c = rec["received_count", l][0, P:N].float().cpu()
+            s = rec["received_sum", l][0, h, P:N].float().cpu()                   # [T]
             fai_h.append(torch.where(c > 0, s / c.clamp_min(1), torch.full_like(s, float("nan"))))
         fai = torch.stack(fai_h).mean(0)                                          # [T]
         delta = torch.full((T,), float("nan"))

@@ -107,6 +107,28 @@ def test_fai_and_anchor_tokens(planted):
     assert float(r.fai[a[0]]) == pytest.approx(sum(0.1 if t < a[1] else 0.05 for t in ts) / len(ts), rel=1e-4)
 
 
+def test_fai_on_a_sliding_window_counts_queries_that_do_not_see_the_key():
+    """FAI_s is the mean over every t in [s + a, s + b]; on a layer whose window (8 on tiny-mistral)
+    is narrower than b, the queries that cannot see s count with attention 0 (the old code divided
+    by the number of queries that see s)."""
+    m = hs.load("tiny-mistral")
+    ids = torch.randint(1, 128, (40,), generator=torch.Generator().manual_seed(1))
+    pats = {}
+    hooks = [(f"blocks.{l}.attn.hook_pattern", lambda p, hook: pats.__setitem__(hook.layer(), p[0].detach()))
+             for l in range(m.cfg.n_layers)]
+    a, b, P = 2, 20, 6
+    with m.hooks(hooks):
+        r = Preplan(fai_window=(a, b)).analyze(m, ids[:P], ids[P:])
+    N = len(ids)
+    ref = torch.full((N - P,), float("nan"))
+    for s in range(P, N):
+        ts = [t for t in range(s + a, min(s + b, N - 1) + 1)]
+        if ts:
+            ref[s - P] = sum(float(pats[l][h, ts, s].mean()) for l, h in r.global_heads) / len(r.global_heads)
+    assert float(pats[r.global_heads[0][0]][0, 20, 5]) == 0.0       # the window hides s = 5 from t = 20
+    torch.testing.assert_close(r.fai, ref, equal_nan=True, rtol=1e-4, atol=1e-6)
+
+
 def test_rendering(planted):
     r = run(planted)
     html = r.html(full=True)
