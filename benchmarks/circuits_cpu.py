@@ -16,9 +16,6 @@ import os
 import sys
 import time
 
-# benchmarks/kernels.py would shadow the `kernels` package that transformers probes for
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import torch  # noqa: E402
 

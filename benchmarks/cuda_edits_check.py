@@ -6,12 +6,8 @@ mismatch.
     python benchmarks/cuda_edits_check.py
 """
 import logging
-import os as _os
 import sys as _sys
 
-# benchmarks/kernels.py would shadow the `kernels` package transformers probes for
-_here = _os.path.dirname(_os.path.realpath(__file__))
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
 
 import torch
 

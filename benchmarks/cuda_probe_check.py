@@ -1,13 +1,5 @@
 """On a GPU: the probe through the Triton kernels equals HF eager attention and the chunked CPU
 path (logits and statistics) on the tiny models, bf16 and fp32. Prints one line per model."""
-import os as _os
-import sys as _sys
-
-# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder
-# off sys.path
-_here = _os.path.dirname(_os.path.realpath(__file__))
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
-
 import torch
 
 import headscope as hs

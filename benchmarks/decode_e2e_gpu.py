@@ -23,12 +23,8 @@ Layers: ``--layers`` (default 16, so that B = 8 at 128k keys fits: 69 GB of cach
 cache would pass ``--kv-gb`` GB is skipped with a message.
 """
 import os as _os
-import sys as _sys
 
-# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder
-# off sys.path (as e2e_gpu.py), but import its shapes by file
-_here = _os.path.dirname(_os.path.realpath(__file__))
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
+_here = _os.path.dirname(_os.path.realpath(__file__))   # _sibling() loads e2e_gpu.py by file
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402

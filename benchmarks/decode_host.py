@@ -13,8 +13,8 @@ import argparse
 import os as _os
 import sys as _sys
 
-_here = _os.path.dirname(_os.path.realpath(__file__))   # benchmarks/kernels.py would shadow transformers'
-_sys.path[:] = [_os.path.dirname(_here)] + [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
+_here = _os.path.dirname(_os.path.realpath(__file__))
+_sys.path.insert(0, _os.path.dirname(_here))   # the repository root: benchmarks.host_timing
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -37,7 +37,7 @@ def graph_us(fn):
 
 
 def all_rows(K: int) -> StatRequest:
-    """Every row statistic, as the decode sweep of ``kernels.py`` asks: sink 4, a span at the start
+    """Every row statistic, as the decode sweep of ``attention_bench.py`` asks: sink 4, a span at the start
     and one in the middle, entropy, distance, window distance 128, recent 64, argmax."""
     return StatRequest(sink_k=4, spans=((4, 68), (K // 2, K // 2 + 256)), entropy=True, distance=True,
                        window_distance=128, recent=64, argmax=True)

@@ -15,15 +15,6 @@ with nothing recorded (FA4 when importable, else SDPA).
 
 Weights do not matter for speed; the final norm output is used (no 128k-vocab logits).
 """
-import os as _os
-import sys as _sys
-
-# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder
-# off sys.path
-_here = _os.path.dirname(_os.path.realpath(__file__))
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
-
-
 import argparse
 import json
 import os

@@ -65,9 +65,9 @@ for step in "$@"; do
          tests/test_kernels_decode.py tests/test_triton_kernels.py 2>&1 | tee $OUT/tests.log | tail -15)
       python3 benchmarks/cuda_probe_check.py 2>&1 | tee $OUT/probe_check.log | tail -15 ;;
     decode)
-      python3 benchmarks/kernels.py --decode-sweep --decode 2>&1 | tee $OUT/decode.log | grep -v "^$" | tail -30 ;;
+      python3 benchmarks/attention_bench.py --decode-sweep --decode 2>&1 | tee $OUT/decode.log | grep -v "^$" | tail -30 ;;
     sweep)
-      python3 benchmarks/kernels.py --sweep --sweep-sizes 16384 2>&1 | tee $OUT/sweep.log | tail -30 ;;
+      python3 benchmarks/attention_bench.py --sweep --sweep-sizes 16384 2>&1 | tee $OUT/sweep.log | tail -30 ;;
     e2e)
       python3 benchmarks/e2e_gpu.py --n 32768 --layers ${E2E_LAYERS:-8} --shape ${E2E_SHAPE:-llama3-8b} --no-eager 2>&1 \
         | tee -a $OUT/e2e.log | tail -3 ;;
@@ -153,6 +153,6 @@ for step in "$@"; do
         done
       fi ;;
     compare)
-      python3 benchmarks/kernels.py --compare 2>&1 | tee $OUT/compare.log | tail -30 ;;
+      python3 benchmarks/attention_bench.py --compare 2>&1 | tee $OUT/compare.log | tail -30 ;;
   esac
 done

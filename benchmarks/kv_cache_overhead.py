@@ -5,12 +5,6 @@ shapes: 30 layers, 3 KV heads, head dim 64). Prints µs per layer per step.
 
     python benchmarks/kv_cache_overhead.py [--device cpu|cuda] [--n 600] [--steps 64] [--dtype bfloat16]
 """
-import os as _os
-import sys as _sys
-
-_here = _os.path.dirname(_os.path.realpath(__file__))   # benchmarks/kernels.py would shadow transformers'
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]   # probe of a "kernels" package
-
 import argparse  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402

@@ -19,8 +19,8 @@ import importlib
 import inspect
 import os as _os
 import sys as _sys
-_here = _os.path.dirname(_os.path.realpath(__file__))   # benchmarks/kernels.py would shadow transformers'
-_sys.path[:] = [_os.path.dirname(_here)] + [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
+_here = _os.path.dirname(_os.path.realpath(__file__))
+_sys.path.insert(0, _os.path.dirname(_here))   # the repository root: benchmarks.host_timing
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

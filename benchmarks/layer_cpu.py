@@ -6,12 +6,6 @@ of [B, N, H, d] tensors, as the model hands them over. Median of ``--repeats`` c
 
     python benchmarks/layer_cpu.py --sizes 2048 4096 8192
 """
-import os as _os
-import sys as _sys
-
-_here = _os.path.dirname(_os.path.realpath(__file__))
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
-
 import argparse
 import os
 import statistics

@@ -10,15 +10,6 @@ forwards (median reported; TransformerLens once). Run:
 
     python benchmarks/probe_cpu.py --sizes 1024 2048 4096 8192 --out BENCH_probe_cpu.md
 """
-import os as _os
-import sys as _sys
-
-# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder
-# off sys.path
-_here = _os.path.dirname(_os.path.realpath(__file__))
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
-
-
 import argparse
 import json
 import os

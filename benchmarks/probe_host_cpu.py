@@ -14,9 +14,6 @@ import sys
 import tempfile
 import time
 
-_here = os.path.dirname(os.path.realpath(__file__))   # benchmarks/kernels.py would shadow transformers'
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
-
 
 def main():
     ap = argparse.ArgumentParser()

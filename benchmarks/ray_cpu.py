@@ -11,7 +11,6 @@ import os as _os
 import sys as _sys
 
 _here = _os.path.dirname(_os.path.realpath(__file__))
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
 _tests = _os.path.join(_os.path.dirname(_here), "tests")
 _sys.path.insert(0, _tests)
 

@@ -9,12 +9,6 @@ printed as JSON lines.
 
     python benchmarks/retrieval_gpu.py --model PATH_OR_NAME [--lengths 2000,4000,7000]
 """
-import os as _os
-import sys as _sys
-
-_here = _os.path.dirname(_os.path.realpath(__file__))   # benchmarks/kernels.py would shadow transformers'
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]   # probe of a "kernels" package
-
 import argparse
 import json
 import time

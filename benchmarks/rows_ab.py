@@ -5,11 +5,8 @@ index and max_prob of the all-rows call checked against an fp32 eager reference 
 
     python benchmarks/rows_ab.py LABEL [N ...]
 """
-import os as _os
 import sys as _sys
 
-_here = _os.path.dirname(_os.path.realpath(__file__))   # benchmarks/kernels.py would shadow transformers'
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
 
 import torch
 import triton.testing

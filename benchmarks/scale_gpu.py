@@ -17,12 +17,6 @@
 
 Writes scale_gpu.json and scale_gpu.md to --out.
 """
-import os as _os
-import sys as _sys
-
-_here = _os.path.dirname(_os.path.realpath(__file__))
-_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402

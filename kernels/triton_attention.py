@@ -80,7 +80,7 @@ def available(x: torch.Tensor | torch.device | str | None = None) -> bool:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim. "plain": no statistics, no edits;
 # "stats": row statistics; "edit": redistribution passes / gate (more accumulators live at once).
-# Chosen on an H100 with benchmarks/kernels.py --sweep (see BENCHMARKS.md); d256 plain and the d128
+# Chosen on an H100 with benchmarks/attention_bench.py --sweep (see BENCHMARKS.md); d256 plain and the d128
 # received tiles re-chosen on the H200 (2026-12-01, notes/kernels-benchmarks.md).
 FWD_CONFIGS = {
     "plain": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 128, 8, 3),

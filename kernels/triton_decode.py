@@ -326,7 +326,7 @@ DECODE_MAX_ROWS = 64       # query rows per KV head (R * Q) held by one program
 # benchmarks/decode_host.py --min-k 0, BENCHMARKS.md "Decode on the H200 after the host rebuild".
 DECODE_MIN_K = 1024
 MAX_SPANS = 8              # sink + spans held by the partial kernel
-# (BLOCK_N, num_warps, num_stages) by padded head dim; chosen on the H200 (benchmarks/kernels.py --decode)
+# (BLOCK_N, num_warps, num_stages) by padded head dim; chosen on the H200 (benchmarks/attention_bench.py --decode)
 DECODE_CONFIGS = {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
 DECODE_PROGRAMS_PER_SM = 2  # aim for this many partial programs per SM (H200 sweep: 2 beat 1, 4, 8)
 MERGE_BLOCK_S = 32

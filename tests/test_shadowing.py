@@ -115,3 +115,23 @@ def test_root_on_the_path_under_two_names(tmp_path):
     done = _run(f"import os, sys; sys.path[:0] = [{str(copy)!r}, {str(link)!r}, {ROOT!r}]; import kernels; "
                 f"assert os.path.realpath(kernels.__file__) != {os.path.join(ROOT, 'kernels', '__init__.py')!r}, kernels.__file__")
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "experiments", "notebooks"])
+def test_script_folders_shadow_no_module(folder):
+    """``python benchmarks/x.py`` puts benchmarks/ first on sys.path, so a script there named like an
+    installed top-level module replaces it for every import in the process. benchmarks/kernels.py
+    did that to Hugging Face's ``kernels`` package (transformers >= 5.25 imports it), and a dozen
+    scripts carried a sys.path filter to survive it; it is benchmarks/attention_bench.py now."""
+    import importlib.machinery
+    here = os.path.realpath(os.path.join(ROOT, folder))
+    path = [p for p in sys.path if os.path.realpath(p or os.curdir) not in (here, ROOT)]
+    shadows = []
+    for name in sorted(os.listdir(here)):
+        stem, ext = os.path.splitext(name)
+        if ext != ".py":
+            continue
+        spec = importlib.machinery.PathFinder.find_spec(stem, path)
+        if spec is not None or stem in sys.stdlib_module_names:
+            shadows.append(f"{folder}/{name} shadows {spec.origin if spec else 'the standard library'}")
+    assert not shadows, "rename: " + "; ".join(shadows)

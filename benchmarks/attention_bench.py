@@ -1,11 +1,11 @@
 """Benchmark of the Triton attention kernels (a benchmark, not a test).
 
-    python benchmarks/kernels.py                 # Llama-3-8B 4k..128k and SmolLM2 4k..32k tables
-    python benchmarks/kernels.py --sweep         # time tile configurations at 16k and print the best
-    python benchmarks/kernels.py --sizes 4096 16384 --no-small
-    python benchmarks/kernels.py --dry           # tiny sizes, any machine (TRITON_INTERPRET=1 on CPU)
-    python benchmarks/kernels.py --compare       # FA4 / cuDNN / SDPA flash / Flex / ours, d64 d128 d256
-    python benchmarks/kernels.py --decode        # Q=1 decode, Llama-3-8B shapes, B=1 and 8, K=8k..128k
+    python benchmarks/attention_bench.py                 # Llama-3-8B 4k..128k and SmolLM2 4k..32k tables
+    python benchmarks/attention_bench.py --sweep         # time tile configurations at 16k and print the best
+    python benchmarks/attention_bench.py --sizes 4096 16384 --no-small
+    python benchmarks/attention_bench.py --dry           # tiny sizes, any machine (TRITON_INTERPRET=1 on CPU)
+    python benchmarks/attention_bench.py --compare       # FA4 / cuDNN / SDPA flash / Flex / ours, d64 d128 d256
+    python benchmarks/attention_bench.py --decode        # Q=1 decode, Llama-3-8B shapes, B=1 and 8, K=8k..128k
 
 ``--compare`` puts our kernels beside FlashAttention-4 (``flash_attn.cute.flash_attn_func``, when
 importable), PyTorch SDPA's cuDNN and flash backends and FlexAttention (torch.compile'd), all timed
@@ -36,9 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.dirname(os.path.abspath(__file__))
-# this file is named kernels.py: keep its folder off the path (transformers imports a package `kernels`)
-sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in (HERE, ROOT)]
+sys.path.insert(0, ROOT)   # the repository root
 
 from headscope.kernels import fa4  # noqa: E402
 from headscope.kernels import triton_attention as ta  # noqa: E402
