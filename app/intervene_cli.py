@@ -89,6 +89,9 @@ def add_parser(subparsers):
     g.add_argument("--passages", type=int, default=3, help="VAR: prose passages per context")
     g.add_argument("--tau", default="20", help="VAR: massive-activation threshold, or 'auto' = min(20, 0.8 x peak)")
     g.add_argument("--select-rate", type=float, default=0.5, help="VAR: target-centric head if the rule holds this often")
+    g.add_argument("--sinks-from", choices=("edited", "unedited"), default="edited",
+                   help="VAR: find each layer's sink tokens in the edited pass (the reference) or once in the "
+                        "unedited forward")
     g = p.add_argument_group("kv")
     g.add_argument("--preset", choices=("duo", "razor"), default="duo",
                    help="duo: DuoAttention's deployment (--frac 0.5 of the KV heads outside the retrieval heads' "
@@ -301,14 +304,16 @@ def _var(args, model):
     tau = None if args.tau == "auto" else float(args.tau)
     try:
         rows, extra = var.compare(model, sp["calibration"], sp["test"], tau=tau, select_rate=args.select_rate,
-                                  n_random=args.n_random, seed=args.seed, batch_size=args.batch_size)
+                                  n_random=args.n_random, seed=args.seed, batch_size=args.batch_size,
+                                  sinks_from=args.sinks_from)
     except ValueError as e:
         raise SystemExit(f"headscope intervene var: {e}") from None
     ex0 = sp["test"][0]
     s0 = extra.pop("sinks_example0")
     edits = var.var_edits(model, s0, [tuple(ex0.target)], rho=extra["rho"], p=extra["p"], min_target=extra["min_target"])
     extra.update(task=task.name, task_description=task.description, chance=1 / args.facts,
-                 edit_file="VAR as built for held-out example 0 (its sink tokens and context span); for another "
+                 edit_file="VAR as built for held-out example 0 (its sink tokens, found in the unedited forward since "
+                           "an edit names its keys, and its context span); for another "
                            "input: var.var_edits(model, var.sink_tokens(model, x, massive_dims, tau), [context span])")
     return edits, controls.table(rows, seed=args.seed), extra
 

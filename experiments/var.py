@@ -11,7 +11,9 @@ deltas paired with the base model):
 - VAR on ``--n-random`` random head sets of that size from layers 2..L-2.
 
 The edit runs as a per-example pattern hook (``interventions.var.evaluate_var``), equal to the
-``var_edits`` ScaleKeys path (tests). ``--via edits`` runs that path instead, one example at a time.
+``var_edits`` ScaleKeys path (tests). Each layer's sink tokens come from its input in the edited pass,
+as the reference's (``--sinks-from edited``); ``--sinks-from unedited`` takes them from one unedited
+forward. ``--via edits`` runs the ScaleKeys path instead, one example at a time (unedited sinks only).
 
     python experiments/var.py --model smollm2 --device cuda --out runs/var
     python experiments/var.py --model smollm2 --calibration 8 --heldout 8 --passages 1 --n-random 2   # CPU check
@@ -33,14 +35,14 @@ from headscope.interventions.edits_io import atomic_folder
 def run(model, n_cal: int, n_test: int, n_facts: int = 6, n_passages: int = 3, seed: int = 0, p: float = 0.6,
         rho: float = 0.5, min_target: float = 0.2, tau: float | None = 20.0, select_rate: float = 0.5,
         n_random: int = 10, batch_size: int = 8, via: str = "hooks", progress: bool = True,
-        queries: str = "after_target") -> dict:
+        queries: str = "after_target", sinks_from: str = "edited") -> dict:
     task = tasks.context_qa_task(model, n_cal + n_test, n_facts, n_passages, seed)
     sp = task.splits(seed, n_train=0, n_calibration=n_cal, n_test=n_test)
     cal, test = sp["calibration"], sp["test"]
     t0 = time.time()
     try:
         rows, extra = var.compare(model, cal, test, p, rho, min_target, tau, select_rate, n_random, seed,
-                                  batch_size, via, progress, queries=queries)
+                                  batch_size, via, progress, queries=queries, sinks_from=sinks_from)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     extra.pop("sinks_example0", None)
@@ -72,6 +74,9 @@ def main(argv=None):
     ap.add_argument("--via", choices=("hooks", "edits"), default="hooks")
     ap.add_argument("--queries", choices=("after_target", "all"), default="after_target",
                     help="query rows VAR edits: after the context (the reference) or all")
+    ap.add_argument("--sinks-from", choices=("edited", "unedited"), default="edited",
+                    help="sink tokens per layer from the edited pass (the reference) or the unedited forward "
+                         "(needed with --via edits)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
@@ -83,7 +88,7 @@ def main(argv=None):
     m = hs.load(a.model, device=a.device)
     tau = float(a.tau) if a.tau != "auto" else None
     res = run(m, a.calibration, a.heldout, a.facts, a.passages, a.seed, a.p, a.rho, a.min_target, tau,
-              a.select_rate, a.n_random, a.batch_size, a.via, queries=a.queries)
+              a.select_rate, a.n_random, a.batch_size, a.via, queries=a.queries, sinks_from=a.sinks_from)
     res.update(model=m.cfg.name, device=str(m.device), seconds_total=time.time() - t0, args=vars(a),
                date=time.strftime("%Y-%m-%d %H:%M:%S"))
     print(res["table_md"])

@@ -20,6 +20,11 @@ context passage).
    decoding, every new token); ``var_edits`` (``min_query``) and the batched path (``var_hooks`` /
    ``evaluate_var`` / ``compare``) do the same by default (``queries="after_target"``);
    ``queries="all"`` edits every row, as methods' wording "selected rows" can also be read.
+5. Where the sinks are found: the reference detects each layer's sink tokens inside its patched
+   attention forward, from that layer's input in the pass being edited (so after the edits of the
+   layers below). ``var_hooks(sinks="edited")`` and ``compare(sinks_from="edited")`` (the default)
+   do the same; ``sink_tokens`` / ``var_pass`` find them once in an unedited forward
+   (``sinks_from="unedited"``, which ``var_edits``' ScaleKeys need since they name their keys).
 
 Positions are token positions of one unpadded sequence.
 """
@@ -206,11 +211,25 @@ def query_rows(examples, pad: list[int], n_pos: int, queries: str = "after_targe
     return cols[None, :] >= ends[:, None]
 
 
-def var_hooks(examples, sinks: list, heads, pad: list[int], n_pos: int, n_layers: int, n_heads: int,
-              p: float = 0.6, rho: float = 0.5, min_target: float = 0.2, queries: str = "after_target"):
+SINKS_FROM = ("edited", "unedited")
+
+
+def _check_sinks_from(sinks_from: str) -> str:
+    if sinks_from not in SINKS_FROM:
+        raise ValueError(f"sinks_from={sinks_from!r}: use 'edited' (the reference: each layer's sinks from its "
+                         "input in the edited pass) or 'unedited' (from var_pass's unedited forward)")
+    return sinks_from
+
+
+def var_hooks(examples, sinks, heads, pad: list[int], n_pos: int, n_layers: int, n_heads: int,
+              p: float = 0.6, rho: float = 0.5, min_target: float = 0.2, queries: str = "after_target",
+              dims: list[int] | None = None, tau: float = 20.0):
     """fwd_hooks applying VAR (``var_edits``' rule) to ``heads`` [(layer, head)] (None: every head of
-    layers 2..L-2) of a left-padded batch of ``examples`` with per-example ``sinks``; ``queries``
-    which rows may change (``query_rows``)."""
+    layers 2..L-2) of a left-padded batch of ``examples``; ``queries`` which rows may change
+    (``query_rows``). ``sinks``: per-example {layer: sink positions} found before the pass
+    (``var_pass``), or ``"edited"``: each edited layer finds its sink tokens in this pass, from its
+    own input (``hook_resid_pre``, after the edits of the layers below; normalised value above
+    ``tau`` on the massive dimensions ``dims``), as the reference's patched attention forward does."""
     from .redistribute import redistribute_rows
     rows = query_rows(examples, pad, n_pos, queries)                                   # [B, N] or None
     if heads is None:
@@ -220,6 +239,12 @@ def var_hooks(examples, sinks: list, heads, pad: list[int], n_pos: int, n_layers
     for l, h in heads:
         if 2 <= int(l) < n_layers - 1:
             by_layer.setdefault(int(l), []).append(int(h))
+    if isinstance(sinks, str):
+        if sinks != "edited":
+            raise ValueError(f"sinks={sinks!r}: give per-example sink positions or 'edited'")
+        if not dims:
+            raise ValueError("sinks='edited' needs the massive dimensions: dims=massive_dims(model, tokens, tau)")
+        return _live_var_hooks(by_layer, tgt, rows, pad, n_pos, n_heads, p, rho, min_target, dims, tau)
     hooks = []
     for l, hh in sorted(by_layer.items()):
         src = torch.zeros(len(examples), n_heads, n_pos, dtype=torch.bool)
@@ -237,13 +262,48 @@ def var_hooks(examples, sinks: list, heads, pad: list[int], n_pos: int, n_layers
     return hooks
 
 
-def evaluate_var(model, examples, sinks: list, heads=None, p: float = 0.6, rho: float = 0.5,
-                 min_target: float = 0.2, batch_size: int = 8, via: str = "hooks", queries: str = "after_target"):
+def _live_var_hooks(by_layer, tgt, rows, pad, n_pos, n_heads, p, rho, min_target, dims, tau):
+    """``var_hooks`` with the sink tokens found in the edited pass: per edited layer, a
+    ``hook_resid_pre`` hook marks the sink tokens of each example from the layer's input [B, N, d]
+    (padding never a sink), and the layer's ``hook_pattern`` hook redistributes on them."""
+    from .redistribute import redistribute_rows
+    B = tgt.shape[0]
+    real = torch.arange(n_pos)[None, :] >= torch.as_tensor(pad)[:, None]                # [B, N]
+    found: dict[int, torch.Tensor] = {}
+
+    def on_resid(t, hook):
+        x = _normalised(t)[:, :, dims].abs().amax(-1)                                  # [B, N]
+        found[hook.layer()] = (x > tau).cpu() & real
+
+    def on_pattern(pr, hook, hh):
+        cols = found.pop(hook.layer())                                                 # [B, N]
+        cols = cols & (cols & tgt).any(-1, keepdim=True)     # VAR acts only with a sink inside the group
+        if not cols.any():
+            return pr
+        src = torch.zeros(B, n_heads, n_pos, dtype=torch.bool)
+        src[:, hh] = cols[:, None]                           # ... and then scales every sink (§4.2)
+        return redistribute_rows(pr, src, tgt[:, None], p, rho, min_target, rows)
+
+    hooks = []
+    for l, hh in sorted(by_layer.items()):
+        hooks += [(f"blocks.{l}.hook_resid_pre", on_resid),
+                  (f"blocks.{l}.attn.hook_pattern", lambda pr, hook, hh=hh: on_pattern(pr, hook, hh))]
+    return hooks
+
+
+def evaluate_var(model, examples, sinks, heads=None, p: float = 0.6, rho: float = 0.5,
+                 min_target: float = 0.2, batch_size: int = 8, via: str = "hooks", queries: str = "after_target",
+                 dims: list[int] | None = None, tau: float = 20.0):
     """(correct [n] bool, margin [n]) with VAR on ``heads`` (None: all heads of layers 2..L-2).
-    ``via="edits"``: one forward per example with ``var_edits``' ScaleKeys; ``"hooks"``: batched.
-    Either way the rows per ``queries`` (``query_rows``)."""
+    ``sinks``: per-example {layer: positions} (``var_pass``'s, from the unedited forward), or
+    ``"edited"`` with ``dims`` and ``tau``: found layer by layer in the edited pass (``var_hooks``).
+    ``via="edits"``: one forward per example with ``var_edits``' ScaleKeys (given sinks only);
+    ``"hooks"``: batched. Either way the rows per ``queries`` (``query_rows``)."""
     from .evaluate import score_intervention
     _check_queries(queries)
+    if isinstance(sinks, str) and via == "edits":
+        raise ValueError("via='edits' needs the sink positions before the pass (ScaleKeys name their keys): "
+                         "use via='hooks' with sinks='edited', or give var_pass's sinks")
     L, H = model.cfg.n_layers, model.cfg.n_heads
     by_layer = None
     if via == "edits" and heads is not None:
@@ -262,22 +322,31 @@ def evaluate_var(model, examples, sinks: list, heads=None, p: float = 0.6, rho: 
 
     return score_intervention(
         model, examples,
-        hooks_for_batch=lambda rows, pad, n_pos: var_hooks(examples[rows], sinks[rows], heads, pad, n_pos, L, H,
-                                                           p, rho, min_target, queries),
+        hooks_for_batch=lambda rows, pad, n_pos: var_hooks(examples[rows], sinks if isinstance(sinks, str)
+                                                           else sinks[rows], heads, pad, n_pos, L, H,
+                                                           p, rho, min_target, queries, dims, tau),
         edits_for_example=edits_for_example, batch_size=batch_size, via=via)
 
 
 def compare(model, calibration, test, p: float = 0.6, rho: float = 0.5, min_target: float = 0.2,
             tau: float | None = 20.0, select_rate: float = 0.5, n_random: int = 10, seed: int = 0,
-            batch_size: int = 8, via: str = "hooks", progress: bool = True, queries: str = "after_target"):
+            batch_size: int = 8, via: str = "hooks", progress: bool = True, queries: str = "after_target",
+            sinks_from: str = "edited"):
     """VAR end to end on context examples (``target`` = the context span): base; VAR as in the paper
     (every head of layers 2..L-2, the row rule per query); VAR on the target-centric heads (the rule
     holds at the last query on >= ``select_rate`` of ``calibration``); VAR on ``n_random`` random
     head sets of that size. ``tau`` None: min(20, 0.8 x the first token's peak, ``first_token_peak``).
     ``queries``: the rows VAR may change (``query_rows``; default the reference's, after the context).
+    ``sinks_from``: "edited" (the reference, VisAttnSink's patched attention forward: each layer's
+    sink tokens come from its input in the edited pass) or "unedited" (found once in the unedited
+    forward, ``var_pass``; needed for ``via="edits"``). The head selection and the sink counts in
+    ``extra`` come from the unedited passes either way.
     -> (rows [controls.Row], extra dict). Raises ValueError when the model has no massive dimension."""
     from . import controls
     from .evaluate import selected_vs_random
+    _check_sinks_from(sinks_from)
+    if sinks_from == "edited" and via == "edits":
+        raise ValueError("via='edits' needs the sink positions before the pass: use sinks_from='unedited'")
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if L < 4:
         raise ValueError(f"{model.cfg.name} has {L} layers: VAR edits layers 2..L-2, none here")
@@ -293,12 +362,14 @@ def compare(model, calibration, test, p: float = 0.6, rho: float = 0.5, min_targ
     rate = vc.applies.float().mean(0)                                                  # [L, H]
     heads = sorted((l, h) for l in range(2, L - 1) for h in range(H) if rate[l, h] >= select_rate)
     vt = var_pass(model, test, dims, tau, rho, min_target, batch_size, progress, "VAR pass (held-out)")
-    kw = dict(p=p, rho=rho, min_target=min_target, batch_size=batch_size, via=via, queries=queries)
+    kw = dict(p=p, rho=rho, min_target=min_target, batch_size=batch_size, via=via, queries=queries, dims=dims, tau=tau)
+    sinks = "edited" if sinks_from == "edited" else vt.sinks
     rows = [controls.Row("base", vt.correct)]
-    c_all, m_all = evaluate_var(model, test, vt.sinks, None, **kw)
+    c_all, m_all = evaluate_var(model, test, sinks, None, **kw)
     rows.append(controls.Row(f"VAR, all heads of layers 2..{L - 2} (paper)", c_all, n_heads=(L - 3) * H))
     extra = {"massive_dims": dims, "first_token_peak": peak, "tau": tau, "p": p, "rho": rho,
-             "min_target": min_target, "select_rate": select_rate, "queries": queries, "selected_heads": heads, "n_selected": len(heads),
+             "min_target": min_target, "select_rate": select_rate, "queries": queries, "sinks_from": sinks_from,
+             "selected_heads": heads, "n_selected": len(heads),
              "rule_rate_calibration": rate.tolist(),
              "mean_sinks_in_context_per_layer": [
                  sum(sum(1 for t in s.get(l, ()) if ex.target[0] <= t < ex.target[1]) for s, ex in zip(vt.sinks, test))
@@ -306,7 +377,7 @@ def compare(model, calibration, test, p: float = 0.6, rho: float = 0.5, min_targ
              "share_rows_rule_holds_last_query": float(vt.applies[:, 2:L - 1].float().mean()),
              "margin_base": float(vt.margin.mean()), "margin_var_all": float(m_all.mean())}
     if heads:
-        sel = selected_vs_random(lambda s: evaluate_var(model, test, vt.sinks, s, **kw), heads, L, H,
+        sel = selected_vs_random(lambda s: evaluate_var(model, test, sinks, s, **kw), heads, L, H,
                                  range(2, L - 1), n_random, seed,
                                  "VAR, target-centric heads ({k})", "VAR, random {k} heads")
         rows += sel.rows

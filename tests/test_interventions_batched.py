@@ -136,6 +136,39 @@ def test_var_hooks_equal_scalekeys(deep):
         var.evaluate_var(deep, exs, sinks, None, via="edits", queries="before")
 
 
+def test_var_sinks_found_in_the_edited_pass(deep):
+    """sinks="edited" (the reference: each layer's sink tokens from its input in the pass being
+    edited) equals a step-by-step reference built from ScaleKeys: layer 2's sinks from the unedited
+    input, then layer 3's from the input of a forward with layer 2 edited, then both edits. Edited
+    sinks differ from the unedited forward's (sinks_from="unedited") on this model."""
+    exs = [tasks.ContextExample(e.tokens, e.choices, e.label, target=(1, len(e.tokens) - 1))
+           for e in _examples(6)]
+    dims = list(range(deep.cfg.d_model))
+    # tau: the median of each token's largest normalised |value| at layer 3's input, so about half
+    # the tokens are sinks and an edit below can move some across it
+    x = torch.cat([var._normalised(var._resid(deep, e.tokens)[3]).abs().amax(-1)[1:] for e in exs])
+    tau = float(x.median())
+    kw = dict(rho=1.0, min_target=0.0, queries="all")
+    ref_sinks, unedited = [], []
+    for e in exs:
+        s2 = var.sink_tokens(deep, e.tokens, dims, tau)[2]
+        with torch.no_grad(), deep.edit(var.var_edits(deep, {2: s2}, [e.target], **kw)):
+            _, cache = deep.run_with_cache(e.tokens[None], names_filter="blocks.3.hook_resid_pre")
+        s3 = torch.nonzero(var._normalised(cache["blocks.3.hook_resid_pre"][0])[:, dims].abs().amax(-1) > tau)
+        ref_sinks.append({2: s2, 3: s3.flatten().tolist()})
+        unedited.append({l: v for l, v in var.sink_tokens(deep, e.tokens, dims, tau).items() if l in (2, 3)})
+    assert ref_sinks != unedited                          # the layer-2 edit moved some layer-3 sinks
+    _, m_ref = var.evaluate_var(deep, exs, ref_sinks, None, via="edits", **kw)
+    _, m_live = var.evaluate_var(deep, exs, "edited", None, batch_size=4, dims=dims, tau=tau, **kw)
+    _, m_old = var.evaluate_var(deep, exs, unedited, None, batch_size=4, **kw)
+    torch.testing.assert_close(m_live, m_ref, atol=2e-5, rtol=1e-4)
+    assert float((m_live - m_old).abs().max()) > 1e-4
+    with pytest.raises(ValueError, match="via='edits' needs the sink positions"):
+        var.evaluate_var(deep, exs, "edited", None, via="edits", dims=dims, tau=tau)
+    with pytest.raises(ValueError, match="needs the massive dimensions"):
+        var.evaluate_var(deep, exs, "edited", None)
+
+
 def test_var_edits_hold_back_the_rows_before_the_target_end(deep):
     """var_edits(queries="after_target") is ScaleKeys with min_query = the group's end, inside the
     kernels: the logits at positions before it are the unedited model's, and every logit equals the

@@ -162,7 +162,7 @@ def test_var_cli_on_smollm2(smollm2, tmp_path, monkeypatch):
                                     "--n-random", "1", "--batch-size", "4", "--out", str(out)])) == 0
     res = json.loads((out / "results.json").read_text())
     assert [r["condition"] for r in res["rows"]][:2] == ["base", "VAR, all heads of layers 2..28 (paper)"]
-    assert res["massive_dims"] and res["tau"] == 20.0
+    assert res["massive_dims"] and res["tau"] == 20.0 and res["sinks_from"] == "edited"
     eds = load_edits(out)
     assert eds and all(type(e).__name__ == "ScaleKeys" and e.factor == 0.6 and e.max_ratio == 0.5 for e in eds)
     assert all(2 <= e.layer <= 28 for e in eds)
