@@ -8,7 +8,11 @@ earlier positions j < t holding the same token as t,
   induction(t) = sum_j A[t, j + 1]        echo(t) = sum_j A[t, j]
 
 and a head's score is the mean over those queries (the attention mass a query puts on all its
-induction / echo targets; with R = 2 this is TransformerLens' classic induction score). Under
+induction / echo targets; with R = 2 this is TransformerLens' classic induction score). The paper's
+"mean attention on j + 1 for earlier positions j" can also be read as the mean over (t, j) pairs:
+a query in repeat r has r - 1 copies, so that mean is exactly 2/R times this score (half at R = 4;
+tests/test_heads_classic.py computes it from the patterns). Rankings, and so the retrieval set
+below, are the same under either reading; only absolute thresholds move. Under
 GQA the paper takes the max over the query heads of a KV head: ``extra["kv_max"]`` [L, G]; the
 HeadScores themselves are per query head. ``razor_retrieval_set`` gives the paper's retrieval
 set: top 14% by induction ∪ top 1% by echo.

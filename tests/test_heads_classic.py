@@ -105,6 +105,26 @@ def test_methods_agree_unplanted(tiny):
         assert (a[k] >= 0).all() and (a[k] <= 1).all()
 
 
+def test_pair_mean_reading_is_two_over_r_times_the_score(tiny):
+    """methods' "mean attention on j + 1 for earlier positions j" read as the mean over (query, copy)
+    pairs, computed here from the full patterns with no diagonal shortcut, is exactly 2 / R times
+    the score (the per-query sum over copies, then the mean over queries): the same ranking, so
+    the same retrieval set, under either reading."""
+    L_, R = 10, 4
+    t = repeated_random_tokens(tiny, L_, R, n_samples=2, seed=5)
+    s = razor_scores(tiny, t, L_, "stats", progress=False)
+    _, cache = tiny.run_with_cache(t, names_filter=lambda n: n.endswith("hook_pattern"))
+    N = t.shape[1]
+    for which, shift in (("induction", 1), ("echo", 0)):
+        pairs = [(b, q, j) for b in range(t.shape[0]) for q in range(1 + L_, N) for j in range(1, q)
+                 if t[b, j] == t[b, q]]
+        assert len(pairs) == t.shape[0] * L_ * R * (R - 1) // 2
+        for l in range(3):
+            p = cache["pattern", l]                                                  # [B, H, N, N]
+            mean = sum(p[b, :, q, j + shift] for b, q, j in pairs) / len(pairs)       # [H]
+            torch.testing.assert_close(mean, 2 / R * s[which][l], atol=1e-6, rtol=1e-5)
+
+
 def test_diagonal_mass_matches_patterns(tiny):
     t = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     _, cache = tiny.run_with_cache(t, names_filter=lambda n: n.endswith("hook_pattern"))
