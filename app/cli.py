@@ -151,6 +151,9 @@ def add_compare_parser(sub) -> None:
     p.add_argument("report_a", help="a folder written by `headscope report`")
     p.add_argument("report_b", help="another one")
     p.add_argument("--top", type=_positive_int, default=10, help="K, heads per analyzer (default 10)")
+    p.add_argument("--same-model", action="store_true",
+                   help="compare as two runs of one model even when the model's name differs (the same "
+                        "weights loaded from another folder or run on another device: CPU vs GPU)")
 
 
 # ------------------------------------------------------------------ --param values
@@ -476,17 +479,25 @@ def _cmd_compare(a) -> int:
 
     from .tables import compare, fmt_num, fmt_rho
     ra, rb = _load_saved(a.report_a), _load_saved(a.report_b)
-    res = compare(ra, rb, a.top)
+    try:
+        res = compare(ra, rb, a.top, same=True if a.same_model else None)
+    except ValueError as e:
+        print(f"headscope compare: {e}", file=sys.stderr)
+        return 2
     con = Console()
     na, nb = (ra[0].get("model") or {}).get("name", "A"), (rb[0].get("model") or {}).get("name", "B")
     if res["mode"] == "runs":
-        con.print(f"two runs of [bold]{na}[/bold]: Spearman's rho over all heads and top-{a.top} overlap")
+        who = na if na == nb else f"{na} / {nb}"
+        con.print(f"two runs of [bold]{who}[/bold]: Spearman's rho over all heads and top-{a.top} overlap")
         t = Table()
-        for c in ("analyzer", "Spearman rho", f"top-{a.top} overlap", "max |diff|", "note"):
+        for c in ("analyzer", "Spearman rho", f"top-{a.top} overlap", "top head A / B", "max |diff|",
+                  "relative", "note"):
             t.add_column(c)
         for n, d in res["analyzers"].items():
             note = "ties: " + (d["tie_a"] or d["tie_b"]).split(":")[0] if d["tie_a"] or d["tie_b"] else ""
-            t.add_row(n, fmt_rho(d["spearman"]), f"{d['overlap']:.0%}", f"{d['max_abs_diff']:.3g}", note)
+            (la, ha, _), (lb, hb, _) = d["top_a"][0], d["top_b"][0]
+            t.add_row(n, fmt_rho(d["spearman"]), f"{d['overlap']:.0%}", f"L{la}H{ha} / L{lb}H{hb}",
+                      f"{d['max_abs_diff']:.3g}", f"{d['max_rel_diff']:.3g}", note)
         con.print(t)
     else:
         con.print(f"two models: [bold]{na}[/bold] (A) and [bold]{nb}[/bold] (B)")

@@ -80,22 +80,28 @@ def stats(r: HeadScores, k: int) -> dict:
             "top_depth": sum(l for l, _, _ in top) / len(top) / max(1, L - 1)}
 
 
-def compare(a: tuple[dict, dict], b: tuple[dict, dict], k: int = 10) -> dict:
+def compare(a: tuple[dict, dict], b: tuple[dict, dict], k: int = 10, same: bool | None = None) -> dict:
     """Compare two loaded reports ((summary, results) each). Returns {"mode": "runs"|"models",
     "analyzers": {name: {...}}, "only_a": [...], "only_b": [...]}. Runs of one model: per analyzer
-    Spearman's rho over all heads and the top-k overlap. Two models: per analyzer both top-k lists
-    side by side and ``stats`` of each."""
+    Spearman's rho over all heads, the top-k overlap, the largest |score difference| and that over
+    the largest |score| (``max_rel_diff``). Two models: per analyzer both top-k lists side by side
+    and ``stats`` of each. ``same``: None decides by ``same_model``; True compares as runs of one
+    model whatever the names (the same model loaded from another folder, on another device)."""
     (sa, ra), (sb, rb) = a, b
     common = [n for n in ra if n in rb]
-    mode = "runs" if same_model(sa, sb, ra, rb) else "models"
+    if same and len({tuple(r.scores.shape) for r in [*ra.values(), *rb.values()]}) > 1:
+        raise ValueError("the two reports' [layer, head] shapes differ: they are not of one model")
+    mode = "runs" if (same_model(sa, sb, ra, rb) if same is None else same) else "models"
     out = {"mode": mode, "analyzers": {}, "only_a": [n for n in ra if n not in rb],
            "only_b": [n for n in rb if n not in ra]}
     for n in common:
         x, y = ra[n], rb[n]
         d = {"top_a": x.top(k), "top_b": y.top(k), "tie_a": tie_note(x), "tie_b": tie_note(y)}
         if mode == "runs":
-            d.update(spearman=spearman(x.scores, y.scores), overlap=top_overlap(x, y, k),
-                     max_abs_diff=float((x.scores - y.scores).abs().max()))
+            diff = float((x.scores - y.scores).abs().max())
+            scale = float(torch.maximum(x.scores.abs(), y.scores.abs()).max())
+            d.update(spearman=spearman(x.scores, y.scores), overlap=top_overlap(x, y, k), max_abs_diff=diff,
+                     max_rel_diff=diff / scale if scale > 0 else 0.0)
         else:
             d.update(stats_a=stats(x, k), stats_b=stats(y, k))
         out["analyzers"][n] = d

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_embedded.sh NAME run [STEP...]  STEP (default report):
 #     report  README's main job, `headscope report --device cuda`, once through the Triton kernels (the
 #             default on CUDA) and once through the chunked path (HEADSCOPE_NO_TRITON=1), for
-#             benchmarks/compare_reports.py against a CPU report of the same commit;
+#             `headscope compare CPU_REPORT GPU_REPORT --same-model` against a CPU report of the same commit;
 #     var     experiments/var.py at REPORTS.md's size, sink tokens from the edited pass (the reference)
 #             and from the unedited forward.
 #

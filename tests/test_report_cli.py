@@ -168,6 +168,33 @@ def test_compare_runs_and_models(reports, capsys):
     assert "two models: tiny-llama (A) and tiny-qwen2 (B)" in o and "depth of the top heads" in " ".join(o.split())
 
 
+
+def test_compare_same_model_under_another_name(reports, capsys, tmp_path):
+    """--same-model: the same weights loaded from another folder (CPU vs GPU runs) compare as runs,
+    with the largest difference absolute and relative; reports of different shapes are refused."""
+    import json
+    import shutil
+
+    from headscope.app.views import load_report
+    (fa, ra), (fb, rb), (fq, _) = reports["a"], reports["b"], reports["q"]
+    other = tmp_path / "elsewhere"
+    shutil.copytree(fb, other)
+    summary = json.loads((other / "scores.json").read_text())
+    summary["model"]["name"] = "a-copied-folder"
+    (other / "scores.json").write_text(json.dumps(summary))
+    assert tables.compare(load_report(fa), load_report(other))["mode"] == "models"
+    res = tables.compare(load_report(fa), load_report(other), k=4, same=True)
+    d = res["analyzers"]["sinks"]
+    x, y = ra["sinks"].scores, rb["sinks"].scores
+    assert res["mode"] == "runs" and d["max_abs_diff"] == pytest.approx(float((x - y).abs().max()))
+    assert d["max_rel_diff"] == pytest.approx(d["max_abs_diff"] / float(torch.maximum(x.abs(), y.abs()).max()))
+    assert main(["compare", str(fa), str(other), "--same-model"]) == 0
+    o = " ".join(capsys.readouterr().out.split())
+    assert "two runs of tiny-llama / a-copied-folder" in o and "relative" in o
+    assert main(["compare", str(fa), str(fq), "--same-model"]) == 2
+    assert "shapes differ" in capsys.readouterr().err
+
+
 def test_export_retrieval_head_and_duo(tmp_path):
     g = torch.Generator().manual_seed(0)
     per_test = torch.rand(5, 3, 4, generator=g)                              # [test, layer, head]
