@@ -86,7 +86,8 @@ def _cpu_id() -> bytes:
 def _build() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
-        log.info("headscope: no C compiler found; the CPU path uses plain PyTorch ops")
+        log.warning("headscope: no C compiler found (set CC, or install gcc/clang): the CPU path uses plain "
+                    "PyTorch ops for the row statistics (exact, slower); HEADSCOPE_NATIVE=0 silences this")
         return None
     src = _SRC.read_bytes()
     for flags in (["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"]):
@@ -112,6 +113,9 @@ def _build() -> ctypes.CDLL | None:
         lib.hs_rows_par.argtypes = [_I, _P, _I] + _ARGTYPES[3:]     # nt, s, n_rows, then as hs_rows
         lib.hs_rows_par.restype = None
         return lib
+    log.warning("headscope: the CPU row kernel (kernels/cpu_rows.c) did not build or load with any flag set "
+                "(run with logging at INFO for the compiler's messages): the CPU path uses plain PyTorch ops "
+                "(exact, slower); HEADSCOPE_NATIVE=0 silences this")
     return None
 
 
@@ -126,7 +130,8 @@ def available() -> bool:
                 try:
                     _lib = _build() or False
                 except Exception as e:  # never let an optional speed-up break attention
-                    log.info("headscope: CPU row kernel unavailable (%s)", e)
+                    log.warning("headscope: CPU row kernel unavailable (%s): the CPU path uses plain PyTorch "
+                                "ops (exact, slower); HEADSCOPE_NATIVE=0 silences this", e)
                     _lib = False
     return bool(_lib)
 
