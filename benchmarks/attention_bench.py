@@ -427,16 +427,23 @@ def masses_error(q, k, v):
     return {n: (a[n].float() - b[n].float()).abs().max().item() for n in b}
 
 
-def compare(args):
-    load_best()
+def table_writer(name: str):
+    """put(line): print a table line and, when $OUT is set, append it to $OUT/name."""
     out = os.environ.get("OUT")
-    path = os.path.join(out, "kernels_compare.md") if out else None
+    path = os.path.join(out, name) if out else None
 
     def put(line):
         print(line, flush=True)
         if path:
             with open(path, "a") as f:
                 f.write(line + "\n")
+    return put
+
+
+def compare(args):
+    load_best()
+    out = os.environ.get("OUT")
+    put = table_writer("kernels_compare.md")
     put(f"\n### bf16 causal B=1: ms (TFLOP/s, ×FA4); {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     put("| shape | N | FA4 | cuDNN SDPA | SDPA flash | Flex | ours plain | ours + rows | ours + rows + cols "
         "| ours masses (Triton) | headscope plain (dispatch) | headscope masses via FA4 | max err vs FA4 |")
@@ -488,13 +495,7 @@ def decode(args):
     from headscope.kernels import triton_decode as td
     import triton.testing
     out = os.environ.get("OUT")
-    path = os.path.join(out, "kernels_decode.md") if out else None
-
-    def put(line):
-        print(line, flush=True)
-        if path:
-            with open(path, "a") as f:
-                f.write(line + "\n")
+    put = table_writer("kernels_decode.md")
     H, G, d = 32, 8, 128
     put(f"\n### decode Q=1, H={H} G={G} d={d}, bf16: µs, do_bench median [CUDA graph]; ×SDPA from graphs\n")
     put("| B, K | default SDPA | FA4 | FA4 num_splits=0 | ours plain | ours + argmax | ours + all rows | old fwd + argmax "
