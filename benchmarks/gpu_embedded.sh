@@ -5,6 +5,8 @@
 #     report  README's main job, `headscope report --device cuda`, once through the Triton kernels (the
 #             default on CUDA) and once through the chunked path (HEADSCOPE_NO_TRITON=1), for
 #             `headscope compare CPU_REPORT GPU_REPORT --same-model` against a CPU report of the same commit;
+#             ($MODES: "triton chunked" by default; $KERNELS: run with another commit's kernels/ folder,
+#             e.g. .baseline/kernels_REV from `git archive`; a fresh $TRITON_CACHE_DIR gives a first run)
 #     var     experiments/var.py at REPORTS.md's size, sink tokens from the edited pass (the reference)
 #             and from the unedited forward.
 #
@@ -54,7 +56,12 @@ shift
 G=$HOME/gg-$NAME/$GGUF_NAME
 [ -f $G ] || cat $HOME/gg-$NAME/gguf.part.a? > $G
 ls -la $G
-mkdir -p /tmp/pp && ln -sfn $PWD /tmp/pp/headscope
+TREE=$PWD
+if [ -n "${KERNELS:-}" ]; then          # another commit's kernels/ (e.g. .baseline/kernels_REV) in a copy of this tree
+  rm -rf /tmp/kk && mkdir -p /tmp/kk && cp -r "$PWD" /tmp/kk/headscope && rm -rf /tmp/kk/headscope/kernels \
+    && cp -r "$KERNELS" /tmp/kk/headscope/kernels && TREE=/tmp/kk/headscope
+fi
+mkdir -p /tmp/pp && ln -sfn $TREE /tmp/pp/headscope
 export PYTHONPATH=/tmp/pp HF_HUB_OFFLINE=1
 M=$HOME/hf-$NAME
 python3 - <<PY
@@ -73,7 +80,7 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 steps="$*"; [ -z "$steps" ] && steps=report
 for step in $steps; do case $step in
 report)
-  for mode in triton chunked; do
+  for mode in ${MODES:-triton chunked}; do
     extra=""; [ $mode = chunked ] && extra="HEADSCOPE_NO_TRITON=1"
     start=$(date +%s%N)
     env $extra python3 -m headscope.app.cli report --model $M --device cuda --out $OUT/rep_$mode \
@@ -81,7 +88,7 @@ report)
     echo "$mode: $(( ($(date +%s%N) - start) / 1000000 )) ms wall"; tail -3 $OUT/rep_$mode.log
   done
   # what comes back from the device is limited in file count: one archive
-  tar czf $OUT/reports.tgz -C $OUT rep_triton rep_chunked && rm -rf $OUT/rep_triton $OUT/rep_chunked ;;
+  (cd $OUT && tar czf reports.tgz rep_*/ && rm -rf rep_*/) ;;
 var)
   for sf in edited unedited; do
     python3 -u experiments/var.py --model $M --device cuda --calibration 100 --heldout 300 --facts 4 \

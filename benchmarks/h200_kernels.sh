@@ -17,7 +17,8 @@
 #               argmax or every row statistic recorded ($DECODE_E2E_ARGS: its options, e.g. "--grid 1:8192")
 #   retrieval   the retrieval analyzer with and without the split-key path (MODEL=path to SmolLM2's GGUF
 #               or folder; needs rouge_score on PYTHONPATH, e.g. the .whl/pydeps folder)
-#   rowsab      benchmarks/rows_ab.py for this tree's kernels/flash_stats.py (label "tree")
+#   rowsab      benchmarks/rows_ab.py for this tree's kernels/flash_stats.py (label "tree"); with $BASELINE (a
+#               kernels/ folder of another commit, as for launch) that one too ("base"), in turns, twice
 #   fa4stats    benchmarks/fa4_stats_gpu.py: in-kernel row statistics and column sums, checks + timing (after fa4)
 #   long        fa4_stats_gpu.py timing at long context: $SHAPES (default the two d128 ones) at $LONG_SIZES
 #               (default 65536,131072), 2 s of calls per column; all rows, rows + column sums, the pass (after fa4)
@@ -89,7 +90,17 @@ for step in "$@"; do
       python3 -u benchmarks/retrieval_gpu.py --model "${MODEL:?set MODEL}" --repeats 2 2>&1 | grep -v "it/s\]" \
         | tee $OUT/retrieval_gpu.log | tail -8 ;;
     rowsab)
-      python3 benchmarks/rows_ab.py tree 16384 65536 2>&1 | tee $OUT/rows_ab.md | tail -4 ;;
+      if [ -n "${BASELINE:-}" ]; then      # this tree and $BASELINE's kernels/, in turns, twice
+        rm -rf /tmp/bb && mkdir -p /tmp/bb && cp -r "$PWD" /tmp/bb/headscope && rm -rf /tmp/bb/headscope/kernels \
+          && cp -r "$BASELINE" /tmp/bb/headscope/kernels
+        for r in 1 2; do
+          python3 benchmarks/rows_ab.py tree ${ROWS_AB_SIZES:-16384 65536} 2>&1 | tee -a $OUT/rows_ab.md | tail -2
+          PYTHONPATH=/tmp/bb:$PWD python3 benchmarks/rows_ab.py base ${ROWS_AB_SIZES:-16384 65536} 2>&1 \
+            | tee -a $OUT/rows_ab.md | tail -2
+        done
+      else
+        python3 benchmarks/rows_ab.py tree 16384 65536 2>&1 | tee $OUT/rows_ab.md | tail -4
+      fi ;;
     fa4stats)
       python3 benchmarks/fa4_stats_gpu.py --shapes ${SHAPES:-Llama-3-8B,Qwen2.5-7B,Gemma-3} --sizes ${SIZES:-16384,32768} \
         2>&1 | grep -v "Warn\|exe_args" | tee $OUT/fa4_stats.md | grep -v "^check" | tail -10 ;;

@@ -365,14 +365,13 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     (BM, BN, warps, stages), (RBM, RBN, rwarps, rstages) = _block_config(block, FWD_CONFIGS[kind], RECV_CONFIGS, BD,
                                                                       q.dtype == torch.float32)
 
-    window = int(sliding_window) if sliding_window is not None else 0
     common = dict(
         H=H, G=G, NQ=Q, NK=K, n_rows=n_rows,
-        scaling=float(scaling), softcap=float(softcap) if softcap is not None else 1.0, window=window,
+        scaling=float(scaling), softcap=float(softcap) if softcap is not None else 1.0,
+        window=fs.window_arg(sliding_window),
         QScale=qscale, KPos0=kpos0, Pad=pad if pad is not None else dummy_u8, spb=K,
     )
-    flags = dict(HEAD_D=D, BLOCK_D=BD, CAUSAL=bool(causal), HAS_WINDOW=sliding_window is not None,
-                 HAS_PAD=pad is not None, HAS_SOFTCAP=softcap is not None,
+    flags = dict(HEAD_D=D, BLOCK_D=BD, CAUSAL=bool(causal), HAS_PAD=pad is not None, HAS_SOFTCAP=softcap is not None,
                  HAS_QSCALE=ed is not None and ed.q_scale is not None,
                  DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
                  DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16)

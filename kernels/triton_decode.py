@@ -31,7 +31,7 @@ from .device_cache import cached, dummies, sm_count
 from .launch import fast
 from .spec import decline_reason
 
-from .flash_stats import IDX_BIG, LN2, LOG2E, NEG_BIG  # noqa: E402  (one definition of the constants)
+from .flash_stats import IDX_BIG, LN2, LOG2E, NEG_BIG, window_arg  # noqa: E402  (one definition of the constants)
 from .flash_stats import SLOT_DISTANCE as P_DIST  # noqa: E402
 from .flash_stats import SLOT_ENTROPY as P_ENT  # noqa: E402
 from .flash_stats import SLOT_RECENT as P_RECENT  # noqa: E402
@@ -59,7 +59,7 @@ def decode_partial_kernel(
     scaling, softcap, window,
     QScale, KPos0, Pad, Spans, wdist_w, recent_r,
     RQ: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_QSCALE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
     NSPAN: tl.constexpr, N_SLOT: tl.constexpr, ENTROPY: tl.constexpr, DISTANCE: tl.constexpr,
     WDIST: tl.constexpr, RECENT: tl.constexpr, ARGMAX: tl.constexpr,
@@ -123,8 +123,7 @@ def decode_partial_kernel(
         vis = in_k[None, :] & row_ok[:, None]
         if CAUSAL:
             vis = vis & (diff >= 0)
-        if HAS_WINDOW:
-            vis = vis & (diff < window)
+        vis = vis & (diff < window)                 # flash_stats.NO_WINDOW when none
         if HAS_PAD:
             kp = tl.load(Pad + b64 * NK + offs_n, mask=in_k, other=0)
             vis = vis & (kp != 0)[None, :]
@@ -370,7 +369,7 @@ class _Plan:
     partial-buffer width. Kept per (device, dtype, shapes but K, masks, request), so that an eager
     decode step's host time goes to the two launches and the three buffers."""
 
-    def __init__(self, dev, dtype, B, H, Q, D, G, causal, window, softcap, pad, qscale, stats, config):
+    def __init__(self, dev, dtype, B, H, Q, D, G, causal, softcap, pad, qscale, stats, config):
         import torch
         self.stats = stats                           # held: the plan is keyed on id(stats)
         RQ = (H // G) * Q
@@ -405,7 +404,7 @@ class _Plan:
         flags = dict(HEAD_D=D, BLOCK_D=BD, NSPAN=nspan, N_SLOT=self.n_slot, ENTROPY=ent, DISTANCE=dis,
                      WDIST=wd, RECENT=rec, ARGMAX=am)
         self.partial = fast(decode_partial_kernel).bind(
-            RQ=RQ, BLOCK_M=max(16, _pow2(RQ)), BLOCK_N=BN, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+            RQ=RQ, BLOCK_M=max(16, _pow2(RQ)), BLOCK_N=BN, CAUSAL=bool(causal),
             HAS_PAD=pad, HAS_SOFTCAP=softcap, HAS_QSCALE=qscale,
             DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
             DOT_UPCAST=interp and dtype == torch.bfloat16, **flags,
@@ -432,13 +431,15 @@ def clear_plans() -> None:
     _PLANS.clear()
 
 
-def _plan(dev, dtype, B, H, Q, D, G, causal, window, softcap, pad, qscale, stats, config) -> _Plan:
-    key = (dev, dtype, B, H, Q, D, G, causal, window, softcap, pad, qscale, id(stats), config)
+def _plan(dev, dtype, B, H, Q, D, G, causal, softcap, pad, qscale, stats, config) -> _Plan:
+    """The plan of a call's shape and request (the window is a runtime argument: sliding and full
+    layers share one)."""
+    key = (dev, dtype, B, H, Q, D, G, causal, softcap, pad, qscale, id(stats), config)
     p = _PLANS.get(key)
     if p is None or p.stats is not stats:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
-        p = _PLANS[key] = _Plan(dev, dtype, B, H, Q, D, G, causal, window, softcap, pad, qscale, stats, config)
+        p = _PLANS[key] = _Plan(dev, dtype, B, H, Q, D, G, causal, softcap, pad, qscale, stats, config)
     return p
 
 
@@ -468,7 +469,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     ed = edits if edits is not None and not edits.empty else None
     has_qscale = ed is not None and ed.q_scale is not None
     st = stats
-    p = _plan(dev, q.dtype, B, H, Q, D, G, bool(causal), sliding_window, softcap is not None,
+    p = _plan(dev, q.dtype, B, H, Q, D, G, bool(causal), softcap is not None,
               key_padding is not None, has_qscale, st, tuple(config) if config is not None else None)
 
     # visible key range [key_lo, K): with a window, keys before the first query's window are skipped
@@ -510,7 +511,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
         q, k, v, part, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
         H, G, Q, K, key_lo, split_len, S, n_pad,
         float(scaling), float(softcap) if softcap is not None else 1.0,
-        int(sliding_window) if sliding_window is not None else 0,
+        window_arg(sliding_window),
         qscale, kpos0, pad, p.spans, p.wdist_w, p.recent_r)
     p.merge(S)[(n_rows,)](part, out, res, arg, H * Q * D, Q * D, D, H, G, Q, S, n_rows, n_pad, kpos0)
 

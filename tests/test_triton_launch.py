@@ -196,3 +196,77 @@ def test_bound_launch_of_a_kernel_with_constexprs_between_its_arguments_goes_thr
         b[(1,)](x, 5)                                      # X and n by name, not by position
     assert len(k.jit_launches) == 1 and k.jit_launches[0][2] == dict(X=x, n=5, BLOCK=16)
     assert k.compiled[16].launches == [((1, 1, 1), (x, 16, 5))] * 2
+
+
+def _compile_keys(monkeypatch, calls) -> list:
+    """What selects a compiled kernel for each launch the Triton host code makes for ``calls``
+    (functions of no argument): the kernel, its constexpr values and options, and each runtime
+    argument's specialisation (tensors by dtype). Launches are recorded, not run."""
+    import inspect
+
+    from headscope.kernels import triton_attention as ta
+    from headscope.kernels import triton_decode as td
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel, constants=None):
+            self.kernel, self.constants = kernel, constants or {}
+
+        def bind(self, **constants):
+            return Recorder(self.kernel, constants)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.kernel, args, {**self.constants, **kw}))
+
+    monkeypatch.setattr(ta, "fast", Recorder)
+    monkeypatch.setattr(td, "fast", Recorder)
+    keys = []
+    for call in calls:
+        launches.clear()
+        try:
+            call()
+        except Exception:       # host code reading the unwritten outputs after the launches
+            pass
+        for kernel, args, kw in launches:
+            fn = getattr(kernel, "fn", kernel)
+            params = inspect.signature(fn).parameters
+            const = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+            names = list(params)
+            vals = dict(zip(names, args)) | kw
+
+            def fact(x):
+                return x.dtype if isinstance(x, torch.Tensor) else launch.specialization_fact(x)
+
+            keys.append((fn.__name__, tuple(sorted((n, v) for n, v in vals.items() if n in const or n not in names)),
+                         tuple((n, fact(v)) for n, v in vals.items() if n in names and n not in const)))
+        assert launches, "the call made no launch"
+    return keys
+
+
+def test_sliding_and_full_layers_share_their_compiled_kernels(monkeypatch):
+    """The sliding window is a runtime argument of every Triton kernel (prefill with row statistics,
+    column sums, split-key decode), not a compile-time switch: a model that alternates sliding and
+    full layers (Gemma-3) compiles each request once. (With the window a constexpr, a first GPU
+    report on Gemma-3-270M compiled 21 kernels instead of 11: benchmarks/request_variants.py.)"""
+    from headscope.kernels import triton_attention as ta
+    from headscope.kernels import triton_decode as td
+    from headscope.kernels.spec import StatRequest
+    monkeypatch.setattr(td, "DECODE_MIN_K", 16)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 40, 64, generator=g)
+    k = torch.randn(1, 2, 40, 64, generator=g)
+    q1 = q[:, :, -1:].contiguous()
+    req = StatRequest(sink_k=1, entropy=True, argmax=True, received=True)
+
+    def calls(window):
+        return [lambda: ta.attention(q, k, k, scaling=0.125, sliding_window=window, stats=req),
+                lambda: ta.attention(q, k, k, scaling=0.125, sliding_window=window),
+                lambda: td.attention(q1, k, k, scaling=0.125, sliding_window=window,
+                                     stats=StatRequest(argmax=True))]
+
+    full = _compile_keys(monkeypatch, calls(None))
+    assert {key[0] for key in full} >= {"_attn_fwd", "received_kernel", "decode_partial_kernel"}
+    # Gemma-3's window, 512 (wider than these 40 keys), and 16, which hides keys: the prefill kernels
+    # take the same compiled kernel (in decode, hidden keys change the split plan's sizes, as any K does)
+    assert _compile_keys(monkeypatch, calls(512)) == full
+    assert _compile_keys(monkeypatch, calls(16)[:2]) == _compile_keys(monkeypatch, calls(None)[:2])
