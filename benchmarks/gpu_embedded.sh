@@ -5,8 +5,8 @@
 #     report  README's main job, `headscope report --device cuda`, once through the Triton kernels (the
 #             default on CUDA) and once through the chunked path (HEADSCOPE_NO_TRITON=1), for
 #             `headscope compare CPU_REPORT GPU_REPORT --same-model` against a CPU report of the same commit;
-#             ($MODES: "triton chunked" by default; $KERNELS: run with another commit's kernels/ folder,
-#             e.g. .baseline/kernels_REV from `git archive`; a fresh $TRITON_CACHE_DIR gives a first run)
+#             ($MODES: "triton chunked" by default; $BASE_TREE: run another commit's package instead, e.g.
+#             .baseline/tree_REV from `git archive REV`; a fresh $TRITON_CACHE_DIR gives a first run)
 #     var     experiments/var.py at REPORTS.md's size, sink tokens from the edited pass (the reference)
 #             and from the unedited forward.
 #
@@ -57,10 +57,7 @@ G=$HOME/gg-$NAME/$GGUF_NAME
 [ -f $G ] || cat $HOME/gg-$NAME/gguf.part.a? > $G
 ls -la $G
 TREE=$PWD
-if [ -n "${KERNELS:-}" ]; then          # another commit's kernels/ (e.g. .baseline/kernels_REV) in a copy of this tree
-  rm -rf /tmp/kk && mkdir -p /tmp/kk && cp -r "$PWD" /tmp/kk/headscope && rm -rf /tmp/kk/headscope/kernels \
-    && cp -r "$KERNELS" /tmp/kk/headscope/kernels && TREE=/tmp/kk/headscope
-fi
+[ -n "${BASE_TREE:-}" ] && TREE=$(realpath "$BASE_TREE")    # another commit's package (git archive REV)
 mkdir -p /tmp/pp && ln -sfn $TREE /tmp/pp/headscope
 export PYTHONPATH=/tmp/pp HF_HUB_OFFLINE=1
 M=$HOME/hf-$NAME

@@ -18,11 +18,13 @@ import os
 import tempfile
 import time
 from collections import defaultdict
+from types import SimpleNamespace
 
 import torch
 
 import headscope as hs
 from headscope.kernels import chunked
+from headscope.probe.attention import has_sliding_layers
 
 
 def _set(x) -> bool:
@@ -77,8 +79,9 @@ class TritonKeys:
         ta.fast = td.fast = Recorder
         ta._check = lambda *args, **kwargs: None      # it refuses CPU tensors outside the interpreter
 
-    def record(self, q, k, v, kw) -> None:
-        """The launches the Triton path makes for this call (nothing when it declines it)."""
+    def record(self, q, k, v, kw, window_switch: bool) -> None:
+        """The launches the Triton path makes for this call (nothing when it declines it);
+        ``window_switch`` as the probe sets it (``has_sliding_layers``)."""
         ta = self.ta
         kw = {n: x for n, x in kw.items() if n != "native"}
         reason = ta.supports(kw.get("stats"), kw.get("edits"), sinks=kw.get("sinks") is not None)
@@ -87,7 +90,7 @@ class TritonKeys:
             return
         self.launches.clear()
         try:
-            ta.attention(q, k, v, **kw)
+            ta.attention(q, k, v, window_switch=window_switch, **kw)
         except ta.Unsupported as e:
             self.declined[str(e)] += 1
             return
@@ -144,6 +147,7 @@ def main():
     from headscope.app.report import default_names, make_analyzer
     names = [n for n in a.only.split(",") if n] if a.only else default_names("quick")
     model = hs.load(a.model)
+    switch = has_sliding_layers(SimpleNamespace(config=model.model.config.get_text_config()))
     seen: dict[str, set] = defaultdict(set)
     calls: dict[str, int] = defaultdict(int)
     new_keys: dict[str, int] = defaultdict(int)
@@ -156,7 +160,7 @@ def main():
         calls[current[0]] += 1
         if triton_keys is not None:
             n0 = len(triton_keys.keys)
-            triton_keys.record(q, k, v, kw)
+            triton_keys.record(q, k, v, kw, switch)
             new_keys[current[0]] += len(triton_keys.keys) - n0
         return real(q, k, v, **kw)
 

@@ -33,7 +33,7 @@ def received_kernel(
     scaling, softcap, window, ra, rb,
     QScale, KPos0, Pad, spb, RdHasTgt, RdSrc, RdTgt,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_QSCALE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, RWIN: tl.constexpr,
     NSRC: tl.constexpr, NTGT: tl.constexpr,
 ):
@@ -69,7 +69,9 @@ def received_kernel(
         tq_lo = tl.maximum(tq_lo, s0)
     if RWIN:
         tq_lo = tl.maximum(tq_lo, s0 + ra)
-    tq_hi = tl.minimum(zero + NK, s_last + window)   # window: flash_stats.NO_WINDOW when none
+    tq_hi = zero + NK
+    if HAS_WINDOW:
+        tq_hi = tl.minimum(tq_hi, s_last + window)
     if RWIN:
         tq_hi = tl.minimum(tq_hi, s_last + rb + 1)
     i_lo = (tl.maximum(tq_lo - OFF, 0) // BLOCK_M) * BLOCK_M
@@ -82,8 +84,8 @@ def received_kernel(
         if CAUSAL:   # every row t >= the block's last key
             mid_lo = ((tl.maximum(s_last - OFF, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
         mid_hi = zero + (NQ // BLOCK_M) * BLOCK_M
-        # every row t - s0 < window
-        mid_hi = tl.minimum(mid_hi, (tl.maximum(s0 + window - OFF, 0) // BLOCK_M) * BLOCK_M)
+        if HAS_WINDOW:   # every row t - s0 < window
+            mid_hi = tl.minimum(mid_hi, (tl.maximum(s0 + window - OFF, 0) // BLOCK_M) * BLOCK_M)
         mid_lo = tl.minimum(tl.maximum(mid_lo, i_lo), i_hi)
         mid_hi = tl.maximum(tl.minimum(mid_hi, i_hi), mid_lo)
 
@@ -136,7 +138,8 @@ def received_kernel(
                     vis = (offs_m < NQ)[None, :] & nmask[:, None]
                     if CAUSAL:
                         vis = vis & (offs_n[:, None] <= tt[None, :])
-                    vis = vis & ((tt[None, :] - offs_n[:, None]) < window)
+                    if HAS_WINDOW:
+                        vis = vis & ((tt[None, :] - offs_n[:, None]) < window)
                     if RWIN:
                         dd = tt[None, :] - offs_n[:, None]
                         vis = vis & (dd >= ra) & (dd <= rb)

@@ -297,9 +297,14 @@ def _module(name: str):
 def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
               key_padding: torch.Tensor | None = None, softcap: float | None = None,
               key_pos0: torch.Tensor | None = None, stats: StatRequest | None = None,
-              edits: LayerEdits | None = None, block=None, sinks: torch.Tensor | None = None):
+              edits: LayerEdits | None = None, block=None, sinks: torch.Tensor | None = None,
+              window_switch: bool = False):
     """q [B, H, Q, d], k, v [B, G, K, d] -> (out [B, H, Q, d], stats dict), as ``chunked.attention``.
     Requests that ``supports`` declines (e.g. ``sinks``) raise ``Unsupported``.
+
+    ``window_switch``: compile the window's test in even when ``sliding_window`` is None (for the full
+    layers of a model with sliding layers, which then share their compiled kernels:
+    ``flash_stats.NO_WINDOW``). The result is the same either way.
 
     ``block``: None (tuned table; 16 in the interpreter), an int (BLOCK_M = BLOCK_N), or
     (BLOCK_M, BLOCK_N[, num_warps, num_stages]) for both kernels. Raises ``Unsupported``."""
@@ -310,7 +315,8 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     td = _module("triton_decode")
     if block is None and td.eligible(q, k, stats=stats, edits=edits) is None:   # few queries, many keys
         return td.attention(q, k, v, scaling=scaling, causal=causal, sliding_window=sliding_window,
-                            key_padding=key_padding, softcap=softcap, key_pos0=key_pos0, stats=stats, edits=edits)
+                            key_padding=key_padding, softcap=softcap, key_pos0=key_pos0, stats=stats, edits=edits,
+                            window_switch=window_switch)
     fs = _module("flash_stats")
 
     B, H, Q, D = q.shape
@@ -365,13 +371,15 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     (BM, BN, warps, stages), (RBM, RBN, rwarps, rstages) = _block_config(block, FWD_CONFIGS[kind], RECV_CONFIGS, BD,
                                                                       q.dtype == torch.float32)
 
+    has_window = sliding_window is not None or bool(window_switch)
     common = dict(
         H=H, G=G, NQ=Q, NK=K, n_rows=n_rows,
         scaling=float(scaling), softcap=float(softcap) if softcap is not None else 1.0,
         window=fs.window_arg(sliding_window),
         QScale=qscale, KPos0=kpos0, Pad=pad if pad is not None else dummy_u8, spb=K,
     )
-    flags = dict(HEAD_D=D, BLOCK_D=BD, CAUSAL=bool(causal), HAS_PAD=pad is not None, HAS_SOFTCAP=softcap is not None,
+    flags = dict(HEAD_D=D, BLOCK_D=BD, CAUSAL=bool(causal), HAS_WINDOW=has_window,
+                 HAS_PAD=pad is not None, HAS_SOFTCAP=softcap is not None,
                  HAS_QSCALE=ed is not None and ed.q_scale is not None,
                  DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
                  DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16)

@@ -59,7 +59,7 @@ def decode_partial_kernel(
     scaling, softcap, window,
     QScale, KPos0, Pad, Spans, wdist_w, recent_r,
     RQ: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_QSCALE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
     NSPAN: tl.constexpr, N_SLOT: tl.constexpr, ENTROPY: tl.constexpr, DISTANCE: tl.constexpr,
     WDIST: tl.constexpr, RECENT: tl.constexpr, ARGMAX: tl.constexpr,
@@ -123,7 +123,8 @@ def decode_partial_kernel(
         vis = in_k[None, :] & row_ok[:, None]
         if CAUSAL:
             vis = vis & (diff >= 0)
-        vis = vis & (diff < window)                 # flash_stats.NO_WINDOW when none
+        if HAS_WINDOW:
+            vis = vis & (diff < window)
         if HAS_PAD:
             kp = tl.load(Pad + b64 * NK + offs_n, mask=in_k, other=0)
             vis = vis & (kp != 0)[None, :]
@@ -369,7 +370,7 @@ class _Plan:
     partial-buffer width. Kept per (device, dtype, shapes but K, masks, request), so that an eager
     decode step's host time goes to the two launches and the three buffers."""
 
-    def __init__(self, dev, dtype, B, H, Q, D, G, causal, softcap, pad, qscale, stats, config):
+    def __init__(self, dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, stats, config):
         import torch
         self.stats = stats                           # held: the plan is keyed on id(stats)
         RQ = (H // G) * Q
@@ -404,7 +405,7 @@ class _Plan:
         flags = dict(HEAD_D=D, BLOCK_D=BD, NSPAN=nspan, N_SLOT=self.n_slot, ENTROPY=ent, DISTANCE=dis,
                      WDIST=wd, RECENT=rec, ARGMAX=am)
         self.partial = fast(decode_partial_kernel).bind(
-            RQ=RQ, BLOCK_M=max(16, _pow2(RQ)), BLOCK_N=BN, CAUSAL=bool(causal),
+            RQ=RQ, BLOCK_M=max(16, _pow2(RQ)), BLOCK_N=BN, CAUSAL=bool(causal), HAS_WINDOW=has_window,
             HAS_PAD=pad, HAS_SOFTCAP=softcap, HAS_QSCALE=qscale,
             DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
             DOT_UPCAST=interp and dtype == torch.bfloat16, **flags,
@@ -431,15 +432,13 @@ def clear_plans() -> None:
     _PLANS.clear()
 
 
-def _plan(dev, dtype, B, H, Q, D, G, causal, softcap, pad, qscale, stats, config) -> _Plan:
-    """The plan of a call's shape and request (the window is a runtime argument: sliding and full
-    layers share one)."""
-    key = (dev, dtype, B, H, Q, D, G, causal, softcap, pad, qscale, id(stats), config)
+def _plan(dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, stats, config) -> _Plan:
+    key = (dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, id(stats), config)
     p = _PLANS.get(key)
     if p is None or p.stats is not stats:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
-        p = _PLANS[key] = _Plan(dev, dtype, B, H, Q, D, G, causal, softcap, pad, qscale, stats, config)
+        p = _PLANS[key] = _Plan(dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, stats, config)
     return p
 
 
@@ -452,11 +451,11 @@ def partials_layout(n_prow: int) -> int:
 
 def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: int | None = None,
               key_padding=None, softcap: float | None = None, key_pos0=None, stats=None, edits=None,
-              splits: int | None = None, config=None):
+              splits: int | None = None, config=None, window_switch: bool = False):
     """Decode attention: q [B, H, Q, d], k, v [B, G, K, d] -> (out [B, H, Q, d], stats dict), the
     result of ``triton_attention.attention`` for a call that ``eligible`` accepts (the caller checks
     it and the shared argument checks). ``splits`` forces the number of key splits; ``config`` is
-    (BLOCK_N, num_warps, num_stages)."""
+    (BLOCK_N, num_warps, num_stages); ``window_switch`` as in ``triton_attention.attention``."""
     import torch
 
     B, H, Q, D = q.shape
@@ -469,7 +468,8 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     ed = edits if edits is not None and not edits.empty else None
     has_qscale = ed is not None and ed.q_scale is not None
     st = stats
-    p = _plan(dev, q.dtype, B, H, Q, D, G, bool(causal), softcap is not None,
+    p = _plan(dev, q.dtype, B, H, Q, D, G, bool(causal), sliding_window is not None or bool(window_switch),
+              softcap is not None,
               key_padding is not None, has_qscale, st, tuple(config) if config is not None else None)
 
     # visible key range [key_lo, K): with a window, keys before the first query's window are skipped

@@ -203,6 +203,15 @@ def _needs_grad(q, k, v, edits) -> bool:
     return any(t.requires_grad for t in ts)
 
 
+def has_sliding_layers(module) -> bool:
+    """Whether the model of this attention module has sliding-window layers (its config names a
+    ``sliding_window``: Gemma-2/3, GPT-OSS, Mistral; Qwen2 only with ``use_sliding_window``). Its
+    full layers then run the Triton kernels with the window's test compiled in and an unbounded
+    window, so that they share the sliding layers' compiled kernels (``triton_attention.attention``'s
+    ``window_switch``): half the kernels to compile on a fresh GPU for a model that alternates them."""
+    return getattr(getattr(module, "config", None), "sliding_window", None) is not None
+
+
 def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal,
                   key_pos0, stats, edits, score_hook=None, pattern_hook=None, sinks=None, fa4_tried=False):
     """Pick the path for one instrumented call: the reference when a hook wants scores/patterns,
@@ -229,7 +238,7 @@ def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap
                                                                                     sinks=sinks is not None)
             if reason is None:
                 try:
-                    out, st = ta.attention(q, k, v, **kw)
+                    out, st = ta.attention(q, k, v, window_switch=has_sliding_layers(module), **kw)
                     missing = want - set(st)
                     if not missing:
                         return out, st

@@ -244,10 +244,12 @@ def _compile_keys(monkeypatch, calls) -> list:
 
 
 def test_sliding_and_full_layers_share_their_compiled_kernels(monkeypatch):
-    """The sliding window is a runtime argument of every Triton kernel (prefill with row statistics,
-    column sums, split-key decode), not a compile-time switch: a model that alternates sliding and
-    full layers (Gemma-3) compiles each request once. (With the window a constexpr, a first GPU
-    report on Gemma-3-270M compiled 21 kernels instead of 11: benchmarks/request_variants.py.)"""
+    """With ``window_switch`` (what the probe sets for a model with sliding layers) the window's test
+    is compiled in and the window is a runtime argument of every Triton kernel (prefill with row
+    statistics, column sums, split-key decode): a model that alternates sliding and full layers
+    (Gemma-3) compiles each request once. (Per layer, a first GPU report on Gemma-3-270M compiled 21
+    kernels instead of 11: benchmarks/request_variants.py.) Without it, a layer with no window keeps
+    the kernels without the test (faster on the H200)."""
     from headscope.kernels import triton_attention as ta
     from headscope.kernels import triton_decode as td
     from headscope.kernels.spec import StatRequest
@@ -258,11 +260,11 @@ def test_sliding_and_full_layers_share_their_compiled_kernels(monkeypatch):
     q1 = q[:, :, -1:].contiguous()
     req = StatRequest(sink_k=1, entropy=True, argmax=True, received=True)
 
-    def calls(window):
-        return [lambda: ta.attention(q, k, k, scaling=0.125, sliding_window=window, stats=req),
-                lambda: ta.attention(q, k, k, scaling=0.125, sliding_window=window),
+    def calls(window, switch=True):
+        return [lambda: ta.attention(q, k, k, scaling=0.125, sliding_window=window, stats=req, window_switch=switch),
+                lambda: ta.attention(q, k, k, scaling=0.125, sliding_window=window, window_switch=switch),
                 lambda: td.attention(q1, k, k, scaling=0.125, sliding_window=window,
-                                     stats=StatRequest(argmax=True))]
+                                     stats=StatRequest(argmax=True), window_switch=switch)]
 
     full = _compile_keys(monkeypatch, calls(None))
     assert {key[0] for key in full} >= {"_attn_fwd", "received_kernel", "decode_partial_kernel"}
@@ -270,3 +272,24 @@ def test_sliding_and_full_layers_share_their_compiled_kernels(monkeypatch):
     # take the same compiled kernel (in decode, hidden keys change the split plan's sizes, as any K does)
     assert _compile_keys(monkeypatch, calls(512)) == full
     assert _compile_keys(monkeypatch, calls(16)[:2]) == _compile_keys(monkeypatch, calls(None)[:2])
+    # a model without sliding layers: no window test compiled in
+    plain = _compile_keys(monkeypatch, calls(None, switch=False))
+    assert all(("HAS_WINDOW", False) in key[1] for key in plain if key[0] != "decode_merge_kernel")
+    assert all(("HAS_WINDOW", True) in key[1] for key in full if key[0] != "decode_merge_kernel")
+
+
+def test_the_probe_compiles_the_window_in_for_models_with_sliding_layers():
+    """``has_sliding_layers`` reads the layer's config: Gemma-3 and Mistral have a ``sliding_window``,
+    Llama none, Qwen2 only with ``use_sliding_window``."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    from headscope.probe.attention import has_sliding_layers
+    assert has_sliding_layers(SimpleNamespace(config=Gemma3TextConfig()))
+    assert has_sliding_layers(SimpleNamespace(config=MistralConfig(sliding_window=4096)))
+    assert not has_sliding_layers(SimpleNamespace(config=MistralConfig(sliding_window=None)))
+    assert not has_sliding_layers(SimpleNamespace(config=LlamaConfig()))
+    assert not has_sliding_layers(SimpleNamespace(config=Qwen2Config()))
+    assert has_sliding_layers(SimpleNamespace(config=Qwen2Config(use_sliding_window=True)))
+    assert not has_sliding_layers(None)
