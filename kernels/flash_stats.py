@@ -51,8 +51,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 NEG_BIG = tl.constexpr(-1.0e30)   # "no max yet"; finite so that m_old - m_new never is inf - inf
 IDX_BIG = tl.constexpr(2147483647)
 # The sliding window. HAS_WINDOW (compile time) puts its test in the kernels; ``window`` (run time) is
-# its width. A model with sliding layers (Gemma-2/3, GPT-OSS, Mistral: its config has a
-# ``sliding_window``) runs every layer with the test compiled in, its full layers with NO_WINDOW, a
+# its width. A model with sliding layers (Gemma-2/3, GPT-OSS, Mistral: ``probe.attention.
+# has_sliding_layers``) runs every layer with the test compiled in, its full layers with NO_WINDOW, a
 # window wider than any sequence: then its sliding and full layers share each compiled kernel (on
 # Gemma-3-270M's quick report, 11 kernels to compile on a fresh GPU instead of 21). Other models keep
 # kernels without the test: with it, row statistics at 16k took 3.5% more time on the H200.

@@ -208,8 +208,14 @@ def has_sliding_layers(module) -> bool:
     ``sliding_window``: Gemma-2/3, GPT-OSS, Mistral; Qwen2 only with ``use_sliding_window``). Its
     full layers then run the Triton kernels with the window's test compiled in and an unbounded
     window, so that they share the sliding layers' compiled kernels (``triton_attention.attention``'s
-    ``window_switch``): half the kernels to compile on a fresh GPU for a model that alternates them."""
-    return getattr(getattr(module, "config", None), "sliding_window", None) is not None
+    ``window_switch``): half the kernels to compile on a fresh GPU for a model that alternates them.
+    A config with a window and ``layer_types`` that are all full (Qwen2-MoE's default, among others in
+    transformers 5.25) has none: its layers keep the kernels without the window's test."""
+    cfg = getattr(module, "config", None)
+    if getattr(cfg, "sliding_window", None) is None:
+        return False
+    kinds = getattr(cfg, "layer_types", None)
+    return kinds is None or "sliding_attention" in kinds
 
 
 def _instrumented(module, q, k, v, key_padding, scaling, sliding_window, softcap, causal,

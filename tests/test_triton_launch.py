@@ -284,7 +284,7 @@ def test_sliding_and_full_layers_share_their_compiled_kernels(monkeypatch):
 
 def test_the_probe_compiles_the_window_in_for_models_with_sliding_layers():
     """``has_sliding_layers`` reads the layer's config: Gemma-3 and Mistral have a ``sliding_window``,
-    Llama none, Qwen2 only with ``use_sliding_window``."""
+    Llama none, Qwen2 only with ``use_sliding_window``; a window with every layer full is none."""
     from types import SimpleNamespace
 
     from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
@@ -295,6 +295,9 @@ def test_the_probe_compiles_the_window_in_for_models_with_sliding_layers():
     assert not has_sliding_layers(SimpleNamespace(config=MistralConfig(sliding_window=None)))
     assert not has_sliding_layers(SimpleNamespace(config=LlamaConfig()))
     assert not has_sliding_layers(SimpleNamespace(config=Qwen2Config()))
-    assert has_sliding_layers(SimpleNamespace(config=Qwen2Config(use_sliding_window=True)))
+    assert has_sliding_layers(SimpleNamespace(config=Qwen2Config(use_sliding_window=True, max_window_layers=1)))
+    # a window in the config, but every layer full: no sliding layers
+    assert not has_sliding_layers(SimpleNamespace(config=SimpleNamespace(sliding_window=4096,
+                                                                         layer_types=["full_attention"] * 4)))
     assert not has_sliding_layers(None)
 
