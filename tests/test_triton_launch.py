@@ -204,20 +204,11 @@ def _compile_keys(monkeypatch, calls) -> list:
     argument's specialisation (tensors by dtype). Launches are recorded, not run."""
     import inspect
 
+    from hopper_compile import Recorder       # tests/hopper_compile.py: records launch.fast's launches
+
     from headscope.kernels import triton_attention as ta
     from headscope.kernels import triton_decode as td
-    launches = []
-
-    class Recorder:
-        def __init__(self, kernel, constants=None):
-            self.kernel, self.constants = kernel, constants or {}
-
-        def bind(self, **constants):
-            return Recorder(self.kernel, constants)
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append((self.kernel, args, {**self.constants, **kw}))
-
+    launches = Recorder.calls
     monkeypatch.setattr(ta, "_check", lambda *args, **kwargs: None)   # it refuses CPU tensors on a GPU machine
     monkeypatch.setattr(ta, "fast", Recorder)
     monkeypatch.setattr(td, "fast", Recorder)
@@ -231,9 +222,6 @@ def _compile_keys(monkeypatch, calls) -> list:
         for kernel, args, kw in launches:
             fn = getattr(kernel, "fn", kernel)
             params = inspect.signature(fn).parameters
-            # what Triton does not specialise on (the interpreter's function keeps the jit arguments)
-            dns = set(getattr(kernel, "kwargs", {}).get("do_not_specialize") or []) | \
-                {p.name for p in getattr(kernel, "params", ()) if p.do_not_specialize}
             const = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
             names = list(params)
             vals = dict(zip(names, args)) | kw
@@ -242,7 +230,7 @@ def _compile_keys(monkeypatch, calls) -> list:
                 return x.dtype if isinstance(x, torch.Tensor) else launch.specialization_fact(x)
 
             keys.append((fn.__name__, tuple(sorted((n, v) for n, v in vals.items() if n in const or n not in names)),
-                         tuple((n, fact(v)) for n, v in vals.items() if n in names and n not in const | dns)))
+                         tuple((n, fact(v)) for n, v in vals.items() if n in names and n not in const)))
         assert launches, "the call made no launch"
     return keys
 
@@ -251,8 +239,8 @@ def test_sliding_and_full_layers_share_their_compiled_kernels(monkeypatch):
     """With ``window_switch`` (what the probe sets for a model with sliding layers) the window's test
     is compiled in and the window is a runtime argument of every Triton kernel (prefill with row
     statistics, column sums, split-key decode): a model that alternates sliding and full layers
-    (Gemma-3) compiles each request once. (Per layer, a first GPU report on Gemma-3-270M compiled 21
-    kernels instead of 11: benchmarks/request_variants.py.) Without it, a layer with no window keeps
+    (Gemma-3) compiles each request once. (With the switch set per layer, a first GPU report on
+    Gemma-3-270M compiled 21 kernels instead of 11: benchmarks/request_variants.py.) Without it, a layer with no window keeps
     the kernels without the test (faster on the H200)."""
     from headscope.kernels import triton_attention as ta
     from headscope.kernels import triton_decode as td
