@@ -8,6 +8,7 @@ SmolLM2 (batch 3, left-padded, as the retrieval analyzer decodes) and Llama-3-8B
     python benchmarks/decode_host.py --targets  # issue 13's decode grid: Llama-3-8B, B = 1 and 8,
                                                 # K = 8k, 32k, 128k; argmax and every row statistic,
                                                 # eager and graph, as ratios to default SDPA
+    [--merge fused,kernel] [--rounds 3]         # both merges of the key splits, taking turns
 """
 import argparse
 import os as _os
@@ -43,12 +44,35 @@ def all_rows(K: int) -> StatRequest:
                        window_distance=128, recent=64, argmax=True)
 
 
-def targets():
+def with_merge(fn, mode):
+    """``fn`` run with the decode path's splits merged by ``mode`` (``triton_decode.MERGE``)."""
+    def run():
+        saved, td.MERGE = td.MERGE, mode
+        try:
+            return fn()
+        finally:
+            td.MERGE = saved
+    return run
+
+
+def timed(fns, rounds):
+    """(eager µs, graph µs) of each function: eager the median of ``rounds`` rounds of 300 calls with
+    the functions taking turns (the host drifts), graph one CUDA-graph timing each."""
+    eager = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            eager[i].append(wall_us(fn, 300))
+    return [(sorted(e)[len(e) // 2], graph_us(fn)) for e, fn in zip(eager, fns)]
+
+
+def targets(merges, rounds):
     """Issue 13's decode targets: with argmax <= 1.3x and every row statistic <= 1.5x default SDPA's
     decode time (Llama-3-8B shapes, B = 1 and 8, K = 8k-128k), eager wall and CUDA-graph time; the
-    split-key path as chosen automatically (``DECODE_MIN_K``)."""
-    print("| B | K | request | SDPA eager µs [graph] | ours eager µs [graph] | eager ratio | graph ratio | target |")
-    print("|---|---|---|---|---|---|---|---|")
+    split-key path as chosen automatically (``DECODE_MIN_K``), once per merge in ``merges``."""
+    print(f"eager: median of {rounds} rounds, SDPA and each merge taking turns")
+    print("| B | K | request | SDPA eager µs [graph] | " + " | ".join(
+        f"ours ({m}) eager µs [graph] | eager ratio | graph ratio" for m in merges) + " | target |")
+    print("|---|---|---|---|" + "---|---|---|" * len(merges) + "---|")
     H, G, d = 32, 8, 128
     for B in (1, 8):
         for K in (8192, 32768, 131072):
@@ -60,9 +84,10 @@ def targets():
                 def ours():
                     return ta.attention(q, k, v, scaling=d ** -0.5, causal=True, stats=req)
                 with torch.no_grad():
-                    se, sg, oe, og = wall_us(sdpa, 300), graph_us(sdpa), wall_us(ours, 300), graph_us(ours)
-                print(f"| {B} | {K / 1024:g}k | {rname} | {se:.0f} [{sg:.0f}] | {oe:.0f} [{og:.0f}] | "
-                      f"{oe / se:.2f} | {og / sg:.2f} | ≤ {target} |", flush=True)
+                    (se, sg), *mine = timed([sdpa] + [with_merge(ours, m) for m in merges], rounds)
+                print(f"| {B} | {K / 1024:g}k | {rname} | {se:.0f} [{sg:.0f}] | " + " | ".join(
+                    f"{oe:.0f} [{og:.0f}] | {oe / se:.2f} | {og / sg:.2f}" for oe, og in mine)
+                      + f" | ≤ {target} |", flush=True)
             del q, k, v
 
 
@@ -72,15 +97,21 @@ def main():
     ap.add_argument("--min-k", type=int, default=None,
                     help="the decode-path column's DECODE_MIN_K (default the library's; 0 forces the split-key "
                          "path at every K, to re-pick the threshold)")
+    ap.add_argument("--merge", default=td.MERGE,
+                    help="comma-separated merges of the key splits to time in turns: fused, kernel "
+                         "(triton_decode.MERGE; default the library's)")
+    ap.add_argument("--rounds", type=int, default=1, help="eager rounds per cell, the columns taking turns")
     args = ap.parse_args()
+    merges = args.merge.split(",")
     if args.targets:
-        return targets()
+        return targets(merges, args.rounds)
     default_min_k = td.DECODE_MIN_K
     split_min_k = default_min_k if args.min_k is None else args.min_k
     print(f"decode-path column: DECODE_MIN_K = {split_min_k}")
-    print("| shape | B | K | request | SDPA eager µs [graph] | decode path eager µs [graph] | "
-          "query-block fwd eager µs [graph] |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"eager: median of {args.rounds} rounds, the columns taking turns")
+    print("| shape | B | K | request | SDPA eager µs [graph] | " + " | ".join(
+        f"decode path ({m}) eager µs [graph]" for m in merges) + " | query-block fwd eager µs [graph] |")
+    print("|---|---|---|---|---|" + "---|" * len(merges) + "---|")
     for name, B, H, G, d, Ks, pad in SHAPES:
         for K in Ks:
             q, k, v, kp, mask = decode_inputs(B, H, G, d, K, pad)
@@ -91,12 +122,17 @@ def main():
                 def ours():
                     return ta.attention(q, k, v, scaling=d ** -0.5, causal=True, key_padding=kp if pad else None,
                                         stats=req)
-                cells = []
-                for fn, min_k in ((sdpa, None), (ours, split_min_k), (ours, 1 << 40)):
-                    td.DECODE_MIN_K = min_k if min_k is not None else default_min_k
-                    with torch.no_grad():
-                        cells.append(f"{wall_us(fn, 300):.0f} [{graph_us(fn):.0f}]")
-                td.DECODE_MIN_K = default_min_k
+                def at_min_k(fn, min_k):
+                    def run():
+                        td.DECODE_MIN_K = min_k
+                        try:
+                            return fn()
+                        finally:
+                            td.DECODE_MIN_K = default_min_k
+                    return run
+                fns = [sdpa] + [at_min_k(with_merge(ours, m), split_min_k) for m in merges] + [at_min_k(ours, 1 << 40)]
+                with torch.no_grad():
+                    cells = [f"{e:.0f} [{g:.0f}]" for e, g in timed(fns, args.rounds)]
                 print(f"| {name} | {B} | {K / 1024:g}k | {rname} | " + " | ".join(cells) + " |", flush=True)
 
 

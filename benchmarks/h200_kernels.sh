@@ -12,7 +12,8 @@
 #   decodehost  per-call decode time, eager vs CUDA graph: SDPA, split-key path, query-block forward
 #               ($DECODE_MIN_K: the split-key column's threshold, 0 to force it at every K)
 #   decodetargets  issue 13's decode grid (Llama-3-8B, B 1 and 8, K 8k/32k/128k, argmax and all rows),
-#               eager and graph ratios to default SDPA
+#               eager and graph ratios to default SDPA ($DECODE_ARGS for decodehost and decodetargets, e.g.
+#               "--merge fused,kernel --rounds 3": both merges of the key splits, in turns)
 #   decodee2e   benchmarks/decode_e2e_gpu.py: a whole model's eager decode step, SDPA vs headscope with nothing,
 #               argmax or every row statistic recorded ($DECODE_E2E_ARGS: its options, e.g. "--grid 1:8192")
 #   retrieval   the retrieval analyzer with and without the split-key path (MODEL=path to SmolLM2's GGUF
@@ -81,11 +82,11 @@ for step in "$@"; do
       python3 benchmarks/e2e_gpu.py --n 32768 --layers ${E2E_LAYERS:-8} --no-eager --masses-only --out $OUT/masses 2>&1 \
         | tee $OUT/e2e_masses.log | tail -8 ;;
     decodehost)
-      python3 benchmarks/decode_host.py ${DECODE_MIN_K:+--min-k $DECODE_MIN_K} 2>&1 | tee $OUT/decode_host.md | tail -14 ;;
+      python3 benchmarks/decode_host.py ${DECODE_MIN_K:+--min-k $DECODE_MIN_K} ${DECODE_ARGS:-} 2>&1 | tee $OUT/decode_host.md | tail -16 ;;
     decodee2e)
       python3 benchmarks/decode_e2e_gpu.py ${DECODE_E2E_ARGS:-} 2>&1 | tee -a $OUT/decode_e2e.log | tail -10 ;;
     decodetargets)
-      python3 benchmarks/decode_host.py --targets 2>&1 | tee $OUT/decode_targets.md | tail -14 ;;
+      python3 benchmarks/decode_host.py --targets ${DECODE_ARGS:-} 2>&1 | tee $OUT/decode_targets.md | tail -14 ;;
     retrieval)
       python3 -u benchmarks/retrieval_gpu.py --model "${MODEL:?set MODEL}" --repeats 2 2>&1 | grep -v "it/s\]" \
         | tee $OUT/retrieval_gpu.log | tail -8 ;;

@@ -1,6 +1,7 @@
 """Host cost of one eager decode step, taken apart on the GPU: the whole call
 (``triton_attention.attention`` -> ``triton_decode``) with the compiled-kernel launch of
-``kernels/launch.py`` (the default) and without it, the two Triton launches alone through
+``kernels/launch.py`` (the default) and without it, with the key splits merged by a second kernel
+(``triton_decode.MERGE = "kernel"``), the two Triton launches alone through
 ``JITFunction`` (``kernel[grid](...)``, with the same arguments), the same two launches through the
 compiled kernels (``CompiledKernel[grid]``, no argument binding or cache-key work), and the
 three buffers' ``torch.empty`` calls; default SDPA for scale. Wall µs per call over back-to-back calls;
@@ -66,9 +67,11 @@ def main():
         _sys.path.insert(0, _os.path.dirname(path))
         base = importlib.import_module(_os.path.basename(path) + ".triton_attention")
         print(f"baseline: {path}")
-    print("| case | SDPA | whole call | whole call, fast launch off | " + ("whole call, baseline | " if base else "")
+    print(f"whole call: triton_decode.MERGE = {td.MERGE!r}; the launches taken apart are those of MERGE = 'kernel'")
+    print("| case | SDPA | whole call | whole call, merge kernel | whole call, fast launch off | "
+          + ("whole call, baseline | " if base else "")
           + "2 launches, JITFunction | 2 launches, compiled kernel | torch.empty x3 |")
-    print("|---|---|---|---|" + ("---|" if base else "") + "---|---|---|")
+    print("|---|---|---|---|---|" + ("---|" if base else "") + "---|---|---|")
     for name, K, req in (("Llama-3-8B 8k plain", 8192, None), ("Llama-3-8B 8k argmax", 8192, StatRequest(argmax=True)),
                          ("Llama-3-8B 32k all rows", 32768, StatRequest(sink_k=4, entropy=True, distance=True,
                                                                          recent=64, argmax=True))):
@@ -77,11 +80,19 @@ def main():
 
         def whole():
             return ta.attention(q, k, v, scaling=d ** -0.5, causal=True, stats=req)
+
+        def whole_two_launches():                     # the splits merged by a second kernel
+            saved_merge, td.MERGE = td.MERGE, "kernel"
+            try:
+                return whole()
+            finally:
+                td.MERGE = saved_merge
         saved = td.decode_partial_kernel, td.decode_merge_kernel
         rec = [Recorder(f) for f in saved]
         td.decode_partial_kernel, td.decode_merge_kernel = rec
+        td.clear_plans()
         with torch.no_grad():
-            whole()
+            whole_two_launches()                      # the two launches, taken apart below
         td.decode_partial_kernel, td.decode_merge_kernel = saved
         td.clear_plans()                               # the plan made above is bound to the recorders
         (g1, a1, k1), (g2, a2, k2) = rec[0].calls[0], rec[1].calls[0]
@@ -125,7 +136,7 @@ def main():
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         def whole_baseline():
             return base.attention(q, k, v, scaling=d ** -0.5, causal=True, stats=req)
-        turns = (sdpa, whole, whole_jit) + ((whole_baseline,) if base else ())
+        turns = (sdpa, whole, whole_two_launches, whole_jit) + ((whole_baseline,) if base else ())
         cells = []
         with torch.no_grad():
             try:

@@ -13,16 +13,22 @@ results in the frame of its own running max ``m_j`` (base 2, scores pre-multipli
   (distance), ``sum e min(t - s, W)``, ``sum_{t - s < r} e`` (recent), ``sum_{s in span} e`` (sink
   and spans), and the first index of the split's max score,
 
-with ``e = exp2(x - m_j)``. A second kernel merges them per row: ``M = max_j m_j``,
+with ``e = exp2(x - m_j)``. The splits of each row are then merged (``_merge_rows``): ``M = max_j m_j``,
 ``w_j = exp2(m_j - M)``, ``L = sum w_j l_j``; output and masses are ``sum w_j (.)_j / L``; entropy is
 ``ln L - ln2 * sum_j w_j (E_j + l_j (m_j - M)) / L``; the argmax is the index of the first split whose
 max equals M (splits are in key order, so the first index on ties); ``max_prob = 1 / L``;
-``lse = ln2 * (M + log2 L)``.
+``lse = ln2 * (M + log2 L)``. (Read a chunk of splits at a time, with a running ``M`` as an online
+softmax over splits.) Who merges (``MERGE``): by default the last split program of each (batch, KV
+head) group to finish, which it learns from an acquire-release counter per group (as CUTLASS's
+serial split-K reduction orders its partial tiles with a semaphore), so a call is one launch; or a
+second kernel with one program per row.
 
 Supported: everything of ``StatRequest`` except column sums (``received``), and the ``q_scale``
 edit; other edits and column sums go through ``flash_stats`` (``eligible`` says which).
 """
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -58,14 +64,18 @@ def decode_partial_kernel(
     H, G, NQ, NK, key_lo, split_len, n_splits, n_pad,
     scaling, softcap, window,
     QScale, KPos0, Pad, Spans, wdist_w, recent_r,
+    Out, Res, Arg, Count, sob, soh, som, n_rows,
     RQ: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_QSCALE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
     NSPAN: tl.constexpr, N_SLOT: tl.constexpr, ENTROPY: tl.constexpr, DISTANCE: tl.constexpr,
     WDIST: tl.constexpr, RECENT: tl.constexpr, ARGMAX: tl.constexpr,
+    FUSED: tl.constexpr, WRITE_LSE: tl.constexpr, BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     """One key split of one (batch, KV head): partial softmax state and statistics of its RQ rows,
-    written to the ``Part`` buffer (``partials_layout``)."""
+    written to the ``Part`` buffer (``partials_layout``). With ``FUSED`` the last split of the group
+    to finish (counted in ``Count[bg]``) merges the group's rows itself (``_merge_rows``) and sets the
+    count back to 0; otherwise ``decode_merge_kernel`` does, as a second launch."""
     sp = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // G
@@ -211,6 +221,115 @@ def decode_partial_kernel(
     if ARGMAX:
         tl.store(PIdx + prow, amax, mask=row_ok)
 
+    if FUSED:
+        # every thread's partials stored, then one release/acquire ticket per program at GPU scope
+        # (CUTLASS's split-k semaphore: barrier, then one thread's fenced atomic); the split that
+        # draws the last ticket sees every other split's partials, read past L1 (.cg)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(Count + bg, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_splits - 1:
+            tl.atomic_xchg(Count + bg, 0, sem="relaxed", scope="gpu")      # ready for the next call
+            rr = tl.arange(0, BLOCK_R)
+            _merge_rows(Part, Out, Res, Arg, KPos0, b, g, bg, rr, rr < RQ, H, G, NQ, n_splits, n_rows, n_pad,
+                        sob, soh, som, RQ, HEAD_D, BLOCK_D, MERGE_S, BLOCK_R, NSPAN, N_SLOT, ENTROPY,
+                        DISTANCE, WDIST, RECENT, ARGMAX, WRITE_LSE, ".cg")
+
+
+@triton.jit
+def _merge_rows(Part, Out, Res, Arg, KPos0, b, g, bg, r, row_ok, H, G, NQ, n_splits, n_rows, n_pad,
+                sob, soh, som,
+                RQ: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_R: tl.constexpr, NSPAN: tl.constexpr, N_SLOT: tl.constexpr, ENTROPY: tl.constexpr,
+                DISTANCE: tl.constexpr, WDIST: tl.constexpr, RECENT: tl.constexpr, ARGMAX: tl.constexpr,
+                WRITE_LSE: tl.constexpr, CACHE: tl.constexpr):
+    """Merge the ``n_splits`` partial results of rows ``r`` [BLOCK_R] of GQA group ``bg`` (row
+    r = (h % R) * NQ + query) into the output and ``Res`` (the LSE in slot 0, the row statistics
+    after it): one pass over the splits, BLOCK_S at a time, with a running max ``M`` as an online
+    softmax over splits (one chunk when BLOCK_S >= splits: every load issued at once)."""
+    R = H // G
+    h = g * R + r // NQ                              # [BLOCK_R]
+    qi = r % NQ
+    row = (b * H + h) * NQ + qi                      # [BLOCK_R] row of the results
+    PM, PL, PAcc, PStats, PIdx, n_prow = _partial_regions(Part, n_pad, HEAD_D, N_SLOT)
+    base = bg.to(tl.int64) * n_splits * RQ + r       # [BLOCK_R]
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_D
+
+    M = tl.full([BLOCK_R], NEG_BIG, dtype=tl.float32)
+    L = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    ent = L
+    dist = L
+    wdist = L
+    recent = L
+    cols = tl.arange(0, 8)
+    spans = tl.zeros([BLOCK_R, 8], dtype=tl.float32)
+    first = tl.full([BLOCK_R], IDX_BIG, dtype=tl.int32)          # the first split that holds M
+    for s0 in range(0, n_splits, BLOCK_S):
+        ss = s0 + offs_s                                         # [BLOCK_S]
+        ok = (ss < n_splits)[:, None] & row_ok[None, :]          # [BLOCK_S, BLOCK_R]
+        pr = base[None, :] + ss.to(tl.int64)[:, None] * RQ
+        m = tl.load(PM + pr, mask=ok, other=NEG_BIG, cache_modifier=CACHE)
+        lj = tl.load(PL + pr, mask=ok, other=0.0, cache_modifier=CACHE)
+        M_new = tl.maximum(M, tl.max(m, 0))
+        alpha = tl.exp2(M - M_new)                               # 1 while M stays
+        w = tl.where(ok, tl.exp2(m - M_new[None, :]), 0.0)
+        wl = w * lj
+        a = tl.load(PAcc + pr[:, :, None] * HEAD_D + offs_d[None, None, :],
+                    mask=ok[:, :, None] & dmask[None, None, :], other=0.0, cache_modifier=CACHE)
+        acc = acc * alpha[:, None] + tl.sum(a * w[:, :, None], 0)
+        if ENTROPY:
+            e = tl.load(PStats + P_ENT * n_prow + pr, mask=ok, other=0.0, cache_modifier=CACHE)
+            ent = alpha * (ent + L * (M - M_new)) + tl.sum(w * e + wl * (m - M_new[None, :]), 0)
+        L = L * alpha + tl.sum(wl, 0)
+        if DISTANCE:
+            dist = dist * alpha + tl.sum(w * tl.load(PStats + P_DIST * n_prow + pr, mask=ok, other=0.0,
+                                                     cache_modifier=CACHE), 0)
+        if WDIST:
+            wdist = wdist * alpha + tl.sum(w * tl.load(PStats + P_WDIST * n_prow + pr, mask=ok, other=0.0,
+                                                       cache_modifier=CACHE), 0)
+        if RECENT:
+            recent = recent * alpha + tl.sum(w * tl.load(PStats + P_RECENT * n_prow + pr, mask=ok, other=0.0,
+                                                         cache_modifier=CACHE), 0)
+        if NSPAN > 0:
+            spans = spans * alpha[:, None]
+            for j in tl.static_range(NSPAN):
+                v = tl.sum(w * tl.load(PStats + (P_SPAN0 + j) * n_prow + pr, mask=ok, other=0.0,
+                                       cache_modifier=CACHE), 0)
+                spans += tl.where(cols[None, :] == j, v[:, None], 0.0)
+        if ARGMAX:   # splits are in key order: the first split whose max is M holds the first max key
+            cand = tl.min(tl.where(ok & (m == M_new[None, :]) & (lj > 0), ss[:, None], IDX_BIG), 0)
+            first = tl.where(M_new > M, cand, tl.minimum(first, cand))
+        M = M_new
+
+    l_pos = L != 0                                   # a NaN row stays NaN (not "no key")
+    l_safe = tl.where(l_pos, L, 1.0)
+    inv = tl.where(l_pos, 1.0 / l_safe, 0.0)
+    out = acc * inv[:, None]
+    tl.store(Out + b.to(tl.int64) * sob + h.to(tl.int64)[:, None] * soh + qi.to(tl.int64)[:, None] * som
+             + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+    Rows = Res + n_rows
+    if WRITE_LSE:
+        tl.store(Res + row, tl.where(l_pos, (M + tl.log2(l_safe)) * LN2, float("-inf")), mask=row_ok)
+    if ENTROPY:
+        tl.store(Rows + P_ENT * n_rows + row, tl.where(l_pos, tl.log(l_safe) - LN2 * ent * inv, 0.0), mask=row_ok)
+    if DISTANCE:
+        tl.store(Rows + P_DIST * n_rows + row, dist * inv, mask=row_ok)
+    if WDIST:
+        tl.store(Rows + P_WDIST * n_rows + row, wdist * inv, mask=row_ok)
+    if RECENT:
+        tl.store(Rows + P_RECENT * n_rows + row, recent * inv, mask=row_ok)
+    for j in tl.static_range(NSPAN):
+        tl.store(Rows + (P_SPAN0 + j) * n_rows + row, tl.sum(tl.where(cols[None, :] == j, spans, 0.0), 1) * inv,
+                 mask=row_ok)
+    if ARGMAX:
+        tl.store(Rows + 4 * n_rows + row, inv, mask=row_ok)      # max_prob = exp2(M - M) / L
+        fs = tl.where(first == IDX_BIG, 0, first)
+        idx = tl.load(PIdx + base + fs.to(tl.int64) * RQ, mask=row_ok, other=0, cache_modifier=CACHE)
+        idx = tl.where(l_pos, idx, 0)
+        tl.store(Arg + row, idx.to(tl.int64) + tl.load(KPos0 + b), mask=row_ok)
+
 
 @triton.jit
 def decode_merge_kernel(
@@ -229,82 +348,10 @@ def decode_merge_kernel(
     qi = hq % NQ
     R = H // G
     g = h // R
-    r = (h % R) * NQ + qi                            # row inside the GQA group
-    bg = b * G + g
-    PM, PL, PAcc, PStats, PIdx, n_prow = _partial_regions(Part, n_pad, HEAD_D, N_SLOT)
-    Lse = Res
-    Rows = Res + n_rows
-    base = bg.to(tl.int64) * n_splits * RQ + r
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_D
-
-    # pass 1: the global max M (and the first split that holds it)
-    M = tl.max(tl.full([BLOCK_S], NEG_BIG, dtype=tl.float32), 0)
-    for s0 in range(0, n_splits, BLOCK_S):
-        sm = (s0 + offs_s) < n_splits
-        m = tl.load(PM + base + (s0 + offs_s) * RQ, mask=sm, other=NEG_BIG)
-        M = tl.maximum(M, tl.max(m, 0))
-    # pass 2: weighted sums
-    L = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), 0)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    ent = L
-    dist = L
-    wdist = L
-    recent = L
-    cols = tl.arange(0, 8)
-    spans = tl.zeros([8], dtype=tl.float32)
-    first = tl.min(tl.full([BLOCK_S], IDX_BIG, dtype=tl.int32), 0)
-    for s0 in range(0, n_splits, BLOCK_S):
-        ss = s0 + offs_s
-        sm = ss < n_splits
-        pr = base + ss * RQ
-        m = tl.load(PM + pr, mask=sm, other=NEG_BIG)
-        lj = tl.load(PL + pr, mask=sm, other=0.0)
-        w = tl.where(sm, tl.exp2(m - M), 0.0)
-        wl = w * lj
-        L += tl.sum(wl, 0)
-        a = tl.load(PAcc + pr[:, None] * HEAD_D + offs_d[None, :], mask=sm[:, None] & dmask[None, :], other=0.0)
-        acc += tl.sum(a * w[:, None], 0)
-        if ENTROPY:
-            e = tl.load(PStats + P_ENT * n_prow + pr, mask=sm, other=0.0)
-            ent += tl.sum(w * e + wl * (m - M), 0)
-        if DISTANCE:
-            dist += tl.sum(w * tl.load(PStats + P_DIST * n_prow + pr, mask=sm, other=0.0), 0)
-        if WDIST:
-            wdist += tl.sum(w * tl.load(PStats + P_WDIST * n_prow + pr, mask=sm, other=0.0), 0)
-        if RECENT:
-            recent += tl.sum(w * tl.load(PStats + P_RECENT * n_prow + pr, mask=sm, other=0.0), 0)
-        for j in tl.static_range(NSPAN):
-            v = tl.sum(w * tl.load(PStats + (P_SPAN0 + j) * n_prow + pr, mask=sm, other=0.0), 0)
-            spans += tl.where(cols == j, v, 0.0)
-        if ARGMAX:
-            first = tl.minimum(first, tl.min(tl.where(sm & (m == M) & (lj > 0), ss, IDX_BIG), 0))
-
-    l_pos = L != 0                                   # a NaN row stays NaN (not "no key")
-    l_safe = tl.where(l_pos, L, 1.0)
-    inv = tl.where(l_pos, 1.0 / l_safe, 0.0)
-    out = acc * inv
-    tl.store(Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qi.to(tl.int64) * som + offs_d,
-             out.to(Out.dtype.element_ty), mask=dmask)
-    if WRITE_LSE:
-        tl.store(Lse + row, tl.where(l_pos, (M + tl.log2(l_safe)) * LN2, float("-inf")))
-    if ENTROPY:
-        tl.store(Rows + P_ENT * n_rows + row, tl.where(l_pos, tl.log(l_safe) - LN2 * ent * inv, 0.0))
-    if DISTANCE:
-        tl.store(Rows + P_DIST * n_rows + row, dist * inv)
-    if WDIST:
-        tl.store(Rows + P_WDIST * n_rows + row, wdist * inv)
-    if RECENT:
-        tl.store(Rows + P_RECENT * n_rows + row, recent * inv)
-    for j in tl.static_range(NSPAN):
-        tl.store(Rows + (P_SPAN0 + j) * n_rows + row, tl.sum(tl.where(cols == j, spans, 0.0), 0) * inv)
-    if ARGMAX:
-        tl.store(Rows + 4 * n_rows + row, inv)                   # max_prob = exp2(M - M) / L
-        fs = tl.where(first == IDX_BIG, 0, first)
-        idx = tl.load(PIdx + base + fs.to(tl.int64) * RQ)
-        idx = tl.where(l_pos, idx, 0)
-        tl.store(Arg + row, idx.to(tl.int64) + tl.load(KPos0 + b))
+    r = (h % R) * NQ + qi + tl.arange(0, 1)          # the row inside the GQA group, as a [1] vector
+    _merge_rows(Part, Out, Res, Arg, KPos0, b, g, b * G + g, r, r < RQ, H, G, NQ, n_splits, n_rows, n_pad,
+                sob, soh, som, RQ, HEAD_D, BLOCK_D, BLOCK_S, 1, NSPAN, N_SLOT, ENTROPY, DISTANCE, WDIST,
+                RECENT, ARGMAX, WRITE_LSE, "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,7 +376,14 @@ MAX_SPANS = 8              # sink + spans held by the partial kernel
 # (BLOCK_N, num_warps, num_stages) by padded head dim; chosen on the H200 (benchmarks/attention_bench.py --decode)
 DECODE_CONFIGS = {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
 DECODE_PROGRAMS_PER_SM = 2  # aim for this many partial programs per SM (H200 sweep: 2 beat 1, 4, 8)
-MERGE_BLOCK_S = 32
+MERGE_BLOCK_S = 64          # splits a merge program loads at once (one chunk up to 64 splits)
+MERGE_TILE = 8192           # fused merge: splits x rows x head dim loaded at once (registers)
+# Who merges the splits: "fused", the last split of each KV head group to finish (one launch a call),
+# or "kernel", a second launch (``decode_merge_kernel``). HEADSCOPE_DECODE_MERGE picks one for an A/B;
+# plans are kept per value, so a benchmark may switch ``MERGE`` between calls.
+MERGE = os.environ.get("HEADSCOPE_DECODE_MERGE", "fused")
+if MERGE not in ("fused", "kernel"):
+    raise ValueError(f"HEADSCOPE_DECODE_MERGE={MERGE!r}: use 'fused' or 'kernel'")
 INTERPRET_BLOCK_N = 16
 
 
@@ -339,7 +393,6 @@ def _pow2(n: int) -> int:
 
 
 def _interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -386,7 +439,7 @@ class _Plan:
                 BN, stages = min(BN, 32), 2
         st = stats
         nspan, spans = span_table(st, dev)
-        self.dummy_f, self.dummy_i, _, self.dummy_u8 = dummies(dev)
+        self.dummy_f, self.dummy_i, self.dummy_i32, self.dummy_u8 = dummies(dev)
         self.spans = spans if nspan else self.dummy_i
         self.kpos0 = cached(("pos0", dev, B), lambda: torch.zeros(B, dtype=torch.int64, device=dev))
         ent, dis, wd = bool(st and st.entropy), bool(st and st.distance), bool(st and st.window_distance)
@@ -404,11 +457,15 @@ class _Plan:
         self.recent_r = int(st.recent or 0) if st else 0
         flags = dict(HEAD_D=D, BLOCK_D=BD, NSPAN=nspan, N_SLOT=self.n_slot, ENTROPY=ent, DISTANCE=dis,
                      WDIST=wd, RECENT=rec, ARGMAX=am)
+        self.fused = MERGE == "fused"
+        BR = _pow2(RQ)
         self.partial = fast(decode_partial_kernel).bind(
-            RQ=RQ, BLOCK_M=max(16, _pow2(RQ)), BLOCK_N=BN, CAUSAL=bool(causal), HAS_WINDOW=has_window,
+            RQ=RQ, BLOCK_M=max(16, BR), BLOCK_N=BN, CAUSAL=bool(causal), HAS_WINDOW=has_window,
             HAS_PAD=pad, HAS_SOFTCAP=softcap, HAS_QSCALE=qscale,
             DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
             DOT_UPCAST=interp and dtype == torch.bfloat16, **flags,
+            FUSED=self.fused, WRITE_LSE=st is not None, BLOCK_R=BR,
+            MERGE_S=max(1, min(MERGE_BLOCK_S, MERGE_TILE // (BR * BD))),
             num_warps=warps, num_stages=stages)
         self._merge_flags = dict(RQ=RQ, WRITE_LSE=st is not None, **flags, num_warps=4 if BD >= 128 else 2)
         self._merges: dict = {}
@@ -433,13 +490,31 @@ def clear_plans() -> None:
 
 
 def _plan(dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, stats, config) -> _Plan:
-    key = (dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, id(stats), config)
+    key = (dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, id(stats), config, MERGE)
     p = _PLANS.get(key)
     if p is None or p.stats is not stats:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         p = _PLANS[key] = _Plan(dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, stats, config)
     return p
+
+
+_COUNTS: dict = {}
+
+
+def split_counts(dev, n: int):
+    """The int32 counters of the fused merge, one per (batch, KV head) group, for the current stream
+    of ``dev``: zero between calls (the last split of a group sets its counter back), so they are
+    made once and kept; one set per stream, so that calls on two streams never share a counter."""
+    import torch
+    stream = None
+    if dev.type == "cuda":
+        from triton.runtime import driver
+        stream = driver.active.get_current_stream(dev.index if dev.index is not None else torch.cuda.current_device())
+    c = _COUNTS.get((dev, stream))
+    if c is None or c.numel() < n:
+        c = _COUNTS[(dev, stream)] = torch.zeros(max(n, 64), dtype=torch.int32, device=dev)
+    return c
 
 
 def partials_layout(n_prow: int) -> int:
@@ -507,13 +582,16 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     res = torch.empty(p.res_slots, B, H, Q, dtype=torch.float32, device=dev) if st is not None else p.dummy_f
     arg = torch.empty(B, H, Q, dtype=torch.int64, device=dev) if p.argmax else p.dummy_i
 
+    count = split_counts(dev, B * G) if p.fused else p.dummy_i32
     p.partial[(S, B * G)](
         q, k, v, part, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
         H, G, Q, K, key_lo, split_len, S, n_pad,
         float(scaling), float(softcap) if softcap is not None else 1.0,
         window_arg(sliding_window),
-        qscale, kpos0, pad, p.spans, p.wdist_w, p.recent_r)
-    p.merge(S)[(n_rows,)](part, out, res, arg, H * Q * D, Q * D, D, H, G, Q, S, n_rows, n_pad, kpos0)
+        qscale, kpos0, pad, p.spans, p.wdist_w, p.recent_r,
+        out, res, arg, count, H * Q * D, Q * D, D, n_rows)
+    if not p.fused:
+        p.merge(S)[(n_rows,)](part, out, res, arg, H * Q * D, Q * D, D, H, G, Q, S, n_rows, n_pad, kpos0)
 
     if st is None:
         return out, {}

@@ -66,8 +66,11 @@ def record_launches():
     for D, dtype in ((128, torch.bfloat16), (64, torch.float16), (256, torch.bfloat16)):
         q = torch.randn(1, 8, 1, D, generator=g).to(dtype)
         k = torch.randn(1, 2, 200, D, generator=g).to(dtype)
-        for req in (None, rows):                                            # split-key decode
-            td.attention(q, k, k, scaling=D ** -0.5, stats=req)
+        for merge in ("fused", "kernel"):                                   # split-key decode, both merges
+            td.MERGE = merge
+            td.clear_plans()
+            for req in (None, rows):
+                td.attention(q, k, k, scaling=D ** -0.5, stats=req)
         qq = torch.randn(1, 8, 200, D, generator=g).to(dtype)
         ta.attention(qq, k, k, scaling=D ** -0.5, stats=rows)               # forward, row statistics
     D = 128
