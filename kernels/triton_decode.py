@@ -18,10 +18,11 @@ with ``e = exp2(x - m_j)``. The splits of each row are then merged (``_merge_row
 ``ln L - ln2 * sum_j w_j (E_j + l_j (m_j - M)) / L``; the argmax is the index of the first split whose
 max equals M (splits are in key order, so the first index on ties); ``max_prob = 1 / L``;
 ``lse = ln2 * (M + log2 L)``. (Read a chunk of splits at a time, with a running ``M`` as an online
-softmax over splits.) Who merges (``MERGE``): by default the last split program of each (batch, KV
-head) group to finish, which it learns from an acquire-release counter per group (as CUTLASS's
-serial split-K reduction orders its partial tiles with a semaphore), so a call is one launch; or a
-second kernel with one program per row.
+softmax over splits.) Who merges (``MERGE``): the last split program of each (batch, KV head) group
+to finish, which it learns from an acquire-release counter per group (as CUTLASS's serial split-K
+reduction orders its partial tiles with a semaphore), so a call is one launch; or a second kernel
+with one program per row, which takes less GPU time. By default the first for small eager calls
+(host-bound: the launch saved is worth more than the merge's wait), the second otherwise.
 
 Supported: everything of ``StatRequest`` except column sums (``received``), and the ``q_scale``
 edit; other edits and column sums go through ``flash_stats`` (``eligible`` says which).
@@ -377,13 +378,28 @@ MAX_SPANS = 8              # sink + spans held by the partial kernel
 DECODE_CONFIGS = {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
 DECODE_PROGRAMS_PER_SM = 2  # aim for this many partial programs per SM (H200 sweep: 2 beat 1, 4, 8)
 MERGE_BLOCK_S = 64          # splits a merge program loads at once (one chunk up to 64 splits)
-MERGE_TILE = 8192           # fused merge: splits x rows x head dim loaded at once (registers)
-# Who merges the splits: "fused", the last split of each KV head group to finish (one launch a call),
-# or "kernel", a second launch (``decode_merge_kernel``). HEADSCOPE_DECODE_MERGE picks one for an A/B;
-# plans are kept per value, so a benchmark may switch ``MERGE`` between calls.
-MERGE = os.environ.get("HEADSCOPE_DECODE_MERGE", "fused")
-if MERGE not in ("fused", "kernel"):
-    raise ValueError(f"HEADSCOPE_DECODE_MERGE={MERGE!r}: use 'fused' or 'kernel'")
+# Fused merge: at most this many values (splits x rows x head dim) loaded at once, so its chunk of
+# splits is min(the plan's most splits, MERGE_TILE / (rows x head dim)). Each chunk is one round trip
+# to L2 on the merging program's critical path: on the H200 (Llama-3-8B, B = 1, 33 splits) 4096 / 8192
+# / 16384 gave 20.4 / 16.2 / 13.2 µs a call with argmax, against 12.4 through the merge kernel; 16384
+# still compiles without spills (206 registers; 255 with every row statistic).
+MERGE_TILE = 16384
+# Who merges the splits:
+# - "fused": the last split of each KV head group to finish. One launch a call: an eager call saves
+#   the second launch's host time (13-27 µs a call on the H200), but the GPU waits for the merging
+#   program's chunks (on the H200 +1-3 µs at B = 1, 8k keys; +3-4% at 128k).
+# - "kernel": a second launch (``decode_merge_kernel``), one program per row: the least GPU time.
+# - "auto" (default): "fused" where an eager call is host-bound, that is small (B * G * K up to
+#   FUSED_MAX_KEYS) and not captured in a CUDA graph; "kernel" otherwise.
+# HEADSCOPE_DECODE_MERGE picks one for an A/B; plans are kept per value, so a benchmark may switch
+# ``MERGE`` between calls. BENCHMARKS.md "One launch per decode call".
+MERGE = os.environ.get("HEADSCOPE_DECODE_MERGE", "auto")
+if MERGE not in ("auto", "fused", "kernel"):
+    raise ValueError(f"HEADSCOPE_DECODE_MERGE={MERGE!r}: use 'auto', 'fused' or 'kernel'")
+# Eager on the H200 (Llama-3-8B shapes), the fused merge was faster up to B * G * K = 512k (B = 1 at
+# 32k keys: 98 against 115 µs with argmax; B = 8 at 8k: 77 against 94 with every row statistic) and
+# slower from 1M, where the call is GPU-bound (B = 1 at 128k: 137 against 131 µs).
+FUSED_MAX_KEYS = 1 << 19
 INTERPRET_BLOCK_N = 16
 
 
@@ -457,16 +473,21 @@ class _Plan:
         self.recent_r = int(st.recent or 0) if st else 0
         flags = dict(HEAD_D=D, BLOCK_D=BD, NSPAN=nspan, N_SLOT=self.n_slot, ENTROPY=ent, DISTANCE=dis,
                      WDIST=wd, RECENT=rec, ARGMAX=am)
-        self.fused = MERGE == "fused"
+        self.merge_mode = MERGE
+        self.fused_max_keys = FUSED_MAX_KEYS // (B * G)          # K up to this: fused under "auto"
+        self.want = None if self.sms is None else max(1, (DECODE_PROGRAMS_PER_SM * self.sms) // (B * G))
         BR = _pow2(RQ)
-        self.partial = fast(decode_partial_kernel).bind(
+        most_splits = MERGE_BLOCK_S if self.want is None else _pow2(self.want)
+        partial = dict(
             RQ=RQ, BLOCK_M=max(16, BR), BLOCK_N=BN, CAUSAL=bool(causal), HAS_WINDOW=has_window,
             HAS_PAD=pad, HAS_SOFTCAP=softcap, HAS_QSCALE=qscale,
             DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
             DOT_UPCAST=interp and dtype == torch.bfloat16, **flags,
-            FUSED=self.fused, WRITE_LSE=st is not None, BLOCK_R=BR,
-            MERGE_S=max(1, min(MERGE_BLOCK_S, MERGE_TILE // (BR * BD))),
+            WRITE_LSE=st is not None, BLOCK_R=BR,
+            MERGE_S=max(1, min(MERGE_BLOCK_S, most_splits, MERGE_TILE // (BR * BD))),
             num_warps=warps, num_stages=stages)
+        # the partial kernel with and without the fused merge (each compiled on first use)
+        self.partial = {f: fast(decode_partial_kernel).bind(FUSED=f, **partial) for f in (True, False)}
         self._merge_flags = dict(RQ=RQ, WRITE_LSE=st is not None, **flags, num_warps=4 if BD >= 128 else 2)
         self._merges: dict = {}
 
@@ -560,8 +581,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     elif p.sms is None:                        # interpreter: several splits on tiny problems
         split_len = 2 * BN
     else:                                      # about DECODE_PROGRAMS_PER_SM programs per SM
-        want = max(1, (DECODE_PROGRAMS_PER_SM * p.sms) // p.rows_per_bh)
-        split_len = max(2 * BN, -(-K_vis // want))
+        split_len = max(2 * BN, -(-K_vis // p.want))
         split_len = -(-split_len // BN) * BN
     S = -(-K_vis // split_len)
 
@@ -582,15 +602,17 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     res = torch.empty(p.res_slots, B, H, Q, dtype=torch.float32, device=dev) if st is not None else p.dummy_f
     arg = torch.empty(B, H, Q, dtype=torch.int64, device=dev) if p.argmax else p.dummy_i
 
-    count = split_counts(dev, B * G) if p.fused else p.dummy_i32
-    p.partial[(S, B * G)](
+    fused = p.merge_mode == "fused" or (p.merge_mode == "auto" and K <= p.fused_max_keys
+                                        and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+    count = split_counts(dev, B * G) if fused else p.dummy_i32
+    p.partial[fused][(S, B * G)](
         q, k, v, part, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
         H, G, Q, K, key_lo, split_len, S, n_pad,
         float(scaling), float(softcap) if softcap is not None else 1.0,
         window_arg(sliding_window),
         qscale, kpos0, pad, p.spans, p.wdist_w, p.recent_r,
         out, res, arg, count, H * Q * D, Q * D, D, n_rows)
-    if not p.fused:
+    if not fused:
         p.merge(S)[(n_rows,)](part, out, res, arg, H * Q * D, Q * D, D, H, G, Q, S, n_rows, n_pad, kpos0)
 
     if st is None:

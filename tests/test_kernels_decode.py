@@ -6,7 +6,7 @@ the automatic choice of the decode path in ``triton_attention.attention``.
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) with 16-key blocks and
 32-key splits, so K=75 gives three splits (the last one partial). The tests marked with the ``merge``
 fixture run twice: with the splits merged by the last split of each group to finish (``fused``, one
-launch) and by the second kernel (``kernel``).
+launch) and by the second kernel (``kernel``); ``auto`` (the default) picks one per call.
 """
 import os
 
@@ -179,6 +179,54 @@ def test_merge_in_chunks_of_splits_keeps_every_statistic_and_the_first_argmax(me
         assert torch.equal(got["argmax"], ref["argmax"])
     if merge == "fused":
         assert (td.split_counts(torch.device(DEV), 2)[:2] == 0).all()
+
+
+def test_auto_merge_fuses_small_calls_and_launches_the_merge_kernel_for_large_ones(monkeypatch):
+    """``MERGE = "auto"``: a call with B * G * K up to FUSED_MAX_KEYS merges in the partial kernel
+    (no merge-kernel launch), a larger one launches the merge kernel; both match the reference."""
+    monkeypatch.setattr(td, "MERGE", "auto")
+    merges = []
+    orig = td._Plan.merge
+    monkeypatch.setattr(td._Plan, "merge", lambda self, S: merges.append(S) or orig(self, S))
+    prob = _problem(B=1, H=4, G=2, seed=2)
+    req = StatRequest(**ALL_ROW)
+    for max_keys, launched in ((1 << 40, False), (1, True)):
+        monkeypatch.setattr(td, "FUSED_MAX_KEYS", max_keys)
+        td.clear_plans()
+        merges.clear()
+        out, got = td.attention(**prob, stats=req)
+        assert bool(merges) == launched
+        _check(prob, out, got, req)
+    td.clear_plans()
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_auto_merge_inside_a_cuda_graph_uses_the_merge_kernel_and_replays_exactly(monkeypatch):
+    """Captured in a CUDA graph a call costs no host time, so "auto" takes the merge kernel (less GPU
+    time) even for a small call; the replayed graph gives the eager answer for new inputs."""
+    monkeypatch.setattr(td, "MERGE", "auto")
+    td.clear_plans()
+    merges = []
+    orig = td._Plan.merge
+    monkeypatch.setattr(td._Plan, "merge", lambda self, S: merges.append(S) or orig(self, S))
+    prob = _problem(B=1, H=8, G=2, K=75, D=64, dtype=torch.bfloat16, seed=4)
+    req = StatRequest(argmax=True, entropy=True)
+    q = prob["q"].clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        td.attention(**dict(prob, q=q), stats=req)               # warm-up: compiles, small call: fused
+    torch.cuda.current_stream().wait_stream(s)
+    assert merges == []
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, got = td.attention(**dict(prob, q=q), stats=req)
+    assert merges, "the captured call did not launch the merge kernel"
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(dict(prob, q=q), out, got, req)
+    td.clear_plans()
 
 
 def test_decode_eligibility():
