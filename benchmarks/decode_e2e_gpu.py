@@ -88,6 +88,9 @@ def main():
     ap.add_argument("--kv-gb", type=float, default=90.0, help="largest KV cache to allocate (GB)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, 2 cells, 2 rounds of 2 steps")
+    ap.add_argument("--merge-ab", action="store_true",
+                    help="also time argmax and all rows with the decode path's key splits merged by the merge "
+                         "kernel (triton_decode.MERGE = 'kernel'), taking turns with the default")
     a = ap.parse_args()
     import headscope as hs
     e2e = _sibling("e2e_gpu")
@@ -133,14 +136,21 @@ def main():
                     return run_steps(clean.model, cache, K, B, steps, device, cfg.vocab_size)
                 if name == "plain":
                     return run_steps(base, cache, K, B, steps, device, cfg.vocab_size)
-                with hm.record(requests[name]) as rec:
-                    ms = run_steps(base, cache, K, B, steps, device, cfg.vocab_size)
+                from headscope.kernels import triton_decode as td
+                saved = td.MERGE
+                if name.endswith("/kernel"):
+                    td.MERGE = "kernel"
+                try:
+                    with hm.record(requests[name.split("/")[0]]) as rec:
+                        ms = run_steps(base, cache, K, B, steps, device, cfg.vocab_size)
+                finally:
+                    td.MERGE = saved
                 got = rec.stack("argmax")                                   # [layer, B, H, steps]
                 if got.shape[0] != layers or got.shape[-1] != steps:
                     raise RuntimeError(f"recorded argmax of shape {tuple(got.shape)}, ran {layers} layers x {steps} steps")
                 return ms
             return f
-        names = ["sdpa", "plain", "argmax", "all rows"]
+        names = ["sdpa", "plain", "argmax", "all rows"] + (["argmax/kernel", "all rows/kernel"] if a.merge_ab else [])
         fns = {n: mode_fn(n) for n in names}
         for n in names:                                                   # warm-up (compiles)
             fns[n]()
@@ -160,12 +170,14 @@ def main():
             torch.cuda.empty_cache()
     # the host is noisy (other work on the machine): the median and the fastest of the rounds, each
     # mode against SDPA's of the same statistic
+    shown = ["plain", "argmax", "all rows"] + (["argmax/kernel", "all rows/kernel"] if a.merge_ab else [])
     lines = ["| B | K | layers | statistic | SDPA ms/step | headscope, nothing recorded | argmax recorded (× SDPA) | "
-             "all rows recorded (× SDPA) |", "|---|---|---|---|---|---|---|---|"]
+             "all rows recorded (× SDPA) |" + (" argmax, merge kernel | all rows, merge kernel |" if a.merge_ab else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if a.merge_ab else "")]
     for r in rows:
         for stat, suf in (("median", "_ms"), ("fastest", "_min_ms")):
             s = r["sdpa" + suf]
-            cells = " | ".join(f"{r[n + suf]:.2f} ({r[n + suf] / s:.2f}×)" for n in ("plain", "argmax", "all rows"))
+            cells = " | ".join(f"{r[n + suf]:.2f} ({r[n + suf] / s:.2f}×)" for n in shown)
             lines.append(f"| {r['B']} | {r['K']} | {r['layers']} | {stat} | {s:.2f} | {cells} |")
     table = "\n".join(lines)
     print(table)

@@ -188,7 +188,7 @@ def test_auto_merge_fuses_small_calls_and_launches_the_merge_kernel_for_large_on
     merges = []
     orig = td._Plan.merge
     monkeypatch.setattr(td._Plan, "merge", lambda self, S: merges.append(S) or orig(self, S))
-    prob = _problem(B=1, H=4, G=2, seed=2)
+    prob = _problem()
     req = StatRequest(**ALL_ROW)
     for max_keys, launched in ((1 << 40, False), (1, True)):
         monkeypatch.setattr(td, "FUSED_MAX_KEYS", max_keys)
