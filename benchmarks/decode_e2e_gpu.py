@@ -94,6 +94,7 @@ def main():
     a = ap.parse_args()
     import headscope as hs
     e2e = _sibling("e2e_gpu")
+    timing = _sibling("host_timing")
 
     if a.smoke:
         from transformers import AutoModelForCausalLM, LlamaConfig
@@ -136,15 +137,12 @@ def main():
                     return run_steps(clean.model, cache, K, B, steps, device, cfg.vocab_size)
                 if name == "plain":
                     return run_steps(base, cache, K, B, steps, device, cfg.vocab_size)
-                from headscope.kernels import triton_decode as td
-                saved = td.MERGE
-                if name.endswith("/kernel"):
-                    td.MERGE = "kernel"
-                try:
+                def steps_recorded():
                     with hm.record(requests[name.split("/")[0]]) as rec:
-                        ms = run_steps(base, cache, K, B, steps, device, cfg.vocab_size)
-                finally:
-                    td.MERGE = saved
+                        return run_steps(base, cache, K, B, steps, device, cfg.vocab_size), rec
+                if name.endswith("/kernel"):
+                    steps_recorded = timing.with_merge(steps_recorded, "kernel")
+                ms, rec = steps_recorded()
                 got = rec.stack("argmax")                                   # [layer, B, H, steps]
                 if got.shape[0] != layers or got.shape[-1] != steps:
                     raise RuntimeError(f"recorded argmax of shape {tuple(got.shape)}, ran {layers} layers x {steps} steps")

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton.testing  # noqa: E402
 
-from benchmarks.host_timing import decode_inputs, wall_us  # noqa: E402
+from benchmarks.host_timing import decode_inputs, wall_us, with_merge  # noqa: E402
 from headscope.kernels import triton_attention as ta
 from headscope.kernels import triton_decode as td
 from headscope.kernels.spec import StatRequest
@@ -42,17 +42,6 @@ def all_rows(K: int) -> StatRequest:
     and one in the middle, entropy, distance, window distance 128, recent 64, argmax."""
     return StatRequest(sink_k=4, spans=((4, 68), (K // 2, K // 2 + 256)), entropy=True, distance=True,
                        window_distance=128, recent=64, argmax=True)
-
-
-def with_merge(fn, mode):
-    """``fn`` run with the decode path's splits merged by ``mode`` (``triton_decode.MERGE``)."""
-    def run():
-        saved, td.MERGE = td.MERGE, mode
-        try:
-            return fn()
-        finally:
-            td.MERGE = saved
-    return run
 
 
 def timed(fns, rounds):

@@ -16,17 +16,13 @@ _sys.path.insert(0, _os.path.dirname(_here))   # the repository root: benchmarks
 import torch  # noqa: E402
 import triton.testing  # noqa: E402
 
+from benchmarks.decode_host import all_rows  # noqa: E402
 from benchmarks.host_timing import decode_inputs  # noqa: E402
 from headscope.kernels import launch  # noqa: E402
 from headscope.kernels import triton_decode as td  # noqa: E402
 from headscope.kernels.spec import StatRequest  # noqa: E402
 
 VARIANTS = [("kernel", 16384), ("fused", 8192), ("fused", 16384)]
-
-
-def all_rows(K):
-    return StatRequest(sink_k=4, spans=((4, 68), (K // 2, K // 2 + 256)), entropy=True, distance=True,
-                       window_distance=128, recent=64, argmax=True)
 
 
 def main():
@@ -46,11 +42,8 @@ def main():
                     with torch.no_grad():
                         fn()
                         us = triton.testing.do_bench_cudagraph(fn, rep=100) * 1e3
-                    plans = launch.fast(td.decode_partial_kernel).plans
-                    regs = ""
-                    for compiled, _ in plans.values():
-                        if compiled.metadata.name and getattr(compiled, "n_regs", None) is not None:
-                            regs = f"{compiled.n_regs}/{compiled.n_spills}"
+                    plans = launch.fast(td.decode_partial_kernel).plans    # this variant's kernel alone
+                    regs = "".join(f"{c.n_regs}/{c.n_spills}" for c, _ in plans.values())
                     if rnd == 0:
                         cells.append([us, regs])
                     else:

@@ -30,3 +30,17 @@ def decode_inputs(B: int, H: int, G: int, d: int, K: int, pad: int = 0, seed: in
     kp = torch.ones(B, K, dtype=torch.bool, device="cuda")
     kp[0, :pad] = False
     return q, k, v, kp, kp[:, None, None, :]
+
+
+def with_merge(fn, mode: str):
+    """``fn`` run with the split-key decode path's splits merged by ``mode`` (``triton_decode.MERGE``:
+    "auto", "fused" or "kernel"; its plans are kept per value, so switching costs nothing)."""
+    from headscope.kernels import triton_decode as td
+
+    def run():
+        saved, td.MERGE = td.MERGE, mode
+        try:
+            return fn()
+        finally:
+            td.MERGE = saved
+    return run

@@ -26,7 +26,7 @@ _sys.path.insert(0, _os.path.dirname(_here))   # the repository root: benchmarks
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.host_timing import decode_inputs, wall_us  # noqa: E402
+from benchmarks.host_timing import decode_inputs, wall_us, with_merge  # noqa: E402
 from headscope.kernels import launch  # noqa: E402
 from headscope.kernels import triton_attention as ta  # noqa: E402
 from headscope.kernels import triton_decode as td  # noqa: E402
@@ -81,12 +81,7 @@ def main():
         def whole():
             return ta.attention(q, k, v, scaling=d ** -0.5, causal=True, stats=req)
 
-        def whole_two_launches():                     # the splits merged by a second kernel
-            saved_merge, td.MERGE = td.MERGE, "kernel"
-            try:
-                return whole()
-            finally:
-                td.MERGE = saved_merge
+        whole_two_launches = with_merge(whole, "kernel")     # the splits merged by a second kernel
         saved = td.decode_partial_kernel, td.decode_merge_kernel
         rec = [Recorder(f) for f in saved]
         td.decode_partial_kernel, td.decode_merge_kernel = rec
