@@ -50,6 +50,8 @@ def main():
         def gpu_like(self, *args, **kwargs):
             make(self, *args, **kwargs)
             self.sms = sms
+            if hasattr(self, "want"):                 # the splits target (since the fused merge)
+                self.want = max(1, (td.DECODE_PROGRAMS_PER_SM * sms) // self.rows_per_bh)
         td._Plan.__init__ = gpu_like
     else:                                             # before the plans (commit 7547907 and earlier)
         def n_splits_for(B, G, K_vis, block_n, device):

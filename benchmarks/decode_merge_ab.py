@@ -43,7 +43,7 @@ def main():
                         fn()
                         us = triton.testing.do_bench_cudagraph(fn, rep=100) * 1e3
                     plans = launch.fast(td.decode_partial_kernel).plans    # this variant's kernel alone
-                    regs = "".join(f"{c.n_regs}/{c.n_spills}" for c, _ in plans.values())
+                    regs = "".join(f"{c.n_regs}/{c.n_spills}" for c, *_ in plans.values())
                     if rnd == 0:
                         cells.append([us, regs])
                     else:

@@ -14,7 +14,11 @@ apart, and the compiled-kernel launch").
   value), on the constexpr and option values, and on the current CUDA device.
 - The first call with a key goes through ``kernel[grid]``, which compiles as usual and returns the
   compiled kernel. That kernel is kept.
-- Later calls with the key launch the kept kernel directly (``CompiledKernel[grid]``).
+- Later calls with the key launch the kept kernel directly: through ``CompiledKernel[grid]`` once,
+  then by the call that its runner makes to Triton's launcher (``compiled.run``: grid, stream,
+  function handle, packed metadata, then the arguments), without the runner's closure and its
+  device, stream and launch-metadata lookups. Where this Triton's runner differs from that call
+  (its source is read once) or a launch hook is set (a profiler), through ``CompiledKernel[grid]``.
 - The first reuse of each key is checked against Triton's own choice (``JITFunction.warmup``, which
   specialises and looks up without launching). If Triton picks another compiled kernel, it
   specialises on something the key does not hold: fast launches stop for the process, said once.
@@ -70,7 +74,9 @@ class FastLaunch:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self.plans: dict = {}          # key -> [compiled kernel, checked against Triton's choice]
+        # key -> [compiled kernel, checked against Triton's choice, its direct launch (None: not
+        # looked at yet, False: none, else ``_direct_handles``)]
+        self.plans: dict = {}
         self.on = ENABLED and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and _jit_function(kernel)
         if self.on:
             params = kernel.params
@@ -126,9 +132,9 @@ class FastLaunch:
             if compiled is not None and hasattr(compiled, "run"):
                 if len(self.plans) >= MAX_PLANS:        # keys made of raw values (an odd argument type)
                     self.plans.clear()                  # must not grow without bound
-                self.plans[key] = [compiled, False]
+                self.plans[key] = [compiled, False, None]
             return compiled
-        compiled, checked = plan
+        compiled, checked, direct = plan
         if not checked:
             if self.kernel.warmup(*args, grid=grid, **kwargs) is not compiled:
                 self._stop(f"Triton chose another compiled {self.kernel.__name__} for arguments with the "
@@ -136,7 +142,13 @@ class FastLaunch:
                 return self.kernel[grid](*args, **kwargs)
             plan[1] = True
         g = tuple(grid) + (1,) * (3 - len(grid))
+        if direct and _no_launch_hooks():
+            run, function, packed = direct
+            run(g[0], g[1], g[2], _RAW_STREAM(key[0]), function, packed, None, None, None, *vals)
+            return compiled
         compiled[g](*vals)
+        if direct is None:                      # its handles exist now: look once whether to go direct
+            plan[2] = _direct_handles(compiled) or False
         return compiled
 
     def _stop(self, reason: str):
@@ -197,6 +209,66 @@ class Bound:
         except TypeError:                       # an unhashable argument: Triton says what
             return fl.kernel[grid](*args, **self.constants)
         return fl._run(plan, key, grid, args, self.constants, args + self.tail)
+
+
+# -- the direct launch ---------------------------------------------------------------------------
+# ``CompiledKernel[grid](*args)`` builds a runner closure, asks the driver for the current device and
+# stream, and builds launch metadata (None without launch hooks) before it calls ``compiled.run``,
+# Triton's launcher, with the kernel's function handle and packed metadata. A kept kernel is
+# launched by that same call directly, where this Triton's runner is the one read below (its source
+# is checked once); otherwise through ``compiled[grid]``, said once.
+_RUNNER_CALL = ("self.run(grid[0], grid[1], grid[2], stream, self.function, self.packed_metadata, "
+                "launch_metadata,knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)")
+_DIRECT_OK = None
+try:
+    _RAW_STREAM = torch._C._cuda_getCurrentRawStream          # what Triton's driver itself calls
+except AttributeError:                                       # a CPU-only torch build
+    _RAW_STREAM = None
+
+
+def _runner_is_known() -> bool:
+    """This Triton's ``CompiledKernel.__getitem__`` launches exactly as ``_run``'s direct call
+    (checked once, on its source, whitespace aside)."""
+    global _DIRECT_OK
+    if _DIRECT_OK is None:
+        try:
+            import inspect
+
+            from triton.compiler.compiler import CompiledKernel
+            src = "".join(inspect.getsource(CompiledKernel.__getitem__).split())
+            _DIRECT_OK = "".join(_RUNNER_CALL.split()) in src and "filtered" not in src
+        except Exception:                  # no source, another layout: launch through compiled[grid]
+            _DIRECT_OK = False
+        if not _DIRECT_OK:
+            _say_once("this Triton's CompiledKernel launches otherwise than headscope's direct call reads it")
+    return _DIRECT_OK
+
+
+def _direct_handles(compiled):
+    """(launcher, function handle, packed metadata) of a compiled kernel that has launched once
+    through ``compiled[grid]``, or None where the direct call does not apply."""
+    if _RAW_STREAM is None or not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+        return None
+    if compiled.function is None or not _runner_is_known():
+        return None
+    return compiled.run, compiled.function, compiled.packed_metadata
+
+
+_KNOBS = []
+
+
+def _no_launch_hooks() -> bool:
+    """No launch hooks are set (a profiler such as Proton sets them; then ``compiled[grid]`` builds
+    their metadata and calls them, and the direct call steps aside). Triton keeps each hook as None
+    or as a chain of calls (``HookChain``, empty when none is set)."""
+    if not _KNOBS:
+        from triton import knobs
+        _KNOBS.append(knobs.runtime)
+    rt = _KNOBS[0]
+    for h in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if h is not None and getattr(h, "calls", True):
+            return False
+    return True
 
 
 def _getter(idx):

@@ -30,6 +30,7 @@ edit; other edits and column sums go through ``flash_stats`` (``eligible`` says 
 from __future__ import annotations
 
 import os
+import threading
 
 import triton
 import triton.language as tl
@@ -521,21 +522,48 @@ def _plan(dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, s
 
 
 _COUNTS: dict = {}
+_SCRATCH: dict = {}
 
 
-def split_counts(dev, n: int):
-    """The int32 counters of the fused merge, one per (batch, KV head) group, for the current stream
-    of ``dev``: zero between calls (the last split of a group sets its counter back), so they are
-    made once and kept; one set per stream, so that calls on two streams never share a counter."""
+def current_stream(dev):
+    """The raw handle of ``dev``'s current CUDA stream (what Triton's launch reads), None off CUDA."""
+    if dev.type != "cuda":
+        return None
     import torch
-    stream = None
-    if dev.type == "cuda":
-        from triton.runtime import driver
-        stream = driver.active.get_current_stream(dev.index if dev.index is not None else torch.cuda.current_device())
+    return torch._C._cuda_getCurrentRawStream(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+def split_counts(dev, n: int, stream=...):
+    """The int32 counters of the fused merge, one per (batch, KV head) group, for ``stream`` (a raw
+    handle from ``current_stream``; default: the current stream of ``dev``). They are zero between
+    calls (the last split of a group sets its counter back), so they are made once and kept; one
+    set per stream, so that calls on two streams never share a counter."""
+    import torch
+    if stream is ...:
+        stream = current_stream(dev)
     c = _COUNTS.get((dev, stream))
     if c is None or c.numel() < n:
         c = _COUNTS[(dev, stream)] = torch.zeros(max(n, 64), dtype=torch.int32, device=dev)
     return c
+
+
+def partial_scratch(dev, n: int, stream=...):
+    """fp32 scratch of at least ``n`` values for the partials, kept per (device, stream, thread);
+    ``stream`` as in ``split_counts``. A call's partials are written and merged before the next
+    call of the same thread on the same stream starts, so those calls can share it: one
+    ``torch.empty`` less per eager call. (Per thread as well: two threads' launches interleave on a
+    stream, and the merge kernel is a second launch.) Not for a call being captured into a CUDA
+    graph, which would keep this memory's address: such a call gets its own buffer."""
+    import torch
+    if stream is ...:
+        stream = current_stream(dev)
+    key = (dev, stream, threading.get_ident())
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n:
+        if len(_SCRATCH) >= 64:                # threads come and go: keep a bounded number
+            _SCRATCH.clear()
+        buf = _SCRATCH[key] = torch.empty(max(n, 1 << 14), dtype=torch.float32, device=dev)
+    return buf
 
 
 def partials_layout(n_prow: int) -> int:
@@ -593,18 +621,20 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     qscale = (ed.q_scale.detach().to(device=dev, dtype=torch.float32).reshape(H).contiguous()
               if has_qscale else p.dummy_f)
 
-    # three buffers a call: the partials (one allocation, regions n_pad rows apart), the output, and
+    # the buffers: the partials (scratch kept per stream, regions n_pad rows apart), the output, and
     # the results [1 + slots, B, H, Q] (the int64 argmax apart); each torch.empty is host time
     n_rows = B * H * Q
     n_pad = partials_layout(p.rows_per_bh * S * p.RQ)
-    part = torch.empty(n_pad * p.part_width, dtype=torch.float32, device=dev)
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    stream = None if capturing else current_stream(dev)
+    part = (torch.empty(n_pad * p.part_width, dtype=torch.float32, device=dev) if capturing
+            else partial_scratch(dev, n_pad * p.part_width, stream))
     out = torch.empty(B, H, Q, D, dtype=q.dtype, device=dev)
     res = torch.empty(p.res_slots, B, H, Q, dtype=torch.float32, device=dev) if st is not None else p.dummy_f
     arg = torch.empty(B, H, Q, dtype=torch.int64, device=dev) if p.argmax else p.dummy_i
 
-    fused = p.merge_mode == "fused" or (p.merge_mode == "auto" and K <= p.fused_max_keys
-                                        and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()))
-    count = split_counts(dev, B * G) if fused else p.dummy_i32
+    fused = p.merge_mode == "fused" or (p.merge_mode == "auto" and K <= p.fused_max_keys and not capturing)
+    count = split_counts(dev, B * G, current_stream(dev) if capturing else stream) if fused else p.dummy_i32
     p.partial[fused][(S, B * G)](
         q, k, v, part, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
         H, G, Q, K, key_lo, split_len, S, n_pad,

@@ -158,6 +158,59 @@ def test_a_triton_without_what_the_fast_launch_reads_is_said_once(monkeypatch, c
     assert len(k1.jit_launches) == 1                        # through Triton
 
 
+class Direct(Compiled):
+    """A compiled kernel with what the direct launch reads: Triton's launcher (``run``), the function
+    handle and the packed metadata, as a ``CompiledKernel`` has them after its first launch."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.function, self.packed_metadata, self.direct = f"fn-{name}", ("meta", name), []
+
+    def run(self, *args):
+        self.direct.append(args)
+
+
+def test_a_kept_kernel_is_launched_by_the_launcher_call_its_runner_makes(toy_kernel, monkeypatch):
+    """After its first launch through ``compiled[grid]``, a kept kernel is launched by calling Triton's
+    launcher directly, with the arguments ``CompiledKernel.__getitem__``'s runner passes: grid, the
+    current stream, function, packed metadata, no launch metadata and no hooks, then every
+    parameter. With a launch hook set (a profiler), ``compiled[grid]`` again, so the hook runs."""
+    k, f = toy_kernel
+    k._kernel_for = lambda kw: k.compiled.setdefault(kw["BLOCK"], Direct(kw["BLOCK"]))
+    monkeypatch.setattr(launch, "_RAW_STREAM", lambda device: 7000 + device)
+    monkeypatch.setattr(launch, "_DIRECT_OK", True)
+    x, y = torch.zeros(32), torch.zeros(32)
+    b = f.bind(BLOCK=64, num_warps=4)
+    b[(4,)](x, 17, 0.5, y)                                 # compiles (JITFunction)
+    b[(4,)](x, 33, 0.5, y)                                 # checked against warmup, then compiled[grid]
+    c = k.compiled[64]
+    assert c.launches == [((4, 1, 1), (x, 33, 0.5, y, 64, False))] and not c.direct
+    b[(8, 2)](x, 49, 0.25, y)                              # from now on: the launcher itself
+    assert c.direct == [(8, 2, 1, 7000, "fn-64", ("meta", 64), None, None, None, x, 49, 0.25, y, 64, False)]
+    assert len(c.launches) == 1 and len(k.jit_launches) == 1
+    monkeypatch.setattr(launch, "_no_launch_hooks", lambda: False)
+    b[(4,)](x, 17, 0.5, y)
+    assert len(c.launches) == 2 and len(c.direct) == 1
+    # a Triton whose runner launches otherwise: compiled[grid], every call
+    monkeypatch.setattr(launch, "_no_launch_hooks", lambda: True)
+    monkeypatch.setattr(launch, "_DIRECT_OK", False)
+    monkeypatch.setattr(launch, "_SAID", {"this Triton's CompiledKernel launches otherwise than headscope's "
+                                          "direct call reads it"})
+    b2 = f.bind(BLOCK=32, num_warps=4)
+    for n in (17, 33, 49):
+        b2[(4,)](x, n, 0.5, y)
+    assert len(k.compiled[32].launches) == 2 and not k.compiled[32].direct
+
+
+def test_this_tritons_runner_is_the_one_the_direct_launch_reads(monkeypatch):
+    """The installed Triton's ``CompiledKernel.__getitem__`` makes the launcher call that the direct
+    launch makes (else every kept kernel would go through ``compiled[grid]``: same results, more host
+    time); and launch hooks read as unset here. Fails after a Triton upgrade that changes them."""
+    monkeypatch.setattr(launch, "_DIRECT_OK", None)
+    assert launch._runner_is_known()
+    assert launch._no_launch_hooks()
+
+
 def middle(X, BLOCK: tl.constexpr, n):
     pass
 
