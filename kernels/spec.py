@@ -290,10 +290,26 @@ def _expected_keys(stats: StatRequest) -> frozenset[str]:
     return frozenset(keys)
 
 
+_DECLINED: dict = {}      # (path, its declared sets) -> {id(StatRequest): (the request, the answer)}
+
+
 def decline_reason(path: str, supported_stats: frozenset[str], supported_edits: frozenset[str],
                    stats: StatRequest | None, edits: "LayerEdits | None") -> str | None:
     """Why ``path`` cannot do this request (a sentence), or None when it can: every requested
-    statistic field and every active edit field must be in the path's declared sets."""
+    statistic field and every active edit field must be in the path's declared sets. (Without edits
+    the answer is kept per request, as ``active``'s: every layer of every step asks it, up to three
+    times a call.)"""
+    if edits is None:
+        if stats is None:
+            return None
+        cache = _DECLINED.get((path, supported_stats, supported_edits))
+        if cache is None:
+            cache = _DECLINED[(path, supported_stats, supported_edits)] = {}
+        return _kept(cache, stats, lambda s: _decline(path, supported_stats, supported_edits, s, None))
+    return _decline(path, supported_stats, supported_edits, stats, edits)
+
+
+def _decline(path, supported_stats, supported_edits, stats, edits) -> str | None:
     missing = sorted(active(stats) - supported_stats)
     if missing:
         return f"{path} does not compute the statistic field(s) {missing}"

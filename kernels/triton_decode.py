@@ -533,6 +533,16 @@ def current_stream(dev):
     return torch._C._cuda_getCurrentRawStream(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
+def stream_state(dev):
+    """(whether ``dev``'s current stream is being captured into a CUDA graph, its raw handle); (False,
+    None) off CUDA."""
+    if dev.type != "cuda":
+        return False, None
+    import torch
+    return (torch._C._cuda_isCurrentStreamCapturing(),
+            torch._C._cuda_getCurrentRawStream(dev.index if dev.index is not None else torch.cuda.current_device()))
+
+
 def split_counts(dev, n: int, stream=...):
     """The int32 counters of the fused merge, one per (batch, KV head) group, for ``stream`` (a raw
     handle from ``current_stream``; default: the current stream of ``dev``). They are zero between
@@ -613,7 +623,11 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
         split_len = -(-split_len // BN) * BN
     S = -(-K_vis // split_len)
 
-    kpos0 = p.kpos0 if key_pos0 is None else key_pos0.to(device=dev, dtype=torch.int64).contiguous()
+    kpos0 = key_pos0
+    if key_pos0 is None:
+        kpos0 = p.kpos0
+    elif key_pos0.dtype != torch.int64 or not key_pos0.is_contiguous() or key_pos0.device != dev:
+        kpos0 = key_pos0.to(device=dev, dtype=torch.int64).contiguous()
     pad = p.dummy_u8
     if key_padding is not None:
         pad = key_padding.to(device=dev)
@@ -625,8 +639,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     # the results [1 + slots, B, H, Q] (the int64 argmax apart); each torch.empty is host time
     n_rows = B * H * Q
     n_pad = partials_layout(p.rows_per_bh * S * p.RQ)
-    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    stream = None if capturing else current_stream(dev)
+    capturing, stream = stream_state(dev)
     part = (torch.empty(n_pad * p.part_width, dtype=torch.float32, device=dev) if capturing
             else partial_scratch(dev, n_pad * p.part_width, stream))
     out = torch.empty(B, H, Q, D, dtype=q.dtype, device=dev)
@@ -634,7 +647,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     arg = torch.empty(B, H, Q, dtype=torch.int64, device=dev) if p.argmax else p.dummy_i
 
     fused = p.merge_mode == "fused" or (p.merge_mode == "auto" and K <= p.fused_max_keys and not capturing)
-    count = split_counts(dev, B * G, current_stream(dev) if capturing else stream) if fused else p.dummy_i32
+    count = split_counts(dev, B * G, stream) if fused else p.dummy_i32
     p.partial[fused][(S, B * G)](
         q, k, v, part, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
         H, G, Q, K, key_lo, split_len, S, n_pad,

@@ -179,3 +179,19 @@ def test_min_query_edits_only_the_later_query_rows(native):
     torch.testing.assert_close(later, ref, atol=2e-5, rtol=2e-5)
     for name in want:
         torch.testing.assert_close(st[name].float(), want[name].float(), atol=2e-5, rtol=2e-5)
+
+
+def test_a_paths_declined_requests_are_kept_per_path_and_request():
+    """``spec.decline_reason`` keeps its answer per request (every layer of every step asks it): the
+    same request gets each path's own answer, a new request its own, and edits are read afresh."""
+    from headscope.kernels.spec import LayerEdits, decline_reason
+    entropy_only, both = frozenset({"entropy"}), frozenset({"entropy", "argmax"})
+    req = StatRequest(entropy=True, argmax=True)
+    for _ in range(2):
+        assert "['argmax']" in decline_reason("path A", entropy_only, frozenset(), req, None)
+        assert decline_reason("path B", both, frozenset(), req, None) is None
+        assert decline_reason("path A", entropy_only, frozenset(), StatRequest(entropy=True), None) is None
+    assert decline_reason("path A", both, frozenset(), None, None) is None
+    e = LayerEdits(q_scale=torch.ones(2))
+    assert "q_scale" in decline_reason("path A", both, frozenset(), req, e)
+    assert decline_reason("path A", both, frozenset({"q_scale"}), req, e) is None
