@@ -47,3 +47,13 @@ def sm_count(dev) -> int:
         import torch
         _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
     return _SM_COUNT[dev]
+
+
+def off_current_device(t) -> bool:
+    """``t`` is a CUDA tensor on a device other than the current one (a layer of a model split over
+    GPUs with a device map). Triton and FlashAttention-4 launch on the current device and its
+    stream, so the caller switches to ``t``'s device first (``torch.cuda.device``), as PyTorch's own
+    ops do."""
+    import torch
+    # (a CUDA tensor exists, so CUDA is initialised: the C call, without current_device's checks)
+    return t.is_cuda and t.device.index != torch._C._cuda_getDevice()

@@ -59,6 +59,7 @@ import os
 import torch
 
 from . import fa4_stats
+from .device_cache import off_current_device
 from .spec import LayerEdits, StatRequest, decline_reason
 
 
@@ -239,6 +240,11 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     """q [B, H, Q, d], k, v [B, G, K, d] -> (out [B, H, Q, d] in q's dtype, stats dict), as
     ``triton_attention.attention``; raises ``Unsupported`` for what ``supports`` declines, when
     FlashAttention-4 is not available, or when it fails on the call (the message says why)."""
+    if off_current_device(q):                   # its kernels launch on the current device: switch to q's
+        with torch.cuda.device(q.device):
+            return attention(q, k, v, scaling=scaling, causal=causal, sliding_window=sliding_window,
+                             key_padding=key_padding, softcap=softcap, key_pos0=key_pos0, stats=stats,
+                             edits=edits, sinks=sinks)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     reason = supports(q, k, v, stats, edits, causal=causal, sliding_window=sliding_window,
                       key_padding=key_padding, softcap=softcap, sinks=sinks is not None, grad=grad)

@@ -34,7 +34,7 @@ import sys
 
 import torch
 
-from .device_cache import cached, dummies, sm_count
+from .device_cache import cached, dummies, off_current_device, sm_count
 from .launch import fast
 from .spec import LayerEdits, StatRequest, decline_reason
 
@@ -308,6 +308,11 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
     ``block``: None (tuned table; 16 in the interpreter), an int (BLOCK_M = BLOCK_N), or
     (BLOCK_M, BLOCK_N[, num_warps, num_stages]) for both kernels. Raises ``Unsupported``."""
+    if off_current_device(q):                   # kernels launch on the current device: switch to q's
+        with torch.cuda.device(q.device):
+            return attention(q, k, v, scaling=scaling, causal=causal, sliding_window=sliding_window,
+                             key_padding=key_padding, softcap=softcap, key_pos0=key_pos0, stats=stats,
+                             edits=edits, block=block, sinks=sinks, window_switch=window_switch)
     reason = supports(stats, edits, sinks=sinks is not None)
     if reason is not None:
         raise Unsupported(reason)

@@ -419,3 +419,29 @@ def test_device_cache_builds_once_and_stays_bounded(monkeypatch):
         device_cache.cached(("z", n), lambda n=n: make(n))
     assert len(device_cache._CACHE) <= 3
     assert device_cache.cached(("z", 2), lambda: make(2)) is not a          # evicted, built again
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (a layer on the second GPU)")
+def test_a_call_on_another_gpu_than_the_current_one_runs_there():
+    """A layer of a model split over GPUs (device map) calls the kernels with tensors on a GPU other
+    than the current one. The kernels launch on the current device, so ``attention`` switches to the
+    tensors' device: same results as on the first GPU, and the current device is left as it was."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 3000, 64, generator=g), torch.randn(1, 2, 3000, 64, generator=g)   # decode: K >= DECODE_MIN_K
+    req = StatRequest(**ALL_ROW)
+    got = {}
+    for dev in ("cuda:0", "cuda:1"):
+        q1 = q[:, :, -1:].to(dev, torch.bfloat16)
+        for name, qq in (("prefill", q.to(dev, torch.bfloat16)), ("decode", q1)):
+            torch.cuda.set_device(0)
+            kk = k.to(dev, torch.bfloat16)
+            got[dev, name] = ta.attention(qq, kk, kk, scaling=0.125, stats=req, block=None)
+            torch.cuda.synchronize(dev)
+            assert torch.cuda.current_device() == 0
+    for name in ("prefill", "decode"):
+        o0, s0 = got["cuda:0", name]
+        o1, s1 = got["cuda:1", name]
+        assert o1.device == torch.device("cuda:1")
+        torch.testing.assert_close(o1.cpu(), o0.cpu())
+        for n in s0:
+            torch.testing.assert_close(s1[n].cpu(), s0[n].cpu(), msg=lambda m: f"{name} {n}: {m}")
