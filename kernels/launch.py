@@ -229,7 +229,7 @@ class Bound:
 # launched by that same call directly, where this Triton's runner is the one read below (its source
 # is checked once); otherwise through ``compiled[grid]``, said once.
 _RUNNER_CALL = ("self.run(grid[0], grid[1], grid[2], stream, self.function, self.packed_metadata, "
-                "launch_metadata,knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)")
+                "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)")
 _DIRECT_OK = None
 try:
     _RAW_STREAM = torch._C._cuda_getCurrentRawStream          # what Triton's driver itself calls
@@ -265,17 +265,18 @@ def _direct_handles(compiled):
     return compiled.run, compiled.function, compiled.packed_metadata
 
 
-_KNOBS = []
+_RUNTIME_KNOBS = None        # triton.knobs.runtime, imported on first use
 
 
 def _no_launch_hooks() -> bool:
     """No launch hooks are set (a profiler such as Proton sets them; then ``compiled[grid]`` builds
     their metadata and calls them, and the direct call steps aside). Triton keeps each hook as None
     or as a chain of calls (``HookChain``, empty when none is set)."""
-    if not _KNOBS:
+    global _RUNTIME_KNOBS
+    if _RUNTIME_KNOBS is None:
         from triton import knobs
-        _KNOBS.append(knobs.runtime)
-    rt = _KNOBS[0]
+        _RUNTIME_KNOBS = knobs.runtime
+    rt = _RUNTIME_KNOBS
     for h in (rt.launch_enter_hook, rt.launch_exit_hook):
         if h is not None and getattr(h, "calls", True):
             return False

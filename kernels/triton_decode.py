@@ -539,8 +539,7 @@ def stream_state(dev):
     if dev.type != "cuda":
         return False, None
     import torch
-    return (torch._C._cuda_isCurrentStreamCapturing(),
-            torch._C._cuda_getCurrentRawStream(dev.index if dev.index is not None else torch.cuda.current_device()))
+    return torch._C._cuda_isCurrentStreamCapturing(), current_stream(dev)
 
 
 def split_counts(dev, n: int, stream=...):

@@ -211,13 +211,14 @@ def has_sliding_layers(module) -> bool:
     ``window_switch``): half the kernels to compile on a fresh GPU for a model that alternates them.
     A config with a window and ``layer_types`` that are all full (Qwen2-MoE's default, among others in
     transformers 5.25) has none: its layers keep the kernels without the window's test."""
-    got = module.__dict__.get("_headscope_sliding") if module is not None else None
+    if module is None:
+        return False
+    got = module.__dict__.get("_headscope_sliding")
     if got is None:                     # read once per module: a config read costs microseconds a call
         cfg = getattr(module, "config", None)
         kinds = getattr(cfg, "layer_types", None)
         got = getattr(cfg, "sliding_window", None) is not None and (kinds is None or "sliding_attention" in kinds)
-        if module is not None:
-            module.__dict__["_headscope_sliding"] = got
+        module.__dict__["_headscope_sliding"] = got
     return got
 
 
