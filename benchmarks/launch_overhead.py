@@ -3,7 +3,8 @@
 ``kernels/launch.py`` (the default) and without it, with the key splits merged by a second kernel
 (``triton_decode.MERGE = "kernel"``), the two Triton launches alone through
 ``JITFunction`` (``kernel[grid](...)``, with the same arguments), the same two launches through the
-compiled kernels (``CompiledKernel[grid]``, no argument binding or cache-key work), and the
+compiled kernels (``CompiledKernel[grid]``, no argument binding or cache-key work), the same
+with each tensor passed as its address (``launch.addresses``: no driver query per pointer), and the
 three buffers' ``torch.empty`` calls; default SDPA for scale. Wall µs per call over back-to-back calls;
 SDPA and the whole call with and without the fast launch take turns (9 rounds, medians).
 Issue 13.
@@ -70,8 +71,9 @@ def main():
     print(f"whole call: triton_decode.MERGE = {td.MERGE!r}; the launches taken apart are those of MERGE = 'kernel'")
     print("| case | SDPA | whole call | whole call, merge kernel | whole call, fast launch off | "
           + ("whole call, baseline | " if base else "")
-          + "2 launches, JITFunction | 2 launches, compiled kernel | torch.empty x3 |")
-    print("|---|---|---|---|---|" + ("---|" if base else "") + "---|---|---|")
+          + "2 launches, JITFunction | 2 launches, compiled kernel | "
+          "2 launches, compiled kernel, tensors as addresses | torch.empty x3 |")
+    print("|---|---|---|---|---|" + ("---|" if base else "") + "---|---|---|---|")
     for name, K, req in (("Llama-3-8B 8k plain", 8192, None), ("Llama-3-8B 8k argmax", 8192, StatRequest(argmax=True)),
                          ("Llama-3-8B 32k all rows", 32768, StatRequest(sink_k=4, entropy=True, distance=True,
                                                                          recent=64, argmax=True))):
@@ -112,6 +114,14 @@ def main():
             for run, vals in compiled:
                 run(*vals)
 
+        by_address = [(run, tuple(launch.addresses(vals))) for run, vals in compiled]
+
+        def compiled_launches_by_address():      # the tensors passed as their addresses (launch.addresses)
+            if not by_address:
+                raise RuntimeError("no compiled kernels (above)")
+            for run, vals in by_address:
+                run(*vals)
+
         def whole_jit():
             fl = [launch.fast(f) for f in saved]
             on = [f.on for f in fl]
@@ -139,7 +149,7 @@ def main():
             except Exception as e:  # noqa: BLE001
                 cells += ["failed"] * len(turns)
                 print(f"  whole call: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            for f in (jit_launches, compiled_launches, empties):
+            for f in (jit_launches, compiled_launches, compiled_launches_by_address, empties):
                 try:
                     cells.append(f"{wall_us(f, a.calls, warmup=50):.1f}")
                 except Exception as e:  # noqa: BLE001

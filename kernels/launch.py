@@ -80,6 +80,17 @@ def specialization_facts(args, _tensor=torch.Tensor) -> tuple:
         for x in args])
 
 
+def addresses(vals, _tensor=torch.Tensor) -> list:
+    """``vals`` with each plain CUDA tensor replaced by its address (``data_ptr()``), for the direct
+    launch. Triton's launcher takes an int for a pointer argument as the address itself; for a
+    tensor it calls ``data_ptr()`` and then asks the driver whether the address is device memory
+    (``cuPointerGetAttribute``), one driver call per pointer argument of every launch (the decode
+    kernel has 12). The question is answered here instead by ``is_cuda``; anything else (a CPU
+    tensor, a tensor subclass) is passed as it is, so the launcher still checks it and refuses a
+    CPU tensor with its own message."""
+    return [x.data_ptr() if type(x) is _tensor and x.is_cuda else x for x in vals]
+
+
 class FastLaunch:
     """``kernel[grid]`` with the compiled kernel kept per specialisation key (module docstring)."""
 
@@ -155,7 +166,7 @@ class FastLaunch:
         g = tuple(grid) + (1,) * (3 - len(grid))
         if direct and _no_launch_hooks():
             run, function, packed = direct
-            run(g[0], g[1], g[2], _RAW_STREAM(key[0]), function, packed, None, None, None, *vals)
+            run(g[0], g[1], g[2], _RAW_STREAM(key[0]), function, packed, None, None, None, *addresses(vals))
             return compiled
         compiled[g](*vals)
         if direct is None:                      # its handles exist now: look once whether to go direct

@@ -210,6 +210,23 @@ def test_a_kept_kernel_is_launched_by_the_launcher_call_its_runner_makes(toy_ker
     assert len(k.compiled[32].launches) == 2 and not k.compiled[32].direct
 
 
+def test_the_direct_launch_passes_cuda_tensors_as_their_addresses():
+    """Triton's launcher takes an int pointer argument as the address itself and asks the driver
+    about every tensor's; ``addresses`` gives it the ints for plain CUDA tensors only. Anything else
+    (ints, floats, None, CPU tensors, tensor subclasses) passes unchanged, so the launcher checks it
+    as before (a CPU tensor is refused with Triton's own message)."""
+    x, p = torch.zeros(4), torch.nn.Parameter(torch.zeros(2))
+    vals = (x, 3, 0.5, None, p, True, "tf32")
+    got = launch.addresses(vals)
+    assert len(got) == len(vals) and all(a is b for a, b in zip(got, vals))
+    if torch.cuda.is_available():
+        c = torch.arange(6, device="cuda")[2:]
+        pc = torch.nn.Parameter(torch.zeros(2, device="cuda"))
+        got = launch.addresses((c, x, 7, pc))
+        assert got[0] == c.data_ptr() and type(got[0]) is int
+        assert got[1] is x and got[2] == 7 and got[3] is pc
+
+
 def test_this_tritons_runner_is_the_one_the_direct_launch_reads(monkeypatch):
     """The installed Triton's ``CompiledKernel.__getitem__`` makes the launcher call that the direct
     launch makes (else every kept kernel would go through ``compiled[grid]``: same results, more host
