@@ -40,6 +40,14 @@ from operator import itemgetter
 import torch
 
 log = logging.getLogger("headscope")
+try:
+    _RAW_STREAM = torch._C._cuda_getCurrentRawStream          # what Triton's driver itself calls
+    # the current device, part of every launch key: what torch.cuda.current_device calls after its
+    # lazy-init check (a launch has CUDA tensors, so CUDA is up by then)
+    _GET_DEVICE = torch._C._cuda_getDevice
+except AttributeError:                                       # a CPU-only torch build
+    _RAW_STREAM = None
+    _GET_DEVICE = torch.cuda.current_device
 _I32 = (-(1 << 31), 1 << 31)
 _I64_MAX = 1 << 63
 ENABLED = os.environ.get("HEADSCOPE_TRITON_FAST_LAUNCH", "1") not in ("0", "")
@@ -137,7 +145,7 @@ class FastLaunch:
     def _launch(self, grid, args, kwargs):
         try:
             vals = self._values(args, kwargs)
-            key = (torch.cuda.current_device(),
+            key = (_GET_DEVICE(),
                    frozenset((n, kwargs[n]) for n in kwargs.keys() - self.name_set),     # options
                    self.constexpr_values(vals),
                    specialization_facts(self.other_values(vals)))
@@ -226,10 +234,16 @@ class Bound:
         if len(args) != self.n_runtime:
             return self._general(grid, args)
         try:
-            key = (torch.cuda.current_device(), self.options, self.tail, specialization_facts(args))
+            key = (_GET_DEVICE(), self.options, self.tail, specialization_facts(args))
             plan = fl.plans.get(key)
         except TypeError:                       # an unhashable argument: Triton says what
             return fl.kernel[grid](*args, **self.constants)
+        if plan is not None and plan[1] and plan[2] and _no_launch_hooks():   # _run's direct call, inline
+            run, function, packed = plan[2]
+            n = len(grid)
+            run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _RAW_STREAM(key[0]), function, packed,
+                None, None, None, *addresses(args), *self.tail)
+            return plan[0]
         return fl._run(plan, key, grid, args, self.constants, args + self.tail)
 
 
@@ -242,10 +256,6 @@ class Bound:
 _RUNNER_CALL = ("self.run(grid[0], grid[1], grid[2], stream, self.function, self.packed_metadata, "
                 "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)")
 _DIRECT_OK = None
-try:
-    _RAW_STREAM = torch._C._cuda_getCurrentRawStream          # what Triton's driver itself calls
-except AttributeError:                                       # a CPU-only torch build
-    _RAW_STREAM = None
 
 
 def _runner_is_known() -> bool:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import threading
 
+import torch
 import triton
 import triton.language as tl
 
@@ -441,7 +442,6 @@ class _Plan:
     decode step's host time goes to the two launches and the three buffers."""
 
     def __init__(self, dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, stats, config):
-        import torch
         self.stats = stats                           # held: the plan is keyed on id(stats)
         RQ = (H // G) * Q
         BD = max(16, _pow2(D))
@@ -529,7 +529,6 @@ def current_stream(dev):
     """The raw handle of ``dev``'s current CUDA stream (what Triton's launch reads), None off CUDA."""
     if dev.type != "cuda":
         return None
-    import torch
     return torch._C._cuda_getCurrentRawStream(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
@@ -538,7 +537,6 @@ def stream_state(dev):
     None) off CUDA."""
     if dev.type != "cuda":
         return False, None
-    import torch
     return torch._C._cuda_isCurrentStreamCapturing(), current_stream(dev)
 
 
@@ -547,7 +545,6 @@ def split_counts(dev, n: int, stream=...):
     handle from ``current_stream``; default: the current stream of ``dev``). They are zero between
     calls (the last split of a group sets its counter back), so they are made once and kept; one
     set per stream, so that calls on two streams never share a counter."""
-    import torch
     if stream is ...:
         stream = current_stream(dev)
     c = _COUNTS.get((dev, stream))
@@ -563,7 +560,6 @@ def partial_scratch(dev, n: int, stream=...):
     ``torch.empty`` less per eager call. (Per thread as well: two threads' launches interleave on a
     stream, and the merge kernel is a second launch.) Not for a call being captured into a CUDA
     graph, which would keep this memory's address: such a call gets its own buffer."""
-    import torch
     if stream is ...:
         stream = current_stream(dev)
     key = (dev, stream, threading.get_ident())
@@ -589,7 +585,6 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     result of ``triton_attention.attention`` for a call that ``eligible`` accepts (the caller checks
     it and the shared argument checks). ``splits`` forces the number of key splits; ``config`` is
     (BLOCK_N, num_warps, num_stages); ``window_switch`` as in ``triton_attention.attention``."""
-    import torch
 
     B, H, Q, D = q.shape
     _, G, K, _ = k.shape
@@ -665,7 +660,6 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 def span_table(stats, device):
     """(number of spans, int64 [2 * n] device tensor of half-open position spans, the sink first as
     ``[-2^62, sink_k)``) for a request; cached per device and spans. (0, None) without spans."""
-    import torch
     spans = []
     if stats is not None:
         if stats.sink_k:

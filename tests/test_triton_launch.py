@@ -95,7 +95,7 @@ class ToyJIT(JITFunction):
 
 @pytest.fixture
 def toy_kernel(monkeypatch):
-    monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_GET_DEVICE", lambda: 0)
     monkeypatch.setattr(launch, "ENABLED", True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     k = ToyJIT(toy)
@@ -261,7 +261,7 @@ def test_bound_launches_share_the_kept_kernels_and_pass_every_parameter(toy_kern
 
 
 def test_bound_launch_of_a_kernel_with_constexprs_between_its_arguments_goes_through_triton(monkeypatch):
-    monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_GET_DEVICE", lambda: 0)
     monkeypatch.setattr(launch, "ENABLED", True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     k = ToyJIT(middle)
