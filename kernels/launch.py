@@ -88,18 +88,6 @@ def specialization_facts(args, _tensor=torch.Tensor) -> tuple:
         for x in args])
 
 
-def facts_and_addresses(args, _tensor=torch.Tensor) -> tuple:
-    """(``specialization_facts(args)``, ``addresses(args)``) with one ``data_ptr()`` per CUDA tensor:
-    its address gives both the launch argument and the key's alignment fact. (A bound launch needs
-    both on every call; the decode kernel has 12 tensor arguments.)"""
-    addr = [x.data_ptr() if type(x) is _tensor and x.is_cuda else x for x in args]
-    return tuple([
-        (1 if x == 1 else (2 if -2147483648 <= x < 2147483648 else (4 if x < 9223372036854775808 else 6))
-         + (not x & 15)) if type(x) is int
-        else ((x.dtype, not a & 15) if type(a) is int else specialization_fact(x))
-        for x, a in zip(args, addr)]), addr
-
-
 def addresses(vals, _tensor=torch.Tensor) -> list:
     """``vals`` with each plain CUDA tensor replaced by its address (``data_ptr()``), for the direct
     launch. Triton's launcher takes an int for a pointer argument as the address itself; for a
@@ -246,8 +234,7 @@ class Bound:
         if len(args) != self.n_runtime:
             return self._general(grid, args)
         try:
-            facts, addr = facts_and_addresses(args)
-            key = (_GET_DEVICE(), self.options, self.tail, facts)
+            key = (_GET_DEVICE(), self.options, self.tail, specialization_facts(args))
             plan = fl.plans.get(key)
         except TypeError:                       # an unhashable argument: Triton says what
             return fl.kernel[grid](*args, **self.constants)
@@ -255,7 +242,7 @@ class Bound:
             run, function, packed = plan[2]
             n = len(grid)
             run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _RAW_STREAM(key[0]), function, packed,
-                None, None, None, *addr, *self.tail)
+                None, None, None, *addresses(args), *self.tail)
             return plan[0]
         return fl._run(plan, key, grid, args, self.constants, args + self.tail)
 

@@ -654,7 +654,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
     if st is None:
         return out, {}
-    return out, row_results(st, None, res, arg, first=1)
+    return out, row_results(st, res[0], res, arg, first=1)
 
 
 def span_table(stats, device):
@@ -673,30 +673,25 @@ def span_table(stats, device):
 
 def row_results(stats, lse, rows, arg, first: int = 0) -> dict:
     """The statistics dict of a request from the kernels' row buffers (flash_stats and the decode
-    merge share the layout): lse [B, H, Q] (None: it is slot ``first - 1`` of ``rows``), rows
-    [first + 5 + spans, B, H, Q] (from slot ``first``: entropy, distance, window distance, recent
-    mass, max prob, then the sink and each span), arg [B, H, Q] int64. Each statistic is one view of
-    ``rows``: a select each where few are asked, else all slots from one ``unbind`` (fewer calls
-    into torch from 5 views on; this runs in every layer of every decode step)."""
-    n = (lse is None) + bool(stats.sink_k) + bool(stats.entropy) + bool(stats.distance) + \
-        bool(stats.window_distance) + bool(stats.recent) + bool(stats.argmax)
-    slot = rows.unbind(0) if n >= 5 else rows
-    res = {"lse": slot[first - 1] if lse is None else lse}
+    merge share the layout): lse [B, H, Q], rows [first + 5 + spans, B, H, Q] (from slot ``first``:
+    entropy, distance, window distance, recent mass, max prob, then the sink and each span), arg
+    [B, H, Q] int64. Each statistic is one view of ``rows``."""
+    res = {"lse": lse}
     j = first + 5
     if stats.sink_k:
-        res["sink_mass"] = slot[j]
+        res["sink_mass"] = rows[j]
         j += 1
     if stats.spans:
         res["span_mass"] = rows[j:j + len(stats.spans)].permute(1, 2, 3, 0)   # a view, as fa4_stats (no copy launch)
     if stats.entropy:
-        res["entropy"] = slot[first]
+        res["entropy"] = rows[first]
     if stats.distance:
-        res["distance"] = slot[first + 1]
+        res["distance"] = rows[first + 1]
     if stats.window_distance:
-        res["window_distance"] = slot[first + 2]
+        res["window_distance"] = rows[first + 2]
     if stats.recent:
-        res["recent_mass"] = slot[first + 3]
+        res["recent_mass"] = rows[first + 3]
     if stats.argmax:
-        res["max_prob"] = slot[first + 4]
+        res["max_prob"] = rows[first + 4]
         res["argmax"] = arg
     return res

@@ -48,17 +48,10 @@ def test_equal_facts_mean_equal_triton_specialisation():
 
 def test_the_bulk_facts_equal_the_fact_of_each_value():
     """``specialization_facts`` (the key's fast form) gives ``specialization_fact`` of each value,
-    for every value above and for a tensor subclass (a Parameter); ``facts_and_addresses`` (a bound
-    launch's one pass) gives the same facts and ``addresses``, on the CPU and, with a GPU, for CUDA
-    tensors (an unaligned view among them)."""
+    for every value above and for a tensor subclass (a Parameter)."""
     vals = _values() + [torch.nn.Parameter(torch.zeros(8)), torch.nn.Parameter(torch.zeros(8))[1:]]
     assert launch.specialization_facts(vals) == tuple(launch.specialization_fact(v) for v in vals)
     assert launch.specialization_facts(()) == ()
-    assert launch.facts_and_addresses(vals) == (launch.specialization_facts(vals), launch.addresses(vals))
-    if torch.cuda.is_available():
-        on_gpu = [v.cuda() if isinstance(v, torch.Tensor) else v for v in vals] + [torch.zeros(3, device="cuda")[1:]]
-        facts, addr = launch.facts_and_addresses(on_gpu)
-        assert facts == launch.specialization_facts(on_gpu) and addr == launch.addresses(on_gpu)
 
 
 def toy(X, n, scale, Y, BLOCK: tl.constexpr, FLAG: tl.constexpr = False):
