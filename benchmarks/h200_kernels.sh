@@ -23,6 +23,8 @@
 #   fa4stats    benchmarks/fa4_stats_gpu.py: in-kernel row statistics and column sums, checks + timing (after fa4)
 #   long        fa4_stats_gpu.py timing at long context: $SHAPES (default the two d128 ones) at $LONG_SIZES
 #               (default 65536,131072), 2 s of calls per column; all rows, rows + column sums, the pass (after fa4)
+#   decodefloor benchmarks/decode_floor.py: the whole eager decode call against the floor of a Python launch
+#               (result buffers, addresses, one launcher call, the statistics dict)
 #   decodeprof  benchmarks/decode_host_profile.py: where an eager decode step's host time goes (cProfile)
 #   colsum      benchmarks/colsum_ab.py: the transposed column-sum pass's variants (after fa4)
 #   colsumbest  the same with the variant colsum_ab.py found fastest (the BEST line of
@@ -111,6 +113,8 @@ for step in "$@"; do
         2>&1 | grep -v "Warn\|exe_args" | tee -a $OUT/fa4_stats_long.md | tail -12 ;;
     launch)
       python3 benchmarks/launch_overhead.py ${BASELINE:+--baseline "$BASELINE"} 2>&1 | tee $OUT/launch_overhead.md | tail -8 ;;
+    decodefloor)
+      python3 benchmarks/decode_floor.py 2>&1 | tee $OUT/decode_floor.md | tail -8 ;;
     hosttests)
       copy_tree
       (cd /tmp/hs/headscope && PYTHONPATH=/tmp/hs:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider \
