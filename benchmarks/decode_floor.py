@@ -42,16 +42,16 @@ CASES = (("Llama-3-8B 8k plain", 8192, None), ("Llama-3-8B 8k argmax", 8192, Sta
 def captured_launch(call):
     """(bound launch, grid, runtime args) of the fused decode kernel's launch in ``call()``."""
     got = []
-    original = launch.Bound._launch
+    original = launch.Bound.run_keyed
 
-    def spy(self, grid, args):
+    def spy(self, caller_key, grid, args):
         got.append((self, grid, args))
-        return original(self, grid, args)
-    launch.Bound._launch = spy
+        return original(self, caller_key, grid, args)
+    launch.Bound.run_keyed = spy
     try:
         call()
     finally:
-        launch.Bound._launch = original
+        launch.Bound.run_keyed = original
     if len(got) != 1:
         raise RuntimeError(f"expected one launch (the fused merge), saw {len(got)}")
     return got[0]

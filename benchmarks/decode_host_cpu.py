@@ -41,6 +41,9 @@ def main():
         def bind(self, **constants):
             return self
 
+        def run_keyed(self, caller_key, grid, args):
+            return None
+
     td.fast = ta.fast = lambda kernel: NoLaunch()
     td.INTERPRET_BLOCK_N = 64                         # the GPU's BLOCK_N at d128
     sms = 132                                         # split as on an H200 (132 SMs, 2 programs per SM)

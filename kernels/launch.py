@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import logging
 import os
-from operator import itemgetter
+from functools import reduce
+from operator import itemgetter, or_
 
 import torch
 
@@ -51,6 +52,9 @@ except AttributeError:                                       # a CPU-only torch 
 _I32 = (-(1 << 31), 1 << 31)
 _I64_MAX = 1 << 63
 ENABLED = os.environ.get("HEADSCOPE_TRITON_FAST_LAUNCH", "1") not in ("0", "")
+# Check every keyed launch (``Bound.run_keyed``) against the full specialisation key, and raise
+# where they disagree (a caller key that misses something): the GPU tests set it.
+VERIFY_KEYED = os.environ.get("HEADSCOPE_VERIFY_KEYED_LAUNCH", "0") not in ("0", "")
 MAX_PLANS = 1024           # kept compiled kernels per kernel (Triton keeps its own cache besides)
 
 
@@ -215,6 +219,7 @@ class Bound:
             self.ok = trailing
             if self.ok:
                 self.tail, self.options = tail, options
+        self.keyed: dict = {}          # caller key -> (run, function, packed, tensor slots, full key)
 
     def __getitem__(self, grid):
         if not (self.ok and self.fl.on) or callable(grid):
@@ -245,6 +250,66 @@ class Bound:
                 None, None, None, *addresses(args), *self.tail)
             return plan[0]
         return fl._run(plan, key, grid, args, self.constants, args + self.tail)
+
+
+    def run_keyed(self, caller_key, grid, args) -> None:
+        """``self[grid](*args)`` for a caller that vouches for ``caller_key`` (hashable): two calls with
+        equal keys pass arguments with equal specialisation facts, the alignment of their tensors
+        aside, and every tensor is a plain CUDA tensor on the current device. (The decode path builds
+        its key from its strides, its window and the facts of the ints that follow the key count;
+        everything else is fixed by its plan, which holds this ``Bound``.) Once the key's kernel
+        launches directly, a call skips the specialisation key of all its arguments: its tensors go
+        as their addresses, checked for 16-byte alignment all at once (one misaligned takes the
+        general path, as does a set launch hook). With ``VERIFY_KEYED`` the full key is computed
+        as well, and a difference raises."""
+        kept = self.keyed.get(caller_key)
+        if kept is not None and self.fl.on and _no_launch_hooks():
+            run, function, packed, slots, full_key = kept
+            vals = [x.data_ptr() if type(x) is _TENSOR else x for x in args]
+            bits = reduce(or_, slots(vals), 0)
+            if type(bits) is int and not bits & 15 and _GET_DEVICE() == full_key[0]:
+                if VERIFY_KEYED:
+                    self._verify(full_key, args)
+                n = len(grid)
+                run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _RAW_STREAM(full_key[0]), function,
+                    packed, None, None, None, *vals, *self.tail)
+                return
+        self[grid](*args)
+        if kept is None and self.ok and self.fl.on:
+            self._keep(caller_key, args)
+
+    def _keep(self, caller_key, args) -> None:
+        """Keep ``caller_key``'s kernel for ``run_keyed`` once it launches directly (compiled, checked
+        against Triton's choice, its launcher's handles known), its tensors all plain, on CUDA and
+        aligned; until then nothing (the next call tries again)."""
+        try:
+            key = (_GET_DEVICE(), self.options, self.tail, specialization_facts(args))
+        except TypeError:
+            return
+        plan = self.fl.plans.get(key)
+        if plan is None or not plan[1] or not plan[2]:
+            return
+        slots = [i for i, x in enumerate(args) if isinstance(x, torch.Tensor)]
+        if not slots or not all(_plain_cuda_aligned(args[i]) for i in slots):
+            return
+        if len(self.keyed) >= MAX_PLANS:
+            self.keyed.clear()
+        run, function, packed = plan[2]
+        self.keyed[caller_key] = (run, function, packed, _getter(slots), key)
+
+    def _verify(self, full_key, args) -> None:
+        key = (_GET_DEVICE(), self.options, self.tail, specialization_facts(args))
+        if key != full_key:
+            raise AssertionError(f"{self.fl.kernel.__name__}: a caller key kept the kernel of {full_key[3]} "
+                                 f"for arguments with the facts {key[3]}")
+
+
+_TENSOR = torch.Tensor
+
+
+def _plain_cuda_aligned(x) -> bool:
+    """A plain tensor (no subclass) on CUDA at a 16-byte aligned address."""
+    return type(x) is _TENSOR and x.is_cuda and not x.data_ptr() & 15
 
 
 # -- the direct launch ---------------------------------------------------------------------------

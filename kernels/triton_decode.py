@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .device_cache import cached, dummies, sm_count
-from .launch import fast
+from .launch import fast, specialization_facts
 from .spec import decline_reason
 
 from .flash_stats import IDX_BIG, LN2, LOG2E, NEG_BIG, window_arg  # noqa: E402  (one definition of the constants)
@@ -642,13 +642,16 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
     fused = p.merge_mode == "fused" or (p.merge_mode == "auto" and K <= p.fused_max_keys and not capturing)
     count = split_counts(dev, B * G, stream) if fused else p.dummy_i32
-    p.partial[fused][(S, B * G)](
-        q, k, v, part, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
-        H, G, Q, K, key_lo, split_len, S, n_pad,
-        float(scaling), float(softcap) if softcap is not None else 1.0,
-        window_arg(sliding_window),
-        qscale, kpos0, pad, p.spans, p.wdist_w, p.recent_r,
-        out, res, arg, count, H * Q * D, Q * D, D, n_rows)
+    args = (q, k, v, part, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+            H, G, Q, K, key_lo, split_len, S, n_pad,
+            float(scaling), float(softcap) if softcap is not None else 1.0,
+            window_arg(sliding_window),
+            qscale, kpos0, pad, p.spans, p.wdist_w, p.recent_r,
+            out, res, arg, count, H * Q * D, Q * D, D, n_rows)
+    # launched under the specialisation facts of the scalars args[4:24] (strides to window): the rest is
+    # fixed by the plan (its dtypes, H, G, Q, D, B, the request) but the tensors' alignment, which
+    # run_keyed checks itself
+    p.partial[fused].run_keyed(specialization_facts(args[4:24]), (S, B * G), args)
     if not fused:
         p.merge(S)[(n_rows,)](part, out, res, arg, H * Q * D, Q * D, D, H, G, Q, S, n_rows, n_pad, kpos0)
 

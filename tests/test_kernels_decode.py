@@ -34,6 +34,14 @@ OUT_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 K_SCALE = 40 if CUDA else 1          # longer key ranges on the GPU (many splits)
 
 
+@pytest.fixture(autouse=True)
+def _verify_keyed_launches(monkeypatch):
+    """Every keyed launch of the decode kernel (``launch.Bound.run_keyed``, on the GPU) is checked
+    against the full specialisation key: a caller key that missed a fact raises."""
+    from headscope.kernels import launch
+    monkeypatch.setattr(launch, "VERIFY_KEYED", True)
+
+
 def _problem(B=2, H=8, G=2, Q=1, K=75, D=32, dtype=torch.float32, seed=0, pad=False, pos0=False, **kw):
     g = torch.Generator().manual_seed(seed)
     K = K * K_SCALE
@@ -372,6 +380,8 @@ def test_decode_steps_through_the_compiled_kernel_launch_stay_exact(merge):
         "no key was reused: the loop did not exercise the compiled-kernel launch"
     assert any(plan[2] for plan in fl.plans.values()), \
         "no kept kernel went through Triton's launcher directly (launch._direct_handles)"
+    assert any(b.keyed for p in td._PLANS.values() for b in p.partial.values()), \
+        "no caller key was kept: the decode calls did not skip the full key (launch.Bound.run_keyed)"
 
 
 @pytest.mark.skipif(not CUDA, reason="a race between GPU programs needs a GPU")

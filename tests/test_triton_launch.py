@@ -227,6 +227,37 @@ def test_the_direct_launch_passes_cuda_tensors_as_their_addresses():
         assert got[1] is x and got[2] == 7 and got[3] is pc
 
 
+def test_a_keyed_launch_skips_the_key_until_a_tensor_is_misaligned(toy_kernel, monkeypatch):
+    """``run_keyed``: once the caller key's kernel launches directly, a call passes its tensors as
+    their addresses without the full key; a misaligned tensor or a launch hook takes the general
+    path (a misaligned x is another specialisation: Triton compiles it); ``VERIFY_KEYED`` catches a
+    caller key that misses a fact (here 32 is divisible by 16, 17 is not). On the CPU, with CPU
+    tensors standing in for CUDA ones."""
+    k, f = toy_kernel
+    k._kernel_for = lambda kw: k.compiled.setdefault(kw["BLOCK"], Direct(kw["BLOCK"]))
+    monkeypatch.setattr(launch, "_RAW_STREAM", lambda device: 7000 + device)
+    monkeypatch.setattr(launch, "_DIRECT_OK", True)
+    monkeypatch.setattr(launch, "_plain_cuda_aligned", lambda x: type(x) is torch.Tensor and not x.data_ptr() & 15)
+    x, y = torch.zeros(32), torch.zeros(32)
+    b = f.bind(BLOCK=64, num_warps=4)
+    for _ in range(3):                                     # compile; check + compiled[grid], then kept
+        b.run_keyed("ck", (4,), (x, 17, 0.5, y))
+    c = k.compiled[64]
+    assert "ck" in b.keyed and len(k.jit_launches) == 1 and len(c.launches) == 1
+    assert c.direct == [(4, 1, 1, 7000, "fn-64", ("meta", 64), None, None, None,
+                         x.data_ptr(), 17, 0.5, y.data_ptr(), 64, False)]
+    b.run_keyed("ck", (4,), (x[1:], 17, 0.5, y))            # misaligned: the general path, a new kernel key
+    assert len(c.direct) == 1 and len(k.jit_launches) == 2
+    monkeypatch.setattr(launch, "_no_launch_hooks", lambda: False)
+    b.run_keyed("ck", (4,), (x, 17, 0.5, y))                # a hook: compiled[grid]
+    assert len(c.direct) == 1 and len(c.launches) == 2
+    monkeypatch.setattr(launch, "_no_launch_hooks", lambda: True)
+    monkeypatch.setattr(launch, "VERIFY_KEYED", True)
+    b.run_keyed("ck", (4,), (x, 33, 0.5, y))                # same facts as 17: fine
+    with pytest.raises(AssertionError, match="caller key"):
+        b.run_keyed("ck", (4,), (x, 32, 0.5, y))
+
+
 def test_this_tritons_runner_is_the_one_the_direct_launch_reads(monkeypatch):
     """The installed Triton's ``CompiledKernel.__getitem__`` makes the launcher call that the direct
     launch makes (else every kept kernel would go through ``compiled[grid]``: same results, more host
