@@ -305,6 +305,9 @@ def decline_reason(path: str, supported_stats: frozenset[str], supported_edits: 
         cache = _DECLINED.get((path, supported_stats, supported_edits))
         if cache is None:
             cache = _DECLINED[(path, supported_stats, supported_edits)] = {}
+        got = cache.get(id(stats))                      # _kept's hit, without building its function
+        if got is not None and got[0] is stats:
+            return got[1]
         return _kept(cache, stats, lambda s: _decline(path, supported_stats, supported_edits, s, None))
     return _decline(path, supported_stats, supported_edits, stats, edits)
 
