@@ -17,8 +17,11 @@ apart, and the compiled-kernel launch").
 - Later calls with the key launch the kept kernel directly: through ``CompiledKernel[grid]`` once,
   then by the call that its runner makes to Triton's launcher (``compiled.run``: grid, stream,
   function handle, packed metadata, then the arguments), without the runner's closure and its
-  device, stream and launch-metadata lookups. Where this Triton's runner differs from that call
-  (its source is read once) or a launch hook is set (a profiler), through ``CompiledKernel[grid]``.
+  device, stream and launch-metadata lookups. Each plain CUDA tensor goes as its address
+  (``addresses``): Triton's launcher asks the driver about every tensor argument's pointer
+  (``cuPointerGetAttribute``) and takes an int as it is (~2-3 µs less a launch of the decode
+  kernel). Where this Triton's runner differs from that call (its source is read once) or a launch
+  hook is set (a profiler), through ``CompiledKernel[grid]``.
 - The first reuse of each key is checked against Triton's own choice (``JITFunction.warmup``, which
   specialises and looks up without launching). If Triton picks another compiled kernel, it
   specialises on something the key does not hold: fast launches stop for the process, said once.
@@ -27,6 +30,15 @@ Bound launches: ``b = fast(kernel).bind(BLOCK_N=64, ..., num_warps=4)`` fixes th
 options once (a caller keeps ``b`` per configuration); ``b[grid](*args)`` then passes the runtime
 arguments alone. The key and the kept kernels are the same as above; only the per-call work of
 reading keywords and defaults is gone.
+
+Keyed launches: ``b.run_keyed(caller_key, grid, args)`` is ``b[grid](*args)`` for a caller that
+knows which of its arguments vary: equal caller keys must mean equal specialisation facts, the
+tensors' alignment aside. Once the key's kernel launches directly, a call skips the full key: its
+tensors go as addresses, checked for 16-byte alignment all at once. The decode path keys on the
+facts of its 20 scalars, its plan fixing the rest: 9-14 µs less a whole eager decode call on the
+H200 (BENCHMARKS.md "Decode host: the pointer check skipped, a launch keyed by the caller").
+``HEADSCOPE_VERIFY_KEYED_LAUNCH=1`` (``VERIFY_KEYED``) computes the full key as well and raises where
+a caller key misses a fact; the decode tests set it.
 
 Off under the interpreter (``TRITON_INTERPRET=1``), for anything that is not a ``JITFunction``, and
 when ``HEADSCOPE_TRITON_FAST_LAUNCH=0``; then ``fast(kernel)[grid]`` is ``kernel[grid]``.
