@@ -263,13 +263,12 @@ class Bound:
             return plan[0]
         return fl._run(plan, key, grid, args, self.constants, args + self.tail)
 
-
     def run_keyed(self, caller_key, grid, args) -> None:
         """``self[grid](*args)`` for a caller that vouches for ``caller_key`` (hashable): two calls with
         equal keys pass arguments with equal specialisation facts, the alignment of their tensors
-        aside, and every tensor is a plain CUDA tensor on the current device. (The decode path builds
-        its key from its strides, its window and the facts of the ints that follow the key count;
-        everything else is fixed by its plan, which holds this ``Bound``.) Once the key's kernel
+        aside, and every tensor is a CUDA tensor on the current device. (The decode path's key is the
+        specialisation facts of its scalars, from the strides to the window; everything else is fixed
+        by its plan, which holds this ``Bound``.) Once the key's kernel
         launches directly, a call skips the specialisation key of all its arguments: its tensors go
         as their addresses, checked for 16-byte alignment all at once (one misaligned takes the
         general path, as does a set launch hook). With ``VERIFY_KEYED`` the full key is computed
@@ -278,7 +277,10 @@ class Bound:
         if kept is not None and self.fl.on and _no_launch_hooks():
             run, function, packed, slots, full_key = kept
             vals = [x.data_ptr() if type(x) is _TENSOR else x for x in args]
-            bits = reduce(or_, slots(vals), 0)
+            try:
+                bits = reduce(or_, slots(vals), 0)      # a tensor subclass left in: not an int
+            except Exception:
+                bits = None
             if type(bits) is int and not bits & 15 and _GET_DEVICE() == full_key[0]:
                 if VERIFY_KEYED:
                     self._verify(full_key, args)

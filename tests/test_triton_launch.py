@@ -230,9 +230,9 @@ def test_the_direct_launch_passes_cuda_tensors_as_their_addresses():
 def test_a_keyed_launch_skips_the_key_until_a_tensor_is_misaligned(toy_kernel, monkeypatch):
     """``run_keyed``: once the caller key's kernel launches directly, a call passes its tensors as
     their addresses without the full key; a misaligned tensor or a launch hook takes the general
-    path (a misaligned x is another specialisation: Triton compiles it); ``VERIFY_KEYED`` catches a
-    caller key that misses a fact (here 32 is divisible by 16, 17 is not). On the CPU, with CPU
-    tensors standing in for CUDA ones."""
+    path (a misaligned x is another specialisation: Triton compiles it), as does a tensor subclass;
+    ``VERIFY_KEYED`` catches a caller key that misses a fact (here 32 is divisible by 16, 17 is not).
+    On the CPU, with CPU tensors standing in for CUDA ones."""
     k, f = toy_kernel
     k._kernel_for = lambda kw: k.compiled.setdefault(kw["BLOCK"], Direct(kw["BLOCK"]))
     monkeypatch.setattr(launch, "_RAW_STREAM", lambda device: 7000 + device)
@@ -252,6 +252,9 @@ def test_a_keyed_launch_skips_the_key_until_a_tensor_is_misaligned(toy_kernel, m
     b.run_keyed("ck", (4,), (x, 17, 0.5, y))                # a hook: compiled[grid]
     assert len(c.direct) == 1 and len(c.launches) == 2
     monkeypatch.setattr(launch, "_no_launch_hooks", lambda: True)
+    p = torch.nn.Parameter(torch.zeros(32))                 # a tensor subclass: the general path, no error
+    b.run_keyed("ck", (4,), (p, 17, 0.5, y))
+    assert len(c.direct) == 2 and c.direct[-1][9] is p
     monkeypatch.setattr(launch, "VERIFY_KEYED", True)
     b.run_keyed("ck", (4,), (x, 33, 0.5, y))                # same facts as 17: fine
     with pytest.raises(AssertionError, match="caller key"):
