@@ -3,11 +3,11 @@
 kernels must do per call, everything else (argument checks, the plan, the specialisation key, the
 scratch lookups) taken as done:
 
-- ``floor``: the three result buffers (``torch.empty``: output, statistics, argmax), the addresses
+- ``floor``: the result buffers the whole call makes (``torch.empty``: output, statistics, argmax), the addresses
   of q, k, v and of those buffers put into a kept argument list, one launch of the kept compiled
   kernel by Triton's launcher (``compiled.run``, as ``kernels/launch.py``'s direct call), and the
   statistics dict (``triton_decode.row_results``);
-- ``floor, buffers kept``: the same without the three ``torch.empty`` (a caller that reuses its
+- ``floor, buffers kept``: the same without the ``torch.empty`` calls (a caller that reuses its
   outputs, which the probe cannot: the results escape to the user);
 - ``launch alone``: the launcher call only.
 
@@ -33,10 +33,10 @@ from headscope.kernels import triton_attention as ta  # noqa: E402
 from headscope.kernels import triton_decode as td  # noqa: E402
 from headscope.kernels.spec import StatRequest  # noqa: E402
 
+ALL_ROWS = StatRequest(sink_k=4, entropy=True, distance=True, recent=64, argmax=True)
 CASES = (("Llama-3-8B 8k plain", 8192, None), ("Llama-3-8B 8k argmax", 8192, StatRequest(argmax=True)),
-         ("Llama-3-8B 32k argmax", 32768, StatRequest(argmax=True)),
-         ("Llama-3-8B 32k all rows", 32768, StatRequest(sink_k=4, entropy=True, distance=True, recent=64,
-                                                         argmax=True)))
+         ("Llama-3-8B 8k all rows", 8192, ALL_ROWS),
+         ("Llama-3-8B 32k argmax", 32768, StatRequest(argmax=True)), ("Llama-3-8B 32k all rows", 32768, ALL_ROWS))
 
 
 def captured_launch(call):
