@@ -187,11 +187,10 @@ class FastLaunch:
                            "same specialisation facts")
                 return self.kernel[grid](*args, **kwargs)
             plan[1] = True
-        g = tuple(grid) + (1,) * (3 - len(grid))
         if direct and _no_launch_hooks():
-            run, function, packed = direct
-            run(g[0], g[1], g[2], _RAW_STREAM(key[0]), function, packed, None, None, None, *addresses(vals))
+            _direct_call(direct, grid, key[0], addresses(vals))
             return compiled
+        g = tuple(grid) + (1,) * (3 - len(grid))
         compiled[g](*vals)
         if direct is None:                      # its handles exist now: look once whether to go direct
             plan[2] = _direct_handles(compiled) or False
@@ -231,7 +230,7 @@ class Bound:
             self.ok = trailing
             if self.ok:
                 self.tail, self.options = tail, options
-        self.keyed: dict = {}          # caller key -> (run, function, packed, tensor slots, full key)
+        self.keyed: dict = {}          # caller key -> (direct handles, tensor slots, full key)
 
     def __getitem__(self, grid):
         if not (self.ok and self.fl.on) or callable(grid):
@@ -251,15 +250,12 @@ class Bound:
         if len(args) != self.n_runtime:
             return self._general(grid, args)
         try:
-            key = (_GET_DEVICE(), self.options, self.tail, specialization_facts(args))
+            key = self._full_key(args)
             plan = fl.plans.get(key)
         except TypeError:                       # an unhashable argument: Triton says what
             return fl.kernel[grid](*args, **self.constants)
-        if plan is not None and plan[1] and plan[2] and _no_launch_hooks():   # _run's direct call, inline
-            run, function, packed = plan[2]
-            n = len(grid)
-            run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _RAW_STREAM(key[0]), function, packed,
-                None, None, None, *addresses(args), *self.tail)
+        if plan is not None and plan[1] and plan[2] and _no_launch_hooks():   # _run's direct call, without _run
+            _direct_call(plan[2], grid, key[0], addresses(args), self.tail)
             return plan[0]
         return fl._run(plan, key, grid, args, self.constants, args + self.tail)
 
@@ -275,7 +271,7 @@ class Bound:
         as well, and a difference raises."""
         kept = self.keyed.get(caller_key)
         if kept is not None and self.fl.on and _no_launch_hooks():
-            run, function, packed, slots, full_key = kept
+            handles, slots, full_key = kept
             vals = [x.data_ptr() if type(x) is _TENSOR else x for x in args]
             try:
                 bits = reduce(or_, slots(vals), 0)      # a tensor subclass left in: not an int
@@ -284,9 +280,7 @@ class Bound:
             if type(bits) is int and not bits & 15 and _GET_DEVICE() == full_key[0]:
                 if VERIFY_KEYED:
                     self._verify(full_key, args)
-                n = len(grid)
-                run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _RAW_STREAM(full_key[0]), function,
-                    packed, None, None, None, *vals, *self.tail)
+                _direct_call(handles, grid, full_key[0], vals, self.tail)
                 return
         self[grid](*args)
         if kept is None and self.ok and self.fl.on:
@@ -297,7 +291,7 @@ class Bound:
         against Triton's choice, its launcher's handles known), its tensors all plain, on CUDA and
         aligned; until then nothing (the next call tries again)."""
         try:
-            key = (_GET_DEVICE(), self.options, self.tail, specialization_facts(args))
+            key = self._full_key(args)
         except TypeError:
             return
         plan = self.fl.plans.get(key)
@@ -308,17 +302,30 @@ class Bound:
             return
         if len(self.keyed) >= MAX_PLANS:
             self.keyed.clear()
-        run, function, packed = plan[2]
-        self.keyed[caller_key] = (run, function, packed, _getter(slots), key)
+        self.keyed[caller_key] = (plan[2], _getter(slots), key)
+
+    def _full_key(self, args) -> tuple:
+        """The key of ``FastLaunch.plans`` for these runtime arguments (TypeError if unhashable)."""
+        return (_GET_DEVICE(), self.options, self.tail, specialization_facts(args))
 
     def _verify(self, full_key, args) -> None:
-        key = (_GET_DEVICE(), self.options, self.tail, specialization_facts(args))
+        key = self._full_key(args)
         if key != full_key:
             raise AssertionError(f"{self.fl.kernel.__name__}: a caller key kept the kernel of {full_key[3]} "
                                  f"for arguments with the facts {key[3]}")
 
 
 _TENSOR = torch.Tensor
+
+
+def _direct_call(handles, grid, device: int, vals, tail=()) -> None:
+    """The call ``CompiledKernel[grid]``'s runner makes to Triton's launcher (``_RUNNER_CALL``), with
+    ``handles`` = (launcher, function handle, packed metadata) from ``_direct_handles``, no launch
+    metadata and no hooks, then every argument (``vals``, then the constexpr ``tail``)."""
+    run, function, packed = handles
+    n = len(grid)
+    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _RAW_STREAM(device), function, packed,
+        None, None, None, *vals, *tail)
 
 
 def _plain_cuda_aligned(x) -> bool:
