@@ -44,6 +44,8 @@ def main():
         def run_keyed(self, caller_key, grid, args):
             return None
 
+        keyed: dict = {}                   # launch.Bound.keyed: nothing kept, no fast path
+
     td.fast = ta.fast = lambda kernel: NoLaunch()
     td.INTERPRET_BLOCK_N = 64                         # the GPU's BLOCK_N at d128
     sms = 132                                         # split as on an H200 (132 SMs, 2 programs per SM)

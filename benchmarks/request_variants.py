@@ -79,6 +79,8 @@ class TritonKeys:
             def run_keyed(self, caller_key, grid, args):      # launch.Bound.run_keyed
                 return self[grid](*args)
 
+            keyed: dict = {}                   # launch.Bound.keyed: nothing kept, no fast path
+
         ta.fast = td.fast = Recorder
         ta._check = lambda *args, **kwargs: None      # it refuses CPU tensors outside the interpreter
 

@@ -286,6 +286,27 @@ class Bound:
         if kept is None and self.ok and self.fl.on:
             self._keep(caller_key, args)
 
+    def launch_kept(self, caller_key, grid, vals, device: int) -> bool:
+        """Launch the kernel ``run_keyed`` kept for ``caller_key``, with ``vals`` the runtime arguments
+        as the direct call takes them: every tensor already its address, 16-byte aligned, on CUDA
+        device ``device``, the current one (the caller checked). Returns False, launching nothing, when
+        no kernel is kept for the key (``run_keyed`` keeps it on its first direct launch), fast launch
+        is off or a launch hook is set; the caller then takes ``run_keyed`` with its tensors."""
+        kept = self.keyed.get(caller_key)
+        if kept is None or not self.fl.on or kept[2][0] != device or not _no_launch_hooks():
+            return False
+        _direct_call(kept[0], grid, device, vals, self.tail)
+        return True
+
+    def verify_kept(self, caller_key, args) -> None:
+        """Raise unless a kernel is kept for ``caller_key`` and the full specialisation key of ``args``
+        (the runtime arguments, tensors as tensors) is the one it was kept under (``launch_kept``'s
+        callers check themselves with it under ``VERIFY_KEYED``)."""
+        kept = self.keyed.get(caller_key)
+        if kept is None:
+            raise AssertionError(f"{self.fl.kernel.__name__}: no kernel kept for the caller key {caller_key}")
+        self._verify(kept[2], args)
+
     def _keep(self, caller_key, args) -> None:
         """Keep ``caller_key``'s kernel for ``run_keyed`` once it launches directly (compiled, checked
         against Triton's choice, its launcher's handles known), its tensors all plain, on CUDA and

@@ -307,7 +307,16 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
     ``flash_stats.NO_WINDOW``). The result is the same either way.
 
     ``block``: None (tuned table; 16 in the interpreter), an int (BLOCK_M = BLOCK_N), or
-    (BLOCK_M, BLOCK_N[, num_warps, num_stages]) for both kernels. Raises ``Unsupported``."""
+    (BLOCK_M, BLOCK_N[, num_warps, num_stages]) for both kernels. Raises ``Unsupported``.
+
+    An eager decode call whose signature an earlier call had (``triton_decode.fast_attention``: the
+    same q shape, dtype, device, stream, request and mask, no padding, softcap, edits or tiles) skips
+    the checks below, which that earlier call passed, and launches its kept kernel directly."""
+    if block is None and key_padding is None and softcap is None and sinks is None and (edits is None or edits.empty):
+        got = _module("triton_decode").fast_attention(q, k, v, scaling, causal, sliding_window, key_pos0, stats,
+                                                      window_switch)
+        if got is not None:
+            return got
     if off_current_device(q):                   # kernels launch on the current device: switch to q's
         with torch.cuda.device(q.device):
             return attention(q, k, v, scaling=scaling, causal=causal, sliding_window=sliding_window,

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .device_cache import cached, dummies, sm_count
+from . import launch
 from .launch import fast, specialization_facts
 from .spec import decline_reason
 
@@ -509,6 +510,7 @@ def clear_plans() -> None:
     """Forget the kept plans (after changing ``DECODE_CONFIGS`` or ``INTERPRET_BLOCK_N``, or the
     kernels themselves, in a running process: benchmarks do)."""
     _PLANS.clear()
+    _FAST.clear()
 
 
 def _plan(dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, stats, config) -> _Plan:
@@ -517,6 +519,7 @@ def _plan(dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, s
     if p is None or p.stats is not stats:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
+            _FAST.clear()                      # their plans are gone from _PLANS (``_verify_fast`` compares)
         p = _PLANS[key] = _Plan(dev, dtype, B, H, Q, D, G, causal, has_window, softcap, pad, qscale, stats, config)
     return p
 
@@ -600,22 +603,7 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
               softcap is not None,
               key_padding is not None, has_qscale, st, tuple(config) if config is not None else None)
 
-    # visible key range [key_lo, K): with a window, keys before the first query's window are skipped
-    BN = p.BN
-    key_lo = 0
-    if sliding_window is not None:
-        key_lo = max(0, K - Q - int(sliding_window) + 1)
-        key_lo = (key_lo // BN) * BN
-    K_vis = K - key_lo
-    if splits is not None:
-        S = max(1, min(int(splits), -(-K_vis // BN)))
-        split_len = -(-(-(-K_vis // S)) // BN) * BN
-    elif p.sms is None:                        # interpreter: several splits on tiny problems
-        split_len = 2 * BN
-    else:                                      # about DECODE_PROGRAMS_PER_SM programs per SM
-        split_len = max(2 * BN, -(-K_vis // p.want))
-        split_len = -(-split_len // BN) * BN
-    S = -(-K_vis // split_len)
+    key_lo, split_len, S = key_splits(p, K, Q, sliding_window, splits)
 
     kpos0 = key_pos0
     if key_pos0 is None:
@@ -642,22 +630,196 @@ def attention(q, k, v, *, scaling: float, causal: bool = True, sliding_window: i
 
     fused = p.merge_mode == "fused" or (p.merge_mode == "auto" and K <= p.fused_max_keys and not capturing)
     count = split_counts(dev, B * G, stream) if fused else p.dummy_i32
-    args = (q, k, v, part, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
-            H, G, Q, K, key_lo, split_len, S, n_pad,
-            float(scaling), float(softcap) if softcap is not None else 1.0,
-            window_arg(sliding_window),
-            qscale, kpos0, pad, p.spans, p.wdist_w, p.recent_r,
-            out, res, arg, count, H * Q * D, Q * D, D, n_rows)
+    args = kernel_args(q, k, v, part, sq, sk, sv, H, G, Q, D, K, key_lo, split_len, S, n_pad,
+                       float(scaling), float(softcap) if softcap is not None else 1.0, window_arg(sliding_window),
+                       qscale, kpos0, pad, p.spans, p.wdist_w, p.recent_r, out, res, arg, count, n_rows)
     # launched under the specialisation facts of the scalars args[4:24] (strides to window): the rest is
     # fixed by the plan (its dtypes, H, G, Q, D, B, the request) but the tensors' alignment, which
     # run_keyed checks itself
-    p.partial[fused].run_keyed(specialization_facts(args[4:24]), (S, B * G), args)
+    caller_key = specialization_facts(args[4:24])
+    p.partial[fused].run_keyed(caller_key, (S, B * G), args)
     if not fused:
         p.merge(S)[(n_rows,)](part, out, res, arg, H * Q * D, Q * D, D, H, G, Q, S, n_rows, n_pad, kpos0)
+    elif (p.sms is not None and splits is None and key_padding is None and softcap is None and not has_qscale
+          and not capturing and caller_key in p.partial[True].keyed):    # launched directly: fast_attention
+        _remember(p, q, k, stats, scaling, causal, sliding_window, window_switch, stream)
 
     if st is None:
         return out, {}
     return out, row_results(st, res[0], res, arg, first=1)
+
+
+# ---- the fast path: an eager call whose signature an earlier call had ----------------------------
+
+class _Fast:
+    """What ``fast_attention`` keeps for one call signature (``_fast_key``): the plan, its bound partial
+    kernel with the fused merge, the merge counters and a partials scratch of the signature's stream
+    (big enough for the most splits the plan makes), and the addresses of what stays fixed."""
+
+    def __init__(self, p: _Plan, q, k, stats, scaling, sliding_window, stream):
+        B, H, Q, D = q.shape
+        dev = q.device
+        self.p, self.stats, self.bound = p, stats, p.partial[True]
+        self.B, self.H, self.Q, self.D, self.G = B, H, Q, D, k.shape[1]
+        self.dtype, self.device, self.b_shape = q.dtype, dev, (B,)
+        self.scaling, self.window = float(scaling), window_arg(sliding_window)
+        # S <= p.want splits (split_len >= ceil(K / want)); fast_attention checks it anyway
+        self.part_max = partials_layout(p.rows_per_bh * max(1, p.want) * p.RQ) * p.part_width
+        self.part = partial_scratch(dev, self.part_max, stream)       # held: its address stays valid
+        self.count = split_counts(dev, B * self.G, stream)
+        self.part_a, self.count_a = self.part.data_ptr(), self.count.data_ptr()
+        self.kpos0_a, self.spans_a = p.kpos0.data_ptr(), p.spans.data_ptr()
+        self.dummy_f_a, self.dummy_i_a, self.pad_a = p.dummy_f.data_ptr(), p.dummy_i.data_ptr(), p.dummy_u8.data_ptr()
+        self.n_rows = B * H * Q
+
+
+_FAST: dict = {}
+MAX_FAST = 256             # signatures kept before the table is emptied
+_TENSOR = torch.Tensor
+_I64 = torch.int64
+
+
+def _fast_key(q, stats, scaling, causal, sliding_window, window_switch, index: int, stream) -> tuple:
+    return (q.shape, q.dtype, index, stream, threading.get_ident(), id(stats), scaling, causal, sliding_window,
+            window_switch, MERGE)
+
+
+def _remember(p: _Plan, q, k, stats, scaling, causal, sliding_window, window_switch, stream) -> None:
+    """After a full call that took the fused merge with nothing but q, k, v, key positions, the
+    statistics and the window: keep its signature for ``fast_attention``."""
+    index = q.get_device()
+    key = _fast_key(q, stats, scaling, causal, sliding_window, window_switch, index, stream)
+    if key not in _FAST:
+        if len(_FAST) >= MAX_FAST:
+            _FAST.clear()
+        _FAST[key] = _Fast(p, q, k, stats, scaling, sliding_window, stream)
+
+
+def fast_attention(q, k, v, scaling, causal, sliding_window, key_pos0, stats, window_switch):
+    """``attention``'s result for an eager call whose signature (q's shape, dtype and device, the
+    stream and thread, the request, the scale, the mask) an earlier full call had, with no key
+    padding, softcap, edits or forced tiles; else None, and the caller takes the full path
+    (``triton_attention.attention``: the argument checks, ``eligible``, ``attention``), which keeps
+    the signature once its fused launch goes direct.
+
+    Per call it checks what can change under an equal signature (k and v's shape, dtype and device;
+    the key count against ``DECODE_MIN_K``, q's length and ``FUSED_MAX_KEYS``; unit last strides; grad;
+    the current device; a CUDA-graph capture; ``key_pos0``; tensor subclasses; alignment) and returns
+    None on any doubt. Then it counts the splits (``key_splits``), makes the result buffers and
+    launches the kernel that ``run_keyed`` kept for the scalars' specialisation facts, the tensors as
+    their addresses (``launch.Bound.launch_kept``): no argument checks, plan key, scratch lookups or
+    general launch path, ~20 µs less host time a call on the H200's host. With ``launch.VERIFY_KEYED``
+    each such call is checked against the full path (``_verify_fast``)."""
+    if type(q) is not _TENSOR or type(k) is not _TENSOR or type(v) is not _TENSOR or not q.is_cuda:
+        return None
+    index = q.get_device()
+    if torch._C._cuda_getDevice() != index:
+        return None
+    stream = torch._C._cuda_getCurrentRawStream(index)
+    e = _FAST.get(_fast_key(q, stats, scaling, causal, sliding_window, window_switch, index, stream))
+    if e is None or e.stats is not stats:
+        return None
+    ks = k.shape
+    if len(ks) != 4 or v.shape != ks:
+        return None
+    kb, kg, K, kd = ks
+    p = e.p
+    if (kb != e.B or kg != e.G or kd != e.D or k.dtype is not e.dtype or v.dtype is not e.dtype
+            or k.get_device() != index or v.get_device() != index
+            or K < DECODE_MIN_K or K < e.Q or K > p.fused_max_keys):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
+    if sq[3] != 1 or sk[3] != 1 or sv[3] != 1 or torch._C._cuda_isCurrentStreamCapturing():
+        return None
+    if key_pos0 is None:
+        kp = e.kpos0_a
+    elif (type(key_pos0) is _TENSOR and key_pos0.dtype is _I64 and key_pos0.get_device() == index
+          and key_pos0.shape == e.b_shape and key_pos0.is_contiguous()):
+        kp = key_pos0.data_ptr()
+    else:
+        return None
+    key_lo, split_len, S = key_splits(p, K, e.Q, sliding_window)
+    n_pad = partials_layout(p.rows_per_bh * S * p.RQ)
+    qa, ka, va = q.data_ptr(), k.data_ptr(), v.data_ptr()
+    if n_pad * p.part_width > e.part_max or (qa | ka | va | kp) & 15:
+        return None
+    B, H, Q, D, G, dev = e.B, e.H, e.Q, e.D, e.G, e.device
+    out = torch.empty(B, H, Q, D, dtype=e.dtype, device=dev)
+    res = torch.empty(p.res_slots, B, H, Q, dtype=torch.float32, device=dev) if stats is not None else None
+    arg = torch.empty(B, H, Q, dtype=_I64, device=dev) if p.argmax else None
+    args = kernel_args(qa, ka, va, e.part_a, sq, sk, sv, H, G, Q, D, K, key_lo, split_len, S, n_pad,
+                       e.scaling, 1.0, e.window, e.dummy_f_a, kp, e.pad_a, e.spans_a, p.wdist_w, p.recent_r,
+                       out.data_ptr(), e.dummy_f_a if res is None else res.data_ptr(),
+                       e.dummy_i_a if arg is None else arg.data_ptr(), e.count_a, e.n_rows)
+    caller_key = specialization_facts(args[4:24])
+    if not e.bound.launch_kept(caller_key, (S, B * G), args, index):
+        return None
+    if launch.VERIFY_KEYED:
+        _verify_fast(e, q, k, v, scaling, causal, sliding_window, key_pos0, stats, window_switch, caller_key,
+                     args, out, res, arg)
+    if stats is None:
+        return out, {}
+    return out, row_results(stats, res[0], res, arg, first=1)
+
+
+def _verify_fast(e: _Fast, q, k, v, scaling, causal, sliding_window, key_pos0, stats, window_switch, caller_key,
+                 args, out, res, arg) -> None:
+    """Raise unless the full path would launch the same kernel with the same arguments: the same
+    plan, ``eligible`` accepting the call, the kept kernel's specialisation key equal to that of
+    every argument (tensors included), and equal arguments (the fast path's own scratch aside)."""
+    B, H, Q, D = q.shape
+    G, K = k.shape[1], k.shape[2]
+    p = _plan(q.device, q.dtype, B, H, Q, D, G, bool(causal), sliding_window is not None or bool(window_switch),
+              False, False, False, stats, None)
+    why = eligible(q, k, stats=stats)
+    if p is not e.p or why is not None:
+        raise AssertionError(f"fast decode call: the plan {'differs' if p is not e.p else 'is equal'}; "
+                             f"eligible: {why}")
+    key_lo, split_len, S = key_splits(p, K, Q, sliding_window)
+    n_pad = partials_layout(p.rows_per_bh * S * p.RQ)
+    tensors = kernel_args(q, k, v, e.part, q.stride(), k.stride(), v.stride(), H, G, Q, D, K, key_lo, split_len, S,
+                          n_pad, float(scaling), 1.0, window_arg(sliding_window), p.dummy_f,
+                          p.kpos0 if key_pos0 is None else key_pos0, p.dummy_u8, p.spans, p.wdist_w, p.recent_r,
+                          out, p.dummy_f if res is None else res, p.dummy_i if arg is None else arg, e.count,
+                          B * H * Q)
+    e.bound.verify_kept(caller_key, tensors)
+    ref = [x.data_ptr() if isinstance(x, torch.Tensor) else x for x in tensors]
+    if ref != list(args):
+        raise AssertionError(f"fast decode call: arguments {list(args)} where the full path has {ref}")
+
+
+def key_splits(p: _Plan, K: int, Q: int, sliding_window, splits=None) -> tuple[int, int, int]:
+    """(key_lo, split_len, S) of a call: the visible key range [key_lo, K) (with a window, keys before
+    the first query's window are skipped, from a block boundary), cut into S splits of split_len keys
+    (a multiple of the plan's BLOCK_N): ``splits`` of them when given, else about
+    DECODE_PROGRAMS_PER_SM programs per SM (two blocks a split at least)."""
+    BN = p.BN
+    key_lo = 0
+    if sliding_window is not None:
+        key_lo = max(0, K - Q - int(sliding_window) + 1)
+        key_lo = (key_lo // BN) * BN
+    K_vis = K - key_lo
+    if splits is not None:
+        S = max(1, min(int(splits), -(-K_vis // BN)))
+        split_len = -(-(-(-K_vis // S)) // BN) * BN
+    elif p.sms is None:                        # interpreter: several splits on tiny problems
+        split_len = 2 * BN
+    else:                                      # about DECODE_PROGRAMS_PER_SM programs per SM
+        split_len = max(2 * BN, -(-K_vis // p.want))
+        split_len = -(-split_len // BN) * BN
+    return key_lo, split_len, -(-K_vis // split_len)
+
+
+def kernel_args(q, k, v, part, sq, sk, sv, H, G, Q, D, K, key_lo, split_len, S, n_pad, scaling, softcap, window,
+                qscale, kpos0, pad, spans, wdist_w, recent_r, out, res, arg, count, n_rows) -> tuple:
+    """``decode_partial_kernel``'s runtime arguments in its order (tensors, or their addresses for a
+    direct launch): the one place that order is written."""
+    return (q, k, v, part, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+            H, G, Q, K, key_lo, split_len, S, n_pad, scaling, softcap, window,
+            qscale, kpos0, pad, spans, wdist_w, recent_r,
+            out, res, arg, count, H * Q * D, Q * D, D, n_rows)
 
 
 def span_table(stats, device):

@@ -52,6 +52,8 @@ class Recorder:
     def run_keyed(self, caller_key, grid, args):      # launch.Bound.run_keyed
         return self[grid](*args)
 
+    keyed: dict = {}                   # launch.Bound.keyed: nothing kept, no fast path
+
 
 def record_launches():
     """The launches of a few calls that reach every kernel: decode (plain, every row statistic),

@@ -384,6 +384,55 @@ def test_decode_steps_through_the_compiled_kernel_launch_stay_exact(merge):
         "no caller key was kept: the decode calls did not skip the full key (launch.Bound.run_keyed)"
 
 
+@pytest.mark.skipif(not CUDA, reason="the fast path takes calls whose kernel launches directly (off in the interpreter)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_repeated_decode_calls_take_the_fast_path_and_equal_the_full_path(dtype, monkeypatch):
+    """``triton_attention.attention`` on decode loops whose cache grows a key a step, as generation
+    runs them (every row statistic; argmax with a window and key positions; nothing recorded): once
+    a signature's kernel launches directly, calls take ``triton_decode.fast_attention``, and every
+    call equals the full path's (``triton_decode.attention``) bit for bit. Under ``VERIFY_KEYED``
+    (this module's fixture) each fast call is also checked against the full path's plan, ``eligible``
+    and specialisation key. What the fast path cannot vouch for takes the full path, with its result
+    or its error: a misaligned query, a KV tensor of another dtype, an input that requires grad."""
+    td.clear_plans()
+    hits = []
+    real = td.fast_attention
+
+    def spy(*args):
+        got = real(*args)
+        hits.append(got is not None)
+        return got
+    monkeypatch.setattr(td, "fast_attention", spy)
+    monkeypatch.setattr(td, "MERGE", "auto")
+    prob = _problem(B=1, H=8, G=2, K=75, D=64, dtype=dtype)
+    kk, vv, q = prob["k"], prob["v"], prob["q"]
+    pos0 = torch.tensor([5], device=DEV)
+    loops = ((StatRequest(**ALL_ROW), None, None), (StatRequest(argmax=True), 1000, pos0), (None, None, pos0))
+    for req, window, kp0 in loops:
+        n_hits = sum(hits)
+        for K in range(2000, 2012):
+            kw = dict(scaling=prob["scaling"], causal=True, sliding_window=window, key_pos0=kp0, stats=req)
+            out, got = ta.attention(q, kk[:, :, :K], vv[:, :, :K], **kw)
+            ref_out, ref = td.attention(q, kk[:, :, :K], vv[:, :, :K], **kw)
+            assert torch.equal(out, ref_out) and set(got) == set(ref), (req, K)
+            assert all(torch.equal(got[n], ref[n]) for n in ref), (req, K)
+        assert sum(hits) - n_hits >= 4, f"the loop {req}, window {window} took the fast path {sum(hits) - n_hits} times"
+    kw = dict(scaling=prob["scaling"], causal=True, stats=StatRequest(**ALL_ROW))
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEV)
+    q_odd = buf[1:].view(q.shape)                          # 2 or 4 bytes past a 16-byte boundary
+    q_odd.copy_(q)
+    n_hits = sum(hits)
+    out, got = ta.attention(q_odd, kk[:, :, :2005], vv[:, :, :2005], **kw)
+    ref_out, ref = td.attention(q_odd, kk[:, :, :2005], vv[:, :, :2005], **kw)
+    assert sum(hits) == n_hits and torch.equal(out, ref_out) and all(torch.equal(got[n], ref[n]) for n in ref)
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(ta.Unsupported, match="dtypes"):
+        ta.attention(q, kk[:, :, :2005].to(other), vv[:, :, :2005], **kw)
+    with torch.enable_grad(), pytest.raises(ta.Unsupported, match="backward"):
+        ta.attention(q.clone().requires_grad_(), kk[:, :, :2005], vv[:, :, :2005], **kw)
+    assert sum(hits) == n_hits
+
+
 @pytest.mark.skipif(not CUDA, reason="a race between GPU programs needs a GPU")
 def test_fused_merge_gives_the_same_bits_call_after_call():
     """The fused merge: the last of a group's splits to finish merges them, after an acquire on the

@@ -261,6 +261,41 @@ def test_a_keyed_launch_skips_the_key_until_a_tensor_is_misaligned(toy_kernel, m
         b.run_keyed("ck", (4,), (x, 32, 0.5, y))
 
 
+def test_a_kept_kernel_launches_from_addresses_and_verifies_against_tensors(toy_kernel, monkeypatch):
+    """``launch_kept``: the kernel ``run_keyed`` kept for a caller key, launched with arguments that
+    are already addresses (``triton_decode.fast_attention``'s call); False, launching nothing, for
+    an unknown key, another device, a set launch hook or fast launch off. ``verify_kept``: the full
+    key of the tensor arguments must be the kept one. On the CPU, CPU tensors standing in."""
+    k, f = toy_kernel
+    k._kernel_for = lambda kw: k.compiled.setdefault(kw["BLOCK"], Direct(kw["BLOCK"]))
+    monkeypatch.setattr(launch, "_RAW_STREAM", lambda device: 7000 + device)
+    monkeypatch.setattr(launch, "_DIRECT_OK", True)
+    monkeypatch.setattr(launch, "_plain_cuda_aligned", lambda x: type(x) is torch.Tensor and not x.data_ptr() & 15)
+    x, y = torch.zeros(32), torch.zeros(32)
+    b = f.bind(BLOCK=64, num_warps=4)
+    assert not b.launch_kept("ck", (4,), [x.data_ptr(), 17, 0.5, y.data_ptr()], 0)     # nothing kept yet
+    for _ in range(3):
+        b.run_keyed("ck", (4,), (x, 17, 0.5, y))
+    c, dev = k.compiled[64], b.keyed["ck"][2][0]
+    n = len(c.direct)
+    assert b.launch_kept("ck", (8, 2), [x.data_ptr(), 33, 0.25, y.data_ptr()], dev)
+    assert c.direct[n:] == [(8, 2, 1, 7000 + dev, "fn-64", ("meta", 64), None, None, None,
+                             x.data_ptr(), 33, 0.25, y.data_ptr(), 64, False)]
+    assert not b.launch_kept("other", (4,), [x.data_ptr(), 17, 0.5, y.data_ptr()], dev)
+    assert not b.launch_kept("ck", (4,), [x.data_ptr(), 17, 0.5, y.data_ptr()], dev + 1)
+    monkeypatch.setattr(launch, "_no_launch_hooks", lambda: False)
+    assert not b.launch_kept("ck", (4,), [x.data_ptr(), 17, 0.5, y.data_ptr()], dev)
+    monkeypatch.setattr(launch, "_no_launch_hooks", lambda: True)
+    monkeypatch.setattr(b.fl, "on", False)
+    assert not b.launch_kept("ck", (4,), [x.data_ptr(), 17, 0.5, y.data_ptr()], dev)
+    assert len(c.direct) == n + 1
+    b.verify_kept("ck", (x, 49, 0.5, y))                    # the same facts as 17
+    with pytest.raises(AssertionError, match="caller key"):
+        b.verify_kept("ck", (x, 32, 0.5, y))
+    with pytest.raises(AssertionError, match="no kernel kept"):
+        b.verify_kept("other", (x, 17, 0.5, y))
+
+
 def test_this_tritons_runner_is_the_one_the_direct_launch_reads(monkeypatch):
     """The installed Triton's ``CompiledKernel.__getitem__`` makes the launcher call that the direct
     launch makes (else every kept kernel would go through ``compiled[grid]``: same results, more host
