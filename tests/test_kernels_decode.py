@@ -384,6 +384,18 @@ def test_decode_steps_through_the_compiled_kernel_launch_stay_exact(merge):
         "no caller key was kept: the decode calls did not skip the full key (launch.Bound.run_keyed)"
 
 
+def test_the_fast_path_declines_off_cuda_and_before_a_signature_is_kept():
+    """``triton_decode.fast_attention`` returns None (the caller takes the full path) for CPU tensors
+    (the interpreter; no CUDA call is made) and, on the GPU, for a signature no full call has kept;
+    the full call then answers as ever."""
+    td.clear_plans()
+    prob = _problem(B=1, H=8, G=2, K=75, D=64)
+    q, k, v = prob["q"], prob["k"], prob["v"]
+    assert td.fast_attention(q, k, v, prob["scaling"], True, None, None, None, False) is None
+    out, got = ta.attention(q, k, v, scaling=prob["scaling"], causal=True)
+    _check(prob, out, got, None)
+
+
 @pytest.mark.skipif(not CUDA, reason="the fast path takes calls whose kernel launches directly (off in the interpreter)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_repeated_decode_calls_take_the_fast_path_and_equal_the_full_path(dtype, monkeypatch):

@@ -227,19 +227,25 @@ def test_the_direct_launch_passes_cuda_tensors_as_their_addresses():
         assert got[1] is x and got[2] == 7 and got[3] is pc
 
 
+def _keyed_toy(toy_kernel, monkeypatch):
+    """The toy kernel set up for keyed launches on the CPU: kept compiled kernels that launch directly
+    (a stand-in stream per device), CPU tensors standing in for aligned CUDA ones. Returns (kernel,
+    its bound form at BLOCK=64, x, y)."""
+    k, f = toy_kernel
+    k._kernel_for = lambda kw: k.compiled.setdefault(kw["BLOCK"], Direct(kw["BLOCK"]))
+    monkeypatch.setattr(launch, "_RAW_STREAM", lambda device: 7000 + device)
+    monkeypatch.setattr(launch, "_DIRECT_OK", True)
+    monkeypatch.setattr(launch, "_plain_cuda_aligned", lambda x: type(x) is torch.Tensor and not x.data_ptr() & 15)
+    return k, f.bind(BLOCK=64, num_warps=4), torch.zeros(32), torch.zeros(32)
+
+
 def test_a_keyed_launch_skips_the_key_until_a_tensor_is_misaligned(toy_kernel, monkeypatch):
     """``run_keyed``: once the caller key's kernel launches directly, a call passes its tensors as
     their addresses without the full key; a misaligned tensor or a launch hook takes the general
     path (a misaligned x is another specialisation: Triton compiles it), as does a tensor subclass;
     ``VERIFY_KEYED`` catches a caller key that misses a fact (here 32 is divisible by 16, 17 is not).
     On the CPU, with CPU tensors standing in for CUDA ones."""
-    k, f = toy_kernel
-    k._kernel_for = lambda kw: k.compiled.setdefault(kw["BLOCK"], Direct(kw["BLOCK"]))
-    monkeypatch.setattr(launch, "_RAW_STREAM", lambda device: 7000 + device)
-    monkeypatch.setattr(launch, "_DIRECT_OK", True)
-    monkeypatch.setattr(launch, "_plain_cuda_aligned", lambda x: type(x) is torch.Tensor and not x.data_ptr() & 15)
-    x, y = torch.zeros(32), torch.zeros(32)
-    b = f.bind(BLOCK=64, num_warps=4)
+    k, b, x, y = _keyed_toy(toy_kernel, monkeypatch)
     for _ in range(3):                                     # compile; check + compiled[grid], then kept
         b.run_keyed("ck", (4,), (x, 17, 0.5, y))
     c = k.compiled[64]
@@ -266,13 +272,7 @@ def test_a_kept_kernel_launches_from_addresses_and_verifies_against_tensors(toy_
     are already addresses (``triton_decode.fast_attention``'s call); False, launching nothing, for
     an unknown key, another device, a set launch hook or fast launch off. ``verify_kept``: the full
     key of the tensor arguments must be the kept one. On the CPU, CPU tensors standing in."""
-    k, f = toy_kernel
-    k._kernel_for = lambda kw: k.compiled.setdefault(kw["BLOCK"], Direct(kw["BLOCK"]))
-    monkeypatch.setattr(launch, "_RAW_STREAM", lambda device: 7000 + device)
-    monkeypatch.setattr(launch, "_DIRECT_OK", True)
-    monkeypatch.setattr(launch, "_plain_cuda_aligned", lambda x: type(x) is torch.Tensor and not x.data_ptr() & 15)
-    x, y = torch.zeros(32), torch.zeros(32)
-    b = f.bind(BLOCK=64, num_warps=4)
+    k, b, x, y = _keyed_toy(toy_kernel, monkeypatch)
     assert not b.launch_kept("ck", (4,), [x.data_ptr(), 17, 0.5, y.data_ptr()], 0)     # nothing kept yet
     for _ in range(3):
         b.run_keyed("ck", (4,), (x, 17, 0.5, y))
