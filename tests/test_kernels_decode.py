@@ -419,7 +419,8 @@ def test_repeated_decode_calls_take_the_fast_path_and_equal_the_full_path(dtype,
     prob = _problem(B=1, H=8, G=2, K=75, D=64, dtype=dtype)
     kk, vv, q = prob["k"], prob["v"], prob["q"]
     pos0 = torch.tensor([5], device=DEV)
-    loops = ((StatRequest(**ALL_ROW), None, None), (StatRequest(argmax=True), 1000, pos0), (None, None, pos0))
+    all_rows = StatRequest(**ALL_ROW)
+    loops = ((all_rows, None, None), (StatRequest(argmax=True), 1000, pos0), (None, None, pos0))
     for req, window, kp0 in loops:
         n_hits = sum(hits)
         for K in range(2000, 2012):
@@ -429,7 +430,9 @@ def test_repeated_decode_calls_take_the_fast_path_and_equal_the_full_path(dtype,
             assert torch.equal(out, ref_out) and set(got) == set(ref), (req, K)
             assert all(torch.equal(got[n], ref[n]) for n in ref), (req, K)
         assert sum(hits) - n_hits >= 4, f"the loop {req}, window {window} took the fast path {sum(hits) - n_hits} times"
-    kw = dict(scaling=prob["scaling"], causal=True, stats=StatRequest(**ALL_ROW))
+    kw = dict(scaling=prob["scaling"], causal=True, stats=all_rows)     # the first loop's kept signature
+    out, got = ta.attention(q, kk[:, :, :2005], vv[:, :, :2005], **kw)
+    assert hits[-1], "a call of a kept signature did not take the fast path"
     buf = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEV)
     q_odd = buf[1:].view(q.shape)                          # 2 or 4 bytes past a 16-byte boundary
     q_odd.copy_(q)
